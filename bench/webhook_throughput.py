@@ -1,0 +1,813 @@
+#!/usr/bin/env python3
+"""Side-by-side throughput benchmark: webhook service vs. a bare Flask endpoint.
+
+Acceptance criterion checked here (one run, same machine, same load):
+
+* under gunicorn with 2 workers, signed single-message deliveries into the
+  embedded default reach >= 60 % of the requests/s of a bare Flask endpoint
+  that returns "ok" (``bench/bare_app.py``), served and loaded the same way;
+* Segment Actions batches of 100 events reach >= 10x the single-message
+  events/s.
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/webhook_throughput.py [--duration 10] [--connections 8]
+
+How it works:
+
+1. Signed Segment messages are pre-generated in Python (wrk's LuaJIT has no
+   HMAC) into pool files, one ``signature<TAB>body`` per line, one file per
+   wrk thread.  Every request carries a distinct ``messageId`` (the service
+   de-duplicates by messageId, so repeated bodies would only measure the
+   duplicate path).  Warm-up and measured runs use separate pools; every
+   server launch gets a fresh SQLite database, so pools can be reused across
+   launches.  If a run exhausts its pool it is reported and the run fails.
+2. gunicorn is launched for ``bench.bare_app:app`` and then for ``wsgi:app``
+   with *identical* command-line flags and environment (``-c gunicorn.conf.py``
+   if the repo has one, ``--workers 2``, ``--bind 127.0.0.1:<free port>``),
+   cwd = repo root.  The resolved worker class / threads are printed for both
+   and must match.
+3. Load is generated with ``wrk`` (C, leaves CPU to the server) and a Lua
+   script generated per run that cycles through the pool and counts non-200
+   responses.  Any non-200 response or socket error fails the run.  If wrk
+   cannot be had, a multi-process Python generator (requests.Session,
+   keep-alive) is used instead and the output says so.
+4. Each phase gets a warm-up, then a measured run of ``--duration`` seconds
+   with ``--connections`` connections.  Server and load-generator CPU are
+   sampled so the output shows where the time goes.
+
+Only loopback traffic; every load loop is bounded by time and pool size.
+All processes are cleaned up in ``finally`` (also on Ctrl-C / SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret"
+TIMESTAMP = "2026-11-27T12:00:00.000Z"
+HOST = "127.0.0.1"
+BATCH_SIZE = 100
+TARGET_SINGLE_VS_BARE = 0.60
+TARGET_BATCH_VS_SINGLE = 10.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# Pre-generated, signed Segment messages
+# --------------------------------------------------------------------------
+
+
+def sign(data: bytes) -> str:
+    return hmac.new(SECRET.encode(), data, hashlib.sha1).hexdigest()
+
+
+def event_json(message_id: str, n: int) -> str:
+    """One compact-JSON Segment track event (ASCII only, so identical to JSON.stringify)."""
+    ev = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": message_id,
+        "anonymousId": f"anon-{n % 5000}",
+        "userId": f"u{n % 1000}",
+        "timestamp": TIMESTAMP,
+        "properties": {
+            "product_id": f"p{n % 500}",
+            "name": f"Product {n % 500}",
+            "price": round(1 + (n % 997) * 0.25, 2),
+        },
+    }
+    return json.dumps(ev, separators=(",", ":"))
+
+
+def write_pool(prefix: Path, tag: str, kind: str, count: int, nthreads: int) -> int:
+    """Write ``count`` requests (single messages or batches), split over per-thread files.
+
+    File ``<prefix>-t<k>.tsv`` (k = 1..nthreads) holds lines ``signature<TAB>body``.
+    messageIds are ``<tag>-t<k>-<n>`` (single) or ``<tag>-t<k>-<n>-<j>`` (batch),
+    unique across the whole run.  Returns the number of bytes written.
+    """
+    per_thread = -(-count // nthreads)
+    total = 0
+    for t in range(1, nthreads + 1):
+        lines = []
+        for n in range(per_thread):
+            if kind == "single":
+                body = event_json(f"{tag}-t{t}-{n}", n)
+                sig = sign(body.encode())
+            else:
+                events = [
+                    event_json(f"{tag}-t{t}-{n}-{j}", n * BATCH_SIZE + j)
+                    for j in range(BATCH_SIZE)
+                ]
+                # Actions batch: bare JSON array, signature over JSON.stringify(body[0]).
+                body = "[" + ",".join(events) + "]"
+                sig = sign(events[0].encode())
+            lines.append(f"{sig}\t{body}\n")
+        data = "".join(lines)
+        Path(f"{prefix}-t{t}.tsv").write_text(data, encoding="ascii")
+        total += len(data)
+    return total
+
+
+def self_check_signatures() -> None:
+    """Cheap guard that the batch body/signature rules are what we think they are."""
+    evs = [event_json(f"chk-{j}", j) for j in range(3)]
+    body = "[" + ",".join(evs) + "]"
+    parsed = json.loads(body)
+    assert json.dumps(parsed, separators=(",", ":")) == body
+    assert json.dumps(parsed[0], separators=(",", ":")) == evs[0]
+
+
+# --------------------------------------------------------------------------
+# wrk
+# --------------------------------------------------------------------------
+
+LUA_SCRIPT = r"""
+-- Generated by bench/webhook_throughput.py.  args: <pool prefix>
+-- Each thread reads <prefix>-t<id>.tsv (signature<TAB>body per line) and sends
+-- every line once, in order; wrapping around (pool exhausted) is counted.
+local threads = {}
+local counter = 1
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local path = args[1] .. "-t" .. id .. ".tsv"
+  sigs, bodies = {}, {}
+  for line in io.lines(path) do
+    local tab = line:find("\t", 1, true)
+    sigs[#sigs + 1] = line:sub(1, tab - 1)
+    bodies[#bodies + 1] = line:sub(tab + 1)
+  end
+  pool = #bodies
+  idx = 0
+  sent = 0
+  wrapped = 0
+  ok = 0
+  non200 = 0
+  first_err = ""
+  sample = ""
+end
+
+function request()
+  idx = idx + 1
+  sent = sent + 1
+  if idx > pool then
+    idx = 1
+    wrapped = wrapped + 1
+  end
+  return wrk.format("POST", "/segment",
+    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx]},
+    bodies[idx])
+end
+
+function response(status, headers, body)
+  if status == 200 then
+    ok = ok + 1
+    if sample == "" then sample = body:sub(1, 200) end
+  else
+    non200 = non200 + 1
+    if first_err == "" then first_err = tostring(status) .. " " .. body:sub(1, 300) end
+  end
+end
+
+local function clean(s)
+  return (s:gsub("[%c\"\\]", " "))
+end
+
+function done(summary, latency, requests)
+  local t = {ok = 0, non200 = 0, sent = 0, wrapped = 0, pool = 0}
+  local first_err, sample = "", ""
+  for _, thread in ipairs(threads) do
+    for k, _ in pairs(t) do t[k] = t[k] + (thread:get(k) or 0) end
+    local e = thread:get("first_err") or ""
+    if first_err == "" and e ~= "" then first_err = e end
+    local s = thread:get("sample") or ""
+    if sample == "" and s ~= "" then sample = s end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"err_connect":%d,"err_read":%d,"err_write":%d,"err_status":%d,"err_timeout":%d,' ..
+    '"ok":%d,"non200":%d,"sent":%d,"wrapped":%d,"pool":%d,' ..
+    '"lat_mean_us":%.1f,"lat_p50_us":%d,"lat_p90_us":%d,"lat_p99_us":%d,"lat_max_us":%d,' ..
+    '"first_err":"%s","sample":"%s"}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    t.ok, t.non200, t.sent, t.wrapped, t.pool,
+    latency.mean, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max,
+    clean(first_err), clean(sample)))
+end
+"""
+
+
+def ensure_wrk() -> str | None:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    log("wrk not found; trying apt-get install -y wrk")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for pre in ([], [["apt-get", "update"]]):
+        try:
+            for cmd in pre:
+                subprocess.run(cmd, env=env, timeout=300, check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = subprocess.run(["apt-get", "install", "-y", "wrk"], env=env, timeout=300,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0 and shutil.which("wrk"):
+            return shutil.which("wrk")
+    return None
+
+
+# --------------------------------------------------------------------------
+# Python fallback load generator (only if wrk is unavailable)
+# --------------------------------------------------------------------------
+
+
+def _py_worker(url: str, pool_file: str, duration: float, timeout: float, q) -> None:
+    import requests  # local import: only needed in the fallback
+
+    lines = Path(pool_file).read_text(encoding="ascii").splitlines()
+    sess = requests.Session()
+    lat, ok, non200, errors, sent, wrapped = [], 0, 0, 0, 0, 0
+    first_err, sample = "", ""
+    deadline = time.monotonic() + duration
+    i = 0
+    while time.monotonic() < deadline:
+        if i >= len(lines):
+            i = 0
+            wrapped += 1
+        sig, body = lines[i].split("\t", 1)
+        i += 1
+        sent += 1
+        t0 = time.perf_counter()
+        try:
+            r = sess.post(url, data=body.encode(), timeout=timeout, headers={
+                "Content-Type": "application/json", "X-Signature": sig})
+        except requests.RequestException as exc:
+            errors += 1
+            first_err = first_err or repr(exc)[:300]
+            continue
+        lat.append((time.perf_counter() - t0) * 1e6)
+        if r.status_code == 200:
+            ok += 1
+            sample = sample or r.text[:200]
+        else:
+            non200 += 1
+            first_err = first_err or f"{r.status_code} {r.text[:300]}"
+    q.put(dict(lat=lat, ok=ok, non200=non200, errors=errors, sent=sent,
+               wrapped=wrapped, pool=len(lines), first_err=first_err, sample=sample))
+
+
+def run_python_load(url: str, pool_prefix: Path, duration: float, nproc: int,
+                    timeout: float) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_py_worker,
+                         args=(url, f"{pool_prefix}-t{k}.tsv", duration, timeout, q))
+             for k in range(1, nproc + 1)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        results = [q.get(timeout=duration + timeout + 60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    elapsed = time.monotonic() - t0
+    lat = sorted(x for r in results for x in r["lat"])
+
+    def pct(p):
+        return int(lat[min(len(lat) - 1, int(len(lat) * p / 100))]) if lat else 0
+
+    agg = {k: sum(r[k] for r in results) for k in ("ok", "non200", "errors", "sent", "wrapped", "pool")}
+    return dict(
+        requests=agg["ok"] + agg["non200"], duration_us=int(elapsed * 1e6), bytes=0,
+        err_connect=agg["errors"], err_read=0, err_write=0, err_status=agg["non200"],
+        err_timeout=0, ok=agg["ok"], non200=agg["non200"], sent=agg["sent"],
+        wrapped=agg["wrapped"], pool=agg["pool"],
+        lat_mean_us=sum(lat) / len(lat) if lat else 0, lat_p50_us=pct(50),
+        lat_p90_us=pct(90), lat_p99_us=pct(99), lat_max_us=int(lat[-1]) if lat else 0,
+        first_err=next((r["first_err"] for r in results if r["first_err"]), ""),
+        sample=next((r["sample"] for r in results if r["sample"]), ""),
+    )
+
+
+# --------------------------------------------------------------------------
+# gunicorn process management
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def gunicorn_flags(extra: list[str]) -> list[str]:
+    """Flags shared verbatim by both apps (the bind address is added per launch)."""
+    flags = []
+    if (REPO / "gunicorn.conf.py").exists():
+        flags += ["-c", "gunicorn.conf.py"]
+    # --no-control-socket: gunicorn 27 otherwise creates ~/.gunicorn/gunicorn.ctl, shared by
+    # every gunicorn on the machine (a dev server or test run could be clobbered).
+    flags += ["--workers", "2", "--no-control-socket"]
+    return flags + extra
+
+
+_RESOLVE_SNIPPET = r"""
+import json, sys
+sys.argv = ["gunicorn"] + sys.argv[1:]
+from gunicorn.app.wsgiapp import WSGIApplication
+cfg = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").cfg
+out = {}
+for k in ("workers", "threads", "worker_connections", "keepalive", "timeout",
+          "preload_app", "accesslog", "loglevel", "backlog", "max_requests"):
+    try:
+        out[k] = getattr(cfg, k)
+    except Exception as exc:  # setting absent in this gunicorn version
+        out[k] = "n/a"
+out["worker_class"] = cfg.worker_class_str
+print("RESOLVED " + json.dumps(out, default=str))
+"""
+
+
+def resolve_config(argv: list[str], env: dict) -> dict:
+    """What gunicorn will actually use for these flags (config file + CLI), without starting it."""
+    r = subprocess.run([sys.executable, "-c", _RESOLVE_SNIPPET, *argv], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    for line in r.stdout.splitlines():
+        if line.startswith("RESOLVED "):
+            return json.loads(line[len("RESOLVED "):])
+    raise RuntimeError(f"could not resolve gunicorn config:\n{r.stdout}\n{r.stderr}")
+
+
+@dataclass
+class Server:
+    label: str
+    app: str
+    cmd: list[str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, env: dict) -> None:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, health: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label}: gunicorn exited with {self.proc.returncode}\n"
+                                   f"{self.log_tail()}")
+            try:
+                if health == "GET /healthz":
+                    req = urllib.request.Request(self.url + "/healthz")
+                else:  # bare app has a single route
+                    req = urllib.request.Request(self.url + "/segment", data=b"{}", method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"status {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"status {exc.code}"
+            except (OSError, urllib.error.URLError) as exc:
+                last = repr(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.label}: {health} not 200 within {timeout:.0f}s ({last})\n"
+                           f"{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """utime+stime of every process in the server's process group (master + workers)."""
+        if not self.proc:
+            return 0.0
+        pgid = self.proc.pid
+        total = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            # fields[0] = state (field 3); pgrp = field 5; utime/stime = fields 14/15
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+        return total / CLK_TCK
+
+    def stop(self) -> None:
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Workers are in the same session/group; make sure none outlives the master.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+        self.proc = None
+
+
+def machine_busy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
+# --------------------------------------------------------------------------
+# Phases
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    variant: str
+    label: str
+    kind: str  # "single" | "batch"
+    stats: dict
+    server_cpu: float
+    loadgen_cpu: float
+    machine_busy_pct: float
+
+    @property
+    def seconds(self) -> float:
+        return self.stats["duration_us"] / 1e6
+
+    @property
+    def rps(self) -> float:
+        return self.stats["ok"] / self.seconds
+
+    @property
+    def eps(self) -> float:
+        return self.rps * (BATCH_SIZE if self.kind == "batch" else 1)
+
+    @property
+    def problems(self) -> list[str]:
+        s = self.stats
+        out = []
+        if s["non200"]:
+            out.append(f"{s['non200']} non-200 responses (first: {s['first_err']!r})")
+        errs = {k: s[k] for k in ("err_connect", "err_read", "err_write", "err_timeout") if s[k]}
+        if errs:
+            out.append(f"socket errors {errs}")
+        if s["wrapped"]:
+            out.append(f"pool exhausted ({s['sent']} sent, pool {s['pool']}): duplicates were sent")
+        if s["ok"] == 0:
+            out.append("no successful responses")
+        return out
+
+
+class Bench:
+    def __init__(self, args, tmp: Path):
+        self.args = args
+        self.tmp = tmp
+        self.servers: list[Server] = []
+        self.commands: list[str] = []
+        self.wrk = None if args.python_loadgen else ensure_wrk()
+        self.nparts = args.threads if self.wrk else args.connections
+        self.lua = tmp / "segment.lua"
+        self.lua.write_text(LUA_SCRIPT)
+        self.pools: dict[tuple[str, str], Path] = {}
+
+    # pools ---------------------------------------------------------------
+    def make_pools(self) -> None:
+        a = self.args
+        plan = {
+            ("single", "warm"): max(20_000, int(a.warmup * a.single_rate_cap)),
+            ("single", "main"): max(a.pool_single, int(a.duration * a.single_rate_cap)),
+            ("batch", "warm"): max(200, int(a.warmup * a.batch_rate_cap)),
+            ("batch", "main"): max(a.pool_batch, int(a.duration * a.batch_rate_cap)),
+        }
+        run_tag = f"bench{os.getpid()}x{int(time.time())}"
+        for (kind, role), count in plan.items():
+            t0 = time.monotonic()
+            prefix = self.tmp / f"pool-{kind}-{role}"
+            size = write_pool(prefix, f"{run_tag}-{kind[0]}{role[0]}", kind, count, self.nparts)
+            self.pools[(kind, role)] = prefix
+            log(f"pool {kind}/{role}: {count} requests, {size / 1e6:.1f} MB "
+                f"in {time.monotonic() - t0:.1f}s")
+
+    # load ------------------------------------------------------------------
+    def load(self, server: Server, kind: str, role: str, duration: float) -> dict:
+        prefix = self.pools[(kind, role)]
+        conns = self.args.connections
+        if self.wrk:
+            cmd = [self.wrk, "-t", str(self.nparts), "-c", str(conns), "-d", f"{duration:g}s",
+                   "--timeout", f"{self.args.timeout:g}s", "-s", str(self.lua),
+                   server.url + "/segment", "--", str(prefix)]
+            if role == "main":
+                self.commands.append(shlex.join(cmd))
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+            for line in r.stdout.splitlines():
+                if line.startswith("BENCH_JSON "):
+                    return json.loads(line[len("BENCH_JSON "):])
+            raise RuntimeError(f"wrk gave no result (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
+        if role == "main":
+            self.commands.append(f"python loadgen: {conns} processes x requests.Session "
+                                 f"-> {server.url}/segment for {duration:g}s")
+        return run_python_load(server.url + "/segment", prefix, duration, conns, self.args.timeout)
+
+    def measure(self, variant: str, server: Server, kind: str) -> Result:
+        if self.args.warmup > 0:
+            w = self.load(server, kind, "warm", self.args.warmup)
+            wr = Result(variant, server.label, kind, w, 0, 0, 0)
+            if wr.problems:
+                raise RuntimeError(f"{server.label} {kind} warm-up: " + "; ".join(wr.problems)
+                                   + f"\n{server.log_tail()}")
+        cpu0 = server.cpu_seconds()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        b0 = machine_busy()
+        stats = self.load(server, kind, "main", self.args.duration)
+        b1 = machine_busy()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu1 = server.cpu_seconds()
+        lg = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+        busy = 100.0 * (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
+        res = Result(variant, server.label, kind, stats, cpu1 - cpu0, lg, busy)
+        log(f"{variant:<9} {server.label:<7} {kind:<6} {res.rps:9.1f} req/s "
+            f"{res.eps:10.1f} ev/s  p50 {stats['lat_p50_us'] / 1000:.1f} ms  "
+            f"p99 {stats['lat_p99_us'] / 1000:.1f} ms  sample={stats['sample'][:80]!r}")
+        if res.problems:
+            log(f"PROBLEM {server.label} {kind}: " + "; ".join(res.problems))
+        return res
+
+    # servers -----------------------------------------------------------------
+    def launch(self, variant: str, label: str, app: str, extra: list[str]) -> Server:
+        run_dir = self.tmp / f"{variant}-{label}"
+        run_dir.mkdir()
+        env = dict(os.environ)
+        env.update(
+            SEGMENT_SHARED_SECRET=SECRET,
+            # Fresh database per server launch (pools are reused across launches).
+            DATABASE_URL=f"sqlite:///{run_dir}/bench.db",
+            PYTHONUNBUFFERED="1",
+        )
+        flags = gunicorn_flags(extra)
+        port = free_port()
+        cmd = [sys.executable, "-m", "gunicorn", *flags, "--bind", f"{HOST}:{port}", app]
+        srv = Server(label, app, cmd, port, run_dir / "gunicorn.log")
+        srv.config = resolve_config([*flags, "--bind", f"{HOST}:{port}", app], env)
+        srv.db_path = run_dir / "bench.db"
+        self.commands.append(f"(cwd {REPO}) " + " ".join(
+            f"{k}={shlex.quote(env[k])}" for k in ("SEGMENT_SHARED_SECRET", "DATABASE_URL"))
+            + " " + shlex.join(cmd))
+        self.servers.append(srv)
+        srv.start(env)
+        srv.wait_ready("POST /segment" if app == "bench.bare_app:app" else "GET /healthz")
+        log(f"{variant}: {label} ({app}) up on :{port}; worker_class={srv.config['worker_class']} "
+            f"threads={srv.config['threads']} workers={srv.config['workers']}")
+        return srv
+
+    def stop(self, srv: Server) -> None:
+        srv.stop()
+        if srv in self.servers:
+            self.servers.remove(srv)
+
+    def stop_all(self) -> None:
+        for srv in list(self.servers):
+            try:
+                srv.stop()
+            except Exception as exc:  # keep cleaning up the rest
+                print(f"cleanup of {srv.label} failed: {exc!r}", file=sys.stderr)
+        self.servers.clear()
+
+
+def db_summary(db: Path) -> str:
+    if not db.exists():
+        return "no sqlite file"
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            names = [r[0] for r in con.execute(
+                "select name from sqlite_master where type='table' and name not like 'sqlite_%'")]
+            parts = [f"{n}={con.execute(f'select count(*) from {n!r}').fetchone()[0]}"
+                     for n in names]
+        finally:
+            con.close()
+        return ", ".join(parts) or "no tables"
+    except sqlite3.Error as exc:
+        return f"unreadable ({exc})"
+
+
+def print_report(bench: Bench, results: list[Result], variants: list[str]) -> bool:
+    a = bench.args
+    print()
+    print("=" * 100)
+    print(f"Segment webhook throughput — {os.cpu_count()} cores, gunicorn --workers 2, "
+          f"{a.connections} connections, {a.duration:g}s per measurement "
+          f"(+{a.warmup:g}s warm-up), load generator: "
+          + (f"wrk ({bench.nparts} thread(s))" if bench.wrk
+             else "PYTHON FALLBACK (wrk unavailable; figures not comparable to wrk runs)"))
+    print("=" * 100)
+    hdr = (f"{'variant':<10}{'app':<9}{'payload':<12}{'req/s':>10}{'events/s':>11}"
+           f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv CPU/req':>13}{'srv CPU%':>10}"
+           f"{'lg CPU%':>9}{'host%':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        s = r.stats
+        cpu_per_req = r.server_cpu / max(1, s["ok"]) * 1e3
+        print(f"{r.variant:<10}{r.label:<9}{('batch x' + str(BATCH_SIZE)) if r.kind == 'batch' else 'single':<12}"
+              f"{r.rps:>10.1f}{r.eps:>11.1f}{s['lat_p50_us'] / 1e3:>9.2f}{s['lat_p99_us'] / 1e3:>9.2f}"
+              f"{s['lat_max_us'] / 1e3:>9.1f}{cpu_per_req:>10.3f} ms"
+              f"{100 * r.server_cpu / r.seconds:>10.0f}{100 * r.loadgen_cpu / r.seconds:>9.0f}"
+              f"{r.machine_busy_pct:>7.0f}")
+    print("(srv CPU = gunicorn master+workers user+sys; lg = load generator; "
+          "host% = whole-machine busy, 100 = both cores)")
+    print()
+    ok_all = True
+    for v in variants:
+        rs = {(r.label, r.kind): r for r in results if r.variant == v}
+        bare, single, batch = rs.get(("bare", "single")), rs.get(("service", "single")), rs.get(("service", "batch"))
+        gating = v == variants[0]
+        tag = "" if gating else "  (informational)"
+        if bare and single:
+            ratio = single.rps / bare.rps
+            ok = ratio >= TARGET_SINGLE_VS_BARE
+            print(f"[{v}] single/bare req/s       = {single.rps:8.1f} / {bare.rps:8.1f} = "
+                  f"{ratio:6.3f}  (target >= {TARGET_SINGLE_VS_BARE:.2f})  "
+                  f"{'PASS' if ok else 'FAIL'}{tag}")
+            ok_all &= ok or not gating
+        if single and batch:
+            ratio = batch.eps / single.eps
+            ok = ratio >= TARGET_BATCH_VS_SINGLE
+            print(f"[{v}] batch/single events/s   = {batch.eps:8.1f} / {single.eps:8.1f} = "
+                  f"{ratio:6.2f}x (target >= {TARGET_BATCH_VS_SINGLE:.0f}x)    "
+                  f"{'PASS' if ok else 'FAIL'}{tag}")
+            ok_all &= ok or not gating
+    problems = [f"{r.variant} {r.label} {r.kind}: {p}" for r in results for p in r.problems]
+    print()
+    if problems:
+        print("ERRORS (run is invalid):")
+        for p in problems:
+            print("  " + p)
+        ok_all = False
+    else:
+        total = sum(r.stats["ok"] for r in results)
+        print(f"All {total} measured responses were 200; no socket errors; no messageId reused.")
+    print()
+    print("Gunicorn (resolved from the same flags + config file for both apps):")
+    for v, cfgs in bench.configs.items():
+        for label, cfg in cfgs.items():
+            print(f"  {v:<9} {label:<8} worker_class={cfg['worker_class']} threads={cfg['threads']} "
+                  f"workers={cfg['workers']} keepalive={cfg['keepalive']} "
+                  f"accesslog={cfg['accesslog']} loglevel={cfg['loglevel']}")
+    if bench.db_notes:
+        print("Service DB rows after each service launch: " + "; ".join(bench.db_notes))
+    print()
+    print("Command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    for c in bench.commands:
+        print("  " + c)
+    print()
+    print("OVERALL: " + ("PASS" if ok_all else "FAIL"))
+    return ok_all
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
+    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds before each run (default 2)")
+    p.add_argument("--connections", type=int, default=8, help="concurrent connections (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    p.add_argument("--timeout", type=float, default=10, help="per-request timeout, s (default 10)")
+    p.add_argument("--with-gthread", type=int, metavar="THREADS", nargs="?", const=4, default=0,
+                   help="also measure both apps with --worker-class gthread --threads THREADS (default 4)")
+    p.add_argument("--service-app", default="wsgi:app",
+                   help="WSGI app for the service phase (default wsgi:app; "
+                        "bench.bare_app:app tests the plumbing)")
+    p.add_argument("--pool-single", type=int, default=200_000, help="single messages per measured pool")
+    p.add_argument("--pool-batch", type=int, default=4_000, help="batches per measured pool")
+    p.add_argument("--single-rate-cap", type=float, default=20_000,
+                   help="req/s the single pool is sized for (pool >= rate x duration)")
+    p.add_argument("--batch-rate-cap", type=float, default=400,
+                   help="req/s the batch pool is sized for")
+    p.add_argument("--python-loadgen", action="store_true", help="force the Python fallback")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (pools, logs, DBs)")
+    args = p.parse_args()
+    if args.threads > args.connections:
+        p.error("--threads must be <= --connections")
+    if args.duration <= 0 or args.duration > 600:
+        p.error("--duration must be in (0, 600]")
+
+    # Turn SIGTERM into KeyboardInterrupt so the finally block cleans up.
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
+
+    self_check_signatures()
+    tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
+    bench = None
+    try:
+        bench = Bench(args, tmp)
+        bench.configs, bench.db_notes = {}, []
+        if not bench.wrk:
+            log("WARNING: wrk unavailable; using the Python multi-process load generator")
+        if args.service_app != "wsgi:app":
+            log(f"NOTE: service phase uses {args.service_app} (plumbing test), not wsgi:app")
+        elif not (REPO / "wsgi.py").exists():
+            log("wsgi.py not found in the repo root; the service phase will fail")
+        bench.make_pools()
+        variants = [("default", [])]
+        if args.with_gthread:
+            variants.append((f"gthread{args.with_gthread}",
+                             ["--worker-class", "gthread", "--threads", str(args.with_gthread)]))
+        results = []
+        for vname, extra in variants:
+            cfgs = bench.configs.setdefault(vname, {})
+            srv = bench.launch(vname, "bare", "bench.bare_app:app", extra)
+            cfgs["bare"] = srv.config
+            results.append(bench.measure(vname, srv, "single"))
+            bench.stop(srv)
+
+            srv = bench.launch(vname, "service", args.service_app, extra)
+            cfgs["service"] = srv.config
+            results.append(bench.measure(vname, srv, "single"))
+            results.append(bench.measure(vname, srv, "batch"))
+            bench.stop(srv)
+            bench.db_notes.append(f"{vname}: {db_summary(srv.db_path)}")
+            if cfgs["bare"] != cfgs["service"]:
+                log(f"WARNING: resolved gunicorn config differs between apps: {cfgs}")
+        return 0 if print_report(bench, results, [v for v, _ in variants]) else 1
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    except Exception as exc:
+        log(f"ERROR: {exc}")
+        return 2
+    finally:
+        if bench:
+            bench.stop_all()
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""gunicorn settings, read from the environment (gunicorn loads this file by itself
+when started from the project folder: ``gunicorn wsgi:app``)."""
+import os
+import shutil
+import sys
+import tempfile
+
+# Each worker counts metrics in its own files here; /metrics adds them up. It must be set
+# before a worker imports prometheus_client, hence here, in the master.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segment-metrics-")
+    _own_metrics_dir = True
+else:
+    _own_metrics_dir = False
+
+bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Segment gives a webhook 5 seconds; a worker stuck far longer than that is replaced.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = 20
+keepalive = 5
+# No access log from gunicorn: its lines would carry query strings (tokens); the service
+# logs each request itself, path only, as JSON.
+accesslog = None
+errorlog = "-"
+
+
+def on_starting(server):
+    # Check the configuration once, in the master, so a bad value stops the start with
+    # one clear line instead of every worker failing to boot.
+    sys.path.insert(0, os.getcwd())
+    from webhook.config import ConfigError, Settings
+    try:
+        Settings.from_env()
+    except ConfigError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        raise SystemExit(3)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,0 +1,72 @@
+"""Shared fixtures: an application factory over a fresh database per test.
+
+SQLite lives in the test's temporary folder; PostgreSQL is the server on this machine
+(TEST_DATABASE_URL, default the local `test` database), one fresh schema per test.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from webhook import create_app
+
+PG_URL = os.environ.get(
+    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path}/segment.db"
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL URL whose search_path is a schema made for this test alone."""
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """Runs a test once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def make_app(sqlite_url):
+    """make_app(**settings) -> a Flask app; settings by field name (see webhook.config)."""
+    apps = []
+
+    def factory(**settings):
+        settings.setdefault("database_url", sqlite_url)
+        app = create_app(settings)
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["segment"].store.dispose()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def store_of(app):
+    return app.extensions["segment"].store

@@ -1,0 +1,188 @@
+"""Settings: read once from the environment at start-up, validated, typed.
+
+Every setting has one canonical upper-case name; a few also answer to the lower-case
+names the AWS workshop's Lambda functions used. A bad value stops the start with a
+message naming the variable (``ConfigError``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+DEFAULT_INTERACTION_EVENTS = (
+    # E-commerce spec v2 names ...
+    "Product Viewed",
+    "Product Clicked",
+    "Product Added",
+    "Product Added to Wishlist",
+    "Order Completed",
+    # ... and their v1 names, which older sources still send.
+    "Viewed Product",
+    "Clicked Product",
+    "Added Product",
+    "Added Product to Wishlist",
+    "Completed Order",
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"must be greater than 0, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"must be a finite number greater than 0, got {value!r}")
+    return number
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+    return level
+
+
+def _database_url(value: str) -> str:
+    url = value.strip()
+    # Heroku still hands out postgres:// URLs, which SQLAlchemy no longer accepts.
+    if url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url[len("postgres://"):]
+    elif url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if not (url.startswith("postgresql+") or url.startswith("sqlite:")):
+        raise ValueError("expected a postgres://, postgresql:// or sqlite:/// URL")
+    return url
+
+
+def _item_id_properties(value: str) -> tuple[str, ...]:
+    names = _csv(value)
+    if not names:
+        raise ValueError("name at least one property, e.g. product_id,sku")
+    return names
+
+
+def _secrets(value: str) -> tuple[str, ...]:
+    return _csv(value)
+
+
+# (field name, environment names in order of precedence, parser)
+_SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
+    ("database_url", ("DATABASE_URL",), _database_url),
+    ("segment_shared_secrets", ("SEGMENT_SHARED_SECRET",), _secrets),
+    ("webhook_bearer_tokens", ("WEBHOOK_BEARER_TOKEN",), _secrets),
+    ("max_body_bytes", ("MAX_BODY_BYTES",), _positive_int),
+    ("interaction_events", ("INTERACTION_EVENTS",), _csv),
+    ("item_id_properties", ("ITEM_ID_PROPERTIES",), _item_id_properties),
+    ("retry_after_seconds", ("RETRY_AFTER_SECONDS",), _positive_int),
+    ("log_level", ("LOG_LEVEL",), _log_level),
+    # Amazon Personalize and Segment: read here so that /healthz can say what is set;
+    # the issues that use them add their behaviour.
+    ("personalize_tracking_id", ("PERSONALIZE_TRACKING_ID", "personalize_tracking_id"), _text),
+    ("personalize_campaign_arn", ("PERSONALIZE_CAMPAIGN_ARN", "personalize_campaign_arn"), _text),
+    ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION", "region_name"), _text),
+    ("segment_write_key", ("SEGMENT_WRITE_KEY", "connections_source_write_key"), _text),
+    ("segment_profile_api_token", ("SEGMENT_PROFILE_API_TOKEN", "personas_api_key"), _text),
+    ("segment_space_id", ("SEGMENT_SPACE_ID", "personas_workspace_id"), _text),
+)
+
+# Settings whose values are secrets: never logged, never shown by /healthz.
+SECRET_FIELDS = frozenset(
+    {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
+     "segment_profile_api_token", "database_url"}
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = ""  # empty: SQLite in the Flask instance folder
+    segment_shared_secrets: tuple[str, ...] = ()
+    webhook_bearer_tokens: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    interaction_events: tuple[str, ...] = DEFAULT_INTERACTION_EVENTS
+    item_id_properties: tuple[str, ...] = ("product_id", "sku")
+    retry_after_seconds: int = 30
+    log_level: str = "INFO"
+    personalize_tracking_id: str = ""
+    personalize_campaign_arn: str = ""
+    aws_region: str = ""
+    segment_write_key: str = ""
+    segment_profile_api_token: str = ""
+    segment_space_id: str = ""
+    # Filled from the environment name that supplied each value; for error messages.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def authentication_enforced(self) -> bool:
+        return bool(self.segment_shared_secrets or self.webhook_bearer_tokens)
+
+    @property
+    def mode(self) -> str:
+        return "personalize" if self.personalize_tracking_id else "embedded"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, env_names, parse in _SOURCES:
+            for env_name in env_names:
+                raw = environ.get(env_name)
+                if raw is None or raw.strip() == "":
+                    continue
+                try:
+                    values[name] = parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{env_name}: {exc}") from None
+                sources[name] = env_name
+                break
+        if "interaction_events" in values and not values["interaction_events"]:
+            raise ConfigError("INTERACTION_EVENTS: name at least one event")
+        return cls(**values, sources=sources)
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any]) -> "Settings":
+        """Settings for tests and embedding: field names, already typed."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**overrides)
+
+    def public_summary(self) -> dict[str, Any]:
+        """What is configured, without any secret value (for /healthz and start-up)."""
+        return {
+            "mode": self.mode,
+            "database": "postgresql" if self.database_url.startswith("postgresql") else "sqlite",
+            "signature_secrets": len(self.segment_shared_secrets),
+            "bearer_tokens": len(self.webhook_bearer_tokens),
+            "interaction_events": list(self.interaction_events),
+            "item_id_properties": list(self.item_id_properties),
+            "max_body_bytes": self.max_body_bytes,
+            "personalize_tracking_id": bool(self.personalize_tracking_id),
+            "personalize_campaign_arn": bool(self.personalize_campaign_arn),
+            "segment_write_key": bool(self.segment_write_key),
+            "segment_profile_api": bool(self.segment_profile_api_token and self.segment_space_id),
+        }

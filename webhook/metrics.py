@@ -1,0 +1,49 @@
+"""Prometheus metrics, correct across several gunicorn workers.
+
+Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any worker
+imports this module, and prometheus_client keeps each worker's counts in files there;
+``/metrics`` adds them up. Without it (flask run, tests) the counts live in the process.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MESSAGES = Counter(
+    "segment_messages",
+    "Segment messages received on the webhook, by type and outcome "
+    "(accepted, duplicate, skipped, rejected).",
+    ["type", "outcome"],
+)
+DELIVERIES = Counter(
+    "segment_deliveries",
+    "Webhook deliveries (HTTP requests to POST /segment), by response status.",
+    ["status"],
+)
+DELIVERY_SECONDS = Histogram(
+    "segment_delivery_seconds",
+    "Time to answer a webhook delivery.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+
+def record_outcomes(outcomes) -> None:
+    for (kind, outcome), count in outcomes.items():
+        MESSAGES.labels(type=kind, outcome=outcome).inc(count)
+
+
+def exposition() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

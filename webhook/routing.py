@@ -1,0 +1,203 @@
+"""Routing: what each Segment message means for a recommender.
+
+``route`` turns one validated ``Message`` into records — interactions, user traits, item
+details, identity links, a user deletion — without touching storage or the network.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .segment import MAX_ID_LENGTH, Message
+
+# The catalog fields this service keeps for each product (Segment e-commerce spec names).
+ITEM_FIELDS = ("name", "price", "category", "brand", "url", "image_url")
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One (user, item, event) — Personalize's interaction; PutEvents' event."""
+    event_id: str  # stable across redeliveries: derived from messageId
+    message_id: str
+    user_id: str | None
+    anonymous_id: str | None
+    item_id: str
+    event_type: str  # the Segment event name
+    timestamp: float  # epoch seconds of the message's time
+    properties: dict  # the product's properties over the event's (without `products`)
+
+    @property
+    def session_id(self) -> str:
+        return self.anonymous_id or self.user_id or ""
+
+
+@dataclass(frozen=True)
+class UserTraits:
+    """An identify's traits for one profile (Personalize's user; PutUsers)."""
+    user_id: str
+    traits: dict
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class ItemDetails:
+    """What a message says about a product (Personalize's item; PutItems)."""
+    item_id: str
+    details: dict  # only ITEM_FIELDS that were present
+    properties: dict  # every product property, for mappings to an items schema
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class IdentityLink:
+    """anonymous_id belongs to user_id (from alias, identify or any message with both)."""
+    anonymous_id: str
+    user_id: str
+
+
+@dataclass
+class Routed:
+    interactions: list[Interaction] = field(default_factory=list)
+    users: list[UserTraits] = field(default_factory=list)
+    items: list[ItemDetails] = field(default_factory=list)
+    links: list[IdentityLink] = field(default_factory=list)
+    delete_user_id: str | None = None
+    skipped: str | None = None  # why a message meant to be an interaction gave none
+    notes: list[str] = field(default_factory=list)  # products dropped from a fan-out
+
+
+def stable_event_id(message_id: str, index: int | None) -> str:
+    """``messageId`` for one product, ``messageId#i`` for the i-th of a products array.
+
+    Redeliveries of a message carry the same messageId and the same products in the same
+    order, so they map to the same ids. Longer than Personalize's 256 characters: hashed.
+    """
+    candidate = message_id if index is None else f"{message_id}#{index}"
+    if len(candidate) <= MAX_ID_LENGTH:
+        return candidate
+    return "sha1:" + hashlib.sha1(candidate.encode("utf-8")).hexdigest()
+
+
+def _item_id(properties: dict, id_properties: Iterable[str]) -> str | None:
+    for name in id_properties:
+        value = properties.get(name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            value = str(value)
+        if isinstance(value, str) and value.strip():
+            value = value.strip()
+            return value if len(value) <= MAX_ID_LENGTH else None
+    return None
+
+
+def _item_details(item_id: str, product: dict, timestamp: float) -> ItemDetails | None:
+    details: dict[str, Any] = {}
+    for name in ITEM_FIELDS:
+        value = product.get(name)
+        if value is None or value == "":
+            continue
+        if name == "price":
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                continue
+            try:
+                value = float(value)
+            except ValueError:
+                continue
+            if value != value or value in (float("inf"), float("-inf")):
+                continue
+        elif not isinstance(value, str):
+            value = str(value) if isinstance(value, (int, float)) else None
+            if value is None:
+                continue
+        details[name] = value
+    if not details:
+        return None
+    return ItemDetails(item_id=item_id, details=details, properties=product, timestamp=timestamp)
+
+
+class Router:
+    def __init__(self, interaction_events: Iterable[str], item_id_properties: Iterable[str]):
+        self.interaction_events = frozenset(interaction_events)
+        self.item_id_properties = tuple(item_id_properties)
+
+    def route(self, message: Message) -> Routed:
+        routed = Routed()
+        when = message.timestamp.timestamp()
+        if message.user_id and message.anonymous_id and message.type != "delete":
+            routed.links.append(IdentityLink(message.anonymous_id, message.user_id))
+
+        if message.type == "track":
+            self._route_track(message, when, routed)
+        elif message.type == "identify":
+            profile_id = message.user_id or message.anonymous_id
+            if message.traits and profile_id:
+                routed.users.append(UserTraits(profile_id, dict(message.traits), when))
+        elif message.type == "alias":
+            assert message.previous_id and message.user_id
+            if message.previous_id != message.user_id:
+                routed.links.append(IdentityLink(message.previous_id, message.user_id))
+        elif message.type == "delete":
+            routed.delete_user_id = message.user_id
+        # page, screen and group: accepted and counted, nothing to record.
+        return routed
+
+    def _route_track(self, message: Message, when: float, routed: Routed) -> None:
+        properties = message.properties or {}
+        products = properties.get("products")
+        is_interaction = message.event in self.interaction_events
+        assert message.message_id is not None
+
+        if isinstance(products, list):
+            shared = {k: v for k, v in properties.items() if k != "products"}
+            made = 0
+            for index, product in enumerate(products):
+                if not isinstance(product, dict):
+                    routed.notes.append(f"products[{index}] is not an object")
+                    continue
+                item_id = _item_id(product, self.item_id_properties)
+                if item_id is None:
+                    routed.notes.append(f"products[{index}] has no {self._id_names()}")
+                    continue
+                merged = {**shared, **product}
+                details = _item_details(item_id, product, when)
+                if details:
+                    routed.items.append(details)
+                if is_interaction:
+                    routed.interactions.append(self._interaction(
+                        message, stable_event_id(message.message_id, index), item_id, when, merged))
+                    made += 1
+            if is_interaction and not made:
+                routed.skipped = f"no product in products has {self._id_names()}"
+            return
+
+        item_id = _item_id(properties, self.item_id_properties)
+        if item_id is None:
+            if is_interaction:
+                routed.skipped = f"properties has no {self._id_names()}"
+            return
+        details = _item_details(item_id, properties, when)
+        if details:
+            routed.items.append(details)
+        if is_interaction:
+            routed.interactions.append(self._interaction(
+                message, stable_event_id(message.message_id, None), item_id, when, properties))
+
+    def _id_names(self) -> str:
+        return " or ".join(self.item_id_properties)
+
+    @staticmethod
+    def _interaction(message: Message, event_id: str, item_id: str, when: float,
+                     properties: dict) -> Interaction:
+        assert message.message_id is not None and message.event is not None
+        return Interaction(
+            event_id=event_id,
+            message_id=message.message_id,
+            user_id=message.user_id,
+            anonymous_id=message.anonymous_id,
+            item_id=item_id,
+            event_type=message.event,
+            timestamp=when,
+            properties=properties,
+        )

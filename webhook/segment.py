@@ -1,0 +1,225 @@
+"""The Segment Spec: turn a request body into validated Segment messages.
+
+``parse_body`` decodes what the webhook destinations send (one message, a bare array from
+Webhooks (Actions), or the Tracking API's ``{"batch": [...]}``); ``parse_message`` checks one
+message against the Spec and returns a ``Message``. Neither touches storage.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+MESSAGE_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "delete"})
+MAX_ID_LENGTH = 256
+MAX_MESSAGES_PER_DELIVERY = 4000  # Webhooks (Actions) batches hold at most 4000 events
+
+
+class BodyError(ValueError):
+    """The request body is not something Segment sends: nothing in it is used."""
+
+
+class MessageError(ValueError):
+    """One message breaks the Segment Spec; the reason says how."""
+
+
+@dataclass(frozen=True)
+class Body:
+    shape: str  # "single", "array" (Webhooks Actions) or "batch" (Tracking API shape)
+    raw_messages: list[Any]
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    message_id: str | None  # only a delete may come without one
+    user_id: str | None
+    anonymous_id: str | None
+    timestamp: datetime  # timezone-aware UTC
+    event: str | None = None  # track
+    name: str | None = None  # page, screen
+    properties: dict | None = None  # track, page, screen
+    traits: dict | None = None  # identify, group
+    previous_id: str | None = None  # alias
+    group_id: str | None = None  # group
+
+    @property
+    def session_id(self) -> str:
+        return self.anonymous_id or self.user_id or ""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(raw: bytes) -> Body:
+    """Decode a delivery. Raises ``BodyError`` saying what is wrong."""
+    if not raw or not raw.strip():
+        raise BodyError("the body is empty; expected a Segment message as JSON")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError(f"the body is not UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BodyError("the body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        raise BodyError(f"the body is not valid JSON: {exc}") from None
+
+    if isinstance(data, list):
+        shape, messages = "array", data
+    elif isinstance(data, dict) and "type" not in data and isinstance(data.get("batch"), list):
+        shape, messages = "batch", data["batch"]
+    elif isinstance(data, dict):
+        shape, messages = "single", [data]
+    else:
+        raise BodyError(
+            f"expected a Segment message (a JSON object) or an array of them, "
+            f"got a JSON {type(data).__name__}"
+        )
+    if not messages:
+        raise BodyError("the batch is empty: it holds no Segment messages")
+    if len(messages) > MAX_MESSAGES_PER_DELIVERY:
+        raise BodyError(
+            f"the batch holds {len(messages)} messages; at most {MAX_MESSAGES_PER_DELIVERY}"
+        )
+    return Body(shape=shape, raw_messages=messages)
+
+
+# ISO-8601 as Segment and its libraries write it: date, 'T' or ' ', time with optional
+# fraction of any length, then 'Z', '+00:00', '+0000' or nothing (taken as UTC).
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?"
+    r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?$"
+)
+
+
+def parse_timestamp(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise MessageError("timestamp must be an ISO-8601 string")
+    match = _TIMESTAMP.match(value.strip())
+    if not match:
+        raise MessageError(f"timestamp is not ISO-8601: {value[:40]!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute),
+                          int(second or 0), micro, tzinfo=timezone.utc)
+    except ValueError as exc:
+        raise MessageError(f"timestamp is not a real date: {exc}") from None
+    if zone and zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        digits = zone[1:].replace(":", "")
+        offset_minutes = int(digits[:2]) * 60 + int(digits[2:4] or 0)
+        if offset_minutes >= 24 * 60:
+            raise MessageError(f"timestamp has an impossible offset: {zone}")
+        moment = moment - sign * timedelta(minutes=offset_minutes)
+    return moment
+
+
+def _optional_id(raw: dict, key: str) -> str | None:
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # Segment's libraries accept numeric ids and send them as numbers
+    if not isinstance(value, str):
+        raise MessageError(f"{key} must be a string")
+    if len(value) > MAX_ID_LENGTH:
+        raise MessageError(f"{key} is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _optional_dict(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MessageError(f"{key} must be an object")
+    return value
+
+
+def _message_time(raw: dict) -> datetime:
+    for key in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
+        value = raw.get(key)
+        if value not in (None, ""):
+            try:
+                return parse_timestamp(value)
+            except MessageError as exc:
+                raise MessageError(f"{key}: {exc}") from None
+    raise MessageError("no timestamp, originalTimestamp, sentAt or receivedAt")
+
+
+def parse_message(raw: Any) -> Message:
+    """Validate one Segment message. Raises ``MessageError`` with the reason."""
+    if not isinstance(raw, dict):
+        raise MessageError(f"a message must be a JSON object, got {type(raw).__name__}")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise MessageError("missing type")
+    kind = kind.strip().lower()
+    if kind not in MESSAGE_TYPES:
+        raise MessageError(f"unknown type {raw.get('type')!r}")
+
+    message_id = _optional_id(raw, "messageId")
+    user_id = _optional_id(raw, "userId")
+    anonymous_id = _optional_id(raw, "anonymousId")
+
+    if kind == "delete":
+        if not user_id:
+            raise MessageError("a delete needs a userId")
+        # A deletion request may carry no time at all; it takes effect when received.
+        try:
+            timestamp = _message_time(raw)
+        except MessageError:
+            timestamp = datetime.now(timezone.utc)
+        return Message(type=kind, message_id=message_id, user_id=user_id,
+                       anonymous_id=anonymous_id, timestamp=timestamp)
+
+    if not message_id:
+        raise MessageError("missing messageId")
+    if not (user_id or anonymous_id):
+        raise MessageError("missing userId and anonymousId: one is required")
+    timestamp = _message_time(raw)
+
+    if kind == "track":
+        event = raw.get("event")
+        if not isinstance(event, str) or not event.strip():
+            raise MessageError("a track needs an event name")
+        return Message(type=kind, message_id=message_id, user_id=user_id,
+                       anonymous_id=anonymous_id, timestamp=timestamp, event=event.strip(),
+                       properties=_optional_dict(raw, "properties"))
+    if kind == "identify":
+        return Message(type=kind, message_id=message_id, user_id=user_id,
+                       anonymous_id=anonymous_id, timestamp=timestamp,
+                       traits=_identify_traits(raw))
+    if kind in ("page", "screen"):
+        name = raw.get("name")
+        return Message(type=kind, message_id=message_id, user_id=user_id,
+                       anonymous_id=anonymous_id, timestamp=timestamp,
+                       name=name if isinstance(name, str) else None,
+                       properties=_optional_dict(raw, "properties"))
+    if kind == "group":
+        return Message(type=kind, message_id=message_id, user_id=user_id,
+                       anonymous_id=anonymous_id, timestamp=timestamp,
+                       group_id=_optional_id(raw, "groupId"),
+                       traits=_optional_dict(raw, "traits"))
+    # alias: previousId becomes (is the same person as) userId
+    previous_id = _optional_id(raw, "previousId")
+    if not previous_id or not user_id:
+        raise MessageError("an alias needs previousId and userId")
+    return Message(type=kind, message_id=message_id, user_id=user_id,
+                   anonymous_id=anonymous_id, timestamp=timestamp, previous_id=previous_id)
+
+
+def _identify_traits(raw: dict) -> dict:
+    traits = _optional_dict(raw, "traits")
+    if not traits:
+        # Some libraries (and older sources) put identify traits in context.traits.
+        context = raw.get("context")
+        if isinstance(context, dict) and isinstance(context.get("traits"), dict):
+            traits = context["traits"]
+    return traits

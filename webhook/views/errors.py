@@ -1,0 +1,42 @@
+"""JSON errors for every failure: never an HTML page or a stack trace to the caller."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("webhook.errors")
+
+
+def error_response(status: int, code: str, message: str, *, retry_after: int | None = None,
+                   details: dict | None = None):
+    body = {"error": {"code": code, "message": message}}
+    if g.get("request_id"):
+        body["error"]["requestId"] = g.request_id
+    if details is not None:
+        body["details"] = details
+    response = jsonify(body)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        if exc.code == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            return error_response(413, "body_too_large",
+                                  f"the body is larger than {limit} bytes (MAX_BODY_BYTES)")
+        response = error_response(exc.code or 500, code, exc.description or exc.name)
+        if exc.code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal_error", "internal error; it has been logged")

@@ -1,0 +1,98 @@
+"""POST /segment: the Segment Webhooks destination's endpoint."""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, current_app, jsonify, request
+
+from .. import metrics
+from ..destinations import DestinationError
+from ..ingest import NoMessages
+from ..segment import BodyError, parse_body
+from ..signature import SignatureError, js_stringify, verify_bearer, verify_signature
+from ..store import StoreUnavailable
+from .errors import error_response
+
+bp = Blueprint("segment", __name__)
+log = logging.getLogger("webhook.segment")
+
+
+@bp.post("/segment")
+def receive():
+    started = time.perf_counter()
+    response = _receive()
+    metrics.DELIVERIES.labels(status=str(response.status_code)).inc()
+    metrics.DELIVERY_SECONDS.observe(time.perf_counter() - started)
+    return response
+
+
+def _receive():
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    raw = request.get_data(cache=False)  # raises 413 above MAX_BODY_BYTES, before parsing
+
+    try:
+        if settings.webhook_bearer_tokens:
+            verify_bearer(request.headers.get("Authorization"), settings.webhook_bearer_tokens)
+        signed_as_single = settings.segment_shared_secrets and not raw.lstrip().startswith(b"[")
+        if signed_as_single:
+            # A single message (or a {"batch": [...]} replay): the raw bytes are signed,
+            # so a forged body is refused before any parsing.
+            verify_signature(request.headers.get("X-Signature"), raw,
+                             settings.segment_shared_secrets)
+    except SignatureError as exc:
+        return _unauthorized(str(exc))
+
+    try:
+        body = parse_body(raw)
+    except BodyError as exc:
+        log.info("delivery refused: body", extra={"status": 400})
+        return error_response(400, "invalid_body", str(exc))
+
+    if settings.segment_shared_secrets and body.shape == "array":
+        # Webhooks (Actions) signs JSON.stringify of the first event only.
+        try:
+            first = js_stringify(body.raw_messages[0]).encode("utf-8", "surrogatepass")
+        except RecursionError:
+            return error_response(400, "invalid_body", "the body is nested too deeply")
+        try:
+            verify_signature(request.headers.get("X-Signature"), first,
+                             settings.segment_shared_secrets)
+        except SignatureError as exc:
+            return _unauthorized(str(exc))
+
+    try:
+        summary = services.ingestor.ingest(body.raw_messages)
+    except NoMessages as exc:
+        metrics.record_outcomes(exc.summary.outcomes)
+        log.info("delivery refused: no valid message",
+                 extra={"status": 400, "received": exc.summary.received})
+        return error_response(400, "no_valid_messages",
+                              "the delivery holds no valid Segment message",
+                              details=exc.summary.as_json())
+    except StoreUnavailable as exc:
+        log.warning("store unavailable: %s", exc, extra={"status": 503})
+        return error_response(503, "store_unavailable",
+                              "the store is unavailable; retry later",
+                              retry_after=settings.retry_after_seconds)
+    except DestinationError as exc:
+        log.warning("destination unavailable: %s", exc, extra={"status": 503})
+        return error_response(503, "destination_unavailable", str(exc),
+                              retry_after=exc.retry_after or settings.retry_after_seconds)
+
+    metrics.record_outcomes(summary.outcomes)
+    log.info("delivery stored", extra={
+        "status": 200, "shape": body.shape, "received": summary.received,
+        "accepted": summary.accepted, "duplicates": summary.duplicates,
+        "skipped": len(summary.skipped), "rejected": len(summary.rejected),
+        "interactions": summary.interactions,
+    })
+    return jsonify(summary.as_json())
+
+
+def _unauthorized(reason: str):
+    log.warning("delivery refused: %s", reason, extra={"status": 401})
+    response = error_response(401, "unauthorized", reason)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="segment"'
+    return response
