@@ -557,7 +557,7 @@ class Bench:
         prefix = self.pools[(kind, role)]
         conns = self.args.connections
         if self.wrk:
-            cmd = [self.wrk, "-t", str(self.nparts), "-c", str(conns), "-d", f"{duration:g}s",
+            cmd = [self.wrk, "-t", str(self.nparts), "-c", str(conns), "-d", f"{int(duration)}s",
                    "--timeout", f"{self.args.timeout:g}s", "-s", str(self.lua),
                    server.url + "/segment", "--", str(prefix)]
             if role == "main":
@@ -607,6 +607,11 @@ class Bench:
             DATABASE_URL=f"sqlite:///{run_dir}/bench.db",
             PYTHONUNBUFFERED="1",
         )
+        # gunicorn.conf.py creates a prometheus multiprocess dir unless one is given and only
+        # removes it on a clean exit: give each launch (both apps alike) its own, inside tmp.
+        metrics = run_dir / "metrics"
+        metrics.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
         flags = gunicorn_flags(extra)
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", *flags, "--bind", f"{HOST}:{port}", app]
@@ -728,16 +733,28 @@ def print_report(bench: Bench, results: list[Result], variants: list[str]) -> bo
     return ok_all
 
 
+def variant_flags(name: str, parser) -> list[str]:
+    if name == "sync":
+        return ["--worker-class", "sync", "--threads", "1"]
+    if name.startswith("gthread") and name[len("gthread"):].isdigit():
+        return ["--worker-class", "gthread", "--threads", name[len("gthread"):]]
+    parser.error(f"unknown variant {name!r} (use 'sync' or 'gthreadN')")
+    return []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
-    p.add_argument("--warmup", type=float, default=2, help="warm-up seconds before each run (default 2)")
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up seconds before each run, 0 = none (default 2)")
     p.add_argument("--connections", type=int, default=8, help="concurrent connections (default 8)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--timeout", type=float, default=10, help="per-request timeout, s (default 10)")
-    p.add_argument("--with-gthread", type=int, metavar="THREADS", nargs="?", const=4, default=0,
-                   help="also measure both apps with --worker-class gthread --threads THREADS (default 4)")
+    p.add_argument("--also", action="append", default=[], metavar="VARIANT",
+                   help="extra informational rows: both apps re-measured with other worker "
+                        "flags; VARIANT is 'sync' (--worker-class sync --threads 1) or "
+                        "'gthreadN' (--worker-class gthread --threads N); repeatable")
     p.add_argument("--service-app", default="wsgi:app",
                    help="WSGI app for the service phase (default wsgi:app; "
                         "bench.bare_app:app tests the plumbing)")
@@ -754,6 +771,10 @@ def main() -> int:
         p.error("--threads must be <= --connections")
     if args.duration <= 0 or args.duration > 600:
         p.error("--duration must be in (0, 600]")
+    if args.warmup < 0 or args.warmup > 60:
+        p.error("--warmup must be in [0, 60]")
+    for v in args.also:
+        variant_flags(v, p)
 
     # Turn SIGTERM into KeyboardInterrupt so the finally block cleans up.
     def _term(signum, frame):
@@ -773,10 +794,10 @@ def main() -> int:
         elif not (REPO / "wsgi.py").exists():
             log("wsgi.py not found in the repo root; the service phase will fail")
         bench.make_pools()
-        variants = [("default", [])]
-        if args.with_gthread:
-            variants.append((f"gthread{args.with_gthread}",
-                             ["--worker-class", "gthread", "--threads", str(args.with_gthread)]))
+        # First variant gates PASS/FAIL: the repo's own gunicorn settings (config file).
+        variants = [("conf", [])]
+        for v in args.also:
+            variants.append((v, variant_flags(v, p)))
         results = []
         for vname, extra in variants:
             cfgs = bench.configs.setdefault(vname, {})

@@ -125,7 +125,7 @@ def _digits_and_exponent(mantissa: str, exponent: int) -> tuple[str, int]:
 
 def _is_array_index(key: str) -> bool:
     # JavaScript objects list integer-like keys first, in ascending order.
-    return key.isdigit() and (key == "0" or not key.startswith("0")) and int(key) < 2**32 - 1
+    return key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")) and int(key) < 2**32 - 1
 
 
 def _js_keys(obj: dict) -> list[str]:

@@ -1,0 +1,31 @@
+# Two commands: `make run` (install and start on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: run test install install-dev clean
+
+run: install
+	PORT=$(PORT) $(BIN)/gunicorn wsgi:app
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.requirements
+install-dev: $(VENV)/.requirements-dev
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.requirements: requirements.txt | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.requirements-dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(VENV)/.requirements $@
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

@@ -1,0 +1,82 @@
+"""The service as deployed: gunicorn with several workers."""
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.gunicorn_server import ROOT, gunicorn
+
+SECRET = "gunicorn-test-secret"
+
+
+def _signed(message):
+    body = json.dumps(message, separators=(",", ":")).encode()
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
+    return body, {"Content-Type": "application/json", "X-Signature": signature}
+
+
+def _message(n):
+    return {"type": "track", "event": "Product Viewed", "messageId": f"gm-{n}",
+            "anonymousId": f"anon-{n % 7}", "timestamp": "2026-11-27T10:00:00.000Z",
+            "properties": {"product_id": f"p-{n % 13}", "price": 9.5}}
+
+
+def _counter(text, kind, outcome):
+    pattern = rf'^segment_messages_total\{{outcome="{outcome}",type="{kind}"\}} (\S+)$'
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_message_counter_is_correct_across_workers(tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=2) as (base, _):
+        def post(n):
+            body, headers = _signed(_message(n))
+            # A new connection each time, so both workers take requests.
+            return requests.post(base + "/segment", data=body,
+                                 headers={**headers, "Connection": "close"}, timeout=10)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(120)))
+        assert all(a.status_code == 200 for a in answers)
+        # Redeliver 30 of them: duplicates.
+        with ThreadPoolExecutor(8) as pool:
+            again = list(pool.map(post, range(30)))
+        assert all(a.json()["duplicates"] == 1 for a in again)
+
+        # Every scrape, whichever worker answers it, sees the sum over all workers.
+        for _ in range(10):
+            text = requests.get(base + "/metrics", headers={"Connection": "close"},
+                                timeout=5).text
+            assert _counter(text, "track", "accepted") == 120
+            assert _counter(text, "track", "duplicate") == 30
+        writers = {name.rsplit("_", 1)[-1] for name in os.listdir(metrics_dir)
+                   if name.startswith("counter_")}
+        assert len(writers) >= 2, "both workers should have counted messages"
+
+
+def test_healthz_under_gunicorn_says_signatures_are_not_enforced(tmp_path):
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=1) as (base, process):
+        health = requests.get(base + "/healthz", timeout=5).json()
+        assert health["signatures_enforced"] is False
+        assert any("UNSIGNED" in w for w in health["warnings"])
+    assert "UNSIGNED DELIVERIES ARE ACCEPTED" in process.log_path.read_text()
+
+
+def test_bad_setting_stops_gunicorn_naming_the_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env.update({"MAX_BODY_BYTES": "eight megabytes", "GUNICORN_BIND": "127.0.0.1:0"})
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "configuration error: MAX_BODY_BYTES" in result.stderr
