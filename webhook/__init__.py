@@ -63,6 +63,29 @@ def _secret_values(settings: Settings) -> list[str]:
     return [v for v in values if v]
 
 
+def _forwarders(settings: Settings) -> list:
+    if not settings.personalize_tracking_id:
+        return []
+    from .destinations.personalize import PersonalizeForwarder
+    from .destinations.personalize_mapping import MappingConfig
+    mapping = MappingConfig(
+        tracking_id=settings.personalize_tracking_id,
+        event_type_map=dict(settings.event_type_map),
+        event_value_property=settings.event_value_property,
+        event_properties=settings.event_properties,
+        user_traits_map=settings.user_traits_map,
+        item_properties_map=settings.item_properties_map,
+    )
+    return [PersonalizeForwarder(
+        mapping,
+        users_dataset_arn=settings.personalize_users_dataset_arn,
+        items_dataset_arn=settings.personalize_items_dataset_arn,
+        region=settings.aws_region,
+        call_timeout=settings.personalize_call_timeout_seconds,
+        max_concurrency=settings.personalize_max_concurrency,
+    )]
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application. ``test_config`` (settings by field name) replaces the
     environment, for tests; otherwise settings come from the environment."""
@@ -74,7 +97,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     database_url = settings.database_url or sqlite_url_for(app.instance_path)
     store = Store(database_url)
     router = Router(settings.interaction_events, settings.item_id_properties)
-    ingestor = Ingestor(store, router, destinations=[LocalDestination])
+    ingestor = Ingestor(store, router, destinations=[LocalDestination],
+                        forwarders=_forwarders(settings))
     services = Services(settings=settings, store=store, ingestor=ingestor)
     if not settings.authentication_enforced:
         services.warnings.append(UNSIGNED_WARNING)
@@ -106,6 +130,7 @@ def _init_request_context(app: Flask, services: Services) -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         g.started = time.perf_counter()
+        g.deadline = time.monotonic() + services.settings.personalize_deadline_seconds
         if request.endpoint not in ("ops.healthz", "ops.prometheus_metrics"):
             try:
                 services.ensure_schema()

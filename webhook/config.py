@@ -6,7 +6,9 @@ message naming the variable (``ConfigError``).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -88,6 +90,47 @@ def _secrets(value: str) -> tuple[str, ...]:
     return _csv(value)
 
 
+def _pairs(value: str) -> tuple[tuple[str, str], ...]:
+    """``a=b,c=d`` (or a JSON object) as ordered pairs; ``a`` alone means ``a=camelCase(a)``."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in data.items()):
+            raise ValueError("expected a JSON object of non-empty strings")
+        return tuple(data.items())
+    pairs = []
+    for part in _csv(text):
+        source, sep, target = (p.strip() for p in part.partition("="))
+        if not source or (sep and not target):
+            raise ValueError(f"expected name=value pairs, got {part!r}")
+        pairs.append((source, target or camel_case(source)))
+    return tuple(pairs)
+
+
+def camel_case(name: str) -> str:
+    """``image_url`` → ``imageUrl``, ``Product Category`` → ``productCategory``."""
+    words = [w for w in re.split(r"[^0-9A-Za-z]+", name) if w]
+    if not words:
+        return name
+    return words[0][:1].lower() + words[0][1:] + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+def _arn(value: str) -> str:
+    arn = value.strip()
+    if not re.match(r"^arn:[a-z\d-]+:personalize:[^:]*:[^:]*:.+$", arn):
+        raise ValueError(f"expected an Amazon Personalize ARN (arn:aws:personalize:...), "
+                         f"got {arn[:60]!r}")
+    return arn
+
+
+def _optional_property(value: str) -> str:
+    return value.strip()
+
+
 # (field name, environment names in order of precedence, parser)
 _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("database_url", ("DATABASE_URL",), _database_url),
@@ -101,7 +144,17 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     # Amazon Personalize and Segment: read here so that /healthz can say what is set;
     # the issues that use them add their behaviour.
     ("personalize_tracking_id", ("PERSONALIZE_TRACKING_ID", "personalize_tracking_id"), _text),
-    ("personalize_campaign_arn", ("PERSONALIZE_CAMPAIGN_ARN", "personalize_campaign_arn"), _text),
+    ("personalize_campaign_arn", ("PERSONALIZE_CAMPAIGN_ARN", "personalize_campaign_arn"), _arn),
+    ("personalize_users_dataset_arn", ("PERSONALIZE_USERS_DATASET_ARN",), _arn),
+    ("personalize_items_dataset_arn", ("PERSONALIZE_ITEMS_DATASET_ARN",), _arn),
+    ("event_type_map", ("EVENT_TYPE_MAP",), _pairs),
+    ("event_value_property", ("EVENT_VALUE_PROPERTY",), _optional_property),
+    ("event_properties", ("EVENT_PROPERTIES",), _pairs),
+    ("user_traits_map", ("USER_TRAITS_MAP",), _pairs),
+    ("item_properties_map", ("ITEM_PROPERTIES_MAP",), _pairs),
+    ("personalize_deadline_seconds", ("PERSONALIZE_DEADLINE_SECONDS",), _positive_float),
+    ("personalize_call_timeout_seconds", ("PERSONALIZE_CALL_TIMEOUT_SECONDS",), _positive_float),
+    ("personalize_max_concurrency", ("PERSONALIZE_MAX_CONCURRENCY",), _positive_int),
     ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION", "region_name"), _text),
     ("segment_write_key", ("SEGMENT_WRITE_KEY", "connections_source_write_key"), _text),
     ("segment_profile_api_token", ("SEGMENT_PROFILE_API_TOKEN", "personas_api_key"), _text),
@@ -127,6 +180,18 @@ class Settings:
     log_level: str = "INFO"
     personalize_tracking_id: str = ""
     personalize_campaign_arn: str = ""
+    personalize_users_dataset_arn: str = ""
+    personalize_items_dataset_arn: str = ""
+    event_type_map: tuple[tuple[str, str], ...] = ()
+    event_value_property: str = ""
+    event_properties: tuple[tuple[str, str], ...] = ()
+    user_traits_map: tuple[tuple[str, str], ...] = ()
+    item_properties_map: tuple[tuple[str, str], ...] = ()
+    # The whole webhook answer must stay under Segment's 5 s: Personalize calls (with
+    # retries) get this budget, and one call at most this long.
+    personalize_deadline_seconds: float = 3.5
+    personalize_call_timeout_seconds: float = 1.0
+    personalize_max_concurrency: int = 8
     aws_region: str = ""
     segment_write_key: str = ""
     segment_profile_api_token: str = ""
@@ -183,6 +248,13 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "personalize_tracking_id": bool(self.personalize_tracking_id),
             "personalize_campaign_arn": bool(self.personalize_campaign_arn),
+            "personalize_users_dataset": bool(self.personalize_users_dataset_arn),
+            "personalize_items_dataset": bool(self.personalize_items_dataset_arn),
+            "event_type_map": dict(self.event_type_map),
+            "event_value_property": self.event_value_property or None,
+            "event_properties": dict(self.event_properties),
+            "user_traits_map": dict(self.user_traits_map),
+            "item_properties_map": dict(self.item_properties_map),
             "segment_write_key": bool(self.segment_write_key),
             "segment_profile_api": bool(self.segment_profile_api_token and self.segment_space_id),
         }

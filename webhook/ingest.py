@@ -5,9 +5,10 @@ processed exactly as a live delivery would be.
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .destinations import Destination
 from .routing import Routed, Router
@@ -15,6 +16,14 @@ from .segment import Message, MessageError, parse_message
 from .store import Store, Transaction
 
 DestinationFactory = Callable[[Transaction], Destination]
+
+
+class Forwarder(Protocol):
+    """A remote destination (Amazon Personalize): gets a delivery's new records before the
+    delivery is committed, and raises DestinationError if they cannot be sent in time."""
+    name: str
+
+    def forward(self, routed: Routed, deadline: float) -> Any: ...
 
 
 @dataclass
@@ -28,6 +37,7 @@ class Summary:
     rejected: list[dict] = field(default_factory=list)
     notes: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # (type, outcome) -> count
+    forwarded: dict[str, Any] = field(default_factory=dict)  # destination name -> report
 
     def count(self, kind: str, outcome: str) -> None:
         self.outcomes[(kind, outcome)] += 1
@@ -43,6 +53,7 @@ class Summary:
         }
         if self.notes:
             answer["notes"] = self.notes
+        answer.update(self.forwarded)
         return answer
 
 
@@ -71,14 +82,20 @@ def _type_label(raw: Any) -> str:
 
 
 class Ingestor:
-    def __init__(self, store: Store, router: Router, destinations: Sequence[DestinationFactory]):
+    def __init__(self, store: Store, router: Router, destinations: Sequence[DestinationFactory],
+                 forwarders: Sequence[Forwarder] = ()):
         self.store = store
         self.router = router
         self.destinations = list(destinations)
+        self.forwarders = list(forwarders)
 
-    def ingest(self, raw_messages: Sequence[Any]) -> Summary:
+    def ingest(self, raw_messages: Sequence[Any], deadline: float | None = None) -> Summary:
         """Validate and store a delivery. Raises ``NoMessages`` (nothing valid; nothing
-        stored), ``StoreUnavailable`` or ``DestinationError`` (nothing stored; retry)."""
+        stored), ``StoreUnavailable`` or ``DestinationError`` (nothing stored; retry).
+
+        With forwarders, the new messages are sent first and committed locally after, so a
+        delivery whose sending failed is not marked as received: its redelivery is sent
+        again (with the same event ids) instead of being taken for a duplicate."""
         summary = Summary(received=len(raw_messages))
         valid: list[tuple[int, Message]] = []
         for index, raw in enumerate(raw_messages):
@@ -95,6 +112,25 @@ class Ingestor:
             if message.message_id and message.message_id not in claims:
                 claims[message.message_id] = message.type
 
+        routed_by_index: dict[int, Routed] = {}
+        if self.forwarders:
+            known = self.store.known_message_ids(list(claims))
+            outgoing = Routed()
+            for index, message in valid:
+                if message.message_id is not None:
+                    if message.message_id in known:
+                        continue
+                    known.add(message.message_id)
+                routed = routed_by_index[index] = self.router.route(message)
+                outgoing.interactions.extend(routed.interactions)
+                outgoing.users.extend(routed.users)
+                outgoing.items.extend(routed.items)
+                outgoing.delete_user_id = outgoing.delete_user_id or routed.delete_user_id
+            when = deadline if deadline is not None else time.monotonic() + 3.5
+            for forwarder in self.forwarders:
+                report = forwarder.forward(outgoing, when)
+                summary.forwarded[forwarder.name] = report.as_json()
+
         with self.store.write() as tx:
             fresh = tx.claim_messages(list(claims.items()))
             destinations = [make(tx) for make in self.destinations]
@@ -106,7 +142,7 @@ class Ingestor:
                         summary.count(message.type, "duplicate")
                         continue
                     fresh.discard(message.message_id)  # a second copy in this delivery
-                routed = self.router.route(message)
+                routed = routed_by_index.get(index) or self.router.route(message)
                 for note in routed.notes:
                     summary.notes.append({"index": index, "messageId": message.message_id,
                                           "reason": note})

@@ -33,6 +33,18 @@ DELIVERY_SECONDS = Histogram(
     "Time to answer a webhook delivery.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+PERSONALIZE_CALLS = Counter(
+    "personalize_calls",
+    "Calls to Amazon Personalize (personalize-events), by operation and outcome "
+    "(ok, throttled, error, timeout, invalid, fatal); a retry is another call.",
+    ["operation", "outcome"],
+)
+PERSONALIZE_RECORDS = Counter(
+    "personalize_records",
+    "Records for Amazon Personalize by kind (event, user, item) and outcome "
+    "(sent, dropped, trimmed).",
+    ["kind", "outcome"],
+)
 
 
 def record_outcomes(outcomes) -> None:

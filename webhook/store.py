@@ -164,6 +164,16 @@ class Store:
         except StoreUnavailable:
             return False
 
+    def known_message_ids(self, message_ids: Sequence[str]) -> set[str]:
+        """Which of these messageIds were received (and committed) before."""
+        known: set[str] = set()
+        with self.read() as conn:
+            for start in range(0, len(message_ids), 500):
+                part = list(message_ids[start:start + 500])
+                known.update(row[0] for row in conn.execute(
+                    sa.select(messages.c.message_id).where(messages.c.message_id.in_(part))))
+        return known
+
     def counts(self) -> dict[str, int]:
         with self.read() as conn:
             return {

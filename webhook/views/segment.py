@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from .. import metrics
 from ..destinations import DestinationError
@@ -63,7 +63,7 @@ def _receive():
             return _unauthorized(str(exc))
 
     try:
-        summary = services.ingestor.ingest(body.raw_messages)
+        summary = services.ingestor.ingest(body.raw_messages, deadline=g.get("deadline"))
     except NoMessages as exc:
         metrics.record_outcomes(exc.summary.outcomes)
         log.info("delivery refused: no valid message",
