@@ -23,7 +23,7 @@ def sqlite_url(tmp_path):
 
 
 @pytest.fixture
-def postgres_url():
+def postgresql_url():
     """A PostgreSQL URL whose search_path is a schema made for this test alone."""
     schema = "t_" + uuid.uuid4().hex[:12]
     admin = sa.create_engine(PG_URL)

@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .segment import MAX_ID_LENGTH, Message
+from .segment import MAX_ID_LENGTH, Message, clean_text
 
 # The catalog fields this service keeps for each product (Segment e-commerce spec names).
 ITEM_FIELDS = ("name", "price", "category", "brand", "url", "image_url")
@@ -88,7 +88,7 @@ def _item_id(properties: dict, id_properties: Iterable[str]) -> str | None:
             value = str(value)
         if isinstance(value, str) and value.strip():
             value = value.strip()
-            return value if len(value) <= MAX_ID_LENGTH else None
+            return value if len(value) <= MAX_ID_LENGTH and clean_text(value) else None
     return None
 
 
@@ -103,7 +103,7 @@ def _item_details(item_id: str, product: dict, timestamp: float) -> ItemDetails 
                 continue
             try:
                 value = float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 continue
             if value != value or value in (float("inf"), float("-inf")):
                 continue
@@ -111,6 +111,8 @@ def _item_details(item_id: str, product: dict, timestamp: float) -> ItemDetails 
             value = str(value) if isinstance(value, (int, float)) else None
             if value is None:
                 continue
+        if isinstance(value, str) and not clean_text(value):
+            continue
         details[name] = value
     if not details:
         return None

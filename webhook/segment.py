@@ -50,8 +50,46 @@ class Message:
         return self.anonymous_id or self.user_id or ""
 
 
+MAX_DEPTH = 64  # objects and arrays inside each other; Segment messages use a handful
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:20]}... is out of range")
+    return value
+
+
+def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return False
+
+
+def clean_text(value: str) -> bool:
+    """Text a database can hold: no NUL character, no lone surrogate."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_body(raw: bytes) -> Body:
@@ -63,12 +101,14 @@ def parse_body(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise BodyError(f"the body is not UTF-8 (byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise BodyError("the body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
         raise BodyError(f"the body is not valid JSON: {exc}") from None
 
+    if _too_deep(data):
+        raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep")
     if isinstance(data, list):
         shape, messages = "array", data
     elif isinstance(data, dict) and "type" not in data and isinstance(data.get("batch"), list):
@@ -116,7 +156,10 @@ def parse_timestamp(value: Any) -> datetime:
         offset_minutes = int(digits[:2]) * 60 + int(digits[2:4] or 0)
         if offset_minutes >= 24 * 60:
             raise MessageError(f"timestamp has an impossible offset: {zone}")
-        moment = moment - sign * timedelta(minutes=offset_minutes)
+        try:
+            moment = moment - sign * timedelta(minutes=offset_minutes)
+        except OverflowError:
+            raise MessageError("timestamp is out of range") from None
     return moment
 
 
@@ -130,6 +173,8 @@ def _optional_id(raw: dict, key: str) -> str | None:
         raise MessageError(f"{key} must be a string")
     if len(value) > MAX_ID_LENGTH:
         raise MessageError(f"{key} is longer than {MAX_ID_LENGTH} characters")
+    if not clean_text(value):
+        raise MessageError(f"{key} holds a NUL character or a lone surrogate")
     return value
 
 
@@ -189,6 +234,9 @@ def parse_message(raw: Any) -> Message:
         event = raw.get("event")
         if not isinstance(event, str) or not event.strip():
             raise MessageError("a track needs an event name")
+        if len(event) > MAX_ID_LENGTH or not clean_text(event):
+            raise MessageError("the event name is longer than 256 characters or holds a NUL "
+                               "character or a lone surrogate")
         return Message(type=kind, message_id=message_id, user_id=user_id,
                        anonymous_id=anonymous_id, timestamp=timestamp, event=event.strip(),
                        properties=_optional_dict(raw, "properties"))

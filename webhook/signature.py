@@ -88,7 +88,10 @@ def _js_string(value: str) -> str:
 
 def _js_number(value: float | int) -> str:
     """Number::toString for a JSON number, as V8 prints it."""
-    number = float(value)  # JavaScript has only doubles: big integers round like this too.
+    try:
+        number = float(value)  # JavaScript has only doubles: big integers round like this too
+    except OverflowError:
+        return "null"  # JavaScript reads it as Infinity, which JSON.stringify writes as null
     if math.isnan(number) or math.isinf(number):
         return "null"
     if number == 0:

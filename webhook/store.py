@@ -211,7 +211,9 @@ class Transaction:
             .on_conflict_do_nothing(index_elements=["message_id"])
             .returning(messages.c.message_id)
         )
-        rows = [{"message_id": mid, "type": kind, "received_at": now} for mid, kind in claims]
+        # Sorted: two deliveries claiming overlapping ids lock them in the same order.
+        rows = [{"message_id": mid, "type": kind, "received_at": now}
+                for mid, kind in sorted(claims)]
         result = self.conn.execute(stmt, rows)
         return {row[0] for row in result}
 
@@ -230,27 +232,38 @@ class Transaction:
         ])
 
     def upsert_items(self, records: Sequence[ItemDetails]) -> None:
-        merged = _merge_items(records)
-        if not merged:
+        """Catalog rows: each record applied in time order over the stored row; a newer
+        record overwrites the fields it carries, an older one only fills gaps."""
+        if not records:
             return
-        stmt = self._insert(items)
-        newer = stmt.excluded.updated_at >= items.c.updated_at
-        # Newer messages overwrite the fields they carry; older ones only fill gaps.
-        update = {
-            name: sa.case(
-                (newer, sa.func.coalesce(stmt.excluded[name], items.c[name])),
-                else_=sa.func.coalesce(items.c[name], stmt.excluded[name]),
-            )
-            for name in ITEM_FIELDS
-        }
-        update["updated_at"] = sa.case(
-            (newer, stmt.excluded.updated_at), else_=items.c.updated_at)
-        stmt = stmt.on_conflict_do_update(index_elements=["item_id"], set_=update)
-        self.conn.execute(stmt, [
-            {"item_id": item_id, "updated_at": when,
-             **{name: details.get(name) for name in ITEM_FIELDS}}
-            for item_id, (details, when) in sorted(merged.items())
-        ])
+        ids = sorted({r.item_id for r in records})  # a fixed order: no deadlock
+        self.conn.execute(
+            self._insert(items).on_conflict_do_nothing(index_elements=["item_id"]),
+            [{"item_id": item_id, "updated_at": float("-inf") if self.dialect == "sqlite"
+              else -1e300} for item_id in ids],
+        )
+        query = sa.select(items).where(items.c.item_id.in_(ids))
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        current = {row.item_id: ({name: getattr(row, name) for name in ITEM_FIELDS},
+                                 row.updated_at) for row in self.conn.execute(query)}
+        for record in sorted(records, key=lambda r: r.timestamp):
+            details, updated_at = current[record.item_id]
+            if record.timestamp >= updated_at:
+                details.update(record.details)
+                updated_at = record.timestamp
+            else:
+                for name, value in record.details.items():
+                    if details.get(name) is None:
+                        details[name] = value
+            current[record.item_id] = (details, updated_at)
+        self.conn.execute(
+            items.update().where(items.c.item_id == sa.bindparam("iid")).values(
+                updated_at=sa.bindparam("at"),
+                **{name: sa.bindparam("f_" + name) for name in ITEM_FIELDS}),
+            [{"iid": item_id, "at": at, **{"f_" + n: details.get(n) for n in ITEM_FIELDS}}
+             for item_id, (details, at) in sorted(current.items())],
+        )
 
     def merge_traits(self, records: Sequence[UserTraits]) -> None:
         """Merge identify traits into profiles: newer values win, older ones fill gaps."""
@@ -308,13 +321,3 @@ class Transaction:
         self.conn.execute(profiles.delete().where(
             profiles.c.profile_id.in_([user_id, *anonymous_ids])))
         self.conn.execute(identity_links.delete().where(identity_links.c.user_id == user_id))
-
-
-def _merge_items(records: Sequence[ItemDetails]) -> dict[str, tuple[dict, float]]:
-    """One row per item: a batch may mention an item many times (PostgreSQL rejects an
-    upsert that touches the same row twice)."""
-    merged: dict[str, tuple[dict, float]] = {}
-    for record in sorted(records, key=lambda r: r.timestamp):
-        details, when = merged.get(record.item_id, ({}, record.timestamp))
-        merged[record.item_id] = ({**details, **record.details}, max(when, record.timestamp))
-    return merged

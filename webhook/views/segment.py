@@ -5,6 +5,7 @@ import logging
 import time
 
 from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
 from ..destinations import DestinationError
@@ -30,7 +31,7 @@ def receive():
 def _receive():
     services = current_app.extensions["segment"]
     settings = services.settings
-    raw = request.get_data(cache=False)  # raises 413 above MAX_BODY_BYTES, before parsing
+    raw = _read_body(settings.max_body_bytes)
 
     try:
         if settings.webhook_bearer_tokens:
@@ -89,6 +90,26 @@ def _receive():
         "interactions": summary.interactions,
     })
     return jsonify(summary.as_json())
+
+
+def _read_body(limit: int) -> bytes:
+    """The raw body; 413 above ``limit`` bytes, before anything parses it. A body without
+    Content-Length (chunked) is read up to one byte past the limit to tell."""
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise RequestEntityTooLarge()
+        return request.get_data(cache=False)
+    stream = request.environ["wsgi.input"]
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise RequestEntityTooLarge()
+    return b"".join(chunks)
 
 
 def _unauthorized(reason: str):

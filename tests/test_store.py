@@ -1,0 +1,326 @@
+"""The local store, through POST /segment, on SQLite and on PostgreSQL: idempotency under
+concurrent redelivery, merge order of traits and catalog fields, deletion, repeated
+records in one batch, and 503 + Retry-After while the database is unreachable.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import store_of
+
+
+
+@pytest.fixture
+def app(make_app, database_url):
+    return make_app(database_url=database_url)
+
+
+def iso(second: int) -> str:
+    return f"2024-05-01T10:00:{second:02d}.000Z"
+
+
+def track(message_id, product_id="p-1", *, user="user-1", anon=None, second=0,
+          event="Product Viewed", **properties):
+    message = {"type": "track", "event": event, "messageId": message_id,
+               "timestamp": iso(second), "properties": {"product_id": product_id, **properties}}
+    if user:
+        message["userId"] = user
+    if anon:
+        message["anonymousId"] = anon
+    return message
+
+
+def identify(message_id, traits, *, user="user-1", anon=None, second=0):
+    message = {"type": "identify", "messageId": message_id, "timestamp": iso(second),
+               "traits": traits}
+    if user:
+        message["userId"] = user
+    if anon:
+        message["anonymousId"] = anon
+    return message
+
+
+def post(client, payload, status=200):
+    response = client.post("/segment", data=json.dumps(payload),
+                           content_type="application/json")
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    return response.get_json()
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def rows(app, sql):
+    with store_of(app).engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
+
+
+def interactions(app):
+    return {r["event_id"]: (r["user_id"], r["anonymous_id"], r["item_id"])
+            for r in rows(app, "SELECT * FROM interactions")}
+
+
+def profiles(app):
+    return {r["profile_id"]: _json(r["traits"])
+            for r in rows(app, "SELECT profile_id, traits FROM profiles")}
+
+
+def items(app):
+    return {r["item_id"]: r for r in rows(app, "SELECT * FROM items")}
+
+
+def links(app):
+    return {r["anonymous_id"]: r["user_id"]
+            for r in rows(app, "SELECT anonymous_id, user_id FROM identity_links")}
+
+
+# --- idempotency ----------------------------------------------------------------------------
+
+def test_concurrent_redelivery_stores_one_copy(app):
+    rounds, size = 4, 40
+    for round_number in range(rounds):
+        batch = [track(f"r{round_number}-m{i}", f"p-{i % 7}", second=i % 60,
+                       name=f"Produkt {i % 7}")
+                 for i in range(size)]
+        batch.append(identify(f"r{round_number}-id", {"round": round_number}))
+        body = json.dumps(batch)
+        barrier = threading.Barrier(2)
+        answers: list = [None, None]
+
+        def deliver(slot):
+            client = app.test_client()
+            barrier.wait()
+            response = client.post("/segment", data=body, content_type="application/json")
+            answers[slot] = (response.status_code, response.get_json())
+
+        threads = [threading.Thread(target=deliver, args=(slot,)) for slot in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert [a[0] for a in answers] == [200, 200], answers
+        assert sorted(a[1]["accepted"] for a in answers) == [0, size + 1]
+        assert sorted(a[1]["duplicates"] for a in answers) == [0, size + 1]
+        assert sum(a[1]["interactions"] for a in answers) == size
+    counts = store_of(app).counts()
+    assert counts["interactions"] == rounds * size
+    assert counts["segment_messages"] == rounds * (size + 1)
+    assert counts["items"] == 7
+
+
+def test_same_message_twice_in_one_delivery_is_stored_once(app):
+    client = app.test_client()
+    summary = post(client, [track("twice", "p-1"), track("twice", "p-1"), track("once", "p-2")])
+    assert (summary["accepted"], summary["duplicates"], summary["interactions"]) == (2, 1, 2)
+    assert set(interactions(app)) == {"twice", "once"}
+
+
+def test_redelivery_after_a_change_of_content_keeps_the_first(app):
+    """Segment redelivers the same messageId with the same content; a second message with
+    the same id is a duplicate whatever it says."""
+    client = app.test_client()
+    post(client, track("m-1", "p-1", name="Erste"))
+    summary = post(client, track("m-1", "p-2", name="Zweite"))
+    assert summary["duplicates"] == 1
+    assert interactions(app) == {"m-1": ("user-1", None, "p-1")}
+    assert set(items(app)) == {"p-1"}
+
+
+# --- merge order -------------------------------------------------------------------------------
+
+def test_traits_newer_wins_older_fills_gaps(app):
+    client = app.test_client()
+    post(client, identify("i-2", {"plan": "pro", "city": "Bern"}, second=20))
+    post(client, identify("i-1", {"plan": "free", "email": "old@example.com"}, second=10))
+    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Bern",
+                                       "email": "old@example.com"}
+    post(client, identify("i-3", {"city": "Zürich", "name": "José"}, second=30))
+    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Zürich", "name": "José",
+                                       "email": "old@example.com"}
+
+
+def test_traits_out_of_order_within_one_batch(app):
+    client = app.test_client()
+    post(client, identify("i-mid", {"plan": "pro"}, second=20))
+    post(client, [
+        identify("i-new", {"city": "Zürich"}, second=30),
+        identify("i-old", {"plan": "free", "city": "Bern", "lang": "de"}, second=10),
+    ])
+    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Zürich", "lang": "de"}
+
+
+def test_catalog_newer_wins_older_fills_gaps(app):
+    client = app.test_client()
+    post(client, track("v-2", "p-1", second=20, name="Stuhl", price=20))
+    post(client, track("v-1", "p-1", second=10, name="Alter Stuhl", price=10, brand="Möbel & Co"))
+    item = items(app)["p-1"]
+    assert (item["name"], item["price"], item["brand"]) == ("Stuhl", 20, "Möbel & Co")
+    post(client, track("v-3", "p-1", second=30, price=25))
+    item = items(app)["p-1"]
+    assert (item["name"], item["price"], item["brand"]) == ("Stuhl", 25, "Möbel & Co")
+
+
+def test_catalog_older_message_in_a_batch_does_not_overwrite_a_newer_stored_value(app):
+    client = app.test_client()
+    post(client, track("v-2", "p-1", second=20, name="Stuhl (neu)"))
+    # One delivery: an older message naming the item, and a newer one without a name.
+    post(client, [
+        track("v-1", "p-1", second=10, name="Stuhl (alt)", brand="Möbel & Co"),
+        track("v-3", "p-1", second=30, price=25),
+    ])
+    item = items(app)["p-1"]
+    assert (item["name"], item["brand"], item["price"]) == ("Stuhl (neu)", "Möbel & Co", 25)
+
+
+# --- deletion ---------------------------------------------------------------------------------
+
+def _two_users(client):
+    post(client, [
+        # user-1: anonymous history first, then sign-in (identify + alias), then known.
+        track("u1-a1", "p-1", user=None, anon="anon-1", second=1),
+        track("u1-a2", "p-2", user=None, anon="anon-1", second=2),
+        identify("u1-anon-traits", {"seen": "anonymously"}, user=None, anon="anon-1", second=3),
+        identify("u1-id", {"name": "José", "email": "jose@example.com"}, anon="anon-1",
+                 second=4),
+        {"type": "alias", "messageId": "u1-alias", "previousId": "anon-1", "userId": "user-1",
+         "timestamp": iso(5)},
+        track("u1-k1", "p-3", second=6, name="Tisch"),
+        track("u1-k2", "p-1", user="user-1", anon="anon-1b", second=7),
+        # user-2, on another device.
+        track("u2-a1", "p-1", user=None, anon="anon-2", second=8),
+        identify("u2-id", {"name": "Zoë"}, user="user-2", anon="anon-2", second=9),
+        track("u2-k1", "p-2", user="user-2", second=10),
+    ])
+
+
+def test_delete_forgets_the_user_and_their_anonymous_history_only(app):
+    client = app.test_client()
+    _two_users(client)
+    assert links(app) == {"anon-1": "user-1", "anon-1b": "user-1", "anon-2": "user-2"}
+    catalog = items(app)
+
+    summary = post(client, {"type": "delete", "userId": "user-1", "messageId": "del-1"})
+    assert summary["accepted"] == 1
+
+    assert interactions(app) == {
+        "u2-a1": (None, "anon-2", "p-1"),
+        "u2-k1": ("user-2", None, "p-2"),
+    }
+    assert profiles(app) == {"user-2": {"name": "Zoë"}}
+    assert links(app) == {"anon-2": "user-2"}
+    assert items(app) == catalog  # the catalog is not about the user
+
+    # Segment redelivering the old messages does not bring the user back.
+    _two_users(client)
+    assert set(interactions(app)) == {"u2-a1", "u2-k1"}
+    assert "user-1" not in profiles(app)
+
+
+def test_delete_in_the_middle_of_a_batch(app):
+    client = app.test_client()
+    summary = post(client, [
+        track("before", "p-1"),
+        identify("traits-before", {"plan": "pro"}),
+        {"type": "delete", "userId": "user-1", "messageId": "del-1",
+         "timestamp": iso(1)},
+        track("after", "p-2", second=2),
+    ])
+    assert summary["accepted"] == 4
+    assert interactions(app) == {"after": ("user-1", None, "p-2")}
+    assert "user-1" not in profiles(app)
+
+
+def test_delete_of_an_unknown_user_changes_nothing_else(app):
+    client = app.test_client()
+    _two_users(client)
+    before = store_of(app).counts()
+    post(client, {"type": "delete", "userId": "nobody", "messageId": "del-x",
+                  "timestamp": iso(0)})
+    after = store_of(app).counts()
+    assert after["segment_messages"] == before["segment_messages"] + 1
+    assert {k: v for k, v in after.items() if k != "segment_messages"} == \
+        {k: v for k, v in before.items() if k != "segment_messages"}
+
+
+# --- the same item / user many times in one batch (PostgreSQL upserts) -------------------------
+
+def test_one_batch_mentioning_the_same_item_and_user_many_times(app):
+    client = app.test_client()
+    batch = []
+    for i in range(60):
+        batch.append(track(f"t-{i}", "p-same", user="user-1", anon="anon-1", second=i,
+                           name=f"Name {i}", price=i))
+        batch.append(identify(f"i-{i}", {"n": i, f"k{i % 3}": i}, user="user-1",
+                              anon="anon-1", second=i))
+        batch.append({"type": "alias", "messageId": f"a-{i}", "previousId": "anon-1",
+                      "userId": "user-1", "timestamp": iso(i)})
+    batch.append(track("order", event="Order Completed", second=59, user="user-1",
+                       products=[{"product_id": "p-same", "name": "Name 59"},
+                                 {"product_id": "p-same", "quantity": 2}]))
+    summary = post(client, batch)
+    assert summary["accepted"] == len(batch)
+    assert summary["interactions"] == 62
+    item = items(app)["p-same"]
+    assert (item["name"], item["price"]) == ("Name 59", 59)
+    assert profiles(app) == {"user-1": {"n": 59, "k0": 57, "k1": 58, "k2": 59}}
+    assert links(app) == {"anon-1": "user-1"}
+    assert {eid for eid in interactions(app) if eid.startswith("order")} == {"order#0",
+                                                                            "order#1"}
+
+
+# --- the database unreachable -------------------------------------------------------------------
+
+def _assert_503(response, retry_after: str):
+    assert response.status_code == 503, response.get_data(as_text=True)[:300]
+    assert response.is_json and response.get_json()["error"]["message"]
+    assert response.headers.get("Retry-After") == retry_after
+
+
+def test_postgresql_unreachable_is_503_with_retry_after(make_app):
+    app = make_app(database_url="postgresql+psycopg://postgres@127.0.0.1:1/test",
+                   retry_after_seconds=7)
+    client = app.test_client()
+    for payload in (track("m-1"), [track("m-2"), track("m-3")]):
+        response = client.post("/segment", data=json.dumps(payload),
+                               content_type="application/json")
+        _assert_503(response, "7")
+
+
+def test_sqlite_unreachable_is_503_then_recovers(make_app, tmp_path):
+    folder = tmp_path / "not-yet"
+    app = make_app(database_url=f"sqlite:///{folder}/segment.db")
+    client = app.test_client()
+    response = client.post("/segment", data=json.dumps(track("m-1")),
+                           content_type="application/json")
+    _assert_503(response, "30")
+
+    folder.mkdir()  # the volume is mounted: the same process recovers by itself
+    summary = post(client, track("m-1"))
+    assert summary["accepted"] == 1
+    assert store_of(app).counts()["interactions"] == 1
+
+
+def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sqlite_url,
+                                                                   tmp_path):
+    app = make_app(database_url=sqlite_url)
+    client = app.test_client()
+    post(client, track("m-0"))
+    blocker = sqlite3.connect(str(tmp_path / "segment.db"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        response = client.post("/segment", data=json.dumps(track("m-1")),
+                               content_type="application/json")
+        _assert_503(response, "30")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store_of(app).counts()["segment_messages"] == 1
+    # Segment's retry of the same delivery goes through, once.
+    assert post(client, track("m-1"))["accepted"] == 1
+    assert store_of(app).counts()["interactions"] == 2
