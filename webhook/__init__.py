@@ -112,8 +112,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         # Start anyway: requests answer 503 until the database is back.
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
+    from . import engine
     from .views import errors, ops, segment
     errors.init_app(app)
+    engine.init_app(app)
     app.register_blueprint(segment.bp)
     app.register_blueprint(ops.bp)
     _init_request_context(app, services)

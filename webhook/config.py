@@ -127,6 +127,29 @@ def _arn(value: str) -> str:
     return arn
 
 
+def _boolean(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _weights(value: str) -> tuple[tuple[str, float], ...]:
+    """``Product Viewed=1,Order Completed=5``: a weight for each event name."""
+    weights = []
+    for name, number in _pairs(value):
+        try:
+            weight = float(number)
+        except ValueError:
+            raise ValueError(f"the weight of {name!r} is not a number: {number!r}") from None
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"the weight of {name!r} must be 0 or more")
+        weights.append((name, weight))
+    return tuple(weights)
+
+
 def _optional_property(value: str) -> str:
     return value.strip()
 
@@ -155,6 +178,12 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("personalize_deadline_seconds", ("PERSONALIZE_DEADLINE_SECONDS",), _positive_float),
     ("personalize_call_timeout_seconds", ("PERSONALIZE_CALL_TIMEOUT_SECONDS",), _positive_float),
     ("personalize_max_concurrency", ("PERSONALIZE_MAX_CONCURRENCY",), _positive_int),
+    # --- local recommendation engine (embedded default) ---
+    ("engine_event_weights", ("ENGINE_EVENT_WEIGHTS",), _weights),
+    ("engine_train_after_interactions", ("ENGINE_TRAIN_AFTER_INTERACTIONS",), _positive_int),
+    ("engine_train_interval_seconds", ("ENGINE_TRAIN_INTERVAL_SECONDS",), _positive_float),
+    ("engine_background_training", ("ENGINE_BACKGROUND_TRAINING",), _boolean),
+    # --- end of local recommendation engine ---
     ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION", "region_name"), _text),
     ("segment_write_key", ("SEGMENT_WRITE_KEY", "connections_source_write_key"), _text),
     ("segment_profile_api_token", ("SEGMENT_PROFILE_API_TOKEN", "personas_api_key"), _text),
@@ -192,6 +221,12 @@ class Settings:
     personalize_deadline_seconds: float = 3.5
     personalize_call_timeout_seconds: float = 1.0
     personalize_max_concurrency: int = 8
+    # --- local recommendation engine (embedded default) ---
+    engine_event_weights: tuple[tuple[str, float], ...] = ()  # () = the engine's defaults
+    engine_train_after_interactions: int = 1000
+    engine_train_interval_seconds: float = 600.0
+    engine_background_training: bool = True
+    # --- end of local recommendation engine ---
     aws_region: str = ""
     segment_write_key: str = ""
     segment_profile_api_token: str = ""
