@@ -16,25 +16,31 @@ Usage (from the repo root)::
 How it works:
 
 1. Signed Segment messages are pre-generated in Python (wrk's LuaJIT has no
-   HMAC) into pool files, one ``signature<TAB>body`` per line, one file per
-   wrk thread.  Every request carries a distinct ``messageId`` (the service
-   de-duplicates by messageId, so repeated bodies would only measure the
-   duplicate path).  Warm-up and measured runs use separate pools; every
-   server launch gets a fresh SQLite database, so pools can be reused across
-   launches.  If a run exhausts its pool it is reported and the run fails.
-2. gunicorn is launched for ``bench.bare_app:app`` and then for ``wsgi:app``
-   with *identical* command-line flags and environment (``-c gunicorn.conf.py``
-   if the repo has one, ``--workers 2``, ``--bind 127.0.0.1:<free port>``),
-   cwd = repo root.  The resolved worker class / threads are printed for both
-   and must match.
+   HMAC) into two pools (single messages; Actions batches of 100), one
+   ``signature<TAB>body`` per line, one file per wrk thread.  Every request
+   carries a distinct ``messageId`` (the service de-duplicates by messageId,
+   so repeated bodies would only measure the duplicate path): each wrk run
+   starts where the previous run against that service launch stopped.  Every
+   service launch gets a fresh SQLite database.  A run that exhausts its pool
+   (wraps around) is reported and fails.
+2. gunicorn is launched for ``bench.bare_app:app`` and for ``wsgi:app`` with
+   *identical* command-line flags and environment (``-c gunicorn.conf.py`` if
+   the repo has one, ``--workers 2 --no-control-socket``, ``--bind
+   127.0.0.1:<free port>``), cwd = repo root.  The resolved gunicorn settings
+   (worker class, threads, ...) are printed for both and must match.
 3. Load is generated with ``wrk`` (C, leaves CPU to the server) and a Lua
-   script generated per run that cycles through the pool and counts non-200
+   script generated per run that walks the pool and counts non-200
    responses.  Any non-200 response or socket error fails the run.  If wrk
    cannot be had, a multi-process Python generator (requests.Session,
    keep-alive) is used instead and the output says so.
-4. Each phase gets a warm-up, then a measured run of ``--duration`` seconds
-   with ``--connections`` connections.  Server and load-generator CPU are
-   sampled so the output shows where the time goes.
+4. Both servers stay up (the idle one costs nothing) and the measurements
+   are interleaved: after a warm-up, ``--rounds`` rounds of (bare single,
+   service single, service batch), each ``--duration`` seconds with
+   ``--connections`` connections; ratios use the medians, so a burst of
+   other work on the machine skews one round, not the verdict.  Server,
+   load-generator and whole-machine CPU are sampled per run (``other%``
+   shows interference).  ``--also sync`` / ``--also gthread8`` add
+   informational rows with other worker settings for both apps.
 
 Only loopback traffic; every load loop is bounded by time and pool size.
 All processes are cleaned up in ``finally`` (also on Ctrl-C / SIGTERM).
@@ -85,9 +91,8 @@ def sign(data: bytes) -> str:
     return hmac.new(SECRET.encode(), data, hashlib.sha1).hexdigest()
 
 
-def event_json(message_id: str, n: int) -> str:
-    """One compact-JSON Segment track event (ASCII only, so identical to JSON.stringify)."""
-    ev = {
+def event_obj(message_id: str, n: int) -> dict:
+    return {
         "type": "track",
         "event": "Product Viewed",
         "messageId": message_id,
@@ -97,10 +102,25 @@ def event_json(message_id: str, n: int) -> str:
         "properties": {
             "product_id": f"p{n % 500}",
             "name": f"Product {n % 500}",
-            "price": round(1 + (n % 997) * 0.25, 2),
+            # Never an integral float: JSON.stringify writes 5.0 as "5" where Python writes
+            # "5.0", and Actions batches are signed over JSON.stringify(body[0]).
+            "price": (n % 997) + 0.99,
         },
     }
-    return json.dumps(ev, separators=(",", ":"))
+
+
+def event_json(message_id: str, n: int) -> str:
+    """Compact JSON of ``event_obj`` (ASCII only, so identical to JSON.stringify).
+
+    A template is ~4x faster than json.dumps for the hundreds of thousands of events a
+    run needs; ``self_check`` proves both give the same bytes.
+    """
+    return (
+        '{"type":"track","event":"Product Viewed","messageId":"%s","anonymousId":"anon-%d",'
+        '"userId":"u%d","timestamp":"%s","properties":{"product_id":"p%d",'
+        '"name":"Product %d","price":%r}}'
+        % (message_id, n % 5000, n % 1000, TIMESTAMP, n % 500, n % 500, (n % 997) + 0.99)
+    )
 
 
 def write_pool(prefix: Path, tag: str, kind: str, count: int, nthreads: int) -> int:
@@ -112,34 +132,36 @@ def write_pool(prefix: Path, tag: str, kind: str, count: int, nthreads: int) -> 
     """
     per_thread = -(-count // nthreads)
     total = 0
+    key = SECRET.encode()
     for t in range(1, nthreads + 1):
-        lines = []
-        for n in range(per_thread):
-            if kind == "single":
-                body = event_json(f"{tag}-t{t}-{n}", n)
-                sig = sign(body.encode())
-            else:
-                events = [
-                    event_json(f"{tag}-t{t}-{n}-{j}", n * BATCH_SIZE + j)
-                    for j in range(BATCH_SIZE)
-                ]
-                # Actions batch: bare JSON array, signature over JSON.stringify(body[0]).
-                body = "[" + ",".join(events) + "]"
-                sig = sign(events[0].encode())
-            lines.append(f"{sig}\t{body}\n")
-        data = "".join(lines)
-        Path(f"{prefix}-t{t}.tsv").write_text(data, encoding="ascii")
-        total += len(data)
+        with open(f"{prefix}-t{t}.tsv", "w", encoding="ascii") as out:
+            for n in range(per_thread):
+                if kind == "single":
+                    body = event_json(f"{tag}-t{t}-{n}", n)
+                    sig = hmac.new(key, body.encode(), hashlib.sha1).hexdigest()
+                else:
+                    events = [event_json(f"{tag}-t{t}-{n}-{j}", n * BATCH_SIZE + j)
+                              for j in range(BATCH_SIZE)]
+                    # Actions batch: bare JSON array, signed over JSON.stringify(body[0]).
+                    body = "[" + ",".join(events) + "]"
+                    sig = hmac.new(key, events[0].encode(), hashlib.sha1).hexdigest()
+                total += out.write(f"{sig}\t{body}\n")
     return total
 
 
-def self_check_signatures() -> None:
-    """Cheap guard that the batch body/signature rules are what we think they are."""
+def self_check() -> None:
+    """Guard the generator: template == json.dumps, batch signing rule, JS-safe floats."""
+    for n in (0, 1, 7, 996, 997, 123456):
+        assert event_json(f"chk-{n}", n) == json.dumps(event_obj(f"chk-{n}", n),
+                                                       separators=(",", ":"))
     evs = [event_json(f"chk-{j}", j) for j in range(3)]
     body = "[" + ",".join(evs) + "]"
     parsed = json.loads(body)
     assert json.dumps(parsed, separators=(",", ":")) == body
     assert json.dumps(parsed[0], separators=(",", ":")) == evs[0]
+    for n in range(997):
+        price = event_obj("x", n)["properties"]["price"]
+        assert price != int(price) and 1e-6 < price < 1e21, price
 
 
 # --------------------------------------------------------------------------
@@ -147,9 +169,9 @@ def self_check_signatures() -> None:
 # --------------------------------------------------------------------------
 
 LUA_SCRIPT = r"""
--- Generated by bench/webhook_throughput.py.  args: <pool prefix>
--- Each thread reads <prefix>-t<id>.tsv (signature<TAB>body per line) and sends
--- every line once, in order; wrapping around (pool exhausted) is counted.
+-- Generated by bench/webhook_throughput.py.  args: <pool prefix> <start line, 0-based>
+-- Each thread reads <prefix>-t<id>.tsv (signature<TAB>body per line) and sends the
+-- lines in order from <start>; wrapping around (pool exhausted) is counted.
 local threads = {}
 local counter = 1
 
@@ -168,7 +190,7 @@ function init(args)
     bodies[#bodies + 1] = line:sub(tab + 1)
   end
   pool = #bodies
-  idx = 0
+  idx = tonumber(args[2] or "0")
   sent = 0
   wrapped = 0
   ok = 0
@@ -200,14 +222,16 @@ function response(status, headers, body)
 end
 
 local function clean(s)
-  return (s:gsub("[%c\"\\]", " "))
+  return (s:gsub("[%c\"\\]", "'"))
 end
 
 function done(summary, latency, requests)
   local t = {ok = 0, non200 = 0, sent = 0, wrapped = 0, pool = 0}
+  local sent_max = 0
   local first_err, sample = "", ""
   for _, thread in ipairs(threads) do
     for k, _ in pairs(t) do t[k] = t[k] + (thread:get(k) or 0) end
+    sent_max = math.max(sent_max, thread:get("sent") or 0)
     local e = thread:get("first_err") or ""
     if first_err == "" and e ~= "" then first_err = e end
     local s = thread:get("sample") or ""
@@ -217,12 +241,12 @@ function done(summary, latency, requests)
   io.write(string.format(
     'BENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
     '"err_connect":%d,"err_read":%d,"err_write":%d,"err_status":%d,"err_timeout":%d,' ..
-    '"ok":%d,"non200":%d,"sent":%d,"wrapped":%d,"pool":%d,' ..
+    '"ok":%d,"non200":%d,"sent":%d,"sent_max":%d,"wrapped":%d,"pool":%d,' ..
     '"lat_mean_us":%.1f,"lat_p50_us":%d,"lat_p90_us":%d,"lat_p99_us":%d,"lat_max_us":%d,' ..
     '"first_err":"%s","sample":"%s"}\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    t.ok, t.non200, t.sent, t.wrapped, t.pool,
+    t.ok, t.non200, t.sent, sent_max, t.wrapped, t.pool,
     latency.mean, latency:percentile(50), latency:percentile(90),
     latency:percentile(99), latency.max,
     clean(first_err), clean(sample)))
@@ -255,7 +279,8 @@ def ensure_wrk() -> str | None:
 # --------------------------------------------------------------------------
 
 
-def _py_worker(url: str, pool_file: str, duration: float, timeout: float, q) -> None:
+def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: float,
+               q) -> None:
     import requests  # local import: only needed in the fallback
 
     lines = Path(pool_file).read_text(encoding="ascii").splitlines()
@@ -263,7 +288,7 @@ def _py_worker(url: str, pool_file: str, duration: float, timeout: float, q) -> 
     lat, ok, non200, errors, sent, wrapped = [], 0, 0, 0, 0, 0
     first_err, sample = "", ""
     deadline = time.monotonic() + duration
-    i = 0
+    i = start
     while time.monotonic() < deadline:
         if i >= len(lines):
             i = 0
@@ -290,14 +315,14 @@ def _py_worker(url: str, pool_file: str, duration: float, timeout: float, q) -> 
                wrapped=wrapped, pool=len(lines), first_err=first_err, sample=sample))
 
 
-def run_python_load(url: str, pool_prefix: Path, duration: float, nproc: int,
+def run_python_load(url: str, pool_prefix: Path, start: int, duration: float, nproc: int,
                     timeout: float) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_py_worker,
-                         args=(url, f"{pool_prefix}-t{k}.tsv", duration, timeout, q))
+                         args=(url, f"{pool_prefix}-t{k}.tsv", start, duration, timeout, q))
              for k in range(1, nproc + 1)]
     t0 = time.monotonic()
     for p in procs:
@@ -321,7 +346,7 @@ def run_python_load(url: str, pool_prefix: Path, duration: float, nproc: int,
         requests=agg["ok"] + agg["non200"], duration_us=int(elapsed * 1e6), bytes=0,
         err_connect=agg["errors"], err_read=0, err_write=0, err_status=agg["non200"],
         err_timeout=0, ok=agg["ok"], non200=agg["non200"], sent=agg["sent"],
-        wrapped=agg["wrapped"], pool=agg["pool"],
+        sent_max=max(r["sent"] for r in results), wrapped=agg["wrapped"], pool=agg["pool"],
         lat_mean_us=sum(lat) / len(lat) if lat else 0, lat_p50_us=pct(50),
         lat_p90_us=pct(90), lat_p99_us=pct(99), lat_max_us=int(lat[-1]) if lat else 0,
         first_err=next((r["first_err"] for r in results if r["first_err"]), ""),
@@ -398,9 +423,12 @@ class Server:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
 
-    def log_tail(self, n: int = 40) -> str:
+    def log_tail(self, n: int = 8) -> str:
+        """Last lines of the server log that are not routine INFO lines (per-request logs)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                     if '"level": "INFO"' not in line and "[INFO]" not in line][-n:]
+            return "\n".join("    | " + line[:300] for line in lines)
         except OSError:
             return ""
 
@@ -480,19 +508,20 @@ def machine_busy() -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------
-# Phases
+# Measurements
 # --------------------------------------------------------------------------
 
 
 @dataclass
 class Result:
     variant: str
-    label: str
+    label: str  # "bare" | "service"
     kind: str  # "single" | "batch"
+    round: int  # 0 = warm-up
     stats: dict
-    server_cpu: float
-    loadgen_cpu: float
-    machine_busy_pct: float
+    server_cpu: float  # CPU-seconds of the measured gunicorn (master + workers)
+    loadgen_cpu: float  # CPU-seconds of the load generator
+    host_cpu: float  # busy CPU-seconds of the whole machine (all cores)
 
     @property
     def seconds(self) -> float:
@@ -516,10 +545,17 @@ class Result:
         if errs:
             out.append(f"socket errors {errs}")
         if s["wrapped"]:
-            out.append(f"pool exhausted ({s['sent']} sent, pool {s['pool']}): duplicates were sent")
+            out.append(f"pool exhausted ({s['sent']} sent from a pool of {s['pool']}): "
+                       "messageIds were reused; raise --pool-single/--pool-batch")
         if s["ok"] == 0:
             out.append("no successful responses")
         return out
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
 class Bench:
@@ -528,72 +564,71 @@ class Bench:
         self.tmp = tmp
         self.servers: list[Server] = []
         self.commands: list[str] = []
+        self.results: list[Result] = []
+        self.configs: dict[str, dict[str, dict]] = {}
+        self.db_notes: list[str] = []
         self.wrk = None if args.python_loadgen else ensure_wrk()
         self.nparts = args.threads if self.wrk else args.connections
         self.lua = tmp / "segment.lua"
         self.lua.write_text(LUA_SCRIPT)
-        self.pools: dict[tuple[str, str], Path] = {}
+        self.pools: dict[str, Path] = {}
 
     # pools ---------------------------------------------------------------
     def make_pools(self) -> None:
         a = self.args
+        seconds = a.rounds * a.duration + a.warmup  # what one service launch consumes
         plan = {
-            ("single", "warm"): max(20_000, int(a.warmup * a.single_rate_cap)),
-            ("single", "main"): max(a.pool_single, int(a.duration * a.single_rate_cap)),
-            ("batch", "warm"): max(200, int(a.warmup * a.batch_rate_cap)),
-            ("batch", "main"): max(a.pool_batch, int(a.duration * a.batch_rate_cap)),
+            "single": max(a.pool_single, int(seconds * a.single_rate_cap)),
+            "batch": max(a.pool_batch, int(seconds * a.batch_rate_cap)),
         }
         run_tag = f"bench{os.getpid()}x{int(time.time())}"
-        for (kind, role), count in plan.items():
+        for kind, count in plan.items():
             t0 = time.monotonic()
-            prefix = self.tmp / f"pool-{kind}-{role}"
-            size = write_pool(prefix, f"{run_tag}-{kind[0]}{role[0]}", kind, count, self.nparts)
-            self.pools[(kind, role)] = prefix
-            log(f"pool {kind}/{role}: {count} requests, {size / 1e6:.1f} MB "
-                f"in {time.monotonic() - t0:.1f}s")
+            prefix = self.tmp / f"pool-{kind}"
+            size = write_pool(prefix, f"{run_tag}-{kind[0]}", kind, count, self.nparts)
+            self.pools[kind] = prefix
+            log(f"pool {kind}: {count} requests ({count * (BATCH_SIZE if kind == 'batch' else 1)}"
+                f" distinct messageIds), {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s")
 
     # load ------------------------------------------------------------------
-    def load(self, server: Server, kind: str, role: str, duration: float) -> dict:
-        prefix = self.pools[(kind, role)]
+    def load(self, server: Server, kind: str, start: int, duration: int) -> dict:
+        prefix = self.pools[kind]
         conns = self.args.connections
         if self.wrk:
             cmd = [self.wrk, "-t", str(self.nparts), "-c", str(conns), "-d", f"{int(duration)}s",
-                   "--timeout", f"{self.args.timeout:g}s", "-s", str(self.lua),
-                   server.url + "/segment", "--", str(prefix)]
-            if role == "main":
-                self.commands.append(shlex.join(cmd))
+                   "--timeout", f"{int(self.args.timeout)}s", "-s", str(self.lua),
+                   server.url + "/segment", "--", str(prefix), str(start)]
+            self.last_cmd = shlex.join(cmd)
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
             for line in r.stdout.splitlines():
                 if line.startswith("BENCH_JSON "):
                     return json.loads(line[len("BENCH_JSON "):])
             raise RuntimeError(f"wrk gave no result (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
-        if role == "main":
-            self.commands.append(f"python loadgen: {conns} processes x requests.Session "
-                                 f"-> {server.url}/segment for {duration:g}s")
-        return run_python_load(server.url + "/segment", prefix, duration, conns, self.args.timeout)
+        self.last_cmd = (f"python loadgen: {conns} processes x requests.Session (keep-alive) "
+                         f"-> {server.url}/segment for {duration}s")
+        return run_python_load(server.url + "/segment", prefix, start, duration, conns,
+                               self.args.timeout)
 
-    def measure(self, variant: str, server: Server, kind: str) -> Result:
-        if self.args.warmup > 0:
-            w = self.load(server, kind, "warm", self.args.warmup)
-            wr = Result(variant, server.label, kind, w, 0, 0, 0)
-            if wr.problems:
-                raise RuntimeError(f"{server.label} {kind} warm-up: " + "; ".join(wr.problems)
-                                   + f"\n{server.log_tail()}")
+    def run_one(self, variant: str, server: Server, kind: str, rnd: int, start: int,
+                duration: int) -> Result:
         cpu0 = server.cpu_seconds()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         b0 = machine_busy()
-        stats = self.load(server, kind, "main", self.args.duration)
+        stats = self.load(server, kind, start, duration)
         b1 = machine_busy()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu1 = server.cpu_seconds()
         lg = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-        busy = 100.0 * (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
-        res = Result(variant, server.label, kind, stats, cpu1 - cpu0, lg, busy)
-        log(f"{variant:<9} {server.label:<7} {kind:<6} {res.rps:9.1f} req/s "
-            f"{res.eps:10.1f} ev/s  p50 {stats['lat_p50_us'] / 1000:.1f} ms  "
-            f"p99 {stats['lat_p99_us'] / 1000:.1f} ms  sample={stats['sample'][:80]!r}")
+        res = Result(variant, server.label, kind, rnd, stats, cpu1 - cpu0, lg,
+                     (b1[0] - b0[0]) / CLK_TCK)
+        name = f"{variant} {server.label} {kind} " + (f"round {rnd}" if rnd else "warm-up")
+        log(f"{name:<32} {res.rps:9.1f} req/s {res.eps:10.1f} ev/s  "
+            f"p50 {stats['lat_p50_us'] / 1000:.1f} ms  p99 {stats['lat_p99_us'] / 1000:.1f} ms")
+        if rnd == 1:
+            self.commands.append(self.last_cmd + f"   # {server.label} {kind}")
+            log(f"  first 200 body: {stats['sample'][:120]}")
         if res.problems:
-            log(f"PROBLEM {server.label} {kind}: " + "; ".join(res.problems))
+            log(f"PROBLEM {name}: " + "; ".join(res.problems) + "\n" + server.log_tail())
         return res
 
     # servers -----------------------------------------------------------------
@@ -603,15 +638,15 @@ class Bench:
         env = dict(os.environ)
         env.update(
             SEGMENT_SHARED_SECRET=SECRET,
-            # Fresh database per server launch (pools are reused across launches).
+            # Fresh database per server launch (pools are reused across variants).
             DATABASE_URL=f"sqlite:///{run_dir}/bench.db",
             PYTHONUNBUFFERED="1",
         )
-        # gunicorn.conf.py creates a prometheus multiprocess dir unless one is given and only
-        # removes it on a clean exit: give each launch (both apps alike) its own, inside tmp.
-        metrics = run_dir / "metrics"
-        metrics.mkdir()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+        # gunicorn.conf.py creates a prometheus multiprocess dir unless one is given, and
+        # removes it only on a clean exit: give each launch (both apps alike) its own in tmp.
+        metrics_dir = run_dir / "metrics"
+        metrics_dir.mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         flags = gunicorn_flags(extra)
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", *flags, "--bind", f"{HOST}:{port}", app]
@@ -641,6 +676,34 @@ class Bench:
                 print(f"cleanup of {srv.label} failed: {exc!r}", file=sys.stderr)
         self.servers.clear()
 
+    # one variant = both apps, same flags, interleaved rounds ------------------
+    def run_variant(self, vname: str, extra: list[str]) -> None:
+        a = self.args
+        bare = self.launch(vname, "bare", "bench.bare_app:app", extra)
+        service = self.launch(vname, "service", a.service_app, extra)
+        cfgs = self.configs[vname] = {"bare": bare.config, "service": service.config}
+        if cfgs["bare"] != cfgs["service"]:
+            log(f"WARNING: resolved gunicorn config differs between the apps: {cfgs}")
+        # Service cursors: every line is sent to the service at most once per launch.
+        # The bare app ignores bodies, so it always starts at line 0.
+        cursor = {"single": 0, "batch": 0}
+        plan = [(bare, "single"), (service, "single"), (service, "batch")]
+        for rnd in range(0 if a.warmup else 1, a.rounds + 1):
+            for srv, kind in plan:
+                start = 0 if srv is bare else cursor[kind]
+                res = self.run_one(vname, srv, kind, rnd, start,
+                                   a.warmup if rnd == 0 else a.duration)
+                if srv is service:
+                    cursor[kind] += res.stats["sent_max"]
+                if rnd == 0 and res.problems:
+                    raise RuntimeError(f"{vname} {srv.label} {kind} warm-up failed: "
+                                       + "; ".join(res.problems))
+                if rnd:
+                    self.results.append(res)
+        self.stop(bare)
+        self.stop(service)
+        self.db_notes.append(f"{vname}: {db_summary(service.db_path)}")
+
 
 def db_summary(db: Path) -> str:
     if not db.exists():
@@ -659,53 +722,92 @@ def db_summary(db: Path) -> str:
         return f"unreadable ({exc})"
 
 
-def print_report(bench: Bench, results: list[Result], variants: list[str]) -> bool:
+def print_report(bench: Bench, variants: list[str]) -> bool:
     a = bench.args
+    ncpu = os.cpu_count() or 1
+    results = bench.results
     print()
-    print("=" * 100)
-    print(f"Segment webhook throughput — {os.cpu_count()} cores, gunicorn --workers 2, "
-          f"{a.connections} connections, {a.duration:g}s per measurement "
-          f"(+{a.warmup:g}s warm-up), load generator: "
+    print("=" * 118)
+    print(f"Segment webhook throughput: {ncpu} cores, gunicorn --workers 2, {a.connections} "
+          f"connections, {a.rounds} interleaved round(s) of {a.duration}s per measurement "
+          f"(+{a.warmup}s warm-up), load generator: "
           + (f"wrk ({bench.nparts} thread(s))" if bench.wrk
-             else "PYTHON FALLBACK (wrk unavailable; figures not comparable to wrk runs)"))
-    print("=" * 100)
-    hdr = (f"{'variant':<10}{'app':<9}{'payload':<12}{'req/s':>10}{'events/s':>11}"
-           f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv CPU/req':>13}{'srv CPU%':>10}"
-           f"{'lg CPU%':>9}{'host%':>7}")
+             else "PYTHON FALLBACK (wrk unavailable; not comparable to wrk runs)"))
+    print("=" * 118)
+    hdr = (f"{'variant':<10}{'app':<9}{'payload':<11}{'round':>6}{'req/s':>10}{'events/s':>11}"
+           f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv ms/req':>12}"
+           f"{'srv%':>7}{'wrk%':>6}{'other%':>8}")
     print(hdr)
     print("-" * len(hdr))
-    for r in results:
-        s = r.stats
-        cpu_per_req = r.server_cpu / max(1, s["ok"]) * 1e3
-        print(f"{r.variant:<10}{r.label:<9}{('batch x' + str(BATCH_SIZE)) if r.kind == 'batch' else 'single':<12}"
-              f"{r.rps:>10.1f}{r.eps:>11.1f}{s['lat_p50_us'] / 1e3:>9.2f}{s['lat_p99_us'] / 1e3:>9.2f}"
-              f"{s['lat_max_us'] / 1e3:>9.1f}{cpu_per_req:>10.3f} ms"
-              f"{100 * r.server_cpu / r.seconds:>10.0f}{100 * r.loadgen_cpu / r.seconds:>9.0f}"
-              f"{r.machine_busy_pct:>7.0f}")
-    print("(srv CPU = gunicorn master+workers user+sys; lg = load generator; "
-          "host% = whole-machine busy, 100 = both cores)")
+
+    def row(r: Result | None, v, label, kind, rnd, rps, eps, p50, p99, mx, cpu_req, srv, lg, oth):
+        payload = f"batch x{BATCH_SIZE}" if kind == "batch" else "single"
+        print(f"{v:<10}{label:<9}{payload:<11}{rnd:>6}{rps:>10.1f}{eps:>11.1f}{p50:>9.2f}"
+              f"{p99:>9.2f}{mx:>9.1f}{cpu_req:>12.3f}{srv:>7.0f}{lg:>6.0f}{oth:>8.0f}")
+
+    med: dict[tuple[str, str, str], Result | float] = {}
+    for v in variants:
+        for label, kind in (("bare", "single"), ("service", "single"), ("service", "batch")):
+            rs = [r for r in results if (r.variant, r.label, r.kind) == (v, label, kind)]
+            if not rs:
+                continue
+            for r in rs:
+                s = r.stats
+                row(r, v, label, kind, str(r.round), r.rps, r.eps, s["lat_p50_us"] / 1e3,
+                    s["lat_p99_us"] / 1e3, s["lat_max_us"] / 1e3,
+                    r.server_cpu / max(1, s["ok"]) * 1e3, 100 * r.server_cpu / r.seconds,
+                    100 * r.loadgen_cpu / r.seconds,
+                    100 * max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds)
+            if len(rs) > 1:
+                m = lambda f: median([f(r) for r in rs])  # noqa: E731
+                row(None, v, label, kind, "median", m(lambda r: r.rps), m(lambda r: r.eps),
+                    m(lambda r: r.stats["lat_p50_us"] / 1e3), m(lambda r: r.stats["lat_p99_us"] / 1e3),
+                    m(lambda r: r.stats["lat_max_us"] / 1e3),
+                    m(lambda r: r.server_cpu / max(1, r.stats["ok"]) * 1e3),
+                    m(lambda r: 100 * r.server_cpu / r.seconds),
+                    m(lambda r: 100 * r.loadgen_cpu / r.seconds),
+                    m(lambda r: 100 * max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds))
+            med[(v, label, kind)] = median([r.rps for r in rs])
+        print()
+    print(f"(srv% / wrk% = CPU of the measured gunicorn / load generator, 100 = one core; "
+          f"other% = rest of the machine, {100 * ncpu} = all cores busy; "
+          f"srv ms/req = server CPU per request)")
     print()
+
     ok_all = True
     for v in variants:
-        rs = {(r.label, r.kind): r for r in results if r.variant == v}
-        bare, single, batch = rs.get(("bare", "single")), rs.get(("service", "single")), rs.get(("service", "batch"))
         gating = v == variants[0]
         tag = "" if gating else "  (informational)"
+        bare, single, batch = (med.get((v, "bare", "single")), med.get((v, "service", "single")),
+                               med.get((v, "service", "batch")))
+        per_round = lambda num, den, mult=1.0: ", ".join(  # noqa: E731
+            f"{mult * n.rps / d.rps:.2f}" for n, d in zip(
+                [r for r in results if (r.variant, r.label, r.kind) == (v, *num)],
+                [r for r in results if (r.variant, r.label, r.kind) == (v, *den)]))
         if bare and single:
-            ratio = single.rps / bare.rps
+            ratio = single / bare
             ok = ratio >= TARGET_SINGLE_VS_BARE
-            print(f"[{v}] single/bare req/s       = {single.rps:8.1f} / {bare.rps:8.1f} = "
+            print(f"[{v}] service single / bare req/s    = {single:8.1f} / {bare:8.1f} = "
                   f"{ratio:6.3f}  (target >= {TARGET_SINGLE_VS_BARE:.2f})  "
-                  f"{'PASS' if ok else 'FAIL'}{tag}")
+                  f"{'PASS' if ok else 'FAIL'}{tag}   per round: "
+                  f"{per_round(('service', 'single'), ('bare', 'single'))}")
             ok_all &= ok or not gating
         if single and batch:
-            ratio = batch.eps / single.eps
+            ratio = batch * BATCH_SIZE / single
             ok = ratio >= TARGET_BATCH_VS_SINGLE
-            print(f"[{v}] batch/single events/s   = {batch.eps:8.1f} / {single.eps:8.1f} = "
-                  f"{ratio:6.2f}x (target >= {TARGET_BATCH_VS_SINGLE:.0f}x)    "
-                  f"{'PASS' if ok else 'FAIL'}{tag}")
+            print(f"[{v}] batch / single events/s       = {batch * BATCH_SIZE:8.1f} / {single:8.1f} = "
+                  f"{ratio:6.2f}x (target >= {TARGET_BATCH_VS_SINGLE:.0f}x)   "
+                  f"{'PASS' if ok else 'FAIL'}{tag}   per round: "
+                  f"{per_round(('service', 'batch'), ('service', 'single'), BATCH_SIZE)}")
             ok_all &= ok or not gating
-    problems = [f"{r.variant} {r.label} {r.kind}: {p}" for r in results for p in r.problems]
+    if a.rounds > 1:
+        print("(ratios are of the medians over rounds)")
+    other = [max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds for r in results]
+    if other and median(other) > 0.25:
+        print(f"WARNING: the machine was busy with other work during the run (median other% "
+              f"{100 * median(other):.0f}, of {100 * ncpu}): figures are noisy; rerun when idle.")
+    problems = [f"{r.variant} {r.label} {r.kind} round {r.round}: {p}"
+                for r in results for p in r.problems]
     print()
     if problems:
         print("ERRORS (run is invalid):")
@@ -714,16 +816,17 @@ def print_report(bench: Bench, results: list[Result], variants: list[str]) -> bo
         ok_all = False
     else:
         total = sum(r.stats["ok"] for r in results)
-        print(f"All {total} measured responses were 200; no socket errors; no messageId reused.")
+        print(f"All {total} measured responses were 200; no socket errors; "
+              "no messageId sent twice to a service launch.")
     print()
-    print("Gunicorn (resolved from the same flags + config file for both apps):")
+    print("Gunicorn settings (resolved from the same flags + config file for both apps):")
     for v, cfgs in bench.configs.items():
         for label, cfg in cfgs.items():
             print(f"  {v:<9} {label:<8} worker_class={cfg['worker_class']} threads={cfg['threads']} "
-                  f"workers={cfg['workers']} keepalive={cfg['keepalive']} "
+                  f"workers={cfg['workers']} keepalive={cfg['keepalive']} timeout={cfg['timeout']} "
                   f"accesslog={cfg['accesslog']} loglevel={cfg['loglevel']}")
     if bench.db_notes:
-        print("Service DB rows after each service launch: " + "; ".join(bench.db_notes))
+        print("Service DB row counts after each launch: " + "; ".join(bench.db_notes))
     print()
     print("Command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
     for c in bench.commands:
@@ -746,11 +849,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds (bare, service single, service batch); "
+                        "ratios use medians (default 3)")
     p.add_argument("--warmup", type=int, default=2,
-                   help="warm-up seconds before each run, 0 = none (default 2)")
+                   help="warm-up seconds per measurement kind after start, 0 = none (default 2)")
     p.add_argument("--connections", type=int, default=8, help="concurrent connections (default 8)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    p.add_argument("--timeout", type=float, default=10, help="per-request timeout, s (default 10)")
+    p.add_argument("--timeout", type=int, default=10, help="per-request timeout, s (default 10)")
     p.add_argument("--also", action="append", default=[], metavar="VARIANT",
                    help="extra informational rows: both apps re-measured with other worker "
                         "flags; VARIANT is 'sync' (--worker-class sync --threads 1) or "
@@ -758,20 +864,27 @@ def main() -> int:
     p.add_argument("--service-app", default="wsgi:app",
                    help="WSGI app for the service phase (default wsgi:app; "
                         "bench.bare_app:app tests the plumbing)")
-    p.add_argument("--pool-single", type=int, default=200_000, help="single messages per measured pool")
-    p.add_argument("--pool-batch", type=int, default=4_000, help="batches per measured pool")
-    p.add_argument("--single-rate-cap", type=float, default=20_000,
-                   help="req/s the single pool is sized for (pool >= rate x duration)")
-    p.add_argument("--batch-rate-cap", type=float, default=400,
-                   help="req/s the batch pool is sized for")
+    p.add_argument("--pool-single", type=int, default=100_000,
+                   help="minimum single messages in the pool (default 100000)")
+    p.add_argument("--pool-batch", type=int, default=1_000,
+                   help="minimum batches in the pool (default 1000)")
+    p.add_argument("--single-rate-cap", type=float, default=8_000,
+                   help="single req/s the pool is sized for: pool >= cap x (rounds x duration "
+                        "+ warmup) (default 8000)")
+    p.add_argument("--batch-rate-cap", type=float, default=200,
+                   help="batch req/s the pool is sized for (default 200)")
     p.add_argument("--python-loadgen", action="store_true", help="force the Python fallback")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (pools, logs, DBs)")
     args = p.parse_args()
-    if args.threads > args.connections:
-        p.error("--threads must be <= --connections")
-    if args.duration <= 0 or args.duration > 600:
-        p.error("--duration must be in (0, 600]")
-    if args.warmup < 0 or args.warmup > 60:
+    if not 1 <= args.connections <= 1000:
+        p.error("--connections must be in [1, 1000]")
+    if not 1 <= args.threads <= args.connections:
+        p.error("--threads must be in [1, connections]")
+    if not 0 < args.duration <= 300:
+        p.error("--duration must be in [1, 300]")
+    if not 1 <= args.rounds <= 20:
+        p.error("--rounds must be in [1, 20]")
+    if not 0 <= args.warmup <= 60:
         p.error("--warmup must be in [0, 60]")
     for v in args.also:
         variant_flags(v, p)
@@ -781,12 +894,11 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _term)
 
-    self_check_signatures()
+    self_check()
     tmp = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
     bench = None
     try:
         bench = Bench(args, tmp)
-        bench.configs, bench.db_notes = {}, []
         if not bench.wrk:
             log("WARNING: wrk unavailable; using the Python multi-process load generator")
         if args.service_app != "wsgi:app":
@@ -794,32 +906,18 @@ def main() -> int:
         elif not (REPO / "wsgi.py").exists():
             log("wsgi.py not found in the repo root; the service phase will fail")
         bench.make_pools()
-        # First variant gates PASS/FAIL: the repo's own gunicorn settings (config file).
-        variants = [("conf", [])]
-        for v in args.also:
-            variants.append((v, variant_flags(v, p)))
-        results = []
+        # The first variant gates PASS/FAIL: the repo's own gunicorn settings (config file).
+        variants = [("conf", [])] + [(v, variant_flags(v, p)) for v in args.also]
         for vname, extra in variants:
-            cfgs = bench.configs.setdefault(vname, {})
-            srv = bench.launch(vname, "bare", "bench.bare_app:app", extra)
-            cfgs["bare"] = srv.config
-            results.append(bench.measure(vname, srv, "single"))
-            bench.stop(srv)
-
-            srv = bench.launch(vname, "service", args.service_app, extra)
-            cfgs["service"] = srv.config
-            results.append(bench.measure(vname, srv, "single"))
-            results.append(bench.measure(vname, srv, "batch"))
-            bench.stop(srv)
-            bench.db_notes.append(f"{vname}: {db_summary(srv.db_path)}")
-            if cfgs["bare"] != cfgs["service"]:
-                log(f"WARNING: resolved gunicorn config differs between apps: {cfgs}")
-        return 0 if print_report(bench, results, [v for v, _ in variants]) else 1
+            bench.run_variant(vname, extra)
+        return 0 if print_report(bench, [v for v, _ in variants]) else 1
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
     except Exception as exc:
         log(f"ERROR: {exc}")
+        if bench and bench.results:
+            print_report(bench, sorted({r.variant for r in bench.results}))
         return 2
     finally:
         if bench:

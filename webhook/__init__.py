@@ -7,83 +7,21 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from flask import Flask, g, request
 
-from .config import ConfigError, SECRET_FIELDS, Settings
-from .destinations import LocalDestination
-from .ingest import Ingestor
+from .config import ConfigError, Settings
 from .logs import configure_logging
-from .routing import Router
-from .store import Store, StoreUnavailable, sqlite_url_for
+from .services import build_services, secret_values
+from .store import StoreUnavailable
 
 __all__ = ["create_app", "ConfigError", "Settings"]
 
 log = logging.getLogger("webhook")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-UNSIGNED_WARNING = (
-    "UNSIGNED DELIVERIES ARE ACCEPTED: neither SEGMENT_SHARED_SECRET nor "
-    "WEBHOOK_BEARER_TOKEN is set, so anyone who can reach POST /segment can write events"
-)
-
-
-@dataclass
-class Services:
-    settings: Settings
-    store: Store
-    ingestor: Ingestor
-    warnings: list[str] = field(default_factory=list)
-    _schema_ready: bool = False
-    _schema_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        with self._schema_lock:
-            if not self._schema_ready:
-                self.store.create_schema()
-                self._schema_ready = True
-
-
-def _secret_values(settings: Settings) -> list[str]:
-    values: list[str] = []
-    for name in SECRET_FIELDS:
-        value = getattr(settings, name)
-        values.extend(value if isinstance(value, tuple) else [value])
-    # A database URL's password is the secret part of it.
-    match = re.match(r"^[^:]+://[^:/@]*:([^@]+)@", settings.database_url)
-    if match:
-        values.append(match.group(1))
-    return [v for v in values if v]
-
-
-def _forwarders(settings: Settings) -> list:
-    if not settings.personalize_tracking_id:
-        return []
-    from .destinations.personalize import PersonalizeForwarder
-    from .destinations.personalize_mapping import MappingConfig
-    mapping = MappingConfig(
-        tracking_id=settings.personalize_tracking_id,
-        event_type_map=dict(settings.event_type_map),
-        event_value_property=settings.event_value_property,
-        event_properties=settings.event_properties,
-        user_traits_map=settings.user_traits_map,
-        item_properties_map=settings.item_properties_map,
-    )
-    return [PersonalizeForwarder(
-        mapping,
-        users_dataset_arn=settings.personalize_users_dataset_arn,
-        items_dataset_arn=settings.personalize_items_dataset_arn,
-        region=settings.aws_region,
-        call_timeout=settings.personalize_call_timeout_seconds,
-        max_concurrency=settings.personalize_max_concurrency,
-    )]
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -92,17 +30,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     settings = Settings.from_mapping(test_config) if test_config is not None \
         else Settings.from_env()
-    configure_logging(settings.log_level, _secret_values(settings))
-
-    database_url = settings.database_url or sqlite_url_for(app.instance_path)
-    store = Store(database_url)
-    router = Router(settings.interaction_events, settings.item_id_properties)
-    ingestor = Ingestor(store, router, destinations=[LocalDestination],
-                        forwarders=_forwarders(settings))
-    services = Services(settings=settings, store=store, ingestor=ingestor)
-    if not settings.authentication_enforced:
-        services.warnings.append(UNSIGNED_WARNING)
-        log.warning(UNSIGNED_WARNING)
+    configure_logging(settings.log_level, secret_values(settings))
+    services = build_services(settings, app.instance_path)
+    for warning in services.warnings:
+        log.warning(warning)
     app.extensions["segment"] = services
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
@@ -112,19 +43,32 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         # Start anyway: requests answer 503 until the database is back.
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
-    from . import engine
-    from .views import errors, ops, segment
+    from . import cli, engine
+    from .views import errors, ops, recommendations, segment
     errors.init_app(app)
-    engine.init_app(app)
     app.register_blueprint(segment.bp)
+    app.register_blueprint(recommendations.bp)
     app.register_blueprint(ops.bp)
+    _init_cors(app, settings)
+    cli.init_app(app)
+    engine.init_app(app)
+    services.attach_local_recommender(app)
     _init_request_context(app, services)
 
     log.info("started", extra={"configured": settings.public_summary()})
     return app
 
 
-def _init_request_context(app: Flask, services: Services) -> None:
+def _init_cors(app: Flask, settings: Settings) -> None:
+    if not settings.cors_origins:
+        return  # no CORS headers: only same-origin pages may read the answers
+    from flask_cors import CORS
+    CORS(app, resources={r"/recommendations": {"origins": list(settings.cors_origins)}},
+         allow_headers=["Authorization", "Content-Type"], methods=["GET", "OPTIONS"],
+         max_age=600, vary_header=True)
+
+
+def _init_request_context(app: Flask, services) -> None:
     access = logging.getLogger("webhook.access")
 
     @app.before_request

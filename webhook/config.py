@@ -150,6 +150,35 @@ def _weights(value: str) -> tuple[tuple[str, float], ...]:
     return tuple(weights)
 
 
+def _non_negative_float(value: str) -> float:
+    if value.strip() == "0":
+        return 0.0
+    return _positive_float(value)
+
+
+def _http_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"expected an http(s):// URL, got {url[:60]!r}")
+    return url
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    origins = _csv(value)
+    for origin in origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ValueError(f"expected origins like https://shop.example (no path), "
+                             f"got {origin!r}")
+    return origins
+
+
+def _secret_key(value: str) -> str:
+    key = value.strip()
+    if len(key) < 16:
+        raise ValueError("must be at least 16 characters (use a long random value)")
+    return key
+
+
 def _optional_property(value: str) -> str:
     return value.strip()
 
@@ -183,17 +212,36 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("engine_train_after_interactions", ("ENGINE_TRAIN_AFTER_INTERACTIONS",), _positive_int),
     ("engine_train_interval_seconds", ("ENGINE_TRAIN_INTERVAL_SECONDS",), _positive_float),
     ("engine_background_training", ("ENGINE_BACKGROUND_TRAINING",), _boolean),
+    ("engine_exclude_seen", ("ENGINE_EXCLUDE_SEEN",), _boolean),
+    ("engine_model_refresh_seconds", ("ENGINE_MODEL_REFRESH_SECONDS",), _positive_float),
     # --- end of local recommendation engine ---
     ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION", "region_name"), _text),
     ("segment_write_key", ("SEGMENT_WRITE_KEY", "connections_source_write_key"), _text),
     ("segment_profile_api_token", ("SEGMENT_PROFILE_API_TOKEN", "personas_api_key"), _text),
     ("segment_space_id", ("SEGMENT_SPACE_ID", "personas_workspace_id"), _text),
+    # --- recommendations, trait checks, activation, browser access ---
+    ("personalize_recommender_arn", ("PERSONALIZE_RECOMMENDER_ARN",), _arn),
+    ("personalize_filter_arn", ("PERSONALIZE_FILTER_ARN",), _arn),
+    ("filter_values_map", ("FILTER_VALUES_MAP",), _pairs),
+    ("recommender_timeout_seconds", ("RECOMMENDER_TIMEOUT_SECONDS",), _positive_float),
+    ("segment_profile_api_url", ("SEGMENT_PROFILE_API_URL",), _http_url),
+    ("profile_api_timeout_seconds", ("PROFILE_API_TIMEOUT_SECONDS",), _positive_float),
+    ("profile_cache_seconds", ("PROFILE_CACHE_SECONDS",), _non_negative_float),
+    ("exclusion_traits", ("EXCLUSION_TRAITS",), _csv),
+    ("opt_out_trait", ("OPT_OUT_TRAIT",), _text),
+    ("purchase_events", ("PURCHASE_EVENTS",), _csv),
+    ("activation_trait", ("ACTIVATION_TRAIT",), _text),
+    ("activation_interval_seconds", ("ACTIVATION_INTERVAL_SECONDS",), _non_negative_float),
+    ("segment_api_host", ("SEGMENT_API_HOST",), _http_url),
+    ("cors_origins", ("CORS_ORIGINS",), _origins),
+    ("secret_key", ("SECRET_KEY",), _secret_key),
+    ("token_max_age_seconds", ("TOKEN_MAX_AGE_SECONDS",), _positive_int),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
 SECRET_FIELDS = frozenset(
     {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
-     "segment_profile_api_token", "database_url"}
+     "segment_profile_api_token", "database_url", "secret_key"}
 )
 
 
@@ -226,11 +274,30 @@ class Settings:
     engine_train_after_interactions: int = 1000
     engine_train_interval_seconds: float = 600.0
     engine_background_training: bool = True
+    engine_exclude_seen: bool = True  # leave items a person already had out of their list
+    engine_model_refresh_seconds: float = 5.0  # how often a worker looks for a newer model
     # --- end of local recommendation engine ---
     aws_region: str = ""
     segment_write_key: str = ""
     segment_profile_api_token: str = ""
     segment_space_id: str = ""
+    # --- recommendations, trait checks, activation, browser access ---
+    personalize_recommender_arn: str = ""
+    personalize_filter_arn: str = ""
+    filter_values_map: tuple[tuple[str, str], ...] = ()  # (filter placeholder, trait)
+    recommender_timeout_seconds: float = 1.0
+    segment_profile_api_url: str = "https://profiles.segment.com"
+    profile_api_timeout_seconds: float = 0.25
+    profile_cache_seconds: float = 60.0
+    exclusion_traits: tuple[str, ...] = ("purchased_products",)
+    opt_out_trait: str = "recommendations_opt_out"
+    purchase_events: tuple[str, ...] = ("Order Completed", "Completed Order")
+    activation_trait: str = "recommended_products"
+    activation_interval_seconds: float = 3600.0
+    segment_api_host: str = "https://api.segment.io"
+    cors_origins: tuple[str, ...] = ()
+    secret_key: str = ""
+    token_max_age_seconds: int = 3600
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -241,6 +308,16 @@ class Settings:
     @property
     def mode(self) -> str:
         return "personalize" if self.personalize_tracking_id else "embedded"
+
+    @property
+    def recommender_mode(self) -> str:
+        if self.personalize_campaign_arn or self.personalize_recommender_arn:
+            return "personalize"
+        return "local"
+
+    @property
+    def profile_api_enabled(self) -> bool:
+        return bool(self.segment_profile_api_token and self.segment_space_id)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -260,6 +337,12 @@ class Settings:
                 break
         if "interaction_events" in values and not values["interaction_events"]:
             raise ConfigError("INTERACTION_EVENTS: name at least one event")
+        if values.get("personalize_campaign_arn") and values.get("personalize_recommender_arn"):
+            raise ConfigError("PERSONALIZE_RECOMMENDER_ARN: set either it or "
+                              "PERSONALIZE_CAMPAIGN_ARN, not both")
+        if bool(values.get("segment_profile_api_token")) != bool(values.get("segment_space_id")):
+            raise ConfigError("SEGMENT_SPACE_ID: the Profile API needs both SEGMENT_SPACE_ID "
+                              "and SEGMENT_PROFILE_API_TOKEN")
         return cls(**values, sources=sources)
 
     @classmethod
@@ -290,6 +373,15 @@ class Settings:
             "event_properties": dict(self.event_properties),
             "user_traits_map": dict(self.user_traits_map),
             "item_properties_map": dict(self.item_properties_map),
+            "personalize_recommender_arn": bool(self.personalize_recommender_arn),
+            "personalize_filter_arn": bool(self.personalize_filter_arn),
+            "recommender": self.recommender_mode,
+            "exclusion_traits": list(self.exclusion_traits),
+            "opt_out_trait": self.opt_out_trait or None,
+            "activation": "segment" if self.segment_write_key else "local",
+            "activation_trait": self.activation_trait,
+            "cors_origins": list(self.cors_origins),
+            "tokens_required": bool(self.secret_key),
             "segment_write_key": bool(self.segment_write_key),
             "segment_profile_api": bool(self.segment_profile_api_token and self.segment_space_id),
         }

@@ -38,6 +38,7 @@ class Summary:
     notes: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # (type, outcome) -> count
     forwarded: dict[str, Any] = field(default_factory=dict)  # destination name -> report
+    purchasers: list[str] = field(default_factory=list)  # userIds with a new purchase
 
     def count(self, kind: str, outcome: str) -> None:
         self.outcomes[(kind, outcome)] += 1
@@ -83,7 +84,8 @@ def _type_label(raw: Any) -> str:
 
 class Ingestor:
     def __init__(self, store: Store, router: Router, destinations: Sequence[DestinationFactory],
-                 forwarders: Sequence[Forwarder] = ()):
+                 forwarders: Sequence[Forwarder] = (), purchase_events: Sequence[str] = ()):
+        self.purchase_events = frozenset(purchase_events)
         self.store = store
         self.router = router
         self.destinations = list(destinations)
@@ -163,6 +165,9 @@ class Ingestor:
                 pending.items.extend(routed.items)
                 pending.interactions.extend(routed.interactions)
                 summary.interactions += len(routed.interactions)
+                if message.user_id and any(i.event_type in self.purchase_events
+                                           for i in routed.interactions):
+                    summary.purchasers.append(message.user_id)
             self._flush(pending, destinations)
         return summary
 

@@ -45,6 +45,18 @@ PERSONALIZE_RECORDS = Counter(
     "(sent, dropped, trimmed).",
     ["kind", "outcome"],
 )
+RECOMMENDATIONS = Counter(
+    "recommendations",
+    "GET /recommendations answers by source (personalize, local, popular) and whether the "
+    "trait checks were degraded.",
+    ["source", "degraded"],
+)
+ACTIVATIONS = Counter(
+    "activations",
+    "Write-backs of recommendations as a trait, by outcome (published, unchanged, too_soon, "
+    "concurrent, failed, error, store_unavailable).",
+    ["outcome"],
+)
 
 
 def record_outcomes(outcomes) -> None:

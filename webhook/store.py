@@ -68,6 +68,14 @@ identity_links = sa.Table(
 )
 
 
+activations = sa.Table(
+    "activations", metadata,
+    sa.Column("user_id", ID, primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),  # of the list last published
+    sa.Column("published_at", sa.Float, nullable=False),
+)
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached or is busy: try again later."""
 
@@ -321,3 +329,4 @@ class Transaction:
         self.conn.execute(profiles.delete().where(
             profiles.c.profile_id.in_([user_id, *anonymous_ids])))
         self.conn.execute(identity_links.delete().where(identity_links.c.user_id == user_id))
+        self.conn.execute(activations.delete().where(activations.c.user_id == user_id))

@@ -83,6 +83,8 @@ def _receive():
                               retry_after=exc.retry_after or settings.retry_after_seconds)
 
     metrics.record_outcomes(summary.outcomes)
+    if summary.purchasers:
+        services.after_purchases(summary.purchasers)
     log.info("delivery stored", extra={
         "status": 200, "shape": body.shape, "received": summary.received,
         "accepted": summary.accepted, "duplicates": summary.duplicates,

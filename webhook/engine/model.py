@@ -1,0 +1,303 @@
+"""The model: sparse item-to-item scores learned from weighted, time-ordered histories.
+
+Two sparse item×item matrices, each pruned to the top ``k`` neighbours of every item:
+
+* ``similar`` — co-occurrence in users' histories, cosine-normalised (implicit's
+  ``CosineRecommender`` computes the top-k all-pairs product in C++), over a user×item
+  matrix whose cells are the summed event weights (a purchase says more than a view);
+* ``following`` — what users interacted with next: for each user's time-ordered history,
+  item ``a`` → each of the next ``window`` items, weighted ``decay**(distance-1)`` and by the
+  event weight of the later one; rows normalised by the popularity of ``a`` (a damped
+  conditional probability), so a popular item does not drown everything it precedes.
+
+At request time a user's *current* history (read from the store, so a new interaction counts
+at once) is turned into scores: each past item contributes its ``similar`` row, weighted by
+its event weight and by how recent it is (the latest weighs most), and the latest few items
+contribute their ``following`` rows. Popularity (recency-decayed) breaks ties and fills the
+list. No dense item×item matrix is ever built, so memory grows with the number of
+neighbours kept, not with the square of the catalogue.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field, asdict
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "Product Viewed": 1.0, "Viewed Product": 1.0,
+    "Product Clicked": 2.0, "Clicked Product": 2.0,
+    "Product Added": 3.0, "Added Product": 3.0,
+    "Product Added to Wishlist": 3.0, "Added Product to Wishlist": 3.0,
+    "Order Completed": 5.0, "Completed Order": 5.0,
+}
+UNKNOWN_EVENT_WEIGHT = 1.0
+
+
+def event_weights(configured: Sequence[tuple[str, float]] = ()) -> dict[str, float]:
+    """The defaults, overridden (and extended) by the configured ``(event, weight)`` pairs."""
+    weights = dict(DEFAULT_EVENT_WEIGHTS)
+    weights.update(dict(configured))
+    return weights
+
+
+@dataclass(frozen=True)
+class Params:
+    """Hyper-parameters; the defaults were chosen on a validation split carved from the
+    training part of MovieLens-100k (see docs/engine.md)."""
+    neighbours: int = 100          # kept per item in `similar`
+    following_neighbours: int = 100  # kept per item in `following`
+    window: int = 8                # how many later items an item "leads to"
+    window_decay: float = 0.6      # weight of the d-th later item: decay**(d-1)
+    following_damping: float = 0.5  # row normalisation: count(a) ** damping
+    history: int = 100             # most recent interactions read per request
+    recency: float = 0.8           # weight of the j-th most recent item: recency**j
+    following_recency: float = 0.8  # the same, for `following` (the very latest matters)
+    following_weight: float = 2.0  # mix of `following` into the score
+    popularity_weight: float = 1e-3  # tie-breaker; fills the list
+    popularity_half_life_days: float = 30.0
+    max_cell_weight: float = 10.0  # a user×item cell is capped (repeated views)
+
+
+@dataclass
+class Model:
+    item_ids: np.ndarray            # object array of item id strings, index = item number
+    similar: sp.csr_matrix          # items × items, top-k per row
+    following: sp.csr_matrix        # items × items, top-k per row
+    popularity: np.ndarray          # float32 per item, max 1
+    params: Params = field(default_factory=Params)
+    stats: dict = field(default_factory=dict)
+    _index: dict | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {item: i for i, item in enumerate(self.item_ids.tolist())}
+        return self._index
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    # -- scoring -----------------------------------------------------------------------
+
+    def score_history(self, history: Sequence[tuple[int, float]]) -> np.ndarray:
+        """Scores of every item for a history of (item number, event weight), oldest first
+        (items the model does not know already removed)."""
+        p = self.params
+        scores = p.popularity_weight * self.popularity.astype(np.float32, copy=True)
+        if not history:
+            return scores
+        history = list(history)[-p.history:]
+        n = len(history)
+        items = np.fromiter((h[0] for h in history), dtype=np.int64, count=n)
+        weights = np.fromiter((h[1] for h in history), dtype=np.float32, count=n)
+        age = np.arange(n - 1, -1, -1, dtype=np.float32)  # 0 = the latest
+        a_sim = weights * np.power(np.float32(p.recency), age)
+        a_fol = weights * np.power(np.float32(p.following_recency), age)
+        scores += _weighted_rows(self.similar, items, a_sim, self.n_items)
+        if p.following_weight:
+            scores += p.following_weight * _weighted_rows(self.following, items, a_fol,
+                                                          self.n_items)
+        return scores
+
+    def score_item(self, item: int) -> np.ndarray:
+        p = self.params
+        scores = p.popularity_weight * self.popularity.astype(np.float32, copy=True)
+        one = np.array([item]), np.array([1.0], dtype=np.float32)
+        scores += _weighted_rows(self.similar, *one, self.n_items)
+        scores += p.following_weight * _weighted_rows(self.following, *one, self.n_items)
+        return scores
+
+    # -- persistence -------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            item_ids=np.array(self.item_ids.tolist(), dtype=np.str_),
+            popularity=self.popularity,
+            **_csr_arrays("similar", self.similar),
+            **_csr_arrays("following", self.following),
+            params=np.array(_json(asdict(self.params))),
+            stats=np.array(_json(self.stats)),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Model":
+        import json
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            item_ids = data["item_ids"].astype(object)
+            n = len(item_ids)
+            known = {f for f in Params.__dataclass_fields__}
+            params = Params(**{k: v for k, v in json.loads(str(data["params"])).items()
+                               if k in known})
+            return cls(
+                item_ids=item_ids,
+                similar=_csr_from(data, "similar", n),
+                following=_csr_from(data, "following", n),
+                popularity=data["popularity"].astype(np.float32),
+                params=params,
+                stats=json.loads(str(data["stats"])),
+            )
+
+
+def _json(value) -> str:
+    import json
+    return json.dumps(value, sort_keys=True, default=float)
+
+
+def _csr_arrays(name: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
+    return {f"{name}_indptr": m.indptr.astype(np.int64),
+            f"{name}_indices": m.indices.astype(np.int32),
+            f"{name}_data": m.data.astype(np.float32)}
+
+
+def _csr_from(data, name: str, n: int) -> sp.csr_matrix:
+    return sp.csr_matrix((data[f"{name}_data"], data[f"{name}_indices"],
+                          data[f"{name}_indptr"]), shape=(n, n))
+
+
+def _weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray,
+                   n: int) -> np.ndarray:
+    """sum_j weights[j] * m[rows[j]] as a dense vector, touching only those rows."""
+    out = np.zeros(n, dtype=np.float32)
+    indptr, indices, data = m.indptr, m.indices, m.data
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return out
+    # Gather every touched row at once, then one scatter-add.
+    offsets = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    positions = np.arange(total) + offsets
+    np.add.at(out, indices[positions], data[positions] * np.repeat(weights, lengths))
+    return out
+
+
+# -- training ---------------------------------------------------------------------------
+
+@dataclass
+class Interactions:
+    """Training input: one row per interaction, already resolved to a person."""
+    users: np.ndarray      # int per row (person number)
+    items: np.ndarray      # int per row (item number)
+    weights: np.ndarray    # float32 per row (event weight)
+    times: np.ndarray      # float64 per row (epoch seconds)
+    item_ids: np.ndarray   # object array: item number → item id
+    n_users: int
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
+def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the k largest entries of every row (vectorised; no Python loop over rows)."""
+    m = m.tocsr()
+    m.sum_duplicates()
+    lengths = np.diff(m.indptr)
+    if lengths.size == 0 or lengths.max(initial=0) <= k:
+        m.eliminate_zeros()
+        return m
+    rows = np.repeat(np.arange(m.shape[0]), lengths)
+    order = np.lexsort((-m.data, rows))  # by row, then by value descending
+    rank = np.arange(len(order)) - np.repeat(m.indptr[:-1], lengths)
+    keep = order[rank < k]
+    keep.sort()
+    pruned = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+    pruned.eliminate_zeros()
+    return pruned.tocsr()
+
+
+def train(data: Interactions, params: Params = Params(), now: float | None = None) -> Model:
+    """Fit the model. Memory: the user×item matrix, the top-k product and the transition
+    pairs (``window`` per interaction); nothing items×items dense."""
+    from implicit.nearest_neighbours import CosineRecommender
+
+    p = params
+    n_items, n_users = data.n_items, data.n_users
+    stats = {"interactions": int(len(data.items)), "users": int(n_users), "items": int(n_items)}
+
+    # Popularity: event-weighted, decayed with age relative to the newest interaction.
+    latest = float(data.times.max()) if len(data.times) else 0.0
+    half_life = p.popularity_half_life_days * 86400.0
+    decay = np.exp2(-(latest - data.times) / half_life) if len(data.times) else data.times
+    popularity = np.bincount(data.items, weights=data.weights * decay,
+                             minlength=n_items).astype(np.float32)
+    if popularity.max(initial=0) > 0:
+        popularity /= popularity.max()
+
+    # similar: cosine over the capped, weighted user×item matrix, top-k by implicit.
+    user_items = sp.csr_matrix((data.weights.astype(np.float32), (data.users, data.items)),
+                               shape=(n_users, n_items))
+    user_items.sum_duplicates()
+    np.minimum(user_items.data, p.max_cell_weight, out=user_items.data)
+    if n_items:
+        knn = CosineRecommender(K=p.neighbours + 1, num_threads=0)
+        knn.fit(user_items, show_progress=False)
+        similar = knn.similarity.tocsr().astype(np.float32)
+        similar.setdiag(0)
+        similar.eliminate_zeros()
+        similar = _top_k_rows(similar, p.neighbours)
+    else:
+        similar = sp.csr_matrix((0, 0), dtype=np.float32)
+    del user_items
+
+    # following: item → later items in each user's time-ordered history.
+    order = np.lexsort((data.times, data.users))
+    users, items, weights = data.users[order], data.items[order], data.weights[order]
+    # Drop immediate repeats of the same item by the same user (a view, then a purchase).
+    repeat = np.zeros(len(items), dtype=bool)
+    repeat[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
+    if repeat.any():
+        # Keep the stronger event of a repeat run on the row that stays.
+        keep = ~repeat
+        run = np.cumsum(keep) - 1
+        strongest = np.zeros(int(keep.sum()), dtype=np.float32)
+        np.maximum.at(strongest, run, weights)
+        users, items, weights = users[keep], items[keep], strongest
+    rows, cols, vals = [], [], []
+    for distance in range(1, p.window + 1):
+        same = users[distance:] == users[:-distance]
+        rows.append(items[:-distance][same])
+        cols.append(items[distance:][same])
+        vals.append(weights[distance:][same] * np.float32(p.window_decay ** (distance - 1)))
+    if rows and n_items:
+        r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        keep = r != c
+        following = sp.csr_matrix((v[keep].astype(np.float32), (r[keep], c[keep])),
+                                  shape=(n_items, n_items))
+        del r, c, v, keep, rows, cols, vals
+        following.sum_duplicates()
+        counts = np.bincount(items, minlength=n_items).astype(np.float32)
+        scale = 1.0 / np.power(np.maximum(counts, 1.0), p.following_damping)
+        following = sp.diags(scale.astype(np.float32)) @ following
+        # Comparable to cosine: rescale rows' maxima into [0, 1] over the whole matrix.
+        if following.nnz:
+            following.data /= following.data.max()
+        following = _top_k_rows(following.tocsr(), p.following_neighbours)
+    else:
+        following = sp.csr_matrix((n_items, n_items), dtype=np.float32)
+
+    stats.update(similar_nnz=int(similar.nnz), following_nnz=int(following.nnz),
+                 latest_interaction=latest)
+    return Model(item_ids=np.asarray(data.item_ids, dtype=object),
+                 similar=similar.astype(np.float32), following=following.astype(np.float32),
+                 popularity=popularity, params=p, stats=stats)
+
+
+def top_n(scores: np.ndarray, n: int, banned: np.ndarray | None = None) -> np.ndarray:
+    """Item numbers of the n best scores, best first, never a banned one."""
+    if banned is not None and len(banned):
+        scores = scores.copy()
+        scores[banned] = -np.inf
+    n = min(n, len(scores))
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    part = np.argpartition(-scores, n - 1)[:n]
+    part = part[np.argsort(-scores[part], kind="stable")]
+    return part[np.isfinite(scores[part])]

@@ -1,0 +1,223 @@
+"""Where the engine keeps what it shares between processes: models and the training lease.
+
+Both live in the service's database (SQLite or PostgreSQL), so every gunicorn worker and
+every host (Heroku dyno) sees the same latest model and only one of them trains at a time.
+Also: reading training data and a person's history out of the interactions table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..store import Store, identity_links, interactions
+from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
+
+log = logging.getLogger(__name__)
+
+engine_metadata = sa.MetaData()
+
+models_table = sa.Table(
+    "engine_models", engine_metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("interactions", sa.Integer, nullable=False),  # rows in the store when trained
+    sa.Column("stats", sa.Text, nullable=False),  # JSON: sizes, timings
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+)
+
+leases_table = sa.Table(
+    "engine_leases", engine_metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(256), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+KEEP_VERSIONS = 2  # older models are deleted after a new one is saved
+
+
+def ensure_tables(store: Store) -> None:
+    with store.write() as tx:
+        if store.dialect == "postgresql":
+            tx.conn.execute(sa.text("SELECT pg_advisory_xact_lock(74201905)"))
+        engine_metadata.create_all(tx.conn, checkfirst=True)
+
+
+_READY: "weakref.WeakSet[Store]" = weakref.WeakSet()
+
+
+def ensure_tables_once(store: Store) -> None:
+    """Create the engine's tables the first time this process uses this store."""
+    if store not in _READY:
+        ensure_tables(store)
+        _READY.add(store)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    version: int
+    created_at: float
+    interactions: int
+
+
+def latest_model_info(store: Store) -> ModelInfo | None:
+    with store.read() as conn:
+        row = conn.execute(
+            sa.select(models_table.c.version, models_table.c.created_at,
+                      models_table.c.interactions)
+            .order_by(models_table.c.version.desc()).limit(1)).first()
+    return ModelInfo(*row) if row else None
+
+
+def load_model(store: Store, version: int) -> Model | None:
+    with store.read() as conn:
+        blob = conn.execute(sa.select(models_table.c.blob)
+                            .where(models_table.c.version == version)).scalar()
+    return Model.from_bytes(bytes(blob)) if blob is not None else None
+
+
+def save_model(store: Store, model: Model, interactions_count: int) -> int:
+    blob = model.to_bytes()
+    with store.write() as tx:
+        version = tx.conn.execute(
+            models_table.insert().values(created_at=time.time(),
+                                         interactions=interactions_count,
+                                         stats=json.dumps(model.stats, default=float),
+                                         blob=blob)
+            .returning(models_table.c.version)).scalar_one()
+        tx.conn.execute(models_table.delete().where(
+            models_table.c.version <= version - KEEP_VERSIONS))
+    return int(version)
+
+
+def count_interactions(store: Store) -> int:
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(interactions))
+                   .scalar_one())
+
+
+# -- the training lease ------------------------------------------------------------------
+
+def _insert(store: Store, table: sa.Table):
+    return (postgresql if store.dialect == "postgresql" else sqlite).insert(table)
+
+
+def acquire_lease(store: Store, holder: str, ttl: float, name: str = "train") -> bool:
+    """Take (or extend) the lease if it is free, expired or already ours. Atomic on both
+    databases: SQLite serialises writers (BEGIN IMMEDIATE); PostgreSQL re-checks the
+    UPDATE's condition on the row a concurrent winner has just committed."""
+    now = time.time()
+    with store.write() as tx:
+        tx.conn.execute(_insert(store, leases_table).on_conflict_do_nothing(
+            index_elements=["name"]).values(name=name, holder="", expires_at=0.0))
+        result = tx.conn.execute(
+            leases_table.update()
+            .where(leases_table.c.name == name)
+            .where(sa.or_(leases_table.c.expires_at < now, leases_table.c.holder == holder))
+            .values(holder=holder, expires_at=now + ttl))
+        return result.rowcount == 1
+
+
+def release_lease(store: Store, holder: str, name: str = "train") -> None:
+    with store.write() as tx:
+        tx.conn.execute(leases_table.update()
+                        .where(leases_table.c.name == name)
+                        .where(leases_table.c.holder == holder)
+                        .values(holder="", expires_at=0.0))
+
+
+def lease_holder(store: Store, name: str = "train") -> str | None:
+    with store.read() as conn:
+        row = conn.execute(sa.select(leases_table.c.holder, leases_table.c.expires_at)
+                           .where(leases_table.c.name == name)).first()
+    return row[0] if row and row[1] > time.time() and row[0] else None
+
+
+# -- reading interactions ------------------------------------------------------------------
+
+ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous ids apart from user ids
+
+
+def load_training_data(store: Store, weights: Mapping[str, float]
+                       ) -> tuple[Interactions, dict[str, int]]:
+    """Every stored interaction, resolved to a person (an anonymous id linked to a user
+    counts as that user), numbered. Returns the data and the person → number map."""
+    with store.read() as conn:
+        links = dict(conn.execute(sa.select(identity_links.c.anonymous_id,
+                                             identity_links.c.user_id)).all())
+        result = conn.execution_options(stream_results=True, yield_per=50_000).execute(
+            sa.select(interactions.c.user_id, interactions.c.anonymous_id,
+                      interactions.c.item_id, interactions.c.event_type,
+                      interactions.c.timestamp))
+        people: dict[str, int] = {}
+        items: dict[str, int] = {}
+        event_numbers: dict[str, int] = {}
+        user_col, item_col, event_col, time_col = [], [], [], []
+        for user_id, anonymous_id, item_id, event_type, timestamp in result:
+            if user_id:
+                person = user_id
+            else:
+                person = links.get(anonymous_id) or ANONYMOUS_PREFIX + anonymous_id
+            user_col.append(people.setdefault(person, len(people)))
+            item_col.append(items.setdefault(item_id, len(items)))
+            event_col.append(event_numbers.setdefault(event_type, len(event_numbers)))
+            time_col.append(timestamp)
+    by_event = np.array([weights.get(name, UNKNOWN_EVENT_WEIGHT)
+                         for name in event_numbers] or [0.0], dtype=np.float32)
+    item_ids = np.empty(len(items), dtype=object)
+    item_ids[:] = list(items)
+    data = Interactions(
+        users=np.asarray(user_col, dtype=np.int64),
+        items=np.asarray(item_col, dtype=np.int64),
+        weights=by_event[np.asarray(event_col, dtype=np.int64)] if event_col
+        else np.empty(0, dtype=np.float32),
+        times=np.asarray(time_col, dtype=np.float64),
+        item_ids=item_ids,
+        n_users=len(people),
+    )
+    return data, people
+
+
+def resolve_person(conn, identity: str) -> tuple[str, list[str]]:
+    """(user id, its anonymous ids) for a userId or an anonymousId."""
+    user = conn.execute(sa.select(identity_links.c.user_id)
+                        .where(identity_links.c.anonymous_id == identity)).scalar()
+    user = user or identity
+    anonymous = [row[0] for row in conn.execute(
+        sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user))]
+    if identity not in anonymous:
+        anonymous.append(identity)  # an anonymousId never linked: its own history
+    return user, anonymous
+
+
+def read_history(store: Store, identity: str, limit: int) -> list[tuple[str, str, float]]:
+    """The person's latest ``limit`` interactions as (item id, event type, time), oldest
+    first: as a user, and as every anonymous id linked to them (alias/identify)."""
+    cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
+            interactions.c.timestamp)
+    with store.read() as conn:
+        user, anonymous = resolve_person(conn, identity)
+        rows = {}
+        for condition in (interactions.c.user_id == user,
+                          interactions.c.anonymous_id.in_(anonymous)):
+            for event_id, item_id, event_type, timestamp in conn.execute(
+                    sa.select(*cols).where(condition)
+                    .order_by(interactions.c.timestamp.desc()).limit(limit)):
+                rows[event_id] = (timestamp, event_id, item_id, event_type)
+    ordered = sorted(rows.values())[-limit:]
+    return [(item_id, event_type, timestamp) for timestamp, _, item_id, event_type in ordered]
+
+
+def recent_interactions(store: Store, limit: int) -> list[tuple[str, str, float]]:
+    with store.read() as conn:
+        return [tuple(row) for row in conn.execute(
+            sa.select(interactions.c.item_id, interactions.c.event_type,
+                      interactions.c.timestamp)
+            .order_by(interactions.c.timestamp.desc()).limit(limit))]

@@ -1,0 +1,313 @@
+"""The engine inside the service: the current model, recommendations, training.
+
+* ``ModelHolder`` keeps the model a process serves and swaps in a newer version from the
+  database (one reference assignment: a request sees the old model or the new one).
+* ``LocalRecommender`` answers from the model and the person's *current* history, read from
+  the store, so an accepted interaction changes the next answer without retraining.
+* ``Trainer`` decides when to train (N new interactions, or T seconds and something new),
+  takes the database lease so that one process trains at a time, trains (in a
+  subprocess for background runs, so requests in this worker never compete with it) and
+  saves the model where every worker picks it up.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..recommenders.base import Recommendation, ScoredItem
+from ..store import StoreUnavailable
+from . import persistence as db
+from .model import Model, Params, event_weights, top_n, train as train_model
+
+log = logging.getLogger("webhook.engine")
+
+LEASE_TTL = 180.0        # seconds; renewed every LEASE_TTL / 6 while training
+POPULAR_CACHE_SECONDS = 30.0
+POPULAR_SAMPLE = 50_000  # latest interactions that make the pre-model popularity list
+POPULAR_HALF_LIFE = 7 * 86400.0
+
+
+class ModelHolder:
+    def __init__(self, store, refresh_seconds: float):
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self.version: int | None = None
+        self.model: Model | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+
+    def current(self) -> tuple[int | None, Model | None]:
+        return self.version, self.model  # read together below: swapped as one tuple
+
+    def refresh(self, force: bool = False) -> bool:
+        """Load a newer model if the database has one. Only one thread of the process
+        loads at a time; others go on serving the current model."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.refresh_seconds:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._checked_at = now
+            db.ensure_tables_once(self.store)
+            info = db.latest_model_info(self.store)
+            if info is None or info.version == self.version:
+                return False
+            model = db.load_model(self.store, info.version)
+            if model is None:
+                return False
+            model.index  # build the id → number map before anyone uses it
+            self.model, self.version = model, info.version  # readers take .current()
+            log.info("model loaded", extra={"model_version": info.version,
+                                            "items": model.n_items})
+            return True
+        finally:
+            self._lock.release()
+
+
+class LocalRecommender:
+    """``webhook.recommenders.Recommender`` on the local engine."""
+    name = "local"
+
+    def __init__(self, services, holder: ModelHolder, inline_refresh: bool = True):
+        self.services = services
+        self.store = services.store
+        self.holder = holder
+        self.inline_refresh = inline_refresh  # False when a background thread refreshes
+        self.weights = event_weights(services.settings.engine_event_weights)
+        self.exclude_seen_default = getattr(services.settings, "engine_exclude_seen", True)
+        self._popular: tuple[float, list[tuple[str, float]]] | None = None
+        self._popular_lock = threading.Lock()
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
+                  num_results: int = 25, exclude: Sequence[str] = (),
+                  filter_values: Mapping[str, str] | None = None,
+                  exclude_seen: bool | None = None) -> Recommendation:
+        """Items for a person (userId or anonymousId) or related to an item, best first.
+        ``exclude_seen``: leave out items the person already interacted with (default:
+        the ENGINE_EXCLUDE_SEEN setting). ``filter_values`` is not supported locally and
+        is ignored."""
+        if self.inline_refresh:
+            try:
+                self.holder.refresh()
+            except StoreUnavailable:
+                pass
+        version, model = self.holder.current()
+        num_results = max(0, int(num_results))
+        exclude_seen = self.exclude_seen_default if exclude_seen is None else exclude_seen
+        banned_ids = set(exclude)
+        details: dict = {"model_version": version}
+
+        if item_id is not None and user_id is None:
+            banned_ids.add(item_id)
+            if model is not None and item_id in model.index:
+                scores = model.score_item(model.index[item_id])
+                return self._answer(model, scores, banned_ids, num_results, "local",
+                                    details, related=True)
+            return self._popular_answer(model, banned_ids, num_results, details)
+
+        history = db.read_history(self.store, user_id, model.params.history if model
+                                  else Params().history) if user_id else []
+        details["history"] = len(history)
+        if exclude_seen:
+            banned_ids.update(item for item, _, _ in history)
+        if model is not None:
+            index = model.index
+            known = [(index[item], self.weights.get(event, 1.0))
+                     for item, event, _ in history if item in index]
+            if item_id is not None and item_id in index:  # a user looking at an item
+                known.append((index[item_id], max(self.weights.values(), default=1.0)))
+            if known:
+                scores = model.score_history(known)
+                return self._answer(model, scores, banned_ids, num_results, "local", details)
+        return self._popular_answer(model, banned_ids, num_results, details)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _answer(self, model: Model, scores: np.ndarray, banned_ids: set, n: int, source: str,
+                details: dict, related: bool = False) -> Recommendation:
+        index = model.index
+        banned = np.fromiter((index[i] for i in banned_ids if i in index), dtype=np.int64)
+        best = top_n(scores, n, banned)
+        ids = model.item_ids
+        items = [ScoredItem(ids[i], float(scores[i])) for i in best.tolist()]
+        return Recommendation(items=items, source=source,
+                              recommendation_id=uuid.uuid4().hex, details=details)
+
+    def _popular_answer(self, model: Model | None, banned_ids: set, n: int,
+                        details: dict) -> Recommendation:
+        if model is not None:
+            return self._answer(model, model.popularity, banned_ids, n, "popular", details)
+        ranked = [(item, score) for item, score in self.popular_before_model()
+                  if item not in banned_ids][:n]
+        return Recommendation(items=[ScoredItem(i, s) for i, s in ranked], source="popular",
+                              recommendation_id=uuid.uuid4().hex, details=details)
+
+    def popular_before_model(self) -> list[tuple[str, float]]:
+        """Before the first model: event-weighted counts over the latest interactions,
+        decayed with age relative to the newest one; cached for a few seconds."""
+        cached = self._popular
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < POPULAR_CACHE_SECONDS:
+            return cached[1]
+        with self._popular_lock:
+            rows = db.recent_interactions(self.store, POPULAR_SAMPLE)
+            totals: dict[str, float] = {}
+            if rows:
+                latest = rows[0][2]
+                for item, event, timestamp in rows:
+                    weight = self.weights.get(event, 1.0) * 2.0 ** (
+                        -(latest - timestamp) / POPULAR_HALF_LIFE)
+                    totals[item] = totals.get(item, 0.0) + weight
+            ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+            self._popular = (now, ranked)
+            return ranked
+
+    def invalidate(self) -> None:
+        self._popular = None
+
+
+# -- training ------------------------------------------------------------------------------
+
+def _holder_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def train_once(store, settings, params: Params | None = None) -> tuple[int, dict]:
+    """Read the store, fit, save; returns (version, stats). The caller holds the lease."""
+    started = time.perf_counter()
+    count = db.count_interactions(store)
+    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights))
+    loaded = time.perf_counter()
+    model = train_model(data, params or Params())
+    fitted = time.perf_counter()
+    model.stats.update(load_seconds=round(loaded - started, 3),
+                       fit_seconds=round(fitted - loaded, 3))
+    version = db.save_model(store, model, count)
+    model.stats["save_seconds"] = round(time.perf_counter() - fitted, 3)
+    log.info("model trained", extra={"model_version": version, **model.stats})
+    return version, model.stats
+
+
+def _train_in_child(settings, params) -> None:
+    """Entry point of the background training subprocess (spawned: a fresh interpreter)."""
+    from ..store import Store
+    store = Store(settings.database_url)
+    try:
+        train_once(store, settings, params)
+    finally:
+        store.dispose()
+
+
+class Trainer:
+    """When to train, and making sure one process does it."""
+
+    def __init__(self, services, holder: ModelHolder, params: Params | None = None):
+        self.services = services
+        self.store = services.store
+        self.settings = services.settings
+        self.holder = holder
+        self.params = params
+        self.name = _holder_name()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._stop = threading.Event()
+
+    def due(self) -> str | None:
+        """Why a training run is due now, or None."""
+        db.ensure_tables_once(self.store)
+        info = db.latest_model_info(self.store)
+        count = db.count_interactions(self.store)
+        if info is None:
+            return "no model yet" if count else None
+        new = abs(count - info.interactions)
+        if new >= self.settings.engine_train_after_interactions:
+            return f"{new} new interactions"
+        if new and time.time() - info.created_at >= self.settings.engine_train_interval_seconds:
+            return "interval elapsed"
+        return None
+
+    def train(self, force: bool = False, subprocess: bool = False) -> int | None:
+        """Train if due (or forced) and the lease is free; returns the new version or None."""
+        if not force and self.due() is None:
+            return None
+        db.ensure_tables_once(self.store)
+        if not db.acquire_lease(self.store, self.name, LEASE_TTL):
+            return None
+        renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(renewing,), daemon=True)
+        renewer.start()
+        try:
+            if not force and self.due() is None:  # someone else just trained
+                return None
+            if subprocess:
+                import multiprocessing
+                ctx = multiprocessing.get_context("spawn")
+                child = ctx.Process(target=_train_in_child, args=(self.settings, self.params),
+                                    daemon=True)
+                child.start()
+                child.join()
+                if child.exitcode != 0:
+                    log.error("background training failed", extra={"exitcode": child.exitcode})
+                    return None
+                info = db.latest_model_info(self.store)
+                version = info.version if info else None
+            else:
+                version, _ = train_once(self.store, self.settings, self.params)
+            self.holder.refresh(force=True)
+            return version
+        finally:
+            renewing.set()
+            renewer.join()
+            db.release_lease(self.store, self.name)
+
+    def _renew(self, done: threading.Event) -> None:
+        while not done.wait(LEASE_TTL / 6):
+            try:
+                db.acquire_lease(self.store, self.name, LEASE_TTL)
+            except StoreUnavailable:
+                pass
+
+    # -- the background thread, one per worker process ----------------------------------
+
+    def start_background(self, check_seconds: float) -> None:
+        """Start (once per process; again after a fork) the thread that refreshes the model
+        and trains when due. Idempotent and cheap: called on every request."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with _START_LOCK:
+            if self._pid == os.getpid() and self._thread is not None \
+                    and self._thread.is_alive():
+                return
+            self._pid = os.getpid()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, args=(check_seconds,),
+                                            name="engine-trainer", daemon=True)
+            self._thread.start()
+
+    def stop_background(self) -> None:
+        self._stop.set()
+
+    def _loop(self, check_seconds: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.holder.refresh(force=True)
+                if self.settings.engine_background_training:
+                    self.train(subprocess=True)
+            except StoreUnavailable as exc:
+                log.warning("engine: store unavailable: %s", exc)
+            except Exception:  # keep the thread alive whatever a run did
+                log.exception("engine: background step failed")
+            self._stop.wait(check_seconds)
+
+
+_START_LOCK = threading.Lock()

@@ -1,0 +1,170 @@
+"""The service's parts, chosen by configuration: the one place that decides what runs.
+
+| role | embedded default | production |
+|---|---|---|
+| destination | local store | local store + Amazon Personalize (PutEvents/PutUsers/PutItems) |
+| recommender | local engine (popular items until a model exists) | Personalize GetRecommendations |
+| profile source | local profile store | Segment Profile API |
+| activation | local profile store | Segment Tracking API (identify) |
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .activation import Activation, LocalPublisher, SegmentPublisher
+from .config import SECRET_FIELDS, Settings
+from .destinations import LocalDestination
+from .ingest import Ingestor
+from .profiles import LocalProfiles, SegmentProfiles
+from .recommend import RecommendationService, Request
+from .recommenders.personalize import PersonalizeRecommender
+from .recommenders.popular import PopularItems
+from .routing import Router
+from .store import Store, sqlite_url_for
+
+log = logging.getLogger("webhook")
+
+UNSIGNED_WARNING = (
+    "UNSIGNED DELIVERIES ARE ACCEPTED: neither SEGMENT_SHARED_SECRET nor "
+    "WEBHOOK_BEARER_TOKEN is set, so anyone who can reach POST /segment can write events"
+)
+OPEN_RECOMMENDATIONS_WARNING = (
+    "GET /recommendations IS OPEN: SECRET_KEY is not set, so anyone can read anyone's "
+    "recommendations and the traits used; set SECRET_KEY to require signed tokens"
+)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    ingestor: Ingestor
+    warnings: list[str] = field(default_factory=list)
+    _schema_ready: bool = False
+    _schema_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if not self._schema_ready:
+                self.store.create_schema()
+                self._schema_ready = True
+
+    recommendations: RecommendationService | None = None
+    activation: Activation | None = None
+    popular: PopularItems | None = None
+
+    def attach_local_recommender(self, app) -> None:
+        """On the embedded default, use the local engine once it registered itself."""
+        if self.settings.recommender_mode != "local" or self.recommendations is None:
+            return
+        from . import engine
+        make = getattr(engine, "recommender_for", None)
+        if make is not None:
+            self.recommendations.recommender = make(app)
+
+    def after_purchases(self, user_ids: Iterable[str]) -> None:
+        """An Order Completed arrived: recompute and publish, off the request path."""
+        if self.recommendations is None or self.activation is None:
+            return
+        for user_id in list(dict.fromkeys(user_ids))[:100]:
+            self.activation.executor.submit(self._activate_after_purchase, user_id)
+
+    def _activate_after_purchase(self, user_id: str) -> None:
+        try:
+            answer = self.recommendations.recommend(Request(user_id=user_id))
+        except Exception:
+            log.exception("recommendations after a purchase failed")
+            return
+        if answer.source != "popular" and answer.item_list:
+            self.activation._run(user_id, [item["itemId"] for item in answer.item_list])
+
+
+def secret_values(settings: Settings) -> list[str]:
+    values: list[str] = []
+    for name in SECRET_FIELDS:
+        value = getattr(settings, name)
+        values.extend(value if isinstance(value, tuple) else [value])
+    # A database URL's password is the secret part of it.
+    match = re.match(r"^[^:]+://[^:/@]*:([^@]+)@", settings.database_url)
+    if match:
+        values.append(match.group(1))
+    return [v for v in values if v]
+
+
+def _forwarders(settings: Settings) -> list:
+    if not settings.personalize_tracking_id:
+        return []
+    from .destinations.personalize import PersonalizeForwarder
+    from .destinations.personalize_mapping import MappingConfig
+    mapping = MappingConfig(
+        tracking_id=settings.personalize_tracking_id,
+        event_type_map=dict(settings.event_type_map),
+        event_value_property=settings.event_value_property,
+        event_properties=settings.event_properties,
+        user_traits_map=settings.user_traits_map,
+        item_properties_map=settings.item_properties_map,
+    )
+    return [PersonalizeForwarder(
+        mapping,
+        users_dataset_arn=settings.personalize_users_dataset_arn,
+        items_dataset_arn=settings.personalize_items_dataset_arn,
+        region=settings.aws_region,
+        call_timeout=settings.personalize_call_timeout_seconds,
+        max_concurrency=settings.personalize_max_concurrency,
+    )]
+
+
+def _event_weights(settings: Settings) -> dict[str, float]:
+    weights = {"Order Completed": 5.0, "Completed Order": 5.0, "Product Added": 3.0,
+               "Added Product": 3.0, "Product Added to Wishlist": 2.0,
+               "Added Product to Wishlist": 2.0, "Product Clicked": 1.5,
+               "Clicked Product": 1.5, "Product Viewed": 1.0, "Viewed Product": 1.0}
+    weights.update(dict(settings.engine_event_weights))
+    return weights
+
+
+def build_services(settings: Settings, instance_path: str) -> Services:
+    store = Store(settings.database_url or sqlite_url_for(instance_path))
+    router = Router(settings.interaction_events, settings.item_id_properties)
+    ingestor = Ingestor(store, router, destinations=[LocalDestination],
+                        forwarders=_forwarders(settings),
+                        purchase_events=settings.purchase_events)
+    services = Services(settings=settings, store=store, ingestor=ingestor)
+    if not settings.authentication_enforced:
+        services.warnings.append(UNSIGNED_WARNING)
+    if not settings.secret_key:
+        services.warnings.append(OPEN_RECOMMENDATIONS_WARNING)
+
+    popular = PopularItems(store, weights=_event_weights(settings))
+    if settings.recommender_mode == "personalize":
+        recommender = PersonalizeRecommender(
+            campaign_arn=settings.personalize_campaign_arn,
+            recommender_arn=settings.personalize_recommender_arn,
+            filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
+            timeout=settings.recommender_timeout_seconds)
+    else:
+        recommender = popular  # the local engine replaces it (attach_local_recommender)
+    if settings.profile_api_enabled:
+        profile_source = SegmentProfiles(
+            settings.segment_profile_api_url, settings.segment_space_id,
+            settings.segment_profile_api_token, timeout=settings.profile_api_timeout_seconds,
+            cache_seconds=settings.profile_cache_seconds)
+    else:
+        profile_source = LocalProfiles(store, settings.purchase_events)
+    services.popular = popular
+    services.recommendations = RecommendationService(
+        store=store, recommender=recommender, profiles=profile_source, popular=popular,
+        exclusion_traits=settings.exclusion_traits, opt_out_trait=settings.opt_out_trait,
+        purchase_events=settings.purchase_events,
+        filter_values_map=settings.filter_values_map)
+    publisher = (SegmentPublisher(settings.segment_write_key, settings.segment_api_host)
+                 if settings.segment_write_key else LocalPublisher(store))
+    services.activation = Activation(store, publisher, settings.activation_trait,
+                                     settings.activation_interval_seconds)
+    return services

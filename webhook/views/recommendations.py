@@ -1,0 +1,89 @@
+"""GET /recommendations: what a shop page fetch()es."""
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, request
+
+from ..recommend import MAX_RESULTS, NoRecommendations, Request
+from ..segment import MAX_ID_LENGTH, clean_text
+from ..tokens import TokenError, check_token
+from .errors import error_response
+
+bp = Blueprint("recommendations", __name__)
+log = logging.getLogger("webhook.recommendations")
+
+
+class BadParameter(Exception):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def _id(name: str) -> str | None:
+    value = request.args.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise BadParameter(name, f"{name} is empty")
+    if len(value) > MAX_ID_LENGTH or not clean_text(value):
+        raise BadParameter(name, f"{name} must be at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _num_results() -> int:
+    raw = request.args.get("numResults")
+    if raw is None:
+        return 25
+    try:
+        number = int(raw.strip())
+    except ValueError:
+        raise BadParameter("numResults", "numResults must be a whole number") from None
+    if not 1 <= number <= MAX_RESULTS:
+        raise BadParameter("numResults", f"numResults must be between 1 and {MAX_RESULTS}")
+    return number
+
+
+def _token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.args.get("token") or None
+
+
+@bp.get("/recommendations")
+def recommendations():
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    try:
+        wanted = Request(user_id=_id("userId"), anonymous_id=_id("anonymousId"),
+                         item_id=_id("itemId"), num_results=_num_results())
+    except BadParameter as exc:
+        return error_response(400, "bad_parameter", str(exc), details={"parameter": exc.name})
+    if not (wanted.user_id or wanted.anonymous_id or wanted.item_id):
+        return error_response(400, "bad_parameter",
+                              "give userId, anonymousId or itemId",
+                              details={"parameter": "userId"})
+
+    if settings.secret_key:
+        try:
+            check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
+                        user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
+        except TokenError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
+            return response
+
+    try:
+        answer = services.recommendations.recommend(wanted)
+    except NoRecommendations as exc:
+        return error_response(503, "recommender_unavailable", str(exc),
+                              retry_after=settings.retry_after_seconds)
+    if wanted.user_id and answer.source != "popular" and answer.item_list:
+        services.activation.submit(wanted.user_id, [i["itemId"] for i in answer.item_list])
+    response = jsonify(answer.as_json())
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
