@@ -640,6 +640,9 @@ class Bench:
             SEGMENT_SHARED_SECRET=SECRET,
             # Fresh database per server launch (pools are reused across variants).
             DATABASE_URL=f"sqlite:///{run_dir}/bench.db",
+            # This measures ingestion: the local engine's periodic training (its own
+            # benchmark is bench/engine_scale.py) would otherwise land in random rounds.
+            ENGINE_BACKGROUND_TRAINING="false",
             PYTHONUNBUFFERED="1",
         )
         # gunicorn.conf.py creates a prometheus multiprocess dir unless one is given, and
@@ -654,7 +657,8 @@ class Bench:
         srv.config = resolve_config([*flags, "--bind", f"{HOST}:{port}", app], env)
         srv.db_path = run_dir / "bench.db"
         self.commands.append(f"(cwd {REPO}) " + " ".join(
-            f"{k}={shlex.quote(env[k])}" for k in ("SEGMENT_SHARED_SECRET", "DATABASE_URL"))
+            f"{k}={shlex.quote(env[k])}" for k in ("SEGMENT_SHARED_SECRET", "DATABASE_URL",
+                                                 "ENGINE_BACKGROUND_TRAINING"))
             + " " + shlex.join(cmd))
         self.servers.append(srv)
         srv.start(env)

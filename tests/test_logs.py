@@ -41,7 +41,7 @@ def test_logs_are_json_with_request_ids_and_no_secrets_or_emails(tmp_path):
         }).status_code == 400
         assert requests.get(base + "/segment?token=" + SECRET, timeout=5).status_code == 405
     log = process.log_path.read_text()
-    assert "delivery stored" in log
+    assert "\"delivery\": \"stored\"" in log
     assert SECRET not in log and BEARER not in log
     assert "jane.doe@example.com" not in log and "@example.com" not in log
     app_lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]

@@ -94,5 +94,6 @@ def _init_request_context(app: Flask, services) -> None:
             "method": request.method, "path": request.path, "status": response.status_code,
             "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter()))
                                  * 1000, 2),
+            **g.get("log_extra", {}),
         })
         return response

@@ -9,8 +9,11 @@ delivery means is stored, together with its message ids, or nothing is.
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
@@ -41,7 +44,7 @@ interactions = sa.Table(
     sa.Column("message_id", ID, nullable=False),
     sa.Column("user_id", ID, index=True),
     sa.Column("anonymous_id", ID, index=True),
-    sa.Column("item_id", ID, nullable=False, index=True),
+    sa.Column("item_id", ID, nullable=False),  # no index: reads by item scan anyway
     sa.Column("event_type", sa.String(256), nullable=False),
     sa.Column("timestamp", sa.Float, nullable=False),
     sa.Column("properties", sa.JSON, nullable=False),
@@ -82,6 +85,52 @@ class StoreUnavailable(Exception):
 
 # Errors that mean "the database is not there right now", as opposed to a bug.
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+class _SqliteWriteLock:
+    """One writer at a time, across threads and gunicorn workers, woken at once.
+
+    SQLite serializes writers itself, but a waiting writer polls with sleeps of 1 ms and
+    more, so under load the lock sits free while writers sleep (measured: the CPU went
+    half idle and p99 reached the busy timeout). An flock() on a file beside the database
+    hands the lock over directly. The busy timeout still guards writers from elsewhere."""
+
+    def __init__(self, database_path: str, timeout: float = 2.0):
+        self.path = database_path + ".lock"
+        self.timeout = timeout
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        deadline = time.monotonic() + self.timeout
+        if not self._thread_lock.acquire(timeout=self.timeout):
+            raise StoreUnavailable("the database is busy (write lock)")
+        try:
+            fd = self._file()
+            pause = 0.0001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailable("the database is busy (write lock)") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.002)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
 
 def sqlite_url_for(instance_path: str) -> str:
@@ -127,6 +176,10 @@ class Store:
         self.url = url
         self.engine = _make_engine(url)
         self.dialect = self.engine.dialect.name
+        self.statements = _Statements(self.dialect, self.engine.dialect)
+        database = self.engine.url.database if self.dialect == "sqlite" else None
+        self._write_lock = (_SqliteWriteLock(database)
+                            if database and database != ":memory:" else None)
 
     def create_schema(self) -> None:
         """Create missing tables; safe when several workers start at once."""
@@ -148,13 +201,14 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator["Transaction"]:
-        try:
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(write=True)
-                with conn.begin():
-                    yield Transaction(conn, self.dialect)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(_describe(exc)) from exc
+        with self._write_lock.held() if self._write_lock else _nothing():
+            try:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(write=True)
+                    with conn.begin():
+                        yield Transaction(conn, self.dialect, self.statements)
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(_describe(exc)) from exc
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -190,6 +244,11 @@ class Store:
             }
 
 
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 def _describe(exc: Exception) -> str:
     """The DBAPI's message, first line only: no SQL and no parameters (they hold ids)."""
     original = getattr(exc, "orig", None) or exc
@@ -197,39 +256,122 @@ def _describe(exc: Exception) -> str:
     return type(original).__name__ + (": " + lines[0][:200] if lines else "")
 
 
+class _Raw:
+    """A statement compiled once by SQLAlchemy for one dialect, run on the DBAPI cursor.
+
+    The write path of a delivery runs a handful of statements; through SQLAlchemy's
+    execution layer each cost ~30 µs more than the statement itself (measured: 29.5 µs vs
+    6.8 µs on SQLite), which was most of a single-message delivery. The SQL is still
+    SQLAlchemy's; only the execution is direct."""
+
+    def __init__(self, stmt, dialect, json_columns=()):
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.names = compiled.positiontup  # positional paramstyles (SQLite's qmark)
+        self.json_columns = frozenset(json_columns)
+
+    def params(self, row: dict):
+        if self.json_columns:
+            row = {k: (json.dumps(v) if k in self.json_columns else v)
+                   for k, v in row.items()}
+        if self.names is not None:
+            return tuple(row[name] for name in self.names)
+        return row
+
+
+class _Statements:
+    """The write path's statements, built once per dialect: SQLAlchemy then reuses their
+    compiled form, where building them per call cost more than running them (measured)."""
+
+    def __init__(self, dialect: str, dialect_impl=None):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self.insert = insert
+        self.claim = (insert(messages).on_conflict_do_nothing(index_elements=["message_id"])
+                      .returning(messages.c.message_id))
+        self.add_interaction = insert(interactions).on_conflict_do_nothing(
+            index_elements=["event_id"])
+        link = insert(identity_links)
+        self.link = link.on_conflict_do_update(
+            index_elements=["anonymous_id"], set_={"user_id": link.excluded.user_id},
+            where=identity_links.c.user_id != link.excluded.user_id)
+        item = insert(items)
+        newer = item.excluded.updated_at >= items.c.updated_at
+        # A newer record overwrites the fields it carries; an older one only fills gaps.
+        merge = {
+            name: sa.case((newer, sa.func.coalesce(item.excluded[name], items.c[name])),
+                          else_=sa.func.coalesce(items.c[name], item.excluded[name]))
+            for name in ITEM_FIELDS
+        }
+        merge["updated_at"] = sa.case((newer, item.excluded.updated_at),
+                                      else_=items.c.updated_at)
+        self.upsert_item = item.on_conflict_do_update(index_elements=["item_id"], set_=merge)
+        self.ensure_profile = insert(profiles).on_conflict_do_nothing(
+            index_elements=["profile_id"])
+        self.select_profiles = sa.select(profiles).where(
+            profiles.c.profile_id.in_(sa.bindparam("ids", expanding=True)))
+        if dialect == "postgresql":
+            self.select_profiles = self.select_profiles.with_for_update()
+        self.update_profile = (
+            profiles.update().where(profiles.c.profile_id == sa.bindparam("pid"))
+            .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")))
+        if dialect_impl is not None:
+            self.raw_claim = _Raw(self.claim.values(
+                message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
+                received_at=sa.bindparam("received_at")), dialect_impl)
+            self.raw_interaction = _Raw(self.add_interaction.values(
+                **{c.name: sa.bindparam(c.name) for c in interactions.c}), dialect_impl,
+                json_columns=("properties",))
+            self.raw_link = _Raw(self.link.values(
+                anonymous_id=sa.bindparam("anonymous_id"), user_id=sa.bindparam("user_id")),
+                dialect_impl)
+            self.raw_item = _Raw(self.upsert_item.values(
+                **{c.name: sa.bindparam(c.name) for c in items.c}), dialect_impl)
+
+
 class Transaction:
     """The write operations of one delivery, all in one database transaction."""
 
-    def __init__(self, conn: Connection, dialect: str):
+    def __init__(self, conn: Connection, dialect: str, statements: _Statements):
         self.conn = conn
         self.dialect = dialect
+        self.sql = statements
+        self._cursor = None
+
+    def _run(self, raw: _Raw, rows: Sequence[dict], fetch: bool = False) -> list:
+        """Run a precompiled statement on the DBAPI cursor, for one row or many."""
+        if self._cursor is None:
+            self._cursor = self.conn.connection.dbapi_connection.cursor()
+        dbapi = self.conn.dialect.dbapi
+        try:
+            if len(rows) == 1:
+                self._cursor.execute(raw.sql, raw.params(rows[0]))
+                return self._cursor.fetchall() if fetch else []
+            self._cursor.executemany(raw.sql, [raw.params(row) for row in rows])
+            return []
+        except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
+            if self.dialect == "postgresql" and self.conn.connection.dbapi_connection.closed:
+                self.conn.invalidate()
+            raise StoreUnavailable(_describe(exc)) from exc
 
     def _insert(self, table: sa.Table):
-        if self.dialect == "postgresql":
-            return postgresql.insert(table)
-        return sqlite.insert(table)
+        return self.sql.insert(table)
 
     def claim_messages(self, claims: Sequence[tuple[str, str]]) -> set[str]:
         """Record (message_id, type) pairs; return the ids that were not known before."""
         if not claims:
             return set()
         now = time.time()
-        stmt = (
-            self._insert(messages)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(messages.c.message_id)
-        )
         # Sorted: two deliveries claiming overlapping ids lock them in the same order.
         rows = [{"message_id": mid, "type": kind, "received_at": now}
                 for mid, kind in sorted(claims)]
-        result = self.conn.execute(stmt, rows)
-        return {row[0] for row in result}
+        if len(rows) == 1:
+            return {row[0] for row in self._run(self.sql.raw_claim, rows, fetch=True)}
+        return {row[0] for row in self.conn.execute(self.sql.claim, rows)}
 
     def add_interactions(self, records: Sequence[Interaction]) -> None:
         if not records:
             return
-        stmt = self._insert(interactions).on_conflict_do_nothing(index_elements=["event_id"])
-        self.conn.execute(stmt, [
+        rows = [
             {
                 "event_id": r.event_id, "message_id": r.message_id, "user_id": r.user_id,
                 "anonymous_id": r.anonymous_id, "item_id": r.item_id,
@@ -237,41 +379,14 @@ class Transaction:
                 "properties": r.properties,
             }
             for r in records
-        ])
+        ]
+        self._run(self.sql.raw_interaction, rows)
 
     def upsert_items(self, records: Sequence[ItemDetails]) -> None:
-        """Catalog rows: each record applied in time order over the stored row; a newer
-        record overwrites the fields it carries, an older one only fills gaps."""
-        if not records:
-            return
-        ids = sorted({r.item_id for r in records})  # a fixed order: no deadlock
-        self.conn.execute(
-            self._insert(items).on_conflict_do_nothing(index_elements=["item_id"]),
-            [{"item_id": item_id, "updated_at": float("-inf") if self.dialect == "sqlite"
-              else -1e300} for item_id in ids],
-        )
-        query = sa.select(items).where(items.c.item_id.in_(ids))
-        if self.dialect == "postgresql":
-            query = query.with_for_update()
-        current = {row.item_id: ({name: getattr(row, name) for name in ITEM_FIELDS},
-                                 row.updated_at) for row in self.conn.execute(query)}
-        for record in sorted(records, key=lambda r: r.timestamp):
-            details, updated_at = current[record.item_id]
-            if record.timestamp >= updated_at:
-                details.update(record.details)
-                updated_at = record.timestamp
-            else:
-                for name, value in record.details.items():
-                    if details.get(name) is None:
-                        details[name] = value
-            current[record.item_id] = (details, updated_at)
-        self.conn.execute(
-            items.update().where(items.c.item_id == sa.bindparam("iid")).values(
-                updated_at=sa.bindparam("at"),
-                **{name: sa.bindparam("f_" + name) for name in ITEM_FIELDS}),
-            [{"iid": item_id, "at": at, **{"f_" + n: details.get(n) for n in ITEM_FIELDS}}
-             for item_id, (details, at) in sorted(current.items())],
-        )
+        """Catalog rows: each record applied in time order over the stored row, in SQL; a
+        newer record overwrites the fields it carries, an older one only fills gaps."""
+        for round_rows in _item_rounds(records):
+            self._run(self.sql.raw_item, round_rows)
 
     def merge_traits(self, records: Sequence[UserTraits]) -> None:
         """Merge identify traits into profiles: newer values win, older ones fill gaps."""
@@ -281,15 +396,10 @@ class Transaction:
         for record in records:
             by_profile.setdefault(record.user_id, []).append(record)
         ids = sorted(by_profile)  # a fixed order: no deadlock between two deliveries
-        self.conn.execute(
-            self._insert(profiles).on_conflict_do_nothing(index_elements=["profile_id"]),
-            [{"profile_id": pid, "traits": {}, "traits_at": 0.0} for pid in ids],
-        )
-        query = sa.select(profiles).where(profiles.c.profile_id.in_(ids))
-        if self.dialect == "postgresql":
-            query = query.with_for_update()
+        self.conn.execute(self.sql.ensure_profile,
+                          [{"profile_id": pid, "traits": {}, "traits_at": 0.0} for pid in ids])
         current = {row.profile_id: (dict(row.traits or {}), row.traits_at)
-                   for row in self.conn.execute(query)}
+                   for row in self.conn.execute(self.sql.select_profiles, {"ids": ids})}
         updates = []
         for pid in ids:
             traits, traits_at = current.get(pid, ({}, 0.0))
@@ -301,23 +411,14 @@ class Transaction:
                     for key, value in record.traits.items():
                         traits.setdefault(key, value)
             updates.append({"pid": pid, "traits": traits, "traits_at": traits_at})
-        self.conn.execute(
-            profiles.update()
-            .where(profiles.c.profile_id == sa.bindparam("pid"))
-            .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")),
-            updates,
-        )
+        self.conn.execute(self.sql.update_profile, updates)
 
     def link_identities(self, links: Iterable[IdentityLink]) -> None:
         latest = {link.anonymous_id: link.user_id for link in links}
         if not latest:
             return
-        stmt = self._insert(identity_links)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["anonymous_id"], set_={"user_id": stmt.excluded.user_id})
-        self.conn.execute(stmt, [
-            {"anonymous_id": anon, "user_id": user} for anon, user in sorted(latest.items())
-        ])
+        rows = [{"anonymous_id": anon, "user_id": user} for anon, user in sorted(latest.items())]
+        self._run(self.sql.raw_link, rows)
 
     def delete_user(self, user_id: str) -> None:
         """Forget everything held about a user: interactions, traits, identity links."""
@@ -330,3 +431,26 @@ class Transaction:
             profiles.c.profile_id.in_([user_id, *anonymous_ids])))
         self.conn.execute(identity_links.delete().where(identity_links.c.user_id == user_id))
         self.conn.execute(activations.delete().where(activations.c.user_id == user_id))
+
+
+def _item_rounds(records: Sequence[ItemDetails]) -> list[list[dict]]:
+    """Rows for the item upsert, in rounds that touch each item at most once (PostgreSQL
+    refuses an upsert that touches a row twice), each item's records in time order.
+
+    Consecutive records of an item with the same details collapse into the later one:
+    applying both or only the later gives the same row, whatever is stored."""
+    per_item: dict[str, list[ItemDetails]] = {}
+    for record in sorted(records, key=lambda r: r.timestamp):
+        chain = per_item.setdefault(record.item_id, [])
+        if chain and chain[-1].details == record.details:
+            chain[-1] = record
+        else:
+            chain.append(record)
+    rounds: list[list[dict]] = []
+    for item_id in sorted(per_item):
+        for depth, record in enumerate(per_item[item_id]):
+            if depth == len(rounds):
+                rounds.append([])
+            rounds[depth].append({"item_id": item_id, "updated_at": record.timestamp,
+                                  **{name: record.details.get(name) for name in ITEM_FIELDS}})
+    return rounds

@@ -52,6 +52,18 @@ TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutErr
                     ConnectionClosedError)
 
 
+_MEMBER = {"put_events": "eventList", "put_users": "users", "put_items": "items"}
+
+
+@dataclass
+class _Outcome:
+    calls: int = 0
+    retries: int = 0
+    sent: list = field(default_factory=list)
+    sent_keys: list = field(default_factory=list)
+    refused: list = field(default_factory=list)  # (single-record call, reason)
+
+
 class _Permanent(Exception):
     """The service refused the call's records for good (InvalidInputException)."""
 
@@ -167,7 +179,7 @@ class PersonalizeForwarder:
                                       "eventList": list(call.events)}
             if call.user_id:
                 kwargs["userId"] = call.user_id
-            jobs.append(("put_events", kwargs, len(call.events), []))
+            jobs.append(("put_events", kwargs, len(call.events), [""] * len(call.events)))
         if self.users_dataset_arn and routed.users:
             self._record_jobs(jobs, "put_users", "users",
                               map_users(routed.users, self.mapping, report.problems))
@@ -183,28 +195,27 @@ class PersonalizeForwarder:
         if not jobs:
             return report
 
-        futures = {self.pool.submit(self._call, op, kwargs, deadline): (op, kwargs, n, keys)
+        futures = {self.pool.submit(self._send, op, kwargs, keys, deadline): op
                    for op, kwargs, n, keys in jobs}
         done, not_done = wait(futures, timeout=max(0.0, deadline - time.monotonic()) + 0.5)
         out_of_time = bool(not_done)
         fatal: str | None = None
         for future in done:
-            op, kwargs, count, keys = futures[future]
+            op = futures[future]
             try:
-                retries = future.result()
+                outcome = future.result()
             except _OutOfTime:
                 out_of_time = True
                 continue
             except _Fatal as exc:
                 fatal = str(exc)
                 continue
-            except _Permanent as exc:
-                self._refused(op, kwargs, str(exc), report)
-                report.calls += 1
-                continue
-            report.calls += 1
-            report.retries += retries
+            report.calls += outcome.calls
+            report.retries += outcome.retries
+            for refused, reason in outcome.refused:
+                self._refused(op, refused, reason, report)
             kind = {"put_events": "event", "put_users": "user", "put_items": "item"}[op]
+            count = len(outcome.sent)
             metrics.PERSONALIZE_RECORDS.labels(kind=kind, outcome="sent").inc(count)
             if op == "put_events":
                 report.events += count
@@ -212,8 +223,9 @@ class PersonalizeForwarder:
                 report.users += count
             else:
                 report.items += count
-            for key in keys:
-                self._sent.add(key)
+            for key in outcome.sent_keys:
+                if key:
+                    self._sent.add(key)
         if fatal:
             log.error("personalize refused the delivery: %s", fatal)
             raise DestinationError(f"Amazon Personalize refused the delivery: {fatal}")
@@ -251,6 +263,32 @@ class PersonalizeForwarder:
                                            f"InvalidInputException: {reason[:200]}"))
         metrics.PERSONALIZE_RECORDS.labels(kind=kind, outcome="dropped").inc(len(ids))
         log.warning("personalize refused %d %s record(s): InvalidInputException", len(ids), kind)
+
+    def _send(self, operation: str, kwargs: dict, keys: list[str],
+              deadline: float) -> "_Outcome":
+        """Send one call's records. When the service refuses a call of several records
+        (InvalidInputException names none), the halves are sent apart, down to single
+        records, so one bad record costs only itself."""
+        member = _MEMBER[operation]
+        outcome = _Outcome()
+        pending = [(kwargs, keys)]
+        while pending:
+            call, call_keys = pending.pop()
+            outcome.calls += 1
+            try:
+                outcome.retries += self._call(operation, call, deadline)
+            except _Permanent as exc:
+                records = call[member]
+                if len(records) == 1:
+                    outcome.refused.append((call, str(exc)))
+                    continue
+                half = len(records) // 2
+                for part in (slice(half, None), slice(0, half)):
+                    pending.append(({**call, member: records[part]}, call_keys[part]))
+                continue
+            outcome.sent.extend(call[member])
+            outcome.sent_keys.extend(call_keys)
+        return outcome
 
     def _call(self, operation: str, kwargs: dict, deadline: float) -> int:
         """One API call with retries; returns the number of retries it took."""

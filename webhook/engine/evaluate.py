@@ -124,6 +124,12 @@ def popularity_scorer(x: sp.csr_matrix) -> Scorer:
 def als_scorer(x: sp.csr_matrix, factors: int = 64, regularization: float = 0.05,
                alpha: float = 1.0, iterations: int = 15) -> Scorer:
     from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, not BLAS's
+        return _als(x, factors, regularization, alpha, iterations, AlternatingLeastSquares)
+
+
+def _als(x, factors, regularization, alpha, iterations, AlternatingLeastSquares) -> Scorer:
     model = AlternatingLeastSquares(factors=factors, regularization=regularization,
                                     alpha=alpha, iterations=iterations, random_state=42,
                                     num_threads=0)
@@ -134,8 +140,11 @@ def als_scorer(x: sp.csr_matrix, factors: int = 64, regularization: float = 0.05
 
 def knn_scorer(x: sp.csr_matrix, k: int = 100) -> Scorer:
     from implicit.nearest_neighbours import CosineRecommender
+    import warnings
     model = CosineRecommender(K=k, num_threads=0)
-    model.fit(x, show_progress=False)
+    with warnings.catch_warnings():  # implicit passes itself a COO matrix and warns
+        warnings.simplefilter("ignore")
+        model.fit(x, show_progress=False)
     sim = model.similarity.tocsr()
     return lambda u: np.asarray((x[u] @ sim).todense()).ravel()
 

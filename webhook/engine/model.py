@@ -216,7 +216,7 @@ def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
 def train(data: Interactions, params: Params = Params(), now: float | None = None) -> Model:
     """Fit the model. Memory: the user×item matrix, the top-k product and the transition
     pairs (``window`` per interaction); nothing items×items dense."""
-    from implicit.nearest_neighbours import CosineRecommender
+    from implicit.nearest_neighbours import ItemItemRecommender, normalize
 
     p = params
     n_items, n_users = data.n_items, data.n_users
@@ -237,8 +237,9 @@ def train(data: Interactions, params: Params = Params(), now: float | None = Non
     user_items.sum_duplicates()
     np.minimum(user_items.data, p.max_cell_weight, out=user_items.data)
     if n_items:
-        knn = CosineRecommender(K=p.neighbours + 1, num_threads=0)
-        knn.fit(user_items, show_progress=False)
+        # implicit's CosineRecommender, with the normalised matrix handed over as CSR.
+        knn = ItemItemRecommender(K=p.neighbours + 1, num_threads=0)
+        knn.fit(normalize(user_items.T).T.tocsr(), show_progress=False)
         similar = knn.similarity.tocsr().astype(np.float32)
         similar.setdiag(0)
         similar.eliminate_zeros()

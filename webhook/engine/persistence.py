@@ -68,6 +68,7 @@ class ModelInfo:
 
 
 def latest_model_info(store: Store) -> ModelInfo | None:
+    ensure_tables_once(store)
     with store.read() as conn:
         row = conn.execute(
             sa.select(models_table.c.version, models_table.c.created_at,
@@ -85,6 +86,7 @@ def load_model(store: Store, version: int) -> Model | None:
 
 def save_model(store: Store, model: Model, interactions_count: int) -> int:
     blob = model.to_bytes()
+    ensure_tables_once(store)
     with store.write() as tx:
         version = tx.conn.execute(
             models_table.insert().values(created_at=time.time(),
@@ -113,6 +115,7 @@ def acquire_lease(store: Store, holder: str, ttl: float, name: str = "train") ->
     """Take (or extend) the lease if it is free, expired or already ours. Atomic on both
     databases: SQLite serialises writers (BEGIN IMMEDIATE); PostgreSQL re-checks the
     UPDATE's condition on the row a concurrent winner has just committed."""
+    ensure_tables_once(store)
     now = time.time()
     with store.write() as tx:
         tx.conn.execute(_insert(store, leases_table).on_conflict_do_nothing(
@@ -134,6 +137,7 @@ def release_lease(store: Store, holder: str, name: str = "train") -> None:
 
 
 def lease_holder(store: Store, name: str = "train") -> str | None:
+    ensure_tables_once(store)
     with store.read() as conn:
         row = conn.execute(sa.select(leases_table.c.holder, leases_table.c.expires_at)
                            .where(leases_table.c.name == name)).first()
@@ -197,22 +201,36 @@ def resolve_person(conn, identity: str) -> tuple[str, list[str]]:
     return user, anonymous
 
 
-def read_history(store: Store, identity: str, limit: int) -> list[tuple[str, str, float]]:
+SEEN_LIMIT = 5000  # interactions read per request to know what a person already had
+
+
+def read_history(store: Store, identity: str, limit: int, seen_limit: int = SEEN_LIMIT
+                 ) -> tuple[list[tuple[str, str, float]], set[str]]:
     """The person's latest ``limit`` interactions as (item id, event type, time), oldest
-    first: as a user, and as every anonymous id linked to them (alias/identify)."""
+    first, and the items of their latest ``seen_limit`` interactions: as a user, and as
+    every anonymous id linked to them (alias/identify)."""
+    # One statement: resolve the id through identity_links, then the union of the user's
+    # rows, their linked anonymous ids' rows and the id's own anonymous rows.
+    user = sa.func.coalesce(
+        sa.select(identity_links.c.user_id)
+        .where(identity_links.c.anonymous_id == identity).scalar_subquery(), identity)
+    linked = sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
+    n = max(limit, seen_limit)
+    parts = [sa.select(*cols).where(condition).order_by(interactions.c.timestamp.desc())
+             .limit(n).subquery().select()
+             for condition in (interactions.c.user_id == user,
+                               interactions.c.anonymous_id.in_(linked),
+                               interactions.c.anonymous_id == identity)]
     with store.read() as conn:
-        user, anonymous = resolve_person(conn, identity)
-        rows = {}
-        for condition in (interactions.c.user_id == user,
-                          interactions.c.anonymous_id.in_(anonymous)):
-            for event_id, item_id, event_type, timestamp in conn.execute(
-                    sa.select(*cols).where(condition)
-                    .order_by(interactions.c.timestamp.desc()).limit(limit)):
-                rows[event_id] = (timestamp, event_id, item_id, event_type)
-    ordered = sorted(rows.values())[-limit:]
-    return [(item_id, event_type, timestamp) for timestamp, _, item_id, event_type in ordered]
+        rows = {event_id: (timestamp, event_id, item_id, event_type)
+                for event_id, item_id, event_type, timestamp
+                in conn.execute(sa.union_all(*parts))}
+    ordered = sorted(rows.values())
+    seen = {row[2] for row in ordered}
+    return [(item_id, event_type, timestamp)
+            for timestamp, _, item_id, event_type in ordered[-limit:]], seen
 
 
 def recent_interactions(store: Store, limit: int) -> list[tuple[str, str, float]]:

@@ -115,11 +115,12 @@ class LocalRecommender:
                                     details, related=True)
             return self._popular_answer(model, banned_ids, num_results, details)
 
-        history = db.read_history(self.store, user_id, model.params.history if model
-                                  else Params().history) if user_id else []
+        history, seen = db.read_history(
+            self.store, user_id, model.params.history if model else Params().history) \
+            if user_id else ([], set())
         details["history"] = len(history)
         if exclude_seen:
-            banned_ids.update(item for item, _, _ in history)
+            banned_ids.update(seen)
         if model is not None:
             index = model.index
             known = [(index[item], self.weights.get(event, 1.0))

@@ -85,12 +85,13 @@ def _receive():
     metrics.record_outcomes(summary.outcomes)
     if summary.purchasers:
         services.after_purchases(summary.purchasers)
-    log.info("delivery stored", extra={
-        "status": 200, "shape": body.shape, "received": summary.received,
+    # Logged on the request's own line (one line a delivery): counts, never contents.
+    g.log_extra = {
+        "delivery": "stored", "shape": body.shape, "received": summary.received,
         "accepted": summary.accepted, "duplicates": summary.duplicates,
         "skipped": len(summary.skipped), "rejected": len(summary.rejected),
         "interactions": summary.interactions,
-    })
+    }
     return jsonify(summary.as_json())
 
 

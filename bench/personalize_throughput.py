@@ -1,0 +1,527 @@
+#!/usr/bin/env python3
+"""Events/s in Amazon Personalize mode beside the embedded default, in the same run.
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/personalize_throughput.py [--duration 10] [--connections 8]
+
+* The Personalize stand-in (tests/fake_personalize.FakePersonalizeEvents: the
+  personalize-events rest-json protocol, answering at once) runs in this process.
+* The service runs twice under gunicorn (``-c gunicorn.conf.py --workers 2``), with the
+  same flags and environment except the Personalize settings: once embedded (no
+  PERSONALIZE_TRACKING_ID), once in Personalize mode (PERSONALIZE_TRACKING_ID,
+  EVENT_VALUE_PROPERTY=price, AWS_ENDPOINT_URL_PERSONALIZE_EVENTS = the stand-in).
+  Each launch gets a fresh SQLite database.
+* Signed Segment messages are generated beforehand, each with its own messageId (the
+  service de-duplicates by messageId): single messages (Webhooks Classic, signed over the
+  body) and Actions batches of 100 (a JSON array signed over JSON.stringify(body[0])).
+  In a batch, each 10 consecutive events share an anonymousId (a browsing session), so a
+  batch of 100 is 10 PutEvents calls of 10. Both services get the same bodies.
+* Load: ``wrk`` (one thread, ``--connections`` connections, Lua walking the pool) or, if
+  wrk is absent, a Python thread pool with keep-alive sessions. Every cell runs
+  ``--duration`` seconds after a short warm-up; cells are interleaved: embedded single,
+  personalize single, embedded batch, personalize batch (x ``--rounds``; medians).
+* Checks: every measured answer is 200, no pool wrap-around (no messageId reused), and
+  the stand-in received exactly one event per event the Personalize service acknowledged.
+
+Only loopback traffic; every loop is bounded by time and pool size; all processes this
+script starts are stopped in ``finally``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.fake_personalize import FakePersonalizeEvents  # noqa: E402
+
+HOST = "127.0.0.1"
+SECRET = "bench-personalize-secret"
+TRACKING_ID = "bench-tracking"
+TIMESTAMP = "2026-11-27T12:00:00.000Z"
+BATCH = 100
+SESSION_RUN = 10  # consecutive events sharing an anonymousId
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- messages ---------------------------------------------------------------------------
+
+def event_json(message_id: str, n: int) -> str:
+    # ASCII only and no integral floats: Python's compact JSON == JSON.stringify here.
+    return json.dumps({
+        "type": "track", "event": "Product Viewed", "messageId": message_id,
+        "anonymousId": f"anon-{n // SESSION_RUN}", "timestamp": TIMESTAMP,
+        "properties": {"product_id": f"p{n % 500}", "name": f"Product {n % 500}",
+                       "price": (n % 997) + 0.99},
+    }, separators=(",", ":"))
+
+
+def sign(data: str) -> str:
+    return hmac.new(SECRET.encode(), data.encode(), hashlib.sha1).hexdigest()
+
+
+def write_pool(path: Path, kind: str, count: int, tag: str) -> None:
+    """``count`` requests, one ``signature<TAB>body`` a line."""
+    with open(path, "w", encoding="ascii") as out:
+        for r in range(count):
+            if kind == "single":
+                body = event_json(f"{tag}-s{r}", r)
+                sig = sign(body)
+            else:
+                events = [event_json(f"{tag}-b{r}-{j}", r * BATCH + j) for j in range(BATCH)]
+                body = "[" + ",".join(events) + "]"
+                sig = sign(events[0])
+            out.write(f"{sig}\t{body}\n")
+
+
+# --- load generation --------------------------------------------------------------------
+
+LUA = r"""
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  sigs, bodies = {}, {}
+  for line in io.lines(args[1]) do
+    local tab = line:find("\t", 1, true)
+    sigs[#sigs + 1] = line:sub(1, tab - 1)
+    bodies[#bodies + 1] = line:sub(tab + 1)
+  end
+  idx = tonumber(args[2])
+  ok, non200, wrapped, sent = 0, 0, 0, 0
+  first_err = ""
+end
+function request()
+  idx = idx + 1
+  sent = sent + 1
+  if idx > #bodies then idx = 1; wrapped = wrapped + 1 end
+  return wrk.format("POST", "/segment",
+    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx]}, bodies[idx])
+end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1 else
+    non200 = non200 + 1
+    if first_err == "" then first_err = tostring(status) .. " " .. body:sub(1, 200) end
+  end
+end
+function done(summary, latency, requests)
+  local t = {ok = 0, non200 = 0, wrapped = 0, sent = 0}
+  local err = ""
+  for _, th in ipairs(threads) do
+    for k, _ in pairs(t) do t[k] = t[k] + (th:get(k) or 0) end
+    if err == "" then err = th:get("first_err") or "" end
+  end
+  local e = summary.errors
+  io.write(string.format('BENCH_JSON {"ok":%d,"non200":%d,"wrapped":%d,"sent":%d,' ..
+    '"duration_us":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d,"first_err":"%s"}\n',
+    t.ok, t.non200, t.wrapped, t.sent, summary.duration,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50),
+    latency:percentile(99), (err:gsub('[%c"\\]', "'"))))
+end
+"""
+
+
+def run_wrk(wrk: str, lua: Path, url: str, pool: Path, start: int, duration: int,
+            connections: int, timeout: int) -> dict:
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={timeout}s",
+           "-s", str(lua), url, "--", str(pool), str(start)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
+
+
+def run_python(url: str, pool: Path, start: int, duration: int, connections: int,
+               timeout: int) -> dict:
+    """Fallback: threads with keep-alive sessions, each taking the next pool line."""
+    import requests
+
+    lines = pool.read_text(encoding="ascii").splitlines()
+    lock = threading.Lock()
+    state = {"next": start, "ok": 0, "non200": 0, "wrapped": 0, "sent": 0, "errors": 0,
+             "first_err": "", "lat": []}
+    stop_at = time.monotonic() + duration
+
+    def worker():
+        session = requests.Session()
+        while time.monotonic() < stop_at:
+            with lock:
+                i = state["next"]
+                state["next"] += 1
+                state["sent"] += 1
+                if i >= len(lines):
+                    state["wrapped"] += 1
+                    i %= len(lines)
+            sig, body = lines[i].split("\t", 1)
+            t0 = time.perf_counter()
+            try:
+                r = session.post(url, data=body.encode(), timeout=timeout, headers={
+                    "Content-Type": "application/json", "X-Signature": sig})
+            except requests.RequestException as exc:
+                with lock:
+                    state["errors"] += 1
+                    state["first_err"] = state["first_err"] or repr(exc)[:200]
+                continue
+            with lock:
+                state["lat"].append((time.perf_counter() - t0) * 1e6)
+                if r.status_code == 200:
+                    state["ok"] += 1
+                else:
+                    state["non200"] += 1
+                    state["first_err"] = state["first_err"] or f"{r.status_code} {r.text[:200]}"
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=duration + timeout + 30)
+    lat = sorted(state["lat"]) or [0]
+    return {"ok": state["ok"], "non200": state["non200"], "wrapped": state["wrapped"],
+            "sent": state["sent"], "duration_us": int((time.monotonic() - t0) * 1e6),
+            "socket_errors": state["errors"], "p50_us": int(lat[len(lat) // 2]),
+            "p99_us": int(lat[min(len(lat) - 1, len(lat) * 99 // 100)]),
+            "first_err": state["first_err"]}
+
+
+# --- gunicorn ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    mode: str
+    port: int
+    proc: subprocess.Popen
+    log_file: object
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if int(fields[2]) == self.proc.pid:  # process group of the master
+                total += int(fields[11]) + int(fields[12])
+        return total / CLK_TCK
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # no worker outlives its master
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.log_file.close()
+
+
+def launch(mode: str, tmp: Path, fake_url: str, database_url: str) -> Service:
+    run_dir = tmp / mode
+    (run_dir / "metrics").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PROMETHEUS_", "PERSONALIZE_", "AWS_", "EVENT_", "USER_TRAITS",
+                                "ITEM_PROPERTIES"))
+           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update({
+        "DATABASE_URL": database_url or f"sqlite:///{run_dir}/bench.db",
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
+        "PYTHONUNBUFFERED": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+        # Present in both launches, so both processes look alike; used only in Personalize mode.
+        "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake_url,
+        "AWS_ACCESS_KEY_ID": "AKIDBENCH", "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    if mode == "personalize":
+        env.update({"PERSONALIZE_TRACKING_ID": TRACKING_ID, "EVENT_VALUE_PROPERTY": "price"})
+    port = free_port()
+    flags = ["-c", "gunicorn.conf.py", "--workers", "2", "--no-control-socket",
+             "--bind", f"{HOST}:{port}"]
+    log_path = run_dir / "gunicorn.log"
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *flags, "wsgi:app"], cwd=REPO,
+                            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    service = Service(mode, port, proc, log_file, log_path)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{mode}: gunicorn exited\n{log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(service.url + "/healthz", timeout=2) as r:
+                health = json.load(r)
+                if health.get("mode") != mode:
+                    raise RuntimeError(f"{mode}: /healthz says mode {health.get('mode')!r}")
+                break
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{mode}: not ready in 30s\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    log(f"{mode}: gunicorn up on :{port} (pid {proc.pid})")
+    return service
+
+
+def schema_url(base: str, schemas: list[str]) -> str:
+    import sqlalchemy as sa
+
+    schema = f"bench_{os.getpid()}_{len(schemas)}"
+    engine = sa.create_engine(base)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    schemas.append(schema)
+    return f"{base}?options=-csearch_path%3D{schema}"
+
+
+def drop_schemas(base: str, schemas: list[str]) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(base)
+    with engine.begin() as conn:
+        for schema in schemas:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+# --- the run ----------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    mode: str
+    kind: str
+    round: int
+    stats: dict
+    server_cpu: float
+
+    @property
+    def seconds(self) -> float:
+        return self.stats["duration_us"] / 1e6
+
+    @property
+    def rps(self) -> float:
+        return self.stats["ok"] / self.seconds
+
+    @property
+    def eps(self) -> float:
+        return self.rps * (BATCH if self.kind == "batch" else 1)
+
+    def problems(self) -> list[str]:
+        s = self.stats
+        out = []
+        if s["non200"]:
+            out.append(f"{s['non200']} non-200 (first: {s['first_err']!r})")
+        if s["socket_errors"]:
+            out.append(f"{s['socket_errors']} socket errors")
+        if s["wrapped"]:
+            out.append("pool exhausted: messageIds reused (raise --pool-*)")
+        if not s["ok"]:
+            out.append("no successful answer")
+        return out
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per cell (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per cell kind")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median)")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--timeout", type=int, default=10, help="per-request timeout, s")
+    p.add_argument("--pool-single", type=int, default=60_000, help="single messages in the pool")
+    p.add_argument("--pool-batch", type=int, default=1_500, help="batches of 100 in the pool")
+    p.add_argument("--python-loadgen", action="store_true", help="do not use wrk")
+    p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--postgresql", metavar="URL", nargs="?", const=os.environ.get(
+        "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+        help="store in PostgreSQL (a fresh schema per launch) instead of SQLite")
+    a = p.parse_args()
+    if not (1 <= a.duration <= 120 and 0 <= a.warmup <= 30 and 1 <= a.rounds <= 10
+            and 1 <= a.connections <= 256):
+        p.error("duration 1-120, warmup 0-30, rounds 1-10, connections 1-256")
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
+
+    wrk = None if a.python_loadgen else shutil.which("wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="personalize-bench-"))
+    services: list[Service] = []
+    schemas: list[str] = []
+    problems: list[str] = []
+    fake = FakePersonalizeEvents().start()
+    try:
+        tag = f"pb{os.getpid()}x{int(time.time())}"
+        pools = {"single": tmp / "single.tsv", "batch": tmp / "batch.tsv"}
+        seconds = a.rounds * a.duration + a.warmup  # what one launch consumes per kind
+        a.pool_single = max(a.pool_single, seconds * 3000)  # sized for 3000 req/s
+        a.pool_batch = max(a.pool_batch, seconds * 250)  # and 250 batches/s
+        t0 = time.monotonic()
+        write_pool(pools["single"], "single", a.pool_single, tag)
+        write_pool(pools["batch"], "batch", a.pool_batch, tag)
+        log(f"pools: {a.pool_single} single, {a.pool_batch} batches of {BATCH} "
+            f"({time.monotonic() - t0:.1f}s)")
+        lua = tmp / "bench.lua"
+        lua.write_text(LUA)
+        urls = {m: schema_url(a.postgresql, schemas) if a.postgresql else ""
+                for m in ("embedded", "personalize")}
+        embedded = launch("embedded", tmp, fake.url, urls["embedded"])
+        services.append(embedded)
+        personalize = launch("personalize", tmp, fake.url, urls["personalize"])
+        services.append(personalize)
+
+        cursor = {(m, k): 0 for m in ("embedded", "personalize") for k in ("single", "batch")}
+        acknowledged = 0  # events the Personalize service answered 200 for
+        cells: list[Cell] = []
+        plan = [(embedded, "single"), (personalize, "single"),
+                (embedded, "batch"), (personalize, "batch")]
+        for rnd in range(0 if a.warmup else 1, a.rounds + 1):
+            for service, kind in plan:
+                duration = a.warmup if rnd == 0 else a.duration
+                start = cursor[(service.mode, kind)]
+                cpu0 = service.cpu_seconds()
+                if wrk:
+                    stats = run_wrk(wrk, lua, service.url + "/segment", pools[kind], start,
+                                    duration, a.connections, a.timeout)
+                else:
+                    stats = run_python(service.url + "/segment", pools[kind], start, duration,
+                                       a.connections, a.timeout)
+                cell = Cell(service.mode, kind, rnd, stats, service.cpu_seconds() - cpu0)
+                cursor[(service.mode, kind)] += stats["sent"]
+                if service is personalize:
+                    acknowledged += stats["ok"] * (BATCH if kind == "batch" else 1)
+                label = "warm-up" if rnd == 0 else f"round {rnd}"
+                log(f"{label}: {service.mode:<11} {kind:<6} {cell.rps:9.1f} req/s "
+                    f"{cell.eps:10.1f} events/s  p50 {stats['p50_us'] / 1e3:.1f} ms  "
+                    f"p99 {stats['p99_us'] / 1e3:.1f} ms")
+                if cell.problems():
+                    problems.append(f"{service.mode} {kind} {label}: "
+                                    + "; ".join(cell.problems()))
+                    log("  PROBLEM: " + problems[-1])
+                if rnd:
+                    cells.append(cell)
+
+        # What the stand-in got: one event per acknowledged event, in calls of <= 10.
+        time.sleep(0.5)
+        events = fake.events()
+        calls = fake.calls_for("PutEvents")
+        ids = {e["eventId"] for e in events}
+        max_call = max((len(c.body["eventList"]) for c in calls), default=0)
+
+        print()
+        print("=" * 96)
+        print(f"Personalize mode vs embedded default: gunicorn --workers 2 (gunicorn.conf.py), "
+              f"{a.connections} connections, {a.duration}s a cell x {a.rounds} round(s), "
+              f"load: {'wrk' if wrk else 'Python threads (wrk not found)'}; "
+              f"{os.cpu_count()} cores shared by service, stand-in and load generator")
+        print("=" * 96)
+        print(f"{'payload':<14}{'embedded ev/s':>15}{'personalize ev/s':>18}{'ratio P/E':>11}"
+              f"{'emb p50 ms':>12}{'pers p50 ms':>13}{'emb CPU ms/ev':>15}"
+              f"{'pers CPU ms/ev':>16}")
+        for kind in ("single", "batch"):
+            row = {}
+            for mode in ("embedded", "personalize"):
+                cs = [c for c in cells if (c.mode, c.kind) == (mode, kind)]
+                row[mode] = (median([c.eps for c in cs]),
+                             median([c.stats["p50_us"] / 1e3 for c in cs]),
+                             median([c.server_cpu * 1e3 / max(1, c.eps * c.seconds)
+                                     for c in cs]))
+            e, pz = row["embedded"], row["personalize"]
+            name = "single" if kind == "single" else f"batch x{BATCH}"
+            print(f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{pz[0] / e[0]:>11.2f}"
+                  f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}")
+        print()
+        print(f"stand-in: {len(calls)} PutEvents calls (largest {max_call} events), "
+              f"{len(events)} events, {len(ids)} distinct eventIds; the Personalize service "
+              f"acknowledged {acknowledged} events (warm-up included)")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"stand-in + bench process CPU: {usage.ru_utime + usage.ru_stime:.1f}s "
+              f"(it competes with the service for the same cores)")
+        # wrk stops counting at the end of a cell while requests are still in flight: those
+        # events reach the stand-in unacknowledged, so it may hold more, never fewer.
+        ok = len(ids) == len(events) >= acknowledged and max_call <= 10 and not problems
+        print("CHECK: " + ("PASS - no event lost (stand-in >= acknowledged), none sent twice, "
+                           "no call over 10 events"
+                           if ok else "FAIL - see counts above"))
+        for problem in problems:
+            print("INVALID CELL: " + problem)
+        print(f"store: {'PostgreSQL' if a.postgresql else 'SQLite'} (fresh per launch)")
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except Exception as exc:
+        log(f"ERROR: {exc}")
+        for s in services:
+            tail = [line for line in s.log_path.read_text(errors="replace").splitlines()
+                    if '"INFO"' not in line][-5:]
+            if tail:
+                log(f"{s.mode} log tail:\n  " + "\n  ".join(tail))
+        return 2
+    finally:
+        for s in services:
+            try:
+                s.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"stopping {s.mode} failed: {exc!r}", file=sys.stderr)
+        fake.stop()
+        if schemas:
+            drop_schemas(a.postgresql, schemas)
+        if a.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

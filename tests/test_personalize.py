@@ -1,0 +1,691 @@
+"""Amazon Personalize mode (issue 3), end to end: Segment deliveries into the webhook, the
+real boto3 ``personalize-events`` client, and a local server speaking that service's
+rest-json protocol (tests/fake_personalize.py), reached through
+AWS_ENDPOINT_URL_PERSONALIZE_EVENTS. boto3 and the code under test are not patched.
+
+What is asserted is what a user notices: the PutEvents/PutUsers/PutItems payloads
+Personalize receives, how many calls a delivery costs, the webhook's answer (status,
+Retry-After, the ``personalize`` part of the summary), /metrics, the log, and the local
+store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter
+from datetime import datetime
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import store_of
+from tests.fake_personalize import FakePersonalizeEvents
+from tests.segment_wire import (
+    ANON_ID,
+    STORY,
+    USER_ID,
+    CaptureServer,
+    actions_headers,
+    capture_corpus,
+    node_available,
+    node_deliveries,
+)
+from webhook.config import Settings
+
+TRACKING_ID = "tracking-0123"
+USERS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/USERS"
+ITEMS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
+SECRET = "personalize-shared-secret"
+SEGMENT_DEADLINE = 5.0  # what Segment gives a webhook
+
+# The story (tests/segment_wire.STORY) by position.
+PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_ORDER, \
+    SCREEN, GROUP, SIGNED_UP = range(13)
+
+# Mappings as an operator writes them in the environment, parsed by the service's own
+# settings reader (so "image_url" becomes the schema field "imageUrl").
+CONFIGURED = Settings.from_env({
+    "EVENT_TYPE_MAP": "Product Viewed=View,Order Completed=Purchase",
+    "EVENT_VALUE_PROPERTY": "price",
+    "EVENT_PROPERTIES": "currency,image_url,quantity",
+    "USER_TRAITS_MAP": "plan,purchased_products,city",
+    "ITEM_PROPERTIES_MAP": "category,price,brand,name",
+})
+MAPPING = dict(
+    event_type_map=CONFIGURED.event_type_map,
+    event_value_property=CONFIGURED.event_value_property,
+    event_properties=CONFIGURED.event_properties,
+    user_traits_map=CONFIGURED.user_traits_map,
+    item_properties_map=CONFIGURED.item_properties_map,
+)
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture
+def fake():
+    with FakePersonalizeEvents() as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(monkeypatch, fake):
+    """Where boto3 finds the stand-in and (dummy) credentials; read when the forwarder
+    makes its client, on first use."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_EVENTS", fake.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
+                 "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def personalize_app(make_app, aws_env):
+    """make_app in Personalize mode; keyword settings override the defaults here."""
+    def factory(**settings):
+        values = dict(personalize_tracking_id=TRACKING_ID,
+                      personalize_users_dataset_arn=USERS_ARN,
+                      personalize_items_dataset_arn=ITEMS_ARN, **MAPPING)
+        values.update(settings)
+        return make_app(**values)
+    return factory
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    messages = capture_corpus()
+    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
+    return messages
+
+
+LONG_RECOMMENDATION_ID = "rid-" + "x" * 37  # 41 characters: over Personalize's 40
+GOOD_RECOMMENDATION_ID = "RID-" + "a" * 36  # 40 characters: the maximum
+IMPRESSION_30 = [f"imp-{k}" for k in range(30)]
+
+
+def _emit_extras(client) -> None:
+    """More genuine messages: recommendations attribution, and a profile with list traits."""
+    client.track(anonymous_id="anon-2", event="Product Viewed", properties={
+        "product_id": "sku-7", "price": "12.50", "currency": "USD",
+        "recommendation_id": LONG_RECOMMENDATION_ID, "impression": IMPRESSION_30})
+    client.track(anonymous_id="anon-2", event="Product Clicked", properties={
+        "product_id": "sku-8", "recommendation_id": GOOD_RECOMMENDATION_ID,
+        "impression": "sku-8|sku-9|sku-1"})  # Personalize's own "a|b" notation
+    client.identify(user_id="user-2", anonymous_id="anon-2", traits={
+        "plan": "free", "purchased_products": ["sku-1", "sku-2", "sku-3"],
+        "email": "someone@example.com"})
+
+
+@pytest.fixture(scope="module")
+def extras():
+    """Messages serialized by segment-analytics-python itself (not hand-written JSON)."""
+    from segment.analytics import Client
+
+    with CaptureServer(status=200, json_body={}) as srv:
+        client = Client(write_key="w", host=srv.url, sync_mode=True,
+                        proxies={"http": None, "https": None})
+        _emit_extras(client)
+        posts = srv.requests
+    messages = [m for req in posts for m in req.json()["batch"]]
+    assert [m.get("event") or m["type"] for m in messages] == [
+        "Product Viewed", "Product Clicked", "identify"]
+    return messages
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def post(app, messages):
+    return app.test_client().post("/segment", json=messages)
+
+
+def metric(app, name: str, **labels) -> float:
+    """A counter's value from GET /metrics (0 when the series does not exist yet)."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return 0.0
+
+
+def track(message_id: str, *, anonymous_id: str | None = None, user_id: str | None = None,
+          event: str = "Product Viewed", product: str = "p-1", **properties) -> dict:
+    """A track message shaped as Segment delivers it."""
+    message = {"type": "track", "event": event, "messageId": message_id,
+               "timestamp": "2026-11-27T10:00:00.000Z",
+               "properties": {"product_id": product, **properties}}
+    if anonymous_id:
+        message["anonymousId"] = anonymous_id
+    if user_id:
+        message["userId"] = user_id
+    return message
+
+
+def grouped_batch(sizes: dict[tuple[str, str | None], int], prefix: str) -> list[dict]:
+    """Messages for several (session, user) pairs, interleaved as real traffic is."""
+    left = dict(sizes)
+    messages, n = [], 0
+    while any(left.values()):
+        for (session, user), count in left.items():
+            if count:
+                anonymous = None if session == user else session
+                messages.append(track(f"{prefix}-{n}", anonymous_id=anonymous, user_id=user,
+                                      product=f"p-{n % 37}", price=(n % 50) + 0.5))
+                left[(session, user)] -= 1
+                n += 1
+    return messages
+
+
+def sent_event_ids(fake) -> Counter:
+    return Counter(e["eventId"] for e in fake.events())
+
+
+# --- the genuine corpus -----------------------------------------------------------------
+
+def expected_events(corpus, extras) -> dict[str, dict]:
+    """Every event Personalize must receive for corpus + extras, by eventId, exactly."""
+    mid = [m["messageId"] for m in corpus]
+
+    def ev(index, suffix, event_type, item, session, user, value=None, props=None,
+           source=corpus, **extra):
+        event = {"eventId": source[index]["messageId"] + suffix, "eventType": event_type,
+                 "itemId": item, "sentAt": epoch(source[index]["timestamp"]),
+                 "trackingId": TRACKING_ID, "sessionId": session, "userId": user}
+        if value is not None:
+            event["eventValue"] = value
+        if props is not None:
+            event["properties"] = props
+        event.update(extra)
+        return event
+
+    events = [
+        # Anonymous browsing: the session is the anonymousId, no userId.
+        ev(VIEWED, "", "View", "sku-1", ANON_ID, None, 199.5,
+           {"imageUrl": "https://shop.example/i/sku-1.jpg"}),
+        ev(CLICKED, "", "Product Clicked", "sku-2", ANON_ID, None, 35.0),
+        ev(ADDED, "", "Product Added", "sku-1", ANON_ID, None, 199.5, {"quantity": 1}),
+        # After identify: the userId is set (analytics-python sends no anonymousId here).
+        ev(WISHLIST, "", "Product Added to Wishlist", "sku-3", USER_ID, USER_ID),
+        # Order Completed fans out: one event a product, ids messageId#i.
+        ev(ORDER, "#0", "Purchase", "sku-1", USER_ID, USER_ID, 199.5,
+           {"currency": "EUR", "quantity": 1}),
+        ev(ORDER, "#1", "Purchase", "sku-2", USER_ID, USER_ID, 35.0,
+           {"currency": "EUR", "quantity": 1}),
+        ev(V1_VIEWED, "", "Viewed Product", "SKU-4", USER_ID, USER_ID),
+        ev(V1_ORDER, "#0", "Completed Order", "SKU-5", USER_ID, USER_ID),
+    ]
+    if extras:
+        events += [
+            # Attribution: a 41-character recommendationId is left out, a 30-id impression
+            # trimmed to Personalize's 25; a string price still gives a float eventValue.
+            ev(0, "", "View", "sku-7", "anon-2", None, 12.5, {"currency": "USD"},
+               source=extras, impression=IMPRESSION_30[:25]),
+            ev(1, "", "Product Clicked", "sku-8", "anon-2", None, None, None, source=extras,
+               recommendationId=GOOD_RECOMMENDATION_ID,
+               impression=["sku-8", "sku-9", "sku-1"]),
+        ]
+    assert len({e["eventId"] for e in events}) == len(events) == 8 + 2 * bool(extras)
+    assert mid[VIEWED] in {e["eventId"] for e in events}
+    return {e["eventId"]: e for e in events}
+
+
+def deliver_story(app, corpus, extras):
+    """The corpus and the extras as one signed Webhooks (Actions) batch."""
+    messages = corpus + extras
+    if node_available():
+        wire = node_deliveries(messages, SECRET)
+        return app.test_client().post("/segment", data=wire["batch_body"],
+                                      headers=actions_headers(wire["batch_signature"]))
+    return post(app, messages)
+
+
+def test_corpus_becomes_exactly_the_expected_putevents(personalize_app, fake, corpus, extras):
+    app = personalize_app(segment_shared_secrets=(SECRET,))
+    trimmed_before = metric(app, "personalize_records_total", kind="event", outcome="trimmed")
+
+    response = deliver_story(app, corpus, extras)
+
+    assert response.status_code == 200, response.get_json()
+    expected = expected_events(corpus, extras)
+    events = fake.events()
+    assert len(events) == len(expected), [e["eventId"] for e in events]
+    for event in events:
+        want = dict(expected[event["eventId"]])
+        got = dict(event)
+        # properties is a JSON *string* (the stand-in also checks it parses to an object).
+        if "properties" in want:
+            assert isinstance(got["properties"], str)
+            assert json.loads(got.pop("properties")) == want.pop("properties")
+        if "eventValue" in want:
+            assert isinstance(got["eventValue"], float)
+        assert got.pop("sentAt") == pytest.approx(want.pop("sentAt"), abs=1e-3)
+        assert got == want
+    # Events of one (session, user) go out together; no call carries a userId it has not.
+    for call in fake.calls_for("PutEvents"):
+        body = call.body
+        assert 1 <= len(body["eventList"]) <= 10
+        assert {expected[e["eventId"]]["sessionId"] for e in body["eventList"]} == \
+            {body["sessionId"]}
+        if body["sessionId"] in (ANON_ID, "anon-2"):
+            assert "userId" not in body
+    assert len(fake.calls_for("PutEvents")) == 3  # anon-1, user-1, anon-2
+
+    summary = response.get_json()
+    assert summary["accepted"] == 16 and summary["interactions"] == 10
+    report = summary["personalize"]
+    assert report["events"] == 10 and report["dropped"] == []
+    # The trims are reported, for the event concerned, with their reasons.
+    trimmed = report["trimmed"]
+    assert {(t["kind"], t["id"]) for t in trimmed} == {("event", extras[0]["messageId"])}
+    reasons = " / ".join(t["reason"] for t in trimmed)
+    assert "recommendationId" in reasons and "40" in reasons
+    assert "impression" in reasons and "25" in reasons and "30" in reasons
+    assert metric(app, "personalize_records_total", kind="event",
+                  outcome="trimmed") == trimmed_before + len(trimmed)
+
+
+def test_order_completed_fans_out_into_one_event_a_product(personalize_app, fake, corpus):
+    app = personalize_app()
+    order = corpus[ORDER]
+    response = post(app, [order])
+    assert response.status_code == 200
+    events = fake.events()
+    assert [(e["eventId"], e["itemId"], e["eventType"], e["eventValue"]) for e in events] == [
+        (order["messageId"] + "#0", "sku-1", "Purchase", 199.5),
+        (order["messageId"] + "#1", "sku-2", "Purchase", 35.0),
+    ]
+    assert [e["sentAt"] for e in events] == [pytest.approx(epoch(order["timestamp"]), abs=1e-3)] * 2
+    assert len(fake.calls_for("PutEvents")) == 1
+    # The products also describe the catalog.
+    assert sorted(i["itemId"] for i in fake.items()) == ["sku-1", "sku-2"]
+
+
+def test_identify_becomes_putusers_with_list_traits_joined(personalize_app, fake, corpus,
+                                                           extras):
+    app = personalize_app()
+    response = post(app, corpus + extras)
+    assert response.status_code == 200
+    users = {u["userId"]: u for u in fake.users()}
+    assert set(users) == {USER_ID, "user-2"}
+    for user in users.values():
+        assert user["datasetArn"] == USERS_ARN
+        assert isinstance(user["properties"], str)
+    assert json.loads(users[USER_ID]["properties"]) == {
+        "plan": "pro", "purchasedProducts": "sku-9", "city": "Zürich"}
+    # A list trait becomes Personalize's categorical "a|b|c"; unmapped traits (email) stay out.
+    assert json.loads(users["user-2"]["properties"]) == {
+        "plan": "free", "purchasedProducts": "sku-1|sku-2|sku-3"}
+    assert response.get_json()["personalize"]["users"] == 2
+
+
+def test_no_users_or_items_calls_without_their_dataset_arns(personalize_app, fake, corpus):
+    app = personalize_app(personalize_users_dataset_arn="", personalize_items_dataset_arn="")
+    assert post(app, corpus).status_code == 200
+    assert {c.operation for c in fake.calls} == {"PutEvents"}
+    assert len(fake.events()) == 8
+
+
+def test_product_properties_become_putitems(personalize_app, fake, corpus):
+    app = personalize_app()
+    assert post(app, corpus).status_code == 200
+    items = {i["itemId"]: i for i in fake.items()}
+    assert {i["datasetArn"] for i in items.values()} == {ITEMS_ARN}
+    props = {k: json.loads(v["properties"]) if "properties" in v else None
+             for k, v in items.items()}
+    assert props == {
+        # Everything the delivery said about sku-1 (Product Viewed, Added, the order line).
+        "sku-1": {"category": "Furniture", "price": 199.5, "brand": "Möbel & Co",
+                  "name": "Chaise longue"},
+        "sku-2": {"price": 35, "name": "Lampe 💡"},
+        "sku-3": {"name": "Tisch"},
+        "SKU-4": {"name": "Hocker"},
+    }
+    assert all(1 <= len(c.body["items"]) <= 10 for c in fake.calls_for("PutItems"))
+
+    # A later delivery changing a price updates that item.
+    response = post(app, [track("price-change", anonymous_id="a-9", product="sku-2",
+                                price=29.0, name="Lampe 💡")])
+    assert response.status_code == 200
+    last = fake.calls_for("PutItems")[-1].body["items"]
+    assert [(i["itemId"], json.loads(i["properties"])) for i in last] == [
+        ("sku-2", {"price": 29.0, "name": "Lampe 💡"})]
+
+
+def test_many_users_and_items_go_out_ten_a_call(personalize_app, fake):
+    app = personalize_app()
+    messages = [{"type": "identify", "userId": f"u-{n}", "messageId": f"id-{n}",
+                 "timestamp": "2026-11-27T10:00:00.000Z",
+                 "traits": {"plan": "pro", "purchased_products": [f"s-{n}", f"s-{n + 1}"]}}
+                for n in range(23)]
+    messages += [track(f"v-{n}", anonymous_id="a-1", product=f"item-{n}", name=f"Item {n}")
+                 for n in range(25)]
+    response = post(app, messages)
+    assert response.status_code == 200
+    assert sorted(len(c.body["users"]) for c in fake.calls_for("PutUsers")) == [3, 10, 10]
+    assert sorted(len(c.body["items"]) for c in fake.calls_for("PutItems")) == [5, 10, 10]
+    assert sorted(u["userId"] for u in fake.users()) == sorted(f"u-{n}" for n in range(23))
+    assert json.loads(fake.users()[0]["properties"])["purchasedProducts"].count("|") == 1
+    assert len(fake.items()) == 25
+
+
+def test_redelivery_of_a_forwarded_delivery_sends_nothing_again(personalize_app, fake,
+                                                                corpus):
+    app = personalize_app()
+    assert post(app, corpus).status_code == 200
+    calls = len(fake.calls)
+    again = post(app, corpus)
+    assert again.status_code == 200
+    assert again.get_json()["duplicates"] == len(corpus)
+    assert len(fake.calls) == calls
+
+
+# --- the local store is still kept ------------------------------------------------------
+
+def test_local_store_keeps_catalog_and_profiles_in_personalize_mode(
+        personalize_app, fake, corpus, database_url):
+    app = personalize_app(database_url=database_url)
+    assert post(app, corpus).status_code == 200
+    assert len(fake.events()) == 8
+    with store_of(app).engine.connect() as conn:
+        items = {r.item_id: r for r in conn.execute(sa.text("SELECT * FROM items"))}
+        profiles = {r.profile_id: r.traits for r in conn.execute(
+            sa.text("SELECT profile_id, traits FROM profiles"))}
+        interactions = {r.event_id for r in conn.execute(
+            sa.text("SELECT event_id FROM interactions"))}
+    assert {"sku-1", "sku-2", "sku-3", "SKU-4"} <= set(items)
+    assert (items["sku-1"].name, items["sku-1"].price) == ("Chaise longue", 199.5)
+    traits = profiles[USER_ID]
+    traits = json.loads(traits) if isinstance(traits, str) else traits
+    assert traits["plan"] == "pro" and traits["purchased_products"] == ["sku-9"]
+    assert interactions == {e["eventId"] for e in fake.events()}
+    assert store_of(app).counts()["segment_messages"] == len(corpus)
+
+
+# --- big batches ------------------------------------------------------------------------
+
+def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake):
+    app = personalize_app()
+    sizes = {("anon-a", None): 1234, ("anon-b", "user-b"): 997, ("user-c", "user-c"): 805,
+             ("anon-d", None): 9, ("anon-e", "user-e"): 11, ("anon-f", None): 944}
+    messages = grouped_batch(sizes, "big")
+    assert len(messages) == 4000
+    expected_calls = sum(math.ceil(n / 10) for n in sizes.values())
+
+    started = time.perf_counter()
+    response = post(app, messages)
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 200, response.get_json()
+    calls = fake.calls_for("PutEvents")
+    assert len(calls) == expected_calls  # 403 calls, not 4000
+    assert all(1 <= len(c.body["eventList"]) <= 10 for c in calls)
+    per_group = Counter((c.body["sessionId"], c.body.get("userId")) for c in calls)
+    assert per_group == {k: math.ceil(n / 10) for k, n in sizes.items()}
+    ids = sent_event_ids(fake)
+    assert set(ids) == {m["messageId"] for m in messages}
+    assert set(ids.values()) == {1}
+    report = response.get_json()["personalize"]
+    assert (report["events"], report["calls"]) == (4000, expected_calls + report["items"] // 10
+                                                   + (1 if report["items"] % 10 else 0))
+    assert elapsed < 3.5, f"4000 events took {elapsed:.2f}s; Segment allows 5s in all"
+
+
+def test_calls_run_concurrently_within_the_configured_bound(personalize_app, fake):
+    app = personalize_app(personalize_max_concurrency=4, personalize_items_dataset_arn="")
+    fake.delay(0.2)
+    messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(12)}, "conc")
+    started = time.perf_counter()
+    response = post(app, messages)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert len(fake.calls_for("PutEvents")) == 12
+    # 12 calls of 0.2 s: one at a time would take 2.4 s; 4 at a time, about 0.6 s.
+    assert 0.55 < elapsed < 1.6, elapsed
+
+
+# --- throttling, server errors, timeouts, the deadline ----------------------------------
+
+def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fake):
+    app = personalize_app(personalize_deadline_seconds=3.5)
+    messages = grouped_batch({("anon-1", None): 25, ("anon-2", "u-2"): 17,
+                              ("u-3", "u-3"): 8}, "thr")
+    throttled_before = metric(app, "personalize_calls_total", operation="put_events",
+                              outcome="throttled")
+    fake.throttle_for(1.0)
+    started = time.perf_counter()
+    response = post(app, messages)
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 200, response.get_json()
+    assert elapsed < SEGMENT_DEADLINE
+    ids = sent_event_ids(fake)
+    assert set(ids) == {m["messageId"] for m in messages}
+    assert set(ids.values()) == {1}, "an event was delivered twice"
+    assert any(a.error_code == "ThrottlingException" for a in fake.attempt_log)
+    assert response.get_json()["personalize"]["retries"] > 0
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="throttled") > throttled_before
+    assert store_of(app).counts()["interactions"] == len(messages)
+
+
+def test_server_errors_then_recovery(personalize_app, fake, corpus):
+    app = personalize_app()
+    errors_before = metric(app, "personalize_calls_total", operation="put_events",
+                           outcome="error")
+    ok_before = metric(app, "personalize_calls_total", operation="put_events", outcome="ok")
+    fake.fail_next(2, status=500)
+    response = post(app, corpus)
+    assert response.status_code == 200, response.get_json()
+    assert sorted(sent_event_ids(fake).elements()) == sorted(
+        expected_ids_of_corpus(corpus))
+    five_xx = [a for a in fake.attempt_log if a.status >= 500]
+    assert len(five_xx) == 2
+    errors = metric(app, "personalize_calls_total", operation="put_events", outcome="error")
+    errors += metric(app, "personalize_calls_total", operation="put_items", outcome="error")
+    errors += metric(app, "personalize_calls_total", operation="put_users", outcome="error")
+    assert errors - errors_before == 2
+    # Two PutEvents calls (anon-1, user-1) succeeded in the end.
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="ok") == ok_before + 2
+
+
+def test_503_from_the_service_is_retried(personalize_app, fake):
+    app = personalize_app()
+    fake.fail_next(3, status=503)
+    messages = grouped_batch({("anon-1", None): 12}, "svc")
+    response = post(app, messages)
+    assert response.status_code == 200
+    assert set(sent_event_ids(fake)) == {m["messageId"] for m in messages}
+
+
+def expected_ids_of_corpus(corpus) -> list[str]:
+    mid = [m["messageId"] for m in corpus]
+    return [mid[VIEWED], mid[CLICKED], mid[ADDED], mid[WISHLIST], mid[ORDER] + "#0",
+            mid[ORDER] + "#1", mid[V1_VIEWED], mid[V1_ORDER] + "#0"]
+
+
+def test_a_call_slower_than_the_call_timeout_is_retried(personalize_app, fake, corpus):
+    app = personalize_app(personalize_call_timeout_seconds=0.3,
+                          personalize_users_dataset_arn="", personalize_items_dataset_arn="")
+    timeouts_before = metric(app, "personalize_calls_total", operation="put_events",
+                             outcome="timeout")
+    fake.delay(1.0, n=1)  # the first request hangs past the client's timeout
+    started = time.perf_counter()
+    response = post(app, corpus)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.get_json()
+    assert elapsed < 2.0
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="timeout") == timeouts_before + 1
+    # The stand-in may still have taken the timed-out call (like a real service whose
+    # answer is lost): a second copy then carries the same eventIds, never other ids.
+    time.sleep(1.0)
+    ids = sent_event_ids(fake)
+    assert set(ids) == set(expected_ids_of_corpus(corpus))
+
+
+def test_throttled_past_the_deadline_answers_503_then_redelivery_succeeds(
+        personalize_app, fake, database_url):
+    app = personalize_app(database_url=database_url, personalize_deadline_seconds=1.0)
+    messages = grouped_batch({("anon-1", None): 15, ("anon-2", "u-2"): 6}, "late")
+    fake.throttle_for(60)
+    started = time.perf_counter()
+    response = post(app, messages)
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 503, response.get_json()
+    assert int(response.headers["Retry-After"]) > 0
+    assert response.get_json()["error"]["code"] == "destination_unavailable"
+    assert elapsed < 2.0
+    # Nothing was claimed or stored: the redelivery is not taken for a duplicate.
+    assert set(store_of(app).counts().values()) == {0}
+    assert fake.events() == []
+
+    fake.reset()  # Personalize recovers; Segment redelivers the same body
+    again = post(app, messages)
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json()["accepted"] == len(messages)
+    assert again.get_json()["duplicates"] == 0
+    ids = sent_event_ids(fake)
+    assert set(ids) == {m["messageId"] for m in messages}
+    assert store_of(app).counts()["interactions"] == len(messages)
+
+
+def test_redelivery_after_a_lost_answer_repeats_only_the_same_event_ids(
+        personalize_app, fake, corpus):
+    """Calls whose answers are lost (client timeout) were nonetheless taken; the webhook
+    answered 503, Segment redelivers, and Personalize sees every event again under the
+    same eventId — never under another — so training does not count it twice."""
+    app = personalize_app(personalize_deadline_seconds=1.0,
+                          personalize_call_timeout_seconds=0.3)
+    fake.delay(0.5)
+    response = post(app, corpus)
+    assert response.status_code == 503
+    assert "Retry-After" in response.headers
+    assert store_of(app).counts()["segment_messages"] == 0
+    time.sleep(0.8)  # the stand-in finishes what it was slow on
+    first = fake.events()
+    assert first, "the slow calls should have reached the stand-in"
+
+    fake.delay(0)
+    again = post(app, corpus)
+    assert again.status_code == 200, again.get_json()
+    expected = expected_events(corpus, [])  # extras not delivered here
+    events = fake.events()
+    assert {e["eventId"] for e in events} == set(expected_ids_of_corpus(corpus))
+    by_id: dict[str, list[dict]] = {}
+    for event in events:
+        by_id.setdefault(event["eventId"], []).append(event)
+    for event_id, copies in by_id.items():
+        assert all(c == copies[0] for c in copies), f"{event_id} sent with differing content"
+        assert copies[0]["itemId"] == expected[event_id]["itemId"]
+    assert any(n > 1 for n in Counter(e["eventId"] for e in events).values())
+
+
+@pytest.mark.parametrize("trouble", ["throttled", "hanging"])
+def test_503_answer_stays_within_segments_5_seconds_with_default_settings(
+        personalize_app, fake, trouble):
+    app = personalize_app()  # default deadline and call timeout
+    defaults = Settings()
+    assert defaults.personalize_deadline_seconds < SEGMENT_DEADLINE
+    messages = grouped_batch({(f"anon-{k}", None): 30 for k in range(10)}, trouble)
+    if trouble == "throttled":
+        fake.throttle_for(60)
+    else:
+        fake.delay(30)  # the service accepts connections and never answers in time
+    started = time.perf_counter()
+    response = post(app, messages)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 503, response.get_json()
+    assert int(response.headers["Retry-After"]) > 0
+    assert elapsed < SEGMENT_DEADLINE, f"answered after {elapsed:.2f}s"
+    assert store_of(app).counts()["segment_messages"] == 0
+
+
+# --- permanent errors -------------------------------------------------------------------
+
+def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, caplog):
+    app = personalize_app()
+    messages = grouped_batch({("anon-1", None): 7, ("anon-2", "u-2"): 5}, "inv")
+    bad = {messages[0]["messageId"], messages[5]["messageId"]}  # anon-1's 1st, anon-2's 3rd
+    fake.reject_event_ids(bad)
+    dropped_before = metric(app, "personalize_records_total", kind="event", outcome="dropped")
+    invalid_before = metric(app, "personalize_calls_total", operation="put_events",
+                            outcome="invalid")
+
+    with caplog.at_level(logging.WARNING, logger="webhook.personalize"):
+        response = post(app, messages)
+
+    assert response.status_code == 200, response.get_json()
+    summary = response.get_json()
+    dropped = summary["personalize"]["dropped"]
+    assert {(d["kind"], d["id"]) for d in dropped} == {("event", i) for i in bad}
+    assert all("InvalidInputException" in d["reason"] for d in dropped)
+    # The rest of the delivery is delivered, and stored locally.
+    assert set(sent_event_ids(fake)) == {m["messageId"] for m in messages} - bad
+    assert summary["personalize"]["events"] == len(messages) - len(bad)
+    assert summary["accepted"] == len(messages)
+    assert store_of(app).counts()["interactions"] == len(messages)
+    assert metric(app, "personalize_records_total", kind="event",
+                  outcome="dropped") == dropped_before + len(bad)
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="invalid") > invalid_before
+    # Permanent: never retried as such. A refused call of n records is split in halves to
+    # find the bad ones, so a bad record costs at most 1 + ceil(log2(10)) = 5 refusals.
+    refused = [a for a in fake.attempt_log if a.error_code == "InvalidInputException"]
+    assert len(refused) <= 5 * len(bad)
+    assert any("InvalidInputException" in r.getMessage() for r in caplog.records)
+
+
+def test_invalid_input_for_an_item_is_reported_and_the_rest_goes_through(
+        personalize_app, fake, corpus):
+    app = personalize_app()
+    fake.reject_items({"sku-3"})
+    response = post(app, corpus)
+    assert response.status_code == 200, response.get_json()
+    report = response.get_json()["personalize"]
+    assert ("item", "sku-3") in {(d["kind"], d["id"]) for d in report["dropped"]}
+    assert "sku-3" not in {i["itemId"] for i in fake.items()}
+    assert {"sku-1", "sku-2", "SKU-4"} <= {i["itemId"] for i in fake.items()}
+    assert len(fake.events()) == 8
+
+
+def test_event_properties_over_1024_chars_are_trimmed_and_reported(personalize_app, fake,
+                                                                   caplog):
+    app = personalize_app(event_properties=(("currency", "currency"),
+                                            ("description", "description")))
+    message = track("long-props", anonymous_id="a-1", currency="EUR",
+                    description="Ä" * 1100)
+    with caplog.at_level(logging.WARNING, logger="webhook.personalize"):
+        response = post(app, [message])
+    assert response.status_code == 200
+    (event,) = fake.events()
+    assert json.loads(event["properties"]) == {"currency": "EUR"}
+    (trim,) = response.get_json()["personalize"]["trimmed"]
+    assert trim["id"] == "long-props" and "description" in trim["reason"]
+    assert "1024" in trim["reason"]
+    logged = [r for r in caplog.records if r.name == "webhook.personalize"]
+    assert any("description" in json.dumps(getattr(r, "problems", "")) for r in logged)
+
+
+# --- the other mode ---------------------------------------------------------------------
+
+def test_embedded_mode_calls_nothing_even_with_aws_configured(make_app, aws_env, fake,
+                                                              corpus):
+    app = make_app()
+    assert post(app, corpus).status_code == 200
+    assert fake.attempts == 0
+    assert "personalize" not in post(app, [track("emb-1", anonymous_id="a")]).get_json()
