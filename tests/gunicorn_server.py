@@ -44,7 +44,7 @@ def gunicorn(env: dict[str, str], workers: int = 2, timeout: float = 30.0):
             try:
                 if requests.get(base + "/healthz", timeout=1).status_code in (200, 503):
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("gunicorn did not answer in time")

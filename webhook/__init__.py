@@ -44,11 +44,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
     from . import cli, engine
-    from .views import errors, ops, recommendations, segment
+    from .views import errors, openapi, ops, page, recommendations, segment
     errors.init_app(app)
     app.register_blueprint(segment.bp)
     app.register_blueprint(recommendations.bp)
     app.register_blueprint(ops.bp)
+    from .views import rank, tracking_api  # ecosystem (issue 8)
+    app.register_blueprint(tracking_api.bp)
+    app.register_blueprint(rank.bp)
+    app.register_blueprint(page.bp)
+    app.register_blueprint(openapi.bp)
     _init_cors(app, settings)
     cli.init_app(app)
     engine.init_app(app)
@@ -77,7 +82,8 @@ def _init_request_context(app: Flask, services) -> None:
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         g.started = time.perf_counter()
         g.deadline = time.monotonic() + services.settings.personalize_deadline_seconds
-        if request.endpoint not in ("ops.healthz", "ops.prometheus_metrics"):
+        if request.endpoint not in ("ops.healthz", "ops.prometheus_metrics", "page.index",
+                                    "static", "openapi.openapi_document"):
             try:
                 services.ensure_schema()
             except StoreUnavailable:

@@ -236,12 +236,16 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("cors_origins", ("CORS_ORIGINS",), _origins),
     ("secret_key", ("SECRET_KEY",), _secret_key),
     ("token_max_age_seconds", ("TOKEN_MAX_AGE_SECONDS",), _positive_int),
+    # --- ecosystem (issue 8) ---
+    ("ingest_write_keys", ("INGEST_WRITE_KEYS",), _secrets),
+    ("personalize_ranking_campaign_arn", ("PERSONALIZE_RANKING_CAMPAIGN_ARN",), _arn),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
 SECRET_FIELDS = frozenset(
     {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
-     "segment_profile_api_token", "database_url", "secret_key"}
+     "segment_profile_api_token", "database_url", "secret_key",
+     "ingest_write_keys"}  # ecosystem (issue 8)
 )
 
 
@@ -298,6 +302,11 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     secret_key: str = ""
     token_max_age_seconds: int = 3600
+    # --- ecosystem (issue 8) ---
+    # Write keys for the Segment-compatible Tracking API (POST /v1/*); none: it is off.
+    ingest_write_keys: tuple[str, ...] = ()
+    # A personalized-ranking campaign for POST /recommendations/rank; none: local engine.
+    personalize_ranking_campaign_arn: str = ""
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

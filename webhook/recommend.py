@@ -22,6 +22,7 @@ from .recommenders import Recommendation, Recommender, RecommenderUnavailable
 from .recommenders.personalize import filter_values_from_traits
 from .recommenders.popular import PopularItems
 from .store import Store, StoreUnavailable, items
+from .recommenders.base import ScoredItem  # issue 8: ranking
 
 log = logging.getLogger("webhook.recommend")
 
@@ -126,15 +127,16 @@ class RecommendationService:
         degraded: dict[str, str] = {}
 
         purchases_future = self.pool.submit(self._purchases, request)
+        filter_values: dict | None = None
         if self.filter_values_map and request.visitor:
             # Personalize's filter needs the traits first: sequential, by necessity.
             profile = self._profile(request)
             filter_values, notes = filter_values_from_traits(profile.traits,
                                                              self.filter_values_map)
+            filter_values = filter_values or None
             if notes:
                 degraded["filter"] = "; ".join(notes)
-            recommendation_future = self.pool.submit(self._ask, request, count,
-                                                     filter_values or None)
+            recommendation_future = self.pool.submit(self._ask, request, count, filter_values)
         else:
             recommendation_future = self.pool.submit(self._ask, request, count, None)
             profile = self._profile(request)  # meanwhile, on this thread
@@ -149,6 +151,9 @@ class RecommendationService:
             recommendation = recommendation_future.result()
         except RecommenderUnavailable as exc:
             degraded["recommender"] = str(exc)
+            recommendation = None
+        except StoreUnavailable as exc:  # the local engine reads histories from the store
+            degraded["recommender"] = f"local store unavailable ({exc})"
             recommendation = None
         purchases = purchases_future.result()
         if purchases is None:
@@ -174,7 +179,7 @@ class RecommendationService:
         if len(chosen) < wanted and len(recommendation.items) >= count and count < MAX_RESULTS:
             # Too many were excluded: ask once more, for as many as allowed.
             try:
-                again = (self._ask(request, MAX_RESULTS, None)
+                again = (self._ask(request, MAX_RESULTS, filter_values)
                          if recommendation.source != "popular"
                          else self.popular.recommend(item_id=request.item_id,
                                                      num_results=MAX_RESULTS))
@@ -205,6 +210,9 @@ class RecommendationService:
             popular = self.popular.recommend(item_id=request.item_id, num_results=count)
         except StoreUnavailable:
             popular = Recommendation(items=[], source="popular")
+        if not popular.items and reason == "opted_out":
+            # Never the personalized list for someone who opted out, even if empty.
+            return Recommendation([], "popular", details={"reason": reason})
         if not popular.items and failed is None:
             raise NoRecommendations("the recommender is unavailable and no popular items "
                                     "are known")
@@ -240,3 +248,85 @@ class RecommendationService:
                 degraded["catalog"] = "local store unavailable"
         return [{"itemId": s.item_id, "score": s.score, **catalog.get(s.item_id, {})}
                 for s in chosen]
+
+    # --- ranking a caller's list (issue 8: POST /recommendations/rank) ----------------------
+
+    def rank(self, request: Request, item_ids: Sequence[str], ranker) -> Answer:
+        """``item_ids`` re-ordered for the visitor by ``ranker`` (a recommender with a
+        ``rank`` method), with the same trait checks as ``recommend``: an opt-out gets the
+        list in popularity order, exclusion traits and recent purchases are removed (and
+        counted in ``filtered``). A ranker failure falls back to popularity order."""
+        degraded: dict[str, str] = {}
+        ids = list(item_ids)
+
+        def ask(filter_values):
+            return ranker.rank(user_id=request.visitor, item_ids=ids,
+                               filter_values=filter_values)
+
+        purchases_future = self.pool.submit(self._purchases, request)
+        filter_values: dict | None = None
+        if self.filter_values_map and request.visitor:
+            profile = self._profile(request)
+            filter_values, notes = filter_values_from_traits(profile.traits,
+                                                             self.filter_values_map)
+            if notes:
+                degraded["filter"] = "; ".join(notes)
+            ranking_future = self.pool.submit(ask, filter_values or None)
+        else:
+            ranking_future = self.pool.submit(ask, None)
+            profile = self._profile(request)
+
+        if profile.degraded and profile.status != "not_found":
+            degraded["profile"] = f"{profile.source}: {profile.status}" + (
+                f" ({profile.detail})" if profile.detail else "")
+        elif profile.status == "not_found" and profile.source == "segment":
+            degraded["profile"] = "segment: no profile for this visitor"
+
+        try:
+            ranking: Recommendation | None = ranking_future.result()
+        except RecommenderUnavailable as exc:
+            degraded["recommender"] = str(exc)
+            ranking = None
+        purchases = purchases_future.result()
+        if purchases is None:
+            degraded["purchases"] = "local store unavailable"
+            purchases = []
+
+        opted_out = bool(self.opt_out_trait) and truthy(profile.traits.get(self.opt_out_trait))
+        if opted_out or ranking is None:
+            try:
+                popular = self.popular.rank(item_ids=ids)
+            except StoreUnavailable:
+                degraded["popular"] = "local store unavailable"
+                popular = Recommendation([ScoredItem(i, 0.0) for i in ids], "popular")
+            ranking = Recommendation(popular.items, "popular",
+                                     details={"reason": "opted_out"} if opted_out else {})
+        else:
+            # A ranker may leave out ids it cannot rank; they follow, in the caller's order.
+            returned = {s.item_id for s in ranking.items}
+            missing = [ScoredItem(i, 0.0) for i in ids if i not in returned]
+            if missing:
+                ranking = Recommendation(list(ranking.items) + missing, ranking.source,
+                                         ranking.recommendation_id, ranking.details)
+
+        exclusions: dict[str, str] = {}
+        for trait in self.exclusion_traits:
+            for item_id in trait_items(profile.traits.get(trait)):
+                exclusions.setdefault(item_id, trait)
+        for item_id in purchases:
+            exclusions.setdefault(item_id, "recent_purchase")
+
+        chosen, filtered = self._apply(ranking, exclusions, len(ids))
+        item_list = self._with_details(chosen, degraded)
+        metrics.RECOMMENDATIONS.labels(source=ranking.source,
+                                       degraded=str(bool(degraded)).lower()).inc()
+        return Answer(
+            item_list=item_list,
+            recommendation_id=ranking.recommendation_id or "rid-" + uuid.uuid4().hex[:32],
+            source=ranking.source,
+            filtered=filtered,
+            degraded=degraded,
+            traits={name: profile.traits[name] for name in self.trait_names
+                    if name in profile.traits},
+            opted_out=opted_out,
+        )

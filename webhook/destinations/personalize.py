@@ -48,6 +48,8 @@ THROTTLING_CODES = frozenset({
     "ThrottlingException", "Throttling", "TooManyRequestsException",
     "ProvisionedThroughputExceededException", "RequestLimitExceeded",
 })
+STRUGGLING_BUDGET = 0.75  # seconds a delivery may take while Personalize is struggling
+STRUGGLING_WINDOW = 10.0  # how long "struggling" lasts after a delivery ran out of time
 TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
                     ConnectionClosedError)
 
@@ -144,6 +146,10 @@ class PersonalizeForwarder:
             ),
         }
         self._sleep = sleep
+        # After a delivery ran out of time, the next ones get a short budget until one
+        # goes through: under a long throttle they answer 503 in well under a second
+        # instead of holding every server thread for the whole deadline.
+        self._struggling_until = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._sent = _SentCache()
@@ -194,6 +200,8 @@ class PersonalizeForwarder:
             metrics.PERSONALIZE_RECORDS.labels(kind=problem.kind, outcome=problem.action).inc()
         if not jobs:
             return report
+        if time.monotonic() < self._struggling_until:
+            deadline = min(deadline, time.monotonic() + STRUGGLING_BUDGET)
 
         futures = {self.pool.submit(self._send, op, kwargs, keys, deadline): op
                    for op, kwargs, n, keys in jobs}
@@ -230,11 +238,13 @@ class PersonalizeForwarder:
             log.error("personalize refused the delivery: %s", fatal)
             raise DestinationError(f"Amazon Personalize refused the delivery: {fatal}")
         if out_of_time:
+            self._struggling_until = time.monotonic() + STRUGGLING_WINDOW
             log.warning("personalize: deadline passed with calls unfinished",
                         extra={"calls": len(jobs)})
             raise DestinationError(
                 "Amazon Personalize did not take the delivery in time (throttling or errors); "
                 "retry later", retry_after=5)
+        self._struggling_until = 0.0
         if report.problems:
             log.warning("personalize: records dropped or trimmed", extra={
                 "problems": [{"kind": p.kind, "action": p.action, "reason": p.reason}

@@ -132,6 +132,46 @@ class LocalRecommender:
                 return self._answer(model, scores, banned_ids, num_results, "local", details)
         return self._popular_answer(model, banned_ids, num_results, details)
 
+    def rank(self, *, user_id: str, item_ids: Sequence[str],
+             filter_values: Mapping[str, str] | None = None) -> Recommendation:
+        """``item_ids`` re-ordered for a person (issue 8: POST /recommendations/rank): by the
+        model's scores for their current history; without history, by popularity. Items
+        the model does not know come last, in the caller's order (as Personalize's
+        GetPersonalizedRanking does). ``filter_values`` is ignored locally."""
+        if self.inline_refresh:
+            try:
+                self.holder.refresh()
+            except StoreUnavailable:
+                pass
+        version, model = self.holder.current()
+        details: dict = {"model_version": version}
+        ids = list(item_ids)
+        if model is None:
+            popular = dict(self.popular_before_model())
+            known = [i for i in ids if i in popular]
+            known.sort(key=lambda i: -popular[i])  # stable: ties keep the caller's order
+            rest = [i for i in ids if i not in popular]
+            return Recommendation(
+                items=[ScoredItem(i, float(popular[i])) for i in known] +
+                [ScoredItem(i, 0.0) for i in rest],
+                source="popular", recommendation_id=uuid.uuid4().hex, details=details)
+        index = model.index
+        history, _ = db.read_history(self.store, user_id, model.params.history)
+        details["history"] = len(history)
+        known_history = [(index[item], self.weights.get(event, 1.0))
+                         for item, event, _ in history if item in index]
+        if known_history:
+            scores, source = model.score_history(known_history), "local"
+        else:
+            scores, source = model.popularity, "popular"
+        known = [i for i in ids if i in index]
+        known.sort(key=lambda i: -float(scores[index[i]]))
+        rest = [i for i in ids if i not in index]
+        return Recommendation(
+            items=[ScoredItem(i, float(scores[index[i]])) for i in known] +
+            [ScoredItem(i, 0.0) for i in rest],
+            source=source, recommendation_id=uuid.uuid4().hex, details=details)
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _answer(self, model: Model, scores: np.ndarray, banned_ids: set, n: int, source: str,

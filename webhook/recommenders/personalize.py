@@ -105,3 +105,31 @@ class PersonalizeRecommender:
                  for entry in answer.get("itemList", []) if entry.get("itemId")]
         return Recommendation(items=items, source="personalize",
                               recommendation_id=answer.get("recommendationId"))
+
+    # -- ranking (issue 8): POST /recommendations/rank --------------------------------------
+
+    def rank(self, *, user_id: str, item_ids: Sequence[str],
+             filter_values: Mapping[str, str] | None = None) -> Recommendation:
+        """``item_ids`` re-ordered for ``user_id`` by a personalized-ranking campaign
+        (GetPersonalizedRanking). Items the campaign does not know come last, in the
+        caller's order (Personalize's own rule)."""
+        if not self.campaign_arn:
+            raise RecommenderUnavailable("Amazon Personalize: no ranking campaign configured")
+        request: dict[str, Any] = {"campaignArn": self.campaign_arn,
+                                   "inputList": list(item_ids), "userId": user_id}
+        if self.filter_arn and filter_values:
+            request["filterArn"] = self.filter_arn
+            request["filterValues"] = dict(filter_values)
+        try:
+            answer = self.client.get_personalized_ranking(**request)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            log.warning("personalize-runtime refused a ranking: %s", code)
+            raise RecommenderUnavailable(f"Amazon Personalize: {code}") from None
+        except BotoCoreError as exc:
+            log.warning("personalize-runtime unreachable: %s", type(exc).__name__)
+            raise RecommenderUnavailable(f"Amazon Personalize: {type(exc).__name__}") from None
+        items = [ScoredItem(str(entry["itemId"]), float(entry.get("score") or 0.0))
+                 for entry in answer.get("personalizedRanking", []) if entry.get("itemId")]
+        return Recommendation(items=items, source="personalize",
+                              recommendation_id=answer.get("recommendationId"))

@@ -74,3 +74,13 @@ class PopularItems:
             skip.add(item_id)
         chosen = [s for s in self.ranking() if s.item_id not in skip][:num_results]
         return Recommendation(items=chosen, source="popular")
+
+    def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
+             filter_values: Mapping[str, str] | None = None) -> Recommendation:
+        """``item_ids`` in popularity order; items without interactions or not in the
+        ranking come last, in the caller's order (issue 8: POST /recommendations/rank)."""
+        scores = {s.item_id: s.score for s in self.ranking()}
+        position = {s.item_id: i for i, s in enumerate(self.ranking())}
+        ordered = sorted(item_ids, key=lambda i: position.get(i, len(position)))
+        return Recommendation(items=[ScoredItem(i, scores.get(i, 0.0)) for i in ordered],
+                              source="popular")

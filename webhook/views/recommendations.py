@@ -7,6 +7,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ..recommend import MAX_RESULTS, NoRecommendations, Request
 from ..segment import MAX_ID_LENGTH, clean_text
+from ..store import StoreUnavailable
 from ..tokens import TokenError, check_token
 from .errors import error_response
 
@@ -81,6 +82,9 @@ def recommendations():
         answer = services.recommendations.recommend(wanted)
     except NoRecommendations as exc:
         return error_response(503, "recommender_unavailable", str(exc),
+                              retry_after=settings.retry_after_seconds)
+    except StoreUnavailable:
+        return error_response(503, "store_unavailable", "the store is unavailable; retry later",
                               retry_after=settings.retry_after_seconds)
     if wanted.user_id and answer.source != "popular" and answer.item_list:
         services.activation.submit(wanted.user_id, [i["itemId"] for i in answer.item_list])

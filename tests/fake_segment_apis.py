@@ -1,0 +1,335 @@
+"""Stand-ins for Segment's Profile API and HTTP Tracking API: real HTTP servers on 127.0.0.1.
+
+Independent of the code under test (``webhook/``): they speak the wire formats Segment
+documents, so the service's own HTTP clients (requests, segment-analytics-python) talk to
+them exactly as they would to Segment.
+
+* ``FakeProfileAPI`` -- ``GET /v1/spaces/<space_id>/collections/users/profiles/
+  <user_id:ID|anonymous_id:ID>/traits?include=a,b&limit=N`` with HTTP Basic auth (the
+  access token is the user name, the password empty). Answers ``{"traits": {...},
+  "cursor": {...}}``, 404 for an unknown profile, 401 for a wrong token. HTTP/1.1 with
+  keep-alive (like Segment's), so connection pooling can be observed: every request
+  records the client's (host, port) as ``connection``. ``delay(seconds)`` and
+  ``fail(status)`` inject slowness and outages. Threaded: concurrent requests overlap.
+* ``FakeTrackingAPI`` -- ``POST /v1/batch`` (gzip or plain JSON) with Basic auth = write
+  key. Records the messages; ``identifies()`` / ``wait_for_identifies(n)``.
+
+Plain classes only; pytest fixtures belong in the test modules.
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+def _basic_user(header: str | None) -> str | None:
+    """The user name of an HTTP Basic Authorization header (None if not Basic)."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except ValueError:
+        return None
+    user, sep, _password = decoded.partition(":")
+    return user if sep else None
+
+
+class _Server:
+    """A threaded HTTP server with a request log and delay/failure injection."""
+
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._delay = 0.0
+        self._fail_status: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = owner.protocol_version
+            timeout = 10  # an idle keep-alive connection ends after this
+            # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
+            # algorithm plus the client's delayed ACK would add ~40 ms to every answer
+            # on a kept-alive connection, which Segment's servers do not.
+            disable_nagle_algorithm = True
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                status, headers, payload = owner._handle(self, body)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, format, *args):
+                pass
+
+        self._stopping.clear()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.request_queue_size = 128
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.02},
+                                        name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+            self._httpd = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    # -- injection -----------------------------------------------------------------------
+
+    def delay(self, seconds: float) -> None:
+        """Sleep this long before answering each request (0: off)."""
+        with self._cond:
+            self._delay = seconds
+
+    def fail(self, status: int | None) -> None:
+        """Answer every request with this HTTP status (None: answer normally)."""
+        with self._cond:
+            self._fail_status = status
+
+    def _wait(self) -> None:
+        with self._cond:
+            delay = self._delay
+        if delay:
+            self._stopping.wait(delay)
+
+    def _handle(self, handler, body: bytes) -> tuple[int, dict, bytes]:
+        raise NotImplementedError
+
+
+def _json(status: int, value: Any) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(value).encode("utf-8")
+
+
+class ProfileRequest(NamedTuple):
+    method: str
+    path: str  # without the query string
+    space_id: str | None
+    identifier: str | None  # e.g. "user_id:u-1"
+    include: list[str] | None  # None: no include parameter
+    query: dict[str, list[str]]
+    token: str | None  # the Basic user name sent
+    connection: tuple[str, int]  # the client's address: one per TCP connection
+    status: int  # answered
+    time: float
+
+
+class FakeProfileAPI(_Server):
+    """Segment's Profile API (``profiles.segment.com``), traits endpoint only."""
+
+    def __init__(self, *, space_id: str = "spa_test", token: str = "profile-token"):
+        super().__init__()
+        self.space_id = space_id
+        self.token = token
+        self._profiles: dict[str, dict] = {}
+        self._requests: list[ProfileRequest] = []
+
+    def set_traits(self, identifier: str, traits: dict) -> None:
+        """``identifier``: ``user_id:<id>`` or ``anonymous_id:<id>``."""
+        with self._cond:
+            self._profiles[identifier] = dict(traits)
+
+    def forget(self, identifier: str) -> None:
+        with self._cond:
+            self._profiles.pop(identifier, None)
+
+    @property
+    def requests(self) -> list[ProfileRequest]:
+        with self._cond:
+            return list(self._requests)
+
+    def requests_for(self, identifier: str) -> list[ProfileRequest]:
+        return [r for r in self.requests if r.identifier == identifier]
+
+    def clear(self) -> None:
+        with self._cond:
+            self._requests.clear()
+
+    def _handle(self, handler, body: bytes) -> tuple[int, dict, bytes]:
+        self._wait()
+        parts = urlsplit(handler.path)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        segments = parts.path.split("/")
+        # ['', 'v1', 'spaces', SPACE, 'collections', 'users', 'profiles', ID, 'traits']
+        space = identifier = None
+        shape_ok = (len(segments) == 9 and segments[1:3] == ["v1", "spaces"]
+                    and segments[4:7] == ["collections", "users", "profiles"]
+                    and segments[8] == "traits")
+        if shape_ok:
+            space, identifier = unquote(segments[3]), unquote(segments[7])
+        include = query["include"][0].split(",") if "include" in query else None
+        token = _basic_user(handler.headers.get("Authorization"))
+        with self._cond:
+            fail = self._fail_status
+            traits = self._profiles.get(identifier) if identifier else None
+
+        if fail is not None:
+            answer = _json(fail, {"error": {"code": "internal", "message": "injected"}})
+        elif handler.command != "GET" or not shape_ok:
+            answer = _json(404, {"error": {"code": "not_found", "message": "no such route"}})
+        elif token != self.token:
+            answer = _json(401, {"error": {"code": "unauthorized", "message": "bad token"}})
+        elif space != self.space_id:
+            answer = _json(404, {"error": {"code": "not_found", "message": "no such space"}})
+        elif traits is None:
+            answer = _json(404, {"error": {"code": "not_found",
+                                           "message": "Profile not found"}})
+        else:
+            chosen = {k: v for k, v in traits.items() if include is None or k in include}
+            answer = _json(200, {"traits": chosen, "cursor": {"url": "", "has_more": False,
+                                                              "next": "", "limit": 200}})
+        with self._cond:
+            self._requests.append(ProfileRequest(
+                handler.command, parts.path, space, identifier, include, query, token,
+                handler.client_address[:2], answer[0], time.time()))
+            self._cond.notify_all()
+        return answer
+
+
+class TrackingBatch(NamedTuple):
+    write_key: str | None  # the Basic user name
+    gzipped: bool
+    body: dict
+    time: float
+
+
+class FakeTrackingAPI(_Server):
+    """Segment's HTTP Tracking API (``api.segment.io``): ``POST /v1/batch``."""
+
+    def __init__(self, *, write_key: str = "write-key-test"):
+        super().__init__()
+        self.write_key = write_key
+        self._batches: list[TrackingBatch] = []
+        self.refused = 0
+
+    @property
+    def batches(self) -> list[TrackingBatch]:
+        with self._cond:
+            return list(self._batches)
+
+    def messages(self) -> list[dict]:
+        return [m for b in self.batches for m in b.body.get("batch", [])]
+
+    def identifies(self, user_id: str | None = None) -> list[dict]:
+        return [m for m in self.messages() if m.get("type") == "identify"
+                and (user_id is None or m.get("userId") == user_id)]
+
+    def wait_for_identifies(self, n: int, user_id: str | None = None,
+                            timeout: float = 10.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.identifies(user_id)) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self.identifies(user_id))} of {n} identify "
+                                       f"calls after {timeout}s")
+                self._cond.wait(min(remaining, 0.05))
+            return self.identifies(user_id)
+
+    def _handle(self, handler, body: bytes) -> tuple[int, dict, bytes]:
+        self._wait()
+        with self._cond:
+            fail = self._fail_status
+        if fail is not None:
+            return _json(fail, {"success": False})
+        if handler.command != "POST" or urlsplit(handler.path).path != "/v1/batch":
+            return _json(404, {"success": False})
+        gzipped = (handler.headers.get("Content-Encoding") or "").lower() == "gzip"
+        try:
+            raw = gzip.decompress(body) if gzipped else body
+            payload = json.loads(raw)
+        except (OSError, ValueError):
+            return _json(400, {"success": False, "message": "not JSON"})
+        key = _basic_user(handler.headers.get("Authorization"))
+        if key != self.write_key:
+            with self._cond:
+                self.refused += 1
+            return _json(401, {"success": False, "message": "bad write key"})
+        with self._cond:
+            self._batches.append(TrackingBatch(key, gzipped, payload, time.time()))
+            self._cond.notify_all()
+        return _json(200, {"success": True})
+
+
+# --------------------------------------------------------------------------------------
+# Segment messages as the Webhooks destination delivers them (for POST /segment).
+# --------------------------------------------------------------------------------------
+
+def _message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fields) -> dict:
+    import uuid
+    from datetime import datetime, timezone
+    message = {"type": kind, "messageId": f"m-{uuid.uuid4().hex}",
+               "timestamp": datetime.now(timezone.utc).isoformat(), **fields}
+    if user_id:
+        message["userId"] = user_id
+    if anonymous_id:
+        message["anonymousId"] = anonymous_id
+    return message
+
+
+def product_viewed(product_id: str, *, user_id: str | None = None,
+                   anonymous_id: str | None = "anon-catalog", **details) -> dict:
+    return _message("track", user_id=user_id, anonymous_id=anonymous_id,
+                    event="Product Viewed", properties={"product_id": product_id, **details})
+
+
+def order_completed(product_ids: list[str], *, user_id: str | None = None,
+                    anonymous_id: str | None = None) -> dict:
+    return _message("track", user_id=user_id, anonymous_id=anonymous_id,
+                    event="Order Completed",
+                    properties={"order_id": "o-" + "-".join(product_ids),
+                                "products": [{"product_id": p, "quantity": 1}
+                                             for p in product_ids]})
+
+
+def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dict:
+    return _message("identify", user_id=user_id, anonymous_id=anonymous_id, traits=traits)
+
+
+def deliver(client, *messages: dict) -> dict:
+    """POST the messages to the service's webhook (an open one) as a Webhooks (Actions)
+    batch; assert it was stored; return the summary."""
+    response = client.post("/segment", data=json.dumps(list(messages)),
+                           headers={"Content-Type": "application/json",
+                                    "User-Agent": "Segment (Actions)"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()

@@ -1,0 +1,263 @@
+"""Activation (issue 4): recommendations written back to the profile as a trait.
+
+The Tracking API stand-in (``tests/fake_segment_apis.FakeTrackingAPI``) is a real HTTP
+server; the service reaches it with segment-analytics-python through SEGMENT_API_HOST and
+SEGMENT_WRITE_KEY. What is asserted is what Segment receives (identify calls, their
+traits, auth, gzip) and, without a write key, what lands in the local profile store.
+
+Activation runs off the request path; ``settle(app)`` waits until the service's background
+work is done (its activation queue drained, the Segment client flushed), so a test can
+also assert that *nothing* was sent.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import store_of
+from tests.fake_segment_apis import FakeTrackingAPI, deliver, order_completed, product_viewed
+from tests.test_recommendations import (  # noqa: F401  (fixtures)
+    get,
+    ids,
+    items,
+    personalize_app,
+    profile_api,
+    runtime,
+)
+from webhook.store import profiles
+
+WRITE_KEY = "wk-shop-0123"
+
+
+@pytest.fixture
+def tracking():
+    with FakeTrackingAPI(write_key=WRITE_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def activating_app(personalize_app, tracking):
+    def factory(**settings):
+        values = dict(segment_write_key=WRITE_KEY, segment_api_host=tracking.url,
+                      activation_interval_seconds=3600)
+        values.update(settings)
+        return personalize_app(**values)
+    return factory
+
+
+def settle(app, timeout: float = 10.0) -> None:
+    """Wait for the service's background activation work, then for the Segment client's
+    queue to be sent."""
+    services = app.extensions["segment"]
+    services.activation.executor.submit(lambda: None).result(timeout)
+    flush = getattr(services.activation.publisher, "flush", None)
+    if flush is not None:
+        flush()
+    time.sleep(0.1)
+
+
+def published_lists(tracking, user_id: str) -> list[list[str]]:
+    return [m["traits"].get("recommended_products") for m in tracking.identifies(user_id)]
+
+
+# --- what Segment receives ----------------------------------------------------------------
+
+def test_identify_carries_the_recommended_item_ids_in_order(activating_app, runtime, tracking,
+                                                            database_url):
+    app = activating_app(database_url=database_url)
+    runtime.set_ranking("u-1", ["sku-3", "sku-1", "sku-2", "sku-7"])
+    body = get(app.test_client(), "userId=u-1&numResults=3")
+    assert ids(body) == ["sku-3", "sku-1", "sku-2"]
+
+    (message,) = tracking.wait_for_identifies(1, "u-1")
+    assert message["type"] == "identify"
+    assert message["userId"] == "u-1"
+    assert message["traits"] == {"recommended_products": ["sku-3", "sku-1", "sku-2"]}
+    (batch,) = tracking.batches
+    assert batch.write_key == WRITE_KEY and batch.gzipped
+    assert tracking.refused == 0
+
+
+def test_the_request_does_not_wait_for_the_tracking_api(activating_app, tracking):
+    app = activating_app()
+    client = app.test_client()
+    get(client, "userId=warm-up&numResults=1")
+    tracking.delay(2.0)
+    started = time.perf_counter()
+    get(client, "userId=u-1&numResults=3")
+    assert time.perf_counter() - started < 1.0
+    assert published_lists(tracking, "u-1") == []
+    tracking.wait_for_identifies(1, "u-1", timeout=10)
+    assert published_lists(tracking, "u-1") == [items(1, 3)]
+
+
+def test_the_trait_name_is_configurable(activating_app, tracking):
+    app = activating_app(activation_trait="shop_recs")
+    get(app.test_client(), "userId=u-1&numResults=2")
+    (message,) = tracking.wait_for_identifies(1, "u-1")
+    assert message["traits"] == {"shop_recs": ["item-1", "item-2"]}
+
+
+# --- de-duplication -----------------------------------------------------------------------
+
+def test_the_same_list_twice_is_published_once(activating_app, tracking, database_url):
+    app = activating_app(database_url=database_url, activation_interval_seconds=0)
+    client = app.test_client()
+    for _ in range(3):
+        get(client, "userId=u-1&numResults=3")
+        settle(app)
+    assert published_lists(tracking, "u-1") == [items(1, 3)]
+
+
+def test_a_changed_list_within_the_interval_is_not_published(activating_app, runtime,
+                                                             tracking, database_url):
+    app = activating_app(database_url=database_url, activation_interval_seconds=3600)
+    client = app.test_client()
+    get(client, "userId=u-1&numResults=3")
+    settle(app)
+    runtime.set_ranking("u-1", ["new-1", "new-2", "new-3"])
+    assert ids(get(client, "userId=u-1&numResults=3")) == ["new-1", "new-2", "new-3"]
+    settle(app)
+    assert published_lists(tracking, "u-1") == [items(1, 3)]
+
+
+def test_a_changed_list_after_the_interval_is_published(activating_app, runtime, tracking,
+                                                        database_url):
+    app = activating_app(database_url=database_url, activation_interval_seconds=1.0)
+    client = app.test_client()
+    get(client, "userId=u-1&numResults=3")
+    settle(app)
+    runtime.set_ranking("u-1", ["new-1", "new-2", "new-3"])
+    time.sleep(1.2)
+    get(client, "userId=u-1&numResults=3")
+    settle(app)
+    assert published_lists(tracking, "u-1") == [items(1, 3), ["new-1", "new-2", "new-3"]]
+    # After another interval, an unchanged list is still not sent again.
+    time.sleep(1.2)
+    get(client, "userId=u-1&numResults=3")
+    settle(app)
+    assert len(published_lists(tracking, "u-1")) == 2
+
+
+def test_each_user_has_their_own_interval(activating_app, tracking):
+    app = activating_app()
+    client = app.test_client()
+    for user in ("u-1", "u-2", "u-3"):
+        get(client, f"userId={user}&numResults=2")
+    settle(app)
+    assert sorted(m["userId"] for m in tracking.identifies()) == ["u-1", "u-2", "u-3"]
+
+
+def test_the_decision_holds_across_workers(activating_app, tracking, database_url):
+    """Two app instances on one database (two gunicorn workers): one identify."""
+    first = activating_app(database_url=database_url)
+    second = activating_app(database_url=database_url)
+    get(first.test_client(), "userId=u-1&numResults=3")
+    settle(first)
+    get(second.test_client(), "userId=u-1&numResults=3")
+    settle(second)
+    assert published_lists(tracking, "u-1") == [items(1, 3)]
+
+
+# --- who is not activated -----------------------------------------------------------------
+
+def test_anonymous_visitors_and_related_items_are_not_activated(activating_app, tracking):
+    app = activating_app()
+    client = app.test_client()
+    get(client, "anonymousId=anon-1&numResults=3")
+    get(client, "itemId=item-9&numResults=3")
+    settle(app)
+    assert tracking.identifies() == []
+
+
+def test_popular_fallbacks_and_opt_outs_are_not_activated(activating_app, runtime,
+                                                          profile_api, tracking):
+    app = activating_app()
+    client = app.test_client()
+    deliver(client, product_viewed("pop-a"), product_viewed("pop-b"))
+    profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True})
+    assert get(client, "userId=u-out&numResults=2")["source"] == "popular"
+    runtime.fail_next(1)
+    assert get(client, "userId=u-down&numResults=2")["source"] == "popular"
+    settle(app)
+    assert tracking.identifies() == []
+
+
+def test_an_opted_out_user_is_not_activated_even_without_popular_items(activating_app,
+                                                                       profile_api, tracking):
+    app = activating_app()
+    profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True})
+    app.test_client().get("/recommendations?userId=u-out&numResults=2")
+    settle(app)
+    assert tracking.identifies("u-out") == []
+
+
+# --- after an Order Completed -------------------------------------------------------------
+
+def test_order_completed_publishes_fresh_recommendations_without_a_request(
+        activating_app, tracking, database_url):
+    app = activating_app(database_url=database_url)
+    deliver(app.test_client(), order_completed(["item-1", "item-4"], user_id="u-7"))
+    (message,) = tracking.wait_for_identifies(1, "u-7")
+    published = message["traits"]["recommended_products"]
+    assert published == ["item-2", "item-3"] + items(5, 27)  # 25, purchases left out
+
+
+def test_order_completed_republishes_a_changed_list(activating_app, tracking, database_url):
+    app = activating_app(database_url=database_url, activation_interval_seconds=0)
+    client = app.test_client()
+    get(client, "userId=u-1&numResults=25")
+    tracking.wait_for_identifies(1, "u-1")
+    deliver(client, order_completed(["item-1"], user_id="u-1"))
+    tracking.wait_for_identifies(2, "u-1")
+    settle(app)
+    assert published_lists(tracking, "u-1") == [items(1, 25), items(2, 26)]
+
+
+def test_an_anonymous_order_is_not_activated(activating_app, tracking):
+    app = activating_app()
+    deliver(app.test_client(), order_completed(["item-1"], anonymous_id="anon-3"))
+    settle(app)
+    assert tracking.identifies() == []
+
+
+# --- without a write key: the local profile store -----------------------------------------
+
+def test_without_a_write_key_the_trait_goes_into_the_local_profile_store(
+        personalize_app, runtime, database_url):
+    app = personalize_app(database_url=database_url, activation_interval_seconds=0)
+    runtime.set_ranking("u-1", ["sku-5", "sku-2", "sku-9"])
+    get(app.test_client(), "userId=u-1&numResults=3")
+    settle(app)
+    with store_of(app).read() as conn:
+        traits = conn.execute(sa.select(profiles.c.traits)
+                              .where(profiles.c.profile_id == "u-1")).scalar()
+    assert traits == {"recommended_products": ["sku-5", "sku-2", "sku-9"]}
+
+
+def test_local_activation_keeps_other_traits_and_deduplicates(personalize_app, runtime,
+                                                              database_url):
+    from tests.fake_segment_apis import identify
+    app = personalize_app(database_url=database_url, activation_interval_seconds=3600)
+    client = app.test_client()
+    deliver(client, identify("u-1", {"plan": "pro"}))
+    get(client, "userId=u-1&numResults=2")
+    settle(app)
+    runtime.set_ranking("u-1", ["x", "y"])
+    get(client, "userId=u-1&numResults=2")  # changed within the interval: not written
+    settle(app)
+    with store_of(app).read() as conn:
+        traits = conn.execute(sa.select(profiles.c.traits)
+                              .where(profiles.c.profile_id == "u-1")).scalar()
+    assert traits == {"plan": "pro", "recommended_products": ["item-1", "item-2"]}
+
+
+def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking):
+    app = activating_app()
+    tracking.fail(500)
+    client = app.test_client()
+    for n in range(3):
+        body = get(client, f"userId=u-{n}&numResults=2")
+        assert ids(body) == ["item-1", "item-2"]

@@ -1,0 +1,270 @@
+"""Property-based tests (Hypothesis) on the webhook: arbitrary JSON, arbitrary bytes,
+mutated genuine Segment messages (the corpus analytics-python really sends), mutated
+signatures. Properties: never a 5xx for bad input; an answer is always one of the
+documented ones and its summary adds up; never a stored message whose signature was
+wrong; under gunicorn, never a dead worker.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import json
+import os
+import string
+
+import pytest
+import requests
+import sqlalchemy as sa
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import store_of
+from tests.segment_wire import capture_corpus
+from tests.test_failures import serve, worker_pids
+
+SECRET = "fuzz-shared-secret"
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+
+CORPUS = capture_corpus()
+
+json_scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                  max_size=6),
+    max_leaves=30)
+# Values a Segment field might be mangled into: right type wrong content, wrong type, odd text.
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from([
+    "", " ", "\x00", "\ud800", "a" * 257, "2026-13-45T99:99:99Z", "1e309", "NaN", "Order Completed",
+    "track", "TRACK ", "delete"])
+mangled = json_values | odd_text
+query_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from([
+    "", " ", "\x00", "a" * 257, "0", "-1", "501", "1e3", "25 ", "\u00a0"])
+
+
+def sign(body: bytes) -> str:
+    return hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
+
+
+def stored_ids(app) -> set[str]:
+    with store_of(app).read() as conn:
+        return {row[0] for row in conn.execute(sa.text("SELECT message_id FROM segment_messages"))}
+
+
+def check_answer(response, sent_count: int | None = None) -> None:
+    """The documented answers to bad or odd input, never a 5xx, summary consistent."""
+    assert response.status_code in (200, 400, 401, 413), (response.status_code,
+                                                          response.get_data()[:300])
+    body = response.get_json()
+    assert isinstance(body, dict)
+    if response.status_code == 200:
+        outcomes = (body["accepted"] + body["duplicates"] + len(body["skipped"])
+                    + len(body["rejected"]))
+        assert outcomes == body["received"], body
+        if sent_count is not None:
+            assert body["received"] == sent_count
+    else:
+        assert isinstance(body["error"]["code"], str)
+
+
+@pytest.fixture
+def open_app(make_app):
+    return make_app(engine_background_training=False)
+
+
+@pytest.fixture
+def signed_app(make_app):
+    return make_app(segment_shared_secrets=(SECRET,), engine_background_training=False)
+
+
+# --- arbitrary input ----------------------------------------------------------------------
+
+@FUZZ
+@given(body=json_values)
+def test_arbitrary_json_is_never_a_5xx(open_app, body):
+    response = open_app.test_client().post("/segment", data=json.dumps(body),
+                                           content_type="application/json")
+    check_answer(response)
+
+
+@FUZZ
+@given(body=st.binary(max_size=2000) | st.text(max_size=500).map(lambda t: t.encode("utf-8",
+                                                                                   "surrogatepass")))
+def test_arbitrary_bytes_are_never_a_5xx(open_app, body):
+    response = open_app.test_client().post("/segment", data=body,
+                                           content_type="application/json")
+    check_answer(response)
+
+
+@FUZZ
+@given(query=st.dictionaries(st.sampled_from(["userId", "anonymousId", "itemId", "numResults",
+                                              "token", "x"]), query_text, max_size=4))
+def test_arbitrary_recommendation_queries_are_never_a_5xx(open_app, query):
+    client = open_app.test_client()
+    client.post("/segment", json=CORPUS)  # popular items exist
+    response = client.get("/recommendations", query_string=query)
+    assert response.status_code in (200, 400), (query, response.get_data()[:300])
+
+
+# --- mutated genuine messages -------------------------------------------------------------
+
+@st.composite
+def mutated_messages(draw):
+    """1–5 messages of the genuine corpus, each with a few fields deleted, replaced by odd
+    values, or added; as a Classic single message or an Actions array."""
+    picks = draw(st.lists(st.sampled_from(range(len(CORPUS))), min_size=1, max_size=5))
+    messages = []
+    for index in picks:
+        message = copy.deepcopy(CORPUS[index])
+        for _ in range(draw(st.integers(0, 4))):
+            keys = sorted(message) or ["type"]
+            key = draw(st.sampled_from(keys + ["properties.product_id", "properties.products",
+                                               "traits.email", "context.traits"]))
+            action = draw(st.sampled_from(["delete", "replace", "replace"]))
+            target, _, inner = key.partition(".")
+            holder = message.get(target) if inner else message
+            name = inner or key
+            if not isinstance(holder, dict):
+                continue
+            if action == "delete":
+                holder.pop(name, None)
+            else:
+                holder[name] = draw(mangled)
+        messages.append(message)
+    single = len(messages) == 1 and draw(st.booleans())
+    return messages[0] if single else messages
+
+
+@FUZZ
+@given(delivery=mutated_messages())
+def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app, delivery):
+    client = signed_app.test_client()
+    if isinstance(delivery, list):
+        from webhook.signature import js_stringify
+        try:
+            first = js_stringify(delivery[0]).encode("utf-8", "surrogatepass")
+        except RecursionError:
+            return
+        signature = sign(first)
+    else:
+        signature = None
+    body = json.dumps(delivery).encode()
+    response = client.post("/segment", data=body, content_type="application/json",
+                           headers={"X-Signature": signature or sign(body)})
+    check_answer(response, len(delivery) if isinstance(delivery, list) else 1)
+    assert response.status_code != 401
+    # Redelivery: the same answer shape, and what was accepted is now a duplicate.
+    again = client.post("/segment", data=body, content_type="application/json",
+                        headers={"X-Signature": signature or sign(body)})
+    check_answer(again)
+    if response.status_code == 200:
+        # Only a message without a usable messageId (a delete may lack one) can be taken
+        # again; everything else is a duplicate now.
+        messages = delivery if isinstance(delivery, list) else [delivery]
+        without_id = sum(1 for m in messages if not isinstance(m, dict) or not (
+            isinstance(m.get("messageId"), str) and m["messageId"]
+            or isinstance(m.get("messageId"), int) and not isinstance(m["messageId"], bool)))
+        answer = again.get_json()
+        assert again.status_code == 200
+        assert answer["accepted"] + len(answer["skipped"]) <= without_id, answer
+
+
+# --- mutated signatures -------------------------------------------------------------------
+
+@st.composite
+def wrong_signatures(draw, right: str):
+    kind = draw(st.sampled_from(["flip", "truncate", "extend", "other", "prefix", "garbage"]))
+    if kind == "flip":
+        at = draw(st.integers(0, len(right) - 1))
+        digit = draw(st.sampled_from([c for c in "0123456789abcdef" if c != right[at]]))
+        return right[:at] + digit + right[at + 1:]
+    if kind == "truncate":
+        return right[:draw(st.integers(0, len(right) - 1))]
+    if kind == "extend":
+        return right + draw(st.text(alphabet="0123456789abcdef", min_size=1, max_size=4))
+    if kind == "other":
+        return hmac.new(draw(st.text(min_size=1, max_size=20)).encode(), b"x",
+                        hashlib.sha1).hexdigest()
+    if kind == "prefix":
+        return draw(st.sampled_from(["sha1=", "sha256=", "v1,"])) + right
+    return draw(st.text(alphabet=string.printable.strip() + " ", max_size=60))
+
+
+@FUZZ
+@given(data=st.data(), index=st.integers(0, len(CORPUS) - 1),
+       shape=st.sampled_from(["classic", "actions"]))
+def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape):
+    client = signed_app.test_client()
+    if shape == "classic":
+        body = json.dumps(CORPUS[index]).encode()
+        right = sign(body)
+    else:
+        from webhook.signature import js_stringify
+        batch = CORPUS[index:] + CORPUS[:index]
+        body = json.dumps(batch).encode()
+        right = sign(js_stringify(batch[0]).encode())
+    presented = data.draw(wrong_signatures(right))
+    assume(presented.strip().lower() != right)
+    before = stored_ids(signed_app)
+    response = client.post("/segment", data=body, content_type="application/json",
+                           headers={"X-Signature": presented})
+    assert response.status_code == 401, (presented, response.get_json())
+    assert stored_ids(signed_app) == before
+
+
+@FUZZ
+@given(delivery=mutated_messages())
+def test_a_body_altered_after_signing_is_never_stored(signed_app, delivery):
+    """Signed as the genuine message was, delivered mutated: refused, nothing stored."""
+    client = signed_app.test_client()
+    message = delivery if isinstance(delivery, dict) else delivery[0]
+    original = next((m for m in CORPUS if m.get("messageId") == message.get("messageId")), None)
+    assume(original is not None and original != message)
+    signature = sign(json.dumps(original).encode())
+    body = json.dumps(message).encode()
+    before = stored_ids(signed_app)
+    response = client.post("/segment", data=body, content_type="application/json",
+                           headers={"X-Signature": signature})
+    assert response.status_code == 401
+    assert stored_ids(signed_app) == before
+
+
+# --- under gunicorn: never a dead worker --------------------------------------------------
+
+def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
+    """A bounded stream of generated hostile bodies into real gunicorn workers: no 5xx,
+    the same two worker processes at the end, and they still store a good delivery."""
+    bodies: list[bytes] = []
+
+    @settings(max_examples=min(EXAMPLES, 120), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=3000)
+           | mutated_messages().map(lambda v: json.dumps(v).encode()))
+    def collect(body):
+        bodies.append(body)
+
+    collect()
+    bodies += [b"[" * 100000, b'{"a":' * 50000, b"\xff\xfe" * 1000, b"[]", b"{}",
+               json.dumps([CORPUS[1]] * 4001).encode(), b'{"type":"track","x":1e999}']
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db", "_LOG_DIR": str(tmp_path),
+           "ENGINE_BACKGROUND_TRAINING": "false"}
+    with serve(env, workers=2) as (base, process):
+        before = worker_pids(process.pid)
+        statuses = {}
+        for body in bodies:
+            response = requests.post(base + "/segment", data=body, timeout=10, headers={
+                "Content-Type": "application/json", "Connection": "close"})
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (body[:200], response.text[:300])
+        assert worker_pids(process.pid) == before, "a worker died"
+        good = requests.post(base + "/segment", json=CORPUS, timeout=10)
+        assert good.status_code == 200 and good.json()["received"] == len(CORPUS)
+        log = process.log_path.read_text(errors="replace")
+    assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
+    assert "Worker exiting" not in log.split("Handling signal: term")[0], "a worker restarted"
+    print(f"\n{len(bodies)} generated bodies: {statuses}")

@@ -1,0 +1,658 @@
+"""GET /recommendations (issue 4), end to end over real HTTP stand-ins.
+
+* Amazon Personalize: the real boto3 ``personalize-runtime`` client against
+  ``tests/fake_personalize.FakePersonalizeRuntime``, reached through
+  AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME.
+* Segment's Profile API: ``tests/fake_segment_apis.FakeProfileAPI`` (HTTP/1.1, keep-alive).
+* Purchases and the catalog arrive the way they do in production: Segment messages
+  POSTed to the service's own webhook.
+
+Asserted is what a shop page or an operator notices: the answer (items, order, scores,
+catalog details, source, filtered, degraded markers), its status and timing, and what the
+upstream services were asked.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.fake_personalize import FakePersonalizeRuntime
+from tests.fake_segment_apis import (
+    FakeProfileAPI,
+    deliver,
+    identify,
+    order_completed,
+    product_viewed,
+)
+from tests.gunicorn_server import free_port
+from webhook.config import Settings
+
+SPACE = "spa_shop"
+PROFILE_TOKEN = "profile-api-token"
+CAMPAIGN = "arn:aws:personalize:us-east-1:123456789012:campaign/shop"
+RECOMMENDER = "arn:aws:personalize:us-east-1:123456789012:recommender/shop"
+FILTER = "arn:aws:personalize:us-east-1:123456789012:filter/shop-categories"
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+def aws_env(monkeypatch, url: str) -> None:
+    """Where boto3 finds personalize-runtime, with dummy credentials (set before make_app)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME", url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    with FakePersonalizeRuntime(known_arns=[CAMPAIGN, RECOMMENDER]) as fake:
+        aws_env(monkeypatch, fake.url)
+        yield fake
+
+
+@pytest.fixture
+def profile_api():
+    with FakeProfileAPI(space_id=SPACE, token=PROFILE_TOKEN) as fake:
+        yield fake
+
+
+@pytest.fixture
+def personalize_app(make_app, runtime, profile_api):
+    """make_app in Personalize mode with the Profile API; settings override the defaults.
+
+    The Profile API timeout is raised to 2 s here, so that tests about something else do
+    not degrade on a busy machine; the timeout tests set it (or the default) themselves."""
+    def factory(**settings):
+        values = dict(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
+                      segment_profile_api_url=profile_api.url, segment_space_id=SPACE,
+                      segment_profile_api_token=PROFILE_TOKEN,
+                      profile_api_timeout_seconds=2.0)
+        values.update(settings)
+        return make_app(**values)
+    return factory
+
+
+def get(client, query: str, expect: int = 200) -> dict:
+    response = client.get("/recommendations?" + query)
+    assert response.status_code == expect, response.get_data(as_text=True)
+    return response.get_json()
+
+
+def ids(body: dict) -> list[str]:
+    return [item["itemId"] for item in body["itemList"]]
+
+
+def items(first: int, last: int) -> list[str]:
+    return [f"item-{i}" for i in range(first, last + 1)]
+
+
+def recommendation_calls(runtime, **match) -> list[dict]:
+    return [c.body for c in runtime.calls_for("GetRecommendations")
+            if all(c.body.get(k) == v for k, v in match.items())]
+
+
+# --- parameters ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query, parameter", [
+    ("userId=u-1&numResults=0", "numResults"),
+    ("userId=u-1&numResults=501", "numResults"),
+    ("userId=u-1&numResults=-3", "numResults"),
+    ("userId=u-1&numResults=ten", "numResults"),
+    ("userId=u-1&numResults=2.5", "numResults"),
+    ("userId=u-1&numResults=", "numResults"),
+    ("userId=", "userId"),
+    ("userId=%20%20", "userId"),
+    ("userId=" + "u" * 257, "userId"),
+    ("anonymousId=", "anonymousId"),
+    ("itemId=", "itemId"),
+    ("itemId=" + "i" * 300, "itemId"),
+    ("numResults=5", "userId"),
+    ("", "userId"),
+])
+def test_bad_parameters_get_400_naming_the_parameter(personalize_app, runtime, query,
+                                                     parameter):
+    client = personalize_app().test_client()
+    body = get(client, query, expect=400)
+    assert body["error"]["code"] == "bad_parameter"
+    assert body["details"]["parameter"] == parameter
+    assert parameter in body["error"]["message"]
+    assert runtime.attempts == 0  # refused before anyone upstream is asked
+
+
+def test_num_results_defaults_to_25_and_goes_up_to_500(personalize_app):
+    client = personalize_app().test_client()
+    assert ids(get(client, "userId=u-1")) == items(1, 25)
+    assert ids(get(client, "userId=u-2&numResults=500")) == items(1, 500)
+    assert ids(get(client, "userId=u-3&numResults=1")) == ["item-1"]
+
+
+# --- Personalize: order, scores, details, ids --------------------------------------------
+
+def test_user_gets_personalize_order_scores_id_and_catalog_details(personalize_app, runtime,
+                                                                   profile_api):
+    app = personalize_app()
+    client = app.test_client()
+    deliver(client, product_viewed("sku-2", name="Lampe 💡", url="https://shop.example/p/2",
+                                   image_url="https://shop.example/i/2.jpg", price=35,
+                                   category="Lights"))
+    ranking = ["sku-3", "sku-2", "sku-9", "sku-1", "sku-7"]
+    runtime.set_ranking("u-1", ranking)
+    profile_api.set_traits("user_id:u-1", {"plan": "pro"})
+
+    response = client.get("/recommendations?userId=u-1&numResults=4")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert "no-store" in response.headers["Cache-Control"]
+    body = response.get_json()
+
+    assert ids(body) == ranking[:4]
+    scores = [item["score"] for item in body["itemList"]]
+    assert all(isinstance(s, float) and s > 0 for s in scores)
+    assert scores == sorted(scores, reverse=True)
+    # Catalog details where the catalog knows the item, nothing made up elsewhere.
+    assert body["itemList"][1] == {"itemId": "sku-2", "score": scores[1], "name": "Lampe 💡",
+                                   "url": "https://shop.example/p/2",
+                                   "image_url": "https://shop.example/i/2.jpg", "price": 35.0}
+    assert body["itemList"][0] == {"itemId": "sku-3", "score": scores[0]}
+    assert body["recommendationId"] == runtime.recommendation_ids[-1]
+    assert body["source"] == "personalize"
+    assert body["filtered"] == {"count": 0, "reasons": {}}
+    assert "degraded" not in body
+
+    (call,) = recommendation_calls(runtime)
+    assert call["campaignArn"] == CAMPAIGN and call["userId"] == "u-1"
+    assert "recommenderArn" not in call and "itemId" not in call and "filterArn" not in call
+    assert call["numResults"] >= 4
+
+
+def test_anonymous_id_is_passed_to_personalize_as_user_id(personalize_app, runtime,
+                                                          profile_api):
+    client = personalize_app().test_client()
+    runtime.set_ranking("anon-42", ["a", "b", "c"])
+    body = get(client, "anonymousId=anon-42&numResults=3")
+    assert ids(body) == ["a", "b", "c"]
+    (call,) = recommendation_calls(runtime)
+    assert call["userId"] == "anon-42"
+    assert [r.identifier for r in profile_api.requests] == ["anonymous_id:anon-42"]
+
+
+def test_item_id_gets_related_items_without_the_item_itself(personalize_app, runtime,
+                                                            profile_api):
+    client = personalize_app().test_client()
+    runtime.set_ranking("sku-1", ["sku-5", "sku-1", "sku-4", "sku-8"])
+    body = get(client, "itemId=sku-1&numResults=3")
+    assert ids(body) == ["sku-5", "sku-4", "sku-8"]
+    assert body["source"] == "personalize"
+    (call,) = recommendation_calls(runtime)
+    assert call["itemId"] == "sku-1" and "userId" not in call
+    assert profile_api.requests == []  # nobody's traits to look up
+
+
+def test_recommender_arn_is_used_when_configured(personalize_app, runtime):
+    client = personalize_app(personalize_campaign_arn="",
+                             personalize_recommender_arn=RECOMMENDER).test_client()
+    assert get(client, "userId=u-1&numResults=2")["source"] == "personalize"
+    (call,) = recommendation_calls(runtime)
+    assert call["recommenderArn"] == RECOMMENDER and "campaignArn" not in call
+
+
+# --- exclusion traits and over-fetch ------------------------------------------------------
+
+@pytest.mark.parametrize("trait", [
+    ["item-2", "item-4"],
+    "item-2, item-4",
+    "item-2|item-4",
+])
+def test_excluded_items_never_appear_and_the_rest_keep_their_order(personalize_app,
+                                                                   profile_api, trait):
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": trait})
+    body = get(client, "userId=u-1&numResults=5")
+    assert ids(body) == ["item-1", "item-3", "item-5", "item-6", "item-7"]
+    assert body["filtered"] == {"count": 2, "reasons": {"purchased_products": 2}}
+
+
+def test_configured_exclusion_traits_each_count_as_a_reason(personalize_app, profile_api):
+    client = personalize_app(
+        exclusion_traits=("purchased_products", "dismissed_products")).test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"],
+                                           "dismissed_products": ["item-2", "item-3"],
+                                           "unrelated": ["item-4"]})
+    body = get(client, "userId=u-1&numResults=3")
+    assert ids(body) == ["item-4", "item-5", "item-6"]
+    assert body["filtered"] == {"count": 3, "reasons": {"purchased_products": 1,
+                                                        "dismissed_products": 2}}
+    (request,) = profile_api.requests
+    assert set(request.include) >= {"purchased_products", "dismissed_products"}
+    assert "unrelated" not in request.include
+
+
+@pytest.mark.parametrize("num_results, excluded", [(5, 40), (25, 60), (100, 150), (10, 499)])
+def test_over_fetch_still_gives_num_results_when_that_many_exist(personalize_app, profile_api,
+                                                                 num_results, excluded):
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": items(1, excluded)})
+    body = get(client, f"userId=u-1&numResults={num_results}")
+    available = 500 - excluded
+    expected = items(excluded + 1, excluded + min(num_results, available))
+    assert ids(body) == expected
+    assert body["source"] == "personalize"
+    assert body["filtered"]["reasons"] == {"purchased_products": excluded}
+
+
+def test_fewer_items_than_asked_when_fewer_exist(personalize_app, runtime, profile_api):
+    client = personalize_app().test_client()
+    runtime.set_ranking("u-1", items(1, 12))
+    profile_api.set_traits("user_id:u-1", {"purchased_products": items(1, 10)})
+    body = get(client, "userId=u-1&numResults=5")
+    assert ids(body) == ["item-11", "item-12"]
+    assert body["source"] == "personalize"
+
+
+# --- Personalize filter values from traits ------------------------------------------------
+
+def test_filter_values_are_built_from_traits(personalize_app, runtime, profile_api):
+    client = personalize_app(
+        personalize_filter_arn=FILTER,
+        filter_values_map=(("CATEGORIES", "favourite_categories"), ("PLAN", "plan"))
+    ).test_client()
+    profile_api.set_traits("user_id:u-1", {"favourite_categories": ["shoes", 'say "hi"'],
+                                           "plan": "gold", "other": "x"})
+    body = get(client, "userId=u-1&numResults=3")
+    assert body["source"] == "personalize"
+    (call,) = recommendation_calls(runtime)
+    assert call["filterArn"] == FILTER
+    assert call["filterValues"] == {"CATEGORIES": '"shoes","say \\"hi\\""', "PLAN": '"gold"'}
+    (request,) = profile_api.requests
+    assert {"favourite_categories", "plan"} <= set(request.include)
+    assert "other" not in request.include
+
+
+def test_filter_values_keep_to_25_keys_and_1000_characters(personalize_app, runtime,
+                                                           profile_api):
+    mapping = tuple((f"P{i}", f"t{i}") for i in range(26)) + (("LONG", "long"),)
+    client = personalize_app(personalize_filter_arn=FILTER,
+                             filter_values_map=mapping).test_client()
+    traits = {f"t{i}": f"v{i}" for i in range(26)}
+    client_long = [f"value-{i:04d}" for i in range(300)]
+    profile_api.set_traits("user_id:u-1", traits)
+    profile_api.set_traits("user_id:u-2", {"long": client_long})
+
+    body = get(client, "userId=u-1&numResults=3")
+    assert body["source"] == "personalize"  # Personalize accepted the request
+    assert "filter" in body.get("degraded", {})
+    (call,) = recommendation_calls(runtime, userId="u-1")
+    assert len(call["filterValues"]) == 25
+
+    body = get(client, "userId=u-2&numResults=3")
+    assert body["source"] == "personalize"
+    (call,) = recommendation_calls(runtime, userId="u-2")
+    value = call["filterValues"]["LONG"]
+    assert 900 < len(value) <= 1000
+    parts = value.split(",")
+    assert parts == [f'"{v}"' for v in client_long[:len(parts)]]  # whole values only
+
+
+def test_the_second_fetch_keeps_the_filter(personalize_app, runtime, profile_api):
+    """Many exclusions force a second, larger GetRecommendations: it must still carry the
+    filter, or Personalize returns items the filter exists to keep out."""
+    client = personalize_app(
+        personalize_filter_arn=FILTER,
+        filter_values_map=(("CATEGORIES", "favourite_categories"),)).test_client()
+    profile_api.set_traits("user_id:u-1", {"favourite_categories": ["shoes"],
+                                           "purchased_products": items(1, 40)})
+    body = get(client, "userId=u-1&numResults=5")
+    assert ids(body) == items(41, 45)
+    calls = recommendation_calls(runtime, userId="u-1")
+    assert len(calls) >= 2
+    for call in calls:
+        assert call.get("filterArn") == FILTER, call
+        assert call.get("filterValues") == {"CATEGORIES": '"shoes"'}, call
+
+
+# --- opt-out ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [True, "true", "yes"])
+def test_opt_out_gets_popular_items_not_personalized_ones(personalize_app, runtime,
+                                                          profile_api, value):
+    client = personalize_app().test_client()
+    deliver(client, *[product_viewed("pop-a", anonymous_id=f"v{i}") for i in range(3)],
+            *[product_viewed("pop-b", anonymous_id=f"v{i}") for i in range(2)],
+            product_viewed("pop-c", anonymous_id="v9"))
+    profile_api.set_traits("user_id:u-1", {"recommendations_opt_out": value})
+    body = get(client, "userId=u-1&numResults=3")
+    assert ids(body) == ["pop-a", "pop-b", "pop-c"]
+    assert body["source"] == "popular"
+    assert body["optedOut"] is True
+    assert not set(ids(body)) & set(items(1, 500))
+
+
+def test_opt_out_false_stays_personalized(personalize_app, profile_api):
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"recommendations_opt_out": False})
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "personalize" and ids(body) == ["item-1", "item-2"]
+    assert "optedOut" not in body
+
+
+# --- purchases this service received are excluded at once ---------------------------------
+
+def test_purchase_webhook_excludes_items_at_once(personalize_app, profile_api, database_url):
+    client = personalize_app(database_url=database_url).test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": []})
+    assert ids(get(client, "userId=u-1&numResults=3")) == ["item-1", "item-2", "item-3"]
+
+    deliver(client, order_completed(["item-1", "item-3"], user_id="u-1"))
+
+    # The Profile API does not know yet (and its answer is cached): the list does.
+    body = get(client, "userId=u-1&numResults=3")
+    assert ids(body) == ["item-2", "item-4", "item-5"]
+    assert body["filtered"] == {"count": 2, "reasons": {"recent_purchase": 2}}
+    assert len(profile_api.requests_for("user_id:u-1")) == 1
+    # Someone else's purchase changes nothing for another visitor.
+    assert ids(get(client, "userId=u-2&numResults=3")) == ["item-1", "item-2", "item-3"]
+
+
+def test_anonymous_purchase_is_excluded_for_that_anonymous_visitor(personalize_app,
+                                                                   database_url):
+    client = personalize_app(database_url=database_url).test_client()
+    deliver(client, order_completed(["item-2"], anonymous_id="anon-7"))
+    body = get(client, "anonymousId=anon-7&numResults=3")
+    assert ids(body) == ["item-1", "item-3", "item-4"]
+
+
+def test_purchase_excluded_at_once_on_the_embedded_default(make_app, database_url):
+    """Local profile store + local engine; ENGINE_EXCLUDE_SEEN off, so the exclusion
+    the user sees is the recommendation service's own."""
+    client = make_app(database_url=database_url, engine_exclude_seen=False).test_client()
+    deliver(client, *[product_viewed("sku-1", anonymous_id=f"v{i}") for i in range(4)],
+            *[product_viewed("sku-2", anonymous_id=f"v{i}") for i in range(3)],
+            *[product_viewed("sku-3", anonymous_id=f"v{i}") for i in range(2)],
+            product_viewed("sku-4", anonymous_id="v9"))
+    before = get(client, "userId=u-9&numResults=3")
+    assert ids(before) == ["sku-1", "sku-2", "sku-3"]
+
+    deliver(client, order_completed(["sku-1"], user_id="u-9"))
+    after = get(client, "userId=u-9&numResults=3")
+    assert ids(after) == ["sku-2", "sku-3", "sku-4"]
+    assert after["filtered"]["count"] == 1
+
+
+def test_without_a_profile_token_traits_come_from_the_local_store(make_app, runtime,
+                                                                  profile_api):
+    client = make_app(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
+                      segment_profile_api_url=profile_api.url).test_client()
+    deliver(client, identify("u-5", {"purchased_products": ["item-2"],
+                                     "recommendations_opt_out": False}))
+    body = get(client, "userId=u-5&numResults=3")
+    assert ids(body) == ["item-1", "item-3", "item-4"]
+    assert body["filtered"]["reasons"] == {"purchased_products": 1}
+    assert profile_api.requests == []
+
+
+# --- the Profile API: request, caching, pooling -------------------------------------------
+
+def test_profile_api_is_asked_for_only_the_traits_the_rules_use(personalize_app, profile_api):
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"], "email": "x@y",
+                                           "recommendations_opt_out": False})
+    body = get(client, "userId=u-1&numResults=2")
+    (request,) = profile_api.requests
+    assert request.method == "GET"
+    assert request.path == f"/v1/spaces/{SPACE}/collections/users/profiles/user_id:u-1/traits"
+    assert request.token == PROFILE_TOKEN
+    assert sorted(request.include) == ["purchased_products", "recommendations_opt_out"]
+    assert request.status == 200
+    assert ids(body) == ["item-2", "item-3"]
+    assert body["traitsUsed"] == {"purchased_products": ["item-1"],
+                                  "recommendations_opt_out": False}
+
+
+def test_profile_api_url_defaults_to_the_us_host_and_takes_the_eu_one():
+    assert Settings.from_env({}).segment_profile_api_url == "https://profiles.segment.com"
+    eu = Settings.from_env({"SEGMENT_PROFILE_API_URL": "https://profiles.euw1.segment.com/"})
+    assert eu.segment_profile_api_url == "https://profiles.euw1.segment.com"
+
+
+def test_traits_are_cached_per_visitor(personalize_app, profile_api):
+    client = personalize_app(profile_cache_seconds=60).test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    for _ in range(3):
+        assert ids(get(client, "userId=u-1&numResults=2")) == ["item-2", "item-3"]
+    get(client, "userId=u-2&numResults=2")
+    get(client, "anonymousId=u-1&numResults=2")  # a different profile
+    assert [r.identifier for r in profile_api.requests] == [
+        "user_id:u-1", "user_id:u-2", "anonymous_id:u-1"]
+
+
+def test_cached_traits_expire_after_the_ttl(personalize_app, profile_api):
+    client = personalize_app(profile_cache_seconds=0.5).test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": []})
+    assert ids(get(client, "userId=u-1&numResults=2")) == ["item-1", "item-2"]
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    assert ids(get(client, "userId=u-1&numResults=2")) == ["item-1", "item-2"]  # cached
+    time.sleep(0.7)
+    assert ids(get(client, "userId=u-1&numResults=2")) == ["item-2", "item-3"]
+    assert len(profile_api.requests) == 2
+
+
+def test_no_cache_when_the_ttl_is_zero(personalize_app, profile_api):
+    client = personalize_app(profile_cache_seconds=0).test_client()
+    profile_api.set_traits("user_id:u-1", {})
+    for _ in range(3):
+        get(client, "userId=u-1&numResults=2")
+    assert len(profile_api.requests) == 3
+
+
+def test_profile_api_connections_are_pooled(personalize_app, profile_api):
+    client = personalize_app(profile_cache_seconds=0).test_client()
+    for n in range(6):
+        profile_api.set_traits(f"user_id:u-{n}", {})
+        get(client, f"userId=u-{n}&numResults=2")
+    assert len(profile_api.requests) == 6
+    assert len({r.connection for r in profile_api.requests}) == 1
+
+
+def test_a_not_found_profile_is_cached_too(personalize_app, profile_api):
+    client = personalize_app().test_client()
+    for _ in range(2):
+        body = get(client, "userId=u-404&numResults=2")
+        assert ids(body) == ["item-1", "item-2"]
+        assert "profile" in body["degraded"]
+    assert len(profile_api.requests) == 1
+
+
+# --- Profile API outages degrade, never fail ----------------------------------------------
+
+def test_profile_api_timeout_degrades_within_the_default_250ms(personalize_app, profile_api,
+                                                               database_url):
+    default = Settings().profile_api_timeout_seconds
+    assert default == 0.25
+    client = personalize_app(database_url=database_url,
+                             profile_api_timeout_seconds=default).test_client()
+    get(client, "userId=warm-up&numResults=2")  # boto3's client is made on first use
+    deliver(client, order_completed(["item-2"], user_id="u-1"))
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    profile_api.delay(1.5)
+    started = time.perf_counter()
+    body = get(client, "userId=u-1&numResults=3")
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.7, elapsed
+    assert "timeout" in body["degraded"]["profile"]
+    # Without traits, the trait exclusion cannot apply; local purchases still do.
+    assert ids(body) == ["item-1", "item-3", "item-4"]
+    assert body["source"] == "personalize"
+
+    profile_api.delay(0)  # a timeout is not cached: the next request asks again
+    body = get(client, "userId=u-1&numResults=3")
+    assert ids(body) == ["item-3", "item-4", "item-5"]
+    assert "degraded" not in body
+
+
+def test_profile_api_timeout_is_configurable(personalize_app, profile_api):
+    client = personalize_app(profile_api_timeout_seconds=1.5).test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    profile_api.delay(0.4)  # slower than the default, within this setting
+    body = get(client, "userId=u-1&numResults=2")
+    assert ids(body) == ["item-2", "item-3"]
+    assert "degraded" not in body
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 401])
+def test_profile_api_errors_degrade_the_answer(personalize_app, profile_api, status):
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    profile_api.fail(status)
+    body = get(client, "userId=u-1&numResults=2")
+    assert ids(body) == ["item-1", "item-2"]
+    assert str(status) in body["degraded"]["profile"]
+    profile_api.fail(None)  # an error is not cached
+    assert ids(get(client, "userId=u-1&numResults=2")) == ["item-2", "item-3"]
+
+
+def test_profile_api_404_degrades_the_answer(personalize_app, profile_api):
+    client = personalize_app().test_client()
+    body = get(client, "userId=nobody&numResults=2")
+    assert ids(body) == ["item-1", "item-2"]
+    assert body["degraded"]["profile"]
+    assert body["source"] == "personalize"
+
+
+def test_profile_api_unreachable_degrades_the_answer(personalize_app):
+    client = personalize_app(
+        segment_profile_api_url=f"http://127.0.0.1:{free_port()}").test_client()
+    body = get(client, "userId=u-1&numResults=2")
+    assert ids(body) == ["item-1", "item-2"]
+    assert body["degraded"]["profile"]
+
+
+def test_wrong_profile_token_degrades_the_answer(personalize_app, profile_api):
+    client = personalize_app(segment_profile_api_token="not-the-token").test_client()
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    body = get(client, "userId=u-1&numResults=2")
+    assert ids(body) == ["item-1", "item-2"]
+    assert "401" in body["degraded"]["profile"]
+
+
+# --- Personalize outages fall back to popular items, else 503 ------------------------------
+
+def popular_catalog(client) -> None:
+    deliver(client, *[product_viewed("pop-a", anonymous_id=f"v{i}") for i in range(3)],
+            *[product_viewed("pop-b", anonymous_id=f"v{i}") for i in range(2)],
+            product_viewed("pop-c", anonymous_id="v9", name="Stuhl"))
+
+
+@pytest.mark.parametrize("outage", ["fail", "throttle", "unknown_campaign"])
+def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtime, outage):
+    campaign = CAMPAIGN if outage != "unknown_campaign" else \
+        "arn:aws:personalize:us-east-1:123456789012:campaign/gone"
+    client = personalize_app(personalize_campaign_arn=campaign).test_client()
+    popular_catalog(client)
+    if outage == "fail":
+        runtime.fail_next(1, status=500)
+    elif outage == "throttle":
+        runtime.throttle_next(1)
+    body = get(client, "userId=u-1&numResults=3")
+    assert body["source"] == "popular"
+    assert ids(body) == ["pop-a", "pop-b", "pop-c"]
+    assert body["itemList"][2]["name"] == "Stuhl"
+    assert body["degraded"]["recommender"]
+    assert body["recommendationId"]
+
+
+def test_personalize_timeout_falls_back_to_popular_in_time(personalize_app, runtime):
+    client = personalize_app(recommender_timeout_seconds=0.3).test_client()
+    popular_catalog(client)
+    get(client, "userId=warm-up&numResults=1")
+    runtime.delay(3.0)
+    started = time.perf_counter()
+    body = get(client, "userId=u-1&numResults=3")
+    assert time.perf_counter() - started < 1.5
+    assert body["source"] == "popular"
+    assert ids(body) == ["pop-a", "pop-b", "pop-c"]
+
+
+def test_personalize_unreachable_falls_back_to_popular(make_app, monkeypatch, profile_api):
+    aws_env(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    client = make_app(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
+                      segment_profile_api_url=profile_api.url, segment_space_id=SPACE,
+                      segment_profile_api_token=PROFILE_TOKEN).test_client()
+    popular_catalog(client)
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "popular" and ids(body) == ["pop-a", "pop-b"]
+
+
+def test_popular_fallback_keeps_exclusions(personalize_app, runtime, profile_api):
+    client = personalize_app().test_client()
+    popular_catalog(client)
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["pop-a"]})
+    runtime.fail_next(1)
+    body = get(client, "userId=u-1&numResults=3")
+    assert body["source"] == "popular"
+    assert ids(body) == ["pop-b", "pop-c"]
+
+
+def test_personalize_down_and_no_popular_items_is_503(personalize_app, runtime):
+    client = personalize_app(retry_after_seconds=17).test_client()
+    runtime.fail_next(5)
+    response = client.get("/recommendations?userId=u-1")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "17"
+    assert response.get_json()["error"]["code"]
+
+
+# --- the two upstream calls overlap ------------------------------------------------------
+
+def test_profile_lookup_and_recommender_call_run_concurrently(personalize_app, runtime,
+                                                              profile_api):
+    client = personalize_app(profile_api_timeout_seconds=2.0,
+                             recommender_timeout_seconds=2.0).test_client()
+    get(client, "userId=warm-up&numResults=1")
+    profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
+    runtime.delay(0.4)
+    profile_api.delay(0.4)
+    started = time.perf_counter()
+    body = get(client, "userId=u-1&numResults=3")
+    elapsed = time.perf_counter() - started
+    assert ids(body) == ["item-2", "item-3", "item-4"]
+    assert 0.4 <= elapsed < 0.75, elapsed  # one after the other would take ≥ 0.8 s
+
+
+# --- more edges a shop notices ------------------------------------------------------------
+
+def test_opt_out_never_gets_personalized_items_even_without_popular_ones(personalize_app,
+                                                                         profile_api):
+    """An opted-out visitor with an empty catalog: an empty list (or a 503), never the
+    personalized list."""
+    client = personalize_app().test_client()
+    profile_api.set_traits("user_id:u-1", {"recommendations_opt_out": True})
+    response = client.get("/recommendations?userId=u-1&numResults=3")
+    if response.status_code == 200:
+        body = response.get_json()
+        assert body["source"] != "personalize", body
+        assert not set(ids(body)) & set(items(1, 500)), body
+    else:
+        assert response.status_code == 503
+
+
+def test_anonymous_purchase_is_excluded_once_the_visitor_signs_in(personalize_app,
+                                                                  database_url):
+    client = personalize_app(database_url=database_url).test_client()
+    deliver(client, order_completed(["item-2"], anonymous_id="anon-8"))
+    deliver(client, identify("u-8", {"plan": "pro"}, anonymous_id="anon-8"))
+    assert ids(get(client, "userId=u-8&numResults=3")) == ["item-1", "item-3", "item-4"]
+
+
+def test_ids_with_special_characters_reach_both_upstreams_intact(personalize_app, runtime,
+                                                                 profile_api):
+    client = personalize_app().test_client()
+    user = "josé müller/1+a@shop.example"
+    profile_api.set_traits(f"user_id:{user}", {"purchased_products": ["item-1"]})
+    from urllib.parse import urlencode
+    body = get(client, urlencode({"userId": user, "numResults": 2}))
+    assert ids(body) == ["item-2", "item-3"]
+    assert [r.identifier for r in profile_api.requests] == [f"user_id:{user}"]
+    assert recommendation_calls(runtime)[0]["userId"] == user

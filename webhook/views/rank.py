@@ -1,0 +1,164 @@
+"""POST /recommendations/rank: re-rank a caller's list of item ids for a visitor.
+
+Body (JSON): ``{"userId": "u1" | "anonymousId": "a1", "itemIds": ["sku-1", ...]}``, 1–500
+distinct ids (Personalize's ``inputList`` limit; repeated ids count once). The ranker is
+Amazon Personalize's GetPersonalizedRanking when ``PERSONALIZE_RANKING_CAMPAIGN_ARN`` is
+set, the local engine otherwise (popularity before its first model). The same trait checks
+as ``GET /recommendations``: exclusion traits and recent purchases are removed (and
+counted in ``filtered``), an opted-out visitor gets the list in popularity order, the same
+token when ``SECRET_KEY`` is set. The answer has ``GET /recommendations``' shape.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+from flask import Blueprint, current_app, jsonify, request
+
+from ..recommend import NoRecommendations, Request
+from ..recommenders.personalize import MAX_RESULTS
+from ..segment import MAX_ID_LENGTH, clean_text
+from ..tokens import TokenError, check_token
+from .errors import error_response
+
+bp = Blueprint("rank", __name__)
+
+MAX_ITEMS = MAX_RESULTS  # GetPersonalizedRanking takes at most 500 ids
+MAX_BODY = 256 * 1024    # 500 ids of 256 characters, escaped, fit
+_lock = threading.Lock()
+
+
+class BadInput(Exception):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def ranker_for(app):
+    """Personalize's ranking campaign if configured, else the local engine (made once)."""
+    ranker = app.extensions.get("ranker")
+    if ranker is not None:
+        return ranker
+    with _lock:
+        ranker = app.extensions.get("ranker")
+        if ranker is None:
+            services = app.extensions["segment"]
+            settings = services.settings
+            if settings.personalize_ranking_campaign_arn:
+                from ..recommenders.personalize import PersonalizeRecommender
+                ranker = PersonalizeRecommender(
+                    campaign_arn=settings.personalize_ranking_campaign_arn,
+                    filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
+                    timeout=settings.recommender_timeout_seconds)
+            elif "engine" in app.extensions:
+                ranker = app.extensions["engine"].recommender
+            else:
+                ranker = services.popular
+            app.extensions["ranker"] = ranker
+    return ranker
+
+
+def _id(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise BadInput(name, f"{name} must be a non-empty string")
+    value = value.strip()
+    if len(value) > MAX_ID_LENGTH or not clean_text(value):
+        raise BadInput(name, f"{name} must be at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _item_ids(body: dict) -> list[str]:
+    raw = body.get("itemIds")
+    if not isinstance(raw, list) or not raw:
+        raise BadInput("itemIds", "itemIds must be a non-empty array of item ids")
+    ids: list[str] = []
+    for position, value in enumerate(raw):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH \
+                or not clean_text(value):
+            raise BadInput("itemIds", f"itemIds[{position}] must be a non-empty string of "
+                                      f"at most {MAX_ID_LENGTH} characters")
+        ids.append(value.strip())
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_ITEMS:
+        raise BadInput("itemIds", f"itemIds holds {len(ids)} distinct ids; at most {MAX_ITEMS}")
+    return ids
+
+
+def _token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.args.get("token") or None
+
+
+@bp.after_request
+def _cors(response):
+    """Browsers POST JSON cross-origin only after a preflight: answer it for CORS_ORIGINS."""
+    settings = current_app.extensions["segment"].settings
+    origin = request.headers.get("Origin")
+    if origin and settings.cors_origins and (origin in settings.cors_origins
+                                             or "*" in settings.cors_origins):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Max-Age"] = "600"
+        response.headers.add("Vary", "Origin")
+    return response
+
+
+@bp.route("/recommendations/rank", methods=["OPTIONS"])
+def preflight():
+    return "", 204
+
+
+@bp.post("/recommendations/rank")
+def rank():
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return error_response(413, "body_too_large",
+                              f"the body is larger than {MAX_BODY} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_BODY:
+        return error_response(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return error_response(400, "invalid_body", "the body is not a JSON object")
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_body", "the body is not a JSON object")
+    try:
+        wanted = Request(user_id=_id(body, "userId"), anonymous_id=_id(body, "anonymousId"))
+        item_ids = _item_ids(body)
+    except BadInput as exc:
+        return error_response(400, "bad_parameter", str(exc), details={"parameter": exc.name})
+    if not wanted.visitor:
+        return error_response(400, "bad_parameter", "give userId or anonymousId",
+                              details={"parameter": "userId"})
+
+    if settings.secret_key:
+        try:
+            check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
+                        user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
+        except TokenError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
+            return response
+
+    try:
+        answer = services.recommendations.rank(wanted, item_ids, ranker_for(current_app))
+    except NoRecommendations as exc:  # not raised by rank today; kept for symmetry
+        return error_response(503, "recommender_unavailable", str(exc),
+                              retry_after=settings.retry_after_seconds)
+    response = jsonify(answer.as_json())
+    response.headers["Cache-Control"] = "private, no-store"
+    return response

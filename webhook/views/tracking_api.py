@@ -1,0 +1,307 @@
+"""Segment-compatible Tracking API: ``POST /v1/batch``, ``/v1/track``, ``/v1/identify``,
+``/v1/page``, ``/v1/screen``, ``/v1/group``, ``/v1/alias`` (and analytics.js' short forms
+``/v1/b``, ``/v1/t``, ``/v1/i``, ``/v1/p``, ``/v1/s``, ``/v1/g``, ``/v1/a``; ``/v1/import``
+as Segment's old name for batch).
+
+A site sends straight to the service with Segment's own libraries: point
+segment-analytics-python's ``host=`` (or analytics.js' ``apiHost``) at the service. Messages
+go through the webhook's ingestion (``Ingestor.ingest``): the same Spec checks, routing,
+de-duplication by messageId, destinations.
+
+* Off unless ``INGEST_WRITE_KEYS`` is set: then every ``/v1`` endpoint answers 404
+  ``tracking_api_disabled`` (nothing listens there, rather than a credential that can
+  never be right).
+* Write key: HTTP Basic with the key as user name (analytics-python and Segment's HTTP
+  API), or ``writeKey`` in the JSON body (analytics.js). A wrong key in the header is
+  refused even if the body has a right one. Missing or wrong: 401.
+* Segment's limits, checked on the (decompressed) body before parsing: 32 KB a call, 500 KB
+  a batch: larger → 400 ``request_too_large`` naming the limit (Segment answers 400 too).
+  Within a batch, a message larger than 32 KB is rejected alone; the others are stored.
+* ``Content-Encoding: gzip`` (analytics-python's ``gzip=True``) is accepted; any
+  ``Content-Type`` is (analytics.js sends ``text/plain``).
+* Like Segment's API, the service sets ``receivedAt`` and gives a message without a
+  ``messageId`` one (``api-<uuid>``: such a message cannot be de-duplicated on a retry);
+  a single call's ``type`` comes from the path when the body has none. Batch-level
+  ``context`` is merged under each message's own.
+* Answers: 200 ``{"success": true, "received", "accepted", "duplicates", "skipped",
+  "rejected", "interactions"}`` (the webhook's summary). Unlike Segment, which answers 200
+  to anything parseable, bad input gets the webhook's semantics: a body that is not JSON,
+  or a call/batch without one valid message, is a 400 with the reasons in ``details``; a
+  batch with some invalid messages is a 200 that lists them under ``rejected``. Errors
+  carry Segment's ``code``/``message`` at the top level (what the libraries log) and the
+  service's usual ``error`` object. 503 + ``Retry-After`` when the store or Personalize is
+  unavailable (the libraries retry 5xx).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import uuid
+import zlib
+from datetime import datetime, timezone
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from .. import metrics
+from ..destinations import DestinationError
+from ..ingest import NoMessages
+from ..segment import BodyError, parse_body
+from ..store import StoreUnavailable
+
+bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
+log = logging.getLogger("webhook.tracking_api")
+
+MAX_MESSAGE_BYTES = 32 * 1024   # Segment: 32 KB a call
+MAX_BATCH_BYTES = 500 * 1024    # Segment: 500 KB a batch request
+
+SINGLE = {"track": "track", "t": "track", "identify": "identify", "i": "identify",
+          "page": "page", "p": "page", "screen": "screen", "s": "screen",
+          "group": "group", "g": "group", "alias": "alias", "a": "alias"}
+BATCH = ("batch", "b", "import")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def _error(status: int, code: str, message: str, *, details: dict | None = None,
+           retry_after: int | None = None):
+    body: dict = {"success": False, "code": code, "message": message,
+                  "error": {"code": code, "message": message}}
+    if g.get("request_id"):
+        body["error"]["requestId"] = g.request_id
+    if details is not None:
+        body["details"] = details
+    response = jsonify(body)
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="tracking-api"'
+    return response
+
+
+@bp.after_request
+def _cors(response):
+    # analytics.js posts from the shop's pages (text/plain: no preflight) and reads the
+    # answer; a write key is public in a browser anyway, as with Segment's own API.
+    response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin") or "*"
+    response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, " \
+                                                       "Content-Encoding"
+    response.headers["Access-Control-Max-Age"] = "600"
+    response.headers.add("Vary", "Origin")
+    return response
+
+
+@bp.route("/<kind>", methods=["OPTIONS"])
+def preflight(kind: str):
+    if kind not in SINGLE and kind not in BATCH:
+        return _error(404, "not_found", f"no Tracking API endpoint /v1/{kind}")
+    return "", 204
+
+
+@bp.post("/<kind>")
+def receive(kind: str):
+    if kind not in SINGLE and kind not in BATCH:
+        return _error(404, "not_found", f"no Tracking API endpoint /v1/{kind}")
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    if not settings.ingest_write_keys:
+        return _error(404, "tracking_api_disabled",
+                      "the Tracking API (/v1) is off: set INGEST_WRITE_KEYS to enable it")
+    try:
+        return _receive(kind, services)
+    except _Refused as exc:
+        if exc.status == 401:
+            log.warning("tracking API refused: %s", exc.message, extra={"status": 401})
+        return _error(exc.status, exc.code, exc.message, details=exc.details)
+
+
+def _receive(kind: str, services):
+    settings = services.settings
+    batch = kind in BATCH
+    limit = MAX_BATCH_BYTES if batch else MAX_MESSAGE_BYTES
+    header_key = _basic_user(request.headers.get("Authorization"))
+    if header_key is not None and not _known(header_key, settings.ingest_write_keys):
+        raise _Refused(401, "unauthorized", "the write key is not valid")
+    raw = _read_body(limit, batch)
+
+    try:
+        body = parse_body(raw)
+    except BodyError as exc:
+        raise _Refused(400, "invalid_body", str(exc)) from None
+    if batch:
+        if body.shape == "single":
+            raise _Refused(400, "invalid_body",
+                           'expected {"batch": [...]} (or an array of messages)')
+        envelope = json.loads(raw) if body.shape == "batch" else {}
+        body_key = envelope.get("writeKey")
+        messages = list(body.raw_messages)
+        context = envelope.get("context")
+    else:
+        if body.shape != "single":
+            raise _Refused(400, "invalid_body",
+                           f"/v1/{kind} takes one message; send batches to /v1/batch")
+        message = body.raw_messages[0]
+        body_key = message.get("writeKey")
+        expected = SINGLE[kind]
+        sent = message.get("type")
+        if sent in (None, ""):
+            message["type"] = expected
+        elif not isinstance(sent, str) or sent.strip().lower() != expected:
+            raise _Refused(400, "invalid_body",
+                           f"a {str(sent)[:20]!r} message sent to /v1/{kind}; "
+                           f"it takes {expected} messages")
+        messages, context = [message], None
+    if header_key is None:
+        if not isinstance(body_key, str) or not body_key:
+            raise _Refused(401, "unauthorized", "no write key: send it as the Basic auth user "
+                                                "name or as writeKey in the body")
+        if not _known(body_key, settings.ingest_write_keys):
+            raise _Refused(401, "unauthorized", "the write key is not valid")
+
+    received_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+    kept, positions, too_large = [], [], []
+    for index, message in enumerate(messages):
+        if isinstance(message, dict):
+            if batch and _size(message) > MAX_MESSAGE_BYTES:
+                entry = {"index": index, "reason": f"the message is larger than 32 KB "
+                                                   f"({MAX_MESSAGE_BYTES} bytes), Segment's "
+                                                   f"limit for one message"}
+                if isinstance(message.get("messageId"), str) and \
+                        len(message["messageId"]) <= 256:
+                    entry["messageId"] = message["messageId"]
+                too_large.append(entry)
+                continue
+            message.pop("writeKey", None)
+            message["receivedAt"] = received_at
+            if message.get("messageId") in (None, ""):
+                message["messageId"] = "api-" + str(uuid.uuid4())
+            if isinstance(context, dict):
+                own = message.get("context")
+                message["context"] = {**context, **own} if isinstance(own, dict) else \
+                    (own if own is not None else dict(context))
+        kept.append(message)
+        positions.append(index)
+
+    if not kept:
+        raise _Refused(400, "no_valid_messages", "the batch holds no valid Segment message",
+                       details={"received": len(messages), "accepted": 0, "duplicates": 0,
+                                "skipped": [], "rejected": too_large, "interactions": 0})
+    try:
+        summary = services.ingestor.ingest(kept, deadline=g.get("deadline"))
+    except NoMessages as exc:
+        metrics.record_outcomes(exc.summary.outcomes)
+        details = _renumber(exc.summary.as_json(), positions, too_large, len(messages))
+        raise _Refused(400, "no_valid_messages",
+                       "the request holds no valid Segment message", details=details) from None
+    except StoreUnavailable as exc:
+        log.warning("store unavailable: %s", exc, extra={"status": 503})
+        return _error(503, "store_unavailable", "the store is unavailable; retry later",
+                      retry_after=settings.retry_after_seconds)
+    except DestinationError as exc:
+        log.warning("destination unavailable: %s", exc, extra={"status": 503})
+        return _error(503, "destination_unavailable", str(exc),
+                      retry_after=exc.retry_after or settings.retry_after_seconds)
+
+    metrics.record_outcomes(summary.outcomes)
+    if summary.purchasers:
+        services.after_purchases(summary.purchasers)
+    answer = _renumber(summary.as_json(), positions, too_large, len(messages))
+    g.log_extra = {"delivery": "stored", "shape": "tracking-api", "received": len(messages),
+                   "accepted": summary.accepted, "duplicates": summary.duplicates,
+                   "skipped": len(summary.skipped), "rejected": len(answer["rejected"]),
+                   "interactions": summary.interactions}
+    return jsonify({"success": True, **answer})
+
+
+def _renumber(answer: dict, positions: list[int], too_large: list[dict], total: int) -> dict:
+    """The summary's indexes are into the messages passed on; give them back the request's
+    own, and add the messages refused here for their size."""
+    for key in ("skipped", "rejected", "notes"):
+        for entry in answer.get(key, []):
+            if isinstance(entry.get("index"), int):
+                entry["index"] = positions[entry["index"]]
+    if too_large:
+        answer["rejected"] = sorted(answer.get("rejected", []) + too_large,
+                                    key=lambda e: e["index"])
+    answer["received"] = total
+    return answer
+
+
+def _size(message: dict) -> int:
+    try:
+        return len(json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+                   .encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError, RecursionError):
+        return 0  # parse_message will say what is wrong with it
+
+
+def _basic_user(header: str | None) -> str | None:
+    """The user name of an ``Authorization: Basic`` header; None without a header."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise _Refused(401, "unauthorized",
+                       "use HTTP Basic auth with the write key as the user name")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise _Refused(401, "unauthorized", "the Basic auth header is not valid base64") \
+            from None
+    return decoded.partition(":")[0]
+
+
+def _known(key: str, keys) -> bool:
+    candidate = key.encode("utf-8", "surrogatepass")
+    found = False
+    for known in keys:
+        found |= hmac.compare_digest(candidate, known.encode("utf-8"))
+    return found
+
+
+def _read_body(limit: int, batch: bool) -> bytes:
+    """The body, decompressed; 400 naming Segment's limit above ``limit`` bytes, checked
+    before anything parses it (and, for gzip, while decompressing)."""
+    what = "a batch request is 500 KB" if batch else "a single call is 32 KB"
+
+    def too_large() -> _Refused:
+        return _Refused(400, "request_too_large",
+                        f"the request is larger than Segment's Tracking API limit: {what} "
+                        f"({limit} bytes)")
+
+    encoding = (request.headers.get("Content-Encoding") or "").strip().lower()
+    wire_limit = limit + 64 * 1024 if encoding == "gzip" else limit
+    if request.content_length is not None and request.content_length > wire_limit:
+        raise too_large()
+    stream = request.environ["wsgi.input"] if request.content_length is None \
+        else request.stream
+    chunks, size = [], 0
+    while size <= wire_limit:
+        chunk = stream.read(min(65536, wire_limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > wire_limit:
+        raise too_large()
+    raw = b"".join(chunks)
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(raw, limit + 1)
+        except zlib.error:
+            raise _Refused(400, "invalid_body", "the body is not valid gzip") from None
+        if len(raw) > limit:
+            raise too_large()
+    elif encoding not in ("", "identity"):
+        raise _Refused(400, "invalid_body", f"unsupported Content-Encoding {encoding[:20]!r}")
+    return raw
