@@ -452,10 +452,10 @@ def test_cors_allows_only_the_configured_origin(which, open_service, locked_serv
     assert any("CORS" in p for p in page.problems), page.problems
 
 
-# --- the README's shop snippet (docs/page-snippet.md), run as written -------------------
+# --- the README's shop snippet, run as written -------------------
 
 def _snippet_html() -> str:
-    text = (ROOT / "docs" / "page-snippet.md").read_text()
+    text = (ROOT / "README.md").read_text()
     start = text.index('<div id="recommended">')
     return text[start:text.index("</script>", start) + len("</script>")]
 
