@@ -392,5 +392,7 @@ class Settings:
             "cors_origins": list(self.cors_origins),
             "tokens_required": bool(self.secret_key),
             "segment_write_key": bool(self.segment_write_key),
+            "tracking_api": bool(self.ingest_write_keys),
+            "personalize_ranking_campaign_arn": bool(self.personalize_ranking_campaign_arn),
             "segment_profile_api": bool(self.segment_profile_api_token and self.segment_space_id),
         }

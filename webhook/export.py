@@ -56,7 +56,7 @@ from .routing import ItemDetails, Router, UserTraits
 from .segment import MessageError, parse_message
 
 FILES = ("interactions.csv", "users.csv", "items.csv")
-CACHE_KIB = 64 * 1024  # SQLite page cache: the bound on the bookkeeping's memory
+CACHE_KIB = 16 * 1024  # SQLite page cache (and sorter) bound: the bookkeeping's memory
 _LINK_CACHE = 65536    # recent anonymousId → userId links, to skip rewriting the same one
 
 
