@@ -104,6 +104,8 @@ def run(args) -> dict:
     database_url = args.database_url or f"sqlite:///{workdir}/soak.db"
     env = {"DATABASE_URL": database_url, "_LOG_DIR": str(workdir),
            "LOG_LEVEL": args.log_level}
+    if args.no_training:
+        env["ENGINE_BACKGROUND_TRAINING"] = "false"
     traffic = Traffic(args.seed)
     results: dict[str, list] = {"webhook": [], "recommendations": []}
     errors: list[str] = []
@@ -168,7 +170,21 @@ def run(args) -> dict:
             errors.clear()
         start_rss = {pid: rss_kib(pid) for pid in pids}
         started = time.time()
+        samples: list = []
+        stop_sampling = threading.Event()
+
+        def sample_rss():
+            # Memory over time: growth that levels off (caches, the model of a growing data
+            # set) reads differently from growth that keeps going (a leak).
+            while not stop_sampling.wait(args.sample_every):
+                samples.append({"t": round(time.time() - started),
+                                **{str(p): rss_kib(p) for p in pids
+                                   if os.path.exists(f"/proc/{p}")}})
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         sent = schedule(args.duration, record=True)
+        stop_sampling.set()
         wall = time.time() - started
         end_pids = sorted(worker_pids(process.pid))
         end_rss = {pid: rss_kib(pid) for pid in end_pids if pid in start_rss}
@@ -191,6 +207,8 @@ def run(args) -> dict:
                        for k, v in results.items()},
         "worker_rss_kib": {"boot": boot_rss, "after_warmup": start_rss, "end": end_rss},
         "worker_rss_growth_pct": growth,
+        "worker_rss_samples_kib": samples,
+        "engine_background_training": not args.no_training,
         "workers_replaced": sorted(set(pids) ^ set(end_pids)),
         "log_bytes": log_size, "metrics_lines": counts,
     }
@@ -212,6 +230,10 @@ def main() -> int:
     parser.add_argument("--database-url", default="")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--sample-every", type=float, default=30.0,
+                        help="seconds between worker memory samples")
+    parser.add_argument("--no-training", action="store_true",
+                        help="ENGINE_BACKGROUND_TRAINING=false: the request path alone")
     parser.add_argument("--out", default="", help="also write the JSON report here")
     args = parser.parse_args()
     report = run(args)

@@ -288,9 +288,9 @@ def test_postgres_stopped_mid_stream_answers_503_and_redelivery_loses_nothing(
     assert outage["healthz"] == 503
     assert ledger.ok == {m["messageId"] for m in messages}
     assert_stored_exactly_once(pg.url, messages, ledger.ok)
-    # Not ``tracebacks``: while the database is down, the recommendations recomputed after
-    # a purchase fail with a logged traceback (the bug the next test shows).
-    no_unhandled_errors(process.log_path.read_text(errors="replace"), tracebacks=False)
+    # Also no traceback: the recommendations recomputed after a purchase meet the same
+    # outage (they used to log one, through the bug the next test shows).
+    no_unhandled_errors(process.log_path.read_text(errors="replace"))
 
 
 @needs_pg
@@ -422,8 +422,10 @@ def test_personalize_throttled_for_30s_answers_in_time_and_redelivery_completes(
         sent = fake.events()
 
     sent_messages = [m for m in messages if m["messageId"] in ledger.attempts]
+    ordered = sorted(ledger.latencies)
     print(f"\nthrottled {THROTTLE_SECONDS}s: {statuses_during}; after redelivery "
-          f"{dict(ledger.statuses)}; slowest answer {max(ledger.latencies):.2f}s; "
+          f"{dict(ledger.statuses)}; answers p50 {ordered[len(ordered) // 2]:.2f}s, "
+          f"p99 {ordered[int(0.99 * (len(ordered) - 1))]:.2f}s, max {ordered[-1]:.2f}s; "
           f"events sent {len(sent)} for {len(sent_messages)} messages")
     assert max(ledger.latencies) < SEGMENT_DEADLINE, max(ledger.latencies)
     assert statuses_during.get(503, 0) > 0 and not ledger.bad_503

@@ -113,6 +113,7 @@ def configure_logging(level: str, secrets: Iterable[str]) -> RedactingFilter:
             redactor = next(f for f in handler.filters if isinstance(f, RedactingFilter))
             redactor.add_secrets(secrets)
             root.setLevel(level)
+            _quiet_wire_loggers(level)
             return redactor
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
@@ -122,4 +123,16 @@ def configure_logging(level: str, secrets: Iterable[str]) -> RedactingFilter:
     handler.addFilter(redactor)
     root.addHandler(handler)
     root.setLevel(level)
+    _quiet_wire_loggers(level)
     return redactor
+
+
+# Client libraries that log whole requests at DEBUG (headers with credentials, bodies with
+# personal data): never below INFO, whatever LOG_LEVEL says.
+_WIRE_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer", "segment")
+
+
+def _quiet_wire_loggers(level: str) -> None:
+    floor = max(logging.getLevelName(level), logging.INFO)
+    for name in _WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(floor)

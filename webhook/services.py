@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ def secret_values(settings: Settings) -> list[str]:
     for name in SECRET_FIELDS:
         value = getattr(settings, name)
         values.extend(value if isinstance(value, tuple) else [value])
+    # boto3 reads AWS credentials from the environment itself; they are secrets all the same.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        values.append(os.environ.get(name, ""))
     # A database URL's password is the secret part of it.
     match = re.match(r"^[^:]+://[^:/@]*:([^@]+)@", settings.database_url)
     if match:
