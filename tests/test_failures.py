@@ -384,7 +384,7 @@ THROTTLE_SECONDS = 30.0
 
 
 def test_personalize_throttled_for_30s_answers_in_time_and_redelivery_completes(tmp_path):
-    messages = [make_message(n, "thr") for n in range(400)]
+    messages = [make_message(n, "thr") for n in range(2500)]
     ledger = Ledger()
     with FakePersonalizeEvents() as fake:
         env = {"DATABASE_URL": f"sqlite:///{tmp_path}/thr.db", "_LOG_DIR": str(tmp_path),
@@ -412,12 +412,13 @@ def test_personalize_throttled_for_30s_answers_in_time_and_redelivery_completes(
                     if not ledger.send(base, message, timeout=15):
                         with lock:
                             during.append(message)
+                    time.sleep(0.1)  # a steady stream, not a flood: ~10/s a thread
 
             with ThreadPoolExecutor(6) as pool:
                 list(pool.map(lambda _: keep_sending(), range(6)))
             statuses_during = dict(ledger.statuses)
             remaining = list(rest)
-            never = redeliver(base, ledger, during + remaining, budget=60)
+            never = redeliver(base, ledger, during + remaining, pause=1.0, budget=60)
             log_text = process.log_path.read_text(errors="replace")
         sent = fake.events()
 
