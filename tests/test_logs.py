@@ -40,6 +40,9 @@ def test_logs_are_json_with_request_ids_and_no_secrets_or_emails(tmp_path):
             **headers, "X-Signature": hmac.new(SECRET.encode(), bad, hashlib.sha1).hexdigest(),
         }).status_code == 400
         assert requests.get(base + "/segment?token=" + SECRET, timeout=5).status_code == 405
+        # A caller-chosen request id is logged, but never as a secret value.
+        assert requests.get(base + "/healthz", headers={"X-Request-Id": SECRET},
+                            timeout=5).status_code == 200
     log = process.log_path.read_text()
     assert "\"delivery\": \"stored\"" in log
     assert SECRET not in log and BEARER not in log

@@ -62,6 +62,9 @@ class RedactingFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self.scrub(record.exc_text)
+        request_id = getattr(record, "request_id", None)
+        if isinstance(request_id, str):  # the caller chooses it: it could be anything
+            record.request_id = self.scrub(request_id)
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 scrubbed = self._scrub_value(value)
@@ -95,6 +98,9 @@ class JsonLineFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
+        request_id = getattr(record, "request_id", None)
+        if isinstance(request_id, str):  # the caller chooses it: it could be anything
+            record.request_id = self.scrub(request_id)
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 entry[key] = value
