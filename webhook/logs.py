@@ -98,9 +98,6 @@ class JsonLineFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
-        request_id = getattr(record, "request_id", None)
-        if isinstance(request_id, str):  # the caller chooses it: it could be anything
-            record.request_id = self.scrub(request_id)
         for key, value in vars(record).items():
             if key not in _STANDARD:
                 entry[key] = value
