@@ -209,6 +209,8 @@ class RecommendationService:
         try:
             popular = self.popular.recommend(item_id=request.item_id, num_results=count)
         except StoreUnavailable:
+            if failed is None and reason != "opted_out":
+                raise  # the store is the cause: say so (503 store_unavailable)
             popular = Recommendation(items=[], source="popular")
         if not popular.items and reason == "opted_out":
             # Never the personalized list for someone who opted out, even if empty.

@@ -21,11 +21,11 @@ from .config import SECRET_FIELDS, Settings
 from .destinations import LocalDestination
 from .ingest import Ingestor
 from .profiles import LocalProfiles, SegmentProfiles
-from .recommend import RecommendationService, Request
+from .recommend import NoRecommendations, RecommendationService, Request
 from .recommenders.personalize import PersonalizeRecommender
 from .recommenders.popular import PopularItems
 from .routing import Router
-from .store import Store, sqlite_url_for
+from .store import Store, StoreUnavailable, sqlite_url_for
 
 log = logging.getLogger("webhook")
 
@@ -79,6 +79,10 @@ class Services:
     def _activate_after_purchase(self, user_id: str) -> None:
         try:
             answer = self.recommendations.recommend(Request(user_id=user_id))
+        except (NoRecommendations, StoreUnavailable) as exc:
+            # Expected while the database or the recommender is down: no trace, a reason.
+            log.warning("no write-back after a purchase: %s", type(exc).__name__)
+            return
         except Exception:
             log.exception("recommendations after a purchase failed")
             return
