@@ -44,16 +44,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
     from . import cli, engine
-    from .views import errors, openapi, ops, page, recommendations, segment
+    from .views import (errors, openapi, ops, page, rank, recommendations, segment,
+                        tracking_api)
     errors.init_app(app)
-    app.register_blueprint(segment.bp)
-    app.register_blueprint(recommendations.bp)
-    app.register_blueprint(ops.bp)
-    from .views import rank, tracking_api  # ecosystem (issue 8)
-    app.register_blueprint(tracking_api.bp)
-    app.register_blueprint(rank.bp)
-    app.register_blueprint(page.bp)
-    app.register_blueprint(openapi.bp)
+    for view in (segment, tracking_api, recommendations, rank, page, ops, openapi):
+        app.register_blueprint(view.bp)
     _init_cors(app, settings)
     cli.init_app(app)
     engine.init_app(app)
