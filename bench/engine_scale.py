@@ -123,7 +123,7 @@ def gunicorn(env: dict[str, str], workers: int = 2, timeout: float = 60.0):
         port = sock.getsockname()[1]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update(env, WEB_CONCURRENCY=str(workers), GUNICORN_BIND=f"127.0.0.1:{port}")
-    log = open(os.path.join(env.get("_LOG_DIR", "/tmp"), f"gunicorn-{port}.log"), "w+b")
+    log = open(os.path.join(env.get("_LOG_DIR", tempfile.gettempdir()), f"gunicorn-{port}.log"), "w+b")
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
                                env=full_env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def gunicorn(env: dict[str, str], workers: int = 2, timeout: float = 30.0):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}"})
     full_env.update(env)
-    log_path = Path(env.get("_LOG_DIR", "/tmp")) / f"gunicorn-{port}.log"
+    log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
     log_file = open(log_path, "w+b")
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "wsgi:app"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def serve(env: dict, workers: int = 2, timeout: float = 90.0):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}"})
     full_env.update(env)
-    log_path = Path(env.get("_LOG_DIR", "/tmp")) / f"gunicorn-{port}.log"
+    log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
     with open(log_path, "w+b") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
                                    env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
