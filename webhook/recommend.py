@@ -118,6 +118,29 @@ class RecommendationService:
         return self.recommender.recommend(user_id=request.visitor, item_id=request.item_id,
                                           num_results=count, filter_values=filter_values)
 
+    def _profile_and(self, request: Request, ask, degraded: dict):
+        """The visitor's traits and ``ask(filter_values)`` (the recommender), at the same
+        time, or one after the other when Personalize's filter needs the traits first.
+        Returns (profile, the recommender's future, filter values); marks ``degraded``."""
+        filter_values: dict | None = None
+        if self.filter_values_map and request.visitor:
+            profile = self._profile(request)
+            filter_values, notes = filter_values_from_traits(profile.traits,
+                                                             self.filter_values_map)
+            filter_values = filter_values or None
+            if notes:
+                degraded["filter"] = "; ".join(notes)
+            future = self.pool.submit(ask, filter_values)
+        else:
+            future = self.pool.submit(ask, None)
+            profile = self._profile(request)  # meanwhile, on this thread
+        if profile.degraded and profile.status != "not_found":
+            degraded["profile"] = f"{profile.source}: {profile.status}" + (
+                f" ({profile.detail})" if profile.detail else "")
+        elif profile.status == "not_found" and profile.source == "segment":
+            degraded["profile"] = "segment: no profile for this visitor"
+        return profile, future, filter_values
+
     # --- the whole -------------------------------------------------------------------------
 
     def recommend(self, request: Request) -> Answer:
@@ -127,25 +150,8 @@ class RecommendationService:
         degraded: dict[str, str] = {}
 
         purchases_future = self.pool.submit(self._purchases, request)
-        filter_values: dict | None = None
-        if self.filter_values_map and request.visitor:
-            # Personalize's filter needs the traits first: sequential, by necessity.
-            profile = self._profile(request)
-            filter_values, notes = filter_values_from_traits(profile.traits,
-                                                             self.filter_values_map)
-            filter_values = filter_values or None
-            if notes:
-                degraded["filter"] = "; ".join(notes)
-            recommendation_future = self.pool.submit(self._ask, request, count, filter_values)
-        else:
-            recommendation_future = self.pool.submit(self._ask, request, count, None)
-            profile = self._profile(request)  # meanwhile, on this thread
-
-        if profile.degraded and profile.status != "not_found":
-            degraded["profile"] = f"{profile.source}: {profile.status}" + (
-                f" ({profile.detail})" if profile.detail else "")
-        elif profile.status == "not_found" and profile.source == "segment":
-            degraded["profile"] = "segment: no profile for this visitor"
+        profile, recommendation_future, filter_values = self._profile_and(
+            request, lambda values: self._ask(request, count, values), degraded)
 
         try:
             recommendation = recommendation_future.result()
@@ -266,23 +272,7 @@ class RecommendationService:
                                filter_values=filter_values)
 
         purchases_future = self.pool.submit(self._purchases, request)
-        filter_values: dict | None = None
-        if self.filter_values_map and request.visitor:
-            profile = self._profile(request)
-            filter_values, notes = filter_values_from_traits(profile.traits,
-                                                             self.filter_values_map)
-            if notes:
-                degraded["filter"] = "; ".join(notes)
-            ranking_future = self.pool.submit(ask, filter_values or None)
-        else:
-            ranking_future = self.pool.submit(ask, None)
-            profile = self._profile(request)
-
-        if profile.degraded and profile.status != "not_found":
-            degraded["profile"] = f"{profile.source}: {profile.status}" + (
-                f" ({profile.detail})" if profile.detail else "")
-        elif profile.status == "not_found" and profile.source == "segment":
-            degraded["profile"] = "segment: no profile for this visitor"
+        profile, ranking_future, _ = self._profile_and(request, ask, degraded)
 
         try:
             ranking: Recommendation | None = ranking_future.result()

@@ -19,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -31,6 +29,7 @@ from botocore.exceptions import (
 )
 
 from .. import metrics
+from ..aws import LazyClient
 from ..routing import Routed
 from .base import DestinationError
 from .personalize_mapping import (
@@ -135,16 +134,8 @@ class PersonalizeForwarder:
         self.users_dataset_arn = users_dataset_arn
         self.items_dataset_arn = items_dataset_arn
         self.max_concurrency = max_concurrency
-        self._client = client
-        self._client_args = {
-            "region_name": region or None,
-            "config": Config(
-                connect_timeout=call_timeout,
-                read_timeout=call_timeout,
-                retries={"total_max_attempts": 1, "mode": "standard"},  # retries are ours
-                max_pool_connections=max_concurrency,
-            ),
-        }
+        self._client = LazyClient("personalize-events", region=region, timeout=call_timeout,
+                                  pool_size=max_concurrency, client=client)
         self._sleep = sleep
         # After a delivery ran out of time, the next ones get a short budget until one
         # goes through: under a long throttle they answer 503 in well under a second
@@ -154,16 +145,9 @@ class PersonalizeForwarder:
         self._lock = threading.Lock()
         self._sent = _SentCache()
 
-    # boto3 clients are thread-safe; both it and the pool are made on first use, so each
-    # gunicorn worker (a forked process) gets its own.
     @property
     def client(self):
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = boto3.session.Session().client(
-                        "personalize-events", **self._client_args)
-        return self._client
+        return self._client.get()
 
     @property
     def pool(self) -> ThreadPoolExecutor:

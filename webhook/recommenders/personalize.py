@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Mapping, Sequence
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..aws import LazyClient
 from .base import Recommendation, RecommenderUnavailable, ScoredItem
 
 log = logging.getLogger("webhook.recommenders.personalize")
@@ -59,23 +57,12 @@ class PersonalizeRecommender:
         self.campaign_arn = campaign_arn
         self.recommender_arn = recommender_arn
         self.filter_arn = filter_arn
-        self._client = client
-        self._client_args = {
-            "region_name": region or None,
-            "config": Config(connect_timeout=timeout, read_timeout=timeout,
-                             retries={"total_max_attempts": 1, "mode": "standard"},
-                             max_pool_connections=pool_size),
-        }
-        self._lock = threading.Lock()
+        self._client = LazyClient("personalize-runtime", region=region, timeout=timeout,
+                                  pool_size=pool_size, client=client)
 
     @property
     def client(self):
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = boto3.session.Session().client(
-                        "personalize-runtime", **self._client_args)
-        return self._client
+        return self._client.get()
 
     def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
                   num_results: int = 25, exclude: Sequence[str] = (),
@@ -92,19 +79,7 @@ class PersonalizeRecommender:
         if self.filter_arn and filter_values:
             request["filterArn"] = self.filter_arn
             request["filterValues"] = dict(filter_values)
-        try:
-            answer = self.client.get_recommendations(**request)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "error")
-            log.warning("personalize-runtime refused: %s", code)
-            raise RecommenderUnavailable(f"Amazon Personalize: {code}") from None
-        except BotoCoreError as exc:
-            log.warning("personalize-runtime unreachable: %s", type(exc).__name__)
-            raise RecommenderUnavailable(f"Amazon Personalize: {type(exc).__name__}") from None
-        items = [ScoredItem(str(entry["itemId"]), float(entry.get("score") or 0.0))
-                 for entry in answer.get("itemList", []) if entry.get("itemId")]
-        return Recommendation(items=items, source="personalize",
-                              recommendation_id=answer.get("recommendationId"))
+        return self._call("get_recommendations", request, "itemList")
 
     # -- ranking (issue 8): POST /recommendations/rank --------------------------------------
 
@@ -120,16 +95,20 @@ class PersonalizeRecommender:
         if self.filter_arn and filter_values:
             request["filterArn"] = self.filter_arn
             request["filterValues"] = dict(filter_values)
+        return self._call("get_personalized_ranking", request, "personalizedRanking")
+
+    def _call(self, operation: str, request: dict, list_member: str) -> Recommendation:
+        """One personalize-runtime call; any failure is ``RecommenderUnavailable``."""
         try:
-            answer = self.client.get_personalized_ranking(**request)
+            answer = getattr(self.client, operation)(**request)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
-            log.warning("personalize-runtime refused a ranking: %s", code)
+            log.warning("personalize-runtime refused %s: %s", operation, code)
             raise RecommenderUnavailable(f"Amazon Personalize: {code}") from None
         except BotoCoreError as exc:
             log.warning("personalize-runtime unreachable: %s", type(exc).__name__)
             raise RecommenderUnavailable(f"Amazon Personalize: {type(exc).__name__}") from None
         items = [ScoredItem(str(entry["itemId"]), float(entry.get("score") or 0.0))
-                 for entry in answer.get("personalizedRanking", []) if entry.get("itemId")]
+                 for entry in answer.get(list_member, []) if entry.get("itemId")]
         return Recommendation(items=items, source="personalize",
                               recommendation_id=answer.get("recommendationId"))

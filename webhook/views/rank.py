@@ -18,8 +18,8 @@ from flask import Blueprint, current_app, jsonify, request
 from ..recommend import NoRecommendations, Request
 from ..recommenders.personalize import MAX_RESULTS
 from ..segment import MAX_ID_LENGTH, clean_text
-from ..tokens import TokenError, check_token
 from .errors import error_response
+from .recommendations import token_refusal
 
 bp = Blueprint("rank", __name__)
 
@@ -91,14 +91,6 @@ def _item_ids(body: dict) -> list[str]:
     return ids
 
 
-def _token() -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.args.get("token") or None
-
-
 @bp.after_request
 def _cors(response):
     """Browsers POST JSON cross-origin only after a preflight: answer it for CORS_ORIGINS."""
@@ -144,15 +136,9 @@ def rank():
         return error_response(400, "bad_parameter", "give userId or anonymousId",
                               details={"parameter": "userId"})
 
-    if settings.secret_key:
-        try:
-            check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
-                        user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
-        except TokenError as exc:
-            response = error_response(exc.status, exc.code, exc.message)
-            if exc.status == 401:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
-            return response
+    refusal = token_refusal(settings, wanted)
+    if refusal is not None:
+        return refusal
 
     try:
         answer = services.recommendations.rank(wanted, item_ids, ranker_for(current_app))

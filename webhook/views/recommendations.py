@@ -54,6 +54,22 @@ def _token() -> str | None:
     return request.args.get("token") or None
 
 
+def token_refusal(settings, wanted: Request):
+    """None when the request may go on: no SECRET_KEY, or a valid token for its visitor;
+    otherwise the 401/403 answer."""
+    if not settings.secret_key:
+        return None
+    try:
+        check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
+                    user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
+    except TokenError as exc:
+        response = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
+        return response
+    return None
+
+
 @bp.get("/recommendations")
 def recommendations():
     services = current_app.extensions["segment"]
@@ -68,15 +84,9 @@ def recommendations():
                               "give userId, anonymousId or itemId",
                               details={"parameter": "userId"})
 
-    if settings.secret_key:
-        try:
-            check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
-                        user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
-        except TokenError as exc:
-            response = error_response(exc.status, exc.code, exc.message)
-            if exc.status == 401:
-                response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
-            return response
+    refusal = token_refusal(settings, wanted)
+    if refusal is not None:
+        return refusal
 
     try:
         answer = services.recommendations.recommend(wanted)

@@ -102,7 +102,15 @@ def _read_body(limit: int) -> bytes:
         if request.content_length > limit:
             raise RequestEntityTooLarge()
         return request.get_data(cache=False)
-    stream = request.environ["wsgi.input"]
+    raw = read_at_most(request.environ["wsgi.input"], limit)
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
+def read_at_most(stream, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes of ``stream``: more than ``limit`` means "too large",
+    known without reading (or holding) the rest."""
     chunks, size = [], 0
     while size <= limit:
         chunk = stream.read(min(65536, limit + 1 - size))
@@ -110,8 +118,6 @@ def _read_body(limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    if size > limit:
-        raise RequestEntityTooLarge()
     return b"".join(chunks)
 
 

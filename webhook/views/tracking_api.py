@@ -50,6 +50,7 @@ from ..destinations import DestinationError
 from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..store import StoreUnavailable
+from .segment import read_at_most
 
 bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
 log = logging.getLogger("webhook.tracking_api")
@@ -284,16 +285,9 @@ def _read_body(limit: int, batch: bool) -> bytes:
         raise too_large()
     stream = request.environ["wsgi.input"] if request.content_length is None \
         else request.stream
-    chunks, size = [], 0
-    while size <= wire_limit:
-        chunk = stream.read(min(65536, wire_limit + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if size > wire_limit:
+    raw = read_at_most(stream, wire_limit)
+    if len(raw) > wire_limit:
         raise too_large()
-    raw = b"".join(chunks)
     if encoding == "gzip":
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
