@@ -32,6 +32,9 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "request_id"}
 
 
+_PLAIN = frozenset({int, float, bool})
+
+
 class RedactingFilter(logging.Filter):
     """Masks email addresses and known secret values in the message and its fields."""
 
@@ -65,14 +68,17 @@ class RedactingFilter(logging.Filter):
         request_id = getattr(record, "request_id", None)
         if isinstance(request_id, str):  # the caller chooses it: it could be anything
             record.request_id = self.scrub(request_id)
-        for key, value in vars(record).items():
-            if key not in _STANDARD:
-                scrubbed = self._scrub_value(value)
-                if scrubbed is not value:
-                    setattr(record, key, scrubbed)
+        fields = vars(record)
+        for key in fields.keys() - _STANDARD:  # the ``extra`` fields
+            value = fields[key]
+            scrubbed = self._scrub_value(value)
+            if scrubbed is not value:
+                fields[key] = scrubbed
         return True
 
     def _scrub_value(self, value):
+        if value is None or type(value) in _PLAIN:  # numbers cannot hold a secret
+            return value
         if isinstance(value, str):
             scrubbed = self.scrub(value)
             return value if scrubbed == value else scrubbed
@@ -98,9 +104,10 @@ class JsonLineFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None),
         }
-        for key, value in vars(record).items():
+        fields = vars(record)
+        for key in fields:
             if key not in _STANDARD:
-                entry[key] = value
+                entry[key] = fields[key]
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -64,6 +64,12 @@ def record_outcomes(outcomes) -> None:
         MESSAGES.labels(type=kind, outcome=outcome).inc(count)
 
 
+def delivery(status: int, seconds: float) -> None:
+    """One webhook delivery answered with ``status`` after ``seconds``."""
+    DELIVERIES.labels(status=str(status)).inc()
+    DELIVERY_SECONDS.observe(seconds)
+
+
 def exposition() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

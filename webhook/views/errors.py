@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g, jsonify
+import json
+
+from flask import Flask, current_app, g
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("webhook.errors")
+
+
+def json_response(body, status: int = 200):
+    """A compact JSON answer (what ``jsonify`` gives, without its per-call provider
+    lookups: this is on the path of every webhook delivery)."""
+    return current_app.response_class(json.dumps(body, separators=(",", ":")) + "\n",
+                                      status=status, mimetype="application/json")
 
 
 def error_response(status: int, code: str, message: str, *, retry_after: int | None = None,
@@ -16,8 +25,7 @@ def error_response(status: int, code: str, message: str, *, retry_after: int | N
         body["error"]["requestId"] = g.request_id
     if details is not None:
         body["details"] = details
-    response = jsonify(body)
-    response.status_code = status
+    response = json_response(body, status)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
     return response

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
@@ -13,7 +13,7 @@ from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..signature import SignatureError, js_stringify, verify_bearer, verify_signature
 from ..store import StoreUnavailable
-from .errors import error_response
+from .errors import error_response, json_response
 
 bp = Blueprint("segment", __name__)
 log = logging.getLogger("webhook.segment")
@@ -23,8 +23,7 @@ log = logging.getLogger("webhook.segment")
 def receive():
     started = time.perf_counter()
     response = _receive()
-    metrics.DELIVERIES.labels(status=str(response.status_code)).inc()
-    metrics.DELIVERY_SECONDS.observe(time.perf_counter() - started)
+    metrics.delivery(response.status_code, time.perf_counter() - started)
     return response
 
 
@@ -92,17 +91,18 @@ def _receive():
         "skipped": len(summary.skipped), "rejected": len(summary.rejected),
         "interactions": summary.interactions,
     }
-    return jsonify(summary.as_json())
+    return json_response(summary.as_json())
 
 
 def _read_body(limit: int) -> bytes:
     """The raw body; 413 above ``limit`` bytes, before anything parses it. A body without
     Content-Length (chunked) is read up to one byte past the limit to tell."""
+    stream = request.environ["wsgi.input"]  # read as the server gives it: nothing else does
     if request.content_length is not None:
         if request.content_length > limit:
             raise RequestEntityTooLarge()
-        return request.get_data(cache=False)
-    raw = read_at_most(request.environ["wsgi.input"], limit)
+        return read_at_most(stream, request.content_length)[:request.content_length]
+    raw = read_at_most(stream, limit)
     if len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
