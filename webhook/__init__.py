@@ -15,6 +15,7 @@ from flask import Flask, g, request
 
 from .config import ConfigError, Settings
 from .logs import configure_logging
+from .memory import tune_allocator
 from .services import build_services, secret_values
 from .store import StoreUnavailable
 
@@ -27,6 +28,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application. ``test_config`` (settings by field name) replaces the
     environment, for tests; otherwise settings come from the environment."""
+    tune_allocator()  # before the server starts its threads; see webhook/memory.py
     app = Flask(__name__, instance_relative_config=True)
     settings = Settings.from_mapping(test_config) if test_config is not None \
         else Settings.from_env()

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..memory import release_free_memory
 from ..recommenders.base import Recommendation, ScoredItem
 from ..store import StoreUnavailable
 from . import persistence as db
@@ -348,6 +349,7 @@ class Trainer:
                 log.warning("engine: store unavailable: %s", exc)
             except Exception:  # keep the thread alive whatever a run did
                 log.exception("engine: background step failed")
+            release_free_memory()  # see webhook/memory.py: RSS would otherwise creep up
             self._stop.wait(check_seconds)
 
 
