@@ -116,7 +116,10 @@ class Ingestor:
             if message.message_id and message.message_id not in claims:
                 claims[message.message_id] = message.type
 
-        routed_by_index: dict[int, Routed] = {}
+        # Routed here, in the request's own thread, not in the group's transaction: the
+        # write lock is held only for the statements (measured: routing a batch of 100
+        # inside it left one of two cores idle under load).
+        routed_by_index = {index: self.router.route(message) for index, message in valid}
         if self.forwarders:
             known = self.store.known_message_ids(list(claims))
             outgoing = Routed()
@@ -125,7 +128,7 @@ class Ingestor:
                     if message.message_id in known:
                         continue
                     known.add(message.message_id)
-                routed = routed_by_index[index] = self.router.route(message)
+                routed = routed_by_index[index]
                 outgoing.interactions.extend(routed.interactions)
                 outgoing.users.extend(routed.users)
                 outgoing.items.extend(routed.items)
@@ -159,7 +162,7 @@ class Ingestor:
                             summary.count(message.type, "duplicate")
                             continue
                         fresh.discard(message.message_id)  # a second copy: a duplicate
-                    routed = job.routed.get(index) or self.router.route(message)
+                    routed = job.routed[index]
                     for note in routed.notes:
                         summary.notes.append({"index": index, "messageId": message.message_id,
                                               "reason": note})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -297,14 +298,17 @@ class _Raw:
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self.names = compiled.positiontup  # positional paramstyles (SQLite's qmark)
-        self.json_columns = frozenset(json_columns)
+        self.json_columns = tuple(json_columns)
+        self._values = operator.itemgetter(*self.names) if self.names else None
 
     def params(self, row: dict):
-        if self.json_columns:
-            row = {k: (json.dumps(v) if k in self.json_columns else v)
-                   for k, v in row.items()}
-        if self.names is not None:
-            return tuple(row[name] for name in self.names)
+        """The DBAPI parameters of one row (a row dict built for this call: JSON columns
+        are encoded in place)."""
+        for name in self.json_columns:
+            row[name] = json.dumps(row[name])
+        if self._values is not None:
+            values = self._values(row)
+            return values if len(self.names) > 1 else (values,)
         return row
 
 
