@@ -121,6 +121,19 @@ def test_same_message_twice_in_one_delivery_is_stored_once(app):
     assert set(interactions(app)) == {"twice", "once"}
 
 
+def test_a_large_batch_with_old_and_new_messages_claims_each_once(app):
+    # More messages than one claim statement holds (SQLite claims in chunks): the
+    # already-known ones, spread across the chunks, are duplicates; the rest are stored.
+    client = app.test_client()
+    known = [track(f"big-{i}", f"p-{i % 9}") for i in range(0, 1300, 7)]
+    assert post(client, known)["accepted"] == len(known)
+    summary = post(client, [track(f"big-{i}", f"p-{i % 9}") for i in range(1300)])
+    assert (summary["accepted"], summary["duplicates"]) == (1300 - len(known), len(known))
+    assert summary["interactions"] == 1300 - len(known)
+    assert set(interactions(app)) == {f"big-{i}" for i in range(1300)}
+    assert store_of(app).counts()["segment_messages"] == 1300
+
+
 def test_redelivery_after_a_change_of_content_keeps_the_first(app):
     """Segment redelivers the same messageId with the same content; a second message with
     the same id is a duplicate whatever it says."""

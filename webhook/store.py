@@ -351,6 +351,8 @@ class _Statements:
             self.raw_claim = _Raw(self.claim.values(
                 message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
                 received_at=sa.bindparam("received_at")), dialect_impl)
+            self._raw_claims: dict[int, _Raw] = {}
+            self._dialect_impl = dialect_impl
             self.raw_interaction = _Raw(self.add_interaction.values(
                 **{c.name: sa.bindparam(c.name) for c in interactions.c}), dialect_impl,
                 json_columns=("properties",))
@@ -359,6 +361,24 @@ class _Statements:
                 dialect_impl)
             self.raw_item = _Raw(self.upsert_item.values(
                 **{c.name: sa.bindparam(c.name) for c in items.c}), dialect_impl)
+
+
+    def raw_claim_many(self, n: int) -> "_Raw":
+        """The claim of ``n`` messages in one statement (compiled once per ``n``; n is at
+        most _CLAIM_CHUNK). Parameters: message_id<i>, type<i>, received_at<i>."""
+        raw = self._raw_claims.get(n)
+        if raw is None:
+            stmt = (self.insert(messages).values([
+                {name: sa.bindparam(f"{name}{i}") for name in ("message_id", "type",
+                                                                "received_at")}
+                for i in range(n)])
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(messages.c.message_id))
+            raw = self._raw_claims[n] = _Raw(stmt, self._dialect_impl)
+        return raw
+
+
+_CLAIM_CHUNK = 250  # rows a claim statement: 750 parameters, well under SQLite's limit
 
 
 class Transaction:
@@ -399,7 +419,17 @@ class Transaction:
                 for mid, kind in sorted(claims)]
         if len(rows) == 1:
             return {row[0] for row in self._run(self.sql.raw_claim, rows, fetch=True)}
-        return {row[0] for row in self.conn.execute(self.sql.claim, rows)}
+        if self.dialect != "sqlite":
+            return {row[0] for row in self.conn.execute(self.sql.claim, rows)}
+        # SQLite: one multi-row INSERT … RETURNING a chunk, on the cursor (through
+        # SQLAlchemy a batch's claim cost several times the statement, under the lock).
+        fresh: set[str] = set()
+        for start in range(0, len(rows), _CLAIM_CHUNK):
+            chunk = rows[start:start + _CLAIM_CHUNK]
+            values = {f"{key}{i}": row[key] for i, row in enumerate(chunk) for key in row}
+            fresh.update(row[0] for row in
+                         self._run(self.sql.raw_claim_many(len(chunk)), [values], fetch=True))
+        return fresh
 
     def add_interactions(self, records: Sequence[Interaction]) -> None:
         if not records:
