@@ -60,18 +60,6 @@ CACHE_KIB = 16 * 1024  # SQLite page cache (and sorter) bound: the bookkeeping's
 _LINK_CACHE = 65536    # recent anonymousId → userId links, to skip rewriting the same one
 
 
-def mapping_config(settings: Settings) -> MappingConfig:
-    """The Personalize mapping the real-time forwarder uses (``services._forwarders``)."""
-    return MappingConfig(
-        tracking_id=settings.personalize_tracking_id,
-        event_type_map=dict(settings.event_type_map),
-        event_value_property=settings.event_value_property,
-        event_properties=settings.event_properties,
-        user_traits_map=settings.user_traits_map,
-        item_properties_map=settings.item_properties_map,
-    )
-
-
 def column_name(schema_field: str) -> str:
     """``numberOfRatings`` → ``NUMBER_OF_RATINGS`` (Personalize's CSV column for the field
     PutEvents/PutUsers/PutItems properties call ``numberOfRatings``)."""
@@ -259,7 +247,7 @@ class Exporter:
         self.settings = settings
         self.out_dir = out_dir
         self.router = Router(settings.interaction_events, settings.item_id_properties)
-        self.config = mapping_config(settings)
+        self.config = MappingConfig.from_settings(settings)
         self.event_fields = _columns(self.config.event_properties)
         self.user_fields = _columns(self.config.user_traits_map)
         self.item_fields = _columns(self.config.item_properties_map)

@@ -110,14 +110,7 @@ def _forwarders(settings: Settings) -> list:
         return []
     from .destinations.personalize import PersonalizeForwarder
     from .destinations.personalize_mapping import MappingConfig
-    mapping = MappingConfig(
-        tracking_id=settings.personalize_tracking_id,
-        event_type_map=dict(settings.event_type_map),
-        event_value_property=settings.event_value_property,
-        event_properties=settings.event_properties,
-        user_traits_map=settings.user_traits_map,
-        item_properties_map=settings.item_properties_map,
-    )
+    mapping = MappingConfig.from_settings(settings)
     return [PersonalizeForwarder(
         mapping,
         users_dataset_arn=settings.personalize_users_dataset_arn,

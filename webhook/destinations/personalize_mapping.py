@@ -34,6 +34,18 @@ class MappingConfig:
     user_traits_map: Sequence[tuple[str, str]] = ()
     item_properties_map: Sequence[tuple[str, str]] = ()
 
+    @classmethod
+    def from_settings(cls, settings) -> "MappingConfig":
+        """The mapping the settings describe (real-time forwarding and export alike)."""
+        return cls(
+            tracking_id=settings.personalize_tracking_id,
+            event_type_map=dict(settings.event_type_map),
+            event_value_property=settings.event_value_property,
+            event_properties=settings.event_properties,
+            user_traits_map=settings.user_traits_map,
+            item_properties_map=settings.item_properties_map,
+        )
+
 
 @dataclass
 class Problem:

@@ -97,12 +97,7 @@ class LocalRecommender:
         ``exclude_seen``: leave out items the person already interacted with (default:
         the ENGINE_EXCLUDE_SEEN setting). ``filter_values`` is not supported locally and
         is ignored."""
-        if self.inline_refresh:
-            try:
-                self.holder.refresh()
-            except StoreUnavailable:
-                pass
-        version, model = self.holder.current()
+        version, model = self._model()
         num_results = max(0, int(num_results))
         exclude_seen = self.exclude_seen_default if exclude_seen is None else exclude_seen
         banned_ids = set(exclude)
@@ -133,18 +128,23 @@ class LocalRecommender:
                 return self._answer(model, scores, banned_ids, num_results, "local", details)
         return self._popular_answer(model, banned_ids, num_results, details)
 
+    def _model(self):
+        """(version, model) to answer with, refreshed first when no background thread
+        does it (tests, ``flask`` commands); a store that is down keeps the current one."""
+        if self.inline_refresh:
+            try:
+                self.holder.refresh()
+            except StoreUnavailable:
+                pass
+        return self.holder.current()
+
     def rank(self, *, user_id: str, item_ids: Sequence[str],
              filter_values: Mapping[str, str] | None = None) -> Recommendation:
         """``item_ids`` re-ordered for a person (issue 8: POST /recommendations/rank): by the
         model's scores for their current history; without history, by popularity. Items
         the model does not know come last, in the caller's order (as Personalize's
         GetPersonalizedRanking does). ``filter_values`` is ignored locally."""
-        if self.inline_refresh:
-            try:
-                self.holder.refresh()
-            except StoreUnavailable:
-                pass
-        version, model = self.holder.current()
+        version, model = self._model()
         details: dict = {"model_version": version}
         ids = list(item_ids)
         if model is None:
