@@ -47,3 +47,23 @@ def child_exit(server, worker):
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def _services(worker):
+    extensions = getattr(getattr(worker, "wsgi", None), "extensions", None) or {}
+    return extensions.get("segment")
+
+
+def post_worker_init(worker):
+    # Each worker applies the inbox in the background from the start, not only once a
+    # first request reached it (after a restart, a backlog is applied without traffic).
+    services = _services(worker)
+    if services is not None:
+        services.start_background()
+
+
+def worker_exit(server, worker):
+    # A worker stopping gracefully gives its leases back instead of letting them expire.
+    services = _services(worker)
+    if services is not None:
+        services.stop_background()

@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from flask.testing import FlaskClient
 
 from webhook import create_app
+from webhook.store import StoreUnavailable
 
 PG_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -41,20 +43,37 @@ def database_url(request):
     return request.getfixturevalue(f"{request.param}_url")
 
 
+class AppliedClient(FlaskClient):
+    """Flask's test client for an app whose inbox is applied after every request.
+
+    Under a server, each worker's background appliers apply an accepted delivery within
+    milliseconds (tests/test_inbox.py measures it under gunicorn); here no server threads
+    run, so the client applies the inbox itself, in the test's thread, before returning
+    the answer. Tests that look at the inbox before it is applied use ``raw_client``."""
+
+    def open(self, *args, **kwargs):
+        response = super().open(*args, **kwargs)
+        applied(self.application)
+        return response
+
+
 @pytest.fixture
 def make_app(sqlite_url):
-    """make_app(**settings) -> a Flask app; settings by field name (see webhook.config)."""
+    """make_app(**settings) -> a Flask app; settings by field name (see webhook.config).
+    Its ``test_client()`` applies the inbox after each request (``AppliedClient``)."""
     apps = []
 
     def factory(**settings):
         settings.setdefault("database_url", sqlite_url)
         app = create_app(settings)
         app.config["TESTING"] = True
+        app.test_client_class = AppliedClient
         apps.append(app)
         return app
 
     yield factory
     for app in apps:
+        app.extensions["segment"].stop_background()
         app.extensions["segment"].store.dispose()
 
 
@@ -70,3 +89,19 @@ def client(app):
 
 def store_of(app):
     return app.extensions["segment"].store
+
+
+def applied(app, timeout: float = 30.0) -> None:
+    """Apply everything the app's inbox holds now, in this thread: what the background
+    appliers of a server worker do after each delivery (tests run no server threads).
+    With the store down there is nothing to apply it to: it stays in the inbox."""
+    services = app.extensions["segment"]
+    try:
+        assert services.drain(timeout=timeout), "the inbox was not applied"
+    except StoreUnavailable:
+        pass
+
+
+def raw_client(app) -> FlaskClient:
+    """A test client that leaves the inbox as it is (nothing applied)."""
+    return FlaskClient(app, app.response_class, use_cookies=True)

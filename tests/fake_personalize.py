@@ -363,6 +363,10 @@ class _FakeService:
             self._thread.join(timeout=5)
             self._httpd = self._thread = None
 
+    @property
+    def stopped(self) -> bool:
+        return self._httpd is None
+
     def __enter__(self):
         return self.start()
 

@@ -1,12 +1,17 @@
-"""Run the service under a real gunicorn for end-to-end tests."""
+"""Run the service under a real gunicorn for end-to-end tests: the one launcher.
+
+``gunicorn(env)`` starts ``gunicorn wsgi:app`` from the project folder (so
+gunicorn.conf.py applies) and yields (base_url, process); ``worker_pids`` and
+``wait_for_workers`` find its workers.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,41 +27,66 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(env: dict[str, str], workers: int = 2, timeout: float = 30.0):
-    """Start `gunicorn wsgi:app` from the project folder (so gunicorn.conf.py applies);
-    yield (base_url, process); stop it afterwards. stderr is collected in process.log."""
+def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
+    """Start `gunicorn wsgi:app` with ``env`` over the environment; yield (base_url,
+    process) once GET /healthz answers; stop it afterwards. Its output is collected in
+    ``process.log_path`` (in ``env["_LOG_DIR"]`` if given). Any request error while
+    starting means "not yet" (the master accepts connections before a worker has booted,
+    so a slow boot shows as a timeout), until ``timeout`` seconds."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}"})
     full_env.update(env)
     log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
-    log_file = open(log_path, "w+b")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "wsgi:app"],
-        cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    process.log_path = log_path  # type: ignore[attr-defined]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("gunicorn exited:\n" + log_path.read_text(errors="replace"))
-            try:
-                if requests.get(base + "/healthz", timeout=1).status_code in (200, 503):
-                    break
-            except requests.RequestException:  # not listening yet, or still importing
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("gunicorn did not answer in time")
-            time.sleep(0.1)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log_file.close()
+    with open(log_path, "w+b") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
+                                   env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        process.log_path = log_path  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError("gunicorn exited:\n" + log_path.read_text(errors="replace"))
+                try:
+                    if requests.get(base + "/healthz", timeout=2).status_code in (200, 503):
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn did not answer in time")
+                time.sleep(0.1)
+            yield base, process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master_pid:
+            children.add(int(entry))
+    return children
+
+
+def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(master_pid)
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"gunicorn has {worker_pids(master_pid)} workers, wanted {count}")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import store_of
 from tests.segment_wire import capture_corpus
-from tests.test_failures import serve, worker_pids
+from tests.gunicorn_server import gunicorn, worker_pids
 
 SECRET = "fuzz-shared-secret"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
@@ -53,7 +53,7 @@ def sign(body: bytes) -> str:
 
 def stored_ids(app) -> set[str]:
     with store_of(app).read() as conn:
-        return {row[0] for row in conn.execute(sa.text("SELECT message_id FROM segment_messages"))}
+        return {row[0] for row in conn.execute(sa.text("SELECT message_id FROM inbox"))}
 
 
 def check_answer(response, sent_count: int | None = None) -> None:
@@ -253,7 +253,7 @@ def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
                json.dumps([CORPUS[1]] * 4001).encode(), b'{"type":"track","x":1e999}']
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db", "_LOG_DIR": str(tmp_path),
            "ENGINE_BACKGROUND_TRAINING": "false"}
-    with serve(env, workers=2) as (base, process):
+    with gunicorn(env, workers=2) as (base, process):
         before = worker_pids(process.pid)
         statuses = {}
         for body in bodies:

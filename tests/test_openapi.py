@@ -18,8 +18,7 @@ import pytest
 import requests
 import yaml
 
-from tests.gunicorn_server import ROOT
-from tests.test_failures import serve
+from tests.gunicorn_server import ROOT, gunicorn
 from tests.segment_wire import capture_corpus
 
 DOCUMENT = ROOT / "openapi.yaml"
@@ -100,7 +99,7 @@ def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openapi")
     env = {"DATABASE_URL": f"sqlite:///{tmp}/openapi.db", "_LOG_DIR": str(tmp),
            "ENGINE_BACKGROUND_TRAINING": "false", "INGEST_WRITE_KEYS": WRITE_KEY}
-    with serve(env, workers=2) as (base, process):
+    with gunicorn(env, workers=2) as (base, process):
         seeded = requests.post(base + "/segment", json=capture_corpus(), timeout=10)
         assert seeded.status_code == 200, seeded.text
         yield base, process, tmp

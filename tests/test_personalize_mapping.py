@@ -1,8 +1,8 @@
-"""Segment records → Personalize records, and the forwarder's retry rules, as unit tests.
+"""Segment records → Personalize records, and the sender's retry rules, as unit tests.
 
-The mapping is pure (webhook/destinations/personalize_mapping.py); the forwarder is given
-a real boto3 client wrapped in botocore's Stubber, which checks every request against the
-personalize-events model, and a recording ``sleep`` so that backoff takes no time.
+The mapping is pure (webhook/personalize_mapping.py); the Personalize applier's sender is
+given a real boto3 client wrapped in botocore's Stubber, which checks every request
+against the personalize-events model.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from webhook.destinations.base import DestinationError
-from webhook.destinations.personalize import PersonalizeForwarder
-from webhook.destinations.personalize_mapping import (
+from webhook.appliers.personalize import Sender, plan_calls
+from webhook.inbox import LostLease
+from webhook.personalize_mapping import (
     MappingConfig,
     event_calls,
     map_event,
@@ -155,6 +155,16 @@ def test_event_calls_group_by_session_and_user_ten_at_most_in_order():
     assert [e["eventId"] for c in calls[:3] for e in c.events] == [f"a-{n}" for n in range(23)]
 
 
+def test_event_calls_keep_a_session_in_order_when_its_user_id_comes_and_goes():
+    records = [interaction("v-1", anonymous_id="s-1"),
+               interaction("o-1", anonymous_id="s-1", user_id="u-1"),
+               interaction("v-2", anonymous_id="s-1"),
+               interaction("v-3", anonymous_id="s-1")]
+    calls = event_calls(records, CONFIG, [])
+    assert [(c.user_id, [e["eventId"] for e in c.events]) for c in calls] == [
+        (None, ["v-1"]), ("u-1", ["o-1"]), (None, ["v-2", "v-3"])]
+
+
 # --- users and items --------------------------------------------------------------------
 
 def test_users_merge_traits_in_time_order_and_join_lists():
@@ -176,7 +186,7 @@ def test_items_map_properties():
                      {"itemId": "sku-2"}]
 
 
-# --- the forwarder, with botocore's Stubber ---------------------------------------------
+# --- the sender, with botocore's Stubber ---------------------------------------------------
 
 @pytest.fixture
 def stubbed():
@@ -188,67 +198,89 @@ def stubbed():
         stubber.assert_no_pending_responses()
 
 
-def _forwarder(client, sleeps):
-    return PersonalizeForwarder(CONFIG, client=client, sleep=sleeps.append,
-                                max_concurrency=1)
+def _sender(client, rate=1000.0):
+    return Sender(client=client, max_concurrency=1, events_per_second=rate)
 
 
-def _routed(n=3):
-    return Routed(interactions=[interaction(f"m-{k}", price=1.5) for k in range(n)])
+def _chains(n=3):
+    return plan_calls(Routed(interactions=[interaction(f"m-{k}", price=1.5) for k in range(n)]),
+                      CONFIG, "", "", None, [])
 
 
-def _expected_params(n=3):
+def _expected_params(ids):
     return {"trackingId": "trk", "sessionId": "anon-1", "eventList": [
-        {"eventId": f"m-{k}", "eventType": "View", "itemId": "sku-1",
-         "sentAt": 1_790_000_000.5, "eventValue": 1.5} for k in range(n)]}
+        {"eventId": i, "eventType": "View", "itemId": "sku-1",
+         "sentAt": 1_790_000_000.5, "eventValue": 1.5} for i in ids]}
 
 
-def test_forwarder_retries_throttling_with_backoff(stubbed):
+def _ok():
+    pass
+
+
+def test_sender_retries_throttling_until_the_call_goes_through(stubbed):
     client, stubber = stubbed
+    ids = ["m-0", "m-1", "m-2"]
     for _ in range(3):
         stubber.add_client_error("put_events", service_error_code="ThrottlingException",
-                                 http_status_code=400, expected_params=_expected_params())
-    stubber.add_response("put_events", {}, _expected_params())
-    sleeps = []
-    report = _forwarder(client, sleeps).forward(_routed(), time.monotonic() + 10)
-    assert (report.events, report.calls, report.retries) == (3, 1, 3)
-    assert len(sleeps) == 3 and all(0 <= s <= 1.0 for s in sleeps)
+                                 http_status_code=400, expected_params=_expected_params(ids))
+    stubber.add_response("put_events", {}, _expected_params(ids))
+    report = _sender(client).send_chains(_chains(), _ok)
+    assert (report.sent["event"], report.calls, report.retries) == (3, 1, 3)
+    assert report.refused == []
 
 
-def test_forwarder_treats_invalid_input_as_permanent(stubbed):
+def test_sender_splits_a_refused_call_down_to_the_bad_record(stubbed):
     client, stubber = stubbed
-    stubber.add_client_error("put_events", service_error_code="InvalidInputException",
-                             service_message="bad", http_status_code=400,
-                             expected_params=_expected_params(1))
-    sleeps = []
-    report = _forwarder(client, sleeps).forward(_routed(1), time.monotonic() + 10)
-    assert report.events == 0 and sleeps == []  # not retried
-    assert [p.id for p in report.problems] == ["m-0"]
-    assert all(p.action == "dropped" and "InvalidInputException" in p.reason
-               for p in report.problems)
+    refuse = dict(service_error_code="InvalidInputException", service_message="bad",
+                  http_status_code=400)
+    stubber.add_client_error("put_events", expected_params=_expected_params(
+        ["m-0", "m-1", "m-2"]), **refuse)
+    stubber.add_response("put_events", {}, _expected_params(["m-0"]))
+    stubber.add_client_error("put_events", expected_params=_expected_params(["m-1", "m-2"]),
+                             **refuse)
+    stubber.add_response("put_events", {}, _expected_params(["m-1"]))
+    stubber.add_client_error("put_events", expected_params=_expected_params(["m-2"]), **refuse)
+    report = _sender(client).send_chains(_chains(), _ok)
+    assert report.sent["event"] == 2
+    assert [(r.kind, r.record_id) for r in report.refused] == [("event", "m-2")]
+    assert "InvalidInputException" in report.refused[0].reason
+    assert report.retries == 0  # a refusal is not retried
 
 
-def test_forwarder_gives_up_at_the_deadline_with_retry_after():
-    client = boto3.session.Session().client(
-        "personalize-events", region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="y")
-    with Stubber(client) as stubber:  # more throttling answers than it can use in time
-        for _ in range(200):
-            stubber.add_client_error("put_events", service_error_code="ThrottlingException",
-                                     http_status_code=400)
-        forwarder = PersonalizeForwarder(CONFIG, client=client, max_concurrency=1)
-        started = time.monotonic()
-        with pytest.raises(DestinationError) as info:
-            forwarder.forward(_routed(), started + 0.5)
-        assert time.monotonic() - started < 1.1
-    assert info.value.retry_after and info.value.retry_after > 0
-
-
-def test_forwarder_does_not_retry_access_denied(stubbed):
+def test_sender_keeps_retrying_a_configuration_error_instead_of_dropping(stubbed):
     client, stubber = stubbed
     stubber.add_client_error("put_events", service_error_code="AccessDeniedException",
                              http_status_code=403)
-    sleeps = []
-    with pytest.raises(DestinationError):
-        _forwarder(client, sleeps).forward(_routed(), time.monotonic() + 10)
-    assert sleeps == []
+    stubber.add_response("put_events", {}, _expected_params(["m-0"]))
+    report = _sender(client).send_chains(_chains(1), _ok)
+    assert report.sent["event"] == 1 and report.refused == [] and report.retries == 1
+
+
+def test_sender_gives_up_when_the_lease_is_lost(stubbed):
+    client, stubber = stubbed
+    for _ in range(2):
+        stubber.add_client_error("put_events", service_error_code="ThrottlingException",
+                                 http_status_code=400)
+    calls = []
+
+    def keep_lease():
+        calls.append(1)
+        if len(calls) > 2:
+            raise LostLease("personalize")
+
+    with pytest.raises(LostLease):
+        _sender(client).send_chains(_chains(1), keep_lease)
+
+
+def test_sender_holds_the_rate(stubbed):
+    client, stubber = stubbed
+    chains = [[call] for chain in plan_calls(Routed(interactions=[
+        interaction(f"m-{k}", anonymous_id=f"a-{k}") for k in range(6)]), CONFIG, "", "",
+        None, []) for call in chain]
+    for _ in chains:
+        stubber.add_response("put_events", {})
+    started = time.monotonic()
+    report = _sender(client, rate=10.0).send_chains(chains, _ok)
+    assert report.sent["event"] == 6
+    # A new sender starts with an empty bucket: 6 calls at 10 a second take >= 0.5 s.
+    assert time.monotonic() - started >= 0.5

@@ -474,9 +474,9 @@ def test_profile_api_timeout_degrades_within_the_default_250ms(personalize_app, 
     client = personalize_app(database_url=database_url,
                              profile_api_timeout_seconds=default).test_client()
     get(client, "userId=warm-up&numResults=2")  # boto3's client is made on first use
-    deliver(client, order_completed(["item-2"], user_id="u-1"))
     profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
-    profile_api.delay(1.5)
+    profile_api.delay(1.5)  # before the order: its write-back asks for the traits too
+    deliver(client, order_completed(["item-2"], user_id="u-1"))
     started = time.perf_counter()
     body = get(client, "userId=u-1&numResults=3")
     elapsed = time.perf_counter() - started

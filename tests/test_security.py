@@ -16,10 +16,10 @@ import pytest
 import requests
 
 from tests import pg_server
+from tests.gunicorn_server import gunicorn
 from tests.fake_personalize import FakePersonalizeEvents, FakePersonalizeRuntime
 from tests.fake_segment_apis import FakeProfileAPI, FakeTrackingAPI
 from tests.segment_wire import capture_corpus
-from tests.test_failures import serve
 from webhook import signature as signature_module
 from webhook.tokens import mint_token
 
@@ -289,7 +289,7 @@ def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level):
             "AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
             "ENGINE_BACKGROUND_TRAINING": "false",
         }
-        with serve(env, workers=2) as (base, process):
+        with gunicorn(env, workers=2) as (base, process):
             _full_flow(base, corpus, events, profiles)
             time.sleep(1.0)  # let background activation publish and log
         log = process.log_path.read_text(errors="replace")

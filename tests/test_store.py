@@ -110,7 +110,7 @@ def test_concurrent_redelivery_stores_one_copy(app):
         assert sum(a[1]["interactions"] for a in answers) == size
     counts = store_of(app).counts()
     assert counts["interactions"] == rounds * size
-    assert counts["segment_messages"] == rounds * (size + 1)
+    assert counts["inbox"] == rounds * (size + 1)
     assert counts["items"] == 7
 
 
@@ -131,7 +131,7 @@ def test_a_large_batch_with_old_and_new_messages_claims_each_once(app):
     assert (summary["accepted"], summary["duplicates"]) == (1300 - len(known), len(known))
     assert summary["interactions"] == 1300 - len(known)
     assert set(interactions(app)) == {f"big-{i}" for i in range(1300)}
-    assert store_of(app).counts()["segment_messages"] == 1300
+    assert store_of(app).counts()["inbox"] == 1300
 
 
 def test_redelivery_after_a_change_of_content_keeps_the_first(app):
@@ -256,9 +256,9 @@ def test_delete_of_an_unknown_user_changes_nothing_else(app):
     post(client, {"type": "delete", "userId": "nobody", "messageId": "del-x",
                   "timestamp": iso(0)})
     after = store_of(app).counts()
-    assert after["segment_messages"] == before["segment_messages"] + 1
-    assert {k: v for k, v in after.items() if k != "segment_messages"} == \
-        {k: v for k, v in before.items() if k != "segment_messages"}
+    assert after["inbox"] == before["inbox"] + 1
+    assert {k: v for k, v in after.items() if k != "inbox"} == \
+        {k: v for k, v in before.items() if k != "inbox"}
 
 
 # --- the same item / user many times in one batch (PostgreSQL upserts) -------------------------
@@ -333,7 +333,7 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert store_of(app).counts()["segment_messages"] == 1
+    assert store_of(app).counts()["inbox"] == 1
     # Segment's retry of the same delivery goes through, once.
     assert post(client, track("m-1"))["accepted"] == 1
     assert store_of(app).counts()["interactions"] == 2

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.conftest import store_of
+from tests.conftest import AppliedClient, store_of
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
@@ -145,6 +145,8 @@ def test_rotation_from_the_environment_comma_separated(monkeypatch, sqlite_url):
     monkeypatch.setenv("SEGMENT_SHARED_SECRET", f" {OLD_SECRET} , {NEW_SECRET} ")
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
     app = create_app()
+    app.config["TESTING"] = True  # no background appliers: the client applies (conftest)
+    app.test_client_class = AppliedClient
     try:
         client = app.test_client()
         for number, secret in enumerate((OLD_SECRET, NEW_SECRET)):

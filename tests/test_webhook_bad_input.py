@@ -259,7 +259,7 @@ def test_chunked_body_above_the_limit_under_gunicorn_is_a_413(tmp_path):
     assert response.status_code == 413, response.text
     engine = sa.create_engine(env["DATABASE_URL"])
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM segment_messages")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM inbox")).scalar() == 0
     engine.dispose()
 
 
@@ -292,7 +292,7 @@ def test_mixed_batch_keeps_the_valid_and_reports_the_rest(make_app, database_url
     assert summary["accepted"] == 3  # ok-1, ok-2, ok-3
     assert summary["interactions"] == 1
     with store_of(app).engine.connect() as conn:
-        stored = {r[0] for r in conn.execute(sa.text("SELECT message_id FROM segment_messages"))}
+        stored = {r[0] for r in conn.execute(sa.text("SELECT message_id FROM inbox"))}
         events = conn.execute(sa.text("SELECT event_id, item_id FROM interactions")).all()
     assert stored == {"ok-1", "ok-2", "ok-3", "no-product"}
     assert [tuple(e) for e in events] == [("ok-1", "p-1")]
@@ -336,7 +336,7 @@ def test_values_the_database_may_refuse_never_give_a_500(make_app, database_url,
     if response.status_code >= 400:
         assert store_of(app).counts() == before
     else:
-        assert store_of(app).counts()["segment_messages"] == before["segment_messages"] + 1
+        assert store_of(app).counts()["inbox"] == before["inbox"] + 1
 
 
 def test_nesting_just_below_the_parser_limit_never_gives_a_500(make_app, database_url):

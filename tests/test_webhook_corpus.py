@@ -72,7 +72,7 @@ def dump(app) -> dict:
             return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
         return {
             "messages": {r["message_id"]: r["type"] for r in rows(
-                "SELECT message_id, type FROM segment_messages")},
+                "SELECT message_id, type FROM inbox")},
             "interactions": {r["event_id"]: {**r, "properties": _json(r["properties"])}
                              for r in rows("SELECT * FROM interactions")},
             "items": {r["item_id"]: r for r in rows("SELECT * FROM items")},

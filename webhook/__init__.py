@@ -6,6 +6,7 @@ gunicorn). Configuration is read once, here, into ``Settings``.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -78,7 +79,8 @@ def _init_request_context(app: Flask, services) -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         g.started = time.perf_counter()
-        g.deadline = time.monotonic() + services.settings.personalize_deadline_seconds
+        if services._background_pid != os.getpid() and not app.testing:
+            services.start_background()  # a WSGI host without gunicorn's post_worker_init
         if request.endpoint not in ("ops.healthz", "ops.prometheus_metrics", "page.index",
                                     "static", "openapi.openapi_document"):
             try:

@@ -54,6 +54,86 @@ def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     click.echo(json.dumps(report.as_json()), err=True)
 
 
+
+
+@click.group("dead-letters")
+def dead_letters_group() -> None:
+    """Records Amazon Personalize refused for good (InvalidInputException) or that did
+    not fit its limits, kept with their messages."""
+
+
+@dead_letters_group.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line, with the "
+              "message (it holds personal data).")
+@with_appcontext
+def dead_letters_list(limit: int, as_json: bool) -> None:
+    """Show the oldest dead letters."""
+    import json
+
+    services = current_app.extensions["segment"]
+    services.ensure_schema()
+    letters = services.dead_letters.list(limit=limit)
+    total = services.dead_letters.count()
+    for letter in letters:
+        if as_json:
+            click.echo(json.dumps(letter.as_json(with_message=True), ensure_ascii=False))
+        else:
+            click.echo(f"{letter.id:>6}  {letter.kind:<5}  {letter.record_id[:40]:<40}  "
+                       f"attempts {letter.attempts}  {letter.reason[:100]}")
+    click.echo(f"{total} dead letter(s)" + (f", {len(letters)} shown" if total > len(letters)
+                                            else ""), err=True)
+
+
+@dead_letters_group.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@click.option("--timeout", default=60.0, show_default=True,
+              help="Seconds to wait for Amazon Personalize.")
+@with_appcontext
+def dead_letters_retry(ids: tuple[int, ...], retry_all: bool, timeout: float) -> None:
+    """Route the messages again with today's mapping and send their records; the ones
+    that go through (or no longer yield a record) leave the list."""
+    services = current_app.extensions["segment"]
+    runner = services.runners.get("personalize")
+    if runner is None:
+        raise click.ClickException("Amazon Personalize is not configured "
+                                   "(PERSONALIZE_TRACKING_ID)")
+    if not ids and not retry_all:
+        raise click.ClickException("name dead-letter ids, or --all")
+    services.ensure_schema()
+    letters = services.dead_letters.list(limit=10**9, ids=None if retry_all else ids)
+    if not letters:
+        click.echo("no such dead letter")
+        return
+    try:
+        outcomes = runner.applier.retry(letters, timeout=timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        runner.applier.sender.stop()
+    by_id = {letter.id: letter for letter in letters}
+    resolved = [i for i, outcome in outcomes.items() if outcome in ("sent", "gone")]
+    services.dead_letters.resolve(resolved)
+    for letter_id, outcome in outcomes.items():
+        if outcome.startswith("refused"):
+            services.dead_letters.refused_again(by_id[letter_id], outcome[len("refused: "):])
+        click.echo(f"{letter_id:>6}  {outcome[:120]}")
+    click.echo(f"{len(resolved)} of {len(outcomes)} resolved", err=True)
+
+
+@click.command("inbox")
+@with_appcontext
+def inbox_command() -> None:
+    """Each applier's lag: inbox rows not yet applied, the oldest's age, who applies."""
+    services = current_app.extensions["segment"]
+    services.ensure_schema()
+    for name, lag in services.inbox.lag(services.runners).items():
+        click.echo(f"{name:<12} {lag.pending:>9} pending  oldest {lag.oldest_seconds:9.1f} s"
+                   + ("  (applying now)" if lag.owner else ""))
+    click.echo(f"dead letters: {services.dead_letters.count()}")
+
+
 def init_app(app: Flask) -> None:
-    app.cli.add_command(token_command)
-    app.cli.add_command(export_command)  # ecosystem (issue 8)
+    for command in (token_command, export_command, dead_letters_group, inbox_command):
+        app.cli.add_command(command)

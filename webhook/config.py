@@ -183,6 +183,20 @@ def _optional_property(value: str) -> str:
     return value.strip()
 
 
+def _synchronous(value: str) -> str:
+    mode = value.strip().upper()
+    if mode not in ("FULL", "NORMAL"):
+        raise ValueError(f"expected FULL or NORMAL, got {value!r}")
+    return mode
+
+
+def _off_or_positive_float(value: str) -> float:
+    """0 (off) or a finite number greater than 0."""
+    if value.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(value)
+
+
 # (field name, environment names in order of precedence, parser)
 _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("database_url", ("DATABASE_URL",), _database_url),
@@ -193,6 +207,12 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("item_id_properties", ("ITEM_ID_PROPERTIES",), _item_id_properties),
     ("retry_after_seconds", ("RETRY_AFTER_SECONDS",), _positive_int),
     ("log_level", ("LOG_LEVEL",), _log_level),
+    # --- the inbox: durability and retention ---
+    ("sqlite_synchronous", ("SQLITE_SYNCHRONOUS",), _synchronous),
+    ("message_retention_hours", ("MESSAGE_RETENTION_HOURS",), _positive_float),
+    ("max_message_age_hours", ("MAX_MESSAGE_AGE_HOURS",), _off_or_positive_float),
+    ("interaction_retention_days", ("INTERACTION_RETENTION_DAYS",), _off_or_positive_float),
+    ("retention_interval_seconds", ("RETENTION_INTERVAL_SECONDS",), _positive_float),
     # Amazon Personalize and Segment: read here so that /healthz can say what is set;
     # the issues that use them add their behaviour.
     ("personalize_tracking_id", ("PERSONALIZE_TRACKING_ID", "personalize_tracking_id"), _text),
@@ -204,7 +224,11 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("event_properties", ("EVENT_PROPERTIES",), _pairs),
     ("user_traits_map", ("USER_TRAITS_MAP",), _pairs),
     ("item_properties_map", ("ITEM_PROPERTIES_MAP",), _pairs),
-    ("personalize_deadline_seconds", ("PERSONALIZE_DEADLINE_SECONDS",), _positive_float),
+    ("personalize_put_events_per_second", ("PERSONALIZE_PUT_EVENTS_PER_SECOND",),
+     _positive_float),
+    ("personalize_put_records_per_second", ("PERSONALIZE_PUT_RECORDS_PER_SECOND",),
+     _positive_float),
+    ("dead_letters_max", ("DEAD_LETTERS_MAX",), _positive_int),
     ("personalize_call_timeout_seconds", ("PERSONALIZE_CALL_TIMEOUT_SECONDS",), _positive_float),
     ("personalize_max_concurrency", ("PERSONALIZE_MAX_CONCURRENCY",), _positive_int),
     # --- local recommendation engine (embedded default) ---
@@ -259,6 +283,19 @@ class Settings:
     item_id_properties: tuple[str, ...] = ("product_id", "sku")
     retry_after_seconds: int = 30
     log_level: str = "INFO"
+    # --- the inbox: durability and retention ---
+    # FULL: a delivery is acknowledged only once its commit is on disk (an fsync), so it
+    # survives a power loss or an OS crash; NORMAL skips that fsync (README: the risk).
+    sqlite_synchronous: str = "FULL"
+    # Inbox rows (the messageId claims with them) are kept this long after they arrived:
+    # well beyond Segment's retry window (about 4 hours), so a redelivery is a duplicate.
+    message_retention_hours: float = 168.0
+    # Live messages older than this are skipped ("too_old"); 0 = off (Segment's Replay
+    # re-sends old messages on purpose).
+    max_message_age_hours: float = 0.0
+    # Interactions older than this (by their own time) are deleted; 0 = kept for ever.
+    interaction_retention_days: float = 730.0
+    retention_interval_seconds: float = 60.0  # how often each worker prunes what is due
     personalize_tracking_id: str = ""
     personalize_campaign_arn: str = ""
     personalize_users_dataset_arn: str = ""
@@ -268,11 +305,15 @@ class Settings:
     event_properties: tuple[tuple[str, str], ...] = ()
     user_traits_map: tuple[tuple[str, str], ...] = ()
     item_properties_map: tuple[tuple[str, str], ...] = ()
-    # The whole webhook answer must stay under Segment's 5 s: Personalize calls (with
-    # retries) get this budget, and one call at most this long.
-    personalize_deadline_seconds: float = 3.5
+    # The Personalize applier: one call at most this long; this many calls at once.
     personalize_call_timeout_seconds: float = 1.0
-    personalize_max_concurrency: int = 8
+    personalize_max_concurrency: int = 16
+    # PutEvents calls a second, all workers and hosts together (AWS allows about 1000 a
+    # dataset group); PutUsers and PutItems calls a second each (AWS: about 10).
+    personalize_put_events_per_second: float = 500.0
+    personalize_put_records_per_second: float = 10.0
+    # Records refused for good kept for a retry; beyond it the oldest are dropped.
+    dead_letters_max: int = 10000
     # --- local recommendation engine (embedded default) ---
     engine_event_weights: tuple[tuple[str, float], ...] = ()  # () = the engine's defaults
     engine_train_after_interactions: int = 1000
@@ -373,6 +414,10 @@ class Settings:
             "interaction_events": list(self.interaction_events),
             "item_id_properties": list(self.item_id_properties),
             "max_body_bytes": self.max_body_bytes,
+            "sqlite_synchronous": self.sqlite_synchronous,
+            "message_retention_hours": self.message_retention_hours,
+            "max_message_age_hours": self.max_message_age_hours or None,
+            "interaction_retention_days": self.interaction_retention_days or None,
             "personalize_tracking_id": bool(self.personalize_tracking_id),
             "personalize_campaign_arn": bool(self.personalize_campaign_arn),
             "personalize_users_dataset": bool(self.personalize_users_dataset_arn),

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from .config import Settings
-from .destinations.personalize_mapping import MappingConfig, Problem, map_event, map_items, \
+from .personalize_mapping import MappingConfig, Problem, map_event, map_items, \
     map_users
 from .routing import ItemDetails, Router, UserTraits
 from .segment import MessageError, parse_message

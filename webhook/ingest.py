@@ -1,30 +1,26 @@
-"""Ingestion: one delivery's messages, validated, de-duplicated and routed in one transaction.
+"""Ingestion: a delivery's messages validated and written durably into the inbox.
 
-The same code serves the webhook and (later) the importers, so a replayed archive is
-processed exactly as a live delivery would be.
+The one ingestion path: ``POST /segment``, the Segment-compatible ``/v1/*`` endpoints and
+``flask --app webhook import`` all call ``Ingestor.ingest``. It checks each message
+against the Spec, then writes the valid ones in one short transaction: each message's
+messageId claim and canonical JSON, one inbox row each (``Transaction.add_to_inbox``). A
+messageId already in the inbox makes the message a duplicate, known from that insert
+itself. Once the transaction has committed, the caller may acknowledge the delivery; what
+the messages mean is applied afterwards, in bulk, by the appliers (``appliers/``), which
+are woken here.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
-from .destinations import Destination
-from .routing import Routed, Router
+from .routing import Router
 from .segment import Message, MessageError, parse_message
-from .store import Store, Transaction
-
-DestinationFactory = Callable[[Transaction], Destination]
-
-
-class Forwarder(Protocol):
-    """A remote destination (Amazon Personalize): gets a delivery's new records before the
-    delivery is committed, and raises DestinationError if they cannot be sent in time."""
-    name: str
-
-    def forward(self, routed: Routed, deadline: float) -> Any: ...
+from .store import Store
 
 
 @dataclass
@@ -38,8 +34,6 @@ class Summary:
     rejected: list[dict] = field(default_factory=list)
     notes: list[dict] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)  # (type, outcome) -> count
-    forwarded: dict[str, Any] = field(default_factory=dict)  # destination name -> report
-    purchasers: list[str] = field(default_factory=list)  # userIds with a new purchase
 
     def count(self, kind: str, outcome: str) -> None:
         self.outcomes[(kind, outcome)] += 1
@@ -55,7 +49,6 @@ class Summary:
         }
         if self.notes:
             answer["notes"] = self.notes
-        answer.update(self.forwarded)
         return answer
 
 
@@ -83,130 +76,112 @@ def _type_label(raw: Any) -> str:
     return "invalid"  # a bounded label set: never echo what the caller sent
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def canonical_json(raw: dict) -> str:
+    """The form a message is kept in: compact, keys in the order received, non-ASCII and
+    lone surrogates escaped (so any database takes it as text)."""
+    return _dumps(raw)
+
+
 class Ingestor:
-    def __init__(self, store: Store, router: Router, destinations: Sequence[DestinationFactory],
-                 forwarders: Sequence[Forwarder] = (), purchase_events: Sequence[str] = ()):
-        self.purchase_events = frozenset(purchase_events)
+    def __init__(self, store: Store, router: Router,
+                 max_message_age_seconds: float | None = None):
         self.store = store
         self.router = router
-        self.destinations = list(destinations)
-        self.forwarders = list(forwarders)
-        self._group = _GroupCommit(self._apply)
+        self.max_message_age_seconds = max_message_age_seconds
+        self.listeners: list[Callable[[], None]] = []  # told when new rows are committed
+        self._group = _GroupCommit(self._write)
 
-    def ingest(self, raw_messages: Sequence[Any], deadline: float | None = None) -> Summary:
-        """Validate and store a delivery. Raises ``NoMessages`` (nothing valid; nothing
-        stored), ``StoreUnavailable`` or ``DestinationError`` (nothing stored; retry).
-
-        With forwarders, the new messages are sent first and committed locally after, so a
-        delivery whose sending failed is not marked as received: its redelivery is sent
-        again (with the same event ids) instead of being taken for a duplicate."""
+    def ingest(self, raw_messages: Sequence[Any], *, live: bool = True) -> Summary:
+        """Validate a delivery and write it into the inbox. Raises ``NoMessages`` (nothing
+        valid; nothing written) or ``StoreUnavailable`` (nothing written; retry). A live
+        delivery (not an import) may have old messages skipped: MAX_MESSAGE_AGE_HOURS."""
         summary = Summary(received=len(raw_messages))
-        valid: list[tuple[int, Message]] = []
+        rows: list[tuple[int, Message, str]] = []
+        oldest = (time.time() - self.max_message_age_seconds
+                  if live and self.max_message_age_seconds else None)
         for index, raw in enumerate(raw_messages):
             try:
-                valid.append((index, parse_message(raw)))
+                message = parse_message(raw)
             except MessageError as exc:
                 summary.rejected.append(_entry(index, raw, str(exc)))
                 summary.count(_type_label(raw), "rejected")
-        if not valid:
-            raise NoMessages(summary)
+                continue
+            if oldest is not None and message.type != "delete" \
+                    and message.timestamp.timestamp() < oldest:
+                summary.skipped.append({"index": index, "messageId": message.message_id,
+                                        "reason": "too_old"})
+                summary.count(message.type, "skipped")
+                continue
+            rows.append((index, message, canonical_json(raw)))
+        if not rows:
+            if summary.rejected:
+                raise NoMessages(summary)
+            return summary  # every message skipped as too old: nothing to keep
 
-        claims: dict[str, str] = {}
-        for _, message in valid:
-            if message.message_id and message.message_id not in claims:
-                claims[message.message_id] = message.type
-
-        # Routed here, in the request's own thread, not in the group's transaction: the
-        # write lock is held only for the statements (measured: routing a batch of 100
-        # inside it left one of two cores idle under load).
-        routed_by_index = {index: self.router.route(message) for index, message in valid}
-        if self.forwarders:
-            known = self.store.known_message_ids(list(claims))
-            outgoing = Routed()
-            for index, message in valid:
-                if message.message_id is not None:
-                    if message.message_id in known:
-                        continue
-                    known.add(message.message_id)
-                routed = routed_by_index[index]
-                outgoing.interactions.extend(routed.interactions)
-                outgoing.users.extend(routed.users)
-                outgoing.items.extend(routed.items)
-                outgoing.delete_user_id = outgoing.delete_user_id or routed.delete_user_id
-            when = deadline if deadline is not None else time.monotonic() + 3.5
-            for forwarder in self.forwarders:
-                report = forwarder.forward(outgoing, when)
-                summary.forwarded[forwarder.name] = report.as_json()
-
-        job = _Job(valid, summary, routed_by_index)
+        job = _Job(rows)
         self._group.submit(job)
+        fresh = job.fresh
+        for index, message, _ in rows:
+            message_id = message.message_id
+            if message_id is not None:
+                if message_id not in fresh:
+                    summary.duplicates += 1
+                    summary.count(message.type, "duplicate")
+                    continue
+                fresh.discard(message_id)  # a second copy in this delivery: a duplicate
+            routed = self.router.route(message)
+            for note in routed.notes:
+                summary.notes.append({"index": index, "messageId": message_id, "reason": note})
+            if routed.skipped:
+                summary.skipped.append({"index": index, "messageId": message_id,
+                                        "reason": routed.skipped})
+                summary.count(message.type, "skipped")
+            else:
+                summary.accepted += 1
+                summary.count(message.type, "accepted")
+            summary.interactions += len(routed.interactions)
+        if job.added:
+            for listener in self.listeners:
+                listener()
         return summary
 
-    def _apply(self, jobs: Sequence["_Job"]) -> None:
-        """Store the jobs of one group in one transaction (see ``_GroupCommit``)."""
-        claims: dict[str, str] = {}
+    def _write(self, jobs: Sequence["_Job"]) -> None:
+        """Write the rows of a group of deliveries in one transaction (``_GroupCommit``):
+        a messageId in two of them (or twice in one) is new for its first copy only."""
+        rows: list[tuple[str | None, str, str]] = []
+        seen: set[str] = set()
         for job in jobs:
-            for _, message in job.valid:
-                if message.message_id and message.message_id not in claims:
-                    claims[message.message_id] = message.type
+            for _, message, body in job.rows:
+                message_id = message.message_id
+                if message_id is not None:
+                    if message_id in seen:
+                        continue
+                    seen.add(message_id)
+                rows.append((message_id, message.type, body))
         with self.store.write() as tx:
-            fresh = tx.claim_messages(list(claims.items()))
-            destinations = [make(tx) for make in self.destinations]
-            pending = Routed()
-            for job in jobs:
-                summary = job.summary
-                for index, message in job.valid:
-                    if message.message_id is not None:
-                        if message.message_id not in fresh:
-                            summary.duplicates += 1
-                            summary.count(message.type, "duplicate")
-                            continue
-                        fresh.discard(message.message_id)  # a second copy: a duplicate
-                    routed = job.routed[index]
-                    for note in routed.notes:
-                        summary.notes.append({"index": index, "messageId": message.message_id,
-                                              "reason": note})
-                    if routed.delete_user_id:
-                        self._flush(pending, destinations)
-                        pending = Routed()
-                        for destination in destinations:
-                            destination.delete_user(routed.delete_user_id)
-                    if routed.skipped:
-                        summary.skipped.append({"index": index,
-                                                "messageId": message.message_id,
-                                                "reason": routed.skipped})
-                        summary.count(message.type, "skipped")
-                    else:
-                        summary.accepted += 1
-                        summary.count(message.type, "accepted")
-                    pending.links.extend(routed.links)
-                    pending.users.extend(routed.users)
-                    pending.items.extend(routed.items)
-                    pending.interactions.extend(routed.interactions)
-                    summary.interactions += len(routed.interactions)
-                    if message.user_id and any(i.event_type in self.purchase_events
-                                               for i in routed.interactions):
-                        summary.purchasers.append(message.user_id)
-            self._flush(pending, destinations)
-
-    @staticmethod
-    def _flush(pending: Routed, destinations: Sequence[Destination]) -> None:
-        for destination in destinations:
-            if pending.links:
-                destination.link_identities(pending.links)
-            if pending.users:
-                destination.upsert_users(pending.users)
-            if pending.items:
-                destination.upsert_items(pending.items)
-            if pending.interactions:
-                destination.record_interactions(pending.interactions)
+            fresh = tx.add_to_inbox(rows)
+        for job in jobs:
+            job.added = False
+            mine: set[str] = set()
+            for _, message, _ in job.rows:
+                message_id = message.message_id
+                if message_id is None:
+                    job.added = True
+                elif message_id in fresh:
+                    fresh.discard(message_id)
+                    mine.add(message_id)
+                    job.added = True
+            job.fresh = mine
 
 
 @dataclass
 class _Job:
-    valid: list[tuple[int, Message]]
-    summary: Summary
-    routed: dict[int, Routed]
+    rows: list[tuple[int, Message, str]]
+    fresh: set[str] = field(default_factory=set)
+    added: bool = False
     done: bool = False
     error: BaseException | None = None
 
@@ -215,12 +190,11 @@ class _GroupCommit:
     """Deliveries that arrive while a transaction is running share the next one.
 
     The first request thread to find no transaction in progress becomes the leader: it
-    takes every job waiting and stores them together, one claim, one insert per table and
-    one commit for all; the others wait for it and answer from their own summaries.
-    Measured under gunicorn's threaded workers: this, and not any single statement, is
-    what made single-message deliveries cheap (a commit each was most of their cost).
-    Each job still sees exactly what it would alone: duplicates across jobs of a group
-    count once, for the first; an error fails every job of the group (nothing stored)."""
+    takes every job waiting and writes them together, one statement and one commit for
+    all; the others wait for it and answer from their own results. An uncontended delivery
+    commits alone, at once. With ``SQLITE_SYNCHRONOUS=FULL`` a commit is an fsync, so under
+    load this is what keeps single-message deliveries cheap. An error fails every job of
+    the group (nothing written)."""
 
     def __init__(self, apply):
         self._apply = apply

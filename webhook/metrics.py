@@ -59,6 +59,42 @@ ACTIVATIONS = Counter(
 )
 
 
+INBOX_APPLIED = Counter(
+    "inbox_applied",
+    "Inbox rows applied, by applier (local, personalize).",
+    ["applier"],
+)
+INBOX_APPLY_SECONDS = Histogram(
+    "inbox_apply_seconds",
+    "Time to apply one batch of inbox rows, by applier.",
+    ["applier"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0),
+)
+INBOX_EXPIRED = Counter(
+    "inbox_expired",
+    "Inbox rows pruned (MESSAGE_RETENTION_HOURS) before an applier reached them, by applier.",
+    ["applier"],
+)
+INBOX_PRUNED = Counter(
+    "inbox_pruned",
+    "Rows deleted by retention, by table (inbox, interactions).",
+    ["table"],
+)
+INBOX_UNREADABLE = Counter(
+    "inbox_unreadable",
+    "Inbox rows that no longer validated when applied, and were left out.",
+)
+DEAD_LETTERS_ADDED = Counter(
+    "dead_letters_added",
+    "Records put on the dead-letter list (refused for good), by applier.",
+    ["applier"],
+)
+DEAD_LETTERS_DROPPED = Counter(
+    "dead_letters_dropped",
+    "Dead letters dropped because the list was full (DEAD_LETTERS_MAX).",
+)
+
+
 def record_outcomes(outcomes) -> None:
     for (kind, outcome), count in outcomes.items():
         MESSAGES.labels(type=kind, outcome=outcome).inc(count)
@@ -70,10 +106,24 @@ def delivery(status: int, seconds: float) -> None:
     DELIVERY_SECONDS.observe(seconds)
 
 
-def exposition() -> tuple[bytes, str]:
+class _Collected:
+    """Gauges read when /metrics is scraped (from the database, so every worker and host
+    sees the same values): ``collect()`` yields prometheus_client metric families."""
+
+    def __init__(self, collect):
+        self.collect = collect
+
+
+def exposition(collect=None) -> tuple[bytes, str]:
+    """The text format of every counter; ``collect`` adds scrape-time gauges."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        from prometheus_client import REGISTRY as registry
+    payload = generate_latest(registry)
+    if collect is not None:
+        gauges = CollectorRegistry(auto_describe=False)
+        gauges.register(_Collected(collect))
+        payload += generate_latest(gauges)
+    return payload, CONTENT_TYPE_LATEST

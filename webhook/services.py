@@ -2,7 +2,7 @@
 
 | role | embedded default | production |
 |---|---|---|
-| destination | local store | local store + Amazon Personalize (PutEvents/PutUsers/PutItems) |
+| appliers of the inbox | local store | local store + Amazon Personalize (PutEvents/PutUsers/PutItems) |
 | recommender | local engine (popular items until a model exists) | Personalize GetRecommendations |
 | profile source | local profile store | Segment Profile API |
 | activation | local profile store | Segment Tracking API (identify) |
@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .activation import Activation, LocalPublisher, SegmentPublisher
+from .appliers import Runner
+from .appliers.local import LocalStoreApplier
 from .config import SECRET_FIELDS, Settings
-from .destinations import LocalDestination
+from .deadletters import DeadLetters
+from .inbox import Inbox
 from .ingest import Ingestor
 from .profiles import LocalProfiles, SegmentProfiles
 from .recommend import NoRecommendations, RecommendationService, Request
 from .recommenders.personalize import PersonalizeRecommender
 from .recommenders.popular import PopularItems
+from .retention import Retention
 from .routing import Router
 from .store import Store, StoreUnavailable, sqlite_url_for
 
@@ -44,9 +48,14 @@ class Services:
     settings: Settings
     store: Store
     ingestor: Ingestor
+    inbox: Inbox
+    runners: dict[str, Runner] = field(default_factory=dict)  # applier name -> its runner
+    retention: Retention | None = None
+    dead_letters: DeadLetters | None = None
     warnings: list[str] = field(default_factory=list)
     _schema_ready: bool = False
     _schema_lock: threading.Lock = field(default_factory=threading.Lock)
+    _background_pid: int = 0
 
     def ensure_schema(self) -> None:
         if self._schema_ready:
@@ -54,7 +63,41 @@ class Services:
         with self._schema_lock:
             if not self._schema_ready:
                 self.store.create_schema()
+                self.inbox.ensure_consumers(self.runners)
                 self._schema_ready = True
+
+    # -- the inbox's appliers and retention, in the background ---------------------------
+
+    def start_background(self) -> None:
+        """Start this process's applier threads and retention loop (once per process; a
+        server worker calls it after the fork)."""
+        if self._background_pid == os.getpid():
+            return
+        self._background_pid = os.getpid()
+        for runner in self.runners.values():
+            runner.start()
+        if self.retention is not None:
+            self.retention.start()
+
+    def stop_background(self) -> None:
+        for runner in self.runners.values():
+            sender = getattr(runner.applier, "sender", None)
+            if sender is not None:
+                sender.stop()
+            runner.stop()
+        if self.retention is not None:
+            self.retention.stop()
+        self._background_pid = 0
+
+    def wake_appliers(self) -> None:
+        for runner in self.runners.values():
+            runner.wake()
+
+    def drain(self, names=None, timeout: float = 60.0) -> bool:
+        """Apply what the inbox holds now, in this thread (CLI, tests); True if caught up."""
+        self.ensure_schema()
+        return all(self.runners[name].drain(timeout)
+                   for name in (names if names is not None else self.runners))
 
     recommendations: RecommendationService | None = None
     activation: Activation | None = None
@@ -105,20 +148,18 @@ def secret_values(settings: Settings) -> list[str]:
     return [v for v in values if v]
 
 
-def _forwarders(settings: Settings) -> list:
-    if not settings.personalize_tracking_id:
-        return []
-    from .destinations.personalize import PersonalizeForwarder
-    from .destinations.personalize_mapping import MappingConfig
-    mapping = MappingConfig.from_settings(settings)
-    return [PersonalizeForwarder(
-        mapping,
-        users_dataset_arn=settings.personalize_users_dataset_arn,
-        items_dataset_arn=settings.personalize_items_dataset_arn,
-        region=settings.aws_region,
-        call_timeout=settings.personalize_call_timeout_seconds,
-        max_concurrency=settings.personalize_max_concurrency,
-    )]
+def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadLetters):
+    from .appliers.personalize import PersonalizeApplier, Sender
+    from .personalize_mapping import MappingConfig
+    sender = Sender(region=settings.aws_region,
+                    call_timeout=settings.personalize_call_timeout_seconds,
+                    max_concurrency=settings.personalize_max_concurrency,
+                    events_per_second=settings.personalize_put_events_per_second,
+                    records_per_second=settings.personalize_put_records_per_second)
+    return PersonalizeApplier(router, MappingConfig.from_settings(settings), sender,
+                              users_dataset_arn=settings.personalize_users_dataset_arn,
+                              items_dataset_arn=settings.personalize_items_dataset_arn,
+                              dead_letters=dead_letters)
 
 
 def _event_weights(settings: Settings) -> dict[str, float]:
@@ -131,12 +172,24 @@ def _event_weights(settings: Settings) -> dict[str, float]:
 
 
 def build_services(settings: Settings, instance_path: str) -> Services:
-    store = Store(settings.database_url or sqlite_url_for(instance_path))
+    store = Store(settings.database_url or sqlite_url_for(instance_path),
+                  synchronous=settings.sqlite_synchronous)
     router = Router(settings.interaction_events, settings.item_id_properties)
-    ingestor = Ingestor(store, router, destinations=[LocalDestination],
-                        forwarders=_forwarders(settings),
-                        purchase_events=settings.purchase_events)
-    services = Services(settings=settings, store=store, ingestor=ingestor)
+    ingestor = Ingestor(store, router, max_message_age_seconds=(
+        settings.max_message_age_hours * 3600.0 or None))
+    inbox = Inbox(store)
+    dead_letters = DeadLetters(store, settings.dead_letters_max)
+    services = Services(settings=settings, store=store, ingestor=ingestor, inbox=inbox,
+                        dead_letters=dead_letters)
+    appliers = [LocalStoreApplier(router, settings.purchase_events,
+                                  on_purchases=services.after_purchases)]
+    if settings.personalize_tracking_id:
+        appliers.append(_personalize_applier(settings, router, dead_letters))
+    services.runners = {applier.name: Runner(inbox, applier) for applier in appliers}
+    services.retention = Retention(inbox, services.runners, settings.message_retention_hours,
+                                   settings.interaction_retention_days,
+                                   settings.retention_interval_seconds)
+    ingestor.listeners.append(services.wake_appliers)
     if not settings.authentication_enforced:
         services.warnings.append(UNSIGNED_WARNING)
     if not settings.secret_key:

@@ -1,11 +1,11 @@
 """The local store (SQLAlchemy Core): SQLite by default, PostgreSQL via DATABASE_URL.
 
-Holds what the embedded default needs and what every mode keeps: the ids of messages
-already received (idempotency), interactions, the item catalog, the local profile store
-(traits from identify calls) and the links from anonymous ids to users.
+Holds the inbox (every accepted Segment message, with its messageId claim, written before
+the 2xx and applied later: webhook/inbox.py), what the embedded default needs and what
+every mode keeps: interactions, the item catalog, the local profile store (traits from
+identify calls) and the links from anonymous ids to users.
 
-Writes go through ``Store.write()``, one transaction a delivery: either everything a
-delivery means is stored, together with its message ids, or nothing is.
+Writes go through ``Store.write()``: one transaction, all or nothing.
 """
 from __future__ import annotations
 
@@ -32,11 +32,53 @@ metadata = sa.MetaData()
 
 ID = sa.String(256)
 
-messages = sa.Table(
-    "segment_messages", metadata,
-    sa.Column("message_id", ID, primary_key=True),
+# Every accepted message, in arrival order: the claim of its messageId (a redelivery finds
+# it and is a duplicate) and its canonical JSON, which the appliers consume (inbox.py).
+# ``txid`` orders rows on PostgreSQL, where concurrent transactions commit out of ``seq``
+# order (see inbox.py); SQLite has one writer at a time and leaves it 0.
+inbox = sa.Table(
+    "inbox", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("txid", sa.BigInteger, nullable=False, default=0),
+    sa.Column("message_id", ID, unique=True),  # NULL: a delete sent without one
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("body", sa.Text),  # NULL: a claim carried over from before the inbox existed
+    sqlite_autoincrement=True,  # a seq is never reused, even after the newest rows are pruned
+)
+sa.Index("inbox_order", inbox.c.txid, inbox.c.seq).ddl_if(dialect="postgresql")
+
+# Each applier's position in the inbox and its lease (who applies, until when, what).
+inbox_consumers = sa.Table(
+    "inbox_consumers", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position_txid", sa.BigInteger, nullable=False, default=0),
+    sa.Column("position_seq", sa.BigInteger, nullable=False, default=0),
+    sa.Column("applied", sa.BigInteger, nullable=False, default=0),  # rows, ever
+    sa.Column("owner", sa.String(160)),  # host:pid:token of the process applying, if any
+    sa.Column("lease_until", sa.Float),
+    sa.Column("batch_from_seq", sa.BigInteger),  # the batch in flight, while one is
+    sa.Column("batch_to_seq", sa.BigInteger),
+    sa.Column("batch_size", sa.Integer),
+    sa.Column("batch_started", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False, default=0.0),
+)
+
+# Records an applier's destination refused for good (Personalize: InvalidInputException),
+# with the message they came from, so they can be retried after a mapping change.
+dead_letters = sa.Table(
+    "dead_letters", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("applier", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # event, user, item
+    sa.Column("record_id", sa.String(512), nullable=False),
+    sa.Column("message_id", ID),
+    sa.Column("body", sa.Text, nullable=False),  # the message's canonical JSON
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("failed_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=1),
 )
 
 interactions = sa.Table(
@@ -47,7 +89,7 @@ interactions = sa.Table(
     sa.Column("anonymous_id", ID, index=True),
     sa.Column("item_id", ID, nullable=False),  # no index: reads by item scan anyway
     sa.Column("event_type", sa.String(256), nullable=False),
-    sa.Column("timestamp", sa.Float, nullable=False),
+    sa.Column("timestamp", sa.Float, nullable=False, index=True),  # retention, popularity
     sa.Column("properties", sa.JSON, nullable=False),
 )
 
@@ -134,7 +176,12 @@ def sqlite_url_for(instance_path: str) -> str:
     return "sqlite:///" + os.path.join(instance_path, "segment.db")
 
 
-def _make_engine(url: str) -> Engine:
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
+    if synchronous not in SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {SYNCHRONOUS}")
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 2.0})
 
@@ -145,7 +192,10 @@ def _make_engine(url: str) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before it returns (an fsync of the WAL), so an
+            # acknowledged delivery survives a power loss or an OS crash. NORMAL skips
+            # that fsync: still safe if the process dies, not if the machine does.
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA busy_timeout=2000")
             # A small page cache per pooled connection (the OS caches the file anyway):
             # the default, 2 MiB for each of up to 15 pooled connections, is memory a
@@ -173,9 +223,10 @@ def _make_engine(url: str) -> Engine:
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, synchronous: str = "FULL"):
         self.url = url
-        self.engine = _make_engine(url)
+        self.synchronous = synchronous
+        self.engine = _make_engine(url, synchronous)
         self.dialect = self.engine.dialect.name
         self.statements = _Statements(self.dialect, self.engine.dialect)
         database = self.engine.url.database if self.dialect == "sqlite" else None
@@ -195,11 +246,12 @@ class Store:
                     if self.dialect == "postgresql":
                         conn.execute(sa.text("SELECT pg_advisory_xact_lock(74201901)"))
                     metadata.create_all(conn, checkfirst=True)
+                    for table in metadata.sorted_tables:  # indexes added since a table was made
+                        for index in table.indexes:
+                            index.create(conn, checkfirst=True)
+                    _carry_over_claims(conn)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(str(exc.orig) if hasattr(exc, "orig") else str(exc)) from exc
-
-    def drop_schema(self) -> None:
-        metadata.drop_all(self.engine)
 
     def dispose(self) -> None:
         if self._write_lock is not None:
@@ -261,22 +313,27 @@ class Store:
         except StoreUnavailable:
             return False
 
-    def known_message_ids(self, message_ids: Sequence[str]) -> set[str]:
-        """Which of these messageIds were received (and committed) before."""
-        known: set[str] = set()
-        with self.read() as conn:
-            for start in range(0, len(message_ids), 500):
-                part = list(message_ids[start:start + 500])
-                known.update(row[0] for row in conn.execute(
-                    sa.select(messages.c.message_id).where(messages.c.message_id.in_(part))))
-        return known
-
     def counts(self) -> dict[str, int]:
         with self.read() as conn:
             return {
                 table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
-                for table in (messages, interactions, items, profiles, identity_links)
+                for table in (inbox, interactions, items, profiles, identity_links)
             }
+
+
+def _carry_over_claims(conn: Connection) -> None:
+    """A database from before the inbox kept its claims in ``segment_messages``: move them
+    into the inbox as rows with nothing to apply (body NULL), so that redeliveries of those
+    messages are still duplicates, then drop the old table. Runs once, under the schema
+    lock of ``create_schema``."""
+    if not sa.inspect(conn).has_table("segment_messages"):
+        return
+    conn.execute(sa.text(
+        "INSERT INTO inbox (txid, message_id, type, received_at, body) "
+        "SELECT 0, message_id, type, received_at, NULL FROM segment_messages "
+        "WHERE message_id NOT IN (SELECT message_id FROM inbox WHERE message_id IS NOT NULL)"))
+    conn.execute(sa.text("DROP TABLE segment_messages"))
+    log.info("claims carried over from segment_messages into the inbox")
 
 
 def _describe(exc: Exception) -> str:
@@ -319,8 +376,12 @@ class _Statements:
     def __init__(self, dialect: str, dialect_impl=None):
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self.insert = insert
-        self.claim = (insert(messages).on_conflict_do_nothing(index_elements=["message_id"])
-                      .returning(messages.c.message_id))
+        # PostgreSQL: each row carries the id of the transaction that wrote it (inbox.py).
+        self._inbox_txid = (sa.literal_column("pg_current_xact_id()::text::bigint")
+                            if dialect == "postgresql" else sa.literal_column("0"))
+        self.to_inbox = (insert(inbox).values(txid=self._inbox_txid)
+                         .on_conflict_do_nothing(index_elements=["message_id"])
+                         .returning(inbox.c.message_id))
         self.add_interaction = insert(interactions).on_conflict_do_nothing(
             index_elements=["event_id"])
         link = insert(identity_links)
@@ -348,10 +409,11 @@ class _Statements:
             profiles.update().where(profiles.c.profile_id == sa.bindparam("pid"))
             .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")))
         if dialect_impl is not None:
-            self.raw_claim = _Raw(self.claim.values(
+            self.raw_to_inbox = _Raw(self.to_inbox.values(
                 message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
-                received_at=sa.bindparam("received_at")), dialect_impl)
-            self._raw_claims: dict[int, _Raw] = {}
+                received_at=sa.bindparam("received_at"), body=sa.bindparam("body")),
+                dialect_impl)
+            self._raw_to_inbox: dict[int, _Raw] = {}
             self._dialect_impl = dialect_impl
             self.raw_interaction = _Raw(self.add_interaction.values(
                 **{c.name: sa.bindparam(c.name) for c in interactions.c}), dialect_impl,
@@ -363,22 +425,23 @@ class _Statements:
                 **{c.name: sa.bindparam(c.name) for c in items.c}), dialect_impl)
 
 
-    def raw_claim_many(self, n: int) -> "_Raw":
-        """The claim of ``n`` messages in one statement (compiled once per ``n``; n is at
-        most _CLAIM_CHUNK). Parameters: message_id<i>, type<i>, received_at<i>."""
-        raw = self._raw_claims.get(n)
+    def raw_to_inbox_many(self, n: int) -> "_Raw":
+        """``n`` inbox rows in one statement (compiled once per ``n``; n is at most
+        _INBOX_CHUNK). Parameters: message_id<i>, type<i>, received_at<i>, body<i>."""
+        raw = self._raw_to_inbox.get(n)
         if raw is None:
-            stmt = (self.insert(messages).values([
-                {name: sa.bindparam(f"{name}{i}") for name in ("message_id", "type",
-                                                                "received_at")}
+            stmt = (self.insert(inbox).values([
+                {"txid": self._inbox_txid,
+                 **{name: sa.bindparam(f"{name}{i}") for name in _INBOX_COLUMNS}}
                 for i in range(n)])
                 .on_conflict_do_nothing(index_elements=["message_id"])
-                .returning(messages.c.message_id))
-            raw = self._raw_claims[n] = _Raw(stmt, self._dialect_impl)
+                .returning(inbox.c.message_id))
+            raw = self._raw_to_inbox[n] = _Raw(stmt, self._dialect_impl)
         return raw
 
 
-_CLAIM_CHUNK = 250  # rows a claim statement: 750 parameters, well under SQLite's limit
+_INBOX_COLUMNS = ("message_id", "type", "received_at", "body")
+_INBOX_CHUNK = 200  # rows an inbox statement: 800 parameters, well under SQLite's limit
 
 
 class Transaction:
@@ -409,26 +472,29 @@ class Transaction:
     def _insert(self, table: sa.Table):
         return self.sql.insert(table)
 
-    def claim_messages(self, claims: Sequence[tuple[str, str]]) -> set[str]:
-        """Record (message_id, type) pairs; return the ids that were not known before."""
-        if not claims:
+    def add_to_inbox(self, rows: Sequence[tuple[str | None, str, str]]) -> set[str]:
+        """Write (message_id, type, canonical JSON) rows into the inbox, in this order;
+        a row whose messageId is there already is left out. Returns the messageIds that
+        were new: the others are duplicates (also when two workers race for one)."""
+        if not rows:
             return set()
         now = time.time()
-        # Sorted: two deliveries claiming overlapping ids lock them in the same order.
-        rows = [{"message_id": mid, "type": kind, "received_at": now}
-                for mid, kind in sorted(claims)]
         if len(rows) == 1:
-            return {row[0] for row in self._run(self.sql.raw_claim, rows, fetch=True)}
-        if self.dialect != "sqlite":
-            return {row[0] for row in self.conn.execute(self.sql.claim, rows)}
-        # SQLite: one multi-row INSERT … RETURNING a chunk, on the cursor (through
-        # SQLAlchemy a batch's claim cost several times the statement, under the lock).
+            message_id, kind, body = rows[0]
+            return {row[0] for row in self._run(self.sql.raw_to_inbox, [{
+                "message_id": message_id, "type": kind, "received_at": now, "body": body}],
+                fetch=True)}
         fresh: set[str] = set()
-        for start in range(0, len(rows), _CLAIM_CHUNK):
-            chunk = rows[start:start + _CLAIM_CHUNK]
-            values = {f"{key}{i}": row[key] for i, row in enumerate(chunk) for key in row}
+        for start in range(0, len(rows), _INBOX_CHUNK):
+            chunk = rows[start:start + _INBOX_CHUNK]
+            values = {}
+            for i, (message_id, kind, body) in enumerate(chunk):
+                values[f"message_id{i}"] = message_id
+                values[f"type{i}"] = kind
+                values[f"received_at{i}"] = now
+                values[f"body{i}"] = body
             fresh.update(row[0] for row in
-                         self._run(self.sql.raw_claim_many(len(chunk)), [values], fetch=True))
+                         self._run(self.sql.raw_to_inbox_many(len(chunk)), [values], fetch=True))
         return fresh
 
     def add_interactions(self, records: Sequence[Interaction]) -> None:

@@ -58,6 +58,9 @@ def import_command(files: tuple[str, ...]) -> None:
     last = [started]
 
     def progress(report):
+        # The local store applier keeps up as the file is read (the inbox stays small,
+        # and `train` right after the import sees everything).
+        services.drain(["local"])
         now = time.perf_counter()
         if now - last[0] >= 5:
             last[0] = now
@@ -69,12 +72,20 @@ def import_command(files: tuple[str, ...]) -> None:
                               services.settings.item_id_properties[0], progress)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not services.drain(["local"], timeout=600):
+        raise click.ClickException("the local store did not catch up with the inbox in "
+                                   "10 minutes; the service applies the rest")
     click.echo(f"imported {len(files)} file(s) in {time.perf_counter() - started:.1f} s: "
                f"{report.received} messages, {report.accepted} accepted, "
                f"{report.duplicates} duplicates, {report.rejected} rejected, "
                f"{report.skipped} skipped; {report.interactions} new interactions")
     for reason in report.examples:
         click.echo(f"  e.g. {reason}")
+    if "personalize" in services.runners:
+        pending = services.inbox.lag(["personalize"])["personalize"].pending
+        if pending:
+            click.echo(f"{pending} message(s) wait in the inbox for Amazon Personalize: the "
+                       f"running service sends them (rate-limited)")
 
 
 @click.command("evaluate")

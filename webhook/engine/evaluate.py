@@ -314,6 +314,7 @@ def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_par
                 split.user_ids[split.users[train_mask]], split.item_ids[split.items[train_mask]],
                 split.times[train_mask], services.settings.item_id_properties[0]),
                 ImportReport())
+            services.drain(["local"], timeout=600)
             log(f"ingested {report.interactions} training interactions through "
                 f"Ingestor.ingest in {time.perf_counter() - started:.1f} s")
 

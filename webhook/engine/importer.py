@@ -6,8 +6,10 @@
   of these; optionally gzip-compressed.
 
 Everything goes through ``Ingestor.ingest`` in chunks, exactly as a webhook delivery would:
-same validation, routing, de-duplication by messageId. CSV rows get a messageId derived
-from their content, so importing a file twice stores its interactions once.
+same validation, de-duplication by messageId, the same inbox and appliers (only the
+MAX_MESSAGE_AGE_HOURS check of live deliveries is left out: history is old by nature).
+CSV rows get a messageId derived from their content, so importing a file twice stores
+its interactions once.
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def import_messages(ingestor: Ingestor, messages: Iterable[Any], report: ImportR
                     chunk: int = CHUNK) -> ImportReport:
     for part in _chunks(messages, chunk):
         try:
-            summary = ingestor.ingest(part)
+            summary = ingestor.ingest(part, live=False)
         except NoMessages as exc:
             summary = exc.summary
         report.add(summary)

@@ -8,7 +8,6 @@ from flask import Blueprint, current_app, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
-from ..destinations import DestinationError
 from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..signature import SignatureError, js_stringify, verify_bearer, verify_signature
@@ -63,7 +62,7 @@ def _receive():
             return _unauthorized(str(exc))
 
     try:
-        summary = services.ingestor.ingest(body.raw_messages, deadline=g.get("deadline"))
+        summary = services.ingestor.ingest(body.raw_messages)
     except NoMessages as exc:
         metrics.record_outcomes(exc.summary.outcomes)
         log.info("delivery refused: no valid message",
@@ -76,14 +75,8 @@ def _receive():
         return error_response(503, "store_unavailable",
                               "the store is unavailable; retry later",
                               retry_after=settings.retry_after_seconds)
-    except DestinationError as exc:
-        log.warning("destination unavailable: %s", exc, extra={"status": 503})
-        return error_response(503, "destination_unavailable", str(exc),
-                              retry_after=exc.retry_after or settings.retry_after_seconds)
 
     metrics.record_outcomes(summary.outcomes)
-    if summary.purchasers:
-        services.after_purchases(summary.purchasers)
     # Logged on the request's own line (one line a delivery): counts, never contents.
     g.log_extra = {
         "delivery": "stored", "shape": body.shape, "received": summary.received,

@@ -5,8 +5,8 @@ as Segment's old name for batch).
 
 A site sends straight to the service with Segment's own libraries: point
 segment-analytics-python's ``host=`` (or analytics.js' ``apiHost``) at the service. Messages
-go through the webhook's ingestion (``Ingestor.ingest``): the same Spec checks, routing,
-de-duplication by messageId, destinations.
+go through the webhook's ingestion (``Ingestor.ingest``): the same Spec checks,
+de-duplication by messageId, the same inbox and appliers.
 
 * Off unless ``INGEST_WRITE_KEYS`` is set: then every ``/v1`` endpoint answers 404
   ``tracking_api_disabled`` (nothing listens there, rather than a credential that can
@@ -29,8 +29,9 @@ de-duplication by messageId, destinations.
   or a call/batch without one valid message, is a 400 with the reasons in ``details``; a
   batch with some invalid messages is a 200 that lists them under ``rejected``. Errors
   carry Segment's ``code``/``message`` at the top level (what the libraries log) and the
-  service's usual ``error`` object. 503 + ``Retry-After`` when the store or Personalize is
-  unavailable (the libraries retry 5xx).
+  service's usual ``error`` object. 503 + ``Retry-After`` when the store is unavailable
+  (the libraries retry 5xx); Amazon Personalize being slow or down never delays or
+  refuses a call (its applier catches up from the inbox).
 """
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ from datetime import datetime, timezone
 from flask import Blueprint, current_app, g, jsonify, request
 
 from .. import metrics
-from ..destinations import DestinationError
 from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..store import StoreUnavailable
@@ -197,7 +197,7 @@ def _receive(kind: str, services):
                        details={"received": len(messages), "accepted": 0, "duplicates": 0,
                                 "skipped": [], "rejected": too_large, "interactions": 0})
     try:
-        summary = services.ingestor.ingest(kept, deadline=g.get("deadline"))
+        summary = services.ingestor.ingest(kept)
     except NoMessages as exc:
         metrics.record_outcomes(exc.summary.outcomes)
         details = _renumber(exc.summary.as_json(), positions, too_large, len(messages))
@@ -207,14 +207,8 @@ def _receive(kind: str, services):
         log.warning("store unavailable: %s", exc, extra={"status": 503})
         return _error(503, "store_unavailable", "the store is unavailable; retry later",
                       retry_after=settings.retry_after_seconds)
-    except DestinationError as exc:
-        log.warning("destination unavailable: %s", exc, extra={"status": 503})
-        return _error(503, "destination_unavailable", str(exc),
-                      retry_after=exc.retry_after or settings.retry_after_seconds)
 
     metrics.record_outcomes(summary.outcomes)
-    if summary.purchasers:
-        services.after_purchases(summary.purchasers)
     answer = _renumber(summary.as_json(), positions, too_large, len(messages))
     g.log_extra = {"delivery": "stored", "shape": "tracking-api", "received": len(messages),
                    "accepted": summary.accepted, "duplicates": summary.duplicates,

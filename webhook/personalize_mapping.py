@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..routing import Interaction, ItemDetails, UserTraits
+from .routing import Interaction, ItemDetails, UserTraits
 
 MAX_ID = 256
 MAX_EVENT_PROPERTIES = 1024
@@ -185,19 +185,27 @@ def map_event(record: Interaction, config: MappingConfig,
 
 def event_calls(records: Sequence[Interaction], config: MappingConfig,
                 problems: list[Problem]) -> list[EventCall]:
-    """Group events by (sessionId, userId), in arrival order, into calls of ≤ 10."""
-    groups: dict[tuple[str, str | None], list[dict]] = {}
+    """Each session's events in arrival order, cut into calls of at most 10, and where
+    the userId changes (one call has one userId): sent one after the other, a session's
+    calls keep its order."""
+    sessions: dict[str, list[tuple[str | None, dict]]] = {}
     for record in records:
         mapped = map_event(record, config, problems)
         if mapped is None:
             continue
         session_id, user_id, event = mapped
-        groups.setdefault((session_id, user_id), []).append(event)
+        sessions.setdefault(session_id, []).append((user_id, event))
     calls = []
-    for (session_id, user_id), events in groups.items():
-        for start in range(0, len(events), MAX_RECORDS_PER_CALL):
-            calls.append(EventCall(session_id, user_id,
-                                   tuple(events[start:start + MAX_RECORDS_PER_CALL])))
+    for session_id, events in sessions.items():
+        run: list[dict] = []
+        run_user = events[0][0]
+        for user_id, event in events:
+            if run and (user_id != run_user or len(run) == MAX_RECORDS_PER_CALL):
+                calls.append(EventCall(session_id, run_user, tuple(run)))
+                run = []
+            run_user = user_id
+            run.append(event)
+        calls.append(EventCall(session_id, run_user, tuple(run)))
     return calls
 
 

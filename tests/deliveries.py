@@ -1,0 +1,183 @@
+"""Deliveries as Segment makes them, and the ledger the failure tests check against.
+
+"Segment-style redelivery": every delivery that did not get a 2xx (a 5xx, a timeout, a
+dropped connection) is sent again, unchanged, until it does (bounded in rounds and time).
+The check that follows is always the same: every messageId that ever got a 2xx is stored,
+exactly once, with everything it means (its interactions), and no answer was a 500.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import requests
+import sqlalchemy as sa
+
+def make_message(n: int, prefix: str) -> dict:
+    """A product event; every fifth an Order Completed of two products (two interactions)."""
+    message = {"type": "track", "messageId": f"{prefix}-{n}", "anonymousId": f"anon-{n % 17}",
+               "timestamp": "2026-11-27T10:00:00.000Z"}
+    if n % 5 == 4:
+        message.update(userId=f"user-{n % 11}", event="Order Completed",
+                       properties={"order_id": f"o-{n}",
+                                   "products": [{"product_id": f"p-{n % 23}", "price": 5},
+                                                {"product_id": f"p-{(n + 1) % 23}"}]})
+    else:
+        message.update(event="Product Viewed",
+                       properties={"product_id": f"p-{n % 23}", "price": 9.5})
+    return message
+
+
+def expected_event_ids(message: dict) -> list[str]:
+    products = message["properties"].get("products")
+    if products:
+        return [f"{message['messageId']}#{i}" for i in range(len(products))]
+    return [message["messageId"]]
+
+
+@dataclass
+class Ledger:
+    """Every attempt's outcome, per messageId."""
+    ok: set = field(default_factory=set)
+    statuses: Counter = field(default_factory=Counter)
+    attempts: Counter = field(default_factory=Counter)
+    latencies: list = field(default_factory=list)
+    bad_503: list = field(default_factory=list)  # 503s without Retry-After
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, base: str, message: dict | list, timeout: float = 10.0) -> bool:
+        """POST one delivery: a message (Classic) or a list of them (an Actions batch)."""
+        ids = [m["messageId"] for m in (message if isinstance(message, list) else [message])]
+        body = json.dumps(message).encode()
+        started = time.monotonic()
+        try:
+            response = requests.post(base + "/segment", data=body, timeout=timeout, headers={
+                "Content-Type": "application/json", "Connection": "close"})
+            status = response.status_code
+        except requests.RequestException as exc:
+            status, response = type(exc).__name__, None
+        elapsed = time.monotonic() - started
+        with self.lock:
+            for mid in ids:
+                self.attempts[mid] += 1
+            self.statuses[status] += 1
+            self.latencies.append(elapsed)
+            if status == 503 and not response.headers.get("Retry-After", "").isdigit():
+                self.bad_503.append(response.text[:200])
+            if isinstance(status, int) and 200 <= status < 300:
+                self.ok.update(ids)
+                return True
+        return False
+
+
+def stream(base: str, ledger: Ledger, messages: list[dict], threads: int = 4,
+           stop_after: float = 120.0) -> list[dict]:
+    """Send each message once, from several threads; return those that got no 2xx."""
+    failed: list[dict] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + stop_after
+
+    def work(part: list[dict]) -> None:
+        for message in part:
+            if time.monotonic() > deadline:
+                with lock:
+                    failed.append(message)
+                continue
+            if not ledger.send(base, message):
+                with lock:
+                    failed.append(message)
+
+    parts = [messages[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, parts))
+    return failed
+
+
+def redeliver(base: str, ledger: Ledger, pending: list[dict], rounds: int = 30,
+              pause: float = 0.5, budget: float = 60.0) -> list[dict]:
+    """Segment-style: resend what got no 2xx until it does; return what never did."""
+    deadline = time.monotonic() + budget
+    for _ in range(rounds):
+        if not pending or time.monotonic() > deadline:
+            break
+        pending = stream(base, ledger, pending, threads=4, stop_after=deadline - time.monotonic())
+        if pending:
+            time.sleep(pause)
+    return pending
+
+
+def assert_stored_exactly_once(url: str, messages: list[dict], acknowledged: set) -> None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            stored = Counter(row[0] for row in conn.execute(
+                sa.text("SELECT message_id FROM inbox")))
+            events = Counter(row[0] for row in conn.execute(
+                sa.text("SELECT event_id FROM interactions")))
+    finally:
+        engine.dispose()
+    by_id = {m["messageId"]: m for m in messages}
+    missing = sorted(acknowledged - set(stored))
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
+    assert all(stored[mid] == 1 for mid in acknowledged)
+    for mid in acknowledged:
+        for event_id in expected_event_ids(by_id[mid]):
+            assert events[event_id] == 1, f"interaction {event_id} stored {events[event_id]}x"
+    # Nothing half-stored: an interaction exists only for a stored message.
+    stray = [e for e in events if e.split("#")[0] not in stored]
+    assert not stray, stray[:5]
+
+
+def no_unhandled_errors(log_text: str, tracebacks: bool = True) -> None:
+    """No request ended in a 500 (``unhandled error``), and, with ``tracebacks``, nothing
+    else logged a traceback either."""
+    lines = [line for line in log_text.splitlines()
+             if "unhandled error" in line or (tracebacks and "Traceback" in line)]
+    assert not lines, "\n".join(line[:3000] for line in lines[:3])
+
+
+def wait_applied(base: str, timeout: float = 120.0) -> dict:
+    """Poll GET /healthz until no applier has an inbox row left to apply; its inbox part."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = requests.get(base + "/healthz", timeout=5).json().get("inbox")
+        except (requests.RequestException, ValueError):
+            last = None
+        if last and not any(a["pending"] for a in last["appliers"].values()):
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"the inbox was not applied within {timeout:.0f} s: {last}")
+
+
+def inbox_order(url: str) -> list[str]:
+    """The messageIds in the inbox, in the order the appliers take them."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [row[0] for row in conn.execute(sa.text(
+                "SELECT message_id FROM inbox ORDER BY txid, seq"))]
+    finally:
+        engine.dispose()
+
+
+def assert_in_order_per_session(events: list[dict], order: list[str]) -> None:
+    """Each session's events reached Personalize (first copies) in inbox order."""
+    rank = {mid: i for i, mid in enumerate(order)}
+    seen: set = set()
+    last: dict = {}
+    for event in events:
+        event_id = event["eventId"]
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        position = (rank[event_id.split("#")[0]], event_id)
+        session = event["sessionId"]
+        assert session not in last or last[session] < position, (
+            f"session {session}: {event_id} after {last[session][1]}")
+        last[session] = position

@@ -1,0 +1,206 @@
+"""Appliers: what consumes the inbox, each at its own pace (see ``webhook/inbox.py``).
+
+An applier gets a batch of inbox entries in arrival order and returns an ``Applied``: the
+writes to make in the transaction that also moves its position (so the local store's
+effects and the position commit together, exactly once), and what to do after that
+commit. ``Runner`` does the rest for every applier alike: read the batch, take the lease,
+apply, commit, let go; one thread per applier in each worker, woken when this worker
+accepted something and otherwise polling for what other workers and hosts accepted.
+
+* ``local.LocalStoreApplier``: interactions, catalog, traits, identity links, deletions.
+* ``personalize.PersonalizeApplier``: PutEvents, PutUsers, PutItems.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from .. import metrics
+from ..inbox import Entry, Inbox, LostLease, process_name
+from ..segment import Message, MessageError, parse_message
+from ..store import StoreUnavailable, Transaction
+
+log = logging.getLogger("webhook.appliers")
+
+
+@dataclass
+class Applied:
+    write: Callable[[Transaction], None] | None = None  # in the advancing transaction
+    after: Callable[[], None] | None = None  # once that transaction committed
+
+
+class Applier(Protocol):
+    name: str
+    batch_size: int  # entries a batch, at most
+    lease_seconds: float  # how long a batch may go without renewing its lease
+
+    def apply(self, entries: Sequence[Entry], keep_lease: Callable[[], None]) -> Applied:
+        """Do the batch's work. A long one calls ``keep_lease()`` now and then (it raises
+        LostLease when another process took over: stop, nothing may be committed)."""
+        ...
+
+
+def decode(entry: Entry) -> Message | None:
+    """The message of an inbox entry, validated again; None when there is nothing to
+    apply (a claim carried over from before the inbox) or it no longer validates."""
+    if entry.body is None:
+        return None
+    try:
+        return parse_message(json.loads(entry.body))
+    except (ValueError, MessageError) as exc:
+        log.error("inbox: an entry no longer validates and is left out: %s",
+                  type(exc).__name__)
+        metrics.INBOX_UNREADABLE.inc()
+        return None
+
+
+@dataclass
+class _Renewer:
+    inbox: Inbox
+    name: str
+    owner: str
+    ttl: float
+    renewed_at: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.renewed_at < self.ttl / 3:
+            return
+        with self.lock:
+            if time.monotonic() - self.renewed_at < self.ttl / 3:
+                return
+            self.inbox.renew_lease(self.name, self.owner, self.ttl)
+            self.renewed_at = time.monotonic()
+
+
+BUSY = -1  # run_once: another process holds the lease
+
+
+class Runner:
+    """Runs one applier: ``run_once`` (one batch), ``drain`` (until caught up) and a
+    background thread per process (``start``/``stop``/``wake``)."""
+
+    def __init__(self, inbox: Inbox, applier: Applier, poll_seconds: float = 0.25):
+        self.inbox = inbox
+        self.applier = applier
+        self.name = applier.name
+        self.poll_seconds = poll_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._start_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # one batch at a time in this process
+        self._token = uuid.uuid4().hex[:8]
+
+    def run_once(self) -> int:
+        """Apply the next batch, if any: the number of entries applied, 0 when there was
+        nothing to do, BUSY when another process holds the lease."""
+        with self._run_lock:
+            return self._run_once()
+
+    def _run_once(self) -> int:
+        at = self.inbox.position(self.name)
+        entries = self.inbox.read(at, self.applier.batch_size)
+        if not entries:
+            return 0
+        owner = f"{process_name()}:{self._token}"
+        ttl = self.applier.lease_seconds
+        if not self.inbox.take_lease(self.name, owner, at, entries, ttl):
+            return BUSY
+        started = time.perf_counter()
+        try:
+            applied = self.applier.apply(entries, _Renewer(self.inbox, self.name, owner, ttl))
+            with self.inbox.store.write() as tx:
+                self.inbox.advance(tx, self.name, owner, entries[-1].position, len(entries))
+                if applied.write is not None:
+                    applied.write(tx)
+        except BaseException:
+            self.inbox.release_lease(self.name, owner)
+            raise
+        metrics.INBOX_APPLIED.labels(applier=self.name).inc(len(entries))
+        metrics.INBOX_APPLY_SECONDS.labels(applier=self.name).observe(
+            time.perf_counter() - started)
+        if applied.after is not None:
+            try:
+                applied.after()
+            except Exception:  # the batch is committed; what follows is best effort
+                log.exception("inbox: after-commit step failed", extra={"applier": self.name})
+        return len(entries)
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Apply until nothing is left (or ``timeout`` seconds passed); True if caught up.
+        Waits for another process that holds the lease to finish."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = self.run_once()
+            if done == 0:
+                return True
+            if done == BUSY:
+                time.sleep(0.02)  # another process applies: it moves the position
+        return False
+
+    # -- the background thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start this process's thread (once per process; again after a fork)."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid() and self._thread is not None \
+                    and self._thread.is_alive():
+                return
+            self._stop = threading.Event()
+            self._wake = threading.Event()
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name=f"applier-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        backoff = 0.0
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                done = self.run_once()
+                backoff, failures = 0.0, 0
+            except LostLease:
+                log.warning("inbox: the lease was taken over mid-batch; the batch will be "
+                            "applied again", extra={"applier": self.name})
+                done = 0
+            except StoreUnavailable as exc:
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning("inbox: store unavailable, applying later: %s", exc,
+                                extra={"applier": self.name})
+                backoff = min(5.0, max(0.25, backoff * 2))
+                done = 0
+            except Exception:
+                failures += 1
+                log.exception("inbox: applying a batch failed", extra={"applier": self.name})
+                backoff = min(30.0, max(1.0, backoff * 2))
+                done = 0
+            if backoff:
+                self._stop.wait(backoff)
+                continue
+            if done > 0:
+                continue  # more may be waiting: read again at once
+            self._wake.wait(self.poll_seconds)

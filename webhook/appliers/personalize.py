@@ -1,0 +1,468 @@
+"""The Amazon Personalize applier: PutEvents, PutUsers and PutItems through boto3.
+
+A batch of inbox entries becomes calls of at most 10 records (events grouped by session
+and user, in arrival order). Each session's calls go one after the other, so Personalize
+sees a session's events in order; different sessions go concurrently, in a bounded pool.
+Sending is rate-limited per operation (``PERSONALIZE_PUT_EVENTS_PER_SECOND``; PutUsers and
+PutItems: ``PERSONALIZE_PUT_RECORDS_PER_SECOND``); since one process at a time holds the
+applier's lease, the limit holds for all workers and hosts together.
+
+* Throttling, 5xx, timeouts and unreachable endpoints are retried with full-jitter
+  backoff (capped), for as long as it takes: the entries wait in the inbox, the webhook
+  keeps answering 200, and the lag shows on /healthz and /metrics. A call that succeeded
+  is not sent again when another call of the batch is retried.
+* Errors that are neither per record nor transient (unknown tracking id, access denied)
+  are retried the same way, slowly, and logged: a configuration to fix, nothing to drop.
+* ``InvalidInputException`` refuses a call's records for good. The call is split in
+  halves down to single records, so a bad record costs only itself; a refused record
+  goes to the dead-letter list with its message (``deadletters.py``), as do records the
+  mapping could not fit within the service's limits. ``flask --app webhook dead-letters
+  retry`` sends them again, e.g. after a mapping change.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from .. import metrics
+from ..aws import LazyClient
+from ..personalize_mapping import (
+    MAX_RECORDS_PER_CALL,
+    MappingConfig,
+    Problem,
+    event_calls,
+    map_items,
+    map_users,
+)
+from ..inbox import Entry, LostLease
+from ..routing import Routed, Router
+from ..store import Transaction
+from . import Applied, decode
+
+log = logging.getLogger("webhook.personalize")
+
+THROTTLING_CODES = frozenset({
+    "ThrottlingException", "Throttling", "TooManyRequestsException",
+    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+})
+TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
+                    ConnectionClosedError)
+_MEMBER = {"put_events": "eventList", "put_users": "users", "put_items": "items"}
+_KIND = {"put_events": "event", "put_users": "user", "put_items": "item"}
+BACKOFF_CAP = 5.0  # seconds between attempts at most, for transient errors
+FATAL_BACKOFF_CAP = 60.0  # for configuration errors
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` calls a second, bursts of up to ``rate`` (at least 1)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._tokens = 0.0  # a new holder of the lease starts empty: no burst on takeover
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self, stop: threading.Event | None = None) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
+                self._at = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                wait = (1.0 - self._tokens) / self.rate
+            if stop is not None:
+                if stop.wait(wait):
+                    raise _Stopped()
+            else:
+                time.sleep(wait)
+
+
+class _Stopped(Exception):
+    """The process is shutting down: the batch is left for later."""
+
+
+class _Refused(Exception):
+    """InvalidInputException: the service refused the call's records for good."""
+
+
+class _SentCache:
+    """Users and items sent recently, so a catalog that does not change is not re-sent on
+    every product view (PutUsers/PutItems allow about 10 calls a second)."""
+
+    def __init__(self, size: int = 20000):
+        self.size = size
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(kind: str, record: dict) -> str:
+        return kind + json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._seen[key] = None
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+
+
+@dataclass
+class Call:
+    operation: str
+    kwargs: dict
+    keys: list[str]  # _SentCache keys of the records (users, items), "" for events
+
+
+@dataclass
+class Refusal:
+    """A record that will not reach Personalize as it is: for the dead-letter list."""
+    kind: str  # event, user, item
+    record_id: str
+    reason: str
+
+
+@dataclass
+class SendReport:
+    calls: int = 0
+    retries: int = 0
+    sent: dict[str, int] = field(default_factory=lambda: {"event": 0, "user": 0, "item": 0})
+    refused: list[Refusal] = field(default_factory=list)
+
+
+class Sender:
+    """Sends calls to personalize-events: rate-limited, retried, refused records split
+    out. Used by the applier and by ``dead-letters retry``."""
+
+    def __init__(self, *, region: str = "", call_timeout: float = 1.0,
+                 max_concurrency: int = 8, events_per_second: float = 500.0,
+                 records_per_second: float = 10.0, client: Any = None):
+        self.max_concurrency = max_concurrency
+        self._client = LazyClient("personalize-events", region=region, timeout=call_timeout,
+                                  pool_size=max_concurrency, client=client)
+        self.limits = {"put_events": RateLimiter(events_per_second),
+                       "put_users": RateLimiter(records_per_second),
+                       "put_items": RateLimiter(records_per_second)}
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._aborts: set[threading.Event] = set()
+
+    def stop(self) -> None:
+        """The process is shutting down: calls in progress give up at their next pause."""
+        with self._lock:
+            self._shutdown = True
+            for abort in self._aborts:
+                abort.set()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.max_concurrency,
+                                                    thread_name_prefix="personalize")
+        return self._pool
+
+    def send_chains(self, chains: Sequence[Sequence[Call]], keep_lease: Callable[[], None],
+                    on_sent: Callable[[Call], None] | None = None) -> SendReport:
+        """Send each chain's calls in order, the chains concurrently; returns when every
+        call succeeded or was refused. Raises LostLease or _Stopped."""
+        report = SendReport()
+        lock = threading.Lock()
+        abort = threading.Event()  # set when the batch is given up: every chain stops
+        with self._lock:
+            if self._shutdown:
+                raise _Stopped()
+            self._aborts.add(abort)
+
+        def run_chain(chain: Sequence[Call]) -> None:
+            try:
+                for call in chain:
+                    self._send(call, keep_lease, report, lock, on_sent, abort)
+            except BaseException:
+                abort.set()
+                raise
+
+        try:
+            futures = [self.pool.submit(run_chain, chain) for chain in chains if chain]
+            error: BaseException | None = None
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as exc:  # wait for every chain before raising
+                    if error is None or isinstance(error, _Stopped):
+                        error = exc
+            if error is not None:
+                raise error
+            return report
+        finally:
+            with self._lock:
+                self._aborts.discard(abort)
+
+    def _send(self, call: Call, keep_lease, report: SendReport, lock: threading.Lock,
+              on_sent, abort: threading.Event) -> None:
+        """One call; a refused call of several records is split in halves, down to single
+        records, so one bad record costs only itself."""
+        member = _MEMBER[call.operation]
+        pending = [call]
+        while pending:
+            part = pending.pop()
+            try:
+                retries = self._call(part, keep_lease, abort)
+            except _Refused as exc:
+                records = part.kwargs[member]
+                if len(records) == 1:
+                    with lock:
+                        report.calls += 1
+                        report.refused.append(Refusal(_KIND[part.operation],
+                                                      _record_id(part), str(exc)[:500]))
+                    continue
+                half = len(records) // 2
+                for piece in (slice(half, None), slice(0, half)):
+                    pending.append(Call(part.operation, {**part.kwargs, member: records[piece]},
+                                        part.keys[piece]))
+                continue
+            with lock:
+                report.calls += 1
+                report.retries += retries
+                report.sent[_KIND[part.operation]] += len(part.kwargs[member])
+            if on_sent is not None:
+                on_sent(part)
+
+    def _call(self, call: Call, keep_lease, abort: threading.Event) -> int:
+        """One API call, retried until it succeeds or is refused; the retries it took."""
+        method = getattr(self._client.get(), call.operation)
+        attempt = 0
+        failures_logged = 0
+        while True:
+            if abort.is_set():
+                raise _Stopped()
+            keep_lease()
+            self.limits[call.operation].acquire(abort)
+            cap = BACKOFF_CAP
+            try:
+                method(**call.kwargs)
+                metrics.PERSONALIZE_CALLS.labels(operation=call.operation, outcome="ok").inc()
+                if attempt >= 3:
+                    log.info("personalize: a call went through after %d attempts",
+                             attempt + 1, extra={"operation": call.operation})
+                return attempt
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                code = error.get("Code", "")
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code == "InvalidInputException":
+                    metrics.PERSONALIZE_CALLS.labels(operation=call.operation,
+                                                     outcome="invalid").inc()
+                    raise _Refused(f"InvalidInputException: {error.get('Message', '')}") \
+                        from None
+                if code in THROTTLING_CODES or status == 429:
+                    outcome = "throttled"
+                elif status >= 500:
+                    outcome = "error"
+                else:
+                    outcome, cap = "fatal", FATAL_BACKOFF_CAP
+                    if failures_logged < 1 or attempt % 20 == 0:
+                        log.error("personalize refused the call (%s): check the tracking id, "
+                                  "dataset ARNs and credentials; retrying",
+                                  code or status, extra={"operation": call.operation})
+                        failures_logged += 1
+            except TRANSIENT_ERRORS:
+                outcome = "timeout"
+            except BotoCoreError as exc:
+                outcome, cap = "fatal", FATAL_BACKOFF_CAP
+                if failures_logged < 1 or attempt % 20 == 0:
+                    log.error("personalize call failed (%s); retrying", type(exc).__name__,
+                              extra={"operation": call.operation})
+                    failures_logged += 1
+            metrics.PERSONALIZE_CALLS.labels(operation=call.operation, outcome=outcome).inc()
+            attempt += 1
+            if attempt == 5:
+                log.warning("personalize: retrying (%s)", outcome,
+                            extra={"operation": call.operation})
+            # Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter").
+            pause = random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 16)))
+            if abort.wait(pause):
+                raise _Stopped()
+
+
+def _record_id(call: Call) -> str:
+    if call.operation == "put_events":
+        return str(call.kwargs["eventList"][0].get("eventId", "?"))
+    if call.operation == "put_users":
+        return str(call.kwargs["users"][0]["userId"])
+    return str(call.kwargs["items"][0]["itemId"])
+
+
+def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
+               items_dataset_arn: str, sent: _SentCache | None,
+               problems: list[Problem]) -> list[list[Call]]:
+    """The calls for a batch's records, as chains: one chain per sessionId of events, in
+    order; users and items in chains of their own."""
+    chains: list[list[Call]] = []
+    by_session: dict[str, list[Call]] = {}
+    for call in event_calls(routed.interactions, mapping, problems):
+        kwargs: dict[str, Any] = {"trackingId": mapping.tracking_id,
+                                  "sessionId": call.session_id, "eventList": list(call.events)}
+        if call.user_id:
+            kwargs["userId"] = call.user_id
+        by_session.setdefault(call.session_id, []).append(
+            Call("put_events", kwargs, [""] * len(call.events)))
+    chains.extend(by_session.values())
+    for operation, member, arn, records in (
+            ("put_users", "users", users_dataset_arn,
+             map_users(routed.users, mapping, problems) if users_dataset_arn else []),
+            ("put_items", "items", items_dataset_arn,
+             map_items(routed.items, mapping, problems) if items_dataset_arn else [])):
+        fresh = [(r, _SentCache.key(member, r)) for r in records]
+        if sent is not None:
+            fresh = [(r, k) for r, k in fresh if k not in sent]
+        for start in range(0, len(fresh), MAX_RECORDS_PER_CALL):
+            part = fresh[start:start + MAX_RECORDS_PER_CALL]
+            chains.append([Call(operation, {"datasetArn": arn, member: [r for r, _ in part]},
+                                [k for _, k in part])])
+    return chains
+
+
+class PersonalizeApplier:
+    name = "personalize"
+    batch_size = 1000
+    lease_seconds = 30.0
+
+    def __init__(self, router: Router, mapping: MappingConfig, sender: Sender, *,
+                 users_dataset_arn: str = "", items_dataset_arn: str = "",
+                 dead_letters=None,
+                 on_deletions: Callable[[Transaction, list[str]], None] | None = None):
+        self.router = router
+        self.mapping = mapping
+        self.sender = sender
+        self.users_dataset_arn = users_dataset_arn
+        self.items_dataset_arn = items_dataset_arn
+        self.dead_letters = dead_letters
+        self.on_deletions = on_deletions
+        self._sent = _SentCache()
+
+    def apply(self, entries: Sequence[Entry], keep_lease: Callable[[], None]) -> Applied:
+        routed = Routed()
+        origin: dict[tuple[str, str], Entry] = {}  # (kind, record id) -> the message's entry
+        deletions: list[str] = []
+        for entry in entries:
+            message = decode(entry)
+            if message is None:
+                continue
+            one = self.router.route(message)
+            if one.delete_user_id:
+                deletions.append(one.delete_user_id)
+            routed.interactions.extend(one.interactions)
+            routed.users.extend(one.users)
+            routed.items.extend(one.items)
+            for record in one.interactions:
+                origin[("event", record.event_id)] = entry
+            for record in one.users:
+                origin[("user", record.user_id)] = entry
+            for record in one.items:
+                origin[("item", record.item_id)] = entry
+
+        problems: list[Problem] = []
+        chains = plan_calls(routed, self.mapping, self.users_dataset_arn,
+                            self.items_dataset_arn, self._sent, problems)
+        report = self.sender.send_chains(chains, keep_lease, on_sent=self._remember)
+
+        refusals = [Refusal(p.kind, p.id, p.reason) for p in problems if p.action == "dropped"]
+        refusals += report.refused
+        for problem in problems:
+            metrics.PERSONALIZE_RECORDS.labels(kind=problem.kind, outcome=problem.action).inc()
+        for kind, count in report.sent.items():
+            if count:
+                metrics.PERSONALIZE_RECORDS.labels(kind=kind, outcome="sent").inc(count)
+        for refusal in report.refused:
+            metrics.PERSONALIZE_RECORDS.labels(kind=refusal.kind, outcome="dropped").inc()
+        trimmed = sorted({p.reason for p in problems if p.action == "trimmed"})
+        if refusals or trimmed:
+            # Our own reasons only (they name fields and limits, never values); the
+            # service's refusal messages may quote record contents, so they are not logged.
+            log.warning("personalize: %d record(s) to the dead-letter list, %d trimmed",
+                        len(refusals), sum(1 for p in problems if p.action == "trimmed"),
+                        extra={"trimmed": trimmed[:20]})
+
+        def write(tx: Transaction) -> None:
+            if refusals and self.dead_letters is not None:
+                self.dead_letters.add(tx, self.name, [
+                    (r.kind, r.record_id, origin.get((r.kind, r.record_id)), r.reason)
+                    for r in refusals])
+            if deletions and self.on_deletions is not None:
+                self.on_deletions(tx, deletions)
+
+        return Applied(write=write)
+
+    def _remember(self, call: Call) -> None:
+        for key in call.keys:
+            if key:
+                self._sent.add(key)
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    def retry(self, letters, timeout: float = 60.0) -> dict[int, str]:
+        """Route each dead letter's message again, with the mapping configured now, and
+        send its record. Returns, by id: "sent", "refused: <reason>", "gone" (the message
+        no longer yields that record: nothing to send) or "no message"."""
+        deadline = time.monotonic() + timeout
+
+        def keep_going() -> None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("Amazon Personalize did not take the records in time")
+
+        outcomes: dict[int, str] = {}
+        for letter in letters:
+            message = decode(Entry(0, 0, letter.message_id, "", 0.0, letter.body or None))
+            if message is None:
+                outcomes[letter.id] = "no message"
+                continue
+            every = self.router.route(message)
+            routed = Routed(
+                interactions=[r for r in every.interactions
+                              if letter.kind == "event" and r.event_id == letter.record_id],
+                users=[r for r in every.users
+                       if letter.kind == "user" and r.user_id == letter.record_id],
+                items=[r for r in every.items
+                       if letter.kind == "item" and r.item_id == letter.record_id])
+            problems: list[Problem] = []
+            chains = plan_calls(routed, self.mapping, self.users_dataset_arn,
+                                self.items_dataset_arn, None, problems)
+            dropped = [p for p in problems if p.action == "dropped"]
+            if dropped:
+                outcomes[letter.id] = "refused: " + dropped[0].reason
+                continue
+            if not chains:
+                outcomes[letter.id] = "gone"
+                continue
+            report = self.sender.send_chains(chains, keep_going)
+            outcomes[letter.id] = ("refused: " + report.refused[0].reason
+                                   if report.refused else "sent")
+        return outcomes

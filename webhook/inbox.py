@@ -1,0 +1,276 @@
+"""The inbox's consumer side: positions, leases, batches, lag and retention.
+
+A delivery is acknowledged once its messages are in the ``inbox`` table (one short
+transaction: the messageId claim and the message's canonical JSON; see ``ingest.py``).
+Everything a message means is done afterwards by *appliers* (``appliers/``), each
+consuming the inbox in arrival order from a position of its own, in bulk:
+
+* An applier reads the rows after its position, takes the **lease** of its name (a row in
+  ``inbox_consumers``: owner, until when, which batch), applies the batch, then advances
+  its position and lets go of the lease in one transaction. At most one process applies a
+  given applier's rows at a time, across workers and hosts; a slow applier never holds
+  back another.
+* A process that dies mid-batch leaves its lease behind, naming it and the batch. The
+  next process takes the lease over at once if the owner ran on the same host and is gone,
+  otherwise when the lease expires; the batch is applied again (at-least-once; the
+  effects are idempotent: event ids, upserts).
+* **Order.** SQLite has one writer at a time, so ``seq`` grows in commit order and is the
+  position. On PostgreSQL, concurrent transactions commit out of ``seq`` order: a reader
+  could see seq 11 before seq 10 commits and skip 10. Each row therefore also carries the
+  id of the transaction that wrote it (``txid``); a reader takes only rows of transactions
+  older than every transaction still running (``pg_snapshot_xmin``), in (txid, seq) order,
+  so no row can later appear behind its position.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+import sqlalchemy as sa
+
+from .store import Store, StoreUnavailable, Transaction, inbox, inbox_consumers
+
+log = logging.getLogger("webhook.inbox")
+
+Position = tuple[int, int]  # (txid, seq)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One inbox row, as an applier gets it."""
+    seq: int
+    txid: int
+    message_id: str | None
+    type: str
+    received_at: float
+    body: str | None  # None: a claim carried over from before the inbox; nothing to apply
+
+    @property
+    def position(self) -> Position:
+        return (self.txid, self.seq)
+
+
+@dataclass(frozen=True)
+class Lag:
+    pending: int  # rows after the position
+    oldest_seconds: float  # age of the oldest of them (0 when none)
+    owner: str | None  # the process holding the lease, if any
+    applying_since: float | None  # when the batch in flight was taken
+
+
+class LostLease(Exception):
+    """Another process took this applier's lease: the batch must not be committed."""
+
+
+def process_name() -> str:
+    """This process: host, pid, and a token against pid reuse (a lease owner adds its own
+    token to it: two runners of one process never share a lease)."""
+    global _INCARNATION, _INCARNATION_PID
+    if _INCARNATION_PID != os.getpid():  # a forked worker is a process of its own
+        _INCARNATION, _INCARNATION_PID = uuid.uuid4().hex[:8], os.getpid()
+    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
+
+
+_INCARNATION, _INCARNATION_PID = "", 0
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """True when ``owner`` ran on this host and its process no longer exists (or is a
+    zombie): its lease can be taken over without waiting for it to expire."""
+    host, pid_text, token = (owner.split(":") + ["", ""])[:3]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():  # this process, or an earlier one with the same pid
+        return f"{host}:{pid_text}:{token}" != process_name()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class Inbox:
+    def __init__(self, store: Store):
+        self.store = store
+        self.postgresql = store.dialect == "postgresql"
+
+    # -- positions and batches ---------------------------------------------------------
+
+    def ensure_consumers(self, names: Iterable[str]) -> None:
+        """Create the position rows of these appliers (at the start of the inbox)."""
+        names = list(names)
+        with self.store.write() as tx:
+            known = {row[0] for row in tx.conn.execute(
+                sa.select(inbox_consumers.c.name).where(inbox_consumers.c.name.in_(names)))}
+            missing = [name for name in names if name not in known]
+            if missing:
+                tx.conn.execute(tx.sql.insert(inbox_consumers).on_conflict_do_nothing(
+                    index_elements=["name"]), [
+                    {"name": name, "position_txid": 0, "position_seq": 0, "applied": 0,
+                     "updated_at": time.time()} for name in missing])
+
+    def position(self, name: str) -> Position:
+        with self.store.read() as conn:
+            row = conn.execute(sa.select(inbox_consumers.c.position_txid,
+                                         inbox_consumers.c.position_seq)
+                               .where(inbox_consumers.c.name == name)).first()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def read(self, after: Position, limit: int) -> list[Entry]:
+        """Up to ``limit`` rows after ``after``, in order (see the module's docstring)."""
+        columns = (inbox.c.seq, inbox.c.txid, inbox.c.message_id, inbox.c.type,
+                   inbox.c.received_at, inbox.c.body)
+        if self.postgresql:
+            horizon = sa.literal_column(
+                "pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            query = (sa.select(*columns)
+                     .where(inbox.c.txid < horizon,
+                            sa.tuple_(inbox.c.txid, inbox.c.seq) > sa.tuple_(*after))
+                     .order_by(inbox.c.txid, inbox.c.seq).limit(limit))
+        else:
+            query = (sa.select(*columns).where(inbox.c.seq > after[1])
+                     .order_by(inbox.c.seq).limit(limit))
+        with self.store.read() as conn:
+            return [Entry(*row) for row in conn.execute(query)]
+
+    # -- leases ------------------------------------------------------------------------
+
+    def take_lease(self, name: str, owner: str, at: Position, batch: list[Entry],
+                   ttl: float) -> bool:
+        """Take ``name``'s lease for ``batch`` if the position is still ``at`` and nobody
+        else holds it (or its holder is gone). Committed at once: while the batch is
+        applied, the row says who applies what, since when."""
+        now = time.time()
+        with self.store.write() as tx:
+            row = tx.conn.execute(sa.select(
+                inbox_consumers.c.owner, inbox_consumers.c.lease_until,
+                inbox_consumers.c.position_txid, inbox_consumers.c.position_seq)
+                .where(inbox_consumers.c.name == name)).first()
+            if row is None or (row.position_txid, row.position_seq) != at:
+                return False
+            holder = row.owner
+            if holder and holder != owner and (row.lease_until or 0) > now \
+                    and not _owner_is_gone(holder):
+                return False
+            if holder and holder != owner:
+                log.warning("inbox: taking over the lease of a process that is gone or "
+                            "expired", extra={"applier": name})
+            result = tx.conn.execute(
+                inbox_consumers.update()
+                .where(inbox_consumers.c.name == name,
+                       inbox_consumers.c.position_txid == at[0],
+                       inbox_consumers.c.position_seq == at[1],
+                       (inbox_consumers.c.owner == holder) if holder
+                       else inbox_consumers.c.owner.is_(None))
+                .values(owner=owner, lease_until=now + ttl, batch_from_seq=batch[0].seq,
+                        batch_to_seq=batch[-1].seq, batch_size=len(batch),
+                        batch_started=now, updated_at=now))
+            return result.rowcount == 1
+
+    def renew_lease(self, name: str, owner: str, ttl: float) -> None:
+        """Extend the lease; LostLease if another process has it now."""
+        now = time.time()
+        with self.store.write() as tx:
+            result = tx.conn.execute(
+                inbox_consumers.update()
+                .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
+                .values(lease_until=now + ttl, updated_at=now))
+            if result.rowcount != 1:
+                raise LostLease(name)
+
+    def advance(self, tx: Transaction, name: str, owner: str, to: Position,
+                count: int) -> None:
+        """In the applier's transaction: move the position past the batch and let go of
+        the lease. LostLease (the transaction must roll back) if it is not ours."""
+        result = tx.conn.execute(
+            inbox_consumers.update()
+            .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
+            .values(position_txid=to[0], position_seq=to[1],
+                    applied=inbox_consumers.c.applied + count, owner=None, lease_until=None,
+                    batch_from_seq=None, batch_to_seq=None, batch_size=None,
+                    batch_started=None, updated_at=time.time()))
+        if result.rowcount != 1:
+            raise LostLease(name)
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease back without moving (a batch that failed); best effort."""
+        try:
+            with self.store.write() as tx:
+                tx.conn.execute(
+                    inbox_consumers.update()
+                    .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
+                    .values(owner=None, lease_until=None, batch_from_seq=None,
+                            batch_to_seq=None, batch_size=None, batch_started=None,
+                            updated_at=time.time()))
+        except StoreUnavailable:
+            pass  # it expires, or this process takes it again as its owner
+
+    # -- what is left to do --------------------------------------------------------------
+
+    def lag(self, names: Iterable[str]) -> dict[str, Lag]:
+        """For each applier: rows not yet applied, the age of the oldest, the lease."""
+        names = list(names)
+        now = time.time()
+        out: dict[str, Lag] = {}
+        with self.store.read() as conn:
+            rows = {row.name: row for row in conn.execute(
+                sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(names)))}
+            for name in names:
+                row = rows.get(name)
+                at = (row.position_txid, row.position_seq) if row else (0, 0)
+                after = (sa.tuple_(inbox.c.txid, inbox.c.seq) > sa.tuple_(*at)
+                         if self.postgresql else inbox.c.seq > at[1])
+                pending = conn.execute(sa.select(sa.func.count()).select_from(inbox)
+                                       .where(after)).scalar_one()
+                oldest = conn.execute(sa.select(sa.func.min(inbox.c.received_at))
+                                      .where(after)).scalar_one() if pending else None
+                out[name] = Lag(pending=pending,
+                                oldest_seconds=max(0.0, now - oldest) if oldest else 0.0,
+                                owner=row.owner if row else None,
+                                applying_since=row.batch_started if row else None)
+        return out
+
+    # -- retention -----------------------------------------------------------------------
+
+    def prune(self, older_than: float, consumers: Iterable[str], limit: int = 1000) -> int:
+        """Delete up to ``limit`` of the oldest rows received before ``older_than`` (epoch
+        seconds), in one short transaction. Rows an applier had not reached yet are gone
+        for it: counted and logged as expired. Returns the rows deleted."""
+        consumers = list(consumers)
+        with self.store.write() as tx:
+            head = tx.conn.execute(sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at)
+                                   .order_by(inbox.c.seq).limit(limit)).all()
+            doomed = []
+            for row in head:  # rows arrive in time order: stop at the first young one
+                if row.received_at >= older_than:
+                    break
+                doomed.append(row)
+            if not doomed:
+                return 0
+            last = doomed[-1].seq
+            positions = {row.name: (row.position_txid, row.position_seq)
+                         for row in tx.conn.execute(sa.select(inbox_consumers)
+                                                    .where(inbox_consumers.c.name.in_(consumers)))}
+            for name in consumers:
+                at = positions.get(name, (0, 0))
+                expired = sum(1 for row in doomed if (row.txid, row.seq) > at)
+                if expired:
+                    log.error("inbox: %d message(s) expired before they were applied",
+                              expired, extra={"applier": name})
+                    from . import metrics
+                    metrics.INBOX_EXPIRED.labels(applier=name).inc(expired)
+            deleted = tx.conn.execute(inbox.delete().where(
+                inbox.c.seq <= last, inbox.c.received_at < older_than)).rowcount
+        return deleted

@@ -1,0 +1,99 @@
+"""Retention: the inbox and the interactions pruned in the background, in small batches.
+
+* Inbox rows (and the messageId claims they hold) are kept ``MESSAGE_RETENTION_HOURS``
+  (default 168 h, well beyond Segment's four-hour retry window), then deleted. A message
+  redelivered after its claim is gone is taken for new: ``MAX_MESSAGE_AGE_HOURS`` can
+  skip live messages older than the window instead (README).
+* Interactions older than ``INTERACTION_RETENTION_DAYS`` (by their own time; default 730)
+  are deleted.
+
+Each worker runs the loop; batches are small (one short transaction each) so pruning never
+holds the write lock for long, and two workers pruning at once only share the work.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from typing import Iterable
+
+import sqlalchemy as sa
+
+from . import metrics
+from .inbox import Inbox
+from .store import StoreUnavailable, interactions
+
+log = logging.getLogger("webhook.retention")
+
+BATCH = 1000  # rows a transaction
+MAX_BATCHES = 50  # batches a run, per table: a large backlog is worked off over several runs
+
+
+class Retention:
+    def __init__(self, inbox: Inbox, consumers: Iterable[str], message_retention_hours: float,
+                 interaction_retention_days: float, interval_seconds: float = 60.0):
+        self.inbox = inbox
+        self.store = inbox.store
+        self.consumers = list(consumers)
+        self.message_seconds = message_retention_hours * 3600.0
+        self.interaction_seconds = interaction_retention_days * 86400.0
+        self.interval_seconds = interval_seconds
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stop = threading.Event()
+
+    def run_once(self, now: float | None = None) -> dict[str, int]:
+        """Prune what is due now; returns the rows deleted by table."""
+        now = time.time() if now is None else now
+        deleted = {"inbox": 0, "interactions": 0}
+        for _ in range(MAX_BATCHES):
+            n = self.inbox.prune(now - self.message_seconds, self.consumers, BATCH)
+            deleted["inbox"] += n
+            if n < BATCH:
+                break
+        if self.interaction_seconds:
+            cutoff = now - self.interaction_seconds
+            for _ in range(MAX_BATCHES):
+                with self.store.write() as tx:
+                    doomed = sa.select(interactions.c.event_id).where(
+                        interactions.c.timestamp < cutoff).limit(BATCH)
+                    n = tx.conn.execute(interactions.delete().where(
+                        interactions.c.event_id.in_(doomed.scalar_subquery()))).rowcount
+                deleted["interactions"] += n
+                if n < BATCH:
+                    break
+        for table, n in deleted.items():
+            if n:
+                metrics.INBOX_PRUNED.labels(table=table).inc(n)
+        if any(deleted.values()):
+            log.info("retention: rows pruned", extra={"pruned": deleted})
+        return deleted
+
+    def start(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        # Workers started together spread their runs out.
+        if self._stop.wait(random.uniform(0, self.interval_seconds)):
+            return
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except StoreUnavailable as exc:
+                log.warning("retention: store unavailable, pruning later: %s", exc)
+            except Exception:
+                log.exception("retention: pruning failed")
+            self._stop.wait(self.interval_seconds)
