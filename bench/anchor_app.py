@@ -1,0 +1,121 @@
+"""The anchor for bench/webhook_throughput.py: the smallest honest receiver on our stack.
+
+``POST /segment``: HMAC-SHA1 check of the raw body, ``json.loads``, a messageId check, one
+``INSERT OR IGNORE`` of (messageId, body) into SQLite (WAL), committed before the 200.
+Nothing else: no Spec validation, no summary, no log line, no metrics. It is what the
+service's request path cannot go below on the same stack, served by the same gunicorn.
+
+Environment:
+
+* ``SEGMENT_SHARED_SECRET``: the HMAC key.
+* ``DATABASE_URL``: ``sqlite:///<path>``.
+* ``SQLITE_SYNCHRONOUS``: ``FULL`` (default, an fsync per commit) or ``NORMAL``.
+* ``ANCHOR_COMMIT``: ``request`` (default: each request commits its own insert, one SQLite
+  connection per server thread) or ``group`` (one writer thread per process takes every
+  insert waiting and commits them together; the request waits for that commit).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import queue
+import sqlite3
+import threading
+
+from flask import Flask, request
+
+SECRET = os.environ.get("SEGMENT_SHARED_SECRET", "").encode()
+PATH = os.environ.get("DATABASE_URL", "sqlite:///anchor.db").removeprefix("sqlite:///")
+SYNCHRONOUS = os.environ.get("SQLITE_SYNCHRONOUS", "FULL").upper()
+COMMIT = os.environ.get("ANCHOR_COMMIT", "request")
+INSERT = "INSERT OR IGNORE INTO inbox (message_id, body) VALUES (?, ?)"
+
+app = Flask(__name__)
+
+
+def _connect() -> sqlite3.Connection:
+    conn = sqlite3.connect(PATH, isolation_level=None, check_same_thread=False, timeout=5)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    return conn
+
+
+_setup = _connect()
+_setup.execute("CREATE TABLE IF NOT EXISTS inbox (message_id TEXT PRIMARY KEY, body TEXT)")
+_setup.close()
+_local = threading.local()
+
+
+def _store_own(message_id: str, body: str) -> None:
+    conn = getattr(_local, "conn", None)
+    if conn is None:
+        conn = _local.conn = _connect()
+    conn.execute(INSERT, (message_id, body))  # autocommit: its own transaction
+
+
+class _GroupWriter:
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def store(self, message_id: str, body: str) -> None:
+        if self._pid != os.getpid():  # started in each worker, after the fork
+            with self._lock:
+                if self._pid != os.getpid():
+                    threading.Thread(target=self._run, daemon=True).start()
+                    self._pid = os.getpid()
+        done = threading.Event()
+        slot = [message_id, body, done, None]
+        self._queue.put(slot)
+        done.wait()
+        if slot[3] is not None:
+            raise slot[3]
+
+    def _run(self) -> None:
+        conn = _connect()
+        while True:
+            group = [self._queue.get()]
+            while True:
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            error = None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(INSERT, [(s[0], s[1]) for s in group])
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                error = exc
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            for slot in group:
+                slot[3] = error
+                slot[2].set()
+
+
+_group = _GroupWriter()
+_store = _group.store if COMMIT == "group" else _store_own
+
+
+@app.post("/segment")
+def segment():
+    raw = request.get_data()
+    expected = hmac.new(SECRET, raw, hashlib.sha1).hexdigest()
+    if not hmac.compare_digest(expected, request.headers.get("X-Signature", "")):
+        return "bad signature", 401
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return "not JSON", 400
+    message_id = message.get("messageId") if isinstance(message, dict) else None
+    if not isinstance(message_id, str) or not message_id:
+        return "no messageId", 400
+    try:
+        _store(message_id, raw.decode())
+    except sqlite3.Error:
+        return "store unavailable", 503
+    return "ok"
