@@ -1,13 +1,17 @@
-# Two commands: `make run` (install and start on the embedded default) and `make test`.
+# Two commands: `make run` (install and start on the embedded default) and `make test`;
+# `make demo` starts on a generated shop instead (its own database, instance/demo/).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run test install install-dev clean
+.PHONY: run demo test install install-dev clean
 
 run: install
 	PORT=$(PORT) $(BIN)/gunicorn wsgi:app
+
+demo: install
+	$(BIN)/python demo/run.py --port $(PORT)
 
 test: install-dev
 	$(BIN)/python -m pytest
@@ -28,4 +32,4 @@ $(VENV)/.requirements-dev: requirements.txt requirements-dev.txt | $(VENV)/bin/p
 	touch $(VENV)/.requirements $@
 
 clean:
-	rm -rf $(VENV) instance .pytest_cache
+	rm -rf $(VENV) instance .pytest_cache webhook/static/shop

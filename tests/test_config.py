@@ -43,6 +43,7 @@ def test_heroku_and_plain_database_urls(url, expected):
     ({"RETRY_AFTER_SECONDS": "0"}, "RETRY_AFTER_SECONDS"),
     ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"INTERACTION_EVENTS": " , "}, "INTERACTION_EVENTS"),
     ({"ITEM_ID_PROPERTIES": ","}, "ITEM_ID_PROPERTIES"),
 ])

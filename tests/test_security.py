@@ -261,8 +261,9 @@ DB_PASSWORD = "sec-db-password-8080"
 
 
 @pytest.mark.skipif(not pg_server.available(), reason="needs the PostgreSQL binaries")
+@pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
-def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level):
+def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level, log_format):
     corpus = capture_corpus()
     emails = {"jose@example.com", "jane.doe@example.org", "buyer+tag@shop.example"}
     with pg_server.ThrowawayPostgres() as pg, FakePersonalizeEvents() as events, \
@@ -274,7 +275,8 @@ def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level):
         # trust authentication ignores the password, but the service must still hide it
         database_url = pg.url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
         env = {
-            "_LOG_DIR": str(tmp_path), "LOG_LEVEL": level, "DATABASE_URL": database_url,
+            "_LOG_DIR": str(tmp_path), "LOG_LEVEL": level, "LOG_FORMAT": log_format,
+            "DATABASE_URL": database_url,
             "SEGMENT_SHARED_SECRET": SECRET, "WEBHOOK_BEARER_TOKEN": BEARER,
             "SECRET_KEY": KEY, "INGEST_WRITE_KEYS": INGEST_KEY,
             "SEGMENT_WRITE_KEY": WRITE_KEY, "SEGMENT_API_HOST": tracking.url,
@@ -310,7 +312,8 @@ def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level):
     found = sorted(set(EMAIL_RE.findall(log)))
     assert not found, [line[:300] for line in log.splitlines() if EMAIL_RE.search(line)][:3]
     assert not any(e in log for e in emails)
-    assert '"delivery": "stored"' in log  # the run did happen, and was logged
+    # The run did happen, and was logged in the format asked for.
+    assert ('"delivery": "stored"' if log_format == "json" else " delivery=stored ") in log
 
 
 def _full_flow(base: str, corpus: list, events, profiles) -> None:

@@ -33,7 +33,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     settings = Settings.from_mapping(test_config) if test_config is not None \
         else Settings.from_env()
-    configure_logging(settings.log_level, secret_values(settings))
+    configure_logging(settings.log_level, secret_values(settings), settings.log_format)
     services = build_services(settings, app.instance_path)
     for warning in services.warnings:
         log.warning(warning)
@@ -58,7 +58,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     services.attach_local_recommender(app)
     _init_request_context(app, services)
 
-    log.info("started", extra={"configured": settings.public_summary()})
+    summary = settings.public_summary()
+    # A text line shows the three short fields; the whole summary goes to JSON lines only.
+    log.info("started", extra={"mode": summary["mode"], "database": summary["database"],
+                               "recommender": summary["recommender"], "configured": summary})
     return app
 
 

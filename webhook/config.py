@@ -67,6 +67,16 @@ def _log_level(value: str) -> str:
     return level
 
 
+LOG_FORMATS = ("auto", "text", "json")
+
+
+def _log_format(value: str) -> str:
+    name = value.strip().lower()
+    if name not in LOG_FORMATS:
+        raise ValueError(f"expected auto, text or json, got {value!r}")
+    return name
+
+
 def _database_url(value: str) -> str:
     url = value.strip()
     # Heroku still hands out postgres:// URLs, which SQLAlchemy no longer accepts.
@@ -207,6 +217,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("item_id_properties", ("ITEM_ID_PROPERTIES",), _item_id_properties),
     ("retry_after_seconds", ("RETRY_AFTER_SECONDS",), _positive_int),
     ("log_level", ("LOG_LEVEL",), _log_level),
+    ("log_format", ("LOG_FORMAT",), _log_format),
     # --- the inbox: durability and retention ---
     ("sqlite_synchronous", ("SQLITE_SYNCHRONOUS",), _synchronous),
     ("message_retention_hours", ("MESSAGE_RETENTION_HOURS",), _positive_float),
@@ -283,6 +294,8 @@ class Settings:
     item_id_properties: tuple[str, ...] = ("product_id", "sku")
     retry_after_seconds: int = 30
     log_level: str = "INFO"
+    # auto: short text lines when stderr is a terminal, JSON lines otherwise (Heroku).
+    log_format: str = "auto"
     # --- the inbox: durability and retention ---
     # FULL: a delivery is acknowledged only once its commit is on disk (an fsync), so it
     # survives a power loss or an OS crash; NORMAL skips that fsync (README: the risk).

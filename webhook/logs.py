@@ -1,8 +1,12 @@
-"""JSON logs with a request id; secrets and email addresses never reach them.
+"""Log lines for machines (JSON, with a request id) and for people (short text lines);
+secrets and email addresses never reach either.
 
-Every record goes through ``RedactingFilter`` on the handler: it masks email addresses and
-the values of every secret setting, whatever code wrote the record. The service's own log
-lines carry counts and reasons, never Segment ids or traits (a userId may be an email).
+``LOG_FORMAT``: ``json``, ``text``, or ``auto`` (the default): text when stderr is a
+terminal, JSON otherwise (a platform's log collector, as on Heroku). Every record goes
+through ``RedactingFilter`` on the one handler, before either formatter: it masks email
+addresses and the values of every secret setting, whatever code wrote the record. The
+service's own log lines carry counts and reasons, never Segment ids or traits (a userId may
+be an email).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import time
 from flask import g, has_request_context
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-_HANDLER_NAME = "segment-personalize-json"
+_HANDLER_NAME = "segment-personalize"
 
 
 class RequestIdFilter(logging.Filter):
@@ -115,19 +119,85 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str, secrets: Iterable[str]) -> RedactingFilter:
-    """Install one JSON handler on the root logger (once per process)."""
+class TextLineFormatter(logging.Formatter):
+    """One short line a record, for a person at a terminal: local time, level, message,
+    then the record's ``extra`` fields as ``name=value``. A structured field too long for
+    a line (the start-up configuration) is left to the JSON format, as is the request id.
+    Control characters are escaped, so a request path cannot forge a line."""
+
+    LONGEST_FIELD = 100
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [time.strftime("%H:%M:%S", time.localtime(record.created)),
+                 f"{record.levelname:<7}"]
+        if record.name != "webhook" and not record.name.startswith("webhook."):
+            parts.append(f"[{record.name}]")
+        parts.append(_printable(record.getMessage()))
+        fields = vars(record)
+        for key in fields:
+            if key in _STANDARD:
+                continue
+            value = _text_value(fields[key])
+            if value is not None and len(value) <= self.LONGEST_FIELD:
+                parts.append(f"{key}={value}")
+        line = " ".join(parts)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "".join("\n    " + _printable(part)
+                            for part in record.exc_text.splitlines())
+        return line
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
+def _text_value(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    if isinstance(value, str) and value.isprintable() and value \
+            and not any(ch in value for ch in ' ="\\'):
+        return value
+    # Quoted (strings with spaces) or compact (lists, objects) JSON.
+    return _printable(json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                                 default=str))
+
+
+def uses_json(log_format: str, stream=None) -> bool:
+    """Whether ``log_format`` (auto, text, json) means JSON lines on ``stream``."""
+    if log_format == "json":
+        return True
+    if log_format == "text":
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or a closed stream
+        return True
+
+
+def configure_logging(level: str, secrets: Iterable[str],
+                      log_format: str = "auto") -> RedactingFilter:
+    """Install one handler on the root logger (once per process; a later call updates its
+    level, secrets and format)."""
     root = logging.getLogger()
     for handler in root.handlers:
         if handler.get_name() == _HANDLER_NAME:
             redactor = next(f for f in handler.filters if isinstance(f, RedactingFilter))
             redactor.add_secrets(secrets)
+            handler.setFormatter(_formatter(log_format, handler))
             root.setLevel(level)
             _quiet_wire_loggers(level)
             return redactor
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JsonLineFormatter())
+    handler.setFormatter(_formatter(log_format, handler))
     handler.addFilter(RequestIdFilter())
     redactor = RedactingFilter(secrets)
     handler.addFilter(redactor)
@@ -135,6 +205,10 @@ def configure_logging(level: str, secrets: Iterable[str]) -> RedactingFilter:
     root.setLevel(level)
     _quiet_wire_loggers(level)
     return redactor
+
+
+def _formatter(log_format: str, handler: logging.StreamHandler) -> logging.Formatter:
+    return JsonLineFormatter() if uses_json(log_format, handler.stream) else TextLineFormatter()
 
 
 # Client libraries that log whole requests at DEBUG (headers with credentials, bodies with
