@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from .deletions import record_deletions
 from .destinations import Destination
 from .routing import Routed, Router
 from .segment import Message, MessageError, parse_message
@@ -171,6 +172,8 @@ class Ingestor:
                         pending = Routed()
                         for destination in destinations:
                             destination.delete_user(routed.delete_user_id)
+                        if self.forwarders:  # Personalize mode: its deletion job must follow
+                            record_deletions(tx, [routed.delete_user_id])
                     if routed.skipped:
                         summary.skipped.append({"index": index,
                                                 "messageId": message.message_id,
