@@ -55,7 +55,9 @@ def make_app(sqlite_url):
 
     yield factory
     for app in apps:
-        app.extensions["segment"].store.dispose()
+        services = app.extensions["segment"]
+        services.activation.wait_idle(10)  # no write-back left running into the next test
+        services.store.dispose()
 
 
 @pytest.fixture
