@@ -87,6 +87,9 @@ class SegmentPublisher:
 
 
 class Activation:
+    IDLE_SECONDS = 60.0  # the thread ends after this long without work; the next offer
+    #                      starts another
+
     def __init__(self, store: Store, publisher: Publisher, trait: str, interval: float,
                  queue_max: int = 1000):
         self.store = store
@@ -95,19 +98,9 @@ class Activation:
         self.interval = interval
         self.queue_max = queue_max
         self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
-
-    def _jobs(self) -> queue.Queue:
-        """The queue and its one thread, made on first use in each (forked) process."""
-        if self._queue is None or self._pid != os.getpid():
-            with self._lock:
-                if self._queue is None or self._pid != os.getpid():
-                    jobs: queue.Queue = queue.Queue(maxsize=self.queue_max)
-                    threading.Thread(target=self._work, args=(jobs,), name="activation",
-                                     daemon=True).start()
-                    self._queue, self._pid = jobs, os.getpid()
-        return self._queue
 
     def offer(self, user_id: str, item_ids: Sequence[str]) -> bool:
         """Publish later, off the request path. False when the queue is full (dropped,
@@ -120,12 +113,21 @@ class Activation:
         return self._put((work, args))
 
     def _put(self, job) -> bool:
-        try:
-            self._jobs().put_nowait(job)
-            return True
-        except queue.Full:
-            metrics.ACTIVATIONS.labels(outcome="dropped").inc()
-            return False
+        with self._lock:
+            if self._queue is None or self._pid != os.getpid():
+                # Made on first use in each (forked) process: a queue and its thread.
+                self._queue = queue.Queue(maxsize=self.queue_max)
+                self._thread, self._pid = None, os.getpid()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                metrics.ACTIVATIONS.labels(outcome="dropped").inc()
+                return False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, args=(self._queue,),
+                                                name="activation", daemon=True)
+                self._thread.start()
+        return True
 
     def pending(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
@@ -144,10 +146,17 @@ class Activation:
                 jobs.all_tasks_done.wait(remaining)
         return True
 
-    @staticmethod
-    def _work(jobs: queue.Queue) -> None:
+    def _work(self, jobs: queue.Queue) -> None:
         while True:
-            work, args = jobs.get()
+            try:
+                work, args = jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if jobs.empty():  # nothing came meanwhile: end; the next offer restarts
+                        if self._queue is jobs:
+                            self._thread = None
+                        return
+                continue
             try:
                 work(*args)
             except Exception:  # the thread must never die
