@@ -460,6 +460,7 @@ def test_traits_are_cached_per_visitor(personalize_app, profile_api):
 
 def test_cached_traits_expire_after_the_ttl(personalize_app, profile_api):
     client = personalize_app(profile_cache_seconds=0.5).test_client()
+    get(client, "itemId=warm-up&numResults=1")  # boto3's client is made on first use
     profile_api.set_traits("user_id:u-1", {"purchased_products": []})
     assert ids(get(client, "userId=u-1&numResults=2")) == ["item-1", "item-2"]
     profile_api.set_traits("user_id:u-1", {"purchased_products": ["item-1"]})
