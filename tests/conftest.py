@@ -17,6 +17,17 @@ PG_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+_live_apps: list = []  # the apps make_app made for the running test
+
+
+def _quiesce(apps) -> None:
+    """No write-back left running into the next test; connections closed."""
+    for app in apps:
+        services = app.extensions["segment"]
+        services.activation.wait_idle(10)
+        services.store.dispose()
+
+
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path}/segment.db"
@@ -30,8 +41,17 @@ def postgresql_url():
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    # This runs before make_app's teardown: let the test's apps finish their background
+    # work (a write-back after a purchase reads the schema) before it goes.
+    _quiesce(_live_apps)
+    for attempt in range(3):
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            break
+        except sa.exc.OperationalError:  # a deadlock with a straggler: it was rolled back
+            if attempt == 2:
+                raise
     admin.dispose()
 
 
@@ -51,13 +71,12 @@ def make_app(sqlite_url):
         app = create_app(settings)
         app.config["TESTING"] = True
         apps.append(app)
+        _live_apps.append(app)
         return app
 
     yield factory
-    for app in apps:
-        services = app.extensions["segment"]
-        services.activation.wait_idle(10)  # no write-back left running into the next test
-        services.store.dispose()
+    _quiesce(apps)
+    _live_apps.clear()
 
 
 @pytest.fixture
