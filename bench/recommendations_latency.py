@@ -19,8 +19,10 @@ Usage (from the repo root)::
   new userId, so every request asks the Profile API; warm — a few users, each requested
   on both workers beforehand, so their traits come from the cache. ``--concurrency``
   client threads each send requests one after another (keep-alive sessions).
-* Targets: cold p50 ≤ 130 ms and p99 ≤ 200 ms (asking the two upstreams one after the
+* Targets: cold p50 ≤ 120 ms and p99 ≤ 200 ms (asking the two upstreams one after the
   other would need ≥ 2 × 100 ms); warm p50 ≤ 115 ms. Exit status 1 if one is missed.
+  The Profile API budget (PROFILE_API_MAX_RPS, 100/s) is on, as deployed; these loads stay
+  well under it, so every answer must still be personalized.
 * Checks: every answer 200 with numResults items from source personalize and without a
   degraded marker; the Profile API is not asked during the warm phase.
 
@@ -180,7 +182,7 @@ def main() -> int:
 
     sequential_floor = 2 * args.delay * 1000
     rows = [
-        ("cold (new user each request)", cold, 130.0, 200.0),
+        ("cold (new user each request)", cold, 120.0, 200.0),
         ("warm trait cache", warm, 115.0, None),
     ]
     print(f"\nGET /recommendations, gunicorn {args.workers} workers, both upstreams delayed "

@@ -19,6 +19,18 @@ PG_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+_live_apps: list = []  # the apps make_app made for the running test
+
+
+def _quiesce(apps) -> None:
+    """No applier or write-back left running into the next test; connections closed."""
+    for app in apps:
+        services = app.extensions["segment"]
+        services.stop_background()
+        services.activation.wait_idle(10)
+        services.store.dispose()
+
+
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path}/segment.db"
@@ -32,8 +44,17 @@ def postgresql_url():
     with admin.begin() as conn:
         conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    # This runs before make_app's teardown: let the test's apps finish their background
+    # work (a write-back after a purchase reads the schema) before it goes.
+    _quiesce(_live_apps)
+    for attempt in range(3):
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            break
+        except sa.exc.OperationalError:  # a deadlock with a straggler: it was rolled back
+            if attempt == 2:
+                raise
     admin.dispose()
 
 
@@ -69,12 +90,12 @@ def make_app(sqlite_url):
         app.config["TESTING"] = True
         app.test_client_class = AppliedClient
         apps.append(app)
+        _live_apps.append(app)
         return app
 
     yield factory
-    for app in apps:
-        app.extensions["segment"].stop_background()
-        app.extensions["segment"].store.dispose()
+    _quiesce(apps)
+    _live_apps.clear()
 
 
 @pytest.fixture

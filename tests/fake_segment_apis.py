@@ -11,6 +11,10 @@ them exactly as they would to Segment.
   keep-alive (like Segment's), so connection pooling can be observed: every request
   records the client's (host, port) as ``connection``. ``delay(seconds)`` and
   ``fail(status)`` inject slowness and outages. Threaded: concurrent requests overlap.
+  Like Segment's, it allows ``rate_limit`` (100) requests per second per space: a request
+  arriving when that many were answered within the last second gets 429 with
+  ``Retry-After: 1``. ``busiest_second()`` is the most requests that arrived within any
+  one second.
 * ``FakeTrackingAPI`` -- ``POST /v1/batch`` (gzip or plain JSON) with Basic auth = write
   key. Records the messages; ``identifies()`` / ``wait_for_identifies(n)``.
 
@@ -151,17 +155,50 @@ class ProfileRequest(NamedTuple):
     connection: tuple[str, int]  # the client's address: one per TCP connection
     status: int  # answered
     time: float
+    arrived: float = 0.0  # time.time() when the request arrived (before any delay)
 
 
 class FakeProfileAPI(_Server):
     """Segment's Profile API (``profiles.segment.com``), traits endpoint only."""
 
-    def __init__(self, *, space_id: str = "spa_test", token: str = "profile-token"):
+    def __init__(self, *, space_id: str = "spa_test", token: str = "profile-token",
+                 rate_limit: int = 100):
         super().__init__()
         self.space_id = space_id
         self.token = token
+        self.rate_limit = rate_limit
         self._profiles: dict[str, dict] = {}
         self._requests: list[ProfileRequest] = []
+        self._admitted: dict[str, list[float]] = {}  # space -> arrival times (monotonic)
+        self._retry_after = 1
+
+    def fail(self, status: int | None, retry_after: int = 1) -> None:
+        """Answer every request with this HTTP status (None: answer normally); a 429
+        carries ``Retry-After: retry_after``."""
+        with self._cond:
+            self._fail_status = status
+            self._retry_after = retry_after
+
+    def busiest_second(self) -> int:
+        """The most requests that arrived within any one second (a sliding window)."""
+        arrivals = sorted(r.arrived for r in self.requests)
+        most, start = 0, 0
+        for end, when in enumerate(arrivals):
+            while when - arrivals[start] >= 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
+    def _over_limit(self, space: str | None, now: float) -> bool:
+        """Segment's limit: at most ``rate_limit`` answered requests per second per space."""
+        with self._cond:
+            recent = [t for t in self._admitted.get(space, []) if now - t < 1.0]
+            if len(recent) >= self.rate_limit:
+                self._admitted[space] = recent
+                return True
+            recent.append(now)
+            self._admitted[space] = recent
+            return False
 
     def set_traits(self, identifier: str, traits: dict) -> None:
         """``identifier``: ``user_id:<id>`` or ``anonymous_id:<id>``."""
@@ -185,6 +222,8 @@ class FakeProfileAPI(_Server):
             self._requests.clear()
 
     def _handle(self, handler, body: bytes) -> tuple[int, dict, bytes]:
+        arrived = time.time()
+        limited = self._over_limit(None, time.monotonic())  # the stand-in serves one space
         self._wait()
         parts = urlsplit(handler.path)
         query = parse_qs(parts.query, keep_blank_values=True)
@@ -204,6 +243,12 @@ class FakeProfileAPI(_Server):
 
         if fail is not None:
             answer = _json(fail, {"error": {"code": "internal", "message": "injected"}})
+            if fail == 429:
+                answer[1]["Retry-After"] = str(self._retry_after)
+        elif limited:
+            answer = _json(429, {"error": {"code": "too_many_requests",
+                                           "message": "rate limit exceeded"}})
+            answer[1]["Retry-After"] = "1"
         elif handler.command != "GET" or not shape_ok:
             answer = _json(404, {"error": {"code": "not_found", "message": "no such route"}})
         elif token != self.token:
@@ -220,7 +265,7 @@ class FakeProfileAPI(_Server):
         with self._cond:
             self._requests.append(ProfileRequest(
                 handler.command, parts.path, space, identifier, include, query, token,
-                handler.client_address[:2], answer[0], time.time()))
+                handler.client_address[:2], answer[0], time.time(), arrived))
             self._cond.notify_all()
         return answer
 

@@ -26,7 +26,7 @@ from tests.test_recommendations import (  # noqa: F401  (fixtures)
     profile_api,
     runtime,
 )
-from webhook.store import profiles
+from webhook.store import activations, profiles
 
 WRITE_KEY = "wk-shop-0123"
 
@@ -51,7 +51,7 @@ def settle(app, timeout: float = 10.0) -> None:
     """Wait for the service's background activation work, then for the Segment client's
     queue to be sent."""
     services = app.extensions["segment"]
-    services.activation.executor.submit(lambda: None).result(timeout)
+    assert services.activation.wait_idle(timeout)
     flush = getattr(services.activation.publisher, "flush", None)
     if flush is not None:
         flush()
@@ -261,3 +261,104 @@ def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking
     for n in range(3):
         body = get(client, f"userId=u-{n}&numResults=2")
         assert ids(body) == ["item-1", "item-2"]
+
+
+# --- consent fails closed (issue 13) --------------------------------------------------------
+
+@pytest.mark.parametrize("outage", ["timeout", "error", "429", "unreachable"])
+def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_write_back(
+        activating_app, profile_api, tracking, outage):
+    """The visitor opted out; the Profile API cannot say so right now. Fail closed:
+    popular items, "degraded" saying why, nothing written back."""
+    from tests.gunicorn_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}" if outage == "unreachable" else profile_api.url
+    app = activating_app(segment_profile_api_url=url, profile_api_timeout_seconds=0.3)
+    client = app.test_client()
+    deliver(client, product_viewed("pop-a"), product_viewed("pop-a"), product_viewed("pop-b"))
+    profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True,
+                                             "purchased_products": []})
+    if outage == "timeout":
+        profile_api.delay(2.0)
+    elif outage == "error":
+        profile_api.fail(503)
+    elif outage == "429":
+        profile_api.fail(429, retry_after=1)
+    try:
+        for _ in range(2):  # the first call fails; the second is paused after a 429
+            body = get(client, "userId=u-out&numResults=5")
+            assert body["source"] == "popular", body
+            assert ids(body) == ["pop-a", "pop-b"]
+            assert body["degraded"]["profile"] and body["degraded"]["consent"]
+            assert "optedOut" not in body
+    finally:
+        profile_api.delay(0)
+        profile_api.fail(None)
+    settle(app)
+    assert tracking.identifies() == []
+    with store_of(app).read() as conn:  # nothing was even considered for write-back
+        assert conn.execute(sa.select(sa.func.count()).select_from(activations)).scalar() == 0
+
+
+def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating_app,
+                                                                      profile_api, tracking):
+    """The after-purchase recomputation goes through the same pipeline and the same gate."""
+    app = activating_app()
+    profile_api.set_traits("user_id:u-7", {"recommendations_opt_out": True})
+    profile_api.fail(500)
+    deliver(app.test_client(), order_completed(["item-1"], user_id="u-7"))
+    settle(app)
+    assert tracking.identifies() == []
+
+
+# --- bounded activation (issue 13) ----------------------------------------------------------
+
+def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app,
+                                                                    runtime):
+    """Write-backs cannot keep up (the database is busy: another writer holds it): the
+    queue stops at ACTIVATION_QUEUE_MAX, the rest is dropped and counted, requests never
+    wait, and the memory held for pending write-backs stops growing."""
+    import tracemalloc
+
+    from tests.test_recommendations import metric
+
+    app = personalize_app(activation_queue_max=20, activation_interval_seconds=0)
+    client = app.test_client()
+    activation = app.extensions["segment"].activation
+    get(client, "userId=warm-up&numResults=1")
+    assert activation.wait_idle(10)
+    outcomes = ("dropped", "store_unavailable", "published", "error")
+    before = {o: metric(client, "activations_total", outcome=o) for o in outcomes}
+
+    def flood(first: int, n: int) -> float:
+        slowest = 0.0
+        for user in range(first, first + n):
+            started = time.perf_counter()
+            assert len(ids(get(client, f"userId=flood-{user}&numResults=500"))) == 500
+            slowest = max(slowest, time.perf_counter() - started)
+        return slowest
+
+    with store_of(app).write():  # the database's writer is taken while the flood lasts
+        tracemalloc.start()
+        try:
+            flood(0, 40)
+            after_first, _ = tracemalloc.get_traced_memory()
+            slowest = flood(40, 120)
+            after_second, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        pending = activation.pending()
+        counted = {o: metric(client, "activations_total", outcome=o) - before[o]
+                   for o in outcomes}
+
+    print(f"\npending {pending}, counted {counted}, memory after 40 requests "
+          f"{after_first / 1e6:.1f} MB, after 160 {after_second / 1e6:.1f} MB, "
+          f"slowest request {slowest * 1000:.0f} ms")
+    assert pending <= 20
+    assert counted["dropped"] >= 160 - 20 - 20
+    # Every offer is pending, was handled (the store was busy), or was counted as dropped;
+    # at most one is in the worker's hands right now.
+    assert 160 - 1 <= pending + sum(counted.values()) <= 160
+    # 120 more pending lists of 500 ids would hold ~4 MB; bounded, the memory stays flat.
+    assert after_second - after_first < 2_000_000, (after_first, after_second)
+    assert slowest < 1.0  # nobody waited for the queue

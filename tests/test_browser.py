@@ -276,8 +276,13 @@ def test_page_renders_recommendations_as_cards(open_service, page, tmp_path):
         "bought already (an Order Completed event)" if reason == "recent_purchase" else
         f'listed in the visitor\'s "{reason}" trait')
         for reason, n in filtered["reasons"].items()]
+    # No SECRET_KEY, so no token: the trait's name and what it removed, not its value.
     assert page.inner_text("#traits dt") == "purchased_products"
-    assert json.loads(page.inner_text("#traits dd")) == ["sku-2", "sku-5"]
+    removed = filtered["reasons"]["purchased_products"]
+    assert page.inner_text("#traits dd") == \
+        f"removed {removed} item{'' if removed == 1 else 's'}"
+    assert "values are shown only with the visitor's token" in \
+        page.inner_text("#traits-summary")
     assert _csp_problems(page) == [] and page.problems == []
 
     shot = tmp_path / "page.png"
@@ -310,7 +315,10 @@ def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service,
     assert reasons in ([], ["recent_purchase"], ["purchased_products"])
     if which == "locked":  # the trait checks removed it, and the page says so
         assert reasons and page.inner_text("#filtered-summary") == "1 item was left out:"
-    assert json.loads(page.inner_text("#traits dd")) == ["sku-3"]
+        # The visitor's own token: the value is shown.
+        assert json.loads(page.inner_text("#traits dd")) == ["sku-3"]
+    else:  # no token: never the value
+        assert "sku-3" not in page.inner_text("#traits")
 
 
 def test_segment_cookie_is_the_visitor_without_a_user_id(open_service, browser):
@@ -334,6 +342,30 @@ def test_segment_cookie_is_the_visitor_without_a_user_id(open_service, browser):
     assert "Enter a user id" in page.inner_text("#message")
     assert page.is_hidden("#answer")
     context.close()
+
+
+def test_no_trait_values_in_the_dom_without_a_token(open_service, page):
+    """Anyone can open /?userId=X when SECRET_KEY is unset: the page must not show what X
+    bought, or any other trait value, anywhere in the DOM."""
+    base, seeder = open_service
+    seeder.identify("u-private", {"purchased_products": ["secret-sku-4711", "sku-4"],
+                                  "recommendations_opt_out": False,
+                                  "email": "private.person@example.org"})
+    with page.expect_response(lambda r: "/recommendations?" in r.url) as seen:
+        _open(page, base + "/?userId=u-private")
+    answer = seen.value.json()
+    assert "traitValues" not in answer
+    html = page.content()
+    text = page.inner_text("body")
+    for value in ("secret-sku-4711", "private.person@example.org"):
+        assert value not in html and value not in text
+    assert "sku-4" not in _card_ids(page)  # the trait still applied
+    shown = page.eval_on_selector_all("#traits div", "rows => rows.map(r => r.dataset.trait)")
+    assert shown == ["purchased_products", "recommendations_opt_out"]
+    assert page.inner_text("#traits div[data-trait='purchased_products'] dd") in (
+        "removed 1 item", "used")
+    assert page.inner_text("#traits div[data-trait='recommendations_opt_out'] dd") == "used"
+    assert page.problems == []
 
 
 def test_catalog_text_is_never_markup(locked_service, page):

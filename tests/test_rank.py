@@ -2,8 +2,11 @@
 GetPersonalizedRanking (real boto3 against tests/fake_personalize.py), trait checks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from tests import pg_server
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
 
@@ -87,10 +90,25 @@ def test_trait_checks_exclusions_purchases_and_opt_out(engine_app):
     # The local profile adds local purchases to purchased_products: both count there.
     assert answer["filtered"]["count"] == 2
     assert set(answer["filtered"]["reasons"]) <= {"purchased_products", "recent_purchase"}
-    assert "a1" in answer["traitsUsed"]["purchased_products"]
+    # No SECRET_KEY, no token: which traits were used, never their values.
+    assert answer["traitsUsed"] == ["purchased_products"]
+    assert "traitValues" not in answer
 
     answer = rank(engine_app, {"userId": "quiet", "itemIds": ["a2", "hot"]}).get_json()
+    assert answer["source"] == "popular" and "optedOut" not in answer
+    assert ids(answer) == ["hot", "a2"]
+
+
+def test_trait_values_and_opt_out_shown_with_the_visitors_token(make_app):
+    app = make_app(secret_key="s" * 32)
+    post(app, catalogue() + [{"type": "identify", "messageId": "i-3", "userId": "quiet",
+                              "timestamp": "2024-05-01T11:00:00Z",
+                              "traits": {"recommendations_opt_out": True}}])
+    token = mint_token("s" * 32, user_id="quiet")
+    answer = rank(app, {"userId": "quiet", "itemIds": ["a2", "hot"]},
+                  headers={"Authorization": f"Bearer {token}"}).get_json()
     assert answer["optedOut"] is True and answer["source"] == "popular"
+    assert answer["traitValues"] == {"recommendations_opt_out": True}
     assert ids(answer) == ["hot", "a2"]
 
 
@@ -166,6 +184,31 @@ def test_personalize_failure_falls_back_to_popularity(make_app, runtime):
     assert answer["source"] == "popular"
     assert "ResourceNotFoundException" in answer["degraded"]["recommender"]
     assert ids(answer) == ["hot", "a1"]
+
+
+@pytest.mark.skipif(not pg_server.available() and not os.environ.get("CI"),
+                    reason="PostgreSQL binaries or the postgres user are missing")
+def test_rank_during_a_database_outage_answers_503(make_app):
+    """The local engine ranks from the store: while the database is down, 503 with
+    Retry-After (as GET /recommendations), never the generic 500; then it recovers."""
+    with pg_server.ThrowawayPostgres() as pg:
+        app = make_app(database_url=pg.url, retry_after_seconds=9)
+        post(app, catalogue())
+        body = {"userId": "ua1", "itemIds": ["a2", "hot", "b3"]}
+        pg.stop(mode="immediate")
+        try:
+            response = rank(app, body)
+            assert response.status_code == 503, response.get_data(as_text=True)
+            assert response.headers["Retry-After"] == "9"
+            assert response.get_json()["error"]["code"] == "store_unavailable"
+            # GET /recommendations says the same.
+            got = app.test_client().get("/recommendations?userId=ua1")
+            assert got.status_code == 503 and got.headers["Retry-After"] == "9"
+        finally:
+            pg.start()
+        response = rank(app, body)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert sorted(ids(response.get_json())) == ["a2", "b3", "hot"]
 
 
 def test_browser_preflight_for_cors_origins(make_app):

@@ -46,7 +46,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         # Start anyway: requests answer 503 until the database is back.
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
-    from . import cli, engine
+    from . import cli, deletions, engine
     from .views import (errors, openapi, ops, page, rank, recommendations, segment,
                         tracking_api)
     errors.init_app(app)
@@ -55,7 +55,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     _init_cors(app, settings)
     cli.init_app(app)
     engine.init_app(app)
-    services.attach_local_recommender(app)
+    deletions.init_app(app)
     _init_request_context(app, services)
 
     summary = settings.public_summary()

@@ -1,8 +1,12 @@
 """Activation: recommendations written back onto the profile as a trait.
 
-``Activation.submit(user_id, item_ids)`` returns at once; a background thread decides
+``Activation.offer(user_id, item_ids)`` returns at once; a background thread decides
 (only when the list changed, at most once per user per interval — decided in the database,
-so it holds across workers) and publishes through a ``Publisher``:
+so it holds across workers) and publishes through a ``Publisher``. The queue in between is
+bounded (``ACTIVATION_QUEUE_MAX``): what does not fit is dropped and counted
+(``activations_total{outcome="dropped"}``), so a request never waits for it and a flood
+cannot grow the worker's memory. Who may be activated at all is decided in one place, the
+recommendation pipeline (``RecommendationService._write_back``).
 
 - ``SegmentPublisher``: an ``identify`` through Segment's HTTP Tracking API, with Segment's
   own client (segment-analytics-python). It queues, batches, gzips and retries off the
@@ -14,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import sqlalchemy as sa
 
@@ -82,25 +87,82 @@ class SegmentPublisher:
 
 
 class Activation:
-    def __init__(self, store: Store, publisher: Publisher, trait: str, interval: float):
+    IDLE_SECONDS = 60.0  # the thread ends after this long without work; the next offer
+    #                      starts another
+
+    def __init__(self, store: Store, publisher: Publisher, trait: str, interval: float,
+                 queue_max: int = 1000):
         self.store = store
         self.publisher = publisher
         self.trait = trait
         self.interval = interval
-        self._executor: ThreadPoolExecutor | None = None
+        self.queue_max = queue_max
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
         self._lock = threading.Lock()
 
-    @property
-    def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="activation")
-        return self._executor
+    def offer(self, user_id: str, item_ids: Sequence[str]) -> bool:
+        """Publish later, off the request path. False when the queue is full (dropped,
+        counted); never blocks."""
+        return self._put((self._run, (user_id, list(item_ids))))
 
-    def submit(self, user_id: str, item_ids: Sequence[str]):
-        """Publish later, off the request path; returns the future (tests wait on it)."""
-        return self.executor.submit(self._run, user_id, list(item_ids))
+    def later(self, work: Callable, *args) -> bool:
+        """Run ``work(*args)`` on the activation thread (a recomputation after a purchase);
+        the same bound as ``offer``."""
+        return self._put((work, args))
+
+    def _put(self, job) -> bool:
+        with self._lock:
+            if self._queue is None or self._pid != os.getpid():
+                # Made on first use in each (forked) process: a queue and its thread.
+                self._queue = queue.Queue(maxsize=self.queue_max)
+                self._thread, self._pid = None, os.getpid()
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                metrics.ACTIVATIONS.labels(outcome="dropped").inc()
+                return False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, args=(self._queue,),
+                                                name="activation", daemon=True)
+                self._thread.start()
+        return True
+
+    def pending(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until everything queued so far is done (tests, shutdown)."""
+        jobs = self._queue
+        if jobs is None or self._pid != os.getpid():
+            return True
+        deadline = time.monotonic() + timeout
+        with jobs.all_tasks_done:
+            while jobs.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                jobs.all_tasks_done.wait(remaining)
+        return True
+
+    def _work(self, jobs: queue.Queue) -> None:
+        while True:
+            try:
+                work, args = jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if jobs.empty():  # nothing came meanwhile: end; the next offer restarts
+                        if self._queue is jobs:
+                            self._thread = None
+                        return
+                continue
+            try:
+                work(*args)
+            except Exception:  # the thread must never die
+                log.exception("activation job failed")
+            finally:
+                jobs.task_done()
 
     def _run(self, user_id: str, item_ids: list[str]) -> str:
         try:

@@ -205,6 +205,19 @@ def _off_or_positive_float(value: str) -> float:
     if value.strip() in ("0", "0.0"):
         return 0.0
     return _positive_float(value)
+def _role_arn(value: str) -> str:
+    arn = value.strip()
+    if not re.match(r"^arn:[a-z\d-]+:iam::\d{12}:role/?[A-Za-z_0-9+=,.@\-/]+$", arn):
+        raise ValueError(f"expected an IAM role ARN (arn:aws:iam::123456789012:role/NAME), "
+                         f"got {arn[:60]!r}")
+    return arn
+
+
+def _s3_uri(value: str) -> str:
+    uri = value.strip()
+    if not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", uri):
+        raise ValueError(f"expected s3://bucket or s3://bucket/prefix/, got {uri[:60]!r}")
+    return uri
 
 
 # (field name, environment names in order of precedence, parser)
@@ -274,6 +287,14 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     # --- ecosystem (issue 8) ---
     ("ingest_write_keys", ("INGEST_WRITE_KEYS",), _secrets),
     ("personalize_ranking_campaign_arn", ("PERSONALIZE_RANKING_CAMPAIGN_ARN",), _arn),
+    # --- promises kept (issue 13): Profile API budget, bounded activation, deletions ---
+    ("profile_api_max_rps", ("PROFILE_API_MAX_RPS",), _positive_int),
+    ("activation_queue_max", ("ACTIVATION_QUEUE_MAX",), _positive_int),
+    ("personalize_dataset_group_arn", ("PERSONALIZE_DATASET_GROUP_ARN",), _arn),
+    ("personalize_deletion_role_arn", ("PERSONALIZE_DELETION_ROLE_ARN",), _role_arn),
+    ("personalize_deletion_s3_uri", ("PERSONALIZE_DELETION_S3_URI",), _s3_uri),
+    ("personalize_deletion_interval_seconds", ("PERSONALIZE_DELETION_INTERVAL_SECONDS",),
+     _positive_float),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
@@ -361,6 +382,16 @@ class Settings:
     ingest_write_keys: tuple[str, ...] = ()
     # A personalized-ranking campaign for POST /recommendations/rank; none: local engine.
     personalize_ranking_campaign_arn: str = ""
+    # --- promises kept (issue 13) ---
+    # Profile API calls per second for the whole fleet (Segment: ~100/s per space, 429
+    # above); each host takes its share.
+    profile_api_max_rps: int = 100
+    activation_queue_max: int = 1000  # write-backs waiting per worker; more are dropped
+    # Deletion requests reach Personalize through data deletion jobs (all three needed).
+    personalize_dataset_group_arn: str = ""
+    personalize_deletion_role_arn: str = ""
+    personalize_deletion_s3_uri: str = ""
+    personalize_deletion_interval_seconds: float = 3600.0
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -453,4 +484,10 @@ class Settings:
             "tracking_api": bool(self.ingest_write_keys),
             "personalize_ranking_campaign_arn": bool(self.personalize_ranking_campaign_arn),
             "segment_profile_api": bool(self.segment_profile_api_token and self.segment_space_id),
+            "profile_api_max_rps": self.profile_api_max_rps,
+            "activation_queue_max": self.activation_queue_max,
+            "personalize_deletions": bool(self.personalize_dataset_group_arn and
+                                          self.personalize_deletion_role_arn and
+                                          self.personalize_deletion_s3_uri),
+            "personalize_deletion_interval_seconds": self.personalize_deletion_interval_seconds,
         }

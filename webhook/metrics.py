@@ -54,7 +54,21 @@ RECOMMENDATIONS = Counter(
 ACTIVATIONS = Counter(
     "activations",
     "Write-backs of recommendations as a trait, by outcome (published, unchanged, too_soon, "
-    "concurrent, failed, error, store_unavailable).",
+    "concurrent, failed, error, store_unavailable, dropped: the bounded queue was full).",
+    ["outcome"],
+)
+PROFILE_LOOKUPS = Counter(
+    "profile_lookups",
+    "Trait lookups in the Segment Profile API, by outcome: ok, not_found, cached, shared "
+    "(joined a concurrent call for the same visitor), and the ones that leave the traits "
+    "unknown and the answer non-personalized: timeout, error, throttled (answered 429), "
+    "paused (not asked: after a 429), over_budget (not asked: PROFILE_API_MAX_RPS).",
+    ["outcome"],
+)
+PERSONALIZE_DELETIONS = Counter(
+    "personalize_deletions",
+    "Users deleted through Segment sent to Amazon Personalize data deletion jobs, by outcome "
+    "(recorded, submitted, done, retried: their job failed and they wait for the next one).",
     ["outcome"],
 )
 

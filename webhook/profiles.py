@@ -1,17 +1,25 @@
 """Profile sources: a user's traits, for the trait checks on recommendations.
 
 ``SegmentProfiles`` asks the Segment Profile API (Personas) for the traits the rules use,
-with a short timeout, pooled connections and a TTL cache. ``LocalProfiles`` reads the local
-profile store (identify traits) and adds ``purchased_products`` from the purchases this
-service received. Neither ever raises: a failure is a ``Profile`` with ``status`` saying so.
+with a short timeout, pooled connections, a TTL cache, one call per visitor at a time
+(single-flight), and within the Profile API budget (``webhook/budget.py``: at most
+``PROFILE_API_MAX_RPS`` per space, shared by the workers and hosts; a 429 pauses every call
+of the host for its ``Retry-After``). ``LocalProfiles`` reads the local profile store
+(identify traits) and adds ``purchased_products`` from the purchases this service received.
+Neither ever raises: a failure is a ``Profile`` with ``status`` saying so.
+
+A profile is *known* when it was read (``ok``) or does not exist (``not_found``: nobody
+has set a trait, so nobody has opted out). Every other status (timeout, error, throttled,
+paused, over_budget, unavailable) means the traits, the opt-out among them, are unknown.
 """
 from __future__ import annotations
 
+import email.utils
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 from urllib.parse import quote
 
 import requests
@@ -19,22 +27,35 @@ import sqlalchemy as sa
 from cachetools import TTLCache
 from requests.adapters import HTTPAdapter
 
-from .store import Store, StoreUnavailable, identity_links, interactions, profiles
+from . import metrics
+from .identity import Person, resolve
+from .store import Store, StoreUnavailable, interactions, profiles
 
 log = logging.getLogger("webhook.profiles")
+
+KNOWN = ("ok", "not_found")
+MAX_PAUSE_SECONDS = 300.0  # a Retry-After longer than this is taken as this
 
 
 @dataclass(frozen=True)
 class Profile:
     traits: dict
-    status: str  # "ok", "not_found", "timeout", "error", "unavailable"
+    # "ok", "not_found"; unknown: "timeout", "error", "throttled", "paused", "over_budget",
+    # "unavailable"
+    status: str
     source: str  # "segment" or "local"
     cached: bool = False
     detail: str = ""
 
     @property
+    def known(self) -> bool:
+        """The traits are what the profile holds (none, for a profile that does not
+        exist); otherwise nothing is known about them, the opt-out included."""
+        return self.status in KNOWN
+
+    @property
     def degraded(self) -> bool:
-        return self.status not in ("ok",)
+        return not self.known
 
 
 class ProfileSource(Protocol):
@@ -44,40 +65,27 @@ class ProfileSource(Protocol):
                names: Sequence[str]) -> Profile: ...
 
 
-def _profile_ids(conn, user_id: str | None, anonymous_id: str | None) -> tuple[set, set]:
-    """(user ids, anonymous ids) that are the same person."""
-    users = {user_id} if user_id else set()
-    anons = {anonymous_id} if anonymous_id else set()
-    if anonymous_id and not user_id:
-        linked = conn.execute(sa.select(identity_links.c.user_id).where(
-            identity_links.c.anonymous_id == anonymous_id)).scalar()
-        if linked:
-            users.add(linked)
-    if users:
-        anons.update(row[0] for row in conn.execute(sa.select(identity_links.c.anonymous_id)
-                                                     .where(identity_links.c.user_id.in_(users))))
-    return users, anons
+def _purchases_of(conn, person: Person, purchase_events: Sequence[str]) -> list[str]:
+    who = [interactions.c.anonymous_id.in_(person.anonymous_ids)] if person.anonymous_ids \
+        else []
+    if person.user_id:
+        who.append(interactions.c.user_id == person.user_id)
+    if not who:
+        return []
+    rows = conn.execute(
+        sa.select(interactions.c.item_id, sa.func.max(interactions.c.timestamp))
+        .where(sa.or_(*who), interactions.c.event_type.in_(list(purchase_events)))
+        .group_by(interactions.c.item_id)
+        .order_by(sa.func.max(interactions.c.timestamp).desc()))
+    return [row[0] for row in rows]
 
 
 def local_purchases(store: Store, purchase_events: Sequence[str], *, user_id: str | None,
                     anonymous_id: str | None) -> list[str]:
     """Items this service has seen the person buy (Order Completed), newest first."""
     with store.read() as conn:
-        users, anons = _profile_ids(conn, user_id, anonymous_id)
-        who = []
-        if users:
-            who.append(interactions.c.user_id.in_(users))
-        if anons:
-            who.append(interactions.c.anonymous_id.in_(anons))
-        if not who:
-            return []
-        rows = conn.execute(
-            sa.select(interactions.c.item_id, sa.func.max(interactions.c.timestamp))
-            .where(sa.or_(*who), interactions.c.event_type.in_(list(purchase_events)))
-            .group_by(interactions.c.item_id)
-            .order_by(sa.func.max(interactions.c.timestamp).desc())
-        )
-        return [row[0] for row in rows]
+        return _purchases_of(conn, resolve(conn, user_id=user_id, anonymous_id=anonymous_id),
+                             purchase_events)
 
 
 class LocalProfiles:
@@ -94,16 +102,14 @@ class LocalProfiles:
                names: Sequence[str]) -> Profile:
         try:
             with self.store.read() as conn:
-                users, anons = _profile_ids(conn, user_id, anonymous_id)
-                keys = list(users | anons)
+                person = resolve(conn, user_id=user_id, anonymous_id=anonymous_id)
                 merged: dict = {}
                 # Anonymous traits first, so the user's own traits win.
                 rows = conn.execute(sa.select(profiles.c.profile_id, profiles.c.traits)
-                                    .where(profiles.c.profile_id.in_(keys))).all()
-                for row in sorted(rows, key=lambda r: r.profile_id in users):
+                                    .where(profiles.c.profile_id.in_(person.ids))).all()
+                for row in sorted(rows, key=lambda r: r.profile_id == person.user_id):
                     merged.update(row.traits or {})
-            purchases = local_purchases(self.store, self.purchase_events,
-                                        user_id=user_id, anonymous_id=anonymous_id)
+                purchases = _purchases_of(conn, person, self.purchase_events)
         except StoreUnavailable as exc:
             return Profile({}, "unavailable", self.name, detail=str(exc))
         if purchases:
@@ -115,15 +121,26 @@ class LocalProfiles:
         return Profile(traits, "ok" if rows or purchases else "not_found", self.name)
 
 
+class _Flight:
+    """One Profile API call that concurrent requests for the same visitor share."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.profile: Profile | None = None
+
+
 class SegmentProfiles:
     """The Segment Profile API: GET …/collections/users/profiles/<id>/traits?include=…"""
     name = "segment"
 
     def __init__(self, base_url: str, space_id: str, token: str, *, timeout: float = 0.25,
-                 cache_seconds: float = 60.0, cache_size: int = 50000, pool_size: int = 16):
+                 cache_seconds: float = 60.0, cache_size: int = 50000, pool_size: int = 16,
+                 budget=None, share=None):
         self.base_url = base_url.rstrip("/")
         self.space_id = space_id
         self.timeout = timeout
+        self.budget = budget  # webhook.budget.HostBudget, or None: no budget
+        self.share = share    # webhook.budget.HostShare: this host's calls per second
         self._session = requests.Session()
         self._session.auth = (token, "")  # the access token is the Basic user name
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
@@ -133,6 +150,7 @@ class SegmentProfiles:
         self._cache: TTLCache | None = (
             TTLCache(maxsize=cache_size, ttl=cache_seconds) if cache_seconds > 0 else None)
         self._lock = threading.Lock()
+        self._flights: dict[tuple, _Flight] = {}
 
     def _url(self, identifier: str) -> str:
         return (f"{self.base_url}/v1/spaces/{quote(self.space_id, safe='')}/collections/users/"
@@ -142,15 +160,45 @@ class SegmentProfiles:
                names: Sequence[str]) -> Profile:
         identifier = f"user_id:{user_id}" if user_id else f"anonymous_id:{anonymous_id}"
         key = (identifier, tuple(sorted(names)))
-        if self._cache is not None:
+        with self._lock:
+            hit = self._cache.get(key) if self._cache is not None else None
+            if hit is None:
+                flight = self._flights.get(key)
+                leader = flight is None
+                if leader:
+                    flight = self._flights[key] = _Flight()
+        if hit is not None:
+            metrics.PROFILE_LOOKUPS.labels(outcome="cached").inc()
+            return Profile(hit.traits, hit.status, self.name, cached=True)
+        if not leader:
+            # Single-flight: another request is asking for this visitor right now.
+            metrics.PROFILE_LOOKUPS.labels(outcome="shared").inc()
+            if flight.done.wait(self.timeout + 0.05) and flight.profile is not None:
+                return flight.profile
+            return Profile({}, "timeout", self.name, detail=f"no answer in {self.timeout}s")
+        profile = Profile({}, "error", self.name, detail="lookup failed")
+        try:
+            profile = self._lookup(identifier, names)
+        finally:
             with self._lock:
-                hit = self._cache.get(key)
-            if hit is not None:
-                return Profile(hit.traits, hit.status, self.name, cached=True)
+                if self._cache is not None and profile.known:
+                    self._cache[key] = profile
+                del self._flights[key]
+            flight.profile = profile
+            flight.done.set()
+        return profile
+
+    def _lookup(self, identifier: str, names: Sequence[str]) -> Profile:
+        if self.budget is not None:
+            share = self.share.share() if self.share is not None else self.budget.capacity
+            admitted = self.budget.acquire(share)
+            if admitted != "ok":
+                metrics.PROFILE_LOOKUPS.labels(outcome=admitted).inc()
+                detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
+                          else "PROFILE_API_MAX_RPS reached")
+                return Profile({}, admitted, self.name, detail=detail)
         profile = self._fetch(identifier, names)
-        if self._cache is not None and profile.status in ("ok", "not_found"):
-            with self._lock:
-                self._cache[key] = profile
+        metrics.PROFILE_LOOKUPS.labels(outcome=profile.status).inc()
         return profile
 
     def _fetch(self, identifier: str, names: Sequence[str]) -> Profile:
@@ -166,6 +214,13 @@ class SegmentProfiles:
             return Profile({}, "error", self.name, detail=type(exc).__name__)
         if response.status_code == 404:
             return Profile({}, "not_found", self.name)
+        if response.status_code == 429:
+            seconds = retry_after_seconds(response.headers.get("Retry-After"))
+            if self.budget is not None:
+                self.budget.pause(seconds)
+            log.warning("profile api answered 429: calls paused for %.1f s", seconds)
+            return Profile({}, "throttled", self.name,
+                           detail=f"HTTP 429, calls paused for {seconds:g} s")
         if response.status_code != 200:
             log.warning("profile api answered %s", response.status_code)
             return Profile({}, "error", self.name, detail=f"HTTP {response.status_code}")
@@ -176,6 +231,23 @@ class SegmentProfiles:
         if not isinstance(traits, dict):
             return Profile({}, "error", self.name, detail="traits is not an object")
         return Profile(traits, "ok", self.name)
+
+
+def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
+    """``Retry-After`` as seconds: a number of seconds or an HTTP date; bounded."""
+    if value:
+        value = value.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                seconds = when.timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                seconds = default
+        if seconds == seconds:  # not NaN
+            return min(max(seconds, 0.0), MAX_PAUSE_SECONDS)
+    return default
 
 
 def trait_items(value) -> list[str]:

@@ -1,10 +1,23 @@
-"""Recommendations checked against the visitor's traits.
+"""The recommendation pipeline: one path for ``GET /recommendations`` and
+``POST /recommendations/rank``.
 
-``RecommendationService.recommend`` asks the recommender and the profile source at the same
-time, applies the trait rules (exclusions keep the recommender's order; an opt-out gets
-popular items), over-fetches so the caller still gets ``num_results`` items when that many
-exist, and adds catalog details. A profile failure degrades the answer (it says so); a
-recommender failure falls back to popular items.
+Every answer goes through the same steps (``RecommendationService._answer``):
+
+1. the visitor's local purchases (read at once, before any upstream knows them), the
+   visitor's traits (the profile source) and the recommender's answer, concurrently (one
+   after the other only when a Personalize filter needs the traits first);
+2. consent (``consent_of``): personalized only when the opt-out trait was *read* as false
+   (or the profile does not exist); opted out, or unknown because the profile could not be
+   read (timeout, error, 429, paused, over budget): popular items, and the answer says why;
+3. a recommender failure: popular items (503 when none are known);
+4. exclusions (exclusion traits, recent purchases, the seed item), keeping the order, with
+   one larger second fetch when too many were excluded;
+5. catalog details; ``degraded`` says what could not be checked.
+
+Then ``recommend`` offers the list for write-back (``_write_back``): the one place that
+decides, and only for a personalized, non-degraded answer for a userId whose opt-out was
+read as false. Trait values go into the JSON only when the caller proved, with a token,
+that they are that visitor (``Answer.as_json``).
 """
 from __future__ import annotations
 
@@ -12,22 +25,27 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
 
 from . import metrics
 from .profiles import Profile, ProfileSource, local_purchases, trait_items, truthy
-from .recommenders import Recommendation, Recommender, RecommenderUnavailable
+from .recommenders import Recommendation, Recommender, RecommenderUnavailable, ScoredItem
 from .recommenders.personalize import filter_values_from_traits
 from .recommenders.popular import PopularItems
 from .store import Store, StoreUnavailable, items
-from .recommenders.base import ScoredItem  # issue 8: ranking
 
 log = logging.getLogger("webhook.recommend")
 
 MAX_RESULTS = 500
 ITEM_DETAILS = ("name", "url", "image_url", "price")
+
+# Consent, as far as the opt-out trait tells it.
+GRANTED = "granted"        # the opt-out was read as false (or no profile exists)
+OPTED_OUT = "opted_out"    # the opt-out was read as true
+UNKNOWN = "unknown"        # the profile could not be read: never personalized
+NO_VISITOR = "no_visitor"  # items related to an item: nobody's traits are involved
 
 
 class NoRecommendations(Exception):
@@ -53,34 +71,70 @@ class Answer:
     recommendation_id: str
     source: str
     filtered: dict
+    consent: str
     degraded: dict = field(default_factory=dict)
-    traits: dict = field(default_factory=dict)
-    opted_out: bool = False
+    traits: dict = field(default_factory=dict)  # the values used: private
 
-    def as_json(self) -> dict[str, Any]:
+    @property
+    def personalized(self) -> bool:
+        return self.source != "popular"
+
+    def as_json(self, disclose_traits: bool = False) -> dict[str, Any]:
+        """The answer's JSON. ``traitsUsed`` names the traits the checks used (how many
+        items each removed is in ``filtered``); their values (``traitValues``) and the
+        opt-out (``optedOut``) only with ``disclose_traits``: the caller holds a valid
+        token for this visitor."""
         body: dict[str, Any] = {
             "itemList": self.item_list,
             "recommendationId": self.recommendation_id,
             "source": self.source,
             "filtered": self.filtered,
-            "traitsUsed": self.traits,
+            "traitsUsed": sorted(self.traits),
         }
         if self.degraded:
             body["degraded"] = self.degraded
-        if self.opted_out:
-            body["optedOut"] = True
+        if disclose_traits:
+            body["traitValues"] = self.traits
+            if self.consent == OPTED_OUT:
+                body["optedOut"] = True
         return body
 
 
+def consent_of(profile: Profile | None, opt_out_trait: str) -> str:
+    """Whether the visitor may get personalized recommendations: only when the opt-out
+    is known to be false. ``profile`` None: no visitor."""
+    if profile is None:
+        return NO_VISITOR
+    if not opt_out_trait:  # no opt-out configured: nothing to consent to
+        return GRANTED
+    if not profile.known:
+        return UNKNOWN
+    return OPTED_OUT if truthy(profile.traits.get(opt_out_trait)) else GRANTED
+
+
+@dataclass
+class _Question:
+    """What differs between recommending and ranking; everything else is shared."""
+    ask: Callable[[dict | None], Recommendation]   # the recommender, with filter values
+    popular: Callable[[int], Recommendation]       # the popular fallback, for n items
+    wanted: int
+    count: int                                     # asked for (over-fetch)
+    seed_item: str | None = None
+    ask_more: Callable[[dict | None], Recommendation] | None = None  # a larger 2nd fetch
+
+
 class RecommendationService:
-    def __init__(self, *, store: Store, recommender: Recommender, profiles: ProfileSource,
-                 popular: PopularItems, exclusion_traits: Sequence[str], opt_out_trait: str,
+    def __init__(self, *, store: Store, recommender: Recommender, ranker: Recommender,
+                 profiles: ProfileSource, popular: PopularItems, activation=None,
+                 exclusion_traits: Sequence[str], opt_out_trait: str,
                  purchase_events: Sequence[str], filter_values_map: Sequence[tuple[str, str]],
                  pool_size: int = 16):
         self.store = store
         self.recommender = recommender
+        self.ranker = ranker
         self.profiles = profiles
         self.popular = popular
+        self.activation = activation
         self.exclusion_traits = tuple(exclusion_traits)
         self.opt_out_trait = opt_out_trait
         self.purchase_events = tuple(purchase_events)
@@ -97,11 +151,117 @@ class RecommendationService:
             self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="recommend")
         return self._pool
 
-    # --- the parts, each safe to run in a thread -----------------------------------------
+    # --- the two questions ---------------------------------------------------------------
 
-    def _profile(self, request: Request) -> Profile:
+    def recommend(self, request: Request) -> Answer:
+        """Items for a visitor or related to an item; offered for write-back."""
+        wanted = request.num_results
+        # Over-fetch: exclusions are not known before the traits arrive.
+        count = min(MAX_RESULTS, max(wanted * 2, wanted + 10))
+
+        def ask(values, n=count):
+            return self.recommender.recommend(user_id=request.visitor, item_id=request.item_id,
+                                              num_results=n, filter_values=values)
+
+        def popular(n):
+            return self.popular.recommend(item_id=request.item_id, num_results=n)
+
+        answer = self._answer(request, _Question(
+            ask=ask, popular=popular, wanted=wanted, count=count, seed_item=request.item_id,
+            ask_more=lambda values: ask(values, MAX_RESULTS)))
+        self._write_back(request, answer)
+        return answer
+
+    def rank(self, request: Request, item_ids: Sequence[str]) -> Answer:
+        """``item_ids`` re-ordered for the visitor, with the same steps as ``recommend``
+        (never written back: the list is the caller's)."""
+        ids = list(dict.fromkeys(item_ids))
+
+        def ask(values):
+            ranking = self.ranker.rank(user_id=request.visitor, item_ids=ids,
+                                       filter_values=values)
+            # A ranker may leave out ids it cannot rank; they follow, in the caller's order.
+            returned = {s.item_id for s in ranking.items}
+            missing = [ScoredItem(i, 0.0) for i in ids if i not in returned]
+            if not missing:
+                return ranking
+            return Recommendation(list(ranking.items) + missing, ranking.source,
+                                  ranking.recommendation_id, ranking.details)
+
+        return self._answer(request, _Question(
+            ask=ask, popular=lambda n: self.popular.rank(item_ids=ids), wanted=len(ids),
+            count=len(ids)))
+
+    # --- the steps, shared ---------------------------------------------------------------
+
+    def _answer(self, request: Request, question: _Question) -> Answer:
+        degraded: dict[str, str] = {}
+        purchases_future = self.pool.submit(self._purchases, request)
+        profile, recommendation, filter_values = self._profile_and_ask(
+            request, question, degraded)
+        consent = consent_of(profile, self.opt_out_trait)
+        purchases = purchases_future.result()
+        if purchases is None:
+            degraded["purchases"] = "local store unavailable"
+            purchases = []
+
+        if consent in (OPTED_OUT, UNKNOWN):
+            # Never personalized without a confirmed consent: popular items.
+            if consent == UNKNOWN:
+                degraded["consent"] = "the opt-out could not be read: popular items"
+            recommendation = self._popular(question, question.count, required=False)
+        elif recommendation is None:
+            recommendation = self._popular(question, question.count, required=True)
+        elif not recommendation.items and request.visitor:
+            # Nothing personal to say: popular items if any are known.
+            try:
+                popular = question.popular(question.count)
+            except StoreUnavailable:
+                popular = None
+            if popular is not None and popular.items:
+                recommendation = Recommendation(popular.items, "popular")
+
+        exclusions: dict[str, str] = {}
+        traits = profile.traits if profile is not None else {}
+        for trait in self.exclusion_traits:
+            for item_id in trait_items(traits.get(trait)):
+                exclusions.setdefault(item_id, trait)
+        for item_id in purchases:
+            exclusions.setdefault(item_id, "recent_purchase")
+        if question.seed_item:
+            exclusions.setdefault(question.seed_item, "seed_item")
+
+        chosen, filtered = self._apply(recommendation, exclusions, question.wanted)
+        if (len(chosen) < question.wanted and len(recommendation.items) >= question.count
+                and question.count < MAX_RESULTS and question.ask_more is not None):
+            # Too many were excluded: ask once more, for as many as allowed.
+            try:
+                again = (question.ask_more(filter_values)
+                         if recommendation.source != "popular"
+                         else question.popular(MAX_RESULTS))
+                chosen, filtered = self._apply(again, exclusions, question.wanted)
+                recommendation = Recommendation(again.items, recommendation.source,
+                                                recommendation.recommendation_id)
+            except (RecommenderUnavailable, StoreUnavailable):
+                pass
+
+        item_list = self._with_details(chosen, degraded)
+        metrics.RECOMMENDATIONS.labels(source=recommendation.source,
+                                       degraded=str(bool(degraded)).lower()).inc()
+        return Answer(
+            item_list=item_list,
+            recommendation_id=recommendation.recommendation_id or
+            "rid-" + uuid.uuid4().hex[:32],
+            source=recommendation.source,
+            filtered=filtered,
+            consent=consent,
+            degraded=degraded,
+            traits={name: traits[name] for name in self.trait_names if name in traits},
+        )
+
+    def _profile(self, request: Request) -> Profile | None:
         if not request.visitor:
-            return Profile({}, "ok", "none")
+            return None
         return self.profiles.traits(user_id=request.user_id, anonymous_id=request.anonymous_id,
                                     names=self.trait_names)
 
@@ -114,120 +274,49 @@ class RecommendationService:
         except StoreUnavailable:
             return None
 
-    def _ask(self, request: Request, count: int, filter_values: dict | None) -> Recommendation:
-        return self.recommender.recommend(user_id=request.visitor, item_id=request.item_id,
-                                          num_results=count, filter_values=filter_values)
-
-    def _profile_and(self, request: Request, ask, degraded: dict):
-        """The visitor's traits and ``ask(filter_values)`` (the recommender), at the same
-        time, or one after the other when Personalize's filter needs the traits first.
-        Returns (profile, the recommender's future, filter values); marks ``degraded``."""
+    def _profile_and_ask(self, request: Request, question: _Question, degraded: dict):
+        """The visitor's traits and the recommender's answer: at the same time, or one
+        after the other when Personalize's filter needs the traits first (then the
+        recommender is not asked at all unless the visitor consented). Returns (profile,
+        recommendation or None if it failed, filter values); marks ``degraded``."""
         filter_values: dict | None = None
         if self.filter_values_map and request.visitor:
             profile = self._profile(request)
-            filter_values, notes = filter_values_from_traits(profile.traits,
-                                                             self.filter_values_map)
-            filter_values = filter_values or None
-            if notes:
-                degraded["filter"] = "; ".join(notes)
-            future = self.pool.submit(ask, filter_values)
+            if consent_of(profile, self.opt_out_trait) in (OPTED_OUT, UNKNOWN):
+                future = None
+            else:
+                filter_values, notes = filter_values_from_traits(profile.traits,
+                                                                 self.filter_values_map)
+                filter_values = filter_values or None
+                if notes:
+                    degraded["filter"] = "; ".join(notes)
+                future = self.pool.submit(question.ask, filter_values)
         else:
-            future = self.pool.submit(ask, None)
+            future = self.pool.submit(question.ask, None)
             profile = self._profile(request)  # meanwhile, on this thread
-        if profile.degraded and profile.status != "not_found":
+        if profile is not None and not profile.known:
             degraded["profile"] = f"{profile.source}: {profile.status}" + (
                 f" ({profile.detail})" if profile.detail else "")
-        elif profile.status == "not_found" and profile.source == "segment":
-            degraded["profile"] = "segment: no profile for this visitor"
-        return profile, future, filter_values
-
-    # --- the whole -------------------------------------------------------------------------
-
-    def recommend(self, request: Request) -> Answer:
-        wanted = request.num_results
-        # Over-fetch: exclusions are not known before the traits arrive.
-        count = min(MAX_RESULTS, max(wanted * 2, wanted + 10))
-        degraded: dict[str, str] = {}
-
-        purchases_future = self.pool.submit(self._purchases, request)
-        profile, recommendation_future, filter_values = self._profile_and(
-            request, lambda values: self._ask(request, count, values), degraded)
-
-        try:
-            recommendation = recommendation_future.result()
-        except RecommenderUnavailable as exc:
-            degraded["recommender"] = str(exc)
-            recommendation = None
-        except StoreUnavailable as exc:  # the local engine reads histories from the store
-            degraded["recommender"] = f"local store unavailable ({exc})"
-            recommendation = None
-        purchases = purchases_future.result()
-        if purchases is None:
-            degraded["purchases"] = "local store unavailable"
-            purchases = []
-
-        opted_out = bool(self.opt_out_trait) and truthy(profile.traits.get(self.opt_out_trait))
-        if opted_out or recommendation is None or not recommendation.items and request.visitor:
-            # Opted out, recommender down, or nothing personal to say: popular items.
-            reason = "opted_out" if opted_out else None
-            recommendation = self._popular(request, count, reason, recommendation)
-
-        exclusions: dict[str, str] = {}
-        for trait in self.exclusion_traits:
-            for item_id in trait_items(profile.traits.get(trait)):
-                exclusions.setdefault(item_id, trait)
-        for item_id in purchases:
-            exclusions.setdefault(item_id, "recent_purchase")
-        if request.item_id:
-            exclusions.setdefault(request.item_id, "seed_item")
-
-        chosen, filtered = self._apply(recommendation, exclusions, wanted)
-        if len(chosen) < wanted and len(recommendation.items) >= count and count < MAX_RESULTS:
-            # Too many were excluded: ask once more, for as many as allowed.
+        recommendation = None
+        if future is not None:
             try:
-                again = (self._ask(request, MAX_RESULTS, filter_values)
-                         if recommendation.source != "popular"
-                         else self.popular.recommend(item_id=request.item_id,
-                                                     num_results=MAX_RESULTS))
-                chosen, filtered = self._apply(again, exclusions, wanted)
-                recommendation = Recommendation(again.items, recommendation.source,
-                                                recommendation.recommendation_id)
-            except RecommenderUnavailable:
-                pass
+                recommendation = future.result()
+            except RecommenderUnavailable as exc:
+                degraded["recommender"] = str(exc)
+            except StoreUnavailable as exc:  # the local engine reads histories from the store
+                degraded["recommender"] = f"local store unavailable ({exc})"
+        return profile, recommendation, filter_values
 
-        item_list = self._with_details(chosen, degraded)
-        metrics.RECOMMENDATIONS.labels(source=recommendation.source,
-                                       degraded=str(bool(degraded)).lower()).inc()
-        return Answer(
-            item_list=item_list,
-            recommendation_id=recommendation.recommendation_id or
-            "rid-" + uuid.uuid4().hex[:32],
-            source=recommendation.source,
-            filtered=filtered,
-            degraded=degraded,
-            traits={name: profile.traits[name] for name in self.trait_names
-                    if name in profile.traits},
-            opted_out=opted_out,
-        )
-
-    def _popular(self, request: Request, count: int, reason: str | None,
-                 failed: Recommendation | None) -> Recommendation:
-        try:
-            popular = self.popular.recommend(item_id=request.item_id, num_results=count)
-        except StoreUnavailable:
-            if failed is None and reason != "opted_out":
-                raise  # the store is the cause: say so (503 store_unavailable)
-            popular = Recommendation(items=[], source="popular")
-        if not popular.items and reason == "opted_out":
-            # Never the personalized list for someone who opted out, even if empty.
-            return Recommendation([], "popular", details={"reason": reason})
-        if not popular.items and failed is None:
+    @staticmethod
+    def _popular(question: _Question, count: int, *, required: bool) -> Recommendation:
+        """Popular items instead of a personal answer. ``required``: the recommender
+        failed, so no popular items at all is a 503 (NoRecommendations); otherwise (no
+        consent) an empty list is the answer. A store outage is always a 503."""
+        popular = question.popular(count)  # StoreUnavailable: the store is the cause
+        if not popular.items and required:
             raise NoRecommendations("the recommender is unavailable and no popular items "
                                     "are known")
-        if not popular.items and failed is not None:
-            return failed
-        return Recommendation(popular.items, "popular", details={"reason": reason} if reason
-                              else {})
+        return Recommendation(popular.items, "popular")
 
     @staticmethod
     def _apply(recommendation: Recommendation, exclusions: dict[str, str],
@@ -257,68 +346,15 @@ class RecommendationService:
         return [{"itemId": s.item_id, "score": s.score, **catalog.get(s.item_id, {})}
                 for s in chosen]
 
-    # --- ranking a caller's list (issue 8: POST /recommendations/rank) ----------------------
+    # --- write-back: the one place that decides --------------------------------------------
 
-    def rank(self, request: Request, item_ids: Sequence[str], ranker) -> Answer:
-        """``item_ids`` re-ordered for the visitor by ``ranker`` (a recommender with a
-        ``rank`` method), with the same trait checks as ``recommend``: an opt-out gets the
-        list in popularity order, exclusion traits and recent purchases are removed (and
-        counted in ``filtered``). A ranker failure falls back to popularity order."""
-        degraded: dict[str, str] = {}
-        ids = list(item_ids)
+    @staticmethod
+    def may_write_back(request: Request, answer: Answer) -> bool:
+        """Only a personalized, complete answer, for an identified visitor whose opt-out
+        was read as false."""
+        return (bool(request.user_id) and answer.consent == GRANTED and answer.personalized
+                and not answer.degraded and bool(answer.item_list))
 
-        def ask(filter_values):
-            return ranker.rank(user_id=request.visitor, item_ids=ids,
-                               filter_values=filter_values)
-
-        purchases_future = self.pool.submit(self._purchases, request)
-        profile, ranking_future, _ = self._profile_and(request, ask, degraded)
-
-        try:
-            ranking: Recommendation | None = ranking_future.result()
-        except RecommenderUnavailable as exc:
-            degraded["recommender"] = str(exc)
-            ranking = None
-        purchases = purchases_future.result()
-        if purchases is None:
-            degraded["purchases"] = "local store unavailable"
-            purchases = []
-
-        opted_out = bool(self.opt_out_trait) and truthy(profile.traits.get(self.opt_out_trait))
-        if opted_out or ranking is None:
-            try:
-                popular = self.popular.rank(item_ids=ids)
-            except StoreUnavailable:
-                degraded["popular"] = "local store unavailable"
-                popular = Recommendation([ScoredItem(i, 0.0) for i in ids], "popular")
-            ranking = Recommendation(popular.items, "popular",
-                                     details={"reason": "opted_out"} if opted_out else {})
-        else:
-            # A ranker may leave out ids it cannot rank; they follow, in the caller's order.
-            returned = {s.item_id for s in ranking.items}
-            missing = [ScoredItem(i, 0.0) for i in ids if i not in returned]
-            if missing:
-                ranking = Recommendation(list(ranking.items) + missing, ranking.source,
-                                         ranking.recommendation_id, ranking.details)
-
-        exclusions: dict[str, str] = {}
-        for trait in self.exclusion_traits:
-            for item_id in trait_items(profile.traits.get(trait)):
-                exclusions.setdefault(item_id, trait)
-        for item_id in purchases:
-            exclusions.setdefault(item_id, "recent_purchase")
-
-        chosen, filtered = self._apply(ranking, exclusions, len(ids))
-        item_list = self._with_details(chosen, degraded)
-        metrics.RECOMMENDATIONS.labels(source=ranking.source,
-                                       degraded=str(bool(degraded)).lower()).inc()
-        return Answer(
-            item_list=item_list,
-            recommendation_id=ranking.recommendation_id or "rid-" + uuid.uuid4().hex[:32],
-            source=ranking.source,
-            filtered=filtered,
-            degraded=degraded,
-            traits={name: profile.traits[name] for name in self.trait_names
-                    if name in profile.traits},
-            opted_out=opted_out,
-        )
+    def _write_back(self, request: Request, answer: Answer) -> None:
+        if self.activation is not None and self.may_write_back(request, answer):
+            self.activation.offer(request.user_id, [i["itemId"] for i in answer.item_list])

@@ -19,8 +19,12 @@ from typing import Iterable
 from .activation import Activation, LocalPublisher, SegmentPublisher
 from .appliers import Runner
 from .appliers.local import LocalStoreApplier
+from .budget import HostBudget, HostShare, budget_path
 from .config import SECRET_FIELDS, Settings
 from .deadletters import DeadLetters
+from .deletions import DeletionSync, record_deletions
+from .engine import make_engine
+from .engine.model import event_weights
 from .inbox import Inbox
 from .ingest import Ingestor
 from .profiles import LocalProfiles, SegmentProfiles
@@ -39,8 +43,17 @@ UNSIGNED_WARNING = (
 )
 OPEN_RECOMMENDATIONS_WARNING = (
     "GET /recommendations IS OPEN: SECRET_KEY is not set, so anyone can read anyone's "
-    "recommendations and the traits used; set SECRET_KEY to require signed tokens"
+    "recommendations (trait values are never shown without a token); set SECRET_KEY to "
+    "require signed tokens"
 )
+DELETIONS_WARNING = (
+    "DELETION REQUESTS DO NOT REACH AMAZON PERSONALIZE YET: set "
+    "PERSONALIZE_DATASET_GROUP_ARN, PERSONALIZE_DELETION_ROLE_ARN and "
+    "PERSONALIZE_DELETION_S3_URI; deleted users are kept in a list until then"
+)
+# The Profile API budget counts calls in windows this long: 1 s, and 0.1 s of margin for
+# network jitter, so that Segment's own 1-second windows never see more than the budget.
+BUDGET_WINDOW = 1.1
 
 
 @dataclass
@@ -78,6 +91,8 @@ class Services:
             runner.start()
         if self.retention is not None:
             self.retention.start()
+        if self.deletions is not None:  # one process of the fleet per run (a lease)
+            self.deletions.start_background()
 
     def stop_background(self) -> None:
         for runner in self.runners.values():
@@ -87,6 +102,8 @@ class Services:
             runner.stop()
         if self.retention is not None:
             self.retention.stop()
+        if self.deletions is not None:
+            self.deletions.stop_background()
         self._background_pid = 0
 
     def wake_appliers(self) -> None:
@@ -102,35 +119,26 @@ class Services:
     recommendations: RecommendationService | None = None
     activation: Activation | None = None
     popular: PopularItems | None = None
-
-    def attach_local_recommender(self, app) -> None:
-        """On the embedded default, use the local engine once it registered itself."""
-        if self.settings.recommender_mode != "local" or self.recommendations is None:
-            return
-        from . import engine
-        make = getattr(engine, "recommender_for", None)
-        if make is not None:
-            self.recommendations.recommender = make(app)
+    engine: object | None = None  # webhook.engine.Engine: the local engine's parts
+    deletions: object | None = None  # webhook.deletions.DeletionSync (Personalize mode)
 
     def after_purchases(self, user_ids: Iterable[str]) -> None:
-        """An Order Completed arrived: recompute and publish, off the request path."""
+        """An Order Completed arrived: recompute and publish, off the request path (on the
+        activation queue: bounded; what does not fit is dropped and counted)."""
         if self.recommendations is None or self.activation is None:
             return
         for user_id in list(dict.fromkeys(user_ids))[:100]:
-            self.activation.executor.submit(self._activate_after_purchase, user_id)
+            self.activation.later(self._activate_after_purchase, user_id)
 
     def _activate_after_purchase(self, user_id: str) -> None:
         try:
-            answer = self.recommendations.recommend(Request(user_id=user_id))
+            # The pipeline offers the list for write-back if, and only if, it may.
+            self.recommendations.recommend(Request(user_id=user_id))
         except (NoRecommendations, StoreUnavailable) as exc:
             # Expected while the database or the recommender is down: no trace, a reason.
             log.warning("no write-back after a purchase: %s", type(exc).__name__)
-            return
         except Exception:
             log.exception("recommendations after a purchase failed")
-            return
-        if answer.source != "popular" and answer.item_list:
-            self.activation._run(user_id, [item["itemId"] for item in answer.item_list])
 
 
 def secret_values(settings: Settings) -> list[str]:
@@ -159,16 +167,10 @@ def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadL
     return PersonalizeApplier(router, MappingConfig.from_settings(settings), sender,
                               users_dataset_arn=settings.personalize_users_dataset_arn,
                               items_dataset_arn=settings.personalize_items_dataset_arn,
-                              dead_letters=dead_letters)
-
-
-def _event_weights(settings: Settings) -> dict[str, float]:
-    weights = {"Order Completed": 5.0, "Completed Order": 5.0, "Product Added": 3.0,
-               "Added Product": 3.0, "Product Added to Wishlist": 2.0,
-               "Added Product to Wishlist": 2.0, "Product Clicked": 1.5,
-               "Clicked Product": 1.5, "Product Viewed": 1.0, "Viewed Product": 1.0}
-    weights.update(dict(settings.engine_event_weights))
-    return weights
+                              dead_letters=dead_letters,
+                              # Personalize has no real-time deletion: its data deletion
+                              # job follows (deletions.py), from the list kept here.
+                              on_deletions=record_deletions)
 
 
 def build_services(settings: Settings, instance_path: str) -> Services:
@@ -195,7 +197,11 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     if not settings.secret_key:
         services.warnings.append(OPEN_RECOMMENDATIONS_WARNING)
 
-    popular = PopularItems(store, weights=_event_weights(settings))
+    # The one wiring of the read side: popular items, the local engine (it answers before
+    # Personalize is configured and ranks without a ranking campaign), the recommender,
+    # the ranker, the profile source and activation; nothing is replaced later.
+    popular = PopularItems(store, weights=event_weights(settings.engine_event_weights))
+    engine = make_engine(store, settings, popular)
     if settings.recommender_mode == "personalize":
         recommender = PersonalizeRecommender(
             campaign_arn=settings.personalize_campaign_arn,
@@ -203,22 +209,40 @@ def build_services(settings: Settings, instance_path: str) -> Services:
             filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
             timeout=settings.recommender_timeout_seconds)
     else:
-        recommender = popular  # the local engine replaces it (attach_local_recommender)
+        recommender = engine.recommender
+    if settings.personalize_ranking_campaign_arn:
+        ranker = PersonalizeRecommender(
+            campaign_arn=settings.personalize_ranking_campaign_arn,
+            filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
+            timeout=settings.recommender_timeout_seconds)
+    else:
+        ranker = engine.recommender
     if settings.profile_api_enabled:
+        budget = HostBudget(budget_path(store.url, settings.segment_space_id),
+                            capacity=settings.profile_api_max_rps, window=BUDGET_WINDOW)
         profile_source = SegmentProfiles(
             settings.segment_profile_api_url, settings.segment_space_id,
             settings.segment_profile_api_token, timeout=settings.profile_api_timeout_seconds,
-            cache_seconds=settings.profile_cache_seconds)
+            cache_seconds=settings.profile_cache_seconds, budget=budget,
+            share=HostShare(store, settings.profile_api_max_rps))
     else:
         profile_source = LocalProfiles(store, settings.purchase_events)
+    publisher = (SegmentPublisher(settings.segment_write_key, settings.segment_api_host)
+                 if settings.segment_write_key else LocalPublisher(store))
+    activation = Activation(store, publisher, settings.activation_trait,
+                            settings.activation_interval_seconds,
+                            queue_max=settings.activation_queue_max)
     services.popular = popular
+    services.engine = engine
+    services.activation = activation
     services.recommendations = RecommendationService(
-        store=store, recommender=recommender, profiles=profile_source, popular=popular,
+        store=store, recommender=recommender, ranker=ranker, profiles=profile_source,
+        popular=popular, activation=activation,
         exclusion_traits=settings.exclusion_traits, opt_out_trait=settings.opt_out_trait,
         purchase_events=settings.purchase_events,
         filter_values_map=settings.filter_values_map)
-    publisher = (SegmentPublisher(settings.segment_write_key, settings.segment_api_host)
-                 if settings.segment_write_key else LocalPublisher(store))
-    services.activation = Activation(store, publisher, settings.activation_trait,
-                                     settings.activation_interval_seconds)
+    if settings.mode == "personalize":
+        services.deletions = DeletionSync(store, settings)
+        if not services.deletions.configured:
+            services.warnings.append(DELETIONS_WARNING)
     return services

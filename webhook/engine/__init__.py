@@ -1,9 +1,10 @@
 """The embedded default's recommendation engine.
 
-``init_app(app)`` registers the engine's CLI commands (``train``, ``import``, ``evaluate``)
-and, under a server, the per-worker background thread that picks up new models and trains
-when due. ``recommender_for(app)`` gives the ``LocalRecommender`` (the
-``webhook.recommenders.Recommender`` protocol) that ``GET /recommendations`` uses.
+``make_engine`` builds the parts (``services.build_services`` calls it, the one place that
+wires the service); ``init_app(app)`` registers the engine's CLI commands (``train``,
+``import``, ``evaluate``) and, under a server, the per-worker background thread that picks
+up new models and trains when due. ``recommender_for(app)`` gives the ``LocalRecommender``
+(the ``webhook.recommenders.Recommender`` protocol).
 How the model works and how good it is: docs/engine.md.
 """
 from __future__ import annotations
@@ -21,16 +22,23 @@ class Engine:
     trainer: "Trainer"
 
 
+def make_engine(store, settings, popular) -> Engine:
+    """The model holder, the recommender on it (``popular`` before the first model) and
+    the trainer, for one store."""
+    from .service import LocalRecommender, ModelHolder, Trainer
+
+    holder = ModelHolder(store, settings.engine_model_refresh_seconds)
+    return Engine(holder=holder, recommender=LocalRecommender(store, settings, holder, popular),
+                  trainer=Trainer(store, settings, holder))
+
+
 def init_app(app) -> None:
     """Register CLI commands and the background model refresh/training."""
     from .cli import register
-    from .service import LocalRecommender, ModelHolder, Trainer
 
     services = app.extensions["segment"]
     settings = services.settings
-    holder = ModelHolder(services.store, settings.engine_model_refresh_seconds)
-    engine = Engine(holder=holder, recommender=LocalRecommender(services, holder),
-                    trainer=Trainer(services, holder))
+    engine = services.engine
     app.extensions["engine"] = engine
     register(app)
 
@@ -46,12 +54,12 @@ def init_app(app) -> None:
 
 
 def engine_for(app) -> Engine:
-    return app.extensions["engine"]
+    return app.extensions["segment"].engine
 
 
 def recommender_for(app):
     """The local engine's ``Recommender`` for this app."""
-    return app.extensions["engine"].recommender
+    return engine_for(app).recommender
 
 
-__all__ = ["init_app", "recommender_for", "engine_for", "Engine"]
+__all__ = ["init_app", "make_engine", "recommender_for", "engine_for", "Engine"]

@@ -26,6 +26,10 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from ..popularity import decayed_popularity
+
+# The one event-weight table of the service (popularity, the engine, its training);
+# ENGINE_EVENT_WEIGHTS overrides and extends it.
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "Product Viewed": 1.0, "Viewed Product": 1.0,
     "Product Clicked": 2.0, "Clicked Product": 2.0,
@@ -222,14 +226,12 @@ def train(data: Interactions, params: Params = Params(), now: float | None = Non
     n_items, n_users = data.n_items, data.n_users
     stats = {"interactions": int(len(data.items)), "users": int(n_users), "items": int(n_items)}
 
-    # Popularity: event-weighted, decayed with age relative to the newest interaction.
+    # Popularity: the service's one algorithm (webhook/popularity.py), decayed with age
+    # relative to the newest interaction.
     latest = float(data.times.max()) if len(data.times) else 0.0
-    half_life = p.popularity_half_life_days * 86400.0
-    decay = np.exp2(-(latest - data.times) / half_life) if len(data.times) else data.times
-    popularity = np.bincount(data.items, weights=data.weights * decay,
-                             minlength=n_items).astype(np.float32)
-    if popularity.max(initial=0) > 0:
-        popularity /= popularity.max()
+    popularity = decayed_popularity(data.items, data.weights, data.times, n_items,
+                                    half_life_days=p.popularity_half_life_days
+                                    ).astype(np.float32)
 
     # similar: cosine over the capped, weighted user×item matrix, top-k by implicit.
     user_items = sp.csr_matrix((data.weights.astype(np.float32), (data.users, data.items)),

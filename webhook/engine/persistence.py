@@ -17,6 +17,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..identity import person_key, resolve_visitor
 from ..store import Store, identity_links, interactions
 from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
 
@@ -146,9 +147,6 @@ def lease_holder(store: Store, name: str = "train") -> str | None:
 
 # -- reading interactions ------------------------------------------------------------------
 
-ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous ids apart from user ids
-
-
 def load_training_data(store: Store, weights: Mapping[str, float]
                        ) -> tuple[Interactions, dict[str, int]]:
     """Every stored interaction, resolved to a person (an anonymous id linked to a user
@@ -165,10 +163,7 @@ def load_training_data(store: Store, weights: Mapping[str, float]
         event_numbers: dict[str, int] = {}
         user_col, item_col, event_col, time_col = [], [], [], []
         for user_id, anonymous_id, item_id, event_type, timestamp in result:
-            if user_id:
-                person = user_id
-            else:
-                person = links.get(anonymous_id) or ANONYMOUS_PREFIX + anonymous_id
+            person = person_key(user_id, anonymous_id, links.get)
             user_col.append(people.setdefault(person, len(people)))
             item_col.append(items.setdefault(item_id, len(items)))
             event_col.append(event_numbers.setdefault(event_type, len(event_numbers)))
@@ -189,18 +184,6 @@ def load_training_data(store: Store, weights: Mapping[str, float]
     return data, people
 
 
-def resolve_person(conn, identity: str) -> tuple[str, list[str]]:
-    """(user id, its anonymous ids) for a userId or an anonymousId."""
-    user = conn.execute(sa.select(identity_links.c.user_id)
-                        .where(identity_links.c.anonymous_id == identity)).scalar()
-    user = user or identity
-    anonymous = [row[0] for row in conn.execute(
-        sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user))]
-    if identity not in anonymous:
-        anonymous.append(identity)  # an anonymousId never linked: its own history
-    return user, anonymous
-
-
 SEEN_LIMIT = 5000  # interactions read per request to know what a person already had
 
 
@@ -209,24 +192,19 @@ def read_history(store: Store, identity: str, limit: int, seen_limit: int = SEEN
     """The person's latest ``limit`` interactions as (item id, event type, time), oldest
     first, and the items of their latest ``seen_limit`` interactions: as a user, and as
     every anonymous id linked to them (alias/identify)."""
-    # One statement: resolve the id through identity_links, then the union of the user's
-    # rows, their linked anonymous ids' rows and the id's own anonymous rows.
-    user = sa.func.coalesce(
-        sa.select(identity_links.c.user_id)
-        .where(identity_links.c.anonymous_id == identity).scalar_subquery(), identity)
-    linked = sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
     n = max(limit, seen_limit)
-    parts = [sa.select(*cols).where(condition).order_by(interactions.c.timestamp.desc())
-             .limit(n).subquery().select()
-             for condition in (interactions.c.user_id == user,
-                               interactions.c.anonymous_id.in_(linked),
-                               interactions.c.anonymous_id == identity)]
     with store.read() as conn:
+        person = resolve_visitor(conn, identity)
+        conditions = [interactions.c.anonymous_id.in_(person.anonymous_ids)]
+        if person.user_id:
+            conditions.append(interactions.c.user_id == person.user_id)
+        parts = [sa.select(*cols).where(condition).order_by(interactions.c.timestamp.desc())
+                 .limit(n).subquery().select() for condition in conditions]
+        query = sa.union_all(*parts) if len(parts) > 1 else parts[0]
         rows = {event_id: (timestamp, event_id, item_id, event_type)
-                for event_id, item_id, event_type, timestamp
-                in conn.execute(sa.union_all(*parts))}
+                for event_id, item_id, event_type, timestamp in conn.execute(query)}
     ordered = sorted(rows.values())
     seen = {row[2] for row in ordered}
     return [(item_id, event_type, timestamp)

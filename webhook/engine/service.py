@@ -30,9 +30,6 @@ from .model import Model, Params, event_weights, top_n, train as train_model
 log = logging.getLogger("webhook.engine")
 
 LEASE_TTL = 180.0        # seconds; renewed every LEASE_TTL / 6 while training
-POPULAR_CACHE_SECONDS = 30.0
-POPULAR_SAMPLE = 50_000  # latest interactions that make the pre-model popularity list
-POPULAR_HALF_LIFE = 7 * 86400.0
 
 
 class ModelHolder:
@@ -74,24 +71,24 @@ class ModelHolder:
 
 
 class LocalRecommender:
-    """``webhook.recommenders.Recommender`` on the local engine."""
+    """``webhook.recommenders.Recommender`` on the local engine. Before the first model,
+    and for people it knows nothing about, it answers with ``popular`` (the service's one
+    popularity list, ``recommenders/popular.py``)."""
     name = "local"
 
-    def __init__(self, services, holder: ModelHolder, inline_refresh: bool = True):
-        self.services = services
-        self.store = services.store
+    def __init__(self, store, settings, holder: ModelHolder, popular,
+                 inline_refresh: bool = True):
+        self.store = store
         self.holder = holder
+        self.popular = popular
         self.inline_refresh = inline_refresh  # False when a background thread refreshes
-        self.weights = event_weights(services.settings.engine_event_weights)
-        self.exclude_seen_default = getattr(services.settings, "engine_exclude_seen", True)
-        self._popular: tuple[float, list[tuple[str, float]]] | None = None
-        self._popular_lock = threading.Lock()
+        self.weights = event_weights(settings.engine_event_weights)
+        self.exclude_seen_default = getattr(settings, "engine_exclude_seen", True)
 
     # -- the protocol --------------------------------------------------------------------
 
     def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
-                  num_results: int = 25, exclude: Sequence[str] = (),
-                  filter_values: Mapping[str, str] | None = None,
+                  num_results: int = 25, filter_values: Mapping[str, str] | None = None,
                   exclude_seen: bool | None = None) -> Recommendation:
         """Items for a person (userId or anonymousId) or related to an item, best first.
         ``exclude_seen``: leave out items the person already interacted with (default:
@@ -100,7 +97,7 @@ class LocalRecommender:
         version, model = self._model()
         num_results = max(0, int(num_results))
         exclude_seen = self.exclude_seen_default if exclude_seen is None else exclude_seen
-        banned_ids = set(exclude)
+        banned_ids: set[str] = set()
         details: dict = {"model_version": version}
 
         if item_id is not None and user_id is None:
@@ -109,7 +106,7 @@ class LocalRecommender:
                 scores = model.score_item(model.index[item_id])
                 return self._answer(model, scores, banned_ids, num_results, "local",
                                     details, related=True)
-            return self._popular_answer(model, banned_ids, num_results, details)
+            return self._popular_answer(banned_ids, num_results, details)
 
         history, seen = db.read_history(
             self.store, user_id, model.params.history if model else Params().history) \
@@ -126,7 +123,7 @@ class LocalRecommender:
             if known:
                 scores = model.score_history(known)
                 return self._answer(model, scores, banned_ids, num_results, "local", details)
-        return self._popular_answer(model, banned_ids, num_results, details)
+        return self._popular_answer(banned_ids, num_results, details)
 
     def _model(self):
         """(version, model) to answer with, refreshed first when no background thread
@@ -138,40 +135,34 @@ class LocalRecommender:
                 pass
         return self.holder.current()
 
-    def rank(self, *, user_id: str, item_ids: Sequence[str],
+    def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
              filter_values: Mapping[str, str] | None = None) -> Recommendation:
-        """``item_ids`` re-ordered for a person (issue 8: POST /recommendations/rank): by the
-        model's scores for their current history; without history, by popularity. Items
-        the model does not know come last, in the caller's order (as Personalize's
-        GetPersonalizedRanking does). ``filter_values`` is ignored locally."""
+        """``item_ids`` re-ordered for a person: by the model's scores for their current
+        history; without a model or history, by popularity. Items neither knows come last,
+        in the caller's order (as Personalize's GetPersonalizedRanking does).
+        ``filter_values`` is ignored locally."""
         version, model = self._model()
         details: dict = {"model_version": version}
         ids = list(item_ids)
-        if model is None:
-            popular = dict(self.popular_before_model())
-            known = [i for i in ids if i in popular]
-            known.sort(key=lambda i: -popular[i])  # stable: ties keep the caller's order
-            rest = [i for i in ids if i not in popular]
-            return Recommendation(
-                items=[ScoredItem(i, float(popular[i])) for i in known] +
-                [ScoredItem(i, 0.0) for i in rest],
-                source="popular", recommendation_id=uuid.uuid4().hex, details=details)
-        index = model.index
-        history, _ = db.read_history(self.store, user_id, model.params.history)
+        history = []
+        if model is not None and user_id:
+            history, _ = db.read_history(self.store, user_id, model.params.history)
         details["history"] = len(history)
-        known_history = [(index[item], self.weights.get(event, 1.0))
-                         for item, event, _ in history if item in index]
-        if known_history:
-            scores, source = model.score_history(known_history), "local"
-        else:
-            scores, source = model.popularity, "popular"
+        known_history = [(model.index[item], self.weights.get(event, 1.0))
+                         for item, event, _ in history if item in model.index] \
+            if model is not None else []
+        if not known_history:
+            popular = self.popular.rank(item_ids=ids)
+            return Recommendation(popular.items, "popular", uuid.uuid4().hex, details)
+        index = model.index
+        scores = model.score_history(known_history)
         known = [i for i in ids if i in index]
         known.sort(key=lambda i: -float(scores[index[i]]))
         rest = [i for i in ids if i not in index]
         return Recommendation(
             items=[ScoredItem(i, float(scores[index[i]])) for i in known] +
             [ScoredItem(i, 0.0) for i in rest],
-            source=source, recommendation_id=uuid.uuid4().hex, details=details)
+            source="local", recommendation_id=uuid.uuid4().hex, details=details)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -185,37 +176,14 @@ class LocalRecommender:
         return Recommendation(items=items, source=source,
                               recommendation_id=uuid.uuid4().hex, details=details)
 
-    def _popular_answer(self, model: Model | None, banned_ids: set, n: int,
-                        details: dict) -> Recommendation:
-        if model is not None:
-            return self._answer(model, model.popularity, banned_ids, n, "popular", details)
-        ranked = [(item, score) for item, score in self.popular_before_model()
-                  if item not in banned_ids][:n]
-        return Recommendation(items=[ScoredItem(i, s) for i, s in ranked], source="popular",
+    def _popular_answer(self, banned_ids: set, n: int, details: dict) -> Recommendation:
+        """The service's popular items (one algorithm: webhook/popularity.py), without the
+        banned ones; those with interactions only (a list of everything would not be a
+        recommendation)."""
+        ranked = [s for s in self.popular.ranking() if s.score > 0 and
+                  s.item_id not in banned_ids][:n]
+        return Recommendation(items=ranked, source="popular",
                               recommendation_id=uuid.uuid4().hex, details=details)
-
-    def popular_before_model(self) -> list[tuple[str, float]]:
-        """Before the first model: event-weighted counts over the latest interactions,
-        decayed with age relative to the newest one; cached for a few seconds."""
-        cached = self._popular
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < POPULAR_CACHE_SECONDS:
-            return cached[1]
-        with self._popular_lock:
-            rows = db.recent_interactions(self.store, POPULAR_SAMPLE)
-            totals: dict[str, float] = {}
-            if rows:
-                latest = rows[0][2]
-                for item, event, timestamp in rows:
-                    weight = self.weights.get(event, 1.0) * 2.0 ** (
-                        -(latest - timestamp) / POPULAR_HALF_LIFE)
-                    totals[item] = totals.get(item, 0.0) + weight
-            ranked = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
-            self._popular = (now, ranked)
-            return ranked
-
-    def invalidate(self) -> None:
-        self._popular = None
 
 
 # -- training ------------------------------------------------------------------------------
@@ -253,10 +221,9 @@ def _train_in_child(settings, params) -> None:
 class Trainer:
     """When to train, and making sure one process does it."""
 
-    def __init__(self, services, holder: ModelHolder, params: Params | None = None):
-        self.services = services
-        self.store = services.store
-        self.settings = services.settings
+    def __init__(self, store, settings, holder: ModelHolder, params: Params | None = None):
+        self.store = store
+        self.settings = settings
         self.holder = holder
         self.params = params
         self.name = _holder_name()

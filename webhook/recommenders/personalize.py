@@ -65,7 +65,7 @@ class PersonalizeRecommender:
         return self._client.get()
 
     def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
-                  num_results: int = 25, exclude: Sequence[str] = (),
+                  num_results: int = 25,
                   filter_values: Mapping[str, str] | None = None) -> Recommendation:
         request: dict[str, Any] = {"numResults": max(1, min(MAX_RESULTS, num_results))}
         if self.campaign_arn:
@@ -81,9 +81,7 @@ class PersonalizeRecommender:
             request["filterValues"] = dict(filter_values)
         return self._call("get_recommendations", request, "itemList")
 
-    # -- ranking (issue 8): POST /recommendations/rank --------------------------------------
-
-    def rank(self, *, user_id: str, item_ids: Sequence[str],
+    def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
              filter_values: Mapping[str, str] | None = None) -> Recommendation:
         """``item_ids`` re-ordered for ``user_id`` by a personalized-ranking campaign
         (GetPersonalizedRanking). Items the campaign does not know come last, in the

@@ -1,29 +1,37 @@
 """Popular items from the local store: the fallback when personalization is not possible
-(no history, an opted-out visitor, Personalize down)."""
+(no history, an opted-out visitor or one whose consent is unknown, a recommender outage),
+and the local engine's answer before its first model."""
 from __future__ import annotations
 
 import threading
 import time
 from typing import Mapping, Sequence
 
+import numpy as np
 import sqlalchemy as sa
 
+from ..engine.model import UNKNOWN_EVENT_WEIGHT
+from ..popularity import DEFAULT_HALF_LIFE_DAYS, decayed_popularity
 from ..store import Store, interactions, items
 from .base import Recommendation, ScoredItem
 
+BUCKET_SECONDS = 86400  # interactions are counted per item, event type and day
+
 
 class PopularItems:
-    """Items ranked by recent interactions (a purchase counts more than a view); items
-    known only from the catalog come last. Cached for ``ttl`` seconds per process."""
+    """Items ranked by event-weighted interactions decayed from the newest one (the one
+    algorithm: ``webhook/popularity.py``); items known only from the catalog come last.
+    Cached for ``ttl`` seconds per process."""
     name = "popular"
 
     def __init__(self, store: Store, weights: Mapping[str, float] | None = None,
-                 ttl: float = 60.0, window_days: float = 90.0, size: int = 500):
+                 ttl: float = 60.0, size: int = 500,
+                 half_life_days: float = DEFAULT_HALF_LIFE_DAYS):
         self.store = store
         self.weights = dict(weights or {})
         self.ttl = ttl
-        self.window = window_days * 86400
         self.size = size
+        self.half_life_days = half_life_days
         self._cache: tuple[float, list[ScoredItem]] | None = None
         self._lock = threading.Lock()
 
@@ -41,19 +49,28 @@ class PopularItems:
             return ranking
 
     def _compute(self) -> list[ScoredItem]:
+        # One pass over the interactions, aggregated in the database per item, event type
+        # and day (a few rows per item and day, whatever the volume).
+        # (A literal, not a bound parameter: PostgreSQL must see the same expression in
+        # the select list and in GROUP BY.)
+        day = sa.cast(interactions.c.timestamp / sa.literal_column(str(BUCKET_SECONDS)),
+                      sa.Integer)
         with self.store.read() as conn:
-            newest = conn.execute(sa.select(sa.func.max(interactions.c.timestamp))).scalar()
-            scores: dict[str, float] = {}
-            if newest is not None:
-                rows = conn.execute(
-                    sa.select(interactions.c.item_id, interactions.c.event_type,
-                              sa.func.count())
-                    .where(interactions.c.timestamp >= newest - self.window)
-                    .group_by(interactions.c.item_id, interactions.c.event_type))
-                for item_id, event_type, count in rows:
-                    scores[item_id] = scores.get(item_id, 0.0) + \
-                        self.weights.get(event_type, 1.0) * count
-            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[: self.size]
+            rows = conn.execute(
+                sa.select(interactions.c.item_id, interactions.c.event_type, day,
+                          sa.func.count())
+                .group_by(interactions.c.item_id, interactions.c.event_type, day)).all()
+            numbers: dict[str, int] = {}
+            item_col = [numbers.setdefault(item_id, len(numbers)) for item_id, _, _, _ in rows]
+            scores = decayed_popularity(
+                np.asarray(item_col, dtype=np.int64),
+                np.asarray([self.weights.get(event, UNKNOWN_EVENT_WEIGHT)
+                            for _, event, _, _ in rows], dtype=np.float64),
+                np.asarray([float(bucket) * BUCKET_SECONDS for _, _, bucket, _ in rows]),
+                len(numbers), np.asarray([count for *_, count in rows], dtype=np.float64),
+                half_life_days=self.half_life_days)
+            ranked = sorted(((item_id, float(scores[n])) for item_id, n in numbers.items()),
+                            key=lambda kv: (-kv[1], kv[0]))[: self.size]
             if len(ranked) < self.size:
                 known = {item_id for item_id, _ in ranked}
                 for (item_id,) in conn.execute(sa.select(items.c.item_id)
@@ -63,24 +80,21 @@ class PopularItems:
                         ranked.append((item_id, 0.0))
                     if len(ranked) >= self.size:
                         break
-        top = ranked[0][1] if ranked and ranked[0][1] > 0 else 1.0
-        return [ScoredItem(item_id, round(score / top, 6)) for item_id, score in ranked]
+        return [ScoredItem(item_id, round(score, 6)) for item_id, score in ranked]
 
     def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
-                  num_results: int = 25, exclude: Sequence[str] = (),
+                  num_results: int = 25,
                   filter_values: Mapping[str, str] | None = None) -> Recommendation:
-        skip = set(exclude)
-        if item_id:
-            skip.add(item_id)
-        chosen = [s for s in self.ranking() if s.item_id not in skip][:num_results]
+        chosen = [s for s in self.ranking() if s.item_id != item_id][:num_results]
         return Recommendation(items=chosen, source="popular")
 
     def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
              filter_values: Mapping[str, str] | None = None) -> Recommendation:
         """``item_ids`` in popularity order; items without interactions or not in the
-        ranking come last, in the caller's order (issue 8: POST /recommendations/rank)."""
-        scores = {s.item_id: s.score for s in self.ranking()}
-        position = {s.item_id: i for i, s in enumerate(self.ranking())}
+        ranking come last, in the caller's order."""
+        ranking = self.ranking()
+        scores = {s.item_id: s.score for s in ranking}
+        position = {s.item_id: i for i, s in enumerate(ranking)}
         ordered = sorted(item_ids, key=lambda i: position.get(i, len(position)))
         return Recommendation(items=[ScoredItem(i, scores.get(i, 0.0)) for i in ordered],
                               source="popular")

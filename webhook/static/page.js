@@ -162,6 +162,9 @@
     if (answer.optedOut) {
       notes.appendChild(el("li", null,
         "This visitor opted out of personalization: these are popular items."));
+    } else if (answer.source === "popular" && (answer.degraded || {}).consent) {
+      notes.appendChild(el("li", null,
+        "Popular items: the visitor's consent could not be checked right now."));
     } else if (answer.source === "popular") {
       notes.appendChild(el("li", null,
         "Popular items: nothing personal to recommend for this visitor yet."));
@@ -229,16 +232,27 @@
       list.appendChild(item);
     });
 
-    var traits = answer.traitsUsed || {};
-    var names = Object.keys(traits);
+    // Which traits were used, and how many items each removed. Their values only come
+    // with the visitor's token (traitValues); without one the service never sends them.
+    var names = Array.isArray(answer.traitsUsed) ? answer.traitsUsed : [];
+    var values = answer.traitValues || null;
     var traitList = $("traits");
     traitList.textContent = "";
-    $("traits-summary").textContent = names.length
-      ? "From the visitor's profile:" : "No traits were known for this visitor.";
+    $("traits-summary").textContent = !names.length
+      ? "No traits were known for this visitor."
+      : values ? "From the visitor's profile:"
+               : "From the visitor's profile (values are shown only with the visitor's token):";
     names.forEach(function (name) {
       var row = el("div");
+      row.dataset.trait = name;
       row.appendChild(el("dt", null, name));
-      row.appendChild(el("dd", null, JSON.stringify(traits[name])));
+      if (values && Object.prototype.hasOwnProperty.call(values, name)) {
+        row.appendChild(el("dd", null, JSON.stringify(values[name])));
+      } else {
+        var removed = reasons[name] || 0;
+        row.appendChild(el("dd", "hidden-value",
+          removed ? "removed " + removed + (removed === 1 ? " item" : " items") : "used"));
+      }
       traitList.appendChild(row);
     });
 

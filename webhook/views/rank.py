@@ -3,59 +3,36 @@
 Body (JSON): ``{"userId": "u1" | "anonymousId": "a1", "itemIds": ["sku-1", ...]}``, 1–500
 distinct ids (Personalize's ``inputList`` limit; repeated ids count once). The ranker is
 Amazon Personalize's GetPersonalizedRanking when ``PERSONALIZE_RANKING_CAMPAIGN_ARN`` is
-set, the local engine otherwise (popularity before its first model). The same trait checks
-as ``GET /recommendations``: exclusion traits and recent purchases are removed (and
-counted in ``filtered``), an opted-out visitor gets the list in popularity order, the same
-token when ``SECRET_KEY`` is set. The answer has ``GET /recommendations``' shape.
+set, the local engine otherwise (popularity before its first model). The same pipeline as
+``GET /recommendations`` (``RecommendationService.rank``): exclusion traits and recent
+purchases are removed (and counted in ``filtered``), a visitor who opted out or whose
+opt-out cannot be read gets the list in popularity order, the same token when
+``SECRET_KEY`` is set, 503 while the store is down. The answer has
+``GET /recommendations``' shape.
 """
 from __future__ import annotations
 
 import json
-import threading
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, request
 
 from ..recommend import NoRecommendations, Request
 from ..recommenders.personalize import MAX_RESULTS
 from ..segment import MAX_ID_LENGTH, clean_text
+from ..store import StoreUnavailable
 from .errors import error_response
-from .recommendations import token_refusal
+from .recommendations import answer_response, check_access, unavailable
 
 bp = Blueprint("rank", __name__)
 
 MAX_ITEMS = MAX_RESULTS  # GetPersonalizedRanking takes at most 500 ids
 MAX_BODY = 256 * 1024    # 500 ids of 256 characters, escaped, fit
-_lock = threading.Lock()
 
 
 class BadInput(Exception):
     def __init__(self, name: str, message: str):
         super().__init__(message)
         self.name = name
-
-
-def ranker_for(app):
-    """Personalize's ranking campaign if configured, else the local engine (made once)."""
-    ranker = app.extensions.get("ranker")
-    if ranker is not None:
-        return ranker
-    with _lock:
-        ranker = app.extensions.get("ranker")
-        if ranker is None:
-            services = app.extensions["segment"]
-            settings = services.settings
-            if settings.personalize_ranking_campaign_arn:
-                from ..recommenders.personalize import PersonalizeRecommender
-                ranker = PersonalizeRecommender(
-                    campaign_arn=settings.personalize_ranking_campaign_arn,
-                    filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
-                    timeout=settings.recommender_timeout_seconds)
-            elif "engine" in app.extensions:
-                ranker = app.extensions["engine"].recommender
-            else:
-                ranker = services.popular
-            app.extensions["ranker"] = ranker
-    return ranker
 
 
 def _id(body: dict, name: str) -> str | None:
@@ -136,15 +113,12 @@ def rank():
         return error_response(400, "bad_parameter", "give userId or anonymousId",
                               details={"parameter": "userId"})
 
-    refusal = token_refusal(settings, wanted)
+    refusal, verified = check_access(settings, wanted)
     if refusal is not None:
         return refusal
 
     try:
-        answer = services.recommendations.rank(wanted, item_ids, ranker_for(current_app))
-    except NoRecommendations as exc:  # not raised by rank today; kept for symmetry
-        return error_response(503, "recommender_unavailable", str(exc),
-                              retry_after=settings.retry_after_seconds)
-    response = jsonify(answer.as_json())
-    response.headers["Cache-Control"] = "private, no-store"
-    return response
+        answer = services.recommendations.rank(wanted, item_ids)
+    except (NoRecommendations, StoreUnavailable) as exc:
+        return unavailable(exc, settings)
+    return answer_response(answer, verified)

@@ -54,11 +54,12 @@ def _token() -> str | None:
     return request.args.get("token") or None
 
 
-def token_refusal(settings, wanted: Request):
-    """None when the request may go on: no SECRET_KEY, or a valid token for its visitor;
-    otherwise the 401/403 answer."""
+def check_access(settings, wanted: Request):
+    """(refusal, verified): ``refusal`` is None when the request may go on (no SECRET_KEY,
+    or a valid token for its visitor), else the 401/403 answer; ``verified`` is True when a
+    token proved the caller is this visitor: only then may trait values be shown."""
     if not settings.secret_key:
-        return None
+        return None, False
     try:
         check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
                     user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
@@ -66,8 +67,24 @@ def token_refusal(settings, wanted: Request):
         response = error_response(exc.status, exc.code, exc.message)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
-        return response
-    return None
+        return response, False
+    return None, bool(wanted.user_id or wanted.anonymous_id)
+
+
+def answer_response(answer, verified: bool):
+    response = jsonify(answer.as_json(disclose_traits=verified))
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+def unavailable(exc: Exception, settings):
+    """503 for what the pipeline cannot answer: no recommender and no popular items, or
+    the store down."""
+    if isinstance(exc, NoRecommendations):
+        return error_response(503, "recommender_unavailable", str(exc),
+                              retry_after=settings.retry_after_seconds)
+    return error_response(503, "store_unavailable", "the store is unavailable; retry later",
+                          retry_after=settings.retry_after_seconds)
 
 
 @bp.get("/recommendations")
@@ -84,20 +101,13 @@ def recommendations():
                               "give userId, anonymousId or itemId",
                               details={"parameter": "userId"})
 
-    refusal = token_refusal(settings, wanted)
+    refusal, verified = check_access(settings, wanted)
     if refusal is not None:
         return refusal
 
     try:
+        # The pipeline also decides, in one place, whether the list is written back.
         answer = services.recommendations.recommend(wanted)
-    except NoRecommendations as exc:
-        return error_response(503, "recommender_unavailable", str(exc),
-                              retry_after=settings.retry_after_seconds)
-    except StoreUnavailable:
-        return error_response(503, "store_unavailable", "the store is unavailable; retry later",
-                              retry_after=settings.retry_after_seconds)
-    if wanted.user_id and answer.source != "popular" and answer.item_list:
-        services.activation.submit(wanted.user_id, [i["itemId"] for i in answer.item_list])
-    response = jsonify(answer.as_json())
-    response.headers["Cache-Control"] = "private, no-store"
-    return response
+    except (NoRecommendations, StoreUnavailable) as exc:
+        return unavailable(exc, settings)
+    return answer_response(answer, verified)

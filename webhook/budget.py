@@ -1,0 +1,167 @@
+"""The Profile API budget: Segment allows about 100 requests/s per space, shared with
+everything else the customer runs, and answers 429 above that.
+
+* ``HostBudget``: at most ``share`` calls in any ``window`` seconds, counted across every
+  gunicorn worker of this host, plus a pause every worker honours (after a 429 with
+  ``Retry-After``). The state is a small file beside the other temporary files, guarded by
+  ``flock`` (threads of one process queue on a thread lock first: the flock belongs to the
+  process). The file holds the times of the latest admissions as a ring: a call is admitted
+  when the ``share``-th latest admission is older than the window, so no window of that
+  length ever holds more than ``share`` calls (a sliding log, exact, ~10 µs a call).
+* ``HostShare``: this host's share of ``PROFILE_API_MAX_RPS``. Each host records a
+  heartbeat row in the store (``service_hosts``) while it uses the Profile API; the share is
+  the budget divided by the hosts seen in the last minute. Rows older than that are removed,
+  so the table stays as small as the fleet.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .store import Store, StoreUnavailable, metadata
+
+log = logging.getLogger("webhook.budget")
+
+service_hosts = sa.Table(
+    "service_hosts", metadata,
+    sa.Column("host_id", sa.String(256), primary_key=True),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
+_HEADER = struct.Struct("<8sqd")  # magic, admissions so far, paused until (monotonic)
+_MAGIC = b"PAPIBUD1"
+_SLOT = struct.Struct("<d")
+
+
+class HostBudget:
+    """Admissions shared by the processes of one host (see the module's docstring)."""
+
+    def __init__(self, path: str, capacity: int, window: float = 1.0):
+        self.path = path
+        self.capacity = max(1, int(capacity))
+        self.window = window
+        self._size = _HEADER.size + self.capacity * _SLOT.size
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd, self._pid = fd, os.getpid()
+        return self._fd
+
+    def _locked(self, action):
+        with self._thread_lock:
+            fd = self._file()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                raw = os.pread(fd, _HEADER.size, 0)
+                if len(raw) < _HEADER.size or _HEADER.unpack(raw)[0] != _MAGIC \
+                        or os.fstat(fd).st_size != self._size:
+                    os.ftruncate(fd, 0)  # new, or made with another capacity: start afresh
+                    os.ftruncate(fd, self._size)
+                    header = (0, 0.0)
+                else:
+                    header = _HEADER.unpack(raw)[1:]
+                return action(fd, *header)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def acquire(self, share: int) -> str:
+        """'ok' (go ahead: counted), 'paused' (after a 429) or 'over_budget'."""
+        share = max(1, min(int(share), self.capacity))
+
+        def action(fd: int, admitted: int, paused_until: float) -> str:
+            now = time.monotonic()
+            if now < paused_until:
+                return "paused"
+            if admitted >= share:
+                slot = (admitted - share) % self.capacity
+                (oldest,) = _SLOT.unpack(os.pread(fd, _SLOT.size,
+                                                  _HEADER.size + slot * _SLOT.size))
+                if now - oldest < self.window:
+                    return "over_budget"
+            os.pwrite(fd, _SLOT.pack(now),
+                      _HEADER.size + (admitted % self.capacity) * _SLOT.size)
+            os.pwrite(fd, _HEADER.pack(_MAGIC, admitted + 1, paused_until), 0)
+            return "ok"
+        return self._locked(action)
+
+    def pause(self, seconds: float) -> None:
+        """No call from this host for ``seconds`` (extends, never shortens, a pause)."""
+        def action(fd: int, admitted: int, paused_until: float) -> None:
+            until = max(paused_until, time.monotonic() + seconds)
+            os.pwrite(fd, _HEADER.pack(_MAGIC, admitted, until), 0)
+        self._locked(action)
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause (0: none)."""
+        return self._locked(lambda fd, admitted, until: max(0.0, until - time.monotonic()))
+
+
+def budget_path(*parts: str) -> str:
+    """A file every worker of this host finds for the same service (database) and space."""
+    digest = hashlib.sha1("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"segment-profile-api-{digest}.budget")
+
+
+class HostShare:
+    """This host's share of a budget shared by every host on one database."""
+
+    HEARTBEAT_SECONDS = 10.0
+    EXPIRE_SECONDS = 60.0
+
+    def __init__(self, store: Store, total: int, host_id: str | None = None):
+        self.store = store
+        self.total = max(1, int(total))
+        self.host_id = host_id or socket.gethostname()
+        self.hosts = 1
+        self._beaten_at = 0.0
+        self._beating = threading.Lock()
+
+    def share(self) -> int:
+        """The calls per second this host may make; starts a heartbeat when one is due
+        (in the background: never on the caller's time)."""
+        if time.monotonic() - self._beaten_at >= self.HEARTBEAT_SECONDS \
+                and self._beating.acquire(blocking=False):
+            threading.Thread(target=self._beat_and_release, name="profile-api-heartbeat",
+                             daemon=True).start()
+        return max(1, self.total // max(1, self.hosts))
+
+    def _beat_and_release(self) -> None:
+        try:
+            self.beat()
+        except StoreUnavailable as exc:
+            log.warning("profile api heartbeat: store unavailable: %s", exc)
+        except Exception:  # a background thread must never die silently
+            log.exception("profile api heartbeat failed")
+        finally:
+            self._beating.release()
+
+    def beat(self) -> int:
+        """Record this host as alive, forget hosts silent for EXPIRE_SECONDS, count the
+        live ones. Returns the count."""
+        now = time.time()
+        insert = (postgresql if self.store.dialect == "postgresql" else sqlite).insert
+        self._beaten_at = time.monotonic()
+        with self.store.write() as tx:
+            statement = insert(service_hosts).values(host_id=self.host_id, seen_at=now)
+            tx.conn.execute(statement.on_conflict_do_update(
+                index_elements=["host_id"], set_={"seen_at": statement.excluded.seen_at}))
+            tx.conn.execute(service_hosts.delete().where(
+                service_hosts.c.seen_at < now - self.EXPIRE_SECONDS))
+            hosts = tx.conn.execute(sa.select(sa.func.count()).select_from(service_hosts)
+                                    ).scalar_one()
+        self.hosts = max(1, int(hosts))
+        return self.hosts

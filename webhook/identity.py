@@ -1,0 +1,77 @@
+"""Who a visitor is: the one place that turns an anonymousId into a userId.
+
+Segment links an ``anonymousId`` to a ``userId`` with ``alias`` (or any message carrying
+both); the store keeps those links (``identity_links``). Every reader that needs "this
+person's history" or "this person's traits" resolves the visitor here, so that the trait
+checks, the purchases excluded at once, the local engine's history and its training data
+all agree on who is who.
+
+The rule (``owner``): a userId is the person; an anonymousId belongs to the user it is
+linked to, else it stands for an anonymous person of its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sqlalchemy as sa
+
+from .store import identity_links
+
+ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous people apart from user ids in one key space
+
+
+@dataclass(frozen=True)
+class Person:
+    user_id: str | None              # the userId, given or linked; None: anonymous
+    anonymous_ids: tuple[str, ...]   # every anonymousId known to be this person
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every id the person's records may be stored under (profiles are keyed by the
+        userId, or by the anonymousId for an anonymous person)."""
+        return ((self.user_id,) if self.user_id else ()) + tuple(
+            a for a in self.anonymous_ids if a != self.user_id)
+
+
+def owner(user_id: str | None, anonymous_id: str | None,
+          link_of: Callable[[str], str | None]) -> str | None:
+    """The userId a message or a visitor belongs to: its own userId, else the user its
+    anonymousId is linked to (``link_of``), else None (an anonymous person)."""
+    if user_id:
+        return user_id
+    if anonymous_id:
+        return link_of(anonymous_id) or None
+    return None
+
+
+def person_key(user_id: str | None, anonymous_id: str | None,
+               link_of: Callable[[str], str | None]) -> str:
+    """One string per person (for training data): the owner's userId, else the
+    anonymousId, marked so it never equals a userId."""
+    return owner(user_id, anonymous_id, link_of) or ANONYMOUS_PREFIX + (anonymous_id or "")
+
+
+def resolve(conn, *, user_id: str | None = None, anonymous_id: str | None = None) -> Person:
+    """The person behind a visitor known by userId and/or anonymousId, with every
+    anonymousId linked to them."""
+    def link_of(anonymous: str) -> str | None:
+        return conn.execute(sa.select(identity_links.c.user_id).where(
+            identity_links.c.anonymous_id == anonymous)).scalar()
+
+    user = owner(user_id, anonymous_id, link_of)
+    anonymous = {anonymous_id} if anonymous_id else set()
+    if user:
+        anonymous.update(row[0] for row in conn.execute(
+            sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)))
+    return Person(user, tuple(sorted(anonymous)))
+
+
+def resolve_visitor(conn, visitor: str) -> Person:
+    """The person behind an id that may be either kind (what a recommender is given: the
+    userId, or the anonymousId of an anonymous visitor). An anonymousId linked to a user
+    is that user; any other id is taken as a userId and as an anonymousId at once."""
+    person = resolve(conn, anonymous_id=visitor)
+    if person.user_id:
+        return person
+    return resolve(conn, user_id=visitor, anonymous_id=visitor)
