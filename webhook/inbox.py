@@ -101,10 +101,59 @@ def _owner_is_gone(owner: str) -> bool:
         return False
 
 
+BUSY = "busy"  # claim(): another process holds the applier's lease
+
+
 class Inbox:
     def __init__(self, store: Store):
         self.store = store
         self.postgresql = store.dialect == "postgresql"
+        self._build_statements()
+
+    def _build_statements(self) -> None:
+        """The applier's statements, built once: building them per batch cost more than
+        running them (measured)."""
+        c = inbox_consumers
+        name = c.c.name == sa.bindparam("applier")
+        columns = (inbox.c.seq, inbox.c.txid, inbox.c.message_id, inbox.c.type,
+                   inbox.c.received_at, inbox.c.body)
+        if self.postgresql:
+            # Only rows of transactions older than every running one (module docstring).
+            horizon = sa.literal_column(
+                "pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            after = sa.and_(inbox.c.txid < horizon, sa.tuple_(inbox.c.txid, inbox.c.seq) >
+                            sa.tuple_(sa.bindparam("txid"), sa.bindparam("seq")))
+            after_consumer = sa.and_(inbox.c.txid < horizon, sa.tuple_(
+                inbox.c.txid, inbox.c.seq) > sa.tuple_(c.c.position_txid, c.c.position_seq))
+            order = (inbox.c.txid, inbox.c.seq)
+        else:
+            after = inbox.c.seq > sa.bindparam("seq")
+            after_consumer = inbox.c.seq > c.c.position_seq
+            order = (inbox.c.seq,)
+        lease = (c.c.owner, c.c.lease_until, c.c.position_txid, c.c.position_seq)
+        self._peek = sa.select(*lease, sa.exists().where(after_consumer).label("pending")) \
+            .where(name)
+        self._lock = sa.select(*lease).where(name)
+        if self.postgresql:
+            self._lock = self._lock.with_for_update()
+        self._read = sa.select(*columns).where(after).order_by(*order) \
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        self._take = c.update().where(name).values(
+            owner=sa.bindparam("holder"), lease_until=sa.bindparam("until"),
+            batch_from_seq=sa.bindparam("first"), batch_to_seq=sa.bindparam("last"),
+            batch_size=sa.bindparam("size"), batch_started=sa.bindparam("now"),
+            updated_at=sa.bindparam("now"))
+        mine = sa.and_(name, c.c.owner == sa.bindparam("holder"))
+        self._renew = c.update().where(mine).values(lease_until=sa.bindparam("until"),
+                                                   updated_at=sa.bindparam("now"))
+        self._advance = c.update().where(mine).values(
+            position_txid=sa.bindparam("to_txid"), position_seq=sa.bindparam("to_seq"),
+            applied=c.c.applied + sa.bindparam("count", type_=sa.BigInteger), owner=None,
+            lease_until=None, batch_from_seq=None, batch_to_seq=None, batch_size=None,
+            batch_started=None, updated_at=sa.bindparam("now"))
+        self._release = c.update().where(mine).values(
+            owner=None, lease_until=None, batch_from_seq=None, batch_to_seq=None,
+            batch_size=None, batch_started=None, updated_at=sa.bindparam("now"))
 
     # -- positions and batches ---------------------------------------------------------
 
@@ -121,72 +170,54 @@ class Inbox:
                     {"name": name, "position_txid": 0, "position_seq": 0, "applied": 0,
                      "updated_at": time.time()} for name in missing])
 
-    def position(self, name: str) -> Position:
-        with self.store.read() as conn:
-            row = conn.execute(sa.select(inbox_consumers.c.position_txid,
-                                         inbox_consumers.c.position_seq)
-                               .where(inbox_consumers.c.name == name)).first()
-        return (row[0], row[1]) if row else (0, 0)
-
-    def read(self, after: Position, limit: int) -> list[Entry]:
-        """Up to ``limit`` rows after ``after``, in order (see the module's docstring)."""
-        columns = (inbox.c.seq, inbox.c.txid, inbox.c.message_id, inbox.c.type,
-                   inbox.c.received_at, inbox.c.body)
-        if self.postgresql:
-            horizon = sa.literal_column(
-                "pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            query = (sa.select(*columns)
-                     .where(inbox.c.txid < horizon,
-                            sa.tuple_(inbox.c.txid, inbox.c.seq) > sa.tuple_(*after))
-                     .order_by(inbox.c.txid, inbox.c.seq).limit(limit))
-        else:
-            query = (sa.select(*columns).where(inbox.c.seq > after[1])
-                     .order_by(inbox.c.seq).limit(limit))
-        with self.store.read() as conn:
-            return [Entry(*row) for row in conn.execute(query)]
-
     # -- leases ------------------------------------------------------------------------
 
-    def take_lease(self, name: str, owner: str, at: Position, batch: list[Entry],
-                   ttl: float) -> bool:
-        """Take ``name``'s lease for ``batch`` if the position is still ``at`` and nobody
-        else holds it (or its holder is gone). Committed at once: while the batch is
-        applied, the row says who applies what, since when."""
+    def claim(self, name: str, owner: str, limit: int, ttl: float):
+        """The next batch of ``name``, with its lease: ``(position, entries)``; None when
+        nothing is pending; BUSY when another live process holds the lease. The lease is
+        committed at once: while the batch is applied, the row says who applies what,
+        since when."""
+        with self.store.read() as conn:  # the cheap look first: no write lock when idle
+            row = conn.execute(self._peek, {"applier": name}).first()
+        if row is None or not row.pending:
+            return None
+        if self._held_by_another(row, owner, name, warn=False):
+            return BUSY
         now = time.time()
-        with self.store.write() as tx:
-            row = tx.conn.execute(sa.select(
-                inbox_consumers.c.owner, inbox_consumers.c.lease_until,
-                inbox_consumers.c.position_txid, inbox_consumers.c.position_seq)
-                .where(inbox_consumers.c.name == name)).first()
-            if row is None or (row.position_txid, row.position_seq) != at:
-                return False
-            holder = row.owner
-            if holder and holder != owner and (row.lease_until or 0) > now \
-                    and not _owner_is_gone(holder):
-                return False
-            if holder and holder != owner:
-                log.warning("inbox: taking over the lease of a process that is gone or "
-                            "expired", extra={"applier": name})
-            result = tx.conn.execute(
-                inbox_consumers.update()
-                .where(inbox_consumers.c.name == name,
-                       inbox_consumers.c.position_txid == at[0],
-                       inbox_consumers.c.position_seq == at[1],
-                       (inbox_consumers.c.owner == holder) if holder
-                       else inbox_consumers.c.owner.is_(None))
-                .values(owner=owner, lease_until=now + ttl, batch_from_seq=batch[0].seq,
-                        batch_to_seq=batch[-1].seq, batch_size=len(batch),
-                        batch_started=now, updated_at=now))
-            return result.rowcount == 1
+        with self.store.write(durable=False) as tx:
+            row = tx.conn.execute(self._lock, {"applier": name}).first()
+            if row is None:
+                return None
+            if self._held_by_another(row, owner, name, warn=True):
+                return BUSY
+            at = (row.position_txid, row.position_seq)
+            entries = [Entry(*r) for r in tx.conn.execute(
+                self._read, {"txid": at[0], "seq": at[1], "limit": limit})]
+            if not entries:
+                return None
+            tx.conn.execute(self._take, {
+                "applier": name, "holder": owner, "until": now + ttl, "first": entries[0].seq,
+                "last": entries[-1].seq, "size": len(entries), "now": now})
+        return at, entries
+
+    @staticmethod
+    def _held_by_another(row, owner: str, name: str, warn: bool) -> bool:
+        holder = row.owner
+        if not holder or holder == owner:
+            return False
+        if (row.lease_until or 0) > time.time() and not _owner_is_gone(holder):
+            return True
+        if warn:
+            log.warning("inbox: taking over the lease of a process that is gone or expired",
+                        extra={"applier": name})
+        return False
 
     def renew_lease(self, name: str, owner: str, ttl: float) -> None:
         """Extend the lease; LostLease if another process has it now."""
         now = time.time()
-        with self.store.write() as tx:
-            result = tx.conn.execute(
-                inbox_consumers.update()
-                .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
-                .values(lease_until=now + ttl, updated_at=now))
+        with self.store.write(durable=False) as tx:
+            result = tx.conn.execute(self._renew, {"applier": name, "holder": owner,
+                                                   "until": now + ttl, "now": now})
             if result.rowcount != 1:
                 raise LostLease(name)
 
@@ -194,26 +225,18 @@ class Inbox:
                 count: int) -> None:
         """In the applier's transaction: move the position past the batch and let go of
         the lease. LostLease (the transaction must roll back) if it is not ours."""
-        result = tx.conn.execute(
-            inbox_consumers.update()
-            .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
-            .values(position_txid=to[0], position_seq=to[1],
-                    applied=inbox_consumers.c.applied + count, owner=None, lease_until=None,
-                    batch_from_seq=None, batch_to_seq=None, batch_size=None,
-                    batch_started=None, updated_at=time.time()))
+        result = tx.conn.execute(self._advance, {
+            "applier": name, "holder": owner, "to_txid": to[0], "to_seq": to[1], "count": count,
+            "now": time.time()})
         if result.rowcount != 1:
             raise LostLease(name)
 
     def release_lease(self, name: str, owner: str) -> None:
         """Give the lease back without moving (a batch that failed); best effort."""
         try:
-            with self.store.write() as tx:
-                tx.conn.execute(
-                    inbox_consumers.update()
-                    .where(inbox_consumers.c.name == name, inbox_consumers.c.owner == owner)
-                    .values(owner=None, lease_until=None, batch_from_seq=None,
-                            batch_to_seq=None, batch_size=None, batch_started=None,
-                            updated_at=time.time()))
+            with self.store.write(durable=False) as tx:
+                tx.conn.execute(self._release, {"applier": name, "holder": owner,
+                                                "now": time.time()})
         except StoreUnavailable:
             pass  # it expires, or this process takes it again as its owner
 

@@ -132,17 +132,17 @@ class Ingestor:
                     summary.count(message.type, "duplicate")
                     continue
                 fresh.discard(message_id)  # a second copy in this delivery: a duplicate
-            routed = self.router.route(message)
-            for note in routed.notes:
+            skipped, notes, interactions = self.router.outcome(message)
+            for note in notes:
                 summary.notes.append({"index": index, "messageId": message_id, "reason": note})
-            if routed.skipped:
+            if skipped:
                 summary.skipped.append({"index": index, "messageId": message_id,
-                                        "reason": routed.skipped})
+                                        "reason": skipped})
                 summary.count(message.type, "skipped")
             else:
                 summary.accepted += 1
                 summary.count(message.type, "accepted")
-            summary.interactions += len(routed.interactions)
+            summary.interactions += interactions
         if job.added:
             for listener in self.listeners:
                 listener()
@@ -161,8 +161,7 @@ class Ingestor:
                         continue
                     seen.add(message_id)
                 rows.append((message_id, message.type, body))
-        with self.store.write() as tx:
-            fresh = tx.add_to_inbox(rows)
+        fresh = self.store.add_to_inbox(rows)
         for job in jobs:
             job.added = False
             mine: set[str] = set()

@@ -145,46 +145,66 @@ class Router:
         # page, screen and group: accepted and counted, nothing to record.
         return routed
 
-    def _route_track(self, message: Message, when: float, routed: Routed) -> None:
+    def outcome(self, message: Message) -> tuple[str | None, list[str], int]:
+        """What ``route`` would report for a message, without building its records:
+        (why it is skipped, notes, number of interactions). The webhook's answer needs
+        only this; the appliers route for real."""
+        if message.type != "track":
+            return None, [], 0
+        notes: list[str] = []
+        made = sum(1 for _, _, item_id in self._products(message, notes) if item_id)
+        if message.event not in self.interaction_events:
+            return None, notes, 0
+        if not made:
+            return self._skip_reason(message), notes, 0
+        return None, notes, made
+
+    def _products(self, message: Message, notes: list[str]):
+        """(index or None, product properties, item id or None) for each product a track
+        message is about: the entries of ``properties.products``, or the properties."""
         properties = message.properties or {}
         products = properties.get("products")
+        if not isinstance(products, list):
+            yield None, properties, _item_id(properties, self.item_id_properties)
+            return
+        for index, product in enumerate(products):
+            if not isinstance(product, dict):
+                notes.append(f"products[{index}] is not an object")
+                continue
+            item_id = _item_id(product, self.item_id_properties)
+            if item_id is None:
+                notes.append(f"products[{index}] has no {self._id_names()}")
+                continue
+            yield index, product, item_id
+
+    def _skip_reason(self, message: Message) -> str:
+        if isinstance((message.properties or {}).get("products"), list):
+            return f"no product in products has {self._id_names()}"
+        return f"properties has no {self._id_names()}"
+
+    def _route_track(self, message: Message, when: float, routed: Routed) -> None:
+        properties = message.properties or {}
         is_interaction = message.event in self.interaction_events
         assert message.message_id is not None
-
-        if isinstance(products, list):
-            shared = {k: v for k, v in properties.items() if k != "products"}
-            made = 0
-            for index, product in enumerate(products):
-                if not isinstance(product, dict):
-                    routed.notes.append(f"products[{index}] is not an object")
-                    continue
-                item_id = _item_id(product, self.item_id_properties)
-                if item_id is None:
-                    routed.notes.append(f"products[{index}] has no {self._id_names()}")
-                    continue
+        shared = None
+        for index, product, item_id in self._products(message, routed.notes):
+            if item_id is None:
+                continue
+            if index is None:
+                merged = product
+            else:
+                if shared is None:
+                    shared = {k: v for k, v in properties.items() if k != "products"}
                 merged = {**shared, **product}
-                details = _item_details(item_id, product, when)
-                if details:
-                    routed.items.append(details)
-                if is_interaction:
-                    routed.interactions.append(self._interaction(
-                        message, stable_event_id(message.message_id, index), item_id, when, merged))
-                    made += 1
-            if is_interaction and not made:
-                routed.skipped = f"no product in products has {self._id_names()}"
-            return
-
-        item_id = _item_id(properties, self.item_id_properties)
-        if item_id is None:
+            details = _item_details(item_id, product, when)
+            if details:
+                routed.items.append(details)
             if is_interaction:
-                routed.skipped = f"properties has no {self._id_names()}"
-            return
-        details = _item_details(item_id, properties, when)
-        if details:
-            routed.items.append(details)
-        if is_interaction:
-            routed.interactions.append(self._interaction(
-                message, stable_event_id(message.message_id, None), item_id, when, properties))
+                routed.interactions.append(self._interaction(
+                    message, stable_event_id(message.message_id, index), item_id, when,
+                    merged))
+        if is_interaction and not routed.interactions:
+            routed.skipped = self._skip_reason(message)
 
     def _id_names(self) -> str:
         return " or ".join(self.item_id_properties)

@@ -93,6 +93,11 @@ class Services:
             self.retention.start()
         if self.deletions is not None:  # one process of the fleet per run (a lease)
             self.deletions.start_background()
+        if self.engine is not None and self.settings.mode == "embedded":
+            # Swaps in new models and, when due, trains (in a subprocess, under the
+            # database lease); the recommender then no longer refreshes inline.
+            self.engine.trainer.start_background(self.settings.engine_model_refresh_seconds)
+            self.engine.recommender.inline_refresh = False
 
     def stop_background(self) -> None:
         for runner in self.runners.values():
@@ -104,6 +109,8 @@ class Services:
             self.retention.stop()
         if self.deletions is not None:
             self.deletions.stop_background()
+        if self.engine is not None:
+            self.engine.trainer.stop_background()
         self._background_pid = 0
 
     def wake_appliers(self) -> None:

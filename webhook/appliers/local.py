@@ -21,6 +21,7 @@ class LocalStoreApplier:
     name = "local"
     batch_size = 1000
     lease_seconds = 30.0
+    settle_seconds = 0.05
 
     def __init__(self, router: Router, purchase_events: Iterable[str],
                  on_purchases: Callable[[list[str]], None] | None = None):

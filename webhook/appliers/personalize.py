@@ -354,6 +354,7 @@ class PersonalizeApplier:
     name = "personalize"
     batch_size = 1000
     lease_seconds = 30.0
+    settle_seconds = 0.1
 
     def __init__(self, router: Router, mapping: MappingConfig, sender: Sender, *,
                  users_dataset_arn: str = "", items_dataset_arn: str = "",

@@ -2,8 +2,9 @@
 
 ``make_engine`` builds the parts (``services.build_services`` calls it, the one place that
 wires the service); ``init_app(app)`` registers the engine's CLI commands (``train``,
-``import``, ``evaluate``) and, under a server, the per-worker background thread that picks
-up new models and trains when due. ``recommender_for(app)`` gives the ``LocalRecommender``
+``import``, ``evaluate``). Under a server, each worker's background thread that picks up
+new models and trains when due starts with the other background work
+(``Services.start_background``). ``recommender_for(app)`` gives the ``LocalRecommender``
 (the ``webhook.recommenders.Recommender`` protocol).
 How the model works and how good it is: docs/engine.md.
 """
@@ -36,21 +37,8 @@ def init_app(app) -> None:
     """Register CLI commands and the background model refresh/training."""
     from .cli import register
 
-    services = app.extensions["segment"]
-    settings = services.settings
-    engine = services.engine
-    app.extensions["engine"] = engine
+    app.extensions["engine"] = app.extensions["segment"].engine
     register(app)
-
-    @app.before_request
-    def _start_engine_thread():
-        # Under a server (not in tests), each worker process gets one thread that swaps
-        # in new models and, if due, trains (in a subprocess, under the database lease).
-        # Started here rather than in create_app, so it runs in the worker after a fork.
-        if app.testing or settings.mode != "embedded":
-            return
-        engine.trainer.start_background(settings.engine_model_refresh_seconds)
-        engine.recommender.inline_refresh = False
 
 
 def engine_for(app) -> Engine:
