@@ -341,7 +341,7 @@ class Settings:
     item_properties_map: tuple[tuple[str, str], ...] = ()
     # The Personalize applier: one call at most this long; this many calls at once.
     personalize_call_timeout_seconds: float = 1.0
-    personalize_max_concurrency: int = 16
+    personalize_max_concurrency: int = 8
     # PutEvents calls a second, all workers and hosts together (AWS allows about 1000 a
     # dataset group); PutUsers and PutItems calls a second each (AWS: about 10).
     personalize_put_events_per_second: float = 500.0

@@ -122,6 +122,11 @@ def _child(metric, *values):
     return child
 
 
+def count(metric, *labels: str, by: float = 1) -> None:
+    """``metric.labels(*labels).inc(by)``, with the labelled child looked up once."""
+    _child(metric, *labels).inc(by)
+
+
 def record_outcomes(outcomes) -> None:
     for (kind, outcome), count in outcomes.items():
         _child(MESSAGES, kind, outcome).inc(count)

@@ -65,19 +65,20 @@ def _finite_float(text: str) -> float:
 
 
 def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
-    stack = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
+    """More than ``limit`` objects and arrays inside each other? Level by level, with no
+    per-node allocation: a batch of messages is a few short levels."""
+    level = [data] if isinstance(data, (dict, list)) else []
+    depth = 1
+    while level:
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, (dict, list)))
+        deeper = []
+        for value in level:
+            for child in (value.values() if isinstance(value, dict) else value):
+                if isinstance(child, (dict, list)):
+                    deeper.append(child)
+        level = deeper
+        depth += 1
     return False
 
 

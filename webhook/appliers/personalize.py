@@ -268,7 +268,7 @@ class Sender:
             cap = BACKOFF_CAP
             try:
                 method(**call.kwargs)
-                metrics.PERSONALIZE_CALLS.labels(operation=call.operation, outcome="ok").inc()
+                metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "ok")
                 if attempt >= 3:
                     log.info("personalize: a call went through after %d attempts",
                              attempt + 1, extra={"operation": call.operation})
@@ -278,8 +278,7 @@ class Sender:
                 code = error.get("Code", "")
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 if code == "InvalidInputException":
-                    metrics.PERSONALIZE_CALLS.labels(operation=call.operation,
-                                                     outcome="invalid").inc()
+                    metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "invalid")
                     raise _Refused(f"InvalidInputException: {error.get('Message', '')}") \
                         from None
                 if code in THROTTLING_CODES or status == 429:
@@ -301,7 +300,7 @@ class Sender:
                     log.error("personalize call failed (%s); retrying", type(exc).__name__,
                               extra={"operation": call.operation})
                     failures_logged += 1
-            metrics.PERSONALIZE_CALLS.labels(operation=call.operation, outcome=outcome).inc()
+            metrics.count(metrics.PERSONALIZE_CALLS, call.operation, outcome)
             attempt += 1
             if attempt == 5:
                 log.warning("personalize: retrying (%s)", outcome,
@@ -398,12 +397,12 @@ class PersonalizeApplier:
         refusals = [Refusal(p.kind, p.id, p.reason) for p in problems if p.action == "dropped"]
         refusals += report.refused
         for problem in problems:
-            metrics.PERSONALIZE_RECORDS.labels(kind=problem.kind, outcome=problem.action).inc()
+            metrics.count(metrics.PERSONALIZE_RECORDS, problem.kind, problem.action)
         for kind, count in report.sent.items():
             if count:
-                metrics.PERSONALIZE_RECORDS.labels(kind=kind, outcome="sent").inc(count)
+                metrics.count(metrics.PERSONALIZE_RECORDS, kind, "sent", by=count)
         for refusal in report.refused:
-            metrics.PERSONALIZE_RECORDS.labels(kind=refusal.kind, outcome="dropped").inc()
+            metrics.count(metrics.PERSONALIZE_RECORDS, refusal.kind, "dropped")
         trimmed = sorted({p.reason for p in problems if p.action == "trimmed"})
         if refusals or trimmed:
             # Our own reasons only (they name fields and limits, never values); the
