@@ -337,3 +337,24 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     # Segment's retry of the same delivery goes through, once.
     assert post(client, track("m-1"))["accepted"] == 1
     assert store_of(app).counts()["interactions"] == 2
+
+
+# --- a database from before the inbox -------------------------------------------------------
+
+def test_claims_from_before_the_inbox_still_make_redeliveries_duplicates(make_app, database_url):
+    """A deployment upgraded from the version that kept claims in ``segment_messages``:
+    a message received before the upgrade and redelivered after it is a duplicate."""
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE segment_messages (message_id VARCHAR(256) "
+                             "PRIMARY KEY, type VARCHAR(16) NOT NULL, received_at FLOAT "
+                             "NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO segment_messages VALUES ('old-1', 'track', 1.0)"))
+    engine.dispose()
+    app = make_app(database_url=database_url)
+    client = app.test_client()
+    again = post(client, [track("old-1"), track("new-1")])
+    assert (again["accepted"], again["duplicates"]) == (1, 1)
+    assert set(interactions(app)) == {"new-1"}  # the claim alone: nothing to apply
+    with store_of(app).engine.connect() as conn:
+        assert not sa.inspect(conn).has_table("segment_messages")
