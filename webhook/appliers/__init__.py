@@ -211,4 +211,9 @@ class Runner:
             if done > 0:
                 self._stop.wait(self.applier.settle_seconds)
                 continue
+            if done == BUSY:
+                # Another process applies: look again after the poll interval, not at
+                # every delivery this worker accepts meanwhile (each look is a query).
+                self._stop.wait(self.poll_seconds)
+                continue
             self._wake.wait(self.poll_seconds)
