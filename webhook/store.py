@@ -304,7 +304,10 @@ class Store:
         if not rows:
             return set()
         if self._write_lock is None:
-            raw = self.engine.raw_connection()  # PostgreSQL: from the pool, pre-pinged
+            try:
+                raw = self.engine.raw_connection()  # PostgreSQL: from the pool, pre-pinged
+            except _UNAVAILABLE + self._dbapi_unavailable as exc:
+                raise StoreUnavailable(_describe(exc)) from exc
             try:
                 fresh = _insert_into_inbox(raw.cursor(), self.statements, rows)
                 raw.commit()
