@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
+from tests import prerequisites
 from webhook import create_app
 from webhook.store import StoreUnavailable
 
@@ -20,6 +21,15 @@ PG_URL = os.environ.get(
 
 
 _live_apps: list = []  # the apps make_app made for the running test
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.requires("node", ...)``: skipped when one is missing, failed under
+    CI (tests/prerequisites.py)."""
+    for mark in item.iter_markers(name="requires"):
+        for name in mark.args:
+            prerequisites.require(name)
 
 
 def _quiesce(apps) -> None:

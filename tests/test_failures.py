@@ -40,6 +40,7 @@ from tests.deliveries import (
 )
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
+from tests.prerequisites import require
 
 SEGMENT_DEADLINE = 5.0
 
@@ -74,8 +75,7 @@ def assert_every_event_reached_personalize(events: list[dict], messages: list[di
 
 # --- PostgreSQL stopped and started in the middle of a stream ------------------------------
 
-needs_pg = pytest.mark.skipif(not pg_server.available(),
-                              reason="PostgreSQL binaries or the postgres user are missing")
+needs_pg = pytest.mark.requires("postgresql")
 
 
 @pytest.fixture
@@ -177,8 +177,7 @@ def kill_database(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/kill.db"
         return
-    if not pg_server.available():
-        pytest.skip("PostgreSQL binaries or the postgres user are missing")
+    require("postgresql")
     with pg_server.ThrowawayPostgres() as pg:
         yield pg.url
 

@@ -2,8 +2,6 @@
 GetPersonalizedRanking (real boto3 against tests/fake_personalize.py), trait checks."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests import pg_server
@@ -186,8 +184,7 @@ def test_personalize_failure_falls_back_to_popularity(make_app, runtime):
     assert ids(answer) == ["hot", "a1"]
 
 
-@pytest.mark.skipif(not pg_server.available() and not os.environ.get("CI"),
-                    reason="PostgreSQL binaries or the postgres user are missing")
+@pytest.mark.requires("postgresql")
 def test_rank_during_a_database_outage_answers_503(make_app):
     """The local engine ranks from the store: while the database is down, 503 with
     Retry-After (as GET /recommendations), never the generic 500; then it recovers."""

@@ -260,7 +260,7 @@ INGEST_KEY = "sec-ingest-write-key-5566"
 DB_PASSWORD = "sec-db-password-8080"
 
 
-@pytest.mark.skipif(not pg_server.available(), reason="needs the PostgreSQL binaries")
+@pytest.mark.requires("postgresql")
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
 def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level, log_format):

@@ -23,13 +23,12 @@ from tests.segment_wire import (
     capture_corpus,
     capture_posts,
     classic_headers,
-    node_available,
     node_deliveries,
     node_sign,
     node_stringify,
 )
 
-needs_node = pytest.mark.skipif(not node_available(), reason="node not on PATH")
+needs_node = pytest.mark.requires("node")
 
 # analytics-python: isoformat(timespec="milliseconds") of an aware UTC datetime.
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")

@@ -16,12 +16,11 @@ from tests.conftest import AppliedClient, store_of
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
-    node_available,
     node_sign,
     node_stringify,
 )
 
-needs_node = pytest.mark.skipif(not node_available(), reason="node computes the signatures")
+needs_node = pytest.mark.requires("node")  # computes the signatures
 
 SECRET = "s3cr3t-ünïcode"
 OLD_SECRET, NEW_SECRET = "rotating-out", "rotating-in"

@@ -23,13 +23,12 @@ from tests.segment_wire import (
     actions_headers,
     capture_corpus,
     classic_headers,
-    node_available,
     node_deliveries,
     node_sign,
     node_stringify,
 )
 
-pytestmark = pytest.mark.skipif(not node_available(), reason="node computes the signatures")
+pytestmark = pytest.mark.requires("node")  # computes the signatures
 
 SECRET = "corpus-shared-secret"
 
