@@ -2,7 +2,7 @@
 
 ``gunicorn(env)`` starts ``gunicorn wsgi:app`` from the project folder (so
 gunicorn.conf.py applies) and yields (base_url, process); ``worker_pids`` and
-``wait_for_workers`` find its workers.
+``wait_for_workers`` find its workers; ``wait_for_log`` waits for a line in its output.
 """
 from __future__ import annotations
 
@@ -90,3 +90,15 @@ def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[
             return pids
         time.sleep(0.1)
     raise AssertionError(f"gunicorn has {worker_pids(master_pid)} workers, wanted {count}")
+
+
+def wait_for_log(process, text: str, timeout: float = 30.0) -> str:
+    """Poll the server's output until it contains ``text``; the output so far."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = process.log_path.read_text(errors="replace")
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout:.0f} s:\n{log[-3000:]}")
+        time.sleep(0.1)

@@ -49,13 +49,13 @@ def activating_app(personalize_app, tracking):
 
 def settle(app, timeout: float = 10.0) -> None:
     """Wait for the service's background activation work, then for the Segment client's
-    queue to be sent."""
+    queue to be sent (its flush returns once each queued call's request has been
+    answered, so the stand-in has recorded it)."""
     services = app.extensions["segment"]
     assert services.activation.wait_idle(timeout)
     flush = getattr(services.activation.publisher, "flush", None)
     if flush is not None:
         flush()
-    time.sleep(0.1)
 
 
 def published_lists(tracking, user_id: str) -> list[list[str]]:
