@@ -47,7 +47,8 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
             deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError("gunicorn exited:\n" + log_path.read_text(errors="replace"))
+                    raise RuntimeError(f"gunicorn exited with {process.returncode}:\n"
+                                       + log_path.read_text(errors="replace"))
                 try:
                     if requests.get(base + "/healthz", timeout=2).status_code in (200, 503):
                         break

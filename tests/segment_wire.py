@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
@@ -417,6 +419,12 @@ def node_deliveries(messages: list[dict], secret: str | bytes) -> dict:
         "batch_body": base64.b64decode(out["batch_body"]),
         "batch_signature": out["batch_signature"],
     }
+
+
+def py_sign(body: bytes, secret: str) -> str:
+    """Hex HMAC-SHA1 of ``body`` with Python's hmac (node_sign's counterpart, for tests
+    that sign raw bodies and need no JavaScript)."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
 
 
 def node_sign(body: bytes, secret: str | bytes) -> str:

@@ -320,7 +320,7 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
     wait, and the memory held for pending write-backs stops growing."""
     import tracemalloc
 
-    from tests.test_recommendations import metric
+    from tests.conftest import metric
 
     app = personalize_app(activation_queue_max=20, activation_interval_seconds=0)
     client = app.test_client()

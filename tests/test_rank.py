@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import pg_server
+from tests.conftest import aws_stand_ins
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
 
@@ -149,14 +150,7 @@ def test_token_required_with_secret_key(make_app):
 @pytest.fixture
 def runtime(monkeypatch):
     with FakePersonalizeRuntime(known_arns=[RANKING_ARN]) as fake:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME", fake.url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-example")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
-                     "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        aws_stand_ins(monkeypatch, personalize_runtime=fake.url)
         yield fake
 
 

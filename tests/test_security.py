@@ -20,7 +20,6 @@ from tests.deliveries import wait_applied
 from tests.gunicorn_server import gunicorn, wait_for_log
 from tests.fake_personalize import FakePersonalizeEvents, FakePersonalizeRuntime
 from tests.fake_segment_apis import FakeProfileAPI, FakeTrackingAPI
-from tests.segment_wire import capture_corpus
 from webhook import signature as signature_module
 from webhook.tokens import mint_token
 
@@ -265,8 +264,7 @@ LATE_VISITOR = "late.visitor@example.net"
 @pytest.mark.requires("postgresql")
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
-def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level, log_format):
-    corpus = capture_corpus()
+def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level, log_format, corpus):
     emails = {"jose@example.com", "jane.doe@example.org", "buyer+tag@shop.example",
               LATE_VISITOR}
     with pg_server.ThrowawayPostgres() as pg, FakePersonalizeEvents() as events, \

@@ -21,7 +21,6 @@ from tests.segment_wire import (
     STORY,
     USER_ID,
     actions_headers,
-    capture_corpus,
     classic_headers,
     node_deliveries,
     node_sign,
@@ -38,13 +37,6 @@ PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_OR
 
 # Interactions each message of the story makes, in story order.
 INTERACTIONS_PER_MESSAGE = [0, 1, 1, 1, 0, 0, 1, 2, 1, 1, 0, 0, 0]
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    messages = capture_corpus()
-    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
-    return messages
 
 
 @pytest.fixture(scope="module")
