@@ -57,8 +57,10 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterable, NamedTuple
+
+from tests.loopback import LoopbackServer
 
 __all__ = [
     "Attempt",
@@ -297,7 +299,7 @@ def _check_arn(obj: dict, key: str, path: str = "", *, required: bool = False):
 # --------------------------------------------------------------------------
 
 
-class _FakeService:
+class _FakeService(LoopbackServer):
     """Threaded HTTP server with recording and failure injection.
 
     Subclasses set ``ROUTES`` ({path: operation}) and implement
@@ -309,11 +311,8 @@ class _FakeService:
     SIGNING_NAME = "personalize"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0):
-        self._host, self._port = host, port
+        super().__init__(host=host, port=port)
         self._cond = threading.Condition()  # guards every mutable field below
-        self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._calls: list[Call] = []
         self._attempts: list[Attempt] = []
         self._clear_injection()
@@ -327,58 +326,6 @@ class _FakeService:
         self._fail_code = _DEFAULT_5XX_CODES[500]
         self._delay = 0.0
         self._delay_left: int | None = None  # None: every call
-
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            # HTTP/1.0: one request per connection, so a stopped fake never keeps
-            # serving pooled keep-alive connections.
-            protocol_version = "HTTP/1.0"
-
-            def do_POST(self):
-                owner._serve(self)
-
-            do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
-
-            def log_message(self, format, *args):  # keep pytest output quiet
-                pass
-
-        self._stopping.clear()
-        self._httpd = ThreadingHTTPServer((self._host, self._port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=type(self).__name__, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()  # wakes handlers sleeping in an injected delay
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
-            self._httpd = self._thread = None
-
-    @property
-    def stopped(self) -> bool:
-        return self._httpd is None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     # -- inspection --------------------------------------------------------
 
