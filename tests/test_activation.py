@@ -1,4 +1,4 @@
-"""Activation (issue 4): recommendations written back to the profile as a trait.
+"""Activation: recommendations written back to the profile as a trait.
 
 The Tracking API stand-in (``tests/fake_segment_apis.FakeTrackingAPI``) is a real HTTP
 server; the service reaches it with segment-analytics-python through SEGMENT_API_HOST and
@@ -263,7 +263,7 @@ def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking
         assert ids(body) == ["item-1", "item-2"]
 
 
-# --- consent fails closed (issue 13) --------------------------------------------------------
+# --- consent fails closed -------------------------------------------------------------------
 
 @pytest.mark.parametrize("outage", ["timeout", "error", "429", "unreachable"])
 def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_write_back(
@@ -311,7 +311,7 @@ def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating
     assert tracking.identifies() == []
 
 
-# --- bounded activation (issue 13) ----------------------------------------------------------
+# --- bounded activation ---------------------------------------------------------------------
 
 def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app,
                                                                     runtime):

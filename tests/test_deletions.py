@@ -1,4 +1,4 @@
-"""Deletion requests reach Amazon Personalize (issue 13): data deletion jobs.
+"""Deletion requests reach Amazon Personalize: data deletion jobs.
 
 Real parts: boto3's ``s3`` client against moto in server mode on loopback (an S3-protocol
 server), boto3's ``personalize`` client against ``tests/fake_personalize_control`` (the

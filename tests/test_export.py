@@ -1,4 +1,4 @@
-"""``flask --app webhook export``: Segment archives → Personalize bulk-import CSV (issue 8).
+"""``flask --app webhook export``: Segment archives → Personalize bulk-import CSV.
 
 The main check runs the same genuine messages (serialized by segment-analytics-python) down
 both paths — the real-time one into a stand-in of Personalize's PutEvents/PutUsers/PutItems

@@ -1,4 +1,4 @@
-"""POST /recommendations/rank (issue 8): the local engine, Personalize's
+"""POST /recommendations/rank: the local engine, Personalize's
 GetPersonalizedRanking (real boto3 against tests/fake_personalize.py), trait checks."""
 from __future__ import annotations
 

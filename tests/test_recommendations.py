@@ -1,4 +1,4 @@
-"""GET /recommendations (issue 4), end to end over real HTTP stand-ins.
+"""GET /recommendations, end to end over real HTTP stand-ins.
 
 * Amazon Personalize: the real boto3 ``personalize-runtime`` client against
   ``tests/fake_personalize.FakePersonalizeRuntime``, reached through
@@ -681,7 +681,7 @@ def test_ids_with_special_characters_reach_both_upstreams_intact(personalize_app
     assert recommendation_calls(runtime)[0]["userId"] == user
 
 
-# --- trait values never leave without the visitor's token (issue 13) ------------------------
+# --- trait values never leave without the visitor's token -----------------------------------
 
 def test_trait_values_only_with_the_visitors_token(personalize_app, profile_api):
     traits = {"purchased_products": ["item-1", "item-2"], "recommendations_opt_out": False}
@@ -719,7 +719,7 @@ def test_rank_shows_no_trait_values_without_a_token(personalize_app, profile_api
     assert "traitValues" not in body
 
 
-# --- the Profile API budget (issue 13) ------------------------------------------------------
+# --- the Profile API budget -----------------------------------------------------------------
 
 def test_concurrent_requests_for_one_visitor_share_one_profile_call(personalize_app,
                                                                     profile_api):
@@ -870,7 +870,7 @@ def test_300_cold_visitors_in_a_second_stay_within_100_per_second(tmp_path, runt
     assert written_back <= personalized
 
 
-# --- popularity is not an artefact of the wall clock (issue 13) ----------------------------
+# --- popularity is not an artefact of the wall clock ---------------------------------------
 
 def test_imported_best_seller_still_ranks_first_after_one_new_event(make_app, tmp_path):
     """A shop imports its 2019 history, then the first live event arrives: the

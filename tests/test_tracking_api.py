@@ -1,4 +1,4 @@
-"""The Segment-compatible Tracking API, POST /v1/* (issue 8).
+"""The Segment-compatible Tracking API, POST /v1/*.
 
 End to end: the real segment-analytics-python Client pointed at the service under gunicorn
 (``host=``), checked in the store against the same story sent through POST /segment.
