@@ -6,8 +6,7 @@ which speak the services' documented wire protocol (``rest-json``, botocore
 models ``personalize-events/2018-03-22`` and ``personalize-runtime/2018-05-22``):
 
 * ``FakePersonalizeEvents``  -- PutEvents (POST /events), PutUsers (POST /users),
-  PutItems (POST /items), PutActions (POST /actions),
-  PutActionInteractions (POST /action-interactions).
+  PutItems (POST /items): the calls the service makes.
 * ``FakePersonalizeRuntime`` -- GetRecommendations (POST /recommendations),
   GetPersonalizedRanking (POST /personalize-ranking).
 
@@ -269,13 +268,13 @@ def _check_json_properties(obj: dict, key: str, path: str, *, max_len: int) -> N
 # --------------------------------------------------------------------------
 
 ARN_PATTERN = r"arn:([a-z\d-]+):personalize:.*:.*:.+"  # shape Arn, max 256
-ID_MAX = 256  # StringType / UserId / ItemId / ActionId: 1..256
-EVENT_LIST_MAX = 10  # EventList 1..10 (also UserList, ItemList, ActionList, ...)
-EVENT_PROPERTIES_MAX = 1024  # EventPropertiesJSON / ActionInteractionProperties
+ID_MAX = 256  # StringType / UserId / ItemId: 1..256
+EVENT_LIST_MAX = 10  # EventList 1..10 (also UserList, ItemList)
+EVENT_PROPERTIES_MAX = 1024  # EventPropertiesJSON
 USER_PROPERTIES_MAX = 24000  # UserProperties
-ITEM_PROPERTIES_MAX = 32000  # ItemProperties / ActionProperties
+ITEM_PROPERTIES_MAX = 32000  # ItemProperties
 RECOMMENDATION_ID_MAX = 40  # RecommendationId 1..40
-IMPRESSION_MAX = 25  # Impression / ActionImpression 1..25
+IMPRESSION_MAX = 25  # Impression 1..25
 ATTRIBUTION_PATTERN = r"^[\x20-\x7E]*[\x21-\x7E]+[\x20-\x7E]*$"  # EventAttributionSource, max 1024
 
 NUM_RESULTS_DEFAULT = 25
@@ -505,7 +504,7 @@ class _FakeService(LoopbackServer):
 class FakePersonalizeEvents(_FakeService):
     """Fake ``personalize-events`` endpoint (rest-json, API version 2018-03-22).
 
-    ``known_dataset_arns``: if given, PutUsers/PutItems/PutActions with any other
+    ``known_dataset_arns``: if given, PutUsers/PutItems with any other
     datasetArn answer 404 ResourceNotFoundException.
     """
 
@@ -513,8 +512,6 @@ class FakePersonalizeEvents(_FakeService):
         "/events": "PutEvents",
         "/users": "PutUsers",
         "/items": "PutItems",
-        "/actions": "PutActions",
-        "/action-interactions": "PutActionInteractions",
     }
 
     def __init__(self, *, known_dataset_arns: Iterable[str] | None = None, **kwargs):
@@ -600,7 +597,7 @@ class FakePersonalizeEvents(_FakeService):
             raise _invalid(f"Rejected eventId(s): {', '.join(sorted(rejected))}")
 
     def _put_records(self, body: dict, key: str, id_key: str, props_max: int,
-                     rejected_attr: str | None) -> None:
+                     rejected_attr: str) -> None:
         arn = _check_arn(body, "datasetArn", required=True)
         records = _check_list(body, key, required=True, min_len=1, max_len=EVENT_LIST_MAX)
         for i, record in enumerate(records):
@@ -612,8 +609,7 @@ class FakePersonalizeEvents(_FakeService):
         if self.known_dataset_arns is not None and arn not in self.known_dataset_arns:
             raise _ApiError(404, "ResourceNotFoundException", f"Could not find resource: {arn}")
         with self._cond:
-            rejected = getattr(self, rejected_attr) if rejected_attr else set()
-            hit = rejected & {r[id_key] for r in records}
+            hit = getattr(self, rejected_attr) & {r[id_key] for r in records}
         if hit:
             raise _invalid(f"Rejected {id_key}(s): {', '.join(sorted(hit))}")
 
@@ -623,27 +619,6 @@ class FakePersonalizeEvents(_FakeService):
     def _handle_PutItems(self, body: dict) -> None:
         self._put_records(body, "items", "itemId", ITEM_PROPERTIES_MAX, "_rejected_items")
 
-    def _handle_PutActions(self, body: dict) -> None:
-        self._put_records(body, "actions", "actionId", ITEM_PROPERTIES_MAX, None)
-
-    def _handle_PutActionInteractions(self, body: dict) -> None:
-        _check_str(body, "trackingId", required=True, min_len=1, max_len=ID_MAX)
-        records = _check_list(body, "actionInteractions", required=True,
-                              min_len=1, max_len=EVENT_LIST_MAX)
-        for i, rec in enumerate(records):
-            p = f"actionInteractions.{i + 1}.member."
-            if not isinstance(rec, dict):
-                raise _type_error(p[:-1], "an object")
-            for key in ("actionId", "sessionId", "eventType"):
-                _check_str(rec, key, p, required=True, min_len=1, max_len=ID_MAX)
-            for key in ("userId", "eventId"):
-                _check_str(rec, key, p, min_len=1, max_len=ID_MAX)
-            _check_timestamp(rec, "timestamp", p, required=True)
-            _check_str(rec, "recommendationId", p, min_len=1, max_len=RECOMMENDATION_ID_MAX)
-            impression = _check_list(rec, "impression", p, min_len=1, max_len=IMPRESSION_MAX)
-            if impression is not None:
-                _check_str_items(impression, f"{p}impression", min_len=1, max_len=ID_MAX)
-            _check_json_properties(rec, "properties", p, max_len=EVENT_PROPERTIES_MAX)
 
 
 # --------------------------------------------------------------------------
