@@ -313,6 +313,7 @@ def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating
 
 # --- bounded activation ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app,
                                                                     runtime):
     """Write-backs cannot keep up (the database is busy: another writer holds it): the

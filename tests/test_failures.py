@@ -84,6 +84,8 @@ def throwaway_pg():
         yield pg
 
 
+@pytest.mark.slow
+@pytest.mark.chaos
 @needs_pg
 def test_postgres_stopped_mid_stream_answers_503_and_redelivery_loses_nothing(
         throwaway_pg, tmp_path):
@@ -138,6 +140,8 @@ def test_postgres_stopped_mid_stream_answers_503_and_redelivery_loses_nothing(
     no_unhandled_errors(process.log_path.read_text(errors="replace"))
 
 
+@pytest.mark.slow
+@pytest.mark.chaos
 @needs_pg
 def test_recommendations_while_postgres_is_down_are_a_503_or_degraded_never_a_500(
         throwaway_pg, tmp_path):
@@ -199,6 +203,8 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
+@pytest.mark.chaos
 def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_database,
                                                                        tmp_path):
     """Personalize mode (a stand-in answering after 30 ms, so batches take a while): while
@@ -280,6 +286,8 @@ def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_data
 OUTAGE = {"unreachable": 60.0, "throttled": 30.0}
 
 
+@pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.parametrize("trouble", ["unreachable", "throttled"])
 def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(trouble,
                                                                               tmp_path):
@@ -349,6 +357,7 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
 
 # --- retention pruning while deliveries go on ---------------------------------------------
 
+@pytest.mark.slow
 def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_is_a_duplicate(
         tmp_path):
     window = 8.0  # seconds an inbox row (and its claim) is kept
@@ -410,6 +419,7 @@ def _seeded_profile_app(make_app, profile_url: str):
     return app, client
 
 
+@pytest.mark.chaos
 @pytest.mark.parametrize("failure", ["slow", "error", "gone"])
 def test_profile_api_slow_or_down_recommendations_served_in_time_marked_degraded(
         make_app, failure):

@@ -281,6 +281,7 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
 
 # --- under gunicorn: never a dead worker --------------------------------------------------
 
+@pytest.mark.slow
 def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
     """A bounded stream of generated hostile bodies into real gunicorn workers: no 5xx,
     the same two worker processes at the end, and they still store a good delivery."""

@@ -11,6 +11,8 @@ import requests
 from tests.conftest import sample
 from tests.gunicorn_server import gunicorn
 
+pytestmark = pytest.mark.slow  # each test starts gunicorn
+
 SECRET = "gunicorn-test-secret"
 
 

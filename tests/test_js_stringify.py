@@ -48,6 +48,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(json_values, min_size=1, max_size=20))
 def test_arbitrary_json_matches_node(values):

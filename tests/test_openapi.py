@@ -116,6 +116,7 @@ def _schemathesis(base: str, workdir: Path, *args: str) -> subprocess.CompletedP
                           env=env)
 
 
+@pytest.mark.slow
 def test_schemathesis_every_answer_conforms_and_none_is_a_5xx(service):
     base, process, tmp = service
     result = _schemathesis(base, tmp, "--checks", CONFORMANCE_CHECKS,
@@ -128,6 +129,7 @@ def test_schemathesis_every_answer_conforms_and_none_is_a_5xx(service):
     assert "unhandled error" not in log and "Traceback" not in log, log[-5000:]
 
 
+@pytest.mark.slow
 def test_schemathesis_invalid_recommendation_parameters_are_refused(service):
     """Negative data (numResults out of range or not a number, over-long ids) gets a 4xx."""
     base, _, tmp = service

@@ -394,6 +394,7 @@ def test_local_store_keeps_catalog_and_profiles_in_personalize_mode(
 
 # --- big batches ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake):
     app = personalize_app()
     sizes = {("anon-a", None): 1234, ("anon-b", "user-b"): 997, ("user-c", "user-c"): 805,

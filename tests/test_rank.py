@@ -178,6 +178,7 @@ def test_personalize_failure_falls_back_to_popularity(make_app, runtime):
     assert ids(answer) == ["hot", "a1"]
 
 
+@pytest.mark.chaos
 @pytest.mark.requires("postgresql")
 def test_rank_during_a_database_outage_answers_503(make_app):
     """The local engine ranks from the store: while the database is down, 503 with

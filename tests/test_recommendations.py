@@ -795,6 +795,7 @@ def test_each_host_takes_its_share_of_the_budget(personalize_app, profile_api, d
             assert body["source"] == "popular" and "over_budget" in body["degraded"]["profile"]
 
 
+@pytest.mark.slow
 def test_300_cold_visitors_in_a_second_stay_within_100_per_second(tmp_path, runtime):
     """Real gunicorn, two workers sharing one host budget; the stand-in allows 100
     requests/s (429 above, as Segment does). Half the visitors opted out."""

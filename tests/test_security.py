@@ -261,6 +261,7 @@ DB_PASSWORD = "sec-db-password-8080"
 LATE_VISITOR = "late.visitor@example.net"
 
 
+@pytest.mark.slow
 @pytest.mark.requires("postgresql")
 @pytest.mark.parametrize("log_format", ["json", "text"])
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])

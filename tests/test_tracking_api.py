@@ -184,6 +184,7 @@ def test_duplicates_and_batch_context(api):
 
 # --- end to end: segment-analytics-python against gunicorn --------------------------------
 
+@pytest.mark.slow
 def test_segment_analytics_python_against_the_running_service(tmp_path, make_app, corpus):
     from segment.analytics import Client
     from segment.analytics.request import APIError
