@@ -317,7 +317,9 @@ def test_a_full_run_logs_no_secret_and_no_email(tmp_path, level, log_format, cor
     assert not found, [line[:300] for line in log.splitlines() if EMAIL_RE.search(line)][:3]
     assert not any(e in log for e in emails)
     # The run did happen, and was logged in the format asked for, the activation included.
-    assert ('"delivery": "stored"' if log_format == "json" else " delivery=stored ") in log
+    # (A delivery answered 2xx is logged at DEBUG only; a recommendation request at INFO.)
+    assert ('"path": "/recommendations", "status": 200' if log_format == "json"
+            else " path=/recommendations status=200 ") in log
     assert "segment tracking api refused" in log
 
 
