@@ -1,11 +1,12 @@
 # Two commands: `make run` (install and start on the embedded default) and `make test`;
-# `make demo` starts on a generated shop instead (its own database, instance/demo/).
+# `make demo` starts on a generated shop instead (its own database, instance/demo/);
+# `make test-fast` leaves out the slow, chaos and browser tests (pytest.ini's markers).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: run demo test install install-dev clean
+.PHONY: run demo test test-fast install install-dev clean
 
 run: install
 	PORT=$(PORT) $(BIN)/gunicorn wsgi:app
@@ -15,6 +16,9 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -m "not slow and not chaos and not browser"
 
 install: $(VENV)/.requirements
 install-dev: $(VENV)/.requirements-dev

@@ -14,7 +14,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import random
 import resource
 import subprocess

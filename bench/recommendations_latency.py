@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GET /recommendations latency, end to end, with both upstreams 100 ms away (issue 4).
+"""GET /recommendations latency, end to end, with both upstreams 100 ms away.
 
 Usage (from the repo root)::
 

@@ -2,16 +2,26 @@
 
 SQLite lives in the test's temporary folder; PostgreSQL is the server on this machine
 (TEST_DATABASE_URL, default the local `test` database), one fresh schema per test.
+Also here: the genuine ``corpus``, ``aws_stand_ins`` (boto3 pointed at local stand-ins)
+and ``metric`` (a sample from GET /metrics). Elsewhere, once each: the gunicorn launcher
+and ``free_port`` (tests/gunicorn_server.py), Segment-style deliveries and their ledger
+(tests/deliveries.py), the wire-level corpus and Node.js signing (tests/segment_wire.py),
+the stand-in servers (tests/fake_*.py) and the machine's prerequisites
+(tests/prerequisites.py).
 """
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests import prerequisites
+from tests.segment_wire import STORY, capture_corpus
 from webhook import create_app
 from webhook.store import StoreUnavailable
 
@@ -20,6 +30,15 @@ PG_URL = os.environ.get(
 
 
 _live_apps: list = []  # the apps make_app made for the running test
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.requires("node", ...)``: skipped when one is missing, failed under
+    CI (tests/prerequisites.py)."""
+    for mark in item.iter_markers(name="requires"):
+        for name in mark.args:
+            prerequisites.require(name)
 
 
 def _quiesce(apps) -> None:
@@ -115,10 +134,23 @@ def store_of(app):
 def applied(app, timeout: float = 30.0) -> None:
     """Apply everything the app's inbox holds now, in this thread: what the background
     appliers of a server worker do after each delivery (tests run no server threads).
-    With the store down there is nothing to apply it to: it stays in the inbox."""
+    With the store down there is nothing to apply it to: it stays in the inbox.
+
+    On PostgreSQL an applier reads only rows written before every transaction still
+    running on the server began (the shared server: other tests' and other processes'
+    too), so one drain can stop short of rows already committed: drained again until no
+    applier has a row pending."""
     services = app.extensions["segment"]
+    deadline = time.monotonic() + timeout
     try:
-        assert services.drain(timeout=timeout), "the inbox was not applied"
+        while True:
+            assert services.drain(timeout=max(0.1, deadline - time.monotonic())), \
+                "the inbox was not applied"
+            lag = services.inbox.lag(services.runners)
+            if not any(each.pending for each in lag.values()):
+                return
+            assert time.monotonic() < deadline, f"the inbox was not applied: {lag}"
+            time.sleep(0.01)
     except StoreUnavailable:
         pass
 
@@ -126,3 +158,45 @@ def applied(app, timeout: float = 30.0) -> None:
 def raw_client(app) -> FlaskClient:
     """A test client that leaves the inbox as it is (nothing applied)."""
     return FlaskClient(app, app.response_class, use_cookies=True)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """The genuine corpus: the scripted story as segment-analytics-python serialized it
+    (tests/segment_wire.py), in send order; captured once per test module."""
+    messages = capture_corpus()
+    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
+    return messages
+
+
+def aws_stand_ins(monkeypatch, **endpoints: str) -> None:
+    """boto3, as the code under test makes its clients (on first use), pointed at local
+    stand-ins with dummy credentials, and nothing of the developer's AWS setup or proxies
+    in the way. ``personalize_events=url`` sets AWS_ENDPOINT_URL_PERSONALIZE_EVENTS;
+    likewise ``personalize_runtime``, ``personalize``, ``s3``."""
+    for service, url in endpoints.items():
+        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{service.upper()}", url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
+                 "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with exactly ``labels`` in Prometheus text (0 when
+    the series does not exist yet)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return 0.0
+
+
+def metric(app_or_client, name: str, **labels: str) -> float:
+    """``sample`` read from the app's GET /metrics."""
+    client = (app_or_client if isinstance(app_or_client, FlaskClient)
+              else app_or_client.test_client())
+    return sample(client.get("/metrics").get_data(as_text=True), name, **labels)

@@ -6,8 +6,7 @@ which speak the services' documented wire protocol (``rest-json``, botocore
 models ``personalize-events/2018-03-22`` and ``personalize-runtime/2018-05-22``):
 
 * ``FakePersonalizeEvents``  -- PutEvents (POST /events), PutUsers (POST /users),
-  PutItems (POST /items), PutActions (POST /actions),
-  PutActionInteractions (POST /action-interactions).
+  PutItems (POST /items): the calls the service makes.
 * ``FakePersonalizeRuntime`` -- GetRecommendations (POST /recommendations),
   GetPersonalizedRanking (POST /personalize-ranking).
 
@@ -57,8 +56,10 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterable, NamedTuple
+
+from tests.loopback import LoopbackServer
 
 __all__ = [
     "Attempt",
@@ -267,13 +268,13 @@ def _check_json_properties(obj: dict, key: str, path: str, *, max_len: int) -> N
 # --------------------------------------------------------------------------
 
 ARN_PATTERN = r"arn:([a-z\d-]+):personalize:.*:.*:.+"  # shape Arn, max 256
-ID_MAX = 256  # StringType / UserId / ItemId / ActionId: 1..256
-EVENT_LIST_MAX = 10  # EventList 1..10 (also UserList, ItemList, ActionList, ...)
-EVENT_PROPERTIES_MAX = 1024  # EventPropertiesJSON / ActionInteractionProperties
+ID_MAX = 256  # StringType / UserId / ItemId: 1..256
+EVENT_LIST_MAX = 10  # EventList 1..10 (also UserList, ItemList)
+EVENT_PROPERTIES_MAX = 1024  # EventPropertiesJSON
 USER_PROPERTIES_MAX = 24000  # UserProperties
-ITEM_PROPERTIES_MAX = 32000  # ItemProperties / ActionProperties
+ITEM_PROPERTIES_MAX = 32000  # ItemProperties
 RECOMMENDATION_ID_MAX = 40  # RecommendationId 1..40
-IMPRESSION_MAX = 25  # Impression / ActionImpression 1..25
+IMPRESSION_MAX = 25  # Impression 1..25
 ATTRIBUTION_PATTERN = r"^[\x20-\x7E]*[\x21-\x7E]+[\x20-\x7E]*$"  # EventAttributionSource, max 1024
 
 NUM_RESULTS_DEFAULT = 25
@@ -297,7 +298,7 @@ def _check_arn(obj: dict, key: str, path: str = "", *, required: bool = False):
 # --------------------------------------------------------------------------
 
 
-class _FakeService:
+class _FakeService(LoopbackServer):
     """Threaded HTTP server with recording and failure injection.
 
     Subclasses set ``ROUTES`` ({path: operation}) and implement
@@ -309,11 +310,8 @@ class _FakeService:
     SIGNING_NAME = "personalize"
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0):
-        self._host, self._port = host, port
+        super().__init__(host=host, port=port)
         self._cond = threading.Condition()  # guards every mutable field below
-        self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._calls: list[Call] = []
         self._attempts: list[Attempt] = []
         self._clear_injection()
@@ -327,58 +325,6 @@ class _FakeService:
         self._fail_code = _DEFAULT_5XX_CODES[500]
         self._delay = 0.0
         self._delay_left: int | None = None  # None: every call
-
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            # HTTP/1.0: one request per connection, so a stopped fake never keeps
-            # serving pooled keep-alive connections.
-            protocol_version = "HTTP/1.0"
-
-            def do_POST(self):
-                owner._serve(self)
-
-            do_GET = do_PUT = do_DELETE = do_PATCH = do_POST
-
-            def log_message(self, format, *args):  # keep pytest output quiet
-                pass
-
-        self._stopping.clear()
-        self._httpd = ThreadingHTTPServer((self._host, self._port), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=type(self).__name__, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()  # wakes handlers sleeping in an injected delay
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
-            self._httpd = self._thread = None
-
-    @property
-    def stopped(self) -> bool:
-        return self._httpd is None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._httpd is None:
-            raise RuntimeError("server not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     # -- inspection --------------------------------------------------------
 
@@ -558,7 +504,7 @@ class _FakeService:
 class FakePersonalizeEvents(_FakeService):
     """Fake ``personalize-events`` endpoint (rest-json, API version 2018-03-22).
 
-    ``known_dataset_arns``: if given, PutUsers/PutItems/PutActions with any other
+    ``known_dataset_arns``: if given, PutUsers/PutItems with any other
     datasetArn answer 404 ResourceNotFoundException.
     """
 
@@ -566,8 +512,6 @@ class FakePersonalizeEvents(_FakeService):
         "/events": "PutEvents",
         "/users": "PutUsers",
         "/items": "PutItems",
-        "/actions": "PutActions",
-        "/action-interactions": "PutActionInteractions",
     }
 
     def __init__(self, *, known_dataset_arns: Iterable[str] | None = None, **kwargs):
@@ -653,7 +597,7 @@ class FakePersonalizeEvents(_FakeService):
             raise _invalid(f"Rejected eventId(s): {', '.join(sorted(rejected))}")
 
     def _put_records(self, body: dict, key: str, id_key: str, props_max: int,
-                     rejected_attr: str | None) -> None:
+                     rejected_attr: str) -> None:
         arn = _check_arn(body, "datasetArn", required=True)
         records = _check_list(body, key, required=True, min_len=1, max_len=EVENT_LIST_MAX)
         for i, record in enumerate(records):
@@ -665,8 +609,7 @@ class FakePersonalizeEvents(_FakeService):
         if self.known_dataset_arns is not None and arn not in self.known_dataset_arns:
             raise _ApiError(404, "ResourceNotFoundException", f"Could not find resource: {arn}")
         with self._cond:
-            rejected = getattr(self, rejected_attr) if rejected_attr else set()
-            hit = rejected & {r[id_key] for r in records}
+            hit = getattr(self, rejected_attr) & {r[id_key] for r in records}
         if hit:
             raise _invalid(f"Rejected {id_key}(s): {', '.join(sorted(hit))}")
 
@@ -676,27 +619,6 @@ class FakePersonalizeEvents(_FakeService):
     def _handle_PutItems(self, body: dict) -> None:
         self._put_records(body, "items", "itemId", ITEM_PROPERTIES_MAX, "_rejected_items")
 
-    def _handle_PutActions(self, body: dict) -> None:
-        self._put_records(body, "actions", "actionId", ITEM_PROPERTIES_MAX, None)
-
-    def _handle_PutActionInteractions(self, body: dict) -> None:
-        _check_str(body, "trackingId", required=True, min_len=1, max_len=ID_MAX)
-        records = _check_list(body, "actionInteractions", required=True,
-                              min_len=1, max_len=EVENT_LIST_MAX)
-        for i, rec in enumerate(records):
-            p = f"actionInteractions.{i + 1}.member."
-            if not isinstance(rec, dict):
-                raise _type_error(p[:-1], "an object")
-            for key in ("actionId", "sessionId", "eventType"):
-                _check_str(rec, key, p, required=True, min_len=1, max_len=ID_MAX)
-            for key in ("userId", "eventId"):
-                _check_str(rec, key, p, min_len=1, max_len=ID_MAX)
-            _check_timestamp(rec, "timestamp", p, required=True)
-            _check_str(rec, "recommendationId", p, min_len=1, max_len=RECOMMENDATION_ID_MAX)
-            impression = _check_list(rec, "impression", p, min_len=1, max_len=IMPRESSION_MAX)
-            if impression is not None:
-                _check_str_items(impression, f"{p}impression", min_len=1, max_len=ID_MAX)
-            _check_json_properties(rec, "properties", p, max_len=EVENT_PROPERTIES_MAX)
 
 
 # --------------------------------------------------------------------------

@@ -27,11 +27,12 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
 from tests.fake_personalize import ARN_PATTERN, _ApiError, _check_str
+from tests.loopback import LoopbackServer
 
 TARGET_PREFIX = "AmazonPersonalize."
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9\-_]*"
@@ -39,8 +40,9 @@ ROLE_PATTERN = r"arn:([a-z\d-]+):iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+"
 S3_PATTERN = r"(s3|http|https)://.+"
 
 
-class FakePersonalizeControl:
+class FakePersonalizeControl(LoopbackServer):
     def __init__(self, *, s3=None, region: str = "us-east-1", account: str = "123456789012"):
+        super().__init__()
         self.s3 = s3
         self.region, self.account = region, account
         self._cond = threading.Condition()
@@ -49,47 +51,6 @@ class FakePersonalizeControl:
         self._fail_next = 0
         self._fail_reason = ""
         self.calls: list[tuple[str, dict]] = []     # (operation, body) of accepted calls
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_POST(self):
-                owner._serve(self)
-
-            def log_message(self, format, *args):
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
-            self._httpd = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     # -- control and inspection ----------------------------------------------------------
 

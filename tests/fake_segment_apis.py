@@ -27,9 +27,10 @@ import gzip
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.loopback import LoopbackServer
 
 
 def _basic_user(header: str | None) -> str | None:
@@ -47,76 +48,31 @@ def _basic_user(header: str | None) -> str | None:
     return user if sep else None
 
 
-class _Server:
+class _Server(LoopbackServer):
     """A threaded HTTP server with a request log and delay/failure injection."""
 
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive, like Segment's
+    handler_timeout = 10  # an idle keep-alive connection ends after this
+    disable_nagle = True
+    request_queue_size = 128
+    poll_interval = 0.02
 
     def __init__(self) -> None:
+        super().__init__()
         self._cond = threading.Condition()
-        self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._delay = 0.0
         self._fail_status: int | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self):
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = owner.protocol_version
-            timeout = 10  # an idle keep-alive connection ends after this
-            # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
-            # algorithm plus the client's delayed ACK would add ~40 ms to every answer
-            # on a kept-alive connection, which Segment's servers do not.
-            disable_nagle_algorithm = True
-
-            def _any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                status, headers, payload = owner._handle(self, body)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _any
-
-            def log_message(self, format, *args):
-                pass
-
-        self._stopping.clear()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 128
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.02},
-                                        name=type(self).__name__, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
-            self._httpd = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+    def _serve(self, handler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        status, headers, payload = self._handle(handler, body)
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
 
     # -- injection -----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 ``gunicorn(env)`` starts ``gunicorn wsgi:app`` from the project folder (so
 gunicorn.conf.py applies) and yields (base_url, process); ``worker_pids`` and
-``wait_for_workers`` find its workers.
+``wait_for_workers`` find its workers; ``wait_for_log`` waits for a line in its output.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
             deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError("gunicorn exited:\n" + log_path.read_text(errors="replace"))
+                    raise RuntimeError(f"gunicorn exited with {process.returncode}:\n"
+                                       + log_path.read_text(errors="replace"))
                 try:
                     if requests.get(base + "/healthz", timeout=2).status_code in (200, 503):
                         break
@@ -90,3 +91,15 @@ def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[
             return pids
         time.sleep(0.1)
     raise AssertionError(f"gunicorn has {worker_pids(master_pid)} workers, wanted {count}")
+
+
+def wait_for_log(process, text: str, timeout: float = 30.0) -> str:
+    """Poll the server's output until it contains ``text``; the output so far."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = process.log_path.read_text(errors="replace")
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged within {timeout:.0f} s:\n{log[-3000:]}")
+        time.sleep(0.1)

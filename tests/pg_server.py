@@ -13,9 +13,13 @@ last commits on an immediate stop, and make a correct service look like it lost 
         url = pg.url                     # postgresql+psycopg://postgres@127.0.0.1:PORT/postgres
         pg.stop(mode="immediate")        # as if it crashed: every connection dropped
         pg.start()                       # crash recovery, same data, same port
+
+The binaries are the installed server's (``bin_dir``); a test that needs them says so
+with ``pytest.mark.requires("postgresql")`` (tests/prerequisites.py).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -25,12 +29,43 @@ import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+from tests.gunicorn_server import free_port
+
+
+@functools.cache
+def bin_dir() -> Path | None:
+    """The folder of the installed server's initdb and pg_ctl: ``PG_BIN`` if set, else
+    what ``pg_config --bindir`` says, else the newest ``/usr/lib/postgresql/*/bin``
+    (Debian's layout), else wherever ``initdb`` is on PATH. None when there is none."""
+    def usable(folder) -> bool:
+        return folder is not None and all(
+            (Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl"))
+
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"]) if usable(os.environ["PG_BIN"]) else None
+    candidates = []
+    try:
+        candidates.append(subprocess.run(["pg_config", "--bindir"], capture_output=True,
+                                         text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # pg_config may be libpq-dev's, naming the client library's version, not the server's.
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                      key=lambda path: int(path.parent.name) if path.parent.name.isdigit()
+                      else -1, reverse=True)
+    candidates += [str(path) for path in versions]
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb")).resolve().parent))
+    return next((Path(folder) for folder in candidates if folder and usable(folder)), None)
+
+
+def can_run_as_postgres() -> bool:
+    """PostgreSQL refuses to run as root: then it runs as the ``postgres`` user."""
+    return os.geteuid() != 0 or _postgres_user() is not None
 
 
 def available() -> bool:
-    return (BIN / "initdb").exists() and (BIN / "pg_ctl").exists() and (
-        os.geteuid() != 0 or _postgres_user() is not None)
+    return bin_dir() is not None and can_run_as_postgres()
 
 
 def _postgres_user():
@@ -40,15 +75,13 @@ def _postgres_user():
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ThrowawayPostgres:
     def __init__(self, port: int | None = None):
-        self.port = port or _free_port()
+        self.bin = bin_dir()
+        if self.bin is None:
+            raise RuntimeError("the PostgreSQL server binaries are not installed "
+                               "(tests.prerequisites says how to get them)")
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="throwaway-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
@@ -83,7 +116,7 @@ class ThrowawayPostgres:
             user = _postgres_user()
             for path in (self.root, self.socket_dir):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        self._run(BIN / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
+        self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
         self._initialized = True
 
@@ -93,17 +126,17 @@ class ThrowawayPostgres:
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 "
                    f"-k {self.socket_dir} -c fsync=off "
                    f"-c full_page_writes=off -c max_connections=60")
-        self._run(BIN / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options,
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options,
                   "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
 
     def stop(self, mode: str = "fast", timeout: float = 30) -> None:
         """``fast``: roll back open transactions, close connections, shut down cleanly;
         ``immediate``: kill every server process at once (crash recovery on start)."""
-        self._run(BIN / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", str(int(timeout)),
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", str(int(timeout)),
                   "stop", timeout=timeout + 10)
 
     def running(self) -> bool:
-        command = [str(BIN / "pg_ctl"), "-D", str(self.data), "status"]
+        command = [str(self.bin / "pg_ctl"), "-D", str(self.data), "status"]
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         return subprocess.run(command, capture_output=True, timeout=30).returncode == 0

@@ -11,8 +11,8 @@ Everything here is deliberately independent of the code under test (``webhook/``
   Python bug in the receiver cannot be mirrored by a Python bug in the fixture.
 * ``classic_headers()`` / ``actions_headers()`` return the request headers the
   Webhooks (Classic) and Webhooks (Actions) destinations send.
-* ``CaptureServer`` is a tiny recording HTTP server, usable as a stand-in for
-  any upstream HTTP service.
+* ``CaptureServer`` is a tiny recording HTTP server (on tests/loopback.py), usable as a
+  stand-in for any upstream HTTP service.
 
 Plain functions and classes only; pytest fixtures belong in the test modules.
 """
@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
+import hashlib
+import hmac
 import json
 import shutil
 import subprocess
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, NamedTuple
 
 from requests.structures import CaseInsensitiveDict
+
+from tests.loopback import LoopbackServer
 
 # --------------------------------------------------------------------------
 # Fixed ids used by the scripted story (tests may assert on these).
@@ -150,11 +153,28 @@ class CapturedRequest(NamedTuple):
         return json.loads(self.decoded_body())
 
 
+def _read_body(handler) -> bytes:
+    """The request's body as sent: Content-Length, or chunked transfer coding."""
+    if "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower():
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                # Skip optional trailers up to the terminating blank line.
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()  # CRLF after each chunk
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
 # respond(request) -> (status, headers, body bytes)
 Responder = Callable[[CapturedRequest], "tuple[int, dict[str, str], bytes]"]
 
 
-class CaptureServer:
+class CaptureServer(LoopbackServer):
     """A recording HTTP server on 127.0.0.1 with an ephemeral port.
 
     ``with CaptureServer(status=200, json_body={}) as srv: ... srv.url ...``
@@ -165,6 +185,8 @@ class CaptureServer:
     ``(status, headers, body_bytes)``.
     """
 
+    poll_interval = 0.02  # keeps stop() (shutdown waits for one poll) fast
+
     def __init__(
         self,
         status: int = 200,
@@ -173,99 +195,34 @@ class CaptureServer:
         headers: dict[str, str] | None = None,
         respond: Responder | None = None,
     ):
+        super().__init__()
         self.status = status
         self.json_body = {} if json_body is None else json_body
         self.headers = dict(headers or {})
         self.respond = respond
         self._requests: list[CapturedRequest] = []
         self._cond = threading.Condition()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> "CaptureServer":
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            # HTTP/1.0: one request per connection, so shutdown never waits on
-            # idle keep-alive sockets.
-            protocol_version = "HTTP/1.0"
-
-            def _handle(self):
-                body = self._read_body()
-                req = CapturedRequest(
-                    method=self.command,
-                    path=self.path,
-                    headers=CaseInsensitiveDict(self.headers.items()),
-                    body=body,
-                )
-                with owner._cond:
-                    owner._requests.append(req)
-                    owner._cond.notify_all()
-                status, headers, payload = owner._response_for(req)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-
-            def _read_body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            # Skip optional trailers up to the terminating blank line.
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()  # CRLF after each chunk
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
-
-            def log_message(self, format, *args):  # keep test output quiet
-                pass
-
-        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
-            setattr(Handler, "do_" + method, Handler._handle)
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        # A short poll interval keeps stop() (shutdown waits for one poll) fast.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="CaptureServer", daemon=True
+    def _serve(self, handler) -> None:
+        req = CapturedRequest(
+            method=handler.command,
+            path=handler.path,
+            headers=CaseInsensitiveDict(handler.headers.items()),
+            body=_read_body(handler),
         )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join(timeout=5)
-            self._httpd = None
-
-    def __enter__(self) -> "CaptureServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        with self._cond:
+            self._requests.append(req)
+            self._cond.notify_all()
+        status, headers, payload = self._response_for(req)
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(payload)
 
     # -- inspection --------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
-
-    @property
-    def url(self) -> str:
-        """Base URL without trailing slash, e.g. ``http://127.0.0.1:54321``."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[CapturedRequest]:
@@ -417,6 +374,12 @@ def node_deliveries(messages: list[dict], secret: str | bytes) -> dict:
         "batch_body": base64.b64decode(out["batch_body"]),
         "batch_signature": out["batch_signature"],
     }
+
+
+def py_sign(body: bytes, secret: str) -> str:
+    """Hex HMAC-SHA1 of ``body`` with Python's hmac (node_sign's counterpart, for tests
+    that sign raw bodies and need no JavaScript)."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
 
 
 def node_sign(body: bytes, secret: str | bytes) -> str:

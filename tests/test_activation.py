@@ -1,4 +1,4 @@
-"""Activation (issue 4): recommendations written back to the profile as a trait.
+"""Activation: recommendations written back to the profile as a trait.
 
 The Tracking API stand-in (``tests/fake_segment_apis.FakeTrackingAPI``) is a real HTTP
 server; the service reaches it with segment-analytics-python through SEGMENT_API_HOST and
@@ -49,13 +49,13 @@ def activating_app(personalize_app, tracking):
 
 def settle(app, timeout: float = 10.0) -> None:
     """Wait for the service's background activation work, then for the Segment client's
-    queue to be sent."""
+    queue to be sent (its flush returns once each queued call's request has been
+    answered, so the stand-in has recorded it)."""
     services = app.extensions["segment"]
     assert services.activation.wait_idle(timeout)
     flush = getattr(services.activation.publisher, "flush", None)
     if flush is not None:
         flush()
-    time.sleep(0.1)
 
 
 def published_lists(tracking, user_id: str) -> list[list[str]]:
@@ -263,7 +263,7 @@ def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking
         assert ids(body) == ["item-1", "item-2"]
 
 
-# --- consent fails closed (issue 13) --------------------------------------------------------
+# --- consent fails closed -------------------------------------------------------------------
 
 @pytest.mark.parametrize("outage", ["timeout", "error", "429", "unreachable"])
 def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_write_back(
@@ -311,8 +311,9 @@ def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating
     assert tracking.identifies() == []
 
 
-# --- bounded activation (issue 13) ----------------------------------------------------------
+# --- bounded activation ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app,
                                                                     runtime):
     """Write-backs cannot keep up (the database is busy: another writer holds it): the
@@ -320,7 +321,7 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
     wait, and the memory held for pending write-backs stops growing."""
     import tracemalloc
 
-    from tests.test_recommendations import metric
+    from tests.conftest import metric
 
     app = personalize_app(activation_queue_max=20, activation_interval_seconds=0)
     client = app.test_client()

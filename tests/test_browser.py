@@ -22,33 +22,15 @@ import pytest
 import requests
 
 from tests.gunicorn_server import ROOT, gunicorn
+from tests.prerequisites import chromium_path
 from webhook.tokens import mint_token
 
 SHARED_SECRET = "browser-test-shared-secret"
 SECRET_KEY = "browser-test-secret-key-0123456789"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
-
-
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
-                      shutil.which("chromium-browser"), "/usr/bin/chromium"):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    return None
-
-
-CHROMIUM = _chromium()
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - the dev requirements install it
-    sync_playwright = None
-
-if os.environ.get("CI") and (CHROMIUM is None or sync_playwright is None):
-    raise RuntimeError("CI needs Debian's chromium and the playwright package "
-                       "(.ci/run installs both)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or sync_playwright is None,
-                                reason="needs Debian's chromium and the playwright package")
+CHROMIUM = chromium_path()
+pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
 
 
 # --- the catalog and the visitors the tests see --------------------------------------------
@@ -199,6 +181,8 @@ def locked_service(tmp_path_factory, origins):
 
 @pytest.fixture(scope="module")
 def browser():
+    from playwright.sync_api import sync_playwright  # a dev requirement, checked first
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
                                              headless=True)

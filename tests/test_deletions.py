@@ -1,4 +1,4 @@
-"""Deletion requests reach Amazon Personalize (issue 13): data deletion jobs.
+"""Deletion requests reach Amazon Personalize: data deletion jobs.
 
 Real parts: boto3's ``s3`` client against moto in server mode on loopback (an S3-protocol
 server), boto3's ``personalize`` client against ``tests/fake_personalize_control`` (the
@@ -18,7 +18,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.conftest import store_of
+from tests.conftest import aws_stand_ins, store_of
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.fake_personalize_control import FakePersonalizeControl
 from tests.fake_segment_apis import deliver, product_viewed
@@ -30,8 +30,6 @@ BUCKET = "shop-deletions"
 GROUP = "arn:aws:personalize:us-east-1:123456789012:dataset-group/shop"
 ROLE = "arn:aws:iam::123456789012:role/PersonalizeS3Read"
 TRACKING_ID = "tracking-shop"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture
@@ -61,14 +59,8 @@ def s3(s3_server):
 def aws(monkeypatch, s3_server, s3):
     """The stand-ins, and boto3 pointed at them (set before the app makes its clients)."""
     with FakePersonalizeControl(s3=s3) as control, FakePersonalizeEvents() as events:
-        for name, value in CREDENTIALS.items():
-            monkeypatch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE", control.url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_EVENTS", events.url)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        aws_stand_ins(monkeypatch, s3=s3_server, personalize=control.url,
+                      personalize_events=events.url)
         yield control, events
 
 

@@ -20,6 +20,8 @@ from tests.conftest import AppliedClient
 from tests.gunicorn_server import ROOT
 from webhook import create_app
 
+pytestmark = pytest.mark.slow  # the shop is generated, imported and trained first
+
 RESULTS = 10
 MOSTLY = 8  # of RESULTS items, from the visitor's category
 

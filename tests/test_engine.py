@@ -1,12 +1,11 @@
 """The local recommendation engine, as a shop would notice it: popular items before the first
 model, training on demand, related items, real-time answers, anonymous history merged after
 alias, event weights, several workers sharing one model, one trainer at a time, importing
-the workshop CSV and Segment archives, and the evaluation's machinery."""
+a Personalize interactions CSV and Segment archives, and the evaluation's machinery."""
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import threading
 import time
 
@@ -16,8 +15,6 @@ from webhook.engine import engine_for, recommender_for
 from webhook.engine import persistence as db
 from webhook.engine import service
 
-WORKSHOP_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                            "workshop-interactions.csv")
 
 _counter = iter(range(10**9))
 
@@ -231,21 +228,41 @@ def test_background_training_runs_in_a_subprocess_and_the_worker_picks_it_up(mak
     assert engine.holder.current()[0] == 1  # swapped in at once in the training worker
 
 
-def test_import_workshop_csv_then_recommend_and_reimport_is_idempotent(make_app):
-    if not os.path.exists(WORKSHOP_CSV):
-        pytest.skip("shared/data/workshop-interactions.csv is not here")
+def write_interactions_csv(path) -> int:
+    """A Personalize interactions CSV shaped like the AWS workshop's (USER_ID, ITEM_ID,
+    EVENT_TYPE, TIMESTAMP in epoch seconds; some fields quoted, some bare): 60 visitors,
+    even ones browsing shoes, odd ones jumpers, six distinct items each. The row count."""
+    events = ["Product Viewed", "Product Clicked", "Product Added"]
+    lines = ["USER_ID,ITEM_ID,EVENT_TYPE,TIMESTAMP"]
+    second = 1549847000
+    for user in range(60):
+        kind = "shoe" if user % 2 == 0 else "jumper"
+        for k in range(6):
+            item, event = f"{kind}-{(user + k) % 8}", events[k % 3]
+            second += 7
+            lines.append(f'{9254558000 + user},"{item}","{event}",{second}' if k % 2 else
+                         f'{9254558000 + user},{item},"{event}",{second}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines) - 1
+
+
+def test_import_personalize_csv_then_recommend_and_reimport_is_idempotent(make_app, tmp_path):
+    interactions = tmp_path / "interactions.csv"
+    rows = write_interactions_csv(interactions)
     app = make_app(engine_model_refresh_seconds=0.001)
     runner = app.test_cli_runner()
-    result = runner.invoke(args=["import", WORKSHOP_CSV])
+    result = runner.invoke(args=["import", str(interactions)])
     assert result.exit_code == 0, result.output
-    assert "9522 new interactions" in result.output
+    assert f"{rows} new interactions" in result.output
     train(app)
-    answer = recommender_for(app).recommend(user_id="9254558480", num_results=10)
-    assert answer.source == "local" and len(answer.items) == 10
+    # Visitor 0 browsed shoes 0-5: the two shoes left come first.
+    answer = recommender_for(app).recommend(user_id="9254558000", num_results=2)
+    assert answer.source == "local"
+    assert sorted(ids(answer)) == ["shoe-6", "shoe-7"]
 
-    again = runner.invoke(args=["import", WORKSHOP_CSV])
+    again = runner.invoke(args=["import", str(interactions)])
     assert again.exit_code == 0, again.output
-    assert "9522 duplicates" in again.output and "; 0 new interactions" in again.output
+    assert f"{rows} duplicates" in again.output and "; 0 new interactions" in again.output
 
 
 def test_import_segment_json_lines_gzip_and_batch_json(make_app, tmp_path):

@@ -1,4 +1,4 @@
-"""``flask --app webhook export``: Segment archives → Personalize bulk-import CSV (issue 8).
+"""``flask --app webhook export``: Segment archives → Personalize bulk-import CSV.
 
 The main check runs the same genuine messages (serialized by segment-analytics-python) down
 both paths — the real-time one into a stand-in of Personalize's PutEvents/PutUsers/PutItems
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import aws_stand_ins
 from tests.fake_personalize import FakePersonalizeEvents
-from tests.segment_wire import STORY, USER_ID, capture_corpus
+from tests.segment_wire import USER_ID
 from webhook.config import Settings
 from webhook.export import column_name, export_archives
 
@@ -30,13 +31,6 @@ ENV = {
     "ITEM_PROPERTIES_MAP": "category,price,brand,name",
 }
 SETTINGS = Settings.from_env(ENV)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    messages = capture_corpus()
-    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
-    return messages
 
 
 def write_archive(path: Path, lines: list, compress: bool = True) -> Path:
@@ -67,14 +61,7 @@ def test_column_names_follow_personalize_csv_form():
 def realtime(make_app, monkeypatch):
     """The corpus through POST /segment in Personalize mode; returns the stand-in."""
     with FakePersonalizeEvents() as fake:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_EVENTS", fake.url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-example")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
-                     "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        aws_stand_ins(monkeypatch, personalize_events=fake.url)
 
         def run(messages):
             app = make_app(personalize_tracking_id=TRACKING_ID,

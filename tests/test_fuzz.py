@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import string
+from collections import Counter
 
 import pytest
 import requests
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from tests.conftest import store_of
 from tests.segment_wire import capture_corpus
 from tests.gunicorn_server import gunicorn, worker_pids
+from webhook.signature import js_stringify
 
 SECRET = "fuzz-shared-secret"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
@@ -140,38 +142,61 @@ def mutated_messages(draw):
     return messages[0] if single else messages
 
 
-@FUZZ
-@given(delivery=mutated_messages())
-def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app, delivery):
-    client = signed_app.test_client()
+def signature_for(delivery: dict | list) -> str:
+    """``X-Signature`` as Segment computes it: HMAC-SHA1 of the raw body for a Classic
+    delivery; of ``JSON.stringify(body[0])`` (compact, JavaScript's number and escaping
+    rules) for a Webhooks (Actions) array. ``js_stringify`` is checked byte for byte
+    against Node's JSON.stringify in tests/test_js_stringify.py."""
     if isinstance(delivery, list):
-        from webhook.signature import js_stringify
+        return sign(js_stringify(delivery[0]).encode("utf-8", "surrogatepass"))
+    return sign(json.dumps(delivery).encode())
+
+
+def shape(delivery) -> str:
+    return "actions" if isinstance(delivery, list) else "classic"
+
+
+def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app):
+    """Both shapes get past the signature check to the parser, and some of each to the
+    store: a signing mistake here would turn a whole half into 401s that test nothing."""
+    client = signed_app.test_client()
+    reached: Counter = Counter()
+
+    @FUZZ
+    @given(delivery=mutated_messages())
+    def deliver(delivery):
         try:
-            first = js_stringify(delivery[0]).encode("utf-8", "surrogatepass")
+            signature = signature_for(delivery)
         except RecursionError:
             return
-        signature = sign(first)
-    else:
-        signature = None
-    body = json.dumps(delivery).encode()
-    response = client.post("/segment", data=body, content_type="application/json",
-                           headers={"X-Signature": signature or sign(body)})
-    check_answer(response, len(delivery) if isinstance(delivery, list) else 1)
-    assert response.status_code != 401
-    # Redelivery: the same answer shape, and what was accepted is now a duplicate.
-    again = client.post("/segment", data=body, content_type="application/json",
-                        headers={"X-Signature": signature or sign(body)})
-    check_answer(again)
-    if response.status_code == 200:
-        # Only a message without a usable messageId (a delete may lack one) can be taken
-        # again; everything else is a duplicate now.
-        messages = delivery if isinstance(delivery, list) else [delivery]
-        without_id = sum(1 for m in messages if not isinstance(m, dict) or not (
-            isinstance(m.get("messageId"), str) and m["messageId"]
-            or isinstance(m.get("messageId"), int) and not isinstance(m["messageId"], bool)))
-        answer = again.get_json()
-        assert again.status_code == 200
-        assert answer["accepted"] + len(answer["skipped"]) <= without_id, answer
+        body = json.dumps(delivery).encode()
+        response = client.post("/segment", data=body, content_type="application/json",
+                               headers={"X-Signature": signature})
+        check_answer(response, len(delivery) if isinstance(delivery, list) else 1)
+        assert response.status_code != 401, response.get_json()
+        reached[shape(delivery), "parsed"] += 1
+        answer = response.get_json()
+        if response.status_code == 200 and answer["accepted"] + answer["duplicates"]:
+            reached[shape(delivery), "stored"] += 1
+        # Redelivery: the same answer shape, and what was accepted is now a duplicate.
+        again = client.post("/segment", data=body, content_type="application/json",
+                            headers={"X-Signature": signature})
+        check_answer(again)
+        if response.status_code == 200:
+            # Only a message without a usable messageId (a delete may lack one) can be
+            # taken again; everything else is a duplicate now.
+            messages = delivery if isinstance(delivery, list) else [delivery]
+            without_id = sum(1 for m in messages if not isinstance(m, dict) or not (
+                isinstance(m.get("messageId"), str) and m["messageId"]
+                or isinstance(m.get("messageId"), int) and not isinstance(m["messageId"], bool)))
+            answer = again.get_json()
+            assert again.status_code == 200
+            assert answer["accepted"] + len(answer["skipped"]) <= without_id, answer
+
+    deliver()
+    print(f"\n{dict(reached)}")
+    for kind in ("classic", "actions"):
+        assert reached[kind, "stored"] > 0, f"no {kind} delivery reached the store: {reached}"
 
 
 # --- mutated signatures -------------------------------------------------------------------
@@ -204,7 +229,6 @@ def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape)
         body = json.dumps(CORPUS[index]).encode()
         right = sign(body)
     else:
-        from webhook.signature import js_stringify
         batch = CORPUS[index:] + CORPUS[:index]
         body = json.dumps(batch).encode()
         right = sign(js_stringify(batch[0]).encode())
@@ -217,25 +241,47 @@ def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape)
     assert stored_ids(signed_app) == before
 
 
-@FUZZ
-@given(delivery=mutated_messages())
-def test_a_body_altered_after_signing_is_never_stored(signed_app, delivery):
-    """Signed as the genuine message was, delivered mutated: refused, nothing stored."""
+def test_a_body_altered_after_signing_is_never_stored(signed_app):
+    """Signed as the genuine delivery was, delivered with its (first) message mutated:
+    refused, nothing stored. The same signature over the genuine delivery is accepted,
+    so the 401 is for the alteration, not for a signature that never matched."""
     client = signed_app.test_client()
-    message = delivery if isinstance(delivery, dict) else delivery[0]
-    original = next((m for m in CORPUS if m.get("messageId") == message.get("messageId")), None)
-    assume(original is not None and original != message)
-    signature = sign(json.dumps(original).encode())
-    body = json.dumps(message).encode()
-    before = stored_ids(signed_app)
-    response = client.post("/segment", data=body, content_type="application/json",
-                           headers={"X-Signature": signature})
-    assert response.status_code == 401
-    assert stored_ids(signed_app) == before
+    checked: Counter = Counter()
+
+    @FUZZ
+    @given(delivery=mutated_messages())
+    def deliver(delivery):
+        messages = delivery if isinstance(delivery, list) else [delivery]
+        original = next((m for m in CORPUS if m.get("messageId") == messages[0].get(
+            "messageId")), None)
+        assume(original is not None)
+        genuine = [original, *messages[1:]] if isinstance(delivery, list) else original
+        try:
+            signature = signature_for(genuine)
+            # What the signature covers must differ, else it is no alteration.
+            assume(signature != signature_for(delivery))
+        except RecursionError:
+            return
+        before = stored_ids(signed_app)
+        response = client.post("/segment", data=json.dumps(delivery).encode(),
+                               content_type="application/json",
+                               headers={"X-Signature": signature})
+        assert response.status_code == 401, response.get_json()
+        assert stored_ids(signed_app) == before
+        control = client.post("/segment", data=json.dumps(genuine).encode(),
+                              content_type="application/json",
+                              headers={"X-Signature": signature})
+        assert control.status_code == 200, control.get_json()
+        checked[shape(delivery)] += 1
+
+    deliver()
+    print(f"\naltered deliveries refused: {dict(checked)}")
+    assert checked["classic"] > 0 and checked["actions"] > 0, checked
 
 
 # --- under gunicorn: never a dead worker --------------------------------------------------
 
+@pytest.mark.slow
 def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
     """A bounded stream of generated hostile bodies into real gunicorn workers: no 5xx,
     the same two worker processes at the end, and they still store a good delivery."""

@@ -7,10 +7,10 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tests.segment_wire import node_available, node_stringify
+from tests.segment_wire import node_stringify
 from webhook.signature import js_stringify
 
-pytestmark = pytest.mark.skipif(not node_available(), reason="node is needed as the oracle")
+pytestmark = pytest.mark.requires("node")  # the oracle
 
 
 def _random_doubles(count, seed=7):
@@ -48,6 +48,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(json_values, min_size=1, max_size=20))
 def test_arbitrary_json_matches_node(values):

@@ -66,6 +66,7 @@ def _assert_no_secret_or_email(log: str) -> None:
     assert "jane.doe@example.com" not in log and "@example.com" not in log
 
 
+@pytest.mark.slow
 def test_logs_are_json_with_request_ids_and_no_secrets_or_emails(tmp_path):
     # gunicorn's stderr is a file here, so the default (auto) must give JSON.
     log = _run_deliveries(_env(tmp_path))
@@ -81,6 +82,7 @@ def test_logs_are_json_with_request_ids_and_no_secrets_or_emails(tmp_path):
     assert started and started[0]["configured"]["mode"] == "embedded"
 
 
+@pytest.mark.slow
 def test_text_lines_are_short_and_redacted_like_json(tmp_path):
     log = _run_deliveries(_env(tmp_path, LOG_FORMAT="text"))
     _assert_no_secret_or_email(log)

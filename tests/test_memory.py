@@ -16,9 +16,9 @@ import pytest
 from tests.gunicorn_server import ROOT
 from webhook import memory
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not sys.platform.startswith("linux") or memory._glibc() is None,
-    reason="glibc's malloc only")
+    reason="glibc's malloc only")]
 
 RSS = textwrap.dedent("""
     def rss_mib():

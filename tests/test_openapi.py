@@ -19,7 +19,6 @@ import requests
 import yaml
 
 from tests.gunicorn_server import ROOT, gunicorn
-from tests.segment_wire import capture_corpus
 
 DOCUMENT = ROOT / "openapi.yaml"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
@@ -93,14 +92,14 @@ def test_served_document_is_the_file(client):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, corpus):
     """The service under gunicorn (2 workers, SQLite), seeded with the genuine corpus so
     recommendations have popular items to answer with."""
     tmp = tmp_path_factory.mktemp("openapi")
     env = {"DATABASE_URL": f"sqlite:///{tmp}/openapi.db", "_LOG_DIR": str(tmp),
            "ENGINE_BACKGROUND_TRAINING": "false", "INGEST_WRITE_KEYS": WRITE_KEY}
     with gunicorn(env, workers=2) as (base, process):
-        seeded = requests.post(base + "/segment", json=capture_corpus(), timeout=10)
+        seeded = requests.post(base + "/segment", json=corpus, timeout=10)
         assert seeded.status_code == 200, seeded.text
         yield base, process, tmp
 
@@ -117,6 +116,7 @@ def _schemathesis(base: str, workdir: Path, *args: str) -> subprocess.CompletedP
                           env=env)
 
 
+@pytest.mark.slow
 def test_schemathesis_every_answer_conforms_and_none_is_a_5xx(service):
     base, process, tmp = service
     result = _schemathesis(base, tmp, "--checks", CONFORMANCE_CHECKS,
@@ -129,6 +129,7 @@ def test_schemathesis_every_answer_conforms_and_none_is_a_5xx(service):
     assert "unhandled error" not in log and "Traceback" not in log, log[-5000:]
 
 
+@pytest.mark.slow
 def test_schemathesis_invalid_recommendation_parameters_are_refused(service):
     """Negative data (numResults out of range or not a number, over-long ids) gets a 4xx."""
     base, _, tmp = service

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 from collections import Counter
@@ -23,16 +22,14 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import applied, raw_client, store_of
+from tests.conftest import aws_stand_ins, metric, raw_client, store_of
 from tests.fake_personalize import FakePersonalizeEvents
+from tests.prerequisites import have
 from tests.segment_wire import (
     ANON_ID,
-    STORY,
     USER_ID,
     CaptureServer,
     actions_headers,
-    capture_corpus,
-    node_available,
     node_deliveries,
 )
 from webhook.appliers.personalize import PersonalizeApplier
@@ -78,14 +75,7 @@ def fake():
 def aws_env(monkeypatch, fake):
     """Where boto3 finds the stand-in and (dummy) credentials; read when the forwarder
     makes its client, on first use."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_EVENTS", fake.url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
-                 "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    aws_stand_ins(monkeypatch, personalize_events=fake.url)
 
 
 @pytest.fixture
@@ -98,13 +88,6 @@ def personalize_app(make_app, aws_env):
         values.update(settings)
         return make_app(**values)
     return factory
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    messages = capture_corpus()
-    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
-    return messages
 
 
 LONG_RECOMMENDATION_ID = "rid-" + "x" * 37  # 41 characters: over Personalize's 40
@@ -149,19 +132,6 @@ def epoch(iso: str) -> float:
 
 def post(app, messages):
     return app.test_client().post("/segment", json=messages)
-
-
-def metric(app, name: str, **labels) -> float:
-    """A counter's value from GET /metrics (0 when the series does not exist yet)."""
-    text = app.test_client().get("/metrics").get_data(as_text=True)
-    for line in text.splitlines():
-        match = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not match or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        if found == labels:
-            return float(match.group(3))
-    return 0.0
 
 
 def track(message_id: str, *, anonymous_id: str | None = None, user_id: str | None = None,
@@ -259,7 +229,7 @@ def expected_events(corpus, extras) -> dict[str, dict]:
 def deliver_story(app, corpus, extras):
     """The corpus and the extras as one signed Webhooks (Actions) batch."""
     messages = corpus + extras
-    if node_available():
+    if have("node"):  # else the same batch, unsigned; CI has node
         wire = node_deliveries(messages, SECRET)
         return app.test_client().post("/segment", data=wire["batch_body"],
                                       headers=actions_headers(wire["batch_signature"]))
@@ -424,6 +394,7 @@ def test_local_store_keeps_catalog_and_profiles_in_personalize_mode(
 
 # --- big batches ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake):
     app = personalize_app()
     sizes = {("anon-a", None): 1234, ("anon-b", "user-b"): 997, ("user-c", "user-c"): 805,

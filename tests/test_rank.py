@@ -1,12 +1,11 @@
-"""POST /recommendations/rank (issue 8): the local engine, Personalize's
+"""POST /recommendations/rank: the local engine, Personalize's
 GetPersonalizedRanking (real boto3 against tests/fake_personalize.py), trait checks."""
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from tests import pg_server
+from tests.conftest import aws_stand_ins
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
 
@@ -151,14 +150,7 @@ def test_token_required_with_secret_key(make_app):
 @pytest.fixture
 def runtime(monkeypatch):
     with FakePersonalizeRuntime(known_arns=[RANKING_ARN]) as fake:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME", fake.url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-example")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
-                     "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        aws_stand_ins(monkeypatch, personalize_runtime=fake.url)
         yield fake
 
 
@@ -186,8 +178,8 @@ def test_personalize_failure_falls_back_to_popularity(make_app, runtime):
     assert ids(answer) == ["hot", "a1"]
 
 
-@pytest.mark.skipif(not pg_server.available() and not os.environ.get("CI"),
-                    reason="PostgreSQL binaries or the postgres user are missing")
+@pytest.mark.chaos
+@pytest.mark.requires("postgresql")
 def test_rank_during_a_database_outage_answers_503(make_app):
     """The local engine ranks from the store: while the database is down, 503 with
     Retry-After (as GET /recommendations), never the generic 500; then it recovers."""

@@ -1,4 +1,4 @@
-"""GET /recommendations (issue 4), end to end over real HTTP stand-ins.
+"""GET /recommendations, end to end over real HTTP stand-ins.
 
 * Amazon Personalize: the real boto3 ``personalize-runtime`` client against
   ``tests/fake_personalize.FakePersonalizeRuntime``, reached through
@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from tests.conftest import aws_stand_ins, metric  # noqa: F401  (metric: also for other modules)
 from tests.fake_personalize import FakePersonalizeRuntime
 from tests.fake_segment_apis import (
     FakeProfileAPI,
@@ -40,19 +41,10 @@ FILTER = "arn:aws:personalize:us-east-1:123456789012:filter/shop-categories"
 
 # --- fixtures -----------------------------------------------------------------------------
 
-def aws_env(monkeypatch, url: str) -> None:
-    """Where boto3 finds personalize-runtime, with dummy credentials (set before make_app)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME", url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
 @pytest.fixture
 def runtime(monkeypatch):
     with FakePersonalizeRuntime(known_arns=[CAMPAIGN, RECOMMENDER]) as fake:
-        aws_env(monkeypatch, fake.url)
+        aws_stand_ins(monkeypatch, personalize_runtime=fake.url)
         yield fake
 
 
@@ -105,17 +97,6 @@ def eventually(probe, expected, timeout: float = 5.0):
         if value == expected or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
-
-
-def metric(client, name: str, **labels) -> float:
-    """A counter's value from GET /metrics (0 when absent)."""
-    text = client.get("/metrics").get_data(as_text=True)
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and
-                                                      line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def recommendation_calls(runtime, **match) -> list[dict]:
@@ -618,7 +599,7 @@ def test_personalize_timeout_falls_back_to_popular_in_time(personalize_app, runt
 
 
 def test_personalize_unreachable_falls_back_to_popular(make_app, monkeypatch, profile_api):
-    aws_env(monkeypatch, f"http://127.0.0.1:{free_port()}")
+    aws_stand_ins(monkeypatch, personalize_runtime=f"http://127.0.0.1:{free_port()}")
     client = make_app(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
                       segment_profile_api_url=profile_api.url, segment_space_id=SPACE,
                       segment_profile_api_token=PROFILE_TOKEN).test_client()
@@ -700,7 +681,7 @@ def test_ids_with_special_characters_reach_both_upstreams_intact(personalize_app
     assert recommendation_calls(runtime)[0]["userId"] == user
 
 
-# --- trait values never leave without the visitor's token (issue 13) ------------------------
+# --- trait values never leave without the visitor's token -----------------------------------
 
 def test_trait_values_only_with_the_visitors_token(personalize_app, profile_api):
     traits = {"purchased_products": ["item-1", "item-2"], "recommendations_opt_out": False}
@@ -738,7 +719,7 @@ def test_rank_shows_no_trait_values_without_a_token(personalize_app, profile_api
     assert "traitValues" not in body
 
 
-# --- the Profile API budget (issue 13) ------------------------------------------------------
+# --- the Profile API budget -----------------------------------------------------------------
 
 def test_concurrent_requests_for_one_visitor_share_one_profile_call(personalize_app,
                                                                     profile_api):
@@ -814,6 +795,7 @@ def test_each_host_takes_its_share_of_the_budget(personalize_app, profile_api, d
             assert body["source"] == "popular" and "over_budget" in body["degraded"]["profile"]
 
 
+@pytest.mark.slow
 def test_300_cold_visitors_in_a_second_stay_within_100_per_second(tmp_path, runtime):
     """Real gunicorn, two workers sharing one host budget; the stand-in allows 100
     requests/s (429 above, as Segment does). Half the visitors opted out."""
@@ -889,7 +871,7 @@ def test_300_cold_visitors_in_a_second_stay_within_100_per_second(tmp_path, runt
     assert written_back <= personalized
 
 
-# --- popularity is not an artefact of the wall clock (issue 13) ----------------------------
+# --- popularity is not an artefact of the wall clock ---------------------------------------
 
 def test_imported_best_seller_still_ranks_first_after_one_new_event(make_app, tmp_path):
     """A shop imports its 2019 history, then the first live event arrives: the

@@ -20,28 +20,18 @@ from tests.segment_wire import (
     WRITE_KEY,
     CaptureServer,
     actions_headers,
-    capture_corpus,
     capture_posts,
     classic_headers,
-    node_available,
     node_deliveries,
     node_sign,
     node_stringify,
+    py_sign,
 )
 
-needs_node = pytest.mark.skipif(not node_available(), reason="node not on PATH")
+needs_node = pytest.mark.requires("node")
 
 # analytics-python: isoformat(timespec="milliseconds") of an aware UTC datetime.
 TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
-
-
-def py_sign(body: bytes, secret: str) -> str:
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return capture_corpus()
 
 
 def _key(m):

@@ -1,4 +1,4 @@
-"""Browser access to GET /recommendations (issue 4): signed tokens and CORS.
+"""Browser access to GET /recommendations: signed tokens and CORS.
 
 Tokens are minted the way an operator mints them (``flask --app webhook token``, run as a
 real subprocess) or, for expired and forged ones, with itsdangerous directly (the format

@@ -1,4 +1,4 @@
-"""The Segment-compatible Tracking API, POST /v1/* (issue 8).
+"""The Segment-compatible Tracking API, POST /v1/*.
 
 End to end: the real segment-analytics-python Client pointed at the service under gunicorn
 (``host=``), checked in the store against the same story sent through POST /segment.
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tests.conftest import store_of
 from tests.gunicorn_server import gunicorn
-from tests.segment_wire import ANON_ID, USER_ID, capture_corpus, emit_story
+from tests.segment_wire import ANON_ID, USER_ID, emit_story
 from webhook.store import Store, interactions, profiles
 
 KEY = "wk-test-0123456789"
@@ -184,7 +184,8 @@ def test_duplicates_and_batch_context(api):
 
 # --- end to end: segment-analytics-python against gunicorn --------------------------------
 
-def test_segment_analytics_python_against_the_running_service(tmp_path, make_app):
+@pytest.mark.slow
+def test_segment_analytics_python_against_the_running_service(tmp_path, make_app, corpus):
     from segment.analytics import Client
     from segment.analytics.request import APIError
 
@@ -217,7 +218,7 @@ def test_segment_analytics_python_against_the_running_service(tmp_path, make_app
 
     # The same story through POST /segment, as Segment would deliver it.
     reference = make_app()
-    assert reference.test_client().post("/segment", json=capture_corpus()).status_code == 200
+    assert reference.test_client().post("/segment", json=corpus).status_code == 200
     assert got == sorted(rows(reference) + [("user-gz", None, "sku-gz", "Product Viewed")],
                          key=lambda r: tuple(v or "" for v in r))
     assert any(r[1] == ANON_ID for r in got)

@@ -6,8 +6,6 @@ error and leaves the store exactly as it was.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 
 import pytest
@@ -16,20 +14,16 @@ from tests.conftest import AppliedClient, store_of
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
-    node_available,
     node_sign,
     node_stringify,
+    py_sign,
 )
 
-needs_node = pytest.mark.skipif(not node_available(), reason="node computes the signatures")
+needs_node = pytest.mark.requires("node")  # computes the signatures
 
 SECRET = "s3cr3t-ünïcode"
 OLD_SECRET, NEW_SECRET = "rotating-out", "rotating-in"
 TOKEN = "bearer-token-1"
-
-
-def py_sign(body: bytes, secret: str) -> str:
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
 
 
 def compact(value) -> bytes:

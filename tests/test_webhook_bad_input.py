@@ -246,6 +246,7 @@ def test_chunked_body_above_the_limit_is_a_413(small_app, body):
     assert_clean_4xx(app, response, before, status=413)
 
 
+@pytest.mark.slow
 def test_chunked_body_above_the_limit_under_gunicorn_is_a_413(tmp_path):
     from tests.gunicorn_server import gunicorn
 

@@ -21,15 +21,13 @@ from tests.segment_wire import (
     STORY,
     USER_ID,
     actions_headers,
-    capture_corpus,
     classic_headers,
-    node_available,
     node_deliveries,
     node_sign,
     node_stringify,
 )
 
-pytestmark = pytest.mark.skipif(not node_available(), reason="node computes the signatures")
+pytestmark = pytest.mark.requires("node")  # computes the signatures
 
 SECRET = "corpus-shared-secret"
 
@@ -39,13 +37,6 @@ PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_OR
 
 # Interactions each message of the story makes, in story order.
 INTERACTIONS_PER_MESSAGE = [0, 1, 1, 1, 0, 0, 1, 2, 1, 1, 0, 0, 0]
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    messages = capture_corpus()
-    assert [(m["type"], m.get("event") or m.get("name")) for m in messages] == STORY
-    return messages
 
 
 @pytest.fixture(scope="module")

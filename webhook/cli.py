@@ -30,7 +30,7 @@ def token_command(visitor_id: str, anonymous: bool) -> None:
 @with_appcontext
 def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     """Turn Segment archives (JSON lines, optionally gzip) into Amazon Personalize
-    bulk-import CSV files, with the real-time path's mapping (issue 8)."""
+    bulk-import CSV files, with the real-time path's mapping."""
     import json
     import os
     import time

@@ -237,8 +237,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("max_message_age_hours", ("MAX_MESSAGE_AGE_HOURS",), _off_or_positive_float),
     ("interaction_retention_days", ("INTERACTION_RETENTION_DAYS",), _off_or_positive_float),
     ("retention_interval_seconds", ("RETENTION_INTERVAL_SECONDS",), _positive_float),
-    # Amazon Personalize and Segment: read here so that /healthz can say what is set;
-    # the issues that use them add their behaviour.
+    # Amazon Personalize and Segment.
     ("personalize_tracking_id", ("PERSONALIZE_TRACKING_ID", "personalize_tracking_id"), _text),
     ("personalize_campaign_arn", ("PERSONALIZE_CAMPAIGN_ARN", "personalize_campaign_arn"), _arn),
     ("personalize_users_dataset_arn", ("PERSONALIZE_USERS_DATASET_ARN",), _arn),
@@ -284,10 +283,10 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("cors_origins", ("CORS_ORIGINS",), _origins),
     ("secret_key", ("SECRET_KEY",), _secret_key),
     ("token_max_age_seconds", ("TOKEN_MAX_AGE_SECONDS",), _positive_int),
-    # --- ecosystem (issue 8) ---
+    # --- the Segment-compatible Tracking API, personalized ranking ---
     ("ingest_write_keys", ("INGEST_WRITE_KEYS",), _secrets),
     ("personalize_ranking_campaign_arn", ("PERSONALIZE_RANKING_CAMPAIGN_ARN",), _arn),
-    # --- promises kept (issue 13): Profile API budget, bounded activation, deletions ---
+    # --- the Profile API budget, bounded activation, deletions in Personalize ---
     ("profile_api_max_rps", ("PROFILE_API_MAX_RPS",), _positive_int),
     ("activation_queue_max", ("ACTIVATION_QUEUE_MAX",), _positive_int),
     ("personalize_dataset_group_arn", ("PERSONALIZE_DATASET_GROUP_ARN",), _arn),
@@ -301,7 +300,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
 SECRET_FIELDS = frozenset(
     {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
      "segment_profile_api_token", "database_url", "secret_key",
-     "ingest_write_keys"}  # ecosystem (issue 8)
+     "ingest_write_keys"}
 )
 
 
@@ -377,12 +376,12 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     secret_key: str = ""
     token_max_age_seconds: int = 3600
-    # --- ecosystem (issue 8) ---
+    # --- the Segment-compatible Tracking API, personalized ranking ---
     # Write keys for the Segment-compatible Tracking API (POST /v1/*); none: it is off.
     ingest_write_keys: tuple[str, ...] = ()
     # A personalized-ranking campaign for POST /recommendations/rank; none: local engine.
     personalize_ranking_campaign_arn: str = ""
-    # --- promises kept (issue 13) ---
+    # --- the Profile API budget, bounded activation, deletions in Personalize ---
     # Profile API calls per second for the whole fleet (Segment: ~100/s per space, 429
     # above); each host takes its share.
     profile_api_max_rps: int = 100

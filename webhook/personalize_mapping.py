@@ -249,6 +249,3 @@ def map_items(records: Sequence[ItemDetails], config: MappingConfig,
         items.append(record)
     return items
 
-
-def chunks(records: Sequence[dict], size: int = MAX_RECORDS_PER_CALL) -> list[list[dict]]:
-    return [list(records[i:i + size]) for i in range(0, len(records), size)]

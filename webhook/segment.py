@@ -45,10 +45,6 @@ class Message:
     previous_id: str | None = None  # alias
     group_id: str | None = None  # group
 
-    @property
-    def session_id(self) -> str:
-        return self.anonymous_id or self.user_id or ""
-
 
 MAX_DEPTH = 64  # objects and arrays inside each other; Segment messages use a handful
 

@@ -50,7 +50,7 @@ from ..personalize_mapping import (
     map_items,
     map_users,
 )
-from ..inbox import Entry, LostLease
+from ..inbox import Entry
 from ..routing import Routed, Router
 from ..store import Transaction
 from . import Applied, decode
