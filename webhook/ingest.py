@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -33,10 +32,11 @@ class Summary:
     skipped: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     notes: list[dict] = field(default_factory=list)
-    outcomes: Counter = field(default_factory=Counter)  # (type, outcome) -> count
+    outcomes: dict = field(default_factory=dict)  # (type, outcome) -> count
 
     def count(self, kind: str, outcome: str) -> None:
-        self.outcomes[(kind, outcome)] += 1
+        key = (kind, outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
 
     def as_json(self) -> dict[str, Any]:
         answer: dict[str, Any] = {
@@ -197,7 +197,7 @@ class _GroupCommit:
 
     def __init__(self, apply):
         self._apply = apply
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not re-entered: a plain lock
         self._waiting: list[_Job] = []
         self._leading = False
 

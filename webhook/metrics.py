@@ -134,8 +134,14 @@ def record_outcomes(outcomes) -> None:
 
 def delivery(status: int, seconds: float) -> None:
     """One webhook delivery answered with ``status`` after ``seconds``."""
-    _child(DELIVERIES, str(status)).inc()
+    child = _by_status.get(status)
+    if child is None:
+        child = _by_status[status] = DELIVERIES.labels(str(status))
+    child.inc()
     DELIVERY_SECONDS.observe(seconds)
+
+
+_by_status: dict = {}
 
 
 class _Collected:

@@ -60,6 +60,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Made once: json.loads with hooks builds a new decoder (and scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
     """More than ``limit`` objects and arrays inside each other? Level by level, with no
     per-node allocation: a batch of messages is a few short levels."""
@@ -100,7 +104,7 @@ def parse_body(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise BodyError(f"the body is not UTF-8 (byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = _DECODER.decode(text)
     except RecursionError:
         raise BodyError("the body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers

@@ -45,7 +45,9 @@ inbox = sa.Table(
     sa.Column("type", sa.String(16), nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("body", sa.Text),  # NULL: a claim carried over from before the inbox existed
-    sqlite_autoincrement=True,  # a seq is never reused, even after the newest rows are pruned
+    # No AUTOINCREMENT (it costs a write to sqlite_sequence a statement): SQLite gives
+    # max(seq) + 1, and pruning never deletes the newest row (inbox.py), so a seq is never
+    # given twice and never falls behind an applier's position.
 )
 sa.Index("inbox_order", inbox.c.txid, inbox.c.seq).ddl_if(dialect="postgresql")
 
@@ -158,15 +160,25 @@ class _SqliteWriteLock:
 
     @contextmanager
     def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        """``held()`` without a generator, for the request path's one write."""
         if not self._thread_lock.acquire(timeout=self.timeout):
             raise StoreUnavailable("the database is busy (write lock)")
         try:
-            fd = self._file()
-            fcntl.flock(fd, fcntl.LOCK_EX)  # the GIL is released while it waits
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(self._file(), fcntl.LOCK_EX)  # the GIL is released while it waits
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
 
@@ -317,9 +329,10 @@ class Store:
                 raise StoreUnavailable(_describe(exc)) from exc
             finally:
                 raw.close()  # back to the pool (rolled back there if not committed)
-        with self._write_lock.held():
+        self._write_lock.acquire()
+        try:
             try:
-                dbapi = self._writer_connection().connection.dbapi_connection
+                dbapi = self._writer_dbapi()
                 if len(rows) <= _INBOX_CHUNK:
                     # One statement: SQLite runs it as its own transaction (autocommit),
                     # committed once its RETURNING rows are read.
@@ -336,6 +349,15 @@ class Store:
             except _UNAVAILABLE + self._dbapi_unavailable as exc:
                 self._close_writer()  # whatever state it is in, the next write starts fresh
                 raise StoreUnavailable(_describe(exc)) from exc
+        finally:
+            self._write_lock.release()
+
+    def _writer_dbapi(self):
+        """The DBAPI connection under this process's write connection (SQLite)."""
+        writer = self._writer
+        if writer is None or self._writer_pid != os.getpid():
+            writer = self._writer_connection()
+        return writer.connection.dbapi_connection
 
     def _writer_connection(self) -> Connection:
         if self._writer is None or self._writer_pid != os.getpid():

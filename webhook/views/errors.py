@@ -9,13 +9,14 @@ from flask import Flask, current_app, g
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("webhook.errors")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def json_response(body, status: int = 200):
     """A compact JSON answer (what ``jsonify`` gives, without its per-call provider
     lookups: this is on the path of every webhook delivery)."""
-    return current_app.response_class(json.dumps(body, separators=(",", ":")) + "\n",
-                                      status=status, mimetype="application/json")
+    return current_app.response_class(_dumps(body) + "\n", status=status,
+                                      content_type="application/json")
 
 
 def error_response(status: int, code: str, message: str, *, retry_after: int | None = None,
