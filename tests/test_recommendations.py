@@ -586,6 +586,22 @@ def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtim
     assert body["recommendationId"]
 
 
+def test_popular_items_asked_for_before_any_event_do_not_stay_empty(
+        personalize_app, runtime):
+    """A new shop's first answer (nothing known yet) is not cached: the first products
+    seen show up in the very next fallback, not a minute later."""
+    client = personalize_app().test_client()
+    runtime.fail_next(1, status=500)
+    response = client.get("/recommendations?userId=u-1&numResults=3")
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "recommender_unavailable"
+    popular_catalog(client)
+    runtime.fail_next(1, status=500)
+    body = get(client, "userId=u-1&numResults=3")
+    assert body["source"] == "popular"
+    assert ids(body) == ["pop-a", "pop-b", "pop-c"]
+
+
 def test_personalize_timeout_falls_back_to_popular_in_time(personalize_app, runtime):
     client = personalize_app(recommender_timeout_seconds=0.3).test_client()
     popular_catalog(client)

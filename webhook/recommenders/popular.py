@@ -21,7 +21,8 @@ BUCKET_SECONDS = 86400  # interactions are counted per item, event type and day
 class PopularItems:
     """Items ranked by event-weighted interactions decayed from the newest one (the one
     algorithm: ``webhook/popularity.py``); items known only from the catalog come last.
-    Cached for ``ttl`` seconds per process."""
+    Cached for ``ttl`` seconds per process; an empty ranking (a store with no items yet)
+    is not cached, so the first events a new shop sends show up at once."""
     name = "popular"
 
     def __init__(self, store: Store, weights: Mapping[str, float] | None = None,
@@ -45,7 +46,7 @@ class PopularItems:
             if cached and now - cached[0] < self.ttl:
                 return cached[1]
             ranking = self._compute()
-            self._cache = (time.monotonic(), ranking)
+            self._cache = (time.monotonic(), ranking) if ranking else None
             return ranking
 
     def _compute(self) -> list[ScoredItem]:
