@@ -26,6 +26,14 @@ Usage (from the repo root)::
 * Checks: every answer 200 with numResults items from source personalize and without a
   degraded marker; the Profile API is not asked during the warm phase.
 
+``--compare-recording``: what recording every answer for the insights costs. Three
+services side by side on the embedded default (local engine, no upstream delay, each its
+own SQLite database seeded alike through POST /segment): impressions off
+(``INSIGHTS_RETENTION_DAYS=0``), on (the default), and on with an experiment
+(``EXPERIMENT=local:50,popular:50``: a variant lookup per answer too). Rounds alternate
+between them; the p50 of each, and the difference to "off". Target: recording adds at most
+2 ms to the p50.
+
 Loopback only; every loop is bounded by ``--requests``; gunicorn is stopped in ``finally``.
 """
 from __future__ import annotations
@@ -117,6 +125,96 @@ def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -
     return latencies
 
 
+def seed_shop(base: str, users: int, products: int = 60) -> None:
+    """A small shop through POST /segment: each user views a few products, in batches."""
+    import json
+    import random
+    rng = random.Random(5)
+    messages = []
+    for u in range(users):
+        for k in range(6):
+            messages.append({"type": "track", "event": "Product Viewed",
+                             "messageId": f"seed-{u}-{k}", "userId": f"user-{u}",
+                             "timestamp": "2026-11-30T10:00:00.000Z",
+                             "properties": {"product_id": f"p-{rng.randrange(products)}",
+                                            "name": "Product", "price": 9.5}})
+    for start in range(0, len(messages), 500):
+        requests.post(f"{base}/segment", data=json.dumps({"batch": messages[start:start + 500]}),
+                      headers={"Content-Type": "application/json"}, timeout=30,
+                      proxies=NO_PROXY).raise_for_status()
+
+
+def timed_reads(base: str, users: list[str], concurrency: int, num_results: int) -> list[float]:
+    chunks = [users[i::concurrency] for i in range(concurrency)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(chunk: list[str]) -> None:
+        with requests.Session() as session:
+            session.proxies.update(NO_PROXY)
+            session.trust_env = False
+            for user in chunk:
+                started = time.perf_counter()
+                response = session.get(f"{base}/recommendations",
+                                       params={"userId": user, "numResults": num_results},
+                                       timeout=5)
+                elapsed = (time.perf_counter() - started) * 1000
+                if response.status_code != 200 or not response.json().get("itemList"):
+                    raise RuntimeError(f"unexpected answer: {response.status_code}")
+                with lock:
+                    latencies.append(elapsed)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client, chunk) for chunk in chunks]:
+            future.result()
+    return latencies
+
+
+def compare_recording(args) -> int:
+    configs = [("off", {"INSIGHTS_RETENTION_DAYS": "0"}), ("on", {}),
+               ("on + experiment", {"EXPERIMENT": "local:50,popular:50"})]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-recording-")
+    services = []
+    users = [f"user-{i}" for i in range(200)]
+    try:
+        for n, (name, extra) in enumerate(configs):
+            env = {"DATABASE_URL": f"sqlite:///{tmp.name}/bench-{n}.db", "LOG_LEVEL": "WARNING",
+                   "ENGINE_BACKGROUND_TRAINING": "false", "_LOG_DIR": tmp.name,
+                   "NO_PROXY": "127.0.0.1,localhost", **extra}
+            cm, base = start_service(env, args.workers)
+            services.append((name, cm, base))
+            seed_shop(base, len(users))
+        for _, _, base in services:  # warm-up: pools, popular items, the schema
+            timed_reads(base, users[:40], args.concurrency, 10)
+        results: dict[str, list[float]] = {name: [] for name, _ in configs}
+        rounds = max(1, args.rounds)
+        for r in range(rounds):
+            order = services if r % 2 == 0 else list(reversed(services))
+            for name, _, base in order:
+                wanted = [users[(r * 37 + i) % len(users)] for i in range(args.requests)]
+                results[name].extend(timed_reads(base, wanted, args.concurrency, 10))
+    finally:
+        for _, cm, _ in services:
+            cm.__exit__(None, None, None)
+        tmp.cleanup()
+    base_p50 = percentile(results["off"], 50)
+    print(f"\nGET /recommendations on the embedded default, gunicorn {args.workers} workers, "
+          f"{args.concurrency} sequential client(s), {rounds} alternating rounds of "
+          f"{args.requests} requests per service")
+    print(f"{'impressions':<18} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  {'p50 added':>10}")
+    ok = True
+    for name, _ in configs:
+        values = results[name]
+        p50 = percentile(values, 50)
+        added = p50 - base_p50
+        if name != "off":
+            ok &= added <= 2.0
+        print(f"{name:<18} {p50:8.2f} {percentile(values, 90):8.2f} "
+              f"{percentile(values, 99):8.2f}  {added:+10.2f}")
+    print(f"target: recording adds at most 2 ms to the p50: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="per phase (default 200)")
@@ -127,9 +225,15 @@ def main() -> int:
     parser.add_argument("--warm-users", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--compare-recording", action="store_true",
+                        help="impressions off / on / on with an experiment, side by side")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds for --compare-recording (default 4)")
     args = parser.parse_args()
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 64:
         parser.error("--requests must be 1..100000 and --concurrency 1..64")
+    if args.compare_recording:
+        return compare_recording(args)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-recs-")
     with FakePersonalizeRuntime() as runtime, \

@@ -46,10 +46,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
     from . import cli, deletions, engine
-    from .views import (errors, openapi, ops, page, rank, recommendations, segment,
-                        tracking_api)
+    from .views import (errors, insights, openapi, ops, page, rank, recommendations,
+                        segment, tracking_api)
     errors.init_app(app)
-    for view in (segment, tracking_api, recommendations, rank, page, ops, openapi):
+    for view in (segment, tracking_api, recommendations, rank, page, insights, ops, openapi):
         app.register_blueprint(view.bp)
     _init_cors(app, settings)
     cli.init_app(app)

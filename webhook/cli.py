@@ -134,6 +134,26 @@ def inbox_command() -> None:
     click.echo(f"dead letters: {services.dead_letters.count()}")
 
 
+@click.command("insights")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 366),
+              help="The last DAYS days (UTC), today included.")
+@click.option("--json", "as_json", is_flag=True, help="Print GET /insights' JSON instead.")
+@with_appcontext
+def insights_command(days: int, as_json: bool) -> None:
+    """What the recommendations earned, per experiment variant: impressions, visitors,
+    clicks, CTR, add-to-carts, orders, revenue, and which variant is ahead."""
+    import json
+
+    from .insights import report, table
+    services = current_app.extensions["segment"]
+    services.ensure_schema()
+    if services.impressions is not None:
+        services.impressions.flush()
+    body = report(services.store, days, variants=services.recommendations.experiment.names)
+    click.echo(json.dumps(body, indent=2) if as_json else table(body))
+
+
 def init_app(app: Flask) -> None:
-    for command in (token_command, export_command, dead_letters_group, inbox_command):
+    for command in (token_command, export_command, dead_letters_group, inbox_command,
+                    insights_command):
         app.cli.add_command(command)

@@ -220,6 +220,42 @@ def _s3_uri(value: str) -> str:
     return uri
 
 
+VARIANT_KINDS = ("local", "popular", "personalize")
+
+
+def _experiment(value: str) -> tuple[tuple[str, float], ...]:
+    """``local:50,personalize:50``: recommenders and their shares of visitors. A variant is
+    ``local``, ``popular`` (the control group: popular items), ``personalize`` (the
+    configured campaign or recommender) or ``personalize:<campaign or recommender ARN>``;
+    the share is the text after the last colon."""
+    variants: list[tuple[str, float]] = []
+    for part in _csv(value):
+        name, sep, share = part.rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"expected variant:share, e.g. local:50, got {part!r}")
+        name = name.strip()
+        kind = name.split(":", 1)[0]
+        if kind not in VARIANT_KINDS:
+            raise ValueError(f"unknown variant {name[:60]!r}: use local, popular, "
+                             "personalize or personalize:<ARN>")
+        if kind != name:
+            if kind != "personalize":
+                raise ValueError(f"only personalize takes an ARN, got {name[:60]!r}")
+            _arn(name.split(":", 1)[1])
+        try:
+            weight = float(share)
+        except ValueError:
+            raise ValueError(f"the share of {name[:60]!r} is not a number: {share!r}") from None
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"the share of {name[:60]!r} must be greater than 0")
+        if any(name == other for other, _ in variants):
+            raise ValueError(f"{name[:60]!r} is listed twice")
+        variants.append((name, weight))
+    if len(variants) < 2:
+        raise ValueError("name at least two variants, e.g. local:50,personalize:50")
+    return tuple(variants)
+
+
 # (field name, environment names in order of precedence, parser)
 _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("database_url", ("DATABASE_URL",), _database_url),
@@ -294,13 +330,19 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("personalize_deletion_s3_uri", ("PERSONALIZE_DELETION_S3_URI",), _s3_uri),
     ("personalize_deletion_interval_seconds", ("PERSONALIZE_DELETION_INTERVAL_SECONDS",),
      _positive_float),
+    # --- impressions, attribution, experiments ---
+    ("experiment", ("EXPERIMENT",), _experiment),
+    ("insights_retention_days", ("INSIGHTS_RETENTION_DAYS",), _off_or_positive_float),
+    ("attribution_window_hours", ("ATTRIBUTION_WINDOW_HOURS",), _positive_float),
+    ("attribution_hold_seconds", ("ATTRIBUTION_HOLD_SECONDS",), _non_negative_float),
+    ("insights_token", ("INSIGHTS_TOKEN",), _secret_key),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
 SECRET_FIELDS = frozenset(
     {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
      "segment_profile_api_token", "database_url", "secret_key",
-     "ingest_write_keys"}
+     "ingest_write_keys", "insights_token"}
 )
 
 
@@ -391,6 +433,21 @@ class Settings:
     personalize_deletion_role_arn: str = ""
     personalize_deletion_s3_uri: str = ""
     personalize_deletion_interval_seconds: float = 3600.0
+    # --- impressions, attribution, experiments ---
+    # Visitors split between recommenders by a stable hash: ((variant, share), ...);
+    # () = no experiment, every visitor gets the configured recommender.
+    experiment: tuple[tuple[str, float], ...] = ()
+    # Impressions (every answer shown) and attributions are kept this long; 0 = none
+    # recorded (no insights).
+    insights_retention_days: float = 90.0
+    # An add-to-cart or order counts for a recommendation shown to the same person at
+    # most this long before it.
+    attribution_window_hours: float = 24.0
+    # An event that could be attributed but finds no recorded answer waits this long for
+    # one (workers record their answers within 0.2 s); then it is taken as not
+    # attributable. 0: never waits (one worker: its own answers are written first).
+    attribution_hold_seconds: float = 1.0
+    insights_token: str = ""  # required by GET /insights when set
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -436,6 +493,12 @@ class Settings:
         if bool(values.get("segment_profile_api_token")) != bool(values.get("segment_space_id")):
             raise ConfigError("SEGMENT_SPACE_ID: the Profile API needs both SEGMENT_SPACE_ID "
                               "and SEGMENT_PROFILE_API_TOKEN")
+        if any(name == "personalize" for name, _ in values.get("experiment", ())) and not (
+                values.get("personalize_campaign_arn")
+                or values.get("personalize_recommender_arn")):
+            raise ConfigError("EXPERIMENT: the personalize variant needs "
+                              "PERSONALIZE_CAMPAIGN_ARN or PERSONALIZE_RECOMMENDER_ARN "
+                              "(or name one: personalize:<ARN>)")
         return cls(**values, sources=sources)
 
     @classmethod
@@ -489,4 +552,8 @@ class Settings:
                                           self.personalize_deletion_role_arn and
                                           self.personalize_deletion_s3_uri),
             "personalize_deletion_interval_seconds": self.personalize_deletion_interval_seconds,
+            "experiment": {name: share for name, share in self.experiment} or None,
+            "insights_retention_days": self.insights_retention_days or None,
+            "attribution_window_hours": self.attribution_window_hours,
+            "insights_token": bool(self.insights_token),
         }

@@ -107,6 +107,27 @@ DEAD_LETTERS_DROPPED = Counter(
     "dead_letters_dropped",
     "Dead letters dropped because the list was full (DEAD_LETTERS_MAX).",
 )
+IMPRESSIONS = Counter(
+    "recommendation_impressions",
+    "Answers of GET /recommendations and POST /recommendations/rank recorded for the "
+    "insights, by experiment variant.",
+    ["variant"],
+)
+IMPRESSIONS_DROPPED = Counter(
+    "recommendation_impressions_dropped",
+    "Answers not recorded: the worker's impression buffer was full (the store down).",
+)
+ATTRIBUTIONS = Counter(
+    "recommendation_attributions",
+    "Segment events attributed to a recommendation, by variant and kind (click, add, order).",
+    ["variant", "kind"],
+)
+ATTRIBUTED_REVENUE = Counter(
+    "recommendation_attributed_revenue",
+    "Revenue (price x quantity) of ordered products attributed to a recommendation, by "
+    "variant.",
+    ["variant"],
+)
 
 
 _children: dict = {}

@@ -18,6 +18,10 @@ Then ``recommend`` offers the list for write-back (``_write_back``): the one pla
 decides, and only for a personalized, non-degraded answer for a userId whose opt-out was
 read as false. Trait values go into the JSON only when the caller proved, with a token,
 that they are that visitor (``Answer.as_json``).
+
+Which recommender answers is the visitor's experiment variant (``experiments.py``; one
+variant without ``EXPERIMENT``); every step above applies to every variant alike. Every
+answer is recorded for the insights (``impressions.py``), off the request path.
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from typing import Any, Callable, Sequence
 import sqlalchemy as sa
 
 from . import metrics
+from .experiments import Experiment, Variant
 from .profiles import Profile, ProfileSource, local_purchases, trait_items, truthy
-from .recommenders import Recommendation, Recommender, RecommenderUnavailable, ScoredItem
+from .recommenders import Recommendation, RecommenderUnavailable, ScoredItem
 from .recommenders.personalize import filter_values_from_traits
 from .recommenders.popular import PopularItems
 from .store import Store, StoreUnavailable, items
@@ -58,6 +63,7 @@ class Request:
     anonymous_id: str | None = None
     item_id: str | None = None
     num_results: int = 25
+    record: bool = True  # an answer someone sees (not a recomputation for write-back)
 
     @property
     def visitor(self) -> str | None:
@@ -72,6 +78,7 @@ class Answer:
     source: str
     filtered: dict
     consent: str
+    variant: str = ""
     degraded: dict = field(default_factory=dict)
     traits: dict = field(default_factory=dict)  # the values used: private
 
@@ -88,6 +95,7 @@ class Answer:
             "itemList": self.item_list,
             "recommendationId": self.recommendation_id,
             "source": self.source,
+            "variant": self.variant,
             "filtered": self.filtered,
             "traitsUsed": sorted(self.traits),
         }
@@ -124,14 +132,15 @@ class _Question:
 
 
 class RecommendationService:
-    def __init__(self, *, store: Store, recommender: Recommender, ranker: Recommender,
+    def __init__(self, *, store: Store, experiment: Experiment,
                  profiles: ProfileSource, popular: PopularItems, activation=None,
+                 recorder=None,
                  exclusion_traits: Sequence[str], opt_out_trait: str,
                  purchase_events: Sequence[str], filter_values_map: Sequence[tuple[str, str]],
                  pool_size: int = 16):
         self.store = store
-        self.recommender = recommender
-        self.ranker = ranker
+        self.experiment = experiment
+        self.recorder = recorder  # impressions.ImpressionRecorder, or None: not recorded
         self.profiles = profiles
         self.popular = popular
         self.activation = activation
@@ -158,17 +167,20 @@ class RecommendationService:
         wanted = request.num_results
         # Over-fetch: exclusions are not known before the traits arrive.
         count = min(MAX_RESULTS, max(wanted * 2, wanted + 10))
+        variant = self._variant(request)
 
         def ask(values, n=count):
-            return self.recommender.recommend(user_id=request.visitor, item_id=request.item_id,
-                                              num_results=n, filter_values=values)
+            return variant.recommender.recommend(
+                user_id=request.visitor, item_id=request.item_id, num_results=n,
+                filter_values=values)
 
         def popular(n):
             return self.popular.recommend(item_id=request.item_id, num_results=n)
 
         answer = self._answer(request, _Question(
             ask=ask, popular=popular, wanted=wanted, count=count, seed_item=request.item_id,
-            ask_more=lambda values: ask(values, MAX_RESULTS)))
+            ask_more=lambda values: ask(values, MAX_RESULTS)), variant)
+        self._record(request, answer, "recommend")
         self._write_back(request, answer)
         return answer
 
@@ -176,10 +188,11 @@ class RecommendationService:
         """``item_ids`` re-ordered for the visitor, with the same steps as ``recommend``
         (never written back: the list is the caller's)."""
         ids = list(dict.fromkeys(item_ids))
+        variant = self._variant(request)
 
         def ask(values):
-            ranking = self.ranker.rank(user_id=request.visitor, item_ids=ids,
-                                       filter_values=values)
+            ranking = variant.ranker.rank(user_id=request.visitor, item_ids=ids,
+                                          filter_values=values)
             # A ranker may leave out ids it cannot rank; they follow, in the caller's order.
             returned = {s.item_id for s in ranking.items}
             missing = [ScoredItem(i, 0.0) for i in ids if i not in returned]
@@ -188,13 +201,27 @@ class RecommendationService:
             return Recommendation(list(ranking.items) + missing, ranking.source,
                                   ranking.recommendation_id, ranking.details)
 
-        return self._answer(request, _Question(
+        answer = self._answer(request, _Question(
             ask=ask, popular=lambda n: self.popular.rank(item_ids=ids), wanted=len(ids),
-            count=len(ids)))
+            count=len(ids)), variant)
+        self._record(request, answer, "rank")
+        return answer
 
     # --- the steps, shared ---------------------------------------------------------------
 
-    def _answer(self, request: Request, question: _Question) -> Answer:
+    def _variant(self, request: Request) -> Variant:
+        return self.experiment.choose(user_id=request.user_id,
+                                      anonymous_id=request.anonymous_id,
+                                      item_id=request.item_id)
+
+    def _record(self, request: Request, answer: Answer, kind: str) -> None:
+        if self.recorder is not None and request.record:
+            self.recorder.record(recommendation_id=answer.recommendation_id,
+                                 visitor=request.visitor, variant=answer.variant,
+                                 source=answer.source, kind=kind,
+                                 items=[i["itemId"] for i in answer.item_list])
+
+    def _answer(self, request: Request, question: _Question, variant: Variant) -> Answer:
         degraded: dict[str, str] = {}
         purchases_future = self.pool.submit(self._purchases, request)
         profile, recommendation, filter_values = self._profile_and_ask(
@@ -255,6 +282,7 @@ class RecommendationService:
             source=recommendation.source,
             filtered=filtered,
             consent=consent,
+            variant=variant.name,
             degraded=degraded,
             traits={name: traits[name] for name in self.trait_names if name in traits},
         )

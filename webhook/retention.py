@@ -6,6 +6,8 @@
   skip live messages older than the window instead (README).
 * Interactions older than ``INTERACTION_RETENTION_DAYS`` (by their own time; default 730)
   are deleted.
+* Impressions and attributions (the insights) older than ``INSIGHTS_RETENTION_DAYS``
+  (default 90) are deleted.
 
 Each worker runs the loop; batches are small (one short transaction each) so pruning never
 holds the write lock for long, and two workers pruning at once only share the work.
@@ -23,7 +25,7 @@ import sqlalchemy as sa
 
 from . import metrics
 from .inbox import Inbox
-from .store import StoreUnavailable, interactions
+from .store import StoreUnavailable, attributions, impressions, interactions
 
 log = logging.getLogger("webhook.retention")
 
@@ -33,12 +35,14 @@ MAX_BATCHES = 50  # batches a run, per table: a large backlog is worked off over
 
 class Retention:
     def __init__(self, inbox: Inbox, consumers: Iterable[str], message_retention_hours: float,
-                 interaction_retention_days: float, interval_seconds: float = 60.0):
+                 interaction_retention_days: float, interval_seconds: float = 60.0,
+                 insights_retention_days: float = 0.0):
         self.inbox = inbox
         self.store = inbox.store
         self.consumers = list(consumers)
         self.message_seconds = message_retention_hours * 3600.0
         self.interaction_seconds = interaction_retention_days * 86400.0
+        self.insights_seconds = insights_retention_days * 86400.0
         self.interval_seconds = interval_seconds
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -47,7 +51,7 @@ class Retention:
     def run_once(self, now: float | None = None) -> dict[str, int]:
         """Prune what is due now; returns the rows deleted by table."""
         now = time.time() if now is None else now
-        deleted = {"inbox": 0, "interactions": 0}
+        deleted = {"inbox": 0, "interactions": 0, "impressions": 0, "attributions": 0}
         for _ in range(MAX_BATCHES):
             n = self.inbox.prune(now - self.message_seconds, self.consumers, BATCH)
             deleted["inbox"] += n
@@ -64,12 +68,30 @@ class Retention:
                 deleted["interactions"] += n
                 if n < BATCH:
                     break
+        if self.insights_seconds:
+            cutoff = now - self.insights_seconds
+            for table, column in ((impressions, impressions.c.shown_at),
+                                  (attributions, attributions.c.at)):
+                for _ in range(MAX_BATCHES):
+                    n = self._prune_by_time(table, column, cutoff)
+                    deleted[table.name] += n
+                    if n < BATCH:
+                        break
         for table, n in deleted.items():
             if n:
                 metrics.INBOX_PRUNED.labels(table=table).inc(n)
         if any(deleted.values()):
             log.info("retention: rows pruned", extra={"pruned": deleted})
         return deleted
+
+    def _prune_by_time(self, table, column, cutoff: float) -> int:
+        """Delete about BATCH of the oldest rows before ``cutoff`` (by an indexed time
+        column, whatever the table's key)."""
+        with self.store.write() as tx:
+            edge = tx.conn.execute(sa.select(column).where(column < cutoff).order_by(column)
+                                   .offset(BATCH - 1).limit(1)).scalar()
+            doomed = column < cutoff if edge is None else column <= edge
+            return tx.conn.execute(table.delete().where(doomed)).rowcount
 
     def start(self) -> None:
         if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():

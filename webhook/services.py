@@ -18,6 +18,7 @@ from typing import Iterable
 
 from .activation import Activation, LocalPublisher, SegmentPublisher
 from .appliers import Runner
+from .appliers.attribution import AttributionApplier
 from .appliers.local import LocalStoreApplier
 from .budget import HostBudget, HostShare, budget_path
 from .config import SECRET_FIELDS, Settings
@@ -25,6 +26,8 @@ from .deadletters import DeadLetters
 from .deletions import DeletionSync, record_deletions
 from .engine import make_engine
 from .engine.model import event_weights
+from .experiments import Experiment, Variant
+from .impressions import ImpressionRecorder
 from .inbox import Inbox
 from .ingest import Ingestor
 from .profiles import LocalProfiles, SegmentProfiles
@@ -45,6 +48,10 @@ OPEN_RECOMMENDATIONS_WARNING = (
     "GET /recommendations IS OPEN: SECRET_KEY is not set, so anyone can read anyone's "
     "recommendations (trait values are never shown without a token); set SECRET_KEY to "
     "require signed tokens"
+)
+OPEN_INSIGHTS_WARNING = (
+    "GET /insights IS OPEN: INSIGHTS_TOKEN is not set, so anyone who can reach the service "
+    "can read its click-through and revenue figures; set INSIGHTS_TOKEN to require it"
 )
 DELETIONS_WARNING = (
     "DELETION REQUESTS DO NOT REACH AMAZON PERSONALIZE YET: set "
@@ -111,6 +118,8 @@ class Services:
             self.retention.stop()
         if self.deletions is not None:
             self.deletions.stop_background()
+        if self.impressions is not None:
+            self.impressions.stop()
         if self.engine is not None:
             self.engine.trainer.stop_background()
         self._background_pid = 0
@@ -120,8 +129,11 @@ class Services:
             runner.wake()
 
     def drain(self, names=None, timeout: float = 60.0) -> bool:
-        """Apply what the inbox holds now, in this thread (CLI, tests); True if caught up."""
+        """Apply what the inbox holds now, in this thread (CLI, tests); True if caught up.
+        This worker's recorded answers are written first (the attribution reads them)."""
         self.ensure_schema()
+        if self.impressions is not None:
+            self.impressions.flush()
         return all(self.runners[name].drain(timeout)
                    for name in (names if names is not None else self.runners))
 
@@ -129,6 +141,7 @@ class Services:
     activation: Activation | None = None
     popular: PopularItems | None = None
     engine: object | None = None  # webhook.engine.Engine: the local engine's parts
+    impressions: ImpressionRecorder | None = None  # None: INSIGHTS_RETENTION_DAYS=0
     deletions: object | None = None  # webhook.deletions.DeletionSync (Personalize mode)
 
     def after_purchases(self, user_ids: Iterable[str]) -> None:
@@ -142,7 +155,7 @@ class Services:
     def _activate_after_purchase(self, user_id: str) -> None:
         try:
             # The pipeline offers the list for write-back if, and only if, it may.
-            self.recommendations.recommend(Request(user_id=user_id))
+            self.recommendations.recommend(Request(user_id=user_id, record=False))
         except (NoRecommendations, StoreUnavailable) as exc:
             # Expected while the database or the recommender is down: no trace, a reason.
             log.warning("no write-back after a purchase: %s", type(exc).__name__)
@@ -182,6 +195,44 @@ def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadL
                               on_deletions=record_deletions)
 
 
+def _personalize(settings: Settings, arn: str = "", *, ranking: bool = False):
+    """A Personalize recommender: the configured campaign or recommender, or ``arn``."""
+    if ranking:
+        campaign, recommender = settings.personalize_ranking_campaign_arn, ""
+    elif arn:
+        is_recommender = ":recommender/" in arn
+        campaign, recommender = ("" if is_recommender else arn), (arn if is_recommender else "")
+    else:
+        campaign = settings.personalize_campaign_arn
+        recommender = settings.personalize_recommender_arn
+    return PersonalizeRecommender(
+        campaign_arn=campaign, recommender_arn=recommender,
+        filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
+        timeout=settings.recommender_timeout_seconds)
+
+
+def _variants(settings: Settings, engine, popular: PopularItems) -> list[Variant]:
+    """The experiment's variants (EXPERIMENT), or the one configured recommender. Ranking
+    (POST /recommendations/rank) uses PERSONALIZE_RANKING_CAMPAIGN_ARN when it is set,
+    else the local engine; in an experiment, the ``local`` variant always ranks with the
+    local engine and ``popular`` by popularity."""
+    ranker = (_personalize(settings, ranking=True)
+              if settings.personalize_ranking_campaign_arn else engine.recommender)
+    chosen = settings.experiment or ((settings.recommender_mode, 1.0),)
+    variants = []
+    for name, share in chosen:
+        if name == "local":
+            variants.append(Variant(name, engine.recommender,
+                                    engine.recommender if settings.experiment else ranker,
+                                    share))
+        elif name == "popular":
+            variants.append(Variant(name, popular, popular, share))
+        else:  # personalize, or personalize:<ARN>
+            arn = name.partition(":")[2]
+            variants.append(Variant(name, _personalize(settings, arn), ranker, share))
+    return variants
+
+
 def build_services(settings: Settings, instance_path: str) -> Services:
     store = Store(settings.database_url or sqlite_url_for(instance_path),
                   synchronous=settings.sqlite_synchronous)
@@ -196,36 +247,33 @@ def build_services(settings: Settings, instance_path: str) -> Services:
                                   on_purchases=services.after_purchases)]
     if settings.personalize_tracking_id:
         appliers.append(_personalize_applier(settings, router, dead_letters))
+    if settings.insights_retention_days:
+        services.impressions = ImpressionRecorder(store)
+        appliers.append(AttributionApplier(
+            store, router, settings.purchase_events,
+            window_hours=settings.attribution_window_hours,
+            hold_seconds=settings.attribution_hold_seconds,
+            before_apply=services.impressions.flush))
     services.runners = {applier.name: Runner(inbox, applier) for applier in appliers}
     services.retention = Retention(inbox, services.runners, settings.message_retention_hours,
                                    settings.interaction_retention_days,
-                                   settings.retention_interval_seconds)
+                                   settings.retention_interval_seconds,
+                                   settings.insights_retention_days)
     ingestor.listeners.append(services.wake_appliers)
     if not settings.authentication_enforced:
         services.warnings.append(UNSIGNED_WARNING)
     if not settings.secret_key:
         services.warnings.append(OPEN_RECOMMENDATIONS_WARNING)
+    if settings.insights_retention_days and not settings.insights_token:
+        services.warnings.append(OPEN_INSIGHTS_WARNING)
 
     # The one wiring of the read side: popular items, the local engine (it answers before
-    # Personalize is configured and ranks without a ranking campaign), the recommender,
-    # the ranker, the profile source and activation; nothing is replaced later.
+    # Personalize is configured and ranks without a ranking campaign), the recommenders
+    # of the experiment's variants, the profile source and activation; nothing is
+    # replaced later.
     popular = PopularItems(store, weights=event_weights(settings.engine_event_weights))
     engine = make_engine(store, settings, popular)
-    if settings.recommender_mode == "personalize":
-        recommender = PersonalizeRecommender(
-            campaign_arn=settings.personalize_campaign_arn,
-            recommender_arn=settings.personalize_recommender_arn,
-            filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
-            timeout=settings.recommender_timeout_seconds)
-    else:
-        recommender = engine.recommender
-    if settings.personalize_ranking_campaign_arn:
-        ranker = PersonalizeRecommender(
-            campaign_arn=settings.personalize_ranking_campaign_arn,
-            filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
-            timeout=settings.recommender_timeout_seconds)
-    else:
-        ranker = engine.recommender
+    experiment = Experiment(store, _variants(settings, engine, popular))
     if settings.profile_api_enabled:
         budget = HostBudget(budget_path(store.url, settings.segment_space_id),
                             capacity=settings.profile_api_max_rps, window=BUDGET_WINDOW)
@@ -245,8 +293,8 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     services.engine = engine
     services.activation = activation
     services.recommendations = RecommendationService(
-        store=store, recommender=recommender, ranker=ranker, profiles=profile_source,
-        popular=popular, activation=activation,
+        store=store, experiment=experiment, profiles=profile_source,
+        popular=popular, activation=activation, recorder=services.impressions,
         exclusion_traits=settings.exclusion_traits, opt_out_trait=settings.opt_out_trait,
         purchase_events=settings.purchase_events,
         filter_values_map=settings.filter_values_map)

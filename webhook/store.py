@@ -124,6 +124,36 @@ activations = sa.Table(
 )
 
 
+# Every answer of GET /recommendations and POST /recommendations/rank, recorded off the
+# request path (impressions.py): who saw which items, from which variant and source.
+impressions = sa.Table(
+    "impressions", metadata,
+    sa.Column("recommendation_id", sa.String(64), primary_key=True),
+    sa.Column("visitor", ID, nullable=False),  # the userId, else the anonymousId asked for
+    sa.Column("variant", sa.String(300), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # recommend, rank
+    sa.Column("items", sa.JSON, nullable=False),  # the item ids shown, in order
+    sa.Column("shown_at", sa.Float, nullable=False, index=True),
+)
+sa.Index("impressions_visitor", impressions.c.visitor, impressions.c.shown_at)
+
+# What Segment events tell about those answers (appliers/attribution.py): a click on a
+# recommended item, an add-to-cart or an order of one. One row per event and kind, so a
+# redelivered event counts once.
+attributions = sa.Table(
+    "attributions", metadata,
+    sa.Column("event_id", ID, primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),  # click, add, order
+    sa.Column("message_id", ID, nullable=False),  # an order of several products: one
+    sa.Column("recommendation_id", sa.String(64), nullable=False),
+    sa.Column("variant", sa.String(300), nullable=False),
+    sa.Column("item_id", ID, nullable=False),
+    sa.Column("revenue", sa.Float, nullable=False, default=0.0),
+    sa.Column("at", sa.Float, nullable=False, index=True),  # the event's time
+)
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached or is busy: try again later."""
 

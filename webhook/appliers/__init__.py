@@ -9,6 +9,7 @@ accepted something and otherwise polling for what other workers and hosts accept
 
 * ``local.LocalStoreApplier``: interactions, catalog, traits, identity links, deletions.
 * ``personalize.PersonalizeApplier``: PutEvents, PutUsers, PutItems.
+* ``attribution.AttributionApplier``: clicks, add-to-carts and orders of recommended items.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ log = logging.getLogger("webhook.appliers")
 class Applied:
     write: Callable[[Transaction], None] | None = None  # in the advancing transaction
     after: Callable[[], None] | None = None  # once that transaction committed
+    # How many of the batch's entries were applied (the position moves past them); None:
+    # all. Fewer: the rest is not ready yet and comes again in the next batch.
+    consumed: int | None = None
 
 
 class Applier(Protocol):
@@ -121,6 +125,11 @@ class Runner:
         started = time.perf_counter()
         try:
             applied = self.applier.apply(entries, _Renewer(self.inbox, self.name, owner, ttl))
+            if applied.consumed is not None and applied.consumed < len(entries):
+                if applied.consumed <= 0:  # nothing ready yet: let go, look again later
+                    self.inbox.release_lease(self.name, owner)
+                    return 0
+                entries = entries[:applied.consumed]
             with self.inbox.store.write() as tx:
                 self.inbox.advance(tx, self.name, owner, entries[-1].position, len(entries))
                 if applied.write is not None:

@@ -35,8 +35,9 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
 }
 
-# Endpoints whose responses get SECURITY_HEADERS: this page and the app's static files.
-_PAGE_ENDPOINTS = frozenset({"page.index", "static"})
+# Endpoints whose responses get SECURITY_HEADERS: this page, the insights page (and its
+# JSON) and the app's static files.
+_PAGE_ENDPOINTS = frozenset({"page.index", "static", "insights.insights"})
 
 
 @bp.get("/")

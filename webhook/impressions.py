@@ -1,0 +1,116 @@
+"""Impressions: every answer the service gives, recorded off the request path.
+
+``ImpressionRecorder.record`` appends to a bounded buffer and returns; a thread per
+worker writes the buffer in one transaction every ``flush_seconds`` (without the fsync of
+``SQLITE_SYNCHRONOUS=FULL``: losing the last fraction of a second of impressions in a
+power failure costs a few rows of statistics, nothing a shop was promised). What does not
+fit in the buffer (the store down for long) is dropped and counted
+(``recommendation_impressions_dropped_total``), never waited for.
+
+The attribution applier (``appliers/attribution.py``) holds back a click that names an
+answer not recorded yet for a little longer than ``flush_seconds``, so a click that
+follows an answer within a second is still matched.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Sequence
+
+from . import metrics
+from .store import Store, StoreUnavailable, impressions
+
+log = logging.getLogger("webhook.impressions")
+
+FLUSH_SECONDS = 0.2
+
+
+class ImpressionRecorder:
+    def __init__(self, store: Store, max_pending: int = 10_000,
+                 flush_seconds: float = FLUSH_SECONDS):
+        self.store = store
+        self.max_pending = max_pending
+        self.flush_seconds = flush_seconds
+        self._rows: list[dict] = []
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def record(self, *, recommendation_id: str, visitor: str | None, variant: str, source: str,
+               kind: str, items: Sequence[str]) -> bool:
+        """Keep an answer for the next write; False if the buffer is full (dropped)."""
+        row = {"recommendation_id": recommendation_id, "visitor": visitor or "",
+               "variant": variant, "source": source, "kind": kind, "items": list(items),
+               "shown_at": time.time()}
+        with self._lock:
+            if len(self._rows) >= self.max_pending:
+                metrics.IMPRESSIONS_DROPPED.inc()
+                return False
+            self._rows.append(row)
+            if self._pid != os.getpid() or self._thread is None:
+                self._start()
+        metrics.IMPRESSIONS.labels(variant=variant).inc()
+        return True
+
+    def flush(self) -> int:
+        """Write what is buffered now (the thread does it; the CLI and tests may too).
+        Returns the rows written. StoreUnavailable: they stay buffered."""
+        with self._flush_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if not rows:
+                return 0
+            try:
+                with self.store.write(durable=False) as tx:
+                    tx.conn.execute(tx._insert(impressions).on_conflict_do_nothing(
+                        index_elements=["recommendation_id"]), rows)
+            except BaseException:
+                with self._lock:  # back in front, as far as the bound allows
+                    room = max(0, self.max_pending - len(self._rows))
+                    if len(rows) > room:
+                        metrics.IMPRESSIONS_DROPPED.inc(len(rows) - room)
+                    self._rows[:0] = rows[len(rows) - room:] if room else []
+                raise
+            return len(rows)
+
+    def pending(self) -> int:
+        return len(self._rows)
+
+    # -- the thread, one per worker ----------------------------------------------------------
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="impressions", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout)
+        self._thread = None
+        try:
+            self.flush()
+        except StoreUnavailable:
+            log.warning("impressions: store unavailable at shutdown; %d not recorded",
+                        len(self._rows))
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.flush_seconds * (1 + min(failures, 25))):
+            try:
+                self.flush()
+                failures = 0
+            except StoreUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("impressions: store unavailable, writing later: %s", exc)
+            except Exception:
+                failures += 1
+                log.exception("impressions: writing failed")

@@ -1,0 +1,72 @@
+"""GET /insights: the operator's view of what the recommendations earn, per variant.
+
+JSON (``webhook/insights.py``) for scripts and ``fetch()``; the page
+(``templates/insights.html``, ``static/insights.js``) for a browser, which draws the same
+JSON as charts and a table with no third-party request (the page's strict CSP). Which one
+is answered follows the ``Accept`` header: a browser asking for HTML gets the page.
+
+``INSIGHTS_TOKEN``, when set, is required for the data (``Authorization: Bearer …`` or
+``?token=``); the page itself holds no data and passes the token from its address to its
+``fetch()``. Unset: open, with a warning at start-up, like ``/recommendations`` without
+``SECRET_KEY``.
+"""
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, current_app, make_response, render_template, request
+
+from ..insights import report
+from ..store import StoreUnavailable
+from .errors import error_response, json_response
+
+bp = Blueprint("insights", __name__)
+
+MAX_DAYS = 366
+
+
+def wants_page() -> bool:
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "text/html" and request.args.get("format") != "json"
+
+
+def _token() -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.args.get("token", "")
+
+
+@bp.get("/insights")
+def insights():
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    if wants_page():
+        response = make_response(render_template(
+            "insights.html", token_required=bool(settings.insights_token)))
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+    if settings.insights_token:
+        given = _token()
+        if not given or not hmac.compare_digest(given.encode(), settings.insights_token.encode()):
+            response = error_response(401, "token_required" if not given else "token_invalid",
+                                      "GET /insights needs INSIGHTS_TOKEN as a bearer token")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="insights"'
+            return response
+    raw = request.args.get("days", "7").strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_DAYS:
+        return error_response(400, "bad_parameter",
+                              f"days must be a whole number from 1 to {MAX_DAYS}",
+                              details={"parameter": "days"})
+    if not settings.insights_retention_days:
+        return error_response(404, "insights_off",
+                              "answers are not recorded: INSIGHTS_RETENTION_DAYS is 0")
+    try:
+        body = report(services.store, int(raw),
+                      variants=services.recommendations.experiment.names)
+    except StoreUnavailable:
+        return error_response(503, "store_unavailable", "the store is unavailable; retry later",
+                              retry_after=settings.retry_after_seconds)
+    response = json_response(body, 200)
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
