@@ -241,7 +241,9 @@ def test_page_renders_recommendations_as_cards(open_service, page, tmp_path):
     assert first.locator(".card-id").inner_text() == "sku-1"
     assert first.locator("img").get_attribute("src").startswith("data:image/svg+xml,")
     assert first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
-    assert first.locator("a").get_attribute("href") == "https://shop.example/p/sku-1"
+    # The link carries the answer's id, for the shop's product page to send back.
+    assert first.locator("a").get_attribute("href") == \
+        "https://shop.example/p/sku-1?recommendation_id=" + answer["recommendationId"]
     # An item the catalog knows only by id: the id is its name, no price, no image.
     bare = page.locator("#cards .card[data-item-id='sku-bare']")
     assert bare.locator(".card-name").inner_text() == "sku-bare"

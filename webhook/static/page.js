@@ -56,6 +56,32 @@
     }
   }
 
+  // The shop's product page can send the answer's id back with its Product Clicked or
+  // Product Viewed event (properties.recommendation_id): the click is then attributed to
+  // this answer (GET /insights).
+  function withRecommendationId(href, recommendationId) {
+    if (!href || !recommendationId) return href;
+    try {
+      var url = new URL(href);
+      if (url.protocol !== "https:" && url.protocol !== "http:") return href;
+      url.searchParams.set("recommendation_id", String(recommendationId));
+      return url.href;
+    } catch (e) {
+      return href;
+    }
+  }
+
+  // With Segment's analytics.js on the page, a click on a card is tracked as the spec's
+  // Product Clicked, naming the answer it came from.
+  function trackClick(item, index, answer) {
+    var analytics = window.analytics;
+    if (!analytics || typeof analytics.track !== "function") return;
+    try {
+      analytics.track("Product Clicked", {product_id: item.itemId, position: index + 1,
+                                          recommendation_id: answer.recommendationId});
+    } catch (e) { /* tracking never stops the click */ }
+  }
+
   function formatPrice(price) {
     if (price === undefined || price === null || price === "") return "";
     var number = typeof price === "number" ? price : Number(price);
@@ -183,11 +209,14 @@
       card.dataset.itemId = item.itemId;
       card.dataset.position = String(index + 1);
       var link = card.querySelector(".card-link");
-      var href = safeUrl(item.url, false);
+      var href = withRecommendationId(safeUrl(item.url, false), answer.recommendationId);
       if (href) {
         link.href = href;
         link.rel = "noopener noreferrer";
       }
+      link.addEventListener("click", function () {
+        trackClick(item, index, answer);
+      });
       var imageBox = card.querySelector(".card-image");
       var src = safeUrl(item.image_url, true);
       var label = item.name || item.itemId;

@@ -1,0 +1,443 @@
+"""End to end in headless Chromium: the insights page (GET /insights as a browser asks for
+it) and the recommendation cards' link back to their answer (GET /).
+
+The real service under gunicorn, with an experiment (EXPERIMENT=local:50,popular:50),
+seeded through the real endpoints: product events signed to POST /segment, visitors
+asking GET /recommendations, some of them clicking (``Product Clicked`` naming the
+answer's recommendationId), adding to the cart and ordering. The test waits, with a
+deadline, until GET /insights counts what it sent; then the page must show the same
+numbers, draw its three charts as inline SVG, and ask nothing of any other origin.
+Playwright's Python package drives Debian's Chromium (tests/prerequisites.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import time
+import urllib.parse
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.gunicorn_server import gunicorn
+from tests.prerequisites import chromium_path
+
+SHARED_SECRET = "insights-browser-shared-secret"
+INSIGHTS_TOKEN = "insights-browser-token-0123456789"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM = chromium_path()
+pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
+
+PRODUCTS = [  # (id, name, price); popularity falls in this order
+    ("sku-1", "Oak Desk Chair", 149.0),
+    ("sku-2", "Linen Throw", 39.5),
+    ("sku-3", "Ceramic Mug", 12.0),
+    ("sku-4", "Walnut Shelf", 89.0),
+    ("sku-5", "Wool Rug", 220.0),
+    ("sku-6", "Brass Lamp", 64.0),
+]
+VISITORS = 40
+DEADLINE_SECONDS = 30.0
+COUNTED = ("impressions", "visitors", "clicks", "addToCarts", "orders", "revenue")
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _item_url(item_id: str) -> str:
+    return f"https://shop.example/p/{item_id}?colour=oak"
+
+
+class Seeder:
+    """Signed Segment messages to POST /segment, as the Webhooks destination sends them,
+    timed now (attribution looks back from the event's own time)."""
+
+    def __init__(self, base: str):
+        self.base = base
+
+    def send(self, *messages: dict) -> None:
+        stamped = [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m}
+                   for m in messages]
+        payload = stamped[0] if len(stamped) == 1 else {"batch": stamped}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        signature = hmac.new(SHARED_SECRET.encode(), body, hashlib.sha1).hexdigest()
+        response = requests.post(self.base + "/segment", data=body, timeout=10, headers={
+            "Content-Type": "application/json", "X-Signature": signature})
+        assert response.status_code == 200, response.text
+        assert response.json()["accepted"] == len(stamped), response.text
+
+    def catalog(self) -> None:
+        self.send(*[{"type": "track", "event": "Product Viewed", "anonymousId": f"anon-{n}",
+                     "properties": {"product_id": item_id, "name": name, "price": price,
+                                    "url": _item_url(item_id)}}
+                    for rank, (item_id, name, price) in enumerate(PRODUCTS)
+                    for n in range(len(PRODUCTS) - rank)])
+
+
+def _wait_until_applied(base: str) -> None:
+    """Poll /healthz until every applier has applied everything delivered so far (the
+    catalog must be known before the first visitor asks, or the answer is empty)."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while True:
+        inbox = requests.get(base + "/healthz", timeout=10).json().get("inbox") or {}
+        appliers = inbox.get("appliers") or {}
+        if appliers and all(a["pending"] == 0 for a in appliers.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the inbox was not applied in {DEADLINE_SECONDS:.0f} s: "
+                                 f"{inbox}")
+        time.sleep(0.05)
+
+
+def _recommend(base: str, user_id: str) -> dict:
+    response = requests.get(base + "/recommendations", timeout=10,
+                            params={"userId": user_id, "numResults": 4},
+                            headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["itemList"] and answer["variant"] in ("local", "popular"), answer
+    return answer
+
+
+def _report(base: str, days: int = 7, token: str | None = None) -> requests.Response:
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    return requests.get(f"{base}/insights?days={days}&format=json", headers=headers,
+                        timeout=10)
+
+
+def _wait_for_counts(base: str, expected: dict[str, dict], token: str | None = None) -> dict:
+    """Poll GET /insights until every variant's counts are the expected ones: attribution
+    runs in the workers' background appliers, after the answers are recorded."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while True:
+        response = _report(base, token=token)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        seen = {v["variant"]: {k: v[k] for k in COUNTED} for v in body["variants"]}
+        if all(seen.get(name) == counts for name, counts in expected.items()):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"GET /insights did not reach the expected counts in "
+                                 f"{DEADLINE_SECONDS:.0f} s:\n  expected {expected}\n"
+                                 f"  seen     {seen}")
+        time.sleep(0.1)
+
+
+def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
+    """Visitors ask for recommendations; some click, add to the cart and order. Returns
+    the counts GET /insights must show per variant."""
+    seeder = Seeder(base)
+    seeder.catalog()
+    _wait_until_applied(base)
+    expected: dict[str, dict] = defaultdict(lambda: dict.fromkeys(COUNTED, 0))
+    events = []
+    for n in range(visitors):
+        user = f"visitor-{n:02d}"
+        answer = _recommend(base, user)
+        counts = expected[answer["variant"]]
+        counts["impressions"] += 1
+        counts["visitors"] += 1
+        items = [i["itemId"] for i in answer["itemList"]]
+        rid = answer["recommendationId"]
+        if n % 3 == 0:  # a click on the first item, from the shop's product page
+            events.append({"type": "track", "event": "Product Clicked", "userId": user,
+                           "properties": {"product_id": items[0], "recommendation_id": rid}})
+            counts["clicks"] += 1
+        if n % 5 == 0 and len(items) > 1:  # added to the cart: a product the answer showed
+            events.append({"type": "track", "event": "Product Added", "userId": user,
+                           "properties": {"product_id": items[1], "quantity": 1}})
+            counts["addToCarts"] += 1
+        if n % 4 == 0:  # an order: one recommended product, one never shown (not counted)
+            price = 10.0 + n
+            events.append({"type": "track", "event": "Order Completed", "userId": user,
+                           "properties": {"order_id": f"order-{n}", "products": [
+                               {"product_id": items[0], "price": price, "quantity": 2},
+                               {"product_id": "sku-never-shown", "price": 999.0}]}})
+            counts["orders"] += 1
+            counts["revenue"] = round(counts["revenue"] + 2 * price, 2)
+    seeder.send(*events)
+    return dict(expected)
+
+
+def _env(tmp: Path, name: str, **extra) -> dict[str, str]:
+    metrics = tmp / f"metrics-{name}"
+    metrics.mkdir()
+    return {"DATABASE_URL": f"sqlite:///{tmp}/{name}.db", "SEGMENT_SHARED_SECRET": SHARED_SECRET,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics), "ENGINE_BACKGROUND_TRAINING": "false",
+            "EXPERIMENT": "local:50,popular:50", "_LOG_DIR": str(tmp), **extra}
+
+
+@pytest.fixture(scope="module")
+def experiment_service(tmp_path_factory):
+    """An open GET /insights (no INSIGHTS_TOKEN), seeded; yields (base, report) once the
+    report counts everything that was sent."""
+    tmp = tmp_path_factory.mktemp("insights-open")
+    with gunicorn(_env(tmp, "open"), timeout=90) as (base, _):
+        expected = _seed_experiment(base, VISITORS)
+        # Forty visitors over two variants by a stable hash: both get some.
+        assert set(expected) == {"local", "popular"}, expected
+        assert all(c["clicks"] and c["orders"] for c in expected.values()), expected
+        yield base, _wait_for_counts(base, expected), expected
+
+
+@pytest.fixture(scope="module")
+def locked_service(tmp_path_factory):
+    """INSIGHTS_TOKEN set; a few answers and clicks recorded. /recommendations stays
+    open (no SECRET_KEY): the recommendation page's tests use it too."""
+    tmp = tmp_path_factory.mktemp("insights-locked")
+    with gunicorn(_env(tmp, "locked", INSIGHTS_TOKEN=INSIGHTS_TOKEN), workers=1,
+                  timeout=90) as (base, _):
+        expected = _seed_experiment(base, 8)
+        yield base, _wait_for_counts(base, expected, token=INSIGHTS_TOKEN)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright  # a dev requirement, checked first
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                             headless=True)
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def _page(browser, init_script: str | None = None):
+    """A fresh context and page (en-US, so numbers are formatted predictably) that records
+    every request it makes, console errors (CSP violations land there) and page errors."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
+    if init_script:
+        context.add_init_script(init_script)
+    page = context.new_page()
+    page.problems = []
+    page.requests = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.on("request", lambda r: page.requests.append(r.url))
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def _wait_state(page, state: str) -> None:
+    page.wait_for_selector(f"body[data-state='{state}']", timeout=15000)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x.replace(",", "")) for x in re.findall(r"\d[\d,]*(?:\.\d+)?", text)]
+
+
+def _cell(page, variant: str, field: str):
+    return page.locator(f"#figures td[data-variant='{variant}'][data-field='{field}']")
+
+
+# --- the insights page --------------------------------------------------------------------
+
+def test_insights_page_shows_the_report(experiment_service, browser):
+    base, polled, expected = experiment_service
+    with _page(browser) as page:
+        with page.expect_response(lambda r: "format=json" in r.url) as seen:
+            page.goto(base + "/insights?days=7")
+        _wait_state(page, "ready")
+        response = seen.value
+        assert response.status == 200
+        data = response.json()
+        assert data["days"] == 7 and data["baseline"] == "local"
+        names = [v["variant"] for v in data["variants"]]
+        assert names == ["local", "popular"]
+        # What the page drew is what was sent (and what the poll saw).
+        for v in data["variants"]:
+            assert {k: v[k] for k in COUNTED} == expected[v["variant"]]
+        assert data["verdict"] == polled["verdict"]
+
+        # The verdict, as the report says it (40 visitors: not enough to call).
+        verdict = page.locator("#verdict")
+        assert verdict.inner_text() == data["verdict"]["text"]
+        assert verdict.get_attribute("data-enough") == \
+            ("true" if data["verdict"]["enough"] else "false")
+        assert verdict.get_attribute("data-leader") == (data["verdict"]["leader"] or "")
+        assert data["verdict"]["enough"] is False and "Not enough data" in verdict.inner_text()
+        assert page.input_value("#days") == "7"
+        assert page.inner_text("#range") == f"{data['from']} to {data['to']} (UTC), 7 days"
+
+        # The table: every figure, as a number and as people read it.
+        for v in data["variants"]:
+            name = v["variant"]
+            for field in ("impressions", "visitors", "clicks", "addToCarts", "orders"):
+                cell = _cell(page, name, field)
+                assert int(cell.get_attribute("data-value")) == v[field], (name, field)
+                assert cell.inner_text() == f"{v[field]:,}", (name, field)
+            for field in ("revenue", "revenuePer1000"):
+                cell = _cell(page, name, field)
+                assert float(cell.get_attribute("data-value")) == v[field], (name, field)
+                assert cell.inner_text() == f"{v[field]:,.2f}", (name, field)
+            ctr = _cell(page, name, "ctr")
+            assert float(ctr.get_attribute("data-value")) == v["ctr"]["value"]
+            assert float(ctr.get_attribute("data-low")) == v["ctr"]["low"]
+            assert float(ctr.get_attribute("data-high")) == v["ctr"]["high"]
+            shown = _numbers(ctr.inner_text())  # "10.0 %", under it "(3.2–27.1)"
+            wanted = [100 * v["ctr"][k] for k in ("value", "low", "high")]
+            assert len(shown) == 3 and all(abs(a - b) <= 0.051 for a, b in zip(shown, wanted))
+            assert "%" in ctr.inner_text()
+        legend = page.eval_on_selector_all("#legend li", "l => l.map(i => i.dataset.variant)")
+        assert legend == names
+
+        # The comparisons: one row per (variant, measure), p-values as reported.
+        rows = page.locator("#comparisons-body tr")
+        assert rows.count() == len(data["comparisons"]) == 2
+        for c in data["comparisons"]:
+            row = page.locator(f"#comparisons-body tr[data-variant='{c['variant']}']"
+                               f"[data-metric='{c['metric']}']")
+            assert float(row.locator("[data-field='pValue']").get_attribute("data-value")) \
+                == c["pValue"]
+            difference = row.locator("[data-field='difference']")
+            assert float(difference.get_attribute("data-value")) == c["difference"]
+            assert "points" in difference.inner_text()
+
+        # The charts: inline SVG, titled, one mark per variant (and day).
+        for chart in ("impressions", "ctr", "revenue"):
+            svg = page.locator(f"svg[data-chart='{chart}']")
+            assert svg.count() == 1
+            assert svg.evaluate("s => s.namespaceURI") == "http://www.w3.org/2000/svg"
+            assert svg.locator("title").first.text_content()
+            assert svg.get_attribute("aria-label")
+            box = svg.bounding_box()
+            assert box and box["width"] > 200 and box["height"] > 80
+        daily = page.eval_on_selector_all(
+            "svg[data-chart='impressions'] .mark",
+            "ms => ms.map(m => [m.dataset.variant, m.dataset.date, Number(m.dataset.value)])")
+        assert len(daily) == 7 * len(names)
+        for v in data["variants"]:
+            marks = [(date, value) for name, date, value in daily if name == v["variant"]]
+            assert marks == [(d["date"], d["impressions"]) for d in v["days"]]
+            assert sum(value for _, value in marks) == v["impressions"]
+        ctr_marks = page.eval_on_selector_all(
+            "svg[data-chart='ctr'] .mark",
+            "ms => ms.map(m => [m.dataset.variant, Number(m.dataset.value), "
+            "Number(m.dataset.low), Number(m.dataset.high), m.querySelectorAll('line').length])")
+        assert ctr_marks == [[v["variant"], v["ctr"]["value"], v["ctr"]["low"],
+                              v["ctr"]["high"], 3] for v in data["variants"]]
+        revenue_marks = page.eval_on_selector_all(
+            "svg[data-chart='revenue'] .mark",
+            "ms => ms.map(m => [m.dataset.variant, Number(m.dataset.value), "
+            "Number(m.getAttribute('height'))])")
+        assert [m[:2] for m in revenue_marks] == \
+            [[v["variant"], v["revenuePer1000"]] for v in data["variants"]]
+        assert all(m[2] > 0 for m in revenue_marks)  # every variant earned something
+
+        # Another period: the address says so, and the page asks for it.
+        with page.expect_response(lambda r: "days=30" in r.url and "format=json" in r.url):
+            page.select_option("#days", "30")
+        _wait_state(page, "ready")
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)["days"] == ["30"]
+        assert page.locator("svg[data-chart='impressions'] .mark").count() == 30 * len(names)
+        assert page.inner_text("#range").endswith("30 days")
+
+        # Nothing from anywhere else, nothing refused, no script error.
+        assert page.requests and all(url.startswith(base + "/") for url in page.requests), \
+            page.requests
+        assert page.problems == []
+
+
+def test_insights_page_asks_for_the_token(locked_service, browser):
+    base, polled = locked_service
+    assert _report(base).status_code == 401
+    with _page(browser) as page:
+        page.goto(base + "/insights?days=7")
+        _wait_state(page, "error")
+        message = page.locator("#message")
+        assert message.get_attribute("data-code") == "token_required"
+        assert "needs the insights token" in message.inner_text()
+        assert page.is_visible("#token-form") and page.is_hidden("#report")
+
+        page.goto(base + "/insights?days=7&token=not-the-token-at-all")
+        _wait_state(page, "error")
+        assert page.get_attribute("#message", "data-code") == "token_invalid"
+
+        page.goto(base + "/insights?days=7&token=" + INSIGHTS_TOKEN)
+        _wait_state(page, "ready")
+        assert page.is_hidden("#message") and page.is_hidden("#token-form")
+        assert page.inner_text("#verdict") == polled["verdict"]["text"]
+        for v in polled["variants"]:
+            assert int(_cell(page, v["variant"], "impressions").get_attribute("data-value")) \
+                == v["impressions"]
+        assert page.locator("svg[data-chart='ctr'] .mark").count() == len(polled["variants"])
+
+        # Typed into the form instead: the same.
+        page.goto(base + "/insights?days=14")
+        _wait_state(page, "error")
+        page.fill("#token", INSIGHTS_TOKEN)
+        page.click("#token-form button[type=submit]")
+        _wait_state(page, "ready")
+        assert page.input_value("#days") == "14"
+        assert page.locator("svg[data-chart='impressions'] .mark").count() == \
+            14 * len(polled["variants"])
+        assert all(url.startswith(base + "/") for url in page.requests), page.requests
+        assert [p for p in page.problems if "401" not in p] == []  # the 401s are logged
+
+
+# --- the recommendation cards link back to their answer -----------------------------------
+
+# analytics.js, as far as the page uses it; and no navigation to the shop.
+ANALYTICS_STUB = """
+window.analytics = {calls: [], track(event, properties) { this.calls.push([event, properties]); }};
+window.addEventListener('click', (e) => { if (e.target.closest('a')) e.preventDefault(); }, true);
+"""
+NO_NAVIGATION = """
+window.addEventListener('click', (e) => { if (e.target.closest('a')) e.preventDefault(); }, true);
+"""
+
+
+def test_card_links_carry_the_recommendation_id(locked_service, browser):
+    base, _ = locked_service
+    with _page(browser, ANALYTICS_STUB) as page:
+        with page.expect_response(lambda r: "/recommendations?" in r.url) as seen:
+            page.goto(base + "/?userId=u-cards&numResults=4")
+        _wait_state(page, "ready")
+        answer = seen.value.json()
+        rid = answer["recommendationId"]
+        assert rid and answer["itemList"]
+        hrefs = page.eval_on_selector_all(
+            "#cards .card", "cs => cs.map(c => [c.dataset.itemId, "
+            "c.querySelector('a').getAttribute('href')])")
+        assert [item for item, _ in hrefs] == [i["itemId"] for i in answer["itemList"]]
+        for item_id, href in hrefs:
+            url = urllib.parse.urlsplit(href)
+            assert f"{url.scheme}://{url.netloc}{url.path}" == \
+                f"https://shop.example/p/{item_id}"
+            query = urllib.parse.parse_qs(url.query)
+            assert query == {"colour": ["oak"], "recommendation_id": [rid]}, href
+
+        page.locator("#cards .card a").nth(1).click()
+        page.locator("#cards .card a").first.click()
+        assert page.evaluate("analytics.calls") == [
+            ["Product Clicked", {"product_id": hrefs[1][0], "position": 2,
+                                 "recommendation_id": rid}],
+            ["Product Clicked", {"product_id": hrefs[0][0], "position": 1,
+                                 "recommendation_id": rid}],
+        ]
+        assert all(url.startswith(base + "/") for url in page.requests), page.requests
+        assert page.problems == []
+
+    # Without analytics.js the click is only a link.
+    with _page(browser, NO_NAVIGATION) as page:
+        page.goto(base + "/?userId=u-cards&numResults=4")
+        _wait_state(page, "ready")
+        assert "recommendation_id=" in page.get_attribute("#cards .card a", "href")
+        page.locator("#cards .card a").first.click()
+        assert page.evaluate("typeof window.analytics") == "undefined"
+        assert page.problems == []

@@ -1,0 +1,570 @@
+// The page at GET /insights (a browser asking for HTML): fetch()es the same address's JSON
+// and draws it as a verdict, charts (inline SVG, no library) and tables. No framework, no
+// build step, no request to any other origin. Data from the service is only ever set with
+// textContent or as attribute values, never parsed as HTML.
+"use strict";
+
+(function () {
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var DEFAULT_DAYS = 7;
+  var MAX_DAYS = 366;
+  var SERIES = 6; // colours in insights.css: .series-0 … .series-5
+  var METRICS = {
+    visitorClickRate: "Visitors who clicked",
+    visitorOrderRate: "Visitors who ordered",
+    ctr: "Click-through rate"
+  };
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function svg(tag, attrs, parent) {
+    var node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (name) {
+      if (attrs[name] !== undefined && attrs[name] !== null) node.setAttribute(name, attrs[name]);
+    });
+    if (parent) parent.appendChild(node);
+    return node;
+  }
+
+  function svgText(parent, x, y, text, className, anchor) {
+    var node = svg("text", {x: x, y: y, "class": className || null,
+                            "text-anchor": anchor || null}, parent);
+    node.textContent = String(text);
+    return node;
+  }
+
+  // --- numbers, for people ----------------------------------------------------------------
+
+  var integerFormat = new Intl.NumberFormat(undefined, {maximumFractionDigits: 0});
+  var moneyFormat = new Intl.NumberFormat(undefined, {minimumFractionDigits: 2,
+                                                      maximumFractionDigits: 2});
+  var oneDecimal = new Intl.NumberFormat(undefined, {minimumFractionDigits: 1,
+                                                     maximumFractionDigits: 1});
+  var NBSP = "\u00a0";
+  var DASH = "–";
+
+  function isNumber(x) { return typeof x === "number" && isFinite(x); }
+  function integer(x) { return isNumber(x) ? integerFormat.format(x) : DASH; }
+  function money(x) { return isNumber(x) ? moneyFormat.format(x) : DASH; }
+  function percent(x) { return isNumber(x) ? oneDecimal.format(100 * x) + NBSP + "%" : DASH; }
+
+  function interval(rate) {
+    if (!rate || !isNumber(rate.low) || !isNumber(rate.high)) return "";
+    return "(" + oneDecimal.format(100 * rate.low) + DASH + oneDecimal.format(100 * rate.high) +
+      ")";
+  }
+
+  function points(difference) {
+    if (!isNumber(difference)) return DASH;
+    var text = oneDecimal.format(Math.abs(100 * difference));
+    var sign = difference > 0 ? "+" : difference < 0 ? "−" : "±";
+    return sign + text + NBSP + "points";
+  }
+
+  function pValue(p) {
+    if (!isNumber(p)) return DASH;
+    if (p < 0.001) return "<" + NBSP + "0.001";
+    return String(Number(p.toPrecision(3)));
+  }
+
+  function shortDate(iso) {
+    var date = new Date(iso + "T00:00:00Z");
+    if (isNaN(date.getTime())) return iso;
+    return date.toLocaleDateString(undefined, {day: "numeric", month: "short", timeZone: "UTC"});
+  }
+
+  // --- the address: ?days= and ?token= ----------------------------------------------------
+
+  function readAddress() {
+    var params = new URLSearchParams(window.location.search);
+    var days = parseInt(params.get("days") || "", 10);
+    if (!(days >= 1 && days <= MAX_DAYS) || String(days) !== (params.get("days") || "").trim()) {
+      days = DEFAULT_DAYS;
+    }
+    return {days: days, token: (params.get("token") || "").trim()};
+  }
+
+  function showDays(days) {
+    var select = $("days");
+    var value = String(days);
+    var known = Array.prototype.some.call(select.options, function (o) {
+      return o.value === value;
+    });
+    if (!known) {
+      var option = el("option", null, "last " + days + (days === 1 ? " day" : " days"));
+      option.value = value;
+      select.insertBefore(option, select.firstChild);
+    }
+    select.value = value;
+    $("token-days").value = value;
+  }
+
+  // --- messages ---------------------------------------------------------------------------
+
+  function showMessage(kind, code, text, hint) {
+    var box = $("message");
+    box.textContent = "";
+    box.className = "message " + kind;
+    box.dataset.code = code || "";
+    box.appendChild(el("strong", null, text));
+    if (hint) box.appendChild(el("p", null, hint));
+    box.hidden = false;
+  }
+
+  function hideMessage() {
+    var box = $("message");
+    box.hidden = true;
+    box.textContent = "";
+    box.dataset.code = "";
+  }
+
+  function explainError(status, body, token) {
+    var error = (body && body.error) || {};
+    if (status === 401) {
+      return error.code === "token_invalid" || token
+        ? ["auth", "token_invalid", "The insights token is not valid.",
+           "It does not match the service's INSIGHTS_TOKEN. Check it and enter it again."]
+        : ["auth", "token_required", "This page needs the insights token.",
+           "The service has INSIGHTS_TOKEN set: enter it below, or open this page as " +
+           "/insights?token=… (the token is only sent to this service)."];
+    }
+    if (status === 404 && error.code === "insights_off") {
+      return ["info", error.code, "No insights: answers are not recorded.",
+              "INSIGHTS_RETENTION_DAYS is 0 on this service. Set it (e.g. 90) to record them."];
+    }
+    if (status === 503) {
+      return ["error", error.code || "unavailable", "No insights right now.",
+              (error.message || "The service is unavailable.") + " Try again shortly."];
+    }
+    return ["error", error.code || "http_" + status, "The service answered " + status + ".",
+            error.message || ""];
+  }
+
+  // --- charts -----------------------------------------------------------------------------
+
+  // Drawn at the size they are shown (redrawn when the window is resized), so that their
+  // text is the page's size on a phone and on a wide screen alike.
+  var MIN_WIDTH = 240;
+  var MARGIN = {top: 18, right: 14, bottom: 34};
+
+  // Round axis steps: 1, 2, 2.5 or 5 times a power of ten; whole steps for counts.
+  function scale(max, wholeNumbers) {
+    if (!(max > 0)) max = wholeNumbers ? 4 : 1;
+    var raw = max / 4;
+    var magnitude = Math.pow(10, Math.floor(Math.log(raw) / Math.LN10));
+    var norm = raw / magnitude;
+    var step = (norm <= 1 ? 1 : norm <= 2 ? 2 : norm <= 2.5 ? 2.5 : norm <= 5 ? 5 : 10) *
+      magnitude;
+    if (wholeNumbers) step = Math.max(1, Math.ceil(step));
+    var count = Math.ceil(max / step - 1e-9);
+    var values = [];
+    for (var i = 0; i <= count; i++) values.push(Number((i * step).toPrecision(12)));
+    return {top: count * step, values: values};
+  }
+
+  function chartWidth(node) {
+    var width = Math.floor(node.getBoundingClientRect().width ||
+                           (node.parentNode && node.parentNode.clientWidth) || 0);
+    return Math.max(MIN_WIDTH, width);
+  }
+
+  // An empty chart of the shown width, titled; ``tickLabels``: the y axis's, to make room.
+  function frame(node, title, description, height, tickLabels) {
+    var width = chartWidth(node);
+    node.textContent = "";
+    node.setAttribute("viewBox", "0 0 " + width + " " + height);
+    node.setAttribute("width", String(width));
+    node.setAttribute("height", String(height));
+    var titleNode = svg("title", {}, node);
+    titleNode.textContent = title;
+    var desc = svg("desc", {}, node);
+    desc.textContent = description;
+    node.setAttribute("aria-label", title + ". " + description);
+    var longest = Math.max.apply(null, [1].concat((tickLabels || []).map(function (t) {
+      return t.length;
+    })));
+    var left = Math.max(32, Math.round(longest * 6.6) + 12);
+    return {
+      x0: left, x1: width - MARGIN.right,
+      y0: MARGIN.top, y1: height - MARGIN.bottom,
+      width: width - left - MARGIN.right,
+      height: height - MARGIN.top - MARGIN.bottom
+    };
+  }
+
+  function yAxis(node, box, axis, labels) {
+    var group = svg("g", {"class": "axis", "aria-hidden": "true"}, node);
+    axis.values.forEach(function (value, i) {
+      var y = box.y1 - (axis.top ? value / axis.top : 0) * box.height;
+      svg("line", {x1: box.x0, x2: box.x1, y1: y, y2: y,
+                   "class": value === 0 ? "baseline" : "grid"}, group);
+      svgText(group, box.x0 - 6, y + 4, labels[i], "tick", "end");
+    });
+    return function (value) {
+      return box.y1 - (axis.top ? Math.max(0, value) / axis.top : 0) * box.height;
+    };
+  }
+
+  function empty(node, box, text) {
+    svgText(node, box.x0 + box.width / 2, box.y0 + box.height / 2, text, "empty-note", "middle");
+  }
+
+  function mark(tag, attrs, parent, title) {
+    var node = svg(tag, attrs, parent);
+    var tip = svg("title", {}, node);
+    tip.textContent = title;
+    return node;
+  }
+
+  function seriesClass(index) { return "series-" + (index % SERIES); }
+
+  // (a) Impressions per day, a bar per variant in each day.
+  function drawImpressions(node, body) {
+    var variants = body.variants;
+    var dates = variants.length ? variants[0].days.map(function (d) { return d.date; }) : [];
+    var max = 0;
+    variants.forEach(function (v) {
+      v.days.forEach(function (d) { max = Math.max(max, d.impressions || 0); });
+    });
+    var axis = scale(max, true);
+    var ticks = axis.values.map(integer);
+    var box = frame(node, "Impressions per day, by variant",
+                    "Answers shown each day (UTC) from " + body.from + " to " + body.to + ".",
+                    240, ticks);
+    if (!variants.length) { empty(node, box, "No recommendations were shown."); return; }
+    var y = yAxis(node, box, axis, ticks);
+    var slot = box.width / dates.length;
+    var group = slot * (dates.length > 45 ? 0.9 : 0.75);
+    var bar = group / variants.length;
+    var marks = svg("g", {"class": "marks"}, node);
+    variants.forEach(function (v, i) {
+      v.days.forEach(function (d, j) {
+        var value = d.impressions || 0;
+        var top = y(value);
+        mark("rect", {
+          x: (box.x0 + j * slot + (slot - group) / 2 + i * bar).toFixed(2),
+          y: top.toFixed(2), width: Math.max(0.5, bar - (bar > 4 ? 1 : 0)).toFixed(2),
+          height: (box.y1 - top).toFixed(2),
+          "class": "mark bar " + seriesClass(i),
+          "data-variant": v.variant, "data-date": d.date, "data-value": String(value)
+        }, marks, v.variant + ", " + d.date + ": " + integer(value) +
+          (value === 1 ? " impression" : " impressions"));
+      });
+    });
+    var every = Math.ceil(dates.length / Math.max(2, Math.floor(box.width / 64)));
+    var labels = svg("g", {"class": "axis", "aria-hidden": "true"}, node);
+    dates.forEach(function (date, j) {
+      if ((dates.length - 1 - j) % every !== 0) return; // the last day always has a label
+      svgText(labels, box.x0 + (j + 0.5) * slot, box.y1 + 16, shortDate(date), "tick", "middle");
+    });
+  }
+
+  function categories(node, box, variants) {
+    var slot = box.width / variants.length;
+    var labels = svg("g", {"class": "axis", "aria-hidden": "true"}, node);
+    variants.forEach(function (v, i) {
+      svgText(labels, box.x0 + (i + 0.5) * slot, box.y1 + 16, v.variant, "tick category",
+              "middle");
+    });
+    return slot;
+  }
+
+  // (b) CTR per variant: a bar to the rate and an error bar over its 95 % interval.
+  function drawCtr(node, body) {
+    var variants = body.variants;
+    var max = 0;
+    variants.forEach(function (v) {
+      if (v.ctr && isNumber(v.ctr.high)) max = Math.max(max, v.ctr.high);
+    });
+    var axis = scale(max, false);
+    var ticks = axis.values.map(percent);
+    var box = frame(node, "Click-through rate by variant",
+                    "Share of answers with at least one click, with its 95 % Wilson interval.",
+                    220, ticks);
+    if (!variants.length) { empty(node, box, "No recommendations were shown."); return; }
+    var y = yAxis(node, box, axis, ticks);
+    var slot = categories(node, box, variants);
+    var marks = svg("g", {"class": "marks"}, node);
+    variants.forEach(function (v, i) {
+      var centre = box.x0 + (i + 0.5) * slot;
+      var rate = v.ctr || {};
+      if (!isNumber(rate.value)) {
+        svgText(marks, centre, box.y1 - 8, "no answers", "empty-note", "middle");
+        return;
+      }
+      var g = mark("g", {
+        "class": "mark " + seriesClass(i), "data-variant": v.variant,
+        "data-value": String(rate.value), "data-low": String(rate.low),
+        "data-high": String(rate.high)
+      }, marks, v.variant + ": CTR " + percent(rate.value) + ", 95 % interval " +
+        percent(rate.low) + " to " + percent(rate.high) + ", of " + integer(v.impressions) +
+        " impressions");
+      var width = Math.min(72, slot * 0.5);
+      var top = y(rate.value);
+      svg("rect", {x: (centre - width / 2).toFixed(2), y: top.toFixed(2), width: width.toFixed(2),
+                   height: (box.y1 - top).toFixed(2), "class": "bar soft"}, g);
+      var low = y(rate.low), high = y(rate.high), cap = Math.min(14, width / 3);
+      svg("line", {x1: centre, x2: centre, y1: low.toFixed(2), y2: high.toFixed(2),
+                   "class": "whisker"}, g);
+      svg("line", {x1: centre - cap, x2: centre + cap, y1: low.toFixed(2), y2: low.toFixed(2),
+                   "class": "whisker"}, g);
+      svg("line", {x1: centre - cap, x2: centre + cap, y1: high.toFixed(2), y2: high.toFixed(2),
+                   "class": "whisker"}, g);
+      svg("circle", {cx: centre, cy: top.toFixed(2), r: 4, "class": "dot"}, g);
+      svgText(g, centre + width / 2 + 4, top + 4, percent(rate.value), "value", "start");
+    });
+  }
+
+  // (c) Revenue per 1,000 impressions, a bar per variant.
+  function drawRevenue(node, body) {
+    var variants = body.variants;
+    var max = 0;
+    variants.forEach(function (v) {
+      if (isNumber(v.revenuePer1000)) max = Math.max(max, v.revenuePer1000);
+    });
+    var axis = scale(max, false);
+    var ticks = axis.values.map(money);
+    var box = frame(node, "Revenue per 1,000 impressions by variant",
+                    "Revenue of the orders attributed to the recommendations, per 1,000 answers.",
+                    220, ticks);
+    if (!variants.length) { empty(node, box, "No recommendations were shown."); return; }
+    var y = yAxis(node, box, axis, ticks);
+    var slot = categories(node, box, variants);
+    var marks = svg("g", {"class": "marks"}, node);
+    variants.forEach(function (v, i) {
+      var centre = box.x0 + (i + 0.5) * slot;
+      if (!isNumber(v.revenuePer1000)) {
+        svgText(marks, centre, box.y1 - 8, "no answers", "empty-note", "middle");
+        return;
+      }
+      var width = Math.min(72, slot * 0.5);
+      var top = y(v.revenuePer1000);
+      mark("rect", {
+        x: (centre - width / 2).toFixed(2), y: top.toFixed(2), width: width.toFixed(2),
+        height: (box.y1 - top).toFixed(2), "class": "mark bar " + seriesClass(i),
+        "data-variant": v.variant, "data-value": String(v.revenuePer1000)
+      }, marks, v.variant + ": " + money(v.revenuePer1000) + " per 1,000 impressions (" +
+        money(v.revenue) + " from " + integer(v.impressions) + " impressions)");
+      svgText(marks, centre, top - 6, money(v.revenuePer1000), "value", "middle");
+    });
+  }
+
+  // --- tables -----------------------------------------------------------------------------
+
+  function legend(body) {
+    var list = $("legend");
+    list.textContent = "";
+    body.variants.forEach(function (v, i) {
+      var item = el("li", seriesClass(i));
+      item.dataset.variant = v.variant;
+      item.appendChild(el("span", "swatch"));
+      item.appendChild(el("span", "name", v.variant));
+      if (v.variant === body.baseline) item.appendChild(el("span", "tag", "baseline"));
+      if (!v.configured) item.appendChild(el("span", "tag warn", "no longer configured"));
+      list.appendChild(item);
+    });
+    list.hidden = !body.variants.length;
+  }
+
+  function cell(variant, field, value, text) {
+    var td = el("td", null, text);
+    td.dataset.variant = variant;
+    td.dataset.field = field;
+    td.dataset.value = isNumber(value) ? String(value) : "";
+    return td;
+  }
+
+  // The rate, and its 95 % interval under it.
+  function rateCell(variant, field, rate) {
+    rate = rate || {};
+    var td = cell(variant, field, rate.value, percent(rate.value));
+    var range = interval(rate);
+    if (range) {
+      var small = el("small", "interval", range);
+      small.title = "95 % interval";
+      td.appendChild(small);
+    }
+    td.dataset.low = isNumber(rate.low) ? String(rate.low) : "";
+    td.dataset.high = isNumber(rate.high) ? String(rate.high) : "";
+    return td;
+  }
+
+  function figures(body) {
+    var tbody = $("figures-body");
+    tbody.textContent = "";
+    body.variants.forEach(function (v, i) {
+      var row = el("tr", seriesClass(i));
+      row.dataset.variant = v.variant;
+      var name = el("th");
+      name.scope = "row";
+      name.dataset.variant = v.variant;
+      name.dataset.field = "variant";
+      name.appendChild(el("span", "swatch"));
+      name.appendChild(document.createTextNode(v.variant));
+      row.appendChild(name);
+      row.appendChild(cell(v.variant, "impressions", v.impressions, integer(v.impressions)));
+      row.appendChild(cell(v.variant, "visitors", v.visitors, integer(v.visitors)));
+      row.appendChild(cell(v.variant, "clicks", v.clicks, integer(v.clicks)));
+      row.appendChild(rateCell(v.variant, "ctr", v.ctr));
+      row.appendChild(rateCell(v.variant, "visitorClickRate", v.visitorClickRate));
+      row.appendChild(cell(v.variant, "addToCarts", v.addToCarts, integer(v.addToCarts)));
+      row.appendChild(cell(v.variant, "orders", v.orders, integer(v.orders)));
+      row.appendChild(rateCell(v.variant, "visitorOrderRate", v.visitorOrderRate));
+      row.appendChild(cell(v.variant, "revenue", v.revenue, money(v.revenue)));
+      row.appendChild(cell(v.variant, "revenuePer1000", v.revenuePer1000,
+                           money(v.revenuePer1000)));
+      tbody.appendChild(row);
+    });
+    if (!body.variants.length) {
+      var row = el("tr");
+      var td = el("td", "empty", "No recommendations were shown in this period.");
+      td.colSpan = 11;
+      row.appendChild(td);
+      tbody.appendChild(row);
+    }
+  }
+
+  function comparisons(body) {
+    var list = body.comparisons || [];
+    var tbody = $("comparisons-body");
+    tbody.textContent = "";
+    list.forEach(function (c) {
+      var row = el("tr", c.significant ? "significant" : null);
+      row.dataset.variant = c.variant;
+      row.dataset.metric = c.metric;
+      var name = el("th", null, c.variant + " vs " + c.baseline);
+      name.scope = "row";
+      row.appendChild(name);
+      var metric = el("td", null, METRICS[c.metric] || c.metric);
+      metric.dataset.field = "metric";
+      row.appendChild(metric);
+      [["difference", c.difference, points(c.difference)],
+       ["pValue", c.pValue, pValue(c.pValue)]].forEach(function (f) {
+        var td = cell(c.variant, f[0], f[1], f[2]);
+        td.dataset.metric = c.metric;
+        row.appendChild(td);
+      });
+      var significant = el("td", null, !isNumber(c.pValue) ? DASH : c.significant ? "yes" : "no");
+      significant.dataset.field = "significant";
+      significant.dataset.value = String(!!c.significant);
+      row.appendChild(significant);
+      tbody.appendChild(row);
+    });
+    $("comparisons").hidden = !list.length;
+    $("comparisons-note").textContent = list.length
+      ? "Each variant against the baseline (" + body.baseline + "), on the share of visitors " +
+        "who clicked and who ordered: a two-sided two-proportion test; a difference is " +
+        "significant when p is below 0.05. Differences are in percentage points."
+      : "Nothing to compare: one variant only.";
+  }
+
+  function render(body) {
+    var verdict = body.verdict || {};
+    var node = $("verdict");
+    node.textContent = verdict.text || "";
+    node.dataset.enough = verdict.enough ? "true" : "false";
+    node.dataset.leader = verdict.leader || "";
+    node.className = "verdict " + (verdict.enough ? "enough" : "not-enough");
+    $("range").textContent = body.from + " to " + body.to + " (UTC), " + body.days +
+      (body.days === 1 ? " day" : " days");
+    $("generated").textContent = "Generated at " + String(body.generatedAt || "")
+      .replace("T", " ").replace("Z", " UTC") + ". Counts follow the events Segment delivers: " +
+      "a click or order that arrives late is added when it does.";
+    legend(body);
+    figures(body);
+    comparisons(body);
+    var report = $("report");
+    report.hidden = false; // before drawing: the charts take the width they are shown at
+    drawCharts(body);
+    report.setAttribute("aria-busy", "false");
+  }
+
+  var drawn = null; // the report the charts show, to redraw at another width
+
+  function drawCharts(body) {
+    drawn = body;
+    drawImpressions(document.querySelector("svg[data-chart='impressions']"), body);
+    drawCtr(document.querySelector("svg[data-chart='ctr']"), body);
+    drawRevenue(document.querySelector("svg[data-chart='revenue']"), body);
+  }
+
+  var resizing = 0;
+
+  function redrawLater() {
+    if (resizing || !drawn || $("report").hidden) return;
+    resizing = window.requestAnimationFrame(function () {
+      resizing = 0;
+      var changed = Array.prototype.some.call(document.querySelectorAll("svg[data-chart]"),
+        function (node) { return chartWidth(node) !== Number(node.getAttribute("width")); });
+      if (drawn && changed) drawCharts(drawn);
+    });
+  }
+
+  // --- loading ----------------------------------------------------------------------------
+
+  var latest = 0;
+
+  function load(address) {
+    var ticket = ++latest;
+    var headers = {"Accept": "application/json"};
+    if (address.token) headers["Authorization"] = "Bearer " + address.token;
+    showDays(address.days);
+    document.body.dataset.state = "loading";
+    $("report").setAttribute("aria-busy", "true");
+    return fetch("/insights?days=" + address.days + "&format=json",
+                 {headers: headers, cache: "no-store", credentials: "same-origin"})
+      .then(function (response) {
+        return response.json().catch(function () { return null; }).then(function (body) {
+          if (ticket !== latest) return;
+          if (!response.ok || !body || !Array.isArray(body.variants)) {
+            var why = explainError(response.status, body, address.token);
+            showMessage(why[0], why[1], why[2], why[3]);
+            $("report").hidden = true;
+            $("token-form").hidden = response.status !== 401;
+            document.body.dataset.state = "error";
+            return;
+          }
+          hideMessage();
+          $("token-form").hidden = true;
+          render(body);
+          document.body.dataset.state = "ready";
+        });
+      })
+      .catch(function () {
+        if (ticket !== latest) return;
+        showMessage("error", "unreachable", "Could not reach the service.",
+                    "Check the connection and reload.");
+        $("report").hidden = true;
+        document.body.dataset.state = "error";
+      });
+  }
+
+  function start() {
+    var address = readAddress();
+    $("days").addEventListener("change", function () {
+      var params = new URLSearchParams(window.location.search);
+      params.set("days", $("days").value);
+      window.history.pushState(null, "", window.location.pathname + "?" + params.toString());
+      load(readAddress());
+    });
+    $("period").addEventListener("submit", function (event) {
+      event.preventDefault();
+    });
+    window.addEventListener("popstate", function () { load(readAddress()); });
+    window.addEventListener("resize", redrawLater);
+    return load(address);
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})();
