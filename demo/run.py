@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for visitor in featured:
             lines.append(f"  {visitor['description']}:")
             lines.append(f"    http://localhost:{port}/?userId={visitor['userId']}")
+        lines.append("  what the recommendations earn (clicks, orders, revenue per variant):")
+        lines.append(f"    http://localhost:{port}/insights")
         print("\n" + "\n".join("demo: " + line for line in lines) + "\n", flush=True)
         return server.wait()
     except KeyboardInterrupt:  # Ctrl-C: the service got it too, and is stopping

@@ -243,7 +243,7 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     dead_letters = DeadLetters(store, settings.dead_letters_max)
     services = Services(settings=settings, store=store, ingestor=ingestor, inbox=inbox,
                         dead_letters=dead_letters)
-    appliers = [LocalStoreApplier(router, settings.purchase_events,
+    appliers = [LocalStoreApplier(router, settings.purchase_events, store.statements,
                                   on_purchases=services.after_purchases)]
     if settings.personalize_tracking_id:
         appliers.append(_personalize_applier(settings, router, dead_letters))

@@ -491,7 +491,8 @@ class _Raw:
 
     def params(self, row: dict):
         """The DBAPI parameters of one row (a row dict built for this call: JSON columns
-        are encoded in place)."""
+        are encoded in place). Built before the write transaction where possible
+        (``Prepared``): the write lock is then held only for the statements."""
         for name in self.json_columns:
             row[name] = json.dumps(row[name])
         if self._values is not None:
@@ -575,6 +576,35 @@ _INBOX_COLUMNS = ("message_id", "type", "received_at", "body")
 _INBOX_CHUNK = 200  # rows an inbox statement: 800 parameters, well under SQLite's limit
 
 
+class Prepared:
+    """The local store's writes for a batch of routed records, with their DBAPI
+    parameters built in advance: building them (row dicts, JSON, the item rounds) is
+    most of the Python work of a write, and doing it before the transaction keeps it out
+    of the write lock, which every worker and the request path wait for (measured: about
+    half the time a batch held the lock). ``Transaction.write_prepared`` runs them."""
+
+    def __init__(self, statements: "_Statements", *, links: Sequence[IdentityLink] = (),
+                 users: Sequence[UserTraits] = (), items: Sequence[ItemDetails] = (),
+                 interactions: Sequence[Interaction] = ()):
+        self.users = list(users)  # merged in the transaction (read-modify-write)
+        latest = {link.anonymous_id: link.user_id for link in links}
+        raw = statements.raw_link
+        self.links = [raw.params({"anonymous_id": anon, "user_id": user})
+                      for anon, user in sorted(latest.items())]
+        raw = statements.raw_item
+        self.item_rounds = [[raw.params(row) for row in round_rows]
+                            for round_rows in _item_rounds(items)]
+        raw = statements.raw_interaction
+        self.interactions = [raw.params({
+            "event_id": r.event_id, "message_id": r.message_id, "user_id": r.user_id,
+            "anonymous_id": r.anonymous_id, "item_id": r.item_id,
+            "event_type": r.event_type, "timestamp": r.timestamp,
+            "properties": r.properties}) for r in interactions]
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.links or self.item_rounds or self.interactions)
+
+
 class Transaction:
     """The write operations of one delivery, all in one database transaction."""
 
@@ -584,16 +614,19 @@ class Transaction:
         self.sql = statements
         self._cursor = None
 
-    def _run(self, raw: _Raw, rows: Sequence[dict], fetch: bool = False) -> list:
-        """Run a precompiled statement on the DBAPI cursor, for one row or many."""
+    def _run(self, raw: _Raw, params: Sequence, fetch: bool = False) -> list:
+        """Run a precompiled statement on the DBAPI cursor, for one row's parameters
+        (``raw.params``) or many."""
+        if not params:
+            return []
         if self._cursor is None:
             self._cursor = self.conn.connection.dbapi_connection.cursor()
         dbapi = self.conn.dialect.dbapi
         try:
-            if len(rows) == 1:
-                self._cursor.execute(raw.sql, raw.params(rows[0]))
+            if len(params) == 1:
+                self._cursor.execute(raw.sql, params[0])
                 return self._cursor.fetchall() if fetch else []
-            self._cursor.executemany(raw.sql, [raw.params(row) for row in rows])
+            self._cursor.executemany(raw.sql, params)
             return []
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
             if self.dialect == "postgresql" and self.conn.connection.dbapi_connection.closed:
@@ -603,25 +636,23 @@ class Transaction:
     def _insert(self, table: sa.Table):
         return self.sql.insert(table)
 
+    def write_prepared(self, prepared: Prepared) -> None:
+        """Identity links, traits, catalog rows, interactions, in this order (a record
+        written later may rely on an earlier kind). Catalog rows: each record applied in
+        time order over the stored row, in SQL; a newer record overwrites the fields it
+        carries, an older one only fills gaps. Interactions: once per event id."""
+        self._run(self.sql.raw_link, prepared.links)
+        if prepared.users:
+            self.merge_traits(prepared.users)
+        for round_params in prepared.item_rounds:
+            self._run(self.sql.raw_item, round_params)
+        self._run(self.sql.raw_interaction, prepared.interactions)
+
     def add_interactions(self, records: Sequence[Interaction]) -> None:
-        if not records:
-            return
-        rows = [
-            {
-                "event_id": r.event_id, "message_id": r.message_id, "user_id": r.user_id,
-                "anonymous_id": r.anonymous_id, "item_id": r.item_id,
-                "event_type": r.event_type, "timestamp": r.timestamp,
-                "properties": r.properties,
-            }
-            for r in records
-        ]
-        self._run(self.sql.raw_interaction, rows)
+        self.write_prepared(Prepared(self.sql, interactions=records))
 
     def upsert_items(self, records: Sequence[ItemDetails]) -> None:
-        """Catalog rows: each record applied in time order over the stored row, in SQL; a
-        newer record overwrites the fields it carries, an older one only fills gaps."""
-        for round_rows in _item_rounds(records):
-            self._run(self.sql.raw_item, round_rows)
+        self.write_prepared(Prepared(self.sql, items=records))
 
     def merge_traits(self, records: Sequence[UserTraits]) -> None:
         """Merge identify traits into profiles: newer values win, older ones fill gaps."""
@@ -649,11 +680,7 @@ class Transaction:
         self.conn.execute(self.sql.update_profile, updates)
 
     def link_identities(self, links: Iterable[IdentityLink]) -> None:
-        latest = {link.anonymous_id: link.user_id for link in links}
-        if not latest:
-            return
-        rows = [{"anonymous_id": anon, "user_id": user} for anon, user in sorted(latest.items())]
-        self._run(self.sql.raw_link, rows)
+        self.write_prepared(Prepared(self.sql, links=list(links)))
 
     def delete_user(self, user_id: str) -> None:
         """Forget everything held about a user: interactions, traits, identity links."""

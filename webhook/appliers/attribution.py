@@ -66,7 +66,7 @@ class AttributionApplier:
     name = "attribution"
     batch_size = 500
     lease_seconds = 30.0
-    settle_seconds = 0.1
+    settle_seconds = 1.0
 
     def __init__(self, store: Store, router: Router, purchase_events: Iterable[str],
                  window_hours: float = 24.0, hold_seconds: float = 1.0,

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 
 from ..inbox import Entry
 from ..routing import Routed, Router
-from ..store import Transaction
+from ..store import Prepared, Transaction
 from . import Applied, decode
 
 
@@ -21,39 +21,46 @@ class LocalStoreApplier:
     name = "local"
     batch_size = 1000
     lease_seconds = 30.0
-    settle_seconds = 0.05
+    settle_seconds = 0.2
 
-    def __init__(self, router: Router, purchase_events: Iterable[str],
+    def __init__(self, router: Router, purchase_events: Iterable[str], statements,
                  on_purchases: Callable[[list[str]], None] | None = None):
         self.router = router
+        self.statements = statements  # the store's compiled write statements
         self.purchase_events = frozenset(purchase_events)
         self.on_purchases = on_purchases
 
     def apply(self, entries: Sequence[Entry], keep_lease=None) -> Applied:
-        steps: list[Routed] = []
+        # Everything but the statements is done here, before the write transaction (and
+        # its lock): decoding, routing, and the statements' parameters (store.Prepared).
+        statements = self.statements
+        steps: list[Prepared | str] = []  # prepared writes, and user ids to delete
+        pending = Routed()
         purchasers: list[str] = []
         for entry in entries:
             message = decode(entry)
             if message is None:
                 continue
             routed = self.router.route(message)
-            steps.append(routed)
+            if routed.delete_user_id:  # a barrier: what came before is written before it
+                steps.append(_prepare(statements, pending))
+                steps.append(routed.delete_user_id)
+                pending = Routed()
+            pending.links.extend(routed.links)
+            pending.users.extend(routed.users)
+            pending.items.extend(routed.items)
+            pending.interactions.extend(routed.interactions)
             if message.user_id and any(i.event_type in self.purchase_events
                                        for i in routed.interactions):
                 purchasers.append(message.user_id)
+        steps.append(_prepare(statements, pending))
 
         def write(tx: Transaction) -> None:
-            pending = Routed()
-            for routed in steps:
-                if routed.delete_user_id:
-                    _flush(pending, tx)
-                    pending = Routed()
-                    tx.delete_user(routed.delete_user_id)
-                pending.links.extend(routed.links)
-                pending.users.extend(routed.users)
-                pending.items.extend(routed.items)
-                pending.interactions.extend(routed.interactions)
-            _flush(pending, tx)
+            for step in steps:
+                if isinstance(step, str):
+                    tx.delete_user(step)
+                elif step:
+                    tx.write_prepared(step)
 
         after = None
         if purchasers and self.on_purchases is not None:
@@ -62,12 +69,6 @@ class LocalStoreApplier:
         return Applied(write=write, after=after)
 
 
-def _flush(pending: Routed, tx: Transaction) -> None:
-    if pending.links:
-        tx.link_identities(pending.links)
-    if pending.users:
-        tx.merge_traits(pending.users)
-    if pending.items:
-        tx.upsert_items(pending.items)
-    if pending.interactions:
-        tx.add_interactions(pending.interactions)
+def _prepare(statements, routed: Routed) -> Prepared:
+    return Prepared(statements, links=routed.links, users=routed.users, items=routed.items,
+                    interactions=routed.interactions)
