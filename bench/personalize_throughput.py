@@ -520,12 +520,13 @@ def main() -> int:
             print(f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{pz[0] / e[0]:>11.2f}"
                   f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}")
         print()
+        missed: list[str] = []  # targets not reached (the cells themselves were valid)
         for kind in ("single", "batch"):
             e = median([c.eps for c in cells if (c.mode, c.kind) == ("embedded", kind)])
             pz = median([c.eps for c in cells if (c.mode, c.kind) == ("personalize", kind)])
             ratio = pz / e if e else 0.0
             target_ok = ratio >= 0.90
-            problems += [] if target_ok else [f"{kind}: {ratio:.2f} of embedded (target 0.90)"]
+            missed += [] if target_ok else [f"{kind}: {ratio:.2f} of embedded (target 0.90)"]
             print(f"[{kind}] personalize / embedded ingest events/s = {pz:.1f} / {e:.1f} = "
                   f"{ratio:.3f} (target >= 0.90) {'PASS' if target_ok else 'FAIL'}")
         print(f"Personalize applier: {pending_at_end} inbox rows pending when the load "
@@ -549,8 +550,9 @@ def main() -> int:
                            if ok else "FAIL - see counts above"))
         for problem in problems:
             print("INVALID CELL: " + problem)
+        print("TARGET: " + ("PASS" if not missed else "MISSED - " + "; ".join(missed)))
         print(f"store: {'PostgreSQL' if a.postgresql else 'SQLite'} (fresh per launch)")
-        return 0 if ok else 1
+        return 0 if ok and not missed else 1
     except KeyboardInterrupt:
         log("interrupted")
         return 130

@@ -281,7 +281,8 @@ def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_data
     # Each batch committed once, however often one was cut short and taken again: an
     # applier counts the rows of each batch it commits (a batch committed twice, by a
     # process that lost its lease, would count them again).
-    assert applied == {"local": len(messages), "personalize": len(messages)}, applied
+    assert applied == {"local": len(messages), "personalize": len(messages),
+                       "attribution": len(messages)}, applied
     # The local store: every message there, with all its interactions.
     assert_stored_exactly_once(kill_database, messages, ledger.ok)
     # Personalize: every event, each copy identical (at-least-once, same eventId).

@@ -426,3 +426,33 @@ def test_the_command_line_prints_the_same_figures(shop):
     row = next(line for line in lines if line.startswith("local "))
     assert row.split()[1:4] == ["1", "1", "1"]  # impressions, visitors, clicks
     assert "No experiment" in lines[-1]
+
+
+def test_the_answer_buffer_is_bounded_while_the_store_cannot_be_written(make_app):
+    """With SQLite's one writer held elsewhere, answers wait in the worker's buffer,
+    bounded in answers and in the item ids they hold; the rest is dropped and counted,
+    and what was kept is written once the store can be."""
+    from webhook.impressions import ImpressionRecorder
+    from webhook.store import StoreUnavailable
+
+    app = make_app()
+    store = app.extensions["segment"].store
+    # (Its thread writes every hour here: the test does the writing it watches.)
+    recorder = ImpressionRecorder(store, max_pending=1000, max_pending_items=10_000,
+                                  flush_seconds=3600)
+    client = app.test_client()
+    dropped = metric(client, "recommendation_impressions_dropped_total")
+    items = [f"item-{n}" for n in range(500)]
+    with store.write():  # another writer holds the database
+        kept = [recorder.record(recommendation_id=f"rid-{n}", visitor=f"v-{n}",
+                                variant="local", source="local", kind="recommend",
+                                items=items) for n in range(30)]
+        assert kept == [True] * 20 + [False] * 10
+        assert recorder.pending() == 20
+        with pytest.raises(StoreUnavailable):
+            recorder.flush()  # waits for the writer (2 s), then keeps the rows
+        assert recorder.pending() == 20
+    assert metric(client, "recommendation_impressions_dropped_total") - dropped == 10
+    assert recorder.flush() == 20 and recorder.pending() == 0
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(impressions)).scalar() == 20

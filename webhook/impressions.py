@@ -3,8 +3,9 @@
 ``ImpressionRecorder.record`` appends to a bounded buffer and returns; a thread per
 worker writes the buffer in one transaction every ``flush_seconds`` (without the fsync of
 ``SQLITE_SYNCHRONOUS=FULL``: losing the last fraction of a second of impressions in a
-power failure costs a few rows of statistics, nothing a shop was promised). What does not
-fit in the buffer (the store down for long) is dropped and counted
+power failure costs a few rows of statistics, nothing a shop was promised). The buffer is
+bounded in answers and in the item ids they hold (an answer may list 500): what does not
+fit (the store down for long) is dropped and counted
 (``recommendation_impressions_dropped_total``), never waited for.
 
 The attribution applier (``appliers/attribution.py``) holds back a click that names an
@@ -29,9 +30,11 @@ FLUSH_SECONDS = 0.2
 
 class ImpressionRecorder:
     def __init__(self, store: Store, max_pending: int = 10_000,
-                 flush_seconds: float = FLUSH_SECONDS):
+                 max_pending_items: int = 100_000, flush_seconds: float = FLUSH_SECONDS):
         self.store = store
         self.max_pending = max_pending
+        self.max_pending_items = max_pending_items  # ~6 MB of ids at most
+        self._items = 0  # item ids held in the buffer
         self.flush_seconds = flush_seconds
         self._rows: list[dict] = []
         self._lock = threading.Lock()
@@ -48,10 +51,12 @@ class ImpressionRecorder:
                "variant": variant, "source": source, "kind": kind, "items": list(items),
                "shown_at": time.time()}
         with self._lock:
-            if len(self._rows) >= self.max_pending:
+            if len(self._rows) >= self.max_pending or \
+                    self._items + len(row["items"]) > self.max_pending_items:
                 metrics.IMPRESSIONS_DROPPED.inc()
                 return False
             self._rows.append(row)
+            self._items += len(row["items"])
             if self._pid != os.getpid() or self._thread is None:
                 self._start()
         metrics.IMPRESSIONS.labels(variant=variant).inc()
@@ -62,7 +67,7 @@ class ImpressionRecorder:
         Returns the rows written. StoreUnavailable: they stay buffered."""
         with self._flush_lock:
             with self._lock:
-                rows, self._rows = self._rows, []
+                rows, self._rows, self._items = self._rows, [], 0
             if not rows:
                 return 0
             try:
@@ -70,11 +75,20 @@ class ImpressionRecorder:
                     tx.conn.execute(tx._insert(impressions).on_conflict_do_nothing(
                         index_elements=["recommendation_id"]), rows)
             except BaseException:
-                with self._lock:  # back in front, as far as the bound allows
-                    room = max(0, self.max_pending - len(self._rows))
-                    if len(rows) > room:
-                        metrics.IMPRESSIONS_DROPPED.inc(len(rows) - room)
-                    self._rows[:0] = rows[len(rows) - room:] if room else []
+                with self._lock:  # back in front, as far as the bounds allow (newest kept)
+                    kept: list[dict] = []
+                    rows_room = self.max_pending - len(self._rows)
+                    items_room = self.max_pending_items - self._items
+                    for row in reversed(rows):
+                        if len(kept) >= rows_room or len(row["items"]) > items_room:
+                            break
+                        kept.append(row)
+                        items_room -= len(row["items"])
+                    kept.reverse()
+                    if len(rows) > len(kept):
+                        metrics.IMPRESSIONS_DROPPED.inc(len(rows) - len(kept))
+                    self._rows[:0] = kept
+                    self._items += sum(len(row["items"]) for row in kept)
                 raise
             return len(rows)
 
