@@ -171,20 +171,41 @@ def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
     return dict(expected)
 
 
-def _env(tmp: Path, name: str, **extra) -> dict[str, str]:
+def _env(tmp: Path, name: str, database_url: str | None = None, **extra) -> dict[str, str]:
     metrics = tmp / f"metrics-{name}"
     metrics.mkdir()
-    return {"DATABASE_URL": f"sqlite:///{tmp}/{name}.db", "SEGMENT_SHARED_SECRET": SHARED_SECRET,
+    return {"DATABASE_URL": database_url or f"sqlite:///{tmp}/{name}.db",
+            "SEGMENT_SHARED_SECRET": SHARED_SECRET,
             "PROMETHEUS_MULTIPROC_DIR": str(metrics), "ENGINE_BACKGROUND_TRAINING": "false",
             "EXPERIMENT": "local:50,popular:50", "_LOG_DIR": str(tmp), **extra}
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def experiment_database(request, tmp_path_factory):
+    """The service's database: a SQLite file, or a schema of its own on the PostgreSQL
+    server the other tests use."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import sqlalchemy as sa
+
+    from tests.conftest import PG_URL
+    schema = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
 @pytest.fixture(scope="module")
-def experiment_service(tmp_path_factory):
+def experiment_service(tmp_path_factory, experiment_database):
     """An open GET /insights (no INSIGHTS_TOKEN), seeded; yields (base, report) once the
-    report counts everything that was sent."""
+    report counts everything that was sent. On SQLite and on PostgreSQL."""
     tmp = tmp_path_factory.mktemp("insights-open")
-    with gunicorn(_env(tmp, "open"), timeout=90) as (base, _):
+    with gunicorn(_env(tmp, "open", experiment_database), timeout=90) as (base, _):
         expected = _seed_experiment(base, VISITORS)
         # Forty visitors over two variants by a stable hash: both get some.
         assert set(expected) == {"local", "popular"}, expected
