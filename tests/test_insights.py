@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import applied, metric, raw_client
+from webhook.appliers import NOT_READY
 from webhook.config import ConfigError, Settings
 from webhook.experiments import bucket
 from webhook.insights import two_proportion_test, wilson
@@ -349,7 +350,7 @@ def test_a_click_waits_for_an_answer_another_worker_has_not_written_yet(make_app
     deliver(raw_client(worker_b), track("Product Clicked", {
         "product_id": "p1", "recommendation_id": answer["recommendationId"]}, user_id="u-1"))
     attribution = services_b.runners["attribution"]
-    assert attribution.run_once() == 0  # held back: nothing applied, position unmoved
+    assert attribution.run_once() == NOT_READY  # held back: nothing applied, not moved
     services_a.impressions.flush()
     assert attribution.run_once() == 1
     deliver(raw_client(worker_b), track("Product Clicked", {

@@ -88,6 +88,7 @@ class _Renewer:
 
 
 BUSY = -1  # run_once: another process holds the lease
+NOT_READY = -2  # run_once: the next entry is not ready to apply yet (Applied.consumed 0)
 
 
 class Runner:
@@ -109,7 +110,8 @@ class Runner:
 
     def run_once(self) -> int:
         """Apply the next batch, if any: the number of entries applied, 0 when there was
-        nothing to do, BUSY when another process holds the lease."""
+        nothing to do, BUSY when another process holds the lease, NOT_READY when the
+        applier held its next entry back."""
         with self._run_lock:
             return self._run_once()
 
@@ -128,7 +130,7 @@ class Runner:
             if applied.consumed is not None and applied.consumed < len(entries):
                 if applied.consumed <= 0:  # nothing ready yet: let go, look again later
                     self.inbox.release_lease(self.name, owner)
-                    return 0
+                    return NOT_READY
                 entries = entries[:applied.consumed]
             with self.inbox.store.write() as tx:
                 self.inbox.advance(tx, self.name, owner, entries[-1].position, len(entries))
@@ -156,8 +158,8 @@ class Runner:
             done = self.run_once()
             if done == 0 and not self.inbox.lag([self.name])[self.name].pending:
                 return True
-            if done in (0, BUSY):
-                time.sleep(0.01)  # another process applies, or rows are not visible yet
+            if done in (0, BUSY, NOT_READY):
+                time.sleep(0.01)  # another process applies, or rows are not ready yet
         return False
 
     # -- the background thread -------------------------------------------------------------
@@ -224,5 +226,10 @@ class Runner:
                 # Another process applies: look again after the poll interval, not at
                 # every delivery this worker accepts meanwhile (each look is a query).
                 self._stop.wait(self.poll_seconds)
+                continue
+            if done == NOT_READY:
+                # Held back (an attribution waiting for another worker's record): each
+                # look takes and gives back the lease, so not at every delivery either.
+                self._stop.wait(self.applier.settle_seconds)
                 continue
             self._wake.wait(self.poll_seconds)
