@@ -93,9 +93,11 @@ def prime(base: str, users: list[str], times: int, num_results: int) -> None:
                          proxies=NO_PROXY).raise_for_status()
 
 
-def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -> list[float]:
+def timed_reads(base: str, users: list[str], concurrency: int, num_results: int,
+                check) -> list[float]:
     """Request each user in ``users`` once (spread over ``concurrency`` sequential
-    clients); return the latencies in ms. Raises on a wrong answer."""
+    clients with keep-alive sessions); ``check(user, response)`` raises on a wrong answer.
+    Returns the latencies in ms."""
     chunks = [users[i::concurrency] for i in range(concurrency)]
     latencies: list[float] = []
     lock = threading.Lock()
@@ -110,12 +112,7 @@ def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -
                                        params={"userId": user, "numResults": num_results},
                                        timeout=5)
                 elapsed = (time.perf_counter() - started) * 1000
-                body = response.json()
-                if response.status_code != 200 or body.get("source") != "personalize" \
-                        or len(body.get("itemList", [])) != num_results \
-                        or body.get("degraded"):
-                    raise RuntimeError(f"unexpected answer for {user}: "
-                                       f"{response.status_code} {str(body)[:300]}")
+                check(user, response)
                 with lock:
                     latencies.append(elapsed)
 
@@ -123,6 +120,17 @@ def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -
         for future in [pool.submit(client, chunk) for chunk in chunks]:
             future.result()
     return latencies
+
+
+def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -> list[float]:
+    """Personalize mode: every answer personalized, complete and not degraded."""
+    def check(user, response):
+        body = response.json()
+        if response.status_code != 200 or body.get("source") != "personalize" \
+                or len(body.get("itemList", [])) != num_results or body.get("degraded"):
+            raise RuntimeError(f"unexpected answer for {user}: "
+                               f"{response.status_code} {str(body)[:300]}")
+    return timed_reads(base, users, concurrency, num_results, check)
 
 
 def seed_shop(base: str, users: int, products: int = 60) -> None:
@@ -144,30 +152,9 @@ def seed_shop(base: str, users: int, products: int = 60) -> None:
                       proxies=NO_PROXY).raise_for_status()
 
 
-def timed_reads(base: str, users: list[str], concurrency: int, num_results: int) -> list[float]:
-    chunks = [users[i::concurrency] for i in range(concurrency)]
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client(chunk: list[str]) -> None:
-        with requests.Session() as session:
-            session.proxies.update(NO_PROXY)
-            session.trust_env = False
-            for user in chunk:
-                started = time.perf_counter()
-                response = session.get(f"{base}/recommendations",
-                                       params={"userId": user, "numResults": num_results},
-                                       timeout=5)
-                elapsed = (time.perf_counter() - started) * 1000
-                if response.status_code != 200 or not response.json().get("itemList"):
-                    raise RuntimeError(f"unexpected answer: {response.status_code}")
-                with lock:
-                    latencies.append(elapsed)
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(client, chunk) for chunk in chunks]:
-            future.result()
-    return latencies
+def _answered(user, response) -> None:
+    if response.status_code != 200 or not response.json().get("itemList"):
+        raise RuntimeError(f"unexpected answer for {user}: {response.status_code}")
 
 
 def compare_recording(args) -> int:
@@ -185,14 +172,15 @@ def compare_recording(args) -> int:
             services.append((name, cm, base))
             seed_shop(base, len(users))
         for _, _, base in services:  # warm-up: pools, popular items, the schema
-            timed_reads(base, users[:40], args.concurrency, 10)
+            timed_reads(base, users[:40], args.concurrency, 10, _answered)
         results: dict[str, list[float]] = {name: [] for name, _ in configs}
         rounds = max(1, args.rounds)
         for r in range(rounds):
             order = services if r % 2 == 0 else list(reversed(services))
             for name, _, base in order:
                 wanted = [users[(r * 37 + i) % len(users)] for i in range(args.requests)]
-                results[name].extend(timed_reads(base, wanted, args.concurrency, 10))
+                results[name].extend(timed_reads(base, wanted, args.concurrency, 10,
+                                                 _answered))
     finally:
         for _, cm, _ in services:
             cm.__exit__(None, None, None)

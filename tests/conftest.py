@@ -160,6 +160,24 @@ def raw_client(app) -> FlaskClient:
     return FlaskClient(app, app.response_class, use_cookies=True)
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, driven by Playwright's Python package; no browser
+    download), one per test module; the tests that use it are marked
+    ``requires("chromium")``."""
+    from playwright.sync_api import sync_playwright  # a dev requirement, checked first
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=prerequisites.chromium_path(),
+                                             args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="module")
 def corpus():
     """The genuine corpus: the scripted story as segment-analytics-python serialized it

@@ -22,14 +22,10 @@ import pytest
 import requests
 
 from tests.gunicorn_server import ROOT, gunicorn
-from tests.prerequisites import chromium_path
 from webhook.tokens import mint_token
 
 SHARED_SECRET = "browser-test-shared-secret"
 SECRET_KEY = "browser-test-secret-key-0123456789"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
-CHROMIUM = chromium_path()
 pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
 
 
@@ -177,17 +173,6 @@ def locked_service(tmp_path_factory, origins):
         seeder.catalog()
         seeder.hostile_item()
         yield base, seeder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright  # a dev requirement, checked first
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                             headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -27,13 +27,9 @@ import pytest
 import requests
 
 from tests.gunicorn_server import gunicorn
-from tests.prerequisites import chromium_path
 
 SHARED_SECRET = "insights-browser-shared-secret"
 INSIGHTS_TOKEN = "insights-browser-token-0123456789"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
-CHROMIUM = chromium_path()
 pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
 
 PRODUCTS = [  # (id, name, price); popularity falls in this order
@@ -222,17 +218,6 @@ def locked_service(tmp_path_factory):
                   timeout=90) as (base, _):
         expected = _seed_experiment(base, 8)
         yield base, _wait_for_counts(base, expected, token=INSIGHTS_TOKEN)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright  # a dev requirement, checked first
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                             headless=True)
-        yield browser
-        browser.close()
 
 
 @contextlib.contextmanager
