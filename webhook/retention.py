@@ -57,26 +57,19 @@ class Retention:
             deleted["inbox"] += n
             if n < BATCH:
                 break
+        due = []  # (table, its time column, the cutoff)
         if self.interaction_seconds:
-            cutoff = now - self.interaction_seconds
+            due.append((interactions, interactions.c.timestamp,
+                        now - self.interaction_seconds))
+        if self.insights_seconds:
+            due += [(impressions, impressions.c.shown_at, now - self.insights_seconds),
+                    (attributions, attributions.c.at, now - self.insights_seconds)]
+        for table, column, cutoff in due:
             for _ in range(MAX_BATCHES):
-                with self.store.write() as tx:
-                    doomed = sa.select(interactions.c.event_id).where(
-                        interactions.c.timestamp < cutoff).limit(BATCH)
-                    n = tx.conn.execute(interactions.delete().where(
-                        interactions.c.event_id.in_(doomed.scalar_subquery()))).rowcount
-                deleted["interactions"] += n
+                n = self._prune_before(table, column, cutoff)
+                deleted[table.name] += n
                 if n < BATCH:
                     break
-        if self.insights_seconds:
-            cutoff = now - self.insights_seconds
-            for table, column in ((impressions, impressions.c.shown_at),
-                                  (attributions, attributions.c.at)):
-                for _ in range(MAX_BATCHES):
-                    n = self._prune_by_time(table, column, cutoff)
-                    deleted[table.name] += n
-                    if n < BATCH:
-                        break
         for table, n in deleted.items():
             if n:
                 metrics.INBOX_PRUNED.labels(table=table).inc(n)
@@ -84,14 +77,14 @@ class Retention:
             log.info("retention: rows pruned", extra={"pruned": deleted})
         return deleted
 
-    def _prune_by_time(self, table, column, cutoff: float) -> int:
-        """Delete about BATCH of the oldest rows before ``cutoff`` (by an indexed time
-        column, whatever the table's key)."""
+    def _prune_before(self, table, column, cutoff: float) -> int:
+        """Delete at most BATCH rows of ``table`` whose time (an indexed column) is before
+        ``cutoff``, chosen by primary key (a row value when the key has two columns)."""
+        keys = list(table.primary_key.columns)
+        key = keys[0] if len(keys) == 1 else sa.tuple_(*keys)
         with self.store.write() as tx:
-            edge = tx.conn.execute(sa.select(column).where(column < cutoff).order_by(column)
-                                   .offset(BATCH - 1).limit(1)).scalar()
-            doomed = column < cutoff if edge is None else column <= edge
-            return tx.conn.execute(table.delete().where(doomed)).rowcount
+            doomed = sa.select(*keys).where(column < cutoff).limit(BATCH)
+            return tx.conn.execute(table.delete().where(key.in_(doomed))).rowcount
 
     def start(self) -> None:
         if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -648,12 +648,6 @@ class Transaction:
             self._run(self.sql.raw_item, round_params)
         self._run(self.sql.raw_interaction, prepared.interactions)
 
-    def add_interactions(self, records: Sequence[Interaction]) -> None:
-        self.write_prepared(Prepared(self.sql, interactions=records))
-
-    def upsert_items(self, records: Sequence[ItemDetails]) -> None:
-        self.write_prepared(Prepared(self.sql, items=records))
-
     def merge_traits(self, records: Sequence[UserTraits]) -> None:
         """Merge identify traits into profiles: newer values win, older ones fill gaps."""
         if not records:
@@ -678,9 +672,6 @@ class Transaction:
                         traits.setdefault(key, value)
             updates.append({"pid": pid, "traits": traits, "traits_at": traits_at})
         self.conn.execute(self.sql.update_profile, updates)
-
-    def link_identities(self, links: Iterable[IdentityLink]) -> None:
-        self.write_prepared(Prepared(self.sql, links=list(links)))
 
     def delete_user(self, user_id: str) -> None:
         """Forget everything held about a user: interactions, traits, identity links."""

@@ -106,7 +106,7 @@ class AttributionApplier:
                     consumed = index  # its answer may not be recorded yet: later
                     break
                 found.extend(attributed)
-        if consumed < len(entries) and consumed == 0:
+        if consumed == 0:
             return Applied(consumed=0)
         added: list[Attribution] = []
 
