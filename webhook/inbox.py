@@ -29,20 +29,20 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import sqlalchemy as sa
 
-from .store import Store, StoreUnavailable, Transaction, inbox, inbox_consumers
+from .store import Store, StoreUnavailable, Transaction, inbox, inbox_consumers, raw_statement
 
 log = logging.getLogger("webhook.inbox")
 
 Position = tuple[int, int]  # (txid, seq)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One inbox row, as an applier gets it."""
+class Entry(NamedTuple):
+    """One inbox row, as an applier gets it (a tuple: built straight from the cursor's
+    rows, a thousand at a time)."""
     seq: int
     txid: int
     message_id: str | None
@@ -136,8 +136,9 @@ class Inbox:
         self._lock = sa.select(*lease).where(name)
         if self.postgresql:
             self._lock = self._lock.with_for_update()
-        self._read = sa.select(*columns).where(after).order_by(*order) \
-            .limit(sa.bindparam("limit", type_=sa.Integer))
+        self._read = raw_statement(
+            sa.select(*columns).where(after).order_by(*order)
+            .limit(sa.bindparam("limit", type_=sa.Integer)), self.store.engine.dialect)
         self._take = c.update().where(name).values(
             owner=sa.bindparam("holder"), lease_until=sa.bindparam("until"),
             batch_from_seq=sa.bindparam("first"), batch_to_seq=sa.bindparam("last"),
@@ -176,13 +177,28 @@ class Inbox:
         """The next batch of ``name``, with its lease: ``(position, entries)``; None when
         nothing is pending; BUSY when another live process holds the lease. The lease is
         committed at once: while the batch is applied, the row says who applies what,
-        since when."""
+        since when.
+
+        The batch is read before the write transaction that takes the lease, outside the
+        write lock (on SQLite every writer and the webhook's inserts wait for it, and
+        reading a thousand rows is most of a claim); under the lock the position is
+        checked again, so a batch another process applied meanwhile is never taken."""
         with self.store.read() as conn:  # the cheap look first: no write lock when idle
             row = conn.execute(self._peek, {"applier": name}).first()
-        if row is None or not row.pending:
+            if row is None or not row.pending:
+                return None
+            if self._held_by_another(row, owner, name, warn=False):
+                return BUSY
+            at = (row.position_txid, row.position_seq)
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                cursor.execute(self._read.sql, self._read.params(
+                    {**self._read.defaults, "txid": at[0], "seq": at[1], "limit": limit}))
+                entries = list(map(Entry._make, cursor.fetchall()))
+            finally:
+                cursor.close()
+        if not entries:
             return None
-        if self._held_by_another(row, owner, name, warn=False):
-            return BUSY
         now = time.time()
         with self.store.write(durable=False) as tx:
             row = tx.conn.execute(self._lock, {"applier": name}).first()
@@ -190,11 +206,8 @@ class Inbox:
                 return None
             if self._held_by_another(row, owner, name, warn=True):
                 return BUSY
-            at = (row.position_txid, row.position_seq)
-            entries = [Entry(*r) for r in tx.conn.execute(
-                self._read, {"txid": at[0], "seq": at[1], "limit": limit})]
-            if not entries:
-                return None
+            if (row.position_txid, row.position_seq) != at:
+                return BUSY  # another process applied a batch meanwhile: read again later
             tx.conn.execute(self._take, {
                 "applier": name, "holder": owner, "until": now + ttl, "first": entries[0].seq,
                 "last": entries[-1].seq, "size": len(entries), "now": now})

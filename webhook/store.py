@@ -486,6 +486,9 @@ class _Raw:
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self.names = compiled.positiontup  # positional paramstyles (SQLite's qmark)
+        # Parameters the statement fills itself (SQLite's OFFSET of a LIMIT, say).
+        self.defaults = {name: value for name, value in compiled.params.items()
+                         if value is not None}
         self.json_columns = tuple(json_columns)
         self._values = operator.itemgetter(*self.names) if self.names else None
 
@@ -499,6 +502,11 @@ class _Raw:
             values = self._values(row)
             return values if len(self.names) > 1 else (values,)
         return row
+
+
+def raw_statement(stmt, dialect) -> _Raw:
+    """``stmt`` compiled once for ``dialect``, to run on a DBAPI cursor (``_Raw``)."""
+    return _Raw(stmt, dialect)
 
 
 class _Statements:
