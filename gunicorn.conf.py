@@ -55,6 +55,9 @@ def _services(worker):
 
 
 def post_worker_init(worker):
+    # The app is loaded: keep its objects out of later garbage collections.
+    from webhook.memory import freeze_startup_heap
+    freeze_startup_heap()
     # Each worker applies the inbox in the background from the start, not only once a
     # first request reached it (after a restart, a backlog is applied without traffic).
     services = _services(worker)

@@ -18,6 +18,7 @@ nothing.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 
@@ -61,3 +62,18 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def freeze_startup_heap() -> None:
+    """Leave the objects of a started worker (Flask, SQLAlchemy, the compiled statements,
+    the modules) out of every later garbage collection: ``gc.freeze()``.
+
+    The applier builds a dozen containers a message, so the cyclic collector runs every
+    few dozen messages, and its older generations walked those ~130,000 startup objects
+    each time. Measured in-process (bench/profile_service.py's drain): the local store
+    applier spent 38 µs a message with the collector as is, 31 µs with the startup heap
+    frozen, 30 µs with no collector at all. Nothing is lost: the frozen objects live as
+    long as the worker anyway, and collection goes on for everything made afterwards.
+    Called by gunicorn.conf.py once a worker has loaded the app (not in the app factory:
+    a test run builds many apps, which must stay collectable)."""
+    gc.freeze()
