@@ -375,3 +375,36 @@ def test_old_interactions_are_pruned_and_newer_ones_kept(make_app, database_url)
     deleted = app.extensions["segment"].retention.run_once(now=now)
     assert deleted["interactions"] == 2500
     assert store_of(app).counts()["interactions"] == 1
+
+
+def _main_file_inbox_rows(path) -> int:
+    """Inbox rows in the database file itself, leaving out what is still only in the WAL
+    (``immutable=1``: SQLite reads the main file and nothing else)."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+    except sqlite3.OperationalError:  # not even the table is in the file yet
+        return 0
+    finally:
+        conn.close()
+
+
+def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app, sqlite_url):
+    """Acknowledged deliveries reach the database file without a commit doing the
+    checkpoint (SQLite's own is set far off: it would hold the write lock meanwhile)."""
+    import time
+    path = sqlite_url.removeprefix("sqlite:///")
+    app = make_app()
+    client = app.test_client()
+    for n in range(20):
+        post(client, track(f"wal-{n}"))
+    assert _main_file_inbox_rows(path) < 20  # still in the WAL: no commit checkpointed
+    services = app.extensions["segment"]
+    services.start_background()
+    try:
+        deadline = time.monotonic() + 10
+        while _main_file_inbox_rows(path) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _main_file_inbox_rows(path) == 20
+    finally:
+        services.stop_background()

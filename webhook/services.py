@@ -36,7 +36,7 @@ from .recommenders.personalize import PersonalizeRecommender
 from .recommenders.popular import PopularItems
 from .retention import Retention
 from .routing import Router
-from .store import Store, StoreUnavailable, sqlite_url_for
+from .store import Store, StoreUnavailable, WalCheckpointer, sqlite_url_for
 
 log = logging.getLogger("webhook")
 
@@ -73,6 +73,7 @@ class Services:
     inbox: Inbox
     runners: dict[str, Runner] = field(default_factory=dict)  # applier name -> its runner
     retention: Retention | None = None
+    checkpointer: WalCheckpointer | None = None  # SQLite: the WAL copied back off the lock
     dead_letters: DeadLetters | None = None
     warnings: list[str] = field(default_factory=list)
     _schema_ready: bool = False
@@ -96,6 +97,8 @@ class Services:
         if self._background_pid == os.getpid():
             return
         self._background_pid = os.getpid()
+        if self.checkpointer is not None:
+            self.checkpointer.start()
         for runner in self.runners.values():
             runner.start()
         if self.retention is not None:
@@ -122,6 +125,8 @@ class Services:
             self.impressions.stop()
         if self.engine is not None:
             self.engine.trainer.stop_background()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self._background_pid = 0
 
     def wake_appliers(self) -> None:
@@ -255,6 +260,8 @@ def build_services(settings: Settings, instance_path: str) -> Services:
             hold_seconds=settings.attribution_hold_seconds,
             before_apply=services.impressions.flush))
     services.runners = {applier.name: Runner(inbox, applier) for applier in appliers}
+    if store.dialect == "sqlite":
+        services.checkpointer = WalCheckpointer(store)
     services.retention = Retention(inbox, services.runners, settings.message_retention_hours,
                                    settings.interaction_retention_days,
                                    settings.retention_interval_seconds,

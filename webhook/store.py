@@ -219,6 +219,57 @@ def sqlite_url_for(instance_path: str) -> str:
 
 
 SYNCHRONOUS = ("FULL", "NORMAL")
+# SQLite's default is 1,000 pages (4 MiB). The WalCheckpointer keeps the WAL far below this
+# many; it is the fallback where that thread does not run (CLI commands, tests).
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+
+class WalCheckpointer:
+    """Copies the WAL into the database file from a thread of its own (SQLite).
+
+    With SQLite's automatic checkpoints, the commit that pushes the WAL past its limit
+    runs the checkpoint itself, holding the write lock that every worker's inserts and
+    the appliers wait for; as the database grows, each batch dirties more scattered pages
+    and those checkpoints grew long (measured in-process, local store applier: 36 µs a
+    message at 30,000 interactions, 53 µs at 300,000, with commits of 11 ms). A PASSIVE
+    checkpoint here does the same copying without taking the write lock, every
+    ``interval`` seconds, in SQLite's C code (the GIL released)."""
+
+    def __init__(self, store: "Store", interval: float = 0.5):
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def start(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="wal-checkpointer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout)
+        self._thread = None
+
+    def checkpoint(self) -> None:
+        raw = self.store.engine.raw_connection()  # autocommit: no transaction around it
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            raw.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.checkpoint()
+            except Exception as exc:  # busy or unavailable: the next round tries again
+                log.debug("WAL checkpoint skipped: %s", type(exc).__name__)
 
 
 def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -239,6 +290,10 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
             # that fsync: still safe if the process dies, not if the machine does.
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA busy_timeout=2000")
+            # Checkpoints (copying the WAL into the database file; at NORMAL the only
+            # fsyncs) are run by a thread of their own (WalCheckpointer); a commit runs
+            # one itself only if the WAL grew past this many pages without it.
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             # A small page cache per pooled connection (the OS caches the file anyway):
             # the default, 2 MiB for each of up to 15 pooled connections, is memory a
             # worker keeps gaining as the database grows.
