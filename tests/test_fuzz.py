@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import store_of
 from tests.segment_wire import capture_corpus
-from tests.gunicorn_server import gunicorn, worker_pids
+from tests.gunicorn_server import gunicorn, wait_for_workers, worker_pids
 from webhook.signature import js_stringify
 
 SECRET = "fuzz-shared-secret"
@@ -300,7 +300,7 @@ def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db", "_LOG_DIR": str(tmp_path),
            "ENGINE_BACKGROUND_TRAINING": "false"}
     with gunicorn(env, workers=2) as (base, process):
-        before = worker_pids(process.pid)
+        before = wait_for_workers(process.pid, 2)  # the second may still be booting
         statuses = {}
         for body in bodies:
             response = requests.post(base + "/segment", data=body, timeout=10, headers={
