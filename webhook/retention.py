@@ -15,9 +15,7 @@ holds the write lock for long, and two workers pruning at once only share the wo
 from __future__ import annotations
 
 import logging
-import os
 import random
-import threading
 import time
 from typing import Iterable
 
@@ -25,7 +23,7 @@ import sqlalchemy as sa
 
 from . import metrics
 from .inbox import Inbox
-from .store import StoreUnavailable, attributions, impressions, interactions
+from .store import BackgroundThread, StoreUnavailable, attributions, impressions, interactions
 
 log = logging.getLogger("webhook.retention")
 
@@ -33,10 +31,13 @@ BATCH = 1000  # rows a transaction
 MAX_BATCHES = 50  # batches a run, per table: a large backlog is worked off over several runs
 
 
-class Retention:
+class Retention(BackgroundThread):
+    thread_name = "retention"
+
     def __init__(self, inbox: Inbox, consumers: Iterable[str], message_retention_hours: float,
                  interaction_retention_days: float, interval_seconds: float = 60.0,
                  insights_retention_days: float = 0.0):
+        super().__init__()
         self.inbox = inbox
         self.store = inbox.store
         self.consumers = list(consumers)
@@ -44,9 +45,6 @@ class Retention:
         self.interaction_seconds = interaction_retention_days * 86400.0
         self.insights_seconds = insights_retention_days * 86400.0
         self.interval_seconds = interval_seconds
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._stop = threading.Event()
 
     def run_once(self, now: float | None = None) -> dict[str, int]:
         """Prune what is due now; returns the rows deleted by table."""
@@ -85,20 +83,6 @@ class Retention:
         with self.store.write() as tx:
             doomed = sa.select(*keys).where(column < cutoff).limit(BATCH)
             return tx.conn.execute(table.delete().where(key.in_(doomed))).rowcount
-
-    def start(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(timeout)
-        self._thread = None
 
     def _loop(self) -> None:
         # Workers started together spread their runs out.

@@ -224,7 +224,36 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
-class WalCheckpointer:
+class BackgroundThread:
+    """A daemon thread of this process (started again in a forked worker), stopped by
+    ``_stop``; a subclass names it and gives its ``_loop``."""
+
+    thread_name = "background"
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def start(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class WalCheckpointer(BackgroundThread):
     """Copies the WAL into the database file from a thread of its own (SQLite).
 
     With SQLite's automatic checkpoints, the commit that pushes the WAL past its limit
@@ -235,27 +264,12 @@ class WalCheckpointer:
     checkpoint here does the same copying without taking the write lock, every
     ``interval`` seconds, in SQLite's C code (the GIL released)."""
 
+    thread_name = "wal-checkpointer"
+
     def __init__(self, store: "Store", interval: float = 0.5):
+        super().__init__()
         self.store = store
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def start(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="wal-checkpointer",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(timeout)
-        self._thread = None
 
     def checkpoint(self) -> None:
         raw = self.store.engine.raw_connection()  # autocommit: no transaction around it
