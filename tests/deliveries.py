@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import requests
 import sqlalchemy as sa
 
+from webhook.store import inbox_url_for
+
+
 def make_message(n: int, prefix: str) -> dict:
     """A product event; every fifth an Order Completed of two products (two interactions)."""
     message = {"type": "track", "messageId": f"{prefix}-{n}", "anonymousId": f"anon-{n % 17}",
@@ -111,15 +114,17 @@ def redeliver(base: str, ledger: Ledger, pending: list[dict], rounds: int = 30,
 
 
 def assert_stored_exactly_once(url: str, messages: list[dict], acknowledged: set) -> None:
-    engine = sa.create_engine(url)
+    engine, inbox_engine = sa.create_engine(url), sa.create_engine(inbox_url_for(url))
     try:
-        with engine.connect() as conn:
+        with inbox_engine.connect() as conn:
             stored = Counter(row[0] for row in conn.execute(
                 sa.text("SELECT message_id FROM inbox")))
+        with engine.connect() as conn:
             events = Counter(row[0] for row in conn.execute(
                 sa.text("SELECT event_id FROM interactions")))
     finally:
         engine.dispose()
+        inbox_engine.dispose()
     by_id = {m["messageId"]: m for m in messages}
     missing = sorted(acknowledged - set(stored))
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
@@ -157,7 +162,7 @@ def wait_applied(base: str, timeout: float = 120.0) -> dict:
 
 def inbox_order(url: str) -> list[str]:
     """The messageIds in the inbox, in the order the appliers take them."""
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(inbox_url_for(url))
     try:
         with engine.connect() as conn:
             return [row[0] for row in conn.execute(sa.text(

@@ -41,6 +41,7 @@ from tests.deliveries import (
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
 from tests.prerequisites import require
+from webhook.store import inbox_url_for
 
 SEGMENT_DEADLINE = 5.0
 
@@ -374,7 +375,7 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
     url = f"sqlite:///{tmp_path}/retention.db"
     env = {"DATABASE_URL": url, "_LOG_DIR": str(tmp_path), "ENGINE_BACKGROUND_TRAINING": "false",
            "MESSAGE_RETENTION_HOURS": str(window / 3600), "RETENTION_INTERVAL_SECONDS": "0.5"}
-    engine = sa.create_engine(url)
+    engine, inbox_engine = sa.create_engine(url), sa.create_engine(inbox_url_for(url))
     sent_at: dict[str, float] = {}
     redelivered: Counter = Counter()
     sizes = []
@@ -396,7 +397,7 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
                 again = requests.post(base + "/segment", json=recent, timeout=5).json()
                 redelivered["duplicates"] += again["duplicates"]
                 redelivered["accepted"] += again["accepted"]
-            with engine.connect() as conn:
+            with inbox_engine.connect() as conn:
                 sizes.append(conn.execute(sa.text("SELECT count(*) FROM inbox")).scalar())
             time.sleep(0.05)
         wait_applied(base)
@@ -404,6 +405,7 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
             events = conn.execute(sa.text("SELECT count(*) FROM interactions")).scalar()
         log_text = process.log_path.read_text(errors="replace")
     engine.dispose()
+    inbox_engine.dispose()
     print(f"\n{n} messages in {3 * window:.0f}s; inbox rows over time: "
           f"{sizes[::max(1, len(sizes) // 10)]}; redeliveries {dict(redelivered)}")
     assert redelivered["duplicates"] > 0 and redelivered["accepted"] == 0

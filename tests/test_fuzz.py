@@ -54,7 +54,7 @@ def sign(body: bytes) -> str:
 
 
 def stored_ids(app) -> set[str]:
-    with store_of(app).read() as conn:
+    with store_of(app).inbox_store.read() as conn:
         return {row[0] for row in conn.execute(sa.text("SELECT message_id FROM inbox"))}
 
 

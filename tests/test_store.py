@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import store_of
+from tests.conftest import applied, raw_client, store_of
 
 
 
@@ -324,7 +325,8 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     app = make_app(database_url=sqlite_url)
     client = app.test_client()
     post(client, track("m-0"))
-    blocker = sqlite3.connect(str(tmp_path / "segment.db"), isolation_level=None)
+    # Deliveries are written into the inbox's own file, beside the database.
+    blocker = sqlite3.connect(str(tmp_path / "segment.db-inbox"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
         response = client.post("/segment", data=json.dumps(track("m-1")),
@@ -339,7 +341,78 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     assert store_of(app).counts()["interactions"] == 2
 
 
+def test_sqlite_deliveries_do_not_wait_for_a_writer_holding_the_database(make_app, sqlite_url,
+                                                                         tmp_path):
+    """The inbox has a file of its own: while another writer (an applier's batch, say)
+    holds the database, deliveries are still acknowledged, and applied once it lets go."""
+    app = make_app(database_url=sqlite_url)
+    post(app.test_client(), track("m-0"))
+    client = raw_client(app)  # apply nothing in the request: that waits for the database
+    blocker = sqlite3.connect(str(tmp_path / "segment.db"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        summary = post(client, track("m-held", "p-held"))
+        assert summary["accepted"] == 1
+        assert time.monotonic() - started < 1.0  # not after a busy timeout
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    applied(app)
+    assert "m-held" in interactions(app)
+
+
+def test_sqlite_deliveries_after_the_inbox_lost_its_newest_rows_are_applied(make_app, sqlite_url,
+                                                                           tmp_path):
+    """The inbox's file lost its newest rows while the database kept the appliers'
+    positions (a power loss at SQLITE_SYNCHRONOUS=NORMAL, or one file restored from a
+    backup): after a restart, new deliveries reuse those seqs and must still be applied."""
+    app = make_app(database_url=sqlite_url)
+    client = app.test_client()
+    for n in range(5):
+        post(client, track(f"kept-{n}", f"p-{n}"))
+    assert len(interactions(app)) == 5
+    lost = sqlite3.connect(str(tmp_path / "segment.db-inbox"), isolation_level=None)
+    try:
+        lost.execute("DELETE FROM inbox WHERE seq > (SELECT min(seq) + 1 FROM inbox)")
+    finally:
+        lost.close()
+    restarted = make_app(database_url=sqlite_url)
+    summary = post(restarted.test_client(), [track(f"after-{n}", "p-after") for n in range(3)])
+    assert summary["accepted"] == 3
+    applied(restarted)
+    assert {f"after-{n}" for n in range(3)} <= set(interactions(restarted))
+
+
 # --- a database from before the inbox -------------------------------------------------------
+
+def test_sqlite_inbox_kept_in_the_database_moves_into_its_own_file(make_app, sqlite_url,
+                                                                   tmp_path):
+    """A SQLite deployment upgraded from the version that kept the inbox inside the
+    database: rows already applied stay claims (a redelivery is a duplicate), rows not yet
+    applied are applied after the upgrade, and each applier keeps its position."""
+    from webhook.ingest import canonical_json
+    from webhook.store import inbox, inbox_consumers, metadata
+    engine = sa.create_engine(sqlite_url)
+    metadata.create_all(engine)  # the old layout: every table, the inbox too, in one file
+    with engine.begin() as conn:
+        conn.execute(inbox.insert(), [
+            {"seq": n, "txid": 0, "message_id": f"old-{n}", "type": "track", "received_at": 1.0,
+             "body": canonical_json(track(f"old-{n}", f"p-old-{n}"))} for n in (1, 2, 3)])
+        conn.execute(inbox_consumers.insert(), [
+            {"name": name, "position_txid": 0, "position_seq": 2, "applied": 2,
+             "updated_at": 1.0} for name in ("local", "attribution")])
+    engine.dispose()
+    app = make_app(database_url=sqlite_url)
+    client = app.test_client()
+    assert post(client, track("old-1"))["duplicates"] == 1
+    applied(app)
+    assert set(interactions(app)) == {"old-3"}  # 1 and 2 were applied before the upgrade
+    with sqlite3.connect(str(tmp_path / "segment.db")) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "inbox" not in tables and "inbox_consumers" in tables
+    assert store_of(app).counts()["inbox"] == 3
+
 
 def test_claims_from_before_the_inbox_still_make_redeliveries_duplicates(make_app, database_url):
     """A deployment upgraded from the version that kept claims in ``segment_messages``:
@@ -377,12 +450,12 @@ def test_old_interactions_are_pruned_and_newer_ones_kept(make_app, database_url)
     assert store_of(app).counts()["interactions"] == 1
 
 
-def _main_file_inbox_rows(path) -> int:
-    """Inbox rows in the database file itself, leaving out what is still only in the WAL
-    (``immutable=1``: SQLite reads the main file and nothing else)."""
+def _rows_in_file(path, table: str) -> int:
+    """Rows of ``table`` in the database file itself, leaving out what is still only in
+    the WAL (``immutable=1``: SQLite reads the main file and nothing else)."""
     conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     try:
-        return conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:  # not even the table is in the file yet
         return 0
     finally:
@@ -390,21 +463,26 @@ def _main_file_inbox_rows(path) -> int:
 
 
 def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app, sqlite_url):
-    """Acknowledged deliveries reach the database file without a commit doing the
-    checkpoint (SQLite's own is set far off: it would hold the write lock meanwhile)."""
-    import time
+    """Acknowledged deliveries reach the files themselves (the inbox's, and the
+    database's for what they meant) without a commit doing the checkpoint (SQLite's own
+    is set far off: it would hold the write lock meanwhile)."""
     path = sqlite_url.removeprefix("sqlite:///")
+    inbox_path = path + "-inbox"  # the inbox's own file
     app = make_app()
     client = app.test_client()
     for n in range(20):
         post(client, track(f"wal-{n}"))
-    assert _main_file_inbox_rows(path) < 20  # still in the WAL: no commit checkpointed
+
+    def copied():
+        return _rows_in_file(inbox_path, "inbox"), _rows_in_file(path, "interactions")
+
+    assert copied()[0] < 20 and copied()[1] < 20  # still in the WALs: no commit checkpointed
     services = app.extensions["segment"]
     services.start_background()
     try:
         deadline = time.monotonic() + 10
-        while _main_file_inbox_rows(path) < 20 and time.monotonic() < deadline:
+        while copied() != (20, 20) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _main_file_inbox_rows(path) == 20
+        assert copied() == (20, 20)
     finally:
         services.stop_background()

@@ -15,6 +15,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import store_of
+from webhook.store import inbox_url_for
 
 INSTANT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc).timestamp()
 
@@ -258,7 +259,7 @@ def test_chunked_body_above_the_limit_under_gunicorn_is_a_413(tmp_path):
         response = requests.post(base + "/segment", data=iter([body[:LIMIT], body[LIMIT:]]),
                                  headers={"Content-Type": "application/json"}, timeout=10)
     assert response.status_code == 413, response.text
-    engine = sa.create_engine(env["DATABASE_URL"])
+    engine = sa.create_engine(inbox_url_for(env["DATABASE_URL"]))
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM inbox")).scalar() == 0
     engine.dispose()
@@ -292,8 +293,9 @@ def test_mixed_batch_keeps_the_valid_and_reports_the_rest(make_app, database_url
     assert summary["duplicates"] == 1
     assert summary["accepted"] == 3  # ok-1, ok-2, ok-3
     assert summary["interactions"] == 1
-    with store_of(app).engine.connect() as conn:
+    with store_of(app).inbox_store.engine.connect() as conn:
         stored = {r[0] for r in conn.execute(sa.text("SELECT message_id FROM inbox"))}
+    with store_of(app).engine.connect() as conn:
         events = conn.execute(sa.text("SELECT event_id, item_id FROM interactions")).all()
     assert stored == {"ok-1", "ok-2", "ok-3", "no-product"}
     assert [tuple(e) for e in events] == [("ok-1", "p-1")]

@@ -58,12 +58,14 @@ def _json(value):
 
 def dump(app) -> dict:
     """Everything the store holds, as plain data (for before/after comparisons)."""
+    with store_of(app).inbox_store.engine.connect() as conn:
+        messages = {r.message_id: r.type for r in conn.execute(
+            sa.text("SELECT message_id, type FROM inbox"))}
     with store_of(app).engine.connect() as conn:
         def rows(sql):
             return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
         return {
-            "messages": {r["message_id"]: r["type"] for r in rows(
-                "SELECT message_id, type FROM inbox")},
+            "messages": messages,
             "interactions": {r["event_id"]: {**r, "properties": _json(r["properties"])}
                              for r in rows("SELECT * FROM interactions")},
             "items": {r["item_id"]: r for r in rows("SELECT * FROM items")},

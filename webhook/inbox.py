@@ -105,8 +105,13 @@ BUSY = "busy"  # claim(): another process holds the applier's lease
 
 
 class Inbox:
+    """``store`` holds the appliers' positions and leases (they commit with the local
+    store's effects); its ``inbox_store`` holds the rows (on SQLite a file of its own,
+    see ``Store``)."""
+
     def __init__(self, store: Store):
         self.store = store
+        self.rows = store.inbox_store
         self.postgresql = store.dialect == "postgresql"
         self._build_statements()
 
@@ -123,22 +128,19 @@ class Inbox:
                 "pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
             after = sa.and_(inbox.c.txid < horizon, sa.tuple_(inbox.c.txid, inbox.c.seq) >
                             sa.tuple_(sa.bindparam("txid"), sa.bindparam("seq")))
-            after_consumer = sa.and_(inbox.c.txid < horizon, sa.tuple_(
-                inbox.c.txid, inbox.c.seq) > sa.tuple_(c.c.position_txid, c.c.position_seq))
             order = (inbox.c.txid, inbox.c.seq)
         else:
             after = inbox.c.seq > sa.bindparam("seq")
-            after_consumer = inbox.c.seq > c.c.position_seq
             order = (inbox.c.seq,)
         lease = (c.c.owner, c.c.lease_until, c.c.position_txid, c.c.position_seq)
-        self._peek = sa.select(*lease, sa.exists().where(after_consumer).label("pending")) \
-            .where(name)
+        self._peek = sa.select(*lease).where(name)
+        self._pending = sa.select(sa.exists().where(after))
         self._lock = sa.select(*lease).where(name)
         if self.postgresql:
             self._lock = self._lock.with_for_update()
         self._read = raw_statement(
             sa.select(*columns).where(after).order_by(*order)
-            .limit(sa.bindparam("limit", type_=sa.Integer)), self.store.engine.dialect)
+            .limit(sa.bindparam("limit", type_=sa.Integer)), self.rows.engine.dialect)
         self._take = c.update().where(name).values(
             owner=sa.bindparam("holder"), lease_until=sa.bindparam("until"),
             batch_from_seq=sa.bindparam("first"), batch_to_seq=sa.bindparam("last"),
@@ -170,6 +172,27 @@ class Inbox:
                     index_elements=["name"]), [
                     {"name": name, "position_txid": 0, "position_seq": 0, "applied": 0,
                      "updated_at": time.time()} for name in missing])
+        if self.rows is not self.store:
+            self._no_position_past_the_inbox()
+
+    def _no_position_past_the_inbox(self) -> None:
+        """SQLite, the inbox in a file of its own: an applier's position may never be past
+        the inbox's last row. It can be after a power loss at SQLITE_SYNCHRONOUS=NORMAL
+        (the inbox's newest commits lost, the database's kept) or a restore of one file
+        without the other; SQLite would then give the next deliveries seqs at or below
+        the position, and the appliers would pass them by. Such a position is moved back
+        to the last row (run at start). Under the database's write lock, which every
+        applier's advance takes: no position moves meanwhile, and the last row read then
+        is at or past every position that points at a row."""
+        with self.store.write() as tx:
+            with self.rows.read() as conn:
+                last = conn.execute(sa.select(sa.func.max(inbox.c.seq))).scalar() or 0
+            moved = tx.conn.execute(inbox_consumers.update().where(
+                inbox_consumers.c.position_seq > last).values(
+                position_seq=last, position_txid=0, updated_at=time.time())).rowcount
+        if moved:
+            log.warning("inbox: %d applier position(s) were past the inbox's last row "
+                        "(lost from its file?) and were moved back to it", moved)
 
     # -- leases ------------------------------------------------------------------------
 
@@ -185,11 +208,14 @@ class Inbox:
         checked again, so a batch another process applied meanwhile is never taken."""
         with self.store.read() as conn:  # the cheap look first: no write lock when idle
             row = conn.execute(self._peek, {"applier": name}).first()
-            if row is None or not row.pending:
+        if row is None:
+            return None
+        at = (row.position_txid, row.position_seq)
+        with self.rows.read() as conn:
+            if not conn.execute(self._pending, {"txid": at[0], "seq": at[1]}).scalar():
                 return None
             if self._held_by_another(row, owner, name, warn=False):
                 return BUSY
-            at = (row.position_txid, row.position_seq)
             cursor = conn.connection.dbapi_connection.cursor()
             try:
                 cursor.execute(self._read.sql, self._read.params(
@@ -263,6 +289,7 @@ class Inbox:
         with self.store.read() as conn:
             rows = {row.name: row for row in conn.execute(
                 sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(names)))}
+        with self.rows.read() as conn:
             for name in names:
                 row = rows.get(name)
                 at = (row.position_txid, row.position_seq) if row else (0, 0)
@@ -285,7 +312,11 @@ class Inbox:
         seconds), in one short transaction. Rows an applier had not reached yet are gone
         for it: counted and logged as expired. Returns the rows deleted."""
         consumers = list(consumers)
-        with self.store.write() as tx:
+        with self.store.read() as conn:  # where each applier is (for the expired count)
+            positions = {row.name: (row.position_txid, row.position_seq)
+                         for row in conn.execute(sa.select(inbox_consumers)
+                                                 .where(inbox_consumers.c.name.in_(consumers)))}
+        with self.rows.write() as tx:
             head = tx.conn.execute(sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at)
                                    .order_by(inbox.c.seq).limit(limit)).all()
             doomed = []
@@ -300,9 +331,6 @@ class Inbox:
             if not doomed:
                 return 0
             last = doomed[-1].seq
-            positions = {row.name: (row.position_txid, row.position_seq)
-                         for row in tx.conn.execute(sa.select(inbox_consumers)
-                                                    .where(inbox_consumers.c.name.in_(consumers)))}
             for name in consumers:
                 at = positions.get(name, (0, 0))
                 expired = sum(1 for row in doomed if (row.txid, row.seq) > at)
