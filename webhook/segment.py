@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import orjson
+
 MESSAGE_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias", "delete"})
 MAX_ID_LENGTH = 256
 MAX_MESSAGES_PER_DELIVERY = 4000  # Webhooks (Actions) batches hold at most 4000 events
@@ -62,6 +64,24 @@ def _finite_float(text: str) -> float:
 
 # Made once: json.loads with hooks builds a new decoder (and scanner) on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+# A run of 20 digits or more: an integer that may not fit 64 bits (orjson would read it as
+# a float, losing digits; the standard library keeps it exact).
+_LONG_NUMBER = re.compile(rb"\d{20}")
+
+
+def decode_json(raw: bytes) -> Any:
+    """JSON as the standard library reads it, minus NaN and Infinity and numbers that
+    overflow a float (ValueError, RecursionError). orjson reads the common case, several
+    times faster than the standard library with its float hook (measured: JSON was a
+    fifth of the CPU of ingesting and applying Actions batches); anything it refuses or
+    might read differently (an integer beyond 64 bits, a lone surrogate escape, text
+    that is not UTF-8) is read by the standard library, which says what is wrong."""
+    if not _LONG_NUMBER.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # NaN, 1e400, bad UTF-8, lone surrogates...: the slow path decides
+    return _DECODER.decode(raw.decode("utf-8"))
 
 
 def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
@@ -100,11 +120,9 @@ def parse_body(raw: bytes) -> Body:
     if not raw or not raw.strip():
         raise BodyError("the body is empty; expected a Segment message as JSON")
     try:
-        text = raw.decode("utf-8")
+        data = decode_json(raw)
     except UnicodeDecodeError as exc:
         raise BodyError(f"the body is not UTF-8 (byte {exc.start})") from None
-    try:
-        data = _DECODER.decode(text)
     except RecursionError:
         raise BodyError("the body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers

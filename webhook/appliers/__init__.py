@@ -13,7 +13,6 @@ accepted something and otherwise polling for what other workers and hosts accept
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,7 +23,7 @@ from typing import Callable, Protocol, Sequence
 
 from .. import metrics
 from ..inbox import BUSY as CLAIMED_ELSEWHERE, Entry, Inbox, LostLease, process_name
-from ..segment import Message, MessageError, parse_message
+from ..segment import Message, MessageError, decode_json, parse_message
 from ..store import StoreUnavailable, Transaction
 
 log = logging.getLogger("webhook.appliers")
@@ -60,8 +59,8 @@ def decode(entry: Entry) -> Message | None:
     if entry.body is None:
         return None
     try:
-        return parse_message(json.loads(entry.body))
-    except (ValueError, MessageError) as exc:
+        return parse_message(decode_json(entry.body.encode()))
+    except (ValueError, RecursionError, MessageError) as exc:
         log.error("inbox: an entry no longer validates and is left out: %s",
                   type(exc).__name__)
         metrics.INBOX_UNREADABLE.inc()
