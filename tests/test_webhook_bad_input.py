@@ -449,3 +449,26 @@ def test_unknown_fields_are_ignored(make_app):
                                       content_type="application/json")
     assert response.status_code == 200
     assert response.get_json()["interactions"] == 1
+
+
+def test_long_integers_and_non_ascii_text_are_kept_exactly(make_app):
+    """Integers beyond 64 bits stay exact integers (a 23-digit numeric product_id is that
+    product's id, not a rounded float), text outside ASCII stays as sent, and the inbox
+    keeps the message as ASCII JSON."""
+    app = make_app()
+    message = track("long-1", product_id=12345678901234567890123,
+                    properties={"product_id": 12345678901234567890123, "name": "Stühl 椅子",
+                                "order_ref": -98765432109876543210987, "price": 1.5})
+    response = app.test_client().post("/segment", data=dumps(message),
+                                      content_type="application/json")
+    assert response.status_code == 200 and response.get_json()["interactions"] == 1
+    with store_of(app).engine.connect() as conn:
+        item_id, properties = conn.execute(sa.text(
+            "SELECT item_id, properties FROM interactions")).one()
+    assert item_id == "12345678901234567890123"
+    properties = json.loads(properties) if isinstance(properties, str) else properties
+    assert properties["order_ref"] == -98765432109876543210987
+    assert properties["name"] == "Stühl 椅子"
+    with store_of(app).inbox_store.engine.connect() as conn:
+        body = conn.execute(sa.text("SELECT body FROM inbox")).scalar_one()
+    assert body.isascii() and json.loads(body)["properties"] == message["properties"]
