@@ -11,16 +11,13 @@ are woken here.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import orjson
-
 from .routing import Router
-from .segment import Message, MessageError, parse_message
+from .segment import Message, MessageError, encode_json, parse_message
 from .store import Store
 
 
@@ -78,23 +75,10 @@ def _type_label(raw: Any) -> str:
     return "invalid"  # a bounded label set: never echo what the caller sent
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
 def canonical_json(raw: dict) -> str:
     """The form a message is kept in: compact, keys in the order received, non-ASCII and
-    lone surrogates escaped (so any database takes it as text).
-
-    orjson writes the common case (ASCII text, integers within 64 bits) several times
-    faster; what it would write otherwise (raw UTF-8) or refuses (a lone surrogate, a
-    larger integer) is written by the standard library's encoder."""
-    try:
-        text = orjson.dumps(raw)
-    except (TypeError, orjson.JSONEncodeError):
-        return _dumps(raw)
-    if text.isascii():
-        return text.decode("ascii")
-    return _dumps(raw)
+    lone surrogates escaped (so any database takes it as text)."""
+    return encode_json(raw)
 
 
 class Ingestor:

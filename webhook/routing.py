@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from .segment import MAX_ID_LENGTH, Message, clean_text
 
@@ -15,9 +15,11 @@ from .segment import MAX_ID_LENGTH, Message, clean_text
 ITEM_FIELDS = ("name", "price", "category", "brand", "url", "image_url")
 
 
-@dataclass(frozen=True)
-class Interaction:
-    """One (user, item, event) — Personalize's interaction; PutEvents' event."""
+class Interaction(NamedTuple):
+    """One (user, item, event) — Personalize's interaction; PutEvents' event.
+
+    The records are NamedTuples: an applier builds several a message, thousands a batch,
+    and a frozen dataclass's __init__ cost several times a tuple's (measured)."""
     event_id: str  # stable across redeliveries: derived from messageId
     message_id: str
     user_id: str | None
@@ -32,16 +34,14 @@ class Interaction:
         return self.anonymous_id or self.user_id or ""
 
 
-@dataclass(frozen=True)
-class UserTraits:
+class UserTraits(NamedTuple):
     """An identify's traits for one profile (Personalize's user; PutUsers)."""
     user_id: str
     traits: dict
     timestamp: float
 
 
-@dataclass(frozen=True)
-class ItemDetails:
+class ItemDetails(NamedTuple):
     """What a message says about a product (Personalize's item; PutItems)."""
     item_id: str
     details: dict  # only ITEM_FIELDS that were present
@@ -49,14 +49,13 @@ class ItemDetails:
     timestamp: float
 
 
-@dataclass(frozen=True)
-class IdentityLink:
+class IdentityLink(NamedTuple):
     """anonymous_id belongs to user_id (from alias, identify or any message with both)."""
     anonymous_id: str
     user_id: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Routed:
     interactions: list[Interaction] = field(default_factory=list)
     users: list[UserTraits] = field(default_factory=list)

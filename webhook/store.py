@@ -10,7 +10,6 @@ Writes go through ``Store.write()``: one transaction, all or nothing.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import operator
 import os
@@ -25,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from .routing import ITEM_FIELDS, IdentityLink, Interaction, ItemDetails, UserTraits
+from .segment import encode_json
 
 log = logging.getLogger(__name__)
 
@@ -664,7 +664,7 @@ class _Raw:
         are encoded in place). Built before the write transaction where possible
         (``Prepared``): the write lock is then held only for the statements."""
         for name in self.json_columns:
-            row[name] = json.dumps(row[name])
+            row[name] = encode_json(row[name])
         if self._values is not None:
             values = self._values(row)
             return values if len(self.names) > 1 else (values,)
