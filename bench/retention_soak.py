@@ -8,7 +8,7 @@ interactions ``INTERACTION_RETENTION_DAYS=1`` (the generated messages are dated 
 so every interaction is due once applied), and each worker prunes every
 ``RETENTION_INTERVAL_SECONDS=5``. ``wrk`` sends ``--deliveries`` distinct signed single
 messages (500 products, 5,000 anonymous visitors: the catalog and the identity links stay
-bounded, as in a shop) while the size of the database file and its WAL, and the row counts,
+bounded, as in a shop) while the size of the database and inbox files with their WALs, and the row counts,
 are sampled every ``--sample-every`` seconds.
 
 Pass: every answer was 200, and the size over the last third of the run grew by less than
@@ -38,19 +38,25 @@ from webhook_throughput import LUA_SCRIPT, SECRET, free_port, write_pool  # noqa
 
 
 def size_mib(db: Path) -> float:
-    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()) / 2**20
+    """The database and the inbox's own file beside it, each with its WAL."""
+    files = (db, Path(f"{db}-wal"), Path(f"{db}-inbox"), Path(f"{db}-inbox-wal"))
+    return sum(p.stat().st_size for p in files if p.exists()) / 2**20
 
 
 def counts(db: Path) -> dict[str, int]:
+    out = {}
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                    for t in ("inbox", "interactions", "items", "identity_links")}
-        finally:
-            con.close()
+        for path, tables in ((f"{db}-inbox", ("inbox",)),
+                             (str(db), ("interactions", "items", "identity_links"))):
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            try:
+                out.update({t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                            for t in tables})
+            finally:
+                con.close()
     except sqlite3.Error:
         return {}
+    return out
 
 
 def main() -> int:

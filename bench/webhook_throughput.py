@@ -767,15 +767,21 @@ def wait_applied(service: Server, limit: float = 300.0) -> str:
 def db_summary(db: Path) -> str:
     if not db.exists():
         return "no sqlite file"
+    parts = []
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            names = [r[0] for r in con.execute(
-                "select name from sqlite_master where type='table' and name not like 'sqlite_%'")]
-            parts = [f"{n}={con.execute(f'select count(*) from {n!r}').fetchone()[0]}"
-                     for n in names]
-        finally:
-            con.close()
+        # The database, and the inbox's own file beside it (webhook/store.py).
+        for path in (db, Path(f"{db}-inbox")):
+            if not path.exists():
+                continue
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            try:
+                names = [r[0] for r in con.execute(
+                    "select name from sqlite_master where type='table' "
+                    "and name not like 'sqlite_%'")]
+                parts += [f"{n}={con.execute(f'select count(*) from {n!r}').fetchone()[0]}"
+                          for n in names]
+            finally:
+                con.close()
         return ", ".join(parts) or "no tables"
     except sqlite3.Error as exc:
         return f"unreadable ({exc})"
