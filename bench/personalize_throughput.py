@@ -415,7 +415,7 @@ def main() -> int:
                    help="seconds to wait for the Personalize applier afterwards")
     p.add_argument("--pool-single", type=int, default=60_000, help="single messages in the pool")
     p.add_argument("--pool-batch", type=int, default=12_000,
-                   help="batches of 100 in the pool (the embedded default takes ~700/s)")
+                   help="batches of 100 in the pool (at least 600 a second of load)")
     p.add_argument("--python-loadgen", action="store_true", help="do not use wrk")
     p.add_argument("--keep-tmp", action="store_true")
     p.add_argument("--postgresql", metavar="URL", nargs="?", const=os.environ.get(
@@ -442,7 +442,7 @@ def main() -> int:
         pools = {"single": tmp / "single.tsv", "batch": tmp / "batch.tsv"}
         seconds = a.rounds * a.duration + a.warmup  # what one launch consumes per kind
         a.pool_single = max(a.pool_single, seconds * 3000)  # sized for 3000 req/s
-        a.pool_batch = max(a.pool_batch, seconds * 250)  # and 250 batches/s
+        a.pool_batch = max(a.pool_batch, seconds * 600)  # and 600 batches/s (seen: ~400)
         t0 = time.monotonic()
         write_pool(pools["single"], "single", a.pool_single, tag)
         write_pool(pools["batch"], "batch", a.pool_batch, tag)
