@@ -135,9 +135,8 @@ class Inbox:
         lease = (c.c.owner, c.c.lease_until, c.c.position_txid, c.c.position_seq)
         self._peek = sa.select(*lease).where(name)
         self._pending = sa.select(sa.exists().where(after))
-        self._lock = sa.select(*lease).where(name)
-        if self.postgresql:
-            self._lock = self._lock.with_for_update()
+        # The same row, read again inside the lease's write transaction (locked on PostgreSQL).
+        self._lock = self._peek.with_for_update() if self.postgresql else self._peek
         self._read = raw_statement(
             sa.select(*columns).where(after).order_by(*order)
             .limit(sa.bindparam("limit", type_=sa.Integer)), self.rows.engine.dialect)

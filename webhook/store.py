@@ -431,9 +431,8 @@ class Store:
                             ("inbox", "INSERT OR IGNORE INTO inbox_file.inbox (seq, txid, "
                              "message_id, type, received_at, body) SELECT seq, txid, "
                              "message_id, type, received_at, body FROM main.inbox"),
-                            ("segment_messages", "INSERT OR IGNORE INTO inbox_file.inbox "
-                             "(txid, message_id, type, received_at, body) SELECT 0, "
-                             "message_id, type, received_at, NULL FROM main.segment_messages")):
+                            ("segment_messages",
+                             _CARRY_OVER_CLAIMS.format(inbox="inbox_file.inbox"))):
                         present = db.execute(
                             "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = ?",
                             (table,)).fetchone()
@@ -619,6 +618,14 @@ def _insert_into_inbox(cursor, statements: "_Statements",
     return fresh
 
 
+# The claims of ``segment_messages`` as inbox rows with nothing to apply (body NULL), into
+# the inbox table named ``{inbox}`` (in the same database, or the inbox's attached file).
+_CARRY_OVER_CLAIMS = (
+    "INSERT INTO {inbox} (txid, message_id, type, received_at, body) "
+    "SELECT 0, message_id, type, received_at, NULL FROM segment_messages "
+    "WHERE message_id NOT IN (SELECT message_id FROM {inbox} WHERE message_id IS NOT NULL)")
+
+
 def _carry_over_claims(conn: Connection) -> None:
     """A database from before the inbox kept its claims in ``segment_messages``: move them
     into the inbox as rows with nothing to apply (body NULL), so that redeliveries of those
@@ -626,10 +633,7 @@ def _carry_over_claims(conn: Connection) -> None:
     lock of ``create_schema``."""
     if not sa.inspect(conn).has_table("segment_messages"):
         return
-    conn.execute(sa.text(
-        "INSERT INTO inbox (txid, message_id, type, received_at, body) "
-        "SELECT 0, message_id, type, received_at, NULL FROM segment_messages "
-        "WHERE message_id NOT IN (SELECT message_id FROM inbox WHERE message_id IS NOT NULL)"))
+    conn.execute(sa.text(_CARRY_OVER_CLAIMS.format(inbox="inbox")))
     conn.execute(sa.text("DROP TABLE segment_messages"))
     log.info("claims carried over from segment_messages into the inbox")
 
