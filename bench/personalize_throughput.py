@@ -12,7 +12,10 @@ Usage (from the repo root)::
 
 * The Personalize stand-in (tests/fake_personalize.FakePersonalizeEvents: the
   personalize-events rest-json protocol, answering after ``--delay`` seconds) runs in
-  this process.
+  a process of its own at ``--stand-in-nice`` (default 10, the service's
+  PERSONALIZE_SENDER_NICE). It stands for a service on other machines: checking every
+  call costs it about as much CPU as making the call costs the service, and at the
+  default priority that work would be taken from the ingestion being measured.
 * The service runs twice under gunicorn (``-c gunicorn.conf.py --workers 2``), with the
   same flags and environment except the Personalize settings: once embedded (no
   PERSONALIZE_TRACKING_ID), once in Personalize mode (PERSONALIZE_TRACKING_ID,
@@ -25,8 +28,14 @@ Usage (from the repo root)::
   batch of 100 is 10 PutEvents calls of 10. Both services get the same bodies.
 * Load: ``wrk`` (one thread, ``--connections`` connections, Lua walking the pool) or, if
   wrk is absent, a Python thread pool with keep-alive sessions. Every cell runs
-  ``--duration`` seconds after a short warm-up; cells are interleaved: embedded single,
-  personalize single, embedded batch, personalize batch (x ``--rounds``; medians).
+  ``--duration`` seconds after a short warm-up; cells are interleaved: single, then
+  batch, each for both services, the service going first alternating from round to round
+  (x ``--rounds``). The ratio is the median of the rounds' paired ratios.
+* While one service is measured, the other is paused (SIGSTOP to its process group,
+  SIGCONT after): each cell has the machine to itself, apart from the stand-in and the
+  load generator. Otherwise the service measured second pays for the first one's
+  appliers catching up (both apply behind their answers). What a service still has to
+  apply from its own earlier cells runs in its own cells, as it would under load.
 * After the cells, the Personalize applier is given ``--drain-timeout`` seconds to send
   what the inbox still holds (its lag, from /healthz); the time it took and its rate are
   reported.
@@ -61,6 +70,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.webhook_throughput import ensure_wrk  # noqa: E402
 from tests.fake_personalize import FakePersonalizeEvents  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -250,7 +260,17 @@ class Service:
                 total += int(fields[11]) + int(fields[12])
         return total / CLK_TCK
 
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a paused service cannot stop
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
                 try:
@@ -285,6 +305,8 @@ def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
         "SEGMENT_SHARED_SECRET": SECRET,
         "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
         "PYTHONUNBUFFERED": "1",
+        # A paused service's workers miss their heartbeats: not a reason to replace them.
+        "GUNICORN_TIMEOUT": "300",
         "NO_PROXY": "127.0.0.1,localhost",
         # Present in both launches, so both processes look alike; used only in Personalize mode.
         "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake_url,
@@ -394,10 +416,69 @@ class Cell:
         return out
 
 
+class StandIn:
+    """FakePersonalizeEvents in a forked process at a lower CPU priority."""
+
+    def __init__(self, delay: float, nice: int):
+        import multiprocessing
+        ctx = multiprocessing.get_context("fork")
+        self._conn, theirs = ctx.Pipe()
+        self._proc = ctx.Process(target=StandIn._serve, args=(theirs, delay, nice),
+                                 daemon=True)
+        self._proc.start()
+        self.url = self._conn.recv()
+
+    @staticmethod
+    def _serve(conn, delay: float, nice: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if nice:
+            os.nice(nice)
+        fake = FakePersonalizeEvents().start()
+        fake.delay(delay)
+        conn.send(fake.url)
+        while conn.recv() == "summary":
+            events = fake.events()
+            calls = fake.calls_for("PutEvents")
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            conn.send({"events": len(events), "ids": len({e["eventId"] for e in events}),
+                       "calls": len(calls),
+                       "max_call": max((len(c.body["eventList"]) for c in calls), default=0),
+                       "cpu": usage.ru_utime + usage.ru_stime})
+        fake.stop()
+
+    def summary(self) -> dict:
+        self._conn.send("summary")
+        return self._conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     m = len(xs) // 2
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def round_ratios(cells: list[Cell], kind: str) -> list[float]:
+    """Personalize / embedded events/s of each round (the two cells measured together)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for c in cells:
+        if c.kind == kind:
+            by_round.setdefault(c.round, {})[c.mode] = c.eps
+    return [r["personalize"] / r["embedded"] for _, r in sorted(by_round.items())
+            if r.get("embedded") and "personalize" in r]
+
+
+def paired(cells: list[Cell], kind: str) -> float:
+    ratios = round_ratios(cells, kind)
+    return median(ratios) if ratios else 0.0
 
 
 def main() -> int:
@@ -416,27 +497,30 @@ def main() -> int:
     p.add_argument("--pool-single", type=int, default=60_000, help="single messages in the pool")
     p.add_argument("--pool-batch", type=int, default=12_000,
                    help="batches of 100 in the pool (at least 600 a second of load)")
+    p.add_argument("--stand-in-nice", type=int, default=10, choices=range(0, 20),
+                   metavar="0-19", help="the stand-in process's nice value (default 10)")
     p.add_argument("--python-loadgen", action="store_true", help="do not use wrk")
     p.add_argument("--keep-tmp", action="store_true")
     p.add_argument("--postgresql", metavar="URL", nargs="?", const=os.environ.get(
         "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         help="store in PostgreSQL (a fresh schema per launch) instead of SQLite")
     a = p.parse_args()
-    if not (1 <= a.duration <= 120 and 0 <= a.warmup <= 30 and 1 <= a.rounds <= 10
+    # A pause longer than the applier's lease (30 s) would let another worker take over a
+    # batch in flight when the service resumes: its events would be sent twice.
+    if not (1 <= a.duration <= 20 and 0 <= a.warmup <= 30 and 1 <= a.rounds <= 10
             and 1 <= a.connections <= 256):
-        p.error("duration 1-120, warmup 0-30, rounds 1-10, connections 1-256")
+        p.error("duration 1-20, warmup 0-30, rounds 1-10, connections 1-256")
 
     def _term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _term)
 
-    wrk = None if a.python_loadgen else shutil.which("wrk")
+    wrk = None if a.python_loadgen else ensure_wrk()
     tmp = Path(tempfile.mkdtemp(prefix="personalize-bench-"))
     services: list[Service] = []
     schemas: list[str] = []
     problems: list[str] = []
-    fake = FakePersonalizeEvents().start()
-    fake.delay(a.delay)
+    fake = StandIn(a.delay, a.stand_in_nice)
     try:
         tag = f"pb{os.getpid()}x{int(time.time())}"
         pools = {"single": tmp / "single.tsv", "batch": tmp / "batch.tsv"}
@@ -461,19 +545,23 @@ def main() -> int:
         cursor = {(m, k): 0 for m in ("embedded", "personalize") for k in ("single", "batch")}
         acknowledged = 0  # events the Personalize service answered 200 for
         cells: list[Cell] = []
-        plan = [(embedded, "single"), (personalize, "single"),
-                (embedded, "batch"), (personalize, "batch")]
         for rnd in range(0 if a.warmup else 1, a.rounds + 1):
-            for service, kind in plan:
+            order = (embedded, personalize) if rnd % 2 else (personalize, embedded)
+            for service, kind in [(s, k) for k in ("single", "batch") for s in order]:
+                other = personalize if service is embedded else embedded
                 duration = a.warmup if rnd == 0 else a.duration
                 start = cursor[(service.mode, kind)]
                 cpu0 = service.cpu_seconds()
-                if wrk:
-                    stats = run_wrk(wrk, lua, service.url + "/segment", pools[kind], start,
-                                    duration, a.connections, a.timeout)
-                else:
-                    stats = run_python(service.url + "/segment", pools[kind], start, duration,
-                                       a.connections, a.timeout)
+                other.pause()
+                try:
+                    if wrk:
+                        stats = run_wrk(wrk, lua, service.url + "/segment", pools[kind],
+                                        start, duration, a.connections, a.timeout)
+                    else:
+                        stats = run_python(service.url + "/segment", pools[kind], start,
+                                           duration, a.connections, a.timeout)
+                finally:
+                    other.resume()
                 cell = Cell(service.mode, kind, rnd, stats, service.cpu_seconds() - cpu0)
                 cursor[(service.mode, kind)] += stats["sent"]
                 if service is personalize:
@@ -492,10 +580,8 @@ def main() -> int:
         # The Personalize applier catches up after the load; then what the stand-in got:
         # one event per acknowledged event, in calls of <= 10.
         pending_at_end, drained_in = drain(personalize, a.drain_timeout)
-        events = fake.events()
-        calls = fake.calls_for("PutEvents")
-        ids = {e["eventId"] for e in events}
-        max_call = max((len(c.body["eventList"]) for c in calls), default=0)
+        got = fake.summary()
+        max_call = got["max_call"]
 
         print()
         print("=" * 96)
@@ -506,7 +592,7 @@ def main() -> int:
         print("=" * 96)
         print(f"{'payload':<14}{'embedded ev/s':>15}{'personalize ev/s':>18}{'ratio P/E':>11}"
               f"{'emb p50 ms':>12}{'pers p50 ms':>13}{'emb CPU ms/ev':>15}"
-              f"{'pers CPU ms/ev':>16}")
+              f"{'pers CPU ms/ev':>16}  rounds' ratios")
         for kind in ("single", "batch"):
             row = {}
             for mode in ("embedded", "personalize"):
@@ -517,33 +603,32 @@ def main() -> int:
                                      for c in cs]))
             e, pz = row["embedded"], row["personalize"]
             name = "single" if kind == "single" else f"batch x{BATCH}"
-            print(f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{pz[0] / e[0]:>11.2f}"
-                  f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}")
+            print(f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{paired(cells, kind):>11.2f}"
+                  f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}  "
+                  + ", ".join(f"{r:.2f}" for r in round_ratios(cells, kind)))
         print()
         missed: list[str] = []  # targets not reached (the cells themselves were valid)
         for kind in ("single", "batch"):
-            e = median([c.eps for c in cells if (c.mode, c.kind) == ("embedded", kind)])
-            pz = median([c.eps for c in cells if (c.mode, c.kind) == ("personalize", kind)])
-            ratio = pz / e if e else 0.0
+            ratio = paired(cells, kind)
             target_ok = ratio >= 0.90
             missed += [] if target_ok else [f"{kind}: {ratio:.2f} of embedded (target 0.90)"]
-            print(f"[{kind}] personalize / embedded ingest events/s = {pz:.1f} / {e:.1f} = "
-                  f"{ratio:.3f} (target >= 0.90) {'PASS' if target_ok else 'FAIL'}")
+            print(f"[{kind}] personalize / embedded ingest events/s, median of the rounds' "
+                  f"ratios = {ratio:.3f} (target >= 0.90) {'PASS' if target_ok else 'FAIL'}")
         print(f"Personalize applier: {pending_at_end} inbox rows pending when the load "
               f"stopped, all sent {drained_in:.1f} s later "
               f"({pending_at_end / drained_in if drained_in else 0:.0f} rows/s, stand-in "
               f"answering after {a.delay * 1000:.0f} ms)" if drained_in is not None else
               f"Personalize applier: NOT caught up within {a.drain_timeout} s "
               f"({pending_at_end} rows pending at the end of the load)")
-        print(f"stand-in: {len(calls)} PutEvents calls (largest {max_call} events), "
-              f"{len(events)} events, {len(ids)} distinct eventIds; the Personalize service "
-              f"acknowledged {acknowledged} events (warm-up included)")
+        print(f"stand-in: {got['calls']} PutEvents calls (largest {max_call} events), "
+              f"{got['events']} events, {got['ids']} distinct eventIds; the Personalize "
+              f"service acknowledged {acknowledged} events (warm-up included)")
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"stand-in + bench process CPU: {usage.ru_utime + usage.ru_stime:.1f}s "
-              f"(it competes with the service for the same cores)")
+        print(f"CPU: stand-in {got['cpu']:.1f} s at nice {a.stand_in_nice}, bench process "
+              f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included)")
         # wrk stops counting at the end of a cell while requests are still in flight: those
         # events reach the stand-in unacknowledged, so it may hold more, never fewer.
-        ok = (len(ids) == len(events) >= acknowledged and max_call <= 10 and not problems
+        ok = (got['ids'] == got['events'] >= acknowledged and max_call <= 10 and not problems
               and drained_in is not None)
         print("CHECK: " + ("PASS - no event lost (stand-in >= acknowledged), none sent twice, "
                            "no call over 10 events"
