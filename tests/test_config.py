@@ -46,6 +46,9 @@ def test_heroku_and_plain_database_urls(url, expected):
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"INTERACTION_EVENTS": " , "}, "INTERACTION_EVENTS"),
     ({"ITEM_ID_PROPERTIES": ","}, "ITEM_ID_PROPERTIES"),
+    ({"PERSONALIZE_SENDER_NICE": "20"}, "PERSONALIZE_SENDER_NICE"),
+    ({"PERSONALIZE_SENDER_NICE": "-5"}, "PERSONALIZE_SENDER_NICE"),
+    ({"PERSONALIZE_SENDER_NICE": "low"}, "PERSONALIZE_SENDER_NICE"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -425,8 +428,17 @@ def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake)
         assert [i for i in sent_order if i in set(mine)] == mine
 
 
+def warm_up(app, fake) -> None:
+    """One event sent, then the stand-in's record cleared: the calls are made by a child
+    process started at the first call, which a test of timing must not count."""
+    assert post(app, grouped_batch({("anon-warm", None): 1}, "warm")).status_code == 200
+    fake.wait_for_calls(1)
+    fake.reset()
+
+
 def test_calls_run_concurrently_within_the_configured_bound(personalize_app, fake):
     app = personalize_app(personalize_max_concurrency=4, personalize_items_dataset_arn="")
+    warm_up(app, fake)
     fake.delay(0.2)
     messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(12)}, "conc")
     started = time.perf_counter()
@@ -438,6 +450,60 @@ def test_calls_run_concurrently_within_the_configured_bound(personalize_app, fak
     assert 0.55 < elapsed < 1.6, elapsed
 
 
+def sending_processes() -> dict[int, int]:
+    """This process's children that make Personalize calls: pid -> nice value."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == os.getpid() and b"calls_child.py" in cmdline:
+            found[int(pid)] = int(fields[16])
+    return found
+
+
+def test_calls_are_made_by_a_child_process_at_a_lower_priority(personalize_app, fake):
+    app = personalize_app(personalize_sender_nice=7)
+    assert not sending_processes()
+    warm_up(app, fake)
+    children = sending_processes()
+    assert list(children.values()) == [os.nice(0) + 7]
+    app.extensions["segment"].stop_background()  # a worker stopping: its child goes too
+    deadline = time.monotonic() + 10
+    while sending_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sending_processes()
+
+
+def test_a_killed_sending_process_loses_no_event(personalize_app, fake):
+    app = personalize_app()
+    warm_up(app, fake)
+    (child,) = sending_processes()
+    timeouts_before = metric(app, "personalize_calls_total", operation="put_events",
+                             outcome="timeout")
+    fake.delay(0.5)
+    messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(6)}, "kill")
+    killer = threading.Timer(0.25, os.kill, (child, signal.SIGKILL))  # calls in flight
+    killer.start()
+    response = post(app, messages)
+    killer.join()
+    assert response.status_code == 200
+    ids = sent_event_ids(fake)
+    # At least once: a call the stand-in took before the kill may come again, with the
+    # same eventIds, which Personalize uses to tell events apart.
+    assert set(ids) == {m["messageId"] for m in messages}
+    # The kill hit calls in flight: they were answered as a timeout, and retried by a new
+    # sending process.
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="timeout") > timeouts_before
+    assert set(sending_processes()) - {child}
+
+
 # --- throttling, server errors, timeouts: absorbed, never passed on to Segment ---------
 
 def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fake):
@@ -446,6 +512,7 @@ def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fak
                               ("u-3", "u-3"): 8}, "thr")
     throttled_before = metric(app, "personalize_calls_total", operation="put_events",
                               outcome="throttled")
+    warm_up(app, fake)
     fake.throttle_for(1.0)
     response = post(app, messages)
 
@@ -456,7 +523,7 @@ def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fak
     assert any(a.error_code == "ThrottlingException" for a in fake.attempt_log)
     assert metric(app, "personalize_calls_total", operation="put_events",
                   outcome="throttled") > throttled_before
-    assert store_of(app).counts()["interactions"] == len(messages)
+    assert store_of(app).counts()["interactions"] == len(messages) + 1  # and the warm-up's
 
 
 def test_server_errors_then_recovery(personalize_app, fake, corpus):

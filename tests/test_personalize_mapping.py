@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 
 import boto3
 import pytest
@@ -210,7 +211,8 @@ def _chains(n=3):
 def _expected_params(ids):
     return {"trackingId": "trk", "sessionId": "anon-1", "eventList": [
         {"eventId": i, "eventType": "View", "itemId": "sku-1",
-         "sentAt": 1_790_000_000.5, "eventValue": 1.5} for i in ids]}
+         "sentAt": datetime.fromtimestamp(1_790_000_000.5, timezone.utc), "eventValue": 1.5}
+        for i in ids]}
 
 
 def _ok():

@@ -50,6 +50,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _nice(value: str) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number from 0 to 19, got {value!r}") from None
+    if not 0 <= number <= 19:
+        raise ValueError(f"must be from 0 to 19, got {number}")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value.strip())
@@ -290,6 +300,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("dead_letters_max", ("DEAD_LETTERS_MAX",), _positive_int),
     ("personalize_call_timeout_seconds", ("PERSONALIZE_CALL_TIMEOUT_SECONDS",), _positive_float),
     ("personalize_max_concurrency", ("PERSONALIZE_MAX_CONCURRENCY",), _positive_int),
+    ("personalize_sender_nice", ("PERSONALIZE_SENDER_NICE",), _nice),
     # --- local recommendation engine (embedded default) ---
     ("engine_event_weights", ("ENGINE_EVENT_WEIGHTS",), _weights),
     ("engine_train_after_interactions", ("ENGINE_TRAIN_AFTER_INTERACTIONS",), _positive_int),
@@ -383,6 +394,9 @@ class Settings:
     # The Personalize applier: one call at most this long; this many calls at once.
     personalize_call_timeout_seconds: float = 1.0
     personalize_max_concurrency: int = 8
+    # The process that makes those calls runs at this nice value (0-19): when the machine
+    # is busy, answering Segment comes first and the calls wait in the inbox.
+    personalize_sender_nice: int = 10
     # PutEvents calls a second, all workers and hosts together (AWS allows about 1000 a
     # dataset group); PutUsers and PutItems calls a second each (AWS: about 10).
     personalize_put_events_per_second: float = 500.0

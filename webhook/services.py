@@ -190,7 +190,8 @@ def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadL
                     call_timeout=settings.personalize_call_timeout_seconds,
                     max_concurrency=settings.personalize_max_concurrency,
                     events_per_second=settings.personalize_put_events_per_second,
-                    records_per_second=settings.personalize_put_records_per_second)
+                    records_per_second=settings.personalize_put_records_per_second,
+                    nice=settings.personalize_sender_nice)
     return PersonalizeApplier(router, MappingConfig.from_settings(settings), sender,
                               users_dataset_arn=settings.personalize_users_dataset_arn,
                               items_dataset_arn=settings.personalize_items_dataset_arn,

@@ -27,18 +27,10 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from datetime import datetime, timedelta, timezone
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ReadTimeoutError,
-)
 
 from .. import metrics
 from ..aws import LazyClient
@@ -54,6 +46,7 @@ from ..inbox import Entry
 from ..routing import Routed, Router
 from ..store import Transaction
 from . import Applied, decode
+from .calls import ChildProcessCalls, InProcessCalls
 
 log = logging.getLogger("webhook.personalize")
 
@@ -61,10 +54,11 @@ THROTTLING_CODES = frozenset({
     "ThrottlingException", "Throttling", "TooManyRequestsException",
     "ProvisionedThroughputExceededException", "RequestLimitExceeded",
 })
-TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
-                    ConnectionClosedError)
 _MEMBER = {"put_events": "eventList", "put_users": "users", "put_items": "items"}
 _KIND = {"put_events": "event", "put_users": "user", "put_items": "item"}
+# sentAt as an aware datetime: boto3 converts an epoch number through the local time zone
+# first, a fifth of a PutEvents call's CPU.
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 BACKOFF_CAP = 5.0  # seconds between attempts at most, for transient errors
 FATAL_BACKOFF_CAP = 60.0  # for configuration errors
 
@@ -157,14 +151,24 @@ class SendReport:
 
 class Sender:
     """Sends calls to personalize-events: rate-limited, retried, refused records split
-    out. Used by the applier and by ``dead-letters retry``."""
+    out. Used by the applier and by ``dead-letters retry``.
+
+    With ``nice`` set (the service: ``PERSONALIZE_SENDER_NICE``), boto3 makes the calls in
+    a child process at that lower CPU priority (``calls.py``); otherwise, and with a
+    ``client`` given, in the sending threads of this process."""
 
     def __init__(self, *, region: str = "", call_timeout: float = 1.0,
                  max_concurrency: int = 8, events_per_second: float = 500.0,
-                 records_per_second: float = 10.0, client: Any = None):
+                 records_per_second: float = 10.0, client: Any = None,
+                 nice: int | None = None):
         self.max_concurrency = max_concurrency
-        self._client = LazyClient("personalize-events", region=region, timeout=call_timeout,
-                                  pool_size=max_concurrency, client=client)
+        if client is None and nice is not None:
+            self._calls: InProcessCalls | ChildProcessCalls = ChildProcessCalls(
+                region=region, timeout=call_timeout, concurrency=max_concurrency, nice=nice)
+        else:
+            self._calls = InProcessCalls(LazyClient(
+                "personalize-events", region=region, timeout=call_timeout,
+                pool_size=max_concurrency, client=client))
         self.limits = {"put_events": RateLimiter(events_per_second),
                        "put_users": RateLimiter(records_per_second),
                        "put_items": RateLimiter(records_per_second)}
@@ -179,6 +183,7 @@ class Sender:
             self._shutdown = True
             for abort in self._aborts:
                 abort.set()
+        self._calls.close()
 
     @property
     def pool(self) -> ThreadPoolExecutor:
@@ -257,7 +262,6 @@ class Sender:
 
     def _call(self, call: Call, keep_lease, abort: threading.Event) -> int:
         """One API call, retried until it succeeds or is refused; the retries it took."""
-        method = getattr(self._client.get(), call.operation)
         attempt = 0
         failures_logged = 0
         while True:
@@ -266,38 +270,35 @@ class Sender:
             keep_lease()
             self.limits[call.operation].acquire(abort)
             cap = BACKOFF_CAP
-            try:
-                method(**call.kwargs)
+            result = self._calls.call(call.operation, call.kwargs)
+            if result.kind == "ok":
                 metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "ok")
                 if attempt >= 3:
                     log.info("personalize: a call went through after %d attempts",
                              attempt + 1, extra={"operation": call.operation})
                 return attempt
-            except ClientError as exc:
-                error = exc.response.get("Error", {})
-                code = error.get("Code", "")
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code == "InvalidInputException":
+            if result.kind == "client_error":
+                if result.code == "InvalidInputException":
                     metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "invalid")
-                    raise _Refused(f"InvalidInputException: {error.get('Message', '')}") \
-                        from None
-                if code in THROTTLING_CODES or status == 429:
+                    raise _Refused(f"InvalidInputException: {result.message}")
+                if result.code in THROTTLING_CODES or result.status == 429:
                     outcome = "throttled"
-                elif status >= 500:
+                elif result.status >= 500:
                     outcome = "error"
                 else:
                     outcome, cap = "fatal", FATAL_BACKOFF_CAP
                     if failures_logged < 1 or attempt % 20 == 0:
                         log.error("personalize refused the call (%s): check the tracking id, "
                                   "dataset ARNs and credentials; retrying",
-                                  code or status, extra={"operation": call.operation})
+                                  result.code or result.status,
+                                  extra={"operation": call.operation})
                         failures_logged += 1
-            except TRANSIENT_ERRORS:
+            elif result.kind == "transient":
                 outcome = "timeout"
-            except BotoCoreError as exc:
+            else:
                 outcome, cap = "fatal", FATAL_BACKOFF_CAP
                 if failures_logged < 1 or attempt % 20 == 0:
-                    log.error("personalize call failed (%s); retrying", type(exc).__name__,
+                    log.error("personalize call failed (%s); retrying", result.code,
                               extra={"operation": call.operation})
                     failures_logged += 1
             metrics.count(metrics.PERSONALIZE_CALLS, call.operation, outcome)
@@ -327,8 +328,10 @@ def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
     chains: list[list[Call]] = []
     by_session: dict[str, list[Call]] = {}
     for call in event_calls(routed.interactions, mapping, problems):
+        events = [{**event, "sentAt": _EPOCH + timedelta(seconds=event["sentAt"])}
+                  for event in call.events]
         kwargs: dict[str, Any] = {"trackingId": mapping.tracking_id,
-                                  "sessionId": call.session_id, "eventList": list(call.events)}
+                                  "sessionId": call.session_id, "eventList": events}
         if call.user_id:
             kwargs["userId"] = call.user_id
         by_session.setdefault(call.session_id, []).append(
