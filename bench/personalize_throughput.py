@@ -350,14 +350,20 @@ def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
     return service
 
 
+def lags(service: Service) -> dict:
+    """Rows each of the service's appliers has not applied yet (GET /healthz)."""
+    with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
+        return {name: lag["pending"]
+                for name, lag in json.load(r)["inbox"]["appliers"].items()}
+
+
 def drain(service: Service, timeout: float) -> tuple[int, int, float, bool]:
     """Wait up to ``timeout`` s for the Personalize applier's lag (GET /healthz) to reach 0:
     (rows pending at the start, rows pending at the end, seconds waited, caught up)."""
     started = time.monotonic()
-    first = pending = None
+    first = None
     while True:
-        with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
-            pending = json.load(r)["inbox"]["appliers"]["personalize"]["pending"]
+        pending = lags(service)["personalize"]
         first = pending if first is None else first
         waited = time.monotonic() - started
         if pending == 0 or waited >= timeout:
@@ -372,10 +378,8 @@ def settle(service: Service, timeout: float) -> None:
     a run (it sends ~800 events/s), so Personalize mode keeps paying for its sending."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
-            appliers = json.load(r)["inbox"]["appliers"]
-        behind = {name: lag["pending"] for name, lag in appliers.items()
-                  if name != "personalize" and lag["pending"]}
+        behind = {name: pending for name, pending in lags(service).items()
+                  if name != "personalize" and pending}
         if not behind:
             return
         time.sleep(0.5)
@@ -617,8 +621,8 @@ def main() -> int:
                 if rnd:
                     cells.append(cell)
 
-        # The Personalize applier catches up after the load; then what the stand-in got:
-        # one event per acknowledged event, in calls of <= 10.
+        # The Personalize applier sends on for --drain-timeout s; then what the stand-in
+        # got: no event twice, in calls of <= 10, the rest still in the inbox.
         pending_at_end, still_pending, waited, caught_up = drain(personalize,
                                                                  a.drain_timeout)
         got = fake.summary()
