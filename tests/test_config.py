@@ -55,6 +55,13 @@ def test_bad_values_name_the_variable(env, variable):
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize("value, expected", [
+    (None, "idle"), ("idle", "idle"), (" IDLE ", "idle"), ("0", 0), ("19", 19)])
+def test_the_personalize_sender_runs_idle_unless_a_nice_value_is_set(value, expected):
+    env = {} if value is None else {"PERSONALIZE_SENDER_NICE": value}
+    assert Settings.from_env(env).personalize_sender_nice == expected
+
+
 def test_workshop_lower_case_names_are_aliases():
     settings = Settings.from_env({
         "personalize_tracking_id": "tracking-1",

@@ -473,11 +473,34 @@ def test_calls_are_made_by_a_child_process_at_a_lower_priority(personalize_app, 
     warm_up(app, fake)
     children = {pid: nice for pid, nice in sending_processes().items() if pid not in before}
     assert list(children.values()) == [os.nice(0) + 7]
+    (child,) = children
+    ours = Path("/proc/self/autogroup")
+    if ours.exists():
+        # With autogroup scheduling, a nice value counts only within a session: the child
+        # has a session of its own, ranked at its nice value against ours.
+        assert os.getsid(child) == child != os.getsid(0)
+        theirs = Path(f"/proc/{child}/autogroup").read_text().split()
+        assert theirs[0] != ours.read_text().split()[0]
+        assert theirs[-1] == "7"
     app.extensions["segment"].stop_background()  # a worker stopping: its child goes too
     deadline = time.monotonic() + 10
     while set(children) & set(sending_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not set(children) & set(sending_processes())
+
+
+def test_by_default_calls_are_made_at_the_idle_priority_in_our_session(personalize_app, fake):
+    app = personalize_app()  # PERSONALIZE_SENDER_NICE's default: idle
+    before = set(sending_processes())  # other tests' children, idling out
+    warm_up(app, fake)
+    (child,) = set(sending_processes()) - before
+    # Every thread of it: the calls are made by its thread pool.
+    threads = [int(t) for t in os.listdir(f"/proc/{child}/task")]
+    assert len(threads) > 1
+    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}
+    # In the workers' session: with autogroup scheduling, a session of its own would
+    # compete with the workers' session as an equal.
+    assert os.getsid(child) == os.getsid(0)
 
 
 def test_a_killed_sending_process_loses_no_event(personalize_app, fake):

@@ -50,11 +50,14 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _nice(value: str) -> int:
+def _nice(value: str) -> int | str:
+    if value.strip().lower() == "idle":
+        return "idle"
     try:
         number = int(value.strip())
     except ValueError:
-        raise ValueError(f"expected a whole number from 0 to 19, got {value!r}") from None
+        raise ValueError(f"expected idle or a whole number from 0 to 19, got {value!r}") \
+            from None
     if not 0 <= number <= 19:
         raise ValueError(f"must be from 0 to 19, got {number}")
     return number
@@ -394,9 +397,10 @@ class Settings:
     # The Personalize applier: one call at most this long; this many calls at once.
     personalize_call_timeout_seconds: float = 1.0
     personalize_max_concurrency: int = 8
-    # The process that makes those calls runs at this nice value (0-19): when the machine
-    # is busy, answering Segment comes first and the calls wait in the inbox.
-    personalize_sender_nice: int = 10
+    # The process that makes those calls runs below the workers (calls_child.py): "idle"
+    # (Linux's SCHED_IDLE) or a nice value 0-19. When the machine is busy, answering
+    # Segment comes first and the calls wait in the inbox.
+    personalize_sender_nice: int | str = "idle"
     # PutEvents calls a second, all workers and hosts together (AWS allows about 1000 a
     # dataset group); PutUsers and PutItems calls a second each (AWS: about 10).
     personalize_put_events_per_second: float = 500.0

@@ -8,6 +8,8 @@ OS priority cannot help: a thread the OS puts aside keeps the GIL. A child proce
 own GIL, and its nice value lowers its share of the CPU only when the machine is busy:
 answering Segment comes first, and the calls that cannot be made meanwhile wait in the
 inbox, as they would during an outage. On an idle machine the child sends at full speed.
+By default the child runs under Linux's SCHED_IDLE policy: a worker that wakes up takes
+the CPU from it at once (``calls_child.lower_priority``).
 
 Both ways answer a call with an ``Outcome`` (``calls_child.py``), which the applier
 classifies (retry, refuse, give up).
@@ -141,10 +143,12 @@ class _Channel:
 
 
 class ChildProcessCalls:
-    """Calls made by a child process at nice ``nice``, started at the first call (again
-    after it exited). Thread-safe; each process that uses it has its own child."""
+    """Calls made by a child process at priority ``nice`` ("idle" or a nice value), started
+    at the first call (again after it exited). Thread-safe; each process that uses it has
+    its own child."""
 
-    def __init__(self, *, region: str, timeout: float, concurrency: int, nice: int):
+    def __init__(self, *, region: str, timeout: float, concurrency: int,
+                 nice: int | str):
         self._options = {"service": "personalize-events",
                          "client": client_options(region, timeout, concurrency),
                          "concurrency": concurrency, "nice": nice,

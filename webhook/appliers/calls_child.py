@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
@@ -54,16 +55,61 @@ def invoke(client: Any, operation: str, kwargs: dict) -> Outcome:
         return Outcome("error", type(exc).__name__)
 
 
+def lower_priority(nice: int | str) -> None:
+    """Run below the workers: ``"idle"`` or a nice value from 1 to 19.
+
+    ``"idle"``: Linux's SCHED_IDLE policy (every thread started afterwards inherits it).
+    The process gets the CPU only when nothing else on it wants it, and a worker thread
+    that wakes up (a request, the end of an fsync) takes the CPU from it at once, where a
+    low nice value still lets it finish its time slice first. Where the policy is missing,
+    nice 19.
+
+    A nice value: on a kernel with autogroup scheduling
+    (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in many distributions;
+    it applies to processes outside a CPU cgroup), the CPU is first shared between
+    sessions, and a nice value ranks a process only against the others of its session.
+    In the service's session, this process's CPU would come out of the share of the
+    workers it is meant to yield to. So it starts a session of its own and gives that
+    session the same nice value. Where autogroup does not apply (a container's cgroup, a
+    kernel without it), the process's nice value is what counts, within the cgroup."""
+    if nice == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except (AttributeError, OSError):
+            nice = 19
+    nice = int(nice)
+    try:
+        os.nice(nice)
+    except OSError:
+        return
+    autogroup = "/proc/self/autogroup"
+    if not os.path.exists(autogroup):
+        return
+    try:
+        os.setsid()
+    except OSError:
+        return
+    # Raising an autogroup's nice needs no privilege, but the kernel takes such a write
+    # at most every 100 ms machine-wide (EAGAIN meanwhile).
+    for _ in range(20):
+        try:
+            with open(autogroup, "w") as f:
+                f.write(str(nice))
+            return
+        except BlockingIOError:
+            time.sleep(0.1)
+        except OSError:
+            return
+
+
 def main(fd: int, options: dict) -> None:
     # The parent ends the child by closing its end; signals to the process group (Ctrl-C,
     # a service manager's TERM) reach the parent, which stops first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if options["nice"]:
-        try:
-            os.nice(int(options["nice"]))
-        except OSError:
-            pass
+        lower_priority(options["nice"])
     import boto3
     from botocore.config import Config
 

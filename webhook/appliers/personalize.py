@@ -160,7 +160,7 @@ class Sender:
     def __init__(self, *, region: str = "", call_timeout: float = 1.0,
                  max_concurrency: int = 8, events_per_second: float = 500.0,
                  records_per_second: float = 10.0, client: Any = None,
-                 nice: int | None = None):
+                 nice: int | str | None = None):
         self.max_concurrency = max_concurrency
         if client is None and nice is not None:
             self._calls: InProcessCalls | ChildProcessCalls = ChildProcessCalls(
