@@ -12,8 +12,9 @@ Usage (from the repo root)::
 
 * The Personalize stand-in (tests/fake_personalize.FakePersonalizeEvents: the
   personalize-events rest-json protocol, answering after ``--delay`` seconds, with
-  connections kept alive as AWS's are) runs in a process of its own at
-  ``--stand-in-nice`` (default 10). It stands for a service on other machines: checking
+  connections kept alive as AWS's are) runs in a process and session of its own at
+  ``--stand-in-nice`` (default 10; the session, because with Linux's autogroup scheduling
+  a nice value counts only within one). It stands for a service on other machines: checking
   every call costs it about as much CPU as making the call costs the service, and at the
   default priority that work would be taken from the ingestion being measured.
 * The service runs twice under gunicorn (``-c gunicorn.conf.py --workers 2``), with the
@@ -31,8 +32,9 @@ Usage (from the repo root)::
   ``--duration`` seconds after a short warm-up; cells are interleaved: single, then
   batch, each for both services, the service going first alternating from round to round
   (x ``--rounds``). The ratio is the median of the rounds' paired ratios.
-* While one service is measured, the other is paused (SIGSTOP to its process group,
-  SIGCONT after): each cell has the machine to itself, apart from the stand-in and the
+* While one service is measured, the other is paused (SIGSTOP to its processes: its
+  process group and the sending processes, which have sessions of their own; SIGCONT
+  after): each cell has the machine to itself, apart from the stand-in and the
   load generator. Otherwise the service measured second pays for the first one's
   appliers catching up (both apply behind their answers).
 * Before each cell the service's local appliers are given up to ``--settle`` seconds to
@@ -79,6 +81,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.webhook_throughput import ensure_wrk  # noqa: E402
 from tests.fake_personalize import FakePersonalizeEvents  # noqa: E402
+from webhook.appliers.calls_child import lower_priority  # noqa: E402
 
 HOST = "127.0.0.1"
 SECRET = "bench-personalize-secret"
@@ -253,8 +256,11 @@ class Service:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def cpu_seconds(self) -> float:
-        total = 0
+    def _processes(self) -> dict[int, int]:
+        """pid -> CPU ticks of the service's processes: its process group (the master, the
+        workers) and their descendants (the sending processes run in sessions of their
+        own, see webhook/appliers/calls_child.py)."""
+        stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgid, ticks)
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -263,21 +269,34 @@ class Service:
             except OSError:
                 continue
             fields = stat[stat.rfind(")") + 2:].split()
-            if int(fields[2]) == self.proc.pid:  # process group of the master
-                total += int(fields[11]) + int(fields[12])
-        return total / CLK_TCK
+            stats[int(d)] = (int(fields[1]), int(fields[2]),
+                             int(fields[11]) + int(fields[12]))
+        ours = {pid for pid, (_, pgid, _) in stats.items() if pgid == self.proc.pid}
+        while True:
+            more = {pid for pid, (ppid, _, _) in stats.items()
+                    if ppid in ours and pid not in ours}
+            if not more:
+                return {pid: stats[pid][2] for pid in ours}
+            ours |= more
+
+    def cpu_seconds(self) -> float:
+        return sum(self._processes().values()) / CLK_TCK
+
+    def _signal_all(self, sig: int) -> None:
+        for pid in self._processes():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def pause(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGCONT)  # a paused service cannot stop
-        except ProcessLookupError:
-            pass
+        self._signal_all(signal.SIGCONT)  # a paused service cannot stop
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
                 try:
@@ -297,7 +316,7 @@ class Service:
 
 
 def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
-           synchronous: str = "FULL") -> Service:
+           synchronous: str = "FULL", sender_nice: str | None = None) -> Service:
     run_dir = tmp / mode
     (run_dir / "metrics").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items()
@@ -322,6 +341,8 @@ def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
     })
     if mode == "personalize":
         env.update({"PERSONALIZE_TRACKING_ID": TRACKING_ID, "EVENT_VALUE_PROPERTY": "price"})
+        if sender_nice is not None:
+            env["PERSONALIZE_SENDER_NICE"] = sender_nice
     port = free_port()
     flags = ["-c", "gunicorn.conf.py", "--workers", "2", "--no-control-socket",
              "--bind", f"{HOST}:{port}"]
@@ -355,6 +376,19 @@ def lags(service: Service) -> dict:
     with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
         return {name: lag["pending"]
                 for name, lag in json.load(r)["inbox"]["appliers"].items()}
+
+
+def call_outcomes(service: Service) -> dict[str, int]:
+    """The service's PutEvents calls by outcome (GET /metrics): a call that timed out is
+    made again, so its events may reach the stand-in twice (at least once, by eventId)."""
+    with urllib.request.urlopen(service.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("personalize_calls_total{") and 'operation="put_events"' in line:
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            found[outcome] = found.get(outcome, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return found
 
 
 def drain(service: Service, timeout: float) -> tuple[int, int, float, bool]:
@@ -471,7 +505,7 @@ class StandIn:
     def _serve(conn, delay: float, nice: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if nice:
-            os.nice(nice)
+            lower_priority(nice)  # as the service's sending process: its own session too
         fake = KeepAliveFake().start()
         fake.delay(delay)
         conn.send(fake.url)
@@ -538,6 +572,10 @@ def main() -> int:
                    help="batches of 100 in the pool (at least 600 a second of load)")
     p.add_argument("--stand-in-nice", type=int, default=10, choices=range(0, 20),
                    metavar="0-19", help="the stand-in process's nice value (default 10)")
+    p.add_argument("--sender-nice", choices=["idle"] + [str(n) for n in range(20)],
+                   metavar="idle|0-19",
+                   help="PERSONALIZE_SENDER_NICE of the Personalize launch (default: the "
+                        "service's default, idle)")
     p.add_argument("--settle", type=int, default=120, metavar="SECONDS",
                    help="before each cell, wait up to this long for the service's "
                         "appliers other than Personalize's to catch up (0: do not wait)")
@@ -581,7 +619,7 @@ def main() -> int:
         embedded = launch("embedded", tmp, fake.url, urls["embedded"], a.synchronous)
         services.append(embedded)
         personalize = launch("personalize", tmp, fake.url, urls["personalize"],
-                             a.synchronous)
+                             a.synchronous, a.sender_nice)
         services.append(personalize)
 
         cursor = {(m, k): 0 for m in ("embedded", "personalize") for k in ("single", "batch")}
@@ -627,6 +665,7 @@ def main() -> int:
                                                                  a.drain_timeout)
         got = fake.summary()
         max_call = got["max_call"]
+        outcomes = call_outcomes(personalize)
 
         print()
         print("=" * 96)
@@ -667,9 +706,13 @@ def main() -> int:
         print(f"stand-in: {got['calls']} PutEvents calls (largest {max_call} events), "
               f"{got['events']} events, {got['ids']} distinct eventIds; the Personalize "
               f"service acknowledged {acknowledged} events (warm-up included)")
+        print("Personalize service's PutEvents calls by outcome: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(outcomes.items())))
         usage = resource.getrusage(resource.RUSAGE_SELF)
         print(f"CPU: stand-in {got['cpu']:.1f} s at nice {a.stand_in_nice}, bench process "
-              f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included)")
+              f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included); the "
+              f"service's sending process at PERSONALIZE_SENDER_NICE="
+              f"{a.sender_nice or 'idle (the default)'}")
         # wrk stops counting at the end of a cell while requests are still in flight: those
         # events reach the stand-in unacknowledged, so it may hold more, never fewer. Every
         # pool message is one track event, so a row the applier has not sent yet is one
