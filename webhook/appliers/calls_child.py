@@ -84,7 +84,14 @@ def lower_priority(nice: int | str) -> None:
     except OSError:
         return
     autogroup = "/proc/self/autogroup"
-    if not os.path.exists(autogroup):
+    try:
+        with open(autogroup) as f:
+            grouped = bool(f.read().strip())
+    except OSError:
+        return
+    if not grouped:
+        # The file is there but empty: this process is not in an autogroup (a CPU
+        # cgroup of its own, or autogroup off), so its nice value already counts.
         return
     try:
         os.setsid()
