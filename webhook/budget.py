@@ -1,13 +1,20 @@
 """The Profile API budget: Segment allows about 100 requests/s per space, shared with
 everything else the customer runs, and answers 429 above that.
 
-* ``HostBudget``: at most ``share`` calls in any ``window`` seconds, counted across every
-  gunicorn worker of this host, plus a pause every worker honours (after a 429 with
+* ``HostBudget``: at most ``share`` calls reach the API in any one second, counted across
+  every gunicorn worker of this host, plus a pause every worker honours (after a 429 with
   ``Retry-After``). The state is a small file beside the other temporary files, guarded by
   ``flock`` (threads of one process queue on a thread lock first: the flock belongs to the
-  process). The file holds the times of the latest admissions as a ring: a call is admitted
-  when the ``share``-th latest admission is older than the window, so no window of that
-  length ever holds more than ``share`` calls (a sliding log, exact, ~10 µs a call).
+  process). It holds one slot per call: when it was admitted and when it completed. A call
+  reaches Segment somewhere between the two, so a call counts from its admission until one
+  second after its completion (while in flight, it counts as "now"), and a new call is
+  admitted only while fewer than ``share`` count. Whatever the delays between admission,
+  arrival and answer (a busy host, a slow network), no one-second window at Segment then
+  holds more than ``share`` arrivals: of any calls arriving within one second, the last
+  admitted saw all the others counted. The price is one second per call beyond its
+  duration (at 20 ms a call, 98 % of the budget, sustained). A call still in flight after
+  ``stale_after`` seconds (its process was killed) counts as completed then, so a killed
+  worker holds its slots for a bounded time. About 10 µs a call.
 * ``HostShare``: this host's share of ``PROFILE_API_MAX_RPS``. Each host records a
   heartbeat row in the store (``service_hosts``) while it uses the Profile API; the share is
   the budget divided by the hosts seen in the last minute. Rows older than that are removed,
@@ -39,17 +46,19 @@ service_hosts = sa.Table(
 )
 
 _HEADER = struct.Struct("<8sqd")  # magic, admissions so far, paused until (monotonic)
-_MAGIC = b"PAPIBUD1"
-_SLOT = struct.Struct("<d")
+_MAGIC = b"PAPIBUD2"
+_SLOT = struct.Struct("<qdd")  # admission number (0: free), admitted at, completed at (0)
 
 
 class HostBudget:
     """Admissions shared by the processes of one host (see the module's docstring)."""
 
-    def __init__(self, path: str, capacity: int, window: float = 1.0):
+    def __init__(self, path: str, capacity: int, window: float = 1.0,
+                 stale_after: float = 30.0):
         self.path = path
         self.capacity = max(1, int(capacity))
         self.window = window
+        self.stale_after = stale_after
         self._size = _HEADER.size + self.capacity * _SLOT.size
         self._thread_lock = threading.Lock()
         self._fd: int | None = None
@@ -69,7 +78,7 @@ class HostBudget:
                 raw = os.pread(fd, _HEADER.size, 0)
                 if len(raw) < _HEADER.size or _HEADER.unpack(raw)[0] != _MAGIC \
                         or os.fstat(fd).st_size != self._size:
-                    os.ftruncate(fd, 0)  # new, or made with another capacity: start afresh
+                    os.ftruncate(fd, 0)  # new, or made with another layout: start afresh
                     os.ftruncate(fd, self._size)
                     header = (0, 0.0)
                 else:
@@ -78,25 +87,49 @@ class HostBudget:
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def acquire(self, share: int) -> str:
-        """'ok' (go ahead: counted), 'paused' (after a 429) or 'over_budget'."""
+    def _counts_until(self, admitted_at: float, completed_at: float, now: float) -> float:
+        """Until when a call counts: a second after its completion; in flight, from now."""
+        if completed_at:
+            return completed_at + self.window
+        return min(now, admitted_at + self.stale_after) + self.window
+
+    def acquire(self, share: int) -> tuple[str, int]:
+        """``("ok", ticket)``: go ahead, and hand the ticket to ``complete`` when the call
+        has its answer (or failed). ``("paused", 0)`` after a 429, ``("over_budget", 0)``."""
         share = max(1, min(int(share), self.capacity))
 
-        def action(fd: int, admitted: int, paused_until: float) -> str:
+        def action(fd: int, admitted: int, paused_until: float) -> tuple[str, int]:
             now = time.monotonic()
             if now < paused_until:
-                return "paused"
-            if admitted >= share:
-                slot = (admitted - share) % self.capacity
-                (oldest,) = _SLOT.unpack(os.pread(fd, _SLOT.size,
-                                                  _HEADER.size + slot * _SLOT.size))
-                if now - oldest < self.window:
-                    return "over_budget"
-            os.pwrite(fd, _SLOT.pack(now),
-                      _HEADER.size + (admitted % self.capacity) * _SLOT.size)
-            os.pwrite(fd, _HEADER.pack(_MAGIC, admitted + 1, paused_until), 0)
-            return "ok"
+                return "paused", 0
+            raw = os.pread(fd, self.capacity * _SLOT.size, _HEADER.size)
+            counting, free = 0, None
+            for index, (number, admitted_at, completed_at) in enumerate(
+                    _SLOT.iter_unpack(raw)):
+                if number and self._counts_until(admitted_at, completed_at, now) > now:
+                    counting += 1
+                elif free is None:
+                    free = index
+            if counting >= share or free is None:
+                return "over_budget", 0
+            ticket = admitted + 1
+            os.pwrite(fd, _SLOT.pack(ticket, now, 0.0), _HEADER.size + free * _SLOT.size)
+            os.pwrite(fd, _HEADER.pack(_MAGIC, ticket, paused_until), 0)
+            return "ok", ticket * self.capacity + free
         return self._locked(action)
+
+    def complete(self, ticket: int) -> None:
+        """The call admitted with ``ticket`` has its answer: it counts one more second."""
+        number, index = divmod(ticket, self.capacity)
+        offset = _HEADER.size + index * _SLOT.size
+
+        def action(fd: int, admitted: int, paused_until: float) -> None:
+            slot_number, admitted_at, completed_at = _SLOT.unpack(
+                os.pread(fd, _SLOT.size, offset))
+            if slot_number == number and not completed_at:  # not reused meanwhile
+                os.pwrite(fd, _SLOT.pack(number, admitted_at, time.monotonic()), offset)
+        if number:
+            self._locked(action)
 
     def pause(self, seconds: float) -> None:
         """No call from this host for ``seconds`` (extends, never shortens, a pause)."""

@@ -191,13 +191,18 @@ class SegmentProfiles:
     def _lookup(self, identifier: str, names: Sequence[str]) -> Profile:
         if self.budget is not None:
             share = self.share.share() if self.share is not None else self.budget.capacity
-            admitted = self.budget.acquire(share)
+            admitted, ticket = self.budget.acquire(share)
             if admitted != "ok":
                 metrics.PROFILE_LOOKUPS.labels(outcome=admitted).inc()
                 detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
                           else "PROFILE_API_MAX_RPS reached")
                 return Profile({}, admitted, self.name, detail=detail)
-        profile = self._fetch(identifier, names)
+            try:
+                profile = self._fetch(identifier, names)
+            finally:
+                self.budget.complete(ticket)
+        else:
+            profile = self._fetch(identifier, names)
         metrics.PROFILE_LOOKUPS.labels(outcome=profile.status).inc()
         return profile
 

@@ -58,11 +58,6 @@ DELETIONS_WARNING = (
     "PERSONALIZE_DATASET_GROUP_ARN, PERSONALIZE_DELETION_ROLE_ARN and "
     "PERSONALIZE_DELETION_S3_URI; deleted users are kept in a list until then"
 )
-# The Profile API budget counts calls in windows this long: 1 s, and 0.25 s of margin for
-# the time between a call's admission and its arrival (a busy host delays some by 100 ms
-# and more: seen with 0.1 s), so Segment's own 1-second windows never see more than the
-# budget. The price: at most 80 % of PROFILE_API_MAX_RPS, sustained.
-BUDGET_WINDOW = 1.25
 
 
 @dataclass
@@ -283,8 +278,11 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     engine = make_engine(store, settings, popular)
     experiment = Experiment(store, _variants(settings, engine, popular))
     if settings.profile_api_enabled:
+        # A call in flight longer than its connect and read timeouts has reached Segment
+        # or failed: counting it until then, and one second more, is enough.
         budget = HostBudget(budget_path(store.url, settings.segment_space_id),
-                            capacity=settings.profile_api_max_rps, window=BUDGET_WINDOW)
+                            capacity=settings.profile_api_max_rps,
+                            stale_after=2 * settings.profile_api_timeout_seconds + 1)
         profile_source = SegmentProfiles(
             settings.segment_profile_api_url, settings.segment_space_id,
             settings.segment_profile_api_token, timeout=settings.profile_api_timeout_seconds,
