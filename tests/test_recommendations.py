@@ -58,13 +58,15 @@ def profile_api():
 def personalize_app(make_app, runtime, profile_api):
     """make_app in Personalize mode with the Profile API; settings override the defaults.
 
-    The Profile API timeout is raised to 2 s here, so that tests about something else do
-    not degrade on a busy machine; the timeout tests set it (or the default) themselves."""
+    The Profile API and recommender timeouts are raised to 2 and 3 s here, so that tests
+    about something else do not degrade on a busy machine (a CI run once saw a local
+    GetRecommendations take over the default 1 s); the timeout tests set them (or the
+    defaults) themselves."""
     def factory(**settings):
         values = dict(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
                       segment_profile_api_url=profile_api.url, segment_space_id=SPACE,
                       segment_profile_api_token=PROFILE_TOKEN,
-                      profile_api_timeout_seconds=2.0)
+                      profile_api_timeout_seconds=2.0, recommender_timeout_seconds=3.0)
         values.update(settings)
         return make_app(**values)
     return factory
