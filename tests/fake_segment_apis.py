@@ -48,6 +48,17 @@ def _basic_user(header: str | None) -> str | None:
     return user if sep else None
 
 
+def busiest_second(arrivals) -> int:
+    """The most of ``arrivals`` (times in seconds) within any one second."""
+    arrivals = sorted(arrivals)
+    most, start = 0, 0
+    for end, when in enumerate(arrivals):
+        while when - arrivals[start] >= 1.0:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
 class _Server(LoopbackServer):
     """A threaded HTTP server with a request log and delay/failure injection."""
 
@@ -137,13 +148,7 @@ class FakeProfileAPI(_Server):
 
     def busiest_second(self) -> int:
         """The most requests that arrived within any one second (a sliding window)."""
-        arrivals = sorted(r.arrived for r in self.requests)
-        most, start = 0, 0
-        for end, when in enumerate(arrivals):
-            while when - arrivals[start] >= 1.0:
-                start += 1
-            most = max(most, end - start + 1)
-        return most
+        return busiest_second(r.arrived for r in self.requests)
 
     def _over_limit(self, space: str | None, now: float) -> bool:
         """Segment's limit: at most ``rate_limit`` answered requests per second per space."""

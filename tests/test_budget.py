@@ -9,17 +9,8 @@ import signal
 import threading
 import time
 
+from tests.fake_segment_apis import busiest_second
 from webhook.budget import HostBudget
-
-
-def busiest_second(arrivals: list[float]) -> int:
-    arrivals = sorted(arrivals)
-    most, start = 0, 0
-    for end, when in enumerate(arrivals):
-        while when - arrivals[start] >= 1.0:
-            start += 1
-        most = max(most, end - start + 1)
-    return most
 
 
 def caller(path: str, share: int, seed: int, until: float, results) -> None:

@@ -189,6 +189,7 @@ class SegmentProfiles:
         return profile
 
     def _lookup(self, identifier: str, names: Sequence[str]) -> Profile:
+        ticket = 0
         if self.budget is not None:
             share = self.share.share() if self.share is not None else self.budget.capacity
             admitted, ticket = self.budget.acquire(share)
@@ -197,12 +198,11 @@ class SegmentProfiles:
                 detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
                           else "PROFILE_API_MAX_RPS reached")
                 return Profile({}, admitted, self.name, detail=detail)
-            try:
-                profile = self._fetch(identifier, names)
-            finally:
-                self.budget.complete(ticket)
-        else:
+        try:
             profile = self._fetch(identifier, names)
+        finally:
+            if ticket:
+                self.budget.complete(ticket)
         metrics.PROFILE_LOOKUPS.labels(outcome=profile.status).inc()
         return profile
 
