@@ -598,11 +598,13 @@ def _insert_into_inbox(cursor, statements: "_Statements",
                        rows: Sequence[tuple[str | None, str, str]]) -> set[str]:
     now = time.time()
     if len(rows) == 1:
+        # One row: whether it went in is the statement's row count, no RETURNING rows to
+        # read back (measured: a fifth of the insert's cost on SQLite).
         message_id, kind, body = rows[0]
-        raw = statements.raw_to_inbox
+        raw = statements.raw_to_inbox_one
         cursor.execute(raw.sql, raw.params({"message_id": message_id, "type": kind,
                                             "received_at": now, "body": body}))
-        return {row[0] for row in cursor.fetchall()}
+        return {message_id} if cursor.rowcount == 1 else set()
     fresh: set[str] = set()
     for start in range(0, len(rows), _INBOX_CHUNK):
         chunk = rows[start:start + _INBOX_CHUNK]
@@ -720,10 +722,12 @@ class _Statements:
             profiles.update().where(profiles.c.profile_id == sa.bindparam("pid"))
             .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")))
         if dialect_impl is not None:
-            self.raw_to_inbox = _Raw(self.to_inbox.values(
-                message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
-                received_at=sa.bindparam("received_at"), body=sa.bindparam("body")),
-                dialect_impl)
+            self.raw_to_inbox_one = _Raw(
+                insert(inbox).values(txid=self._inbox_txid, message_id=sa.bindparam("message_id"),
+                                     type=sa.bindparam("type"),
+                                     received_at=sa.bindparam("received_at"),
+                                     body=sa.bindparam("body"))
+                .on_conflict_do_nothing(index_elements=["message_id"]), dialect_impl)
             self._raw_to_inbox: dict[int, _Raw] = {}
             self._dialect_impl = dialect_impl
             self.raw_interaction = _Raw(self.add_interaction.values(
