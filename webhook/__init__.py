@@ -100,7 +100,7 @@ def _init_request_context(app: Flask, services) -> None:
     @app.before_request
     def _begin():
         req = request._get_current_object()
-        incoming = req.headers.get("X-Request-Id", "")
+        incoming = req.environ.get("HTTP_X_REQUEST_ID", "")  # no header-name lookup
         context = g._get_current_object()
         context.request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(8).hex()
         context.started = time.perf_counter()

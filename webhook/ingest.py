@@ -21,7 +21,7 @@ from .segment import Message, MessageError, encode_json, parse_message
 from .store import Store
 
 
-@dataclass
+@dataclass(slots=True)
 class Summary:
     """What became of each message of a delivery; the webhook's JSON answer."""
     received: int = 0
@@ -172,7 +172,7 @@ class Ingestor:
             job.fresh = mine
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     rows: list[tuple[int, Message, str]]
     fresh: set[str] = field(default_factory=set)

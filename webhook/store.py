@@ -772,20 +772,34 @@ class Prepared:
         self.users = list(users)  # merged in the transaction (read-modify-write)
         latest = {link.anonymous_id: link.user_id for link in links}
         raw = statements.raw_link
-        self.links = [raw.params({"anonymous_id": anon, "user_id": user})
-                      for anon, user in sorted(latest.items())]
+        if raw.names == _LINK_COLUMNS:  # positional parameters (SQLite): the pair itself
+            self.links = sorted(latest.items())
+        else:
+            self.links = [raw.params({"anonymous_id": anon, "user_id": user})
+                          for anon, user in sorted(latest.items())]
         raw = statements.raw_item
         self.item_rounds = [[raw.params(row) for row in round_rows]
                             for round_rows in _item_rounds(items)]
         raw = statements.raw_interaction
-        self.interactions = [raw.params({
-            "event_id": r.event_id, "message_id": r.message_id, "user_id": r.user_id,
-            "anonymous_id": r.anonymous_id, "item_id": r.item_id,
-            "event_type": r.event_type, "timestamp": r.timestamp,
-            "properties": r.properties}) for r in interactions]
+        if raw.names == _INTERACTION_COLUMNS:
+            # Positional parameters (SQLite) in the record's own order: the record is the
+            # row, with its properties as JSON (no dict a row; measured with its identity
+            # link: 3.6 -> 0.7 us a message).
+            self.interactions = [r[:7] + (encode_json(r[7]),) for r in interactions]
+        else:
+            self.interactions = [raw.params({
+                "event_id": r.event_id, "message_id": r.message_id, "user_id": r.user_id,
+                "anonymous_id": r.anonymous_id, "item_id": r.item_id,
+                "event_type": r.event_type, "timestamp": r.timestamp,
+                "properties": r.properties}) for r in interactions]
 
     def __bool__(self) -> bool:
         return bool(self.users or self.links or self.item_rounds or self.interactions)
+
+
+_LINK_COLUMNS = ["anonymous_id", "user_id"]
+_INTERACTION_COLUMNS = list(Interaction._fields)
+assert _INTERACTION_COLUMNS[7] == "properties"
 
 
 class Transaction:
