@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -52,12 +53,39 @@ def test_message_counter_is_correct_across_workers(tmp_path):
             again = list(pool.map(post, range(30)))
         assert all(a.json()["duplicates"] == 1 for a in again)
 
-        # Every scrape, whichever worker answers it, sees the sum over all workers.
-        for _ in range(10):
-            text = requests.get(base + "/metrics", headers={"Connection": "close"},
+        def scrape():
+            return requests.get(base + "/metrics", headers={"Connection": "close"},
                                 timeout=5).text
+
+        def complete(text):
+            return (_counter(text, "track", "accepted") == 120
+                    and _counter(text, "track", "duplicate") == 30
+                    and sample(text, "segment_deliveries_total", status="200") == 150
+                    and sample(text, "segment_delivery_seconds_count") == 150)
+
+        # Each worker hands its delivery counts over within a second (metrics._Tally):
+        # by then every scrape, whichever worker answers it, sees the sum over all.
+        deadline = time.monotonic() + 10
+        text = scrape()
+        while not complete(text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            text = scrape()
+        assert _counter(text, "track", "accepted") == 120
+        assert _counter(text, "track", "duplicate") == 30
+        assert sample(text, "segment_deliveries_total", status="200") == 150
+        # Each delivery is one observation of its time, in its bucket.
+        assert sample(text, "segment_delivery_seconds_count") == 150
+        assert sample(text, "segment_delivery_seconds_bucket", le="+Inf") == 150
+        assert 0 < sample(text, "segment_delivery_seconds_sum") < 150 * 5
+        bounds = ("0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0")
+        cumulative = [sample(text, "segment_delivery_seconds_bucket", le=b) for b in bounds]
+        assert cumulative == sorted(cumulative)  # cumulative, as the text format says
+        assert cumulative[-1] == 150  # every delivery answered within Segment's 5 s
+        for _ in range(10):
+            text = scrape()
             assert _counter(text, "track", "accepted") == 120
             assert _counter(text, "track", "duplicate") == 30
+            assert sample(text, "segment_delivery_seconds_count") == 150
         writers = {name.rsplit("_", 1)[-1] for name in os.listdir(metrics_dir)
                    if name.startswith("counter_")}
         assert len(writers) >= 2, "both workers should have counted messages"

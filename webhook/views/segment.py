@@ -24,12 +24,13 @@ _ARRAY = re.compile(rb"\s*\[")  # an Actions batch: a bare array (whitespace bef
 @bp.post("/segment")
 def receive():
     started = time.perf_counter()
-    response = _receive()
-    metrics.delivery(response.status_code, time.perf_counter() - started)
+    outcomes: dict = {}  # (type, outcome) -> messages, counted with the delivery
+    response = _receive(outcomes)
+    metrics.delivery(response.status_code, time.perf_counter() - started, outcomes)
     return response
 
 
-def _receive():
+def _receive(outcomes: dict):
     services = current_app.extensions["segment"]
     settings = services.settings
     req = request._get_current_object()  # this request (one proxy lookup, not one a use)
@@ -68,7 +69,7 @@ def _receive():
     try:
         summary = services.ingestor.ingest(body.raw_messages)
     except NoMessages as exc:
-        metrics.record_outcomes(exc.summary.outcomes)
+        outcomes.update(exc.summary.outcomes)
         log.info("delivery refused: no valid message",
                  extra={"status": 400, "received": exc.summary.received})
         return error_response(400, "no_valid_messages",
@@ -80,7 +81,7 @@ def _receive():
                               "the store is unavailable; retry later",
                               retry_after=settings.retry_after_seconds)
 
-    metrics.record_outcomes(summary.outcomes)
+    outcomes.update(summary.outcomes)
     if _access.isEnabledFor(logging.DEBUG):  # a 2xx delivery's line is DEBUG (__init__.py)
         # Logged on the request's own line (one line a delivery): counts, never contents.
         g.log_extra = {
