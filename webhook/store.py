@@ -778,8 +778,15 @@ class Prepared:
             self.links = [raw.params({"anonymous_id": anon, "user_id": user})
                           for anon, user in sorted(latest.items())]
         raw = statements.raw_item
-        self.item_rounds = [[raw.params(row) for row in round_rows]
-                            for round_rows in _item_rounds(items)]
+        if raw.names == _ITEM_COLUMNS:  # positional parameters (SQLite): tuples
+            self.item_rounds = [
+                [(record.item_id, *map(record.details.get, ITEM_FIELDS), record.timestamp)
+                 for record in round_records] for round_records in _item_rounds(items)]
+        else:
+            self.item_rounds = [
+                [raw.params({"item_id": record.item_id, "updated_at": record.timestamp,
+                             **{name: record.details.get(name) for name in ITEM_FIELDS}})
+                 for record in round_records] for round_records in _item_rounds(items)]
         raw = statements.raw_interaction
         if raw.names == _INTERACTION_COLUMNS:
             # Positional parameters (SQLite) in the record's own order: the record is the
@@ -798,6 +805,7 @@ class Prepared:
 
 
 _LINK_COLUMNS = ["anonymous_id", "user_id"]
+_ITEM_COLUMNS = ["item_id", *ITEM_FIELDS, "updated_at"]
 _INTERACTION_COLUMNS = list(Interaction._fields)
 assert _INTERACTION_COLUMNS[7] == "properties"
 
@@ -883,9 +891,10 @@ class Transaction:
         self.conn.execute(activations.delete().where(activations.c.user_id == user_id))
 
 
-def _item_rounds(records: Sequence[ItemDetails]) -> list[list[dict]]:
-    """Rows for the item upsert, in rounds that touch each item at most once (PostgreSQL
-    refuses an upsert that touches a row twice), each item's records in time order.
+def _item_rounds(records: Sequence[ItemDetails]) -> list[list[ItemDetails]]:
+    """The records for the item upsert, in rounds that touch each item at most once
+    (PostgreSQL refuses an upsert that touches a row twice), each item's records in time
+    order.
 
     Consecutive records of an item with the same details collapse into the later one:
     applying both or only the later gives the same row, whatever is stored."""
@@ -896,11 +905,10 @@ def _item_rounds(records: Sequence[ItemDetails]) -> list[list[dict]]:
             chain[-1] = record
         else:
             chain.append(record)
-    rounds: list[list[dict]] = []
+    rounds: list[list[ItemDetails]] = []
     for item_id in sorted(per_item):
         for depth, record in enumerate(per_item[item_id]):
             if depth == len(rounds):
                 rounds.append([])
-            rounds[depth].append({"item_id": item_id, "updated_at": record.timestamp,
-                                  **{name: record.details.get(name) for name in ITEM_FIELDS}})
+            rounds[depth].append(record)
     return rounds
