@@ -473,24 +473,12 @@ class Server:
                            f"{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """utime+stime of every process in the server's process group (master + workers)."""
+        """utime+stime of the server's processes: its process group (master + workers) and
+        their descendants in other sessions (the appliers' process and the Personalize
+        sender start sessions of their own to lower their priority)."""
         if not self.proc:
             return 0.0
-        pgid = self.proc.pid
-        total = 0
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            # fields[0] = state (field 3); pgrp = field 5; utime/stime = fields 14/15
-            if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])
-        return total / CLK_TCK
+        return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         if not self.proc:
@@ -513,6 +501,31 @@ class Server:
             pass
         self._log.close()
         self.proc = None
+
+
+def tree_cpu_seconds(pgid: int) -> float:
+    """utime+stime of every process in process group ``pgid`` or descended from one."""
+    stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgrp, ticks)
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        # fields[0] = state (field 3); ppid, pgrp = fields 4, 5; utime/stime = 14/15
+        stats[int(d)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
+    total = 0
+    for pid, (ppid, pgrp, ticks) in stats.items():
+        seen = 0
+        while pgrp != pgid and ppid in stats and seen < 64:  # up to an ancestor in the group
+            ppid, pgrp = stats[ppid][0], stats[ppid][1]
+            seen += 1
+        if pgrp == pgid:
+            total += ticks
+    return total / CLK_TCK
 
 
 def machine_busy() -> tuple[int, int]:
@@ -738,12 +751,13 @@ class Bench:
                                        + "; ".join(res.problems))
                 if rnd:
                     self.results.append(res)
-                if srv is servers["service"] and kind == "batch":
-                    # The appliers lag behind a burst of batches. They catch up here,
+                if srv is servers["service"]:
+                    # The appliers apply behind the answers, below the workers' CPU
+                    # priority (APPLIER_NICE): what a cell leaves them is applied here,
                     # before the next cell, so that the next cells (bare, anchors) never
                     # share the cores with the service's backlog.
-                    catch_up.append(wait_applied(servers["service"]))
-        self.drain_notes.append(f"{vname}: after each service batch cell: "
+                    catch_up.append(f"{kind} r{rnd}: " + wait_applied(servers["service"]))
+        self.drain_notes.append(f"{vname}: after each service cell: "
                                 + "; ".join(catch_up))
         for srv in servers.values():
             self.stop(srv)
@@ -753,7 +767,7 @@ class Bench:
 def wait_applied(service: Server, limit: float = 300.0) -> str:
     """Wait until the service reports no inbox row left to apply; say how long it took."""
     started = time.monotonic()
-    last = ""
+    last = first = ""
     while time.monotonic() - started < limit:
         try:
             with urllib.request.urlopen(service.url + "/healthz", timeout=5) as resp:
@@ -766,10 +780,12 @@ def wait_applied(service: Server, limit: float = 300.0) -> str:
         if not appliers:
             return "the service reports no inbox appliers"
         pending = {name: a.get("pending", 0) for name, a in appliers.items()}
+        if not first:
+            first = f"{pending.get('local', 0)} rows left to apply"
         if not any(pending.values()):
-            return f"inbox applied after {time.monotonic() - started:.1f} s"
+            return f"{first}, applied after {time.monotonic() - started:.1f} s"
         last = f"pending {pending}"
-        time.sleep(0.5)
+        time.sleep(0.2)
     return f"inbox NOT applied within {limit:.0f} s ({last})"
 
 

@@ -83,6 +83,22 @@ def worker_pids(master_pid: int) -> set[int]:
     return children
 
 
+def applier_pids(master_pid: int) -> dict[int, int]:
+    """The appliers' processes of this server (webhook/appliers/process.py), each with
+    the worker that started it."""
+    out = {}
+    for worker in worker_pids(master_pid):
+        for pid in worker_pids(worker):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    cmdline = handle.read()
+            except OSError:
+                continue
+            if b"webhook.appliers.process" in cmdline:
+                out[pid] = worker
+    return out
+
+
 def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import urllib.parse
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -175,6 +176,16 @@ def locked_service(tmp_path_factory, origins):
         yield base, seeder
 
 
+def _wait_applied(base: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        appliers = requests.get(base + "/healthz", timeout=5).json()["inbox"]["appliers"]
+        if appliers["local"]["pending"] == 0:
+            return
+        assert time.monotonic() < deadline, f"not applied within {timeout:.0f} s: {appliers}"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -273,6 +284,9 @@ def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service,
     assert page.inner_text("#filtered-summary") == "Nothing was removed."
 
     seeder.order("u-buyer", ["sku-3"])
+    # The appliers write the purchase behind the 200 (real time: within 1 s); reloaded
+    # once the service reports it applied.
+    _wait_applied(base)
     page.reload()
     page.wait_for_selector("body[data-state='ready']")
     after = _card_ids(page)

@@ -39,7 +39,7 @@ from tests.deliveries import (
     wait_applied,
 )
 from tests.fake_personalize import FakePersonalizeEvents
-from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
+from tests.gunicorn_server import applier_pids, free_port, gunicorn, wait_for_workers
 from tests.prerequisites import require
 from webhook.store import inbox_url_for
 
@@ -209,9 +209,10 @@ def _gone(pid: int) -> bool:
 def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_database,
                                                                        tmp_path):
     """Personalize mode (a stand-in answering after 30 ms, so batches take a while): while
-    Actions batches stream in, the worker that holds an applier's lease with a batch in
-    flight is SIGKILLed, at least three times. A kill counts as "mid-apply" when the batch
-    it held was still not committed once the process was gone."""
+    Actions batches stream in, the process that holds an applier's lease with a batch in
+    flight (the appliers' own process, started again by its worker each time) is
+    SIGKILLed, at least three times. A kill counts as "mid-apply" when the batch it held
+    was still not committed once the process was gone."""
     messages = [make_message(n, "kill") for n in range(3000)]
     deliveries = [messages[i:i + 10] for i in range(0, len(messages), 10)]
     ledger = Ledger()
@@ -240,7 +241,7 @@ def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_data
                         # A lease left by a worker killed before (until it is taken
                         # over) is no batch in flight: each worker is killed once.
                         if pid in killed or _gone(pid) or \
-                                pid not in wait_for_workers(process.pid, 2):
+                                pid not in applier_pids(process.pid):
                             continue
                         os.kill(pid, signal.SIGKILL)
                         killed.add(pid)

@@ -107,3 +107,79 @@ def test_bad_setting_stops_gunicorn_naming_the_variable(tmp_path):
             pass
     assert "exited with 0:" not in str(stopped.value)
     assert "configuration error: MAX_BODY_BYTES" in str(stopped.value)
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _pending(base):
+    appliers = requests.get(base + "/healthz", timeout=5).json()["inbox"]["appliers"]
+    return {name: lag["pending"] for name, lag in appliers.items()}
+
+
+def _nice(pid):
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_appliers_run_in_one_process_per_host_below_the_workers_and_survive_its_worker(
+        tmp_path):
+    """Two workers, one appliers' process (the host's lock), at APPLIER_NICE; it applies
+    what either worker accepted. SIGKILL the worker that started it: the process sees its
+    socket close and exits, the other worker takes the lock and starts a new one, and
+    what is delivered afterwards is applied."""
+    import signal
+
+    from tests.gunicorn_server import applier_pids, wait_for_workers
+    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/a.db",
+           "APPLIER_NICE": "7", "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=2) as (base, process):
+        workers = wait_for_workers(process.pid, 2)
+        first = _wait(lambda: applier_pids(process.pid), 30, "an appliers' process")
+        assert len(first) == 1, first
+        (child, worker), = first.items()
+        assert worker in workers
+        _wait(lambda: _nice(child) == 7, 10, "the process's priority lowered")
+        for pid in workers:
+            assert _nice(pid) == 0  # the workers keep the server's priority
+
+        def post(n):
+            body, headers = _signed(_message(n))
+            return requests.post(base + "/segment", data=body,
+                                 headers={**headers, "Connection": "close"}, timeout=10)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(a.status_code == 200 for a in pool.map(post, range(40)))
+        _wait(lambda: not any(_pending(base).values()), 20, "the first deliveries applied")
+        assert len(applier_pids(process.pid)) == 1  # still one: no second process started
+
+        os.kill(worker, signal.SIGKILL)
+        # The orphaned process notices its worker's end and exits (a zombie until reaped
+        # by init counts as gone).
+        def gone(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+        _wait(lambda: gone(child), 20, "the orphaned appliers' process exiting")
+        second = _wait(lambda: {p: w for p, w in applier_pids(process.pid).items()
+                                if p != child}, 30, "a new appliers' process")
+        assert len(second) == 1, second
+        assert list(second.values())[0] != worker
+        with ThreadPoolExecutor(4) as pool:
+            assert all(a.status_code == 200 for a in pool.map(post, range(40, 80)))
+        _wait(lambda: not any(_pending(base).values()), 20, "the later deliveries applied")
+        with requests.get(base + "/healthz", timeout=5) as answer:
+            appliers = answer.json()["inbox"]["appliers"]
+        assert appliers["local"]["pending"] == 0
+    log_text = process.log_path.read_text(errors="replace")
+    assert "Traceback" not in log_text

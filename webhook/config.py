@@ -63,6 +63,16 @@ def _nice(value: str) -> int | str:
     return number
 
 
+def _nice_or_off(value: str) -> int | str:
+    if value.strip().lower() == "off":
+        return "off"
+    try:
+        return _nice(value)
+    except ValueError:
+        raise ValueError(f"expected off, idle or a whole number from 0 to 19, got {value!r}") \
+            from None
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value.strip())
@@ -304,6 +314,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("personalize_call_timeout_seconds", ("PERSONALIZE_CALL_TIMEOUT_SECONDS",), _positive_float),
     ("personalize_max_concurrency", ("PERSONALIZE_MAX_CONCURRENCY",), _positive_int),
     ("personalize_sender_nice", ("PERSONALIZE_SENDER_NICE",), _nice),
+    ("applier_nice", ("APPLIER_NICE",), _nice_or_off),
     # --- local recommendation engine (embedded default) ---
     ("engine_event_weights", ("ENGINE_EVENT_WEIGHTS",), _weights),
     ("engine_train_after_interactions", ("ENGINE_TRAIN_AFTER_INTERACTIONS",), _positive_int),
@@ -401,6 +412,10 @@ class Settings:
     # (Linux's SCHED_IDLE) or a nice value 0-19. When the machine is busy, answering
     # Segment comes first and the calls wait in the inbox.
     personalize_sender_nice: int | str = "idle"
+    # The appliers run in a process of their own on each host (appliers/process.py), at
+    # this CPU priority: "idle" (SCHED_IDLE) or a nice value 0-19; "off": as threads in
+    # every worker instead.
+    applier_nice: int | str = 10
     # PutEvents calls a second, all workers and hosts together (AWS allows about 1000 a
     # dataset group); PutUsers and PutItems calls a second each (AWS: about 10).
     personalize_put_events_per_second: float = 500.0

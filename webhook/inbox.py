@@ -134,7 +134,6 @@ class Inbox:
             order = (inbox.c.seq,)
         lease = (c.c.owner, c.c.lease_until, c.c.position_txid, c.c.position_seq)
         self._peek = sa.select(*lease).where(name)
-        self._pending = sa.select(sa.exists().where(after))
         # The same row, read again inside the lease's write transaction (locked on PostgreSQL).
         self._lock = self._peek.with_for_update() if self.postgresql else self._peek
         self._read = raw_statement(
@@ -210,11 +209,9 @@ class Inbox:
         if row is None:
             return None
         at = (row.position_txid, row.position_seq)
-        with self.rows.read() as conn:
-            if not conn.execute(self._pending, {"txid": at[0], "seq": at[1]}).scalar():
-                return None
-            if self._held_by_another(row, owner, name, warn=False):
-                return BUSY
+        if self._held_by_another(row, owner, name, warn=False):
+            return BUSY
+        with self.rows.read() as conn:  # the batch itself (none: nothing pending)
             cursor = conn.connection.dbapi_connection.cursor()
             try:
                 cursor.execute(self._read.sql, self._read.params(

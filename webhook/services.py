@@ -14,12 +14,13 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .activation import Activation, LocalPublisher, SegmentPublisher
 from .appliers import Runner
 from .appliers.attribution import AttributionApplier
 from .appliers.local import LocalStoreApplier
+from .appliers.process import AppliersProcess
 from .budget import HostBudget, HostShare, budget_path
 from .config import SECRET_FIELDS, Settings
 from .deadletters import DeadLetters
@@ -67,6 +68,8 @@ class Services:
     ingestor: Ingestor
     inbox: Inbox
     runners: dict[str, Runner] = field(default_factory=dict)  # applier name -> its runner
+    # The appliers' own process (APPLIER_NICE); None: the runners' threads in each worker.
+    applier_process: AppliersProcess | None = None
     retention: Retention | None = None
     checkpointer: WalCheckpointer | None = None  # SQLite: the WAL copied back off the lock
     dead_letters: DeadLetters | None = None
@@ -94,8 +97,11 @@ class Services:
         self._background_pid = os.getpid()
         if self.checkpointer is not None:
             self.checkpointer.start()
-        for runner in self.runners.values():
-            runner.start()
+        if self.applier_process is not None:
+            self.applier_process.start()
+        else:
+            for runner in self.runners.values():
+                runner.start()
         if self.retention is not None:
             self.retention.start()
         if self.deletions is not None:  # one process of the fleet per run (a lease)
@@ -107,6 +113,8 @@ class Services:
             self.engine.recommender.inline_refresh = False
 
     def stop_background(self) -> None:
+        if self.applier_process is not None:
+            self.applier_process.stop()
         for runner in self.runners.values():
             sender = getattr(runner.applier, "sender", None)
             if sender is not None:
@@ -125,6 +133,9 @@ class Services:
         self._background_pid = 0
 
     def wake_appliers(self) -> None:
+        if self.applier_process is not None:
+            self.applier_process.wake()
+            return
         for runner in self.runners.values():
             runner.wake()
 
@@ -234,6 +245,26 @@ def _variants(settings: Settings, engine, popular: PopularItems) -> list[Variant
     return variants
 
 
+def build_appliers(settings: Settings, store: Store, router: Router,
+                   dead_letters: DeadLetters, *,
+                   on_purchases: Callable[[list[str]], None] | None,
+                   before_attribution: Callable[[], object] | None) -> list:
+    """The inbox's appliers for these settings: the local store's, Personalize's when it
+    is configured, the attribution's when insights are kept. Built alike in a worker (the
+    CLI's and tests' drain, APPLIER_NICE=off) and in the appliers' own process."""
+    appliers = [LocalStoreApplier(router, settings.purchase_events, store.statements,
+                                  on_purchases=on_purchases)]
+    if settings.personalize_tracking_id:
+        appliers.append(_personalize_applier(settings, router, dead_letters))
+    if settings.insights_retention_days:
+        appliers.append(AttributionApplier(
+            store, router, settings.purchase_events,
+            window_hours=settings.attribution_window_hours,
+            hold_seconds=settings.attribution_hold_seconds,
+            before_apply=before_attribution))
+    return appliers
+
+
 def build_services(settings: Settings, instance_path: str) -> Services:
     store = Store(settings.database_url or sqlite_url_for(instance_path),
                   synchronous=settings.sqlite_synchronous)
@@ -244,18 +275,17 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     dead_letters = DeadLetters(store, settings.dead_letters_max)
     services = Services(settings=settings, store=store, ingestor=ingestor, inbox=inbox,
                         dead_letters=dead_letters)
-    appliers = [LocalStoreApplier(router, settings.purchase_events, store.statements,
-                                  on_purchases=services.after_purchases)]
-    if settings.personalize_tracking_id:
-        appliers.append(_personalize_applier(settings, router, dead_letters))
     if settings.insights_retention_days:
         services.impressions = ImpressionRecorder(store)
-        appliers.append(AttributionApplier(
-            store, router, settings.purchase_events,
-            window_hours=settings.attribution_window_hours,
-            hold_seconds=settings.attribution_hold_seconds,
-            before_apply=services.impressions.flush))
+    appliers = build_appliers(settings, store, router, dead_letters,
+                              on_purchases=services.after_purchases,
+                              before_attribution=(services.impressions.flush
+                                                  if services.impressions else None))
     services.runners = {applier.name: Runner(inbox, applier) for applier in appliers}
+    if settings.applier_nice != "off" and not store.in_memory:
+        # An in-memory database is one process's alone: its appliers stay in it.
+        services.applier_process = AppliersProcess(settings, instance_path, store.url,
+                                                   on_purchases=services.after_purchases)
     if store.dialect == "sqlite":
         services.checkpointer = WalCheckpointer(store)
     services.retention = Retention(inbox, services.runners, settings.message_retention_hours,

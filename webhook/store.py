@@ -379,6 +379,11 @@ class Store:
             self.inbox_store = Store(inbox_url_for(url), synchronous, inbox_only=True)
 
     @property
+    def in_memory(self) -> bool:
+        """A SQLite database in this process's memory: no other process can reach it."""
+        return self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+
+    @property
     def stores(self) -> list["Store"]:
         """This store and, on SQLite, the inbox's file: each with its own WAL and lock."""
         return [self] if self.inbox_store is self else [self, self.inbox_store]
