@@ -183,3 +183,19 @@ def test_appliers_run_in_one_process_per_host_below_the_workers_and_survive_its_
         assert appliers["local"]["pending"] == 0
     log_text = process.log_path.read_text(errors="replace")
     assert "Traceback" not in log_text
+
+
+def test_without_the_hosts_lock_the_workers_apply_themselves(tmp_path):
+    """The appliers' lock file cannot be opened (here a directory stands in its place):
+    no process is started, the workers apply as threads, and a delivery is applied."""
+    from tests.gunicorn_server import applier_pids
+    (tmp_path / "l.db.appliers.lock").mkdir()
+    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/l.db",
+           "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=2) as (base, process):
+        body, headers = _signed(_message(1))
+        assert requests.post(base + "/segment", data=body, headers=headers,
+                             timeout=10).status_code == 200
+        _wait(lambda: not any(_pending(base).values()), 20, "the delivery applied")
+        assert applier_pids(process.pid) == {}
+    assert "cannot open the lock file" in process.log_path.read_text(errors="replace")

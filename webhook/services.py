@@ -100,8 +100,7 @@ class Services:
         if self.applier_process is not None:
             self.applier_process.start()
         else:
-            for runner in self.runners.values():
-                runner.start()
+            self.start_runner_threads()
         if self.retention is not None:
             self.retention.start()
         if self.deletions is not None:  # one process of the fleet per run (a lease)
@@ -111,6 +110,11 @@ class Services:
             # database lease); the recommender then no longer refreshes inline.
             self.engine.trainer.start_background(self.settings.engine_model_refresh_seconds)
             self.engine.recommender.inline_refresh = False
+
+    def start_runner_threads(self) -> None:
+        """The appliers as threads of this process (APPLIER_NICE=off, or no lock file)."""
+        for runner in self.runners.values():
+            runner.start()
 
     def stop_background(self) -> None:
         if self.applier_process is not None:
@@ -135,8 +139,7 @@ class Services:
     def wake_appliers(self) -> None:
         if self.applier_process is not None:
             self.applier_process.wake()
-            return
-        for runner in self.runners.values():
+        for runner in self.runners.values():  # a set flag is not set again: no lock
             runner.wake()
 
     def drain(self, names=None, timeout: float = 60.0) -> bool:
@@ -285,7 +288,8 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     if settings.applier_nice != "off" and not store.in_memory:
         # An in-memory database is one process's alone: its appliers stay in it.
         services.applier_process = AppliersProcess(settings, instance_path, store.url,
-                                                   on_purchases=services.after_purchases)
+                                                   on_purchases=services.after_purchases,
+                                                   fallback=services.start_runner_threads)
     if store.dialect == "sqlite":
         services.checkpointer = WalCheckpointer(store)
     services.retention = Retention(inbox, services.runners, settings.message_retention_hours,

@@ -13,7 +13,8 @@ across hosts too.
   the host's lock (an ``flock`` on a file named after the database) starts the process,
   hands it the settings over a socket pair, and starts it again if it exits (after a
   pause that grows while it keeps failing). The others wait for the lock: when the
-  worker holding it exits, another takes it over within a second.
+  worker holding it exits, another takes it over within a second. A worker that cannot
+  open the lock file at all applies in threads of its own, as with ``APPLIER_NICE=off``.
 * **How it ends.** It applies until its end of the socket pair reports that the worker
   closed it or died (or its parent changed): the batches in flight are finished and
   their leases given back first. A worker killed with SIGKILL mid-way leaves nothing
@@ -79,8 +80,10 @@ class AppliersProcess:
     """A worker's side: takes the host's lock when it can, then runs the process."""
 
     def __init__(self, settings, instance_path: str, database_url: str, *,
-                 on_purchases: Callable[[list[str]], None] | None = None):
+                 on_purchases: Callable[[list[str]], None] | None = None,
+                 fallback: Callable[[], None] | None = None):
         self.settings = settings
+        self.fallback = fallback  # applies in this worker instead, when there is no lock
         self.instance_path = instance_path
         self.lock_path = lock_path(database_url)
         self.on_purchases = on_purchases
@@ -140,6 +143,8 @@ class AppliersProcess:
         except OSError as exc:
             log.error("appliers: cannot open the lock file (%s); applying in this worker",
                       exc.strerror)
+            if self.fallback is not None:
+                self.fallback()
             return
         try:
             while not self._stop.is_set():
