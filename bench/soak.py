@@ -8,7 +8,8 @@ count (rate × duration, and ``--max-requests``). Not part of CI.
 
 Reports: errors (any non-2xx or failed request: must be zero), p50/p99/max latency per
 endpoint, requests late to start (the client could not keep the rate), and each worker's
-resident memory (VmRSS) after a warm-up and at the end (growth must stay under 10 %), and
+resident memory (VmRSS) after a warm-up and at the end, and the appliers' process's (growth
+must stay under 10 % for each; the appliers' process must not be replaced either), and
 whether a worker was replaced. A probe measures real time under this load: every
 ``--probe-every`` seconds a new user buys the item first in their recommendations, and the
 time from the purchase's 200 to the first answer without it is recorded (the inbox applied,
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from tests.gunicorn_server import gunicorn, worker_pids  # noqa: E402
+from tests.gunicorn_server import applier_pids, gunicorn, worker_pids  # noqa: E402
 
 USERS = [f"soak-user-{i}" for i in range(300)]
 ANONS = [f"soak-anon-{i}" for i in range(1000)]
@@ -213,6 +214,10 @@ def run(args) -> dict:
             errors_warmup = list(errors)
             errors.clear()
         start_rss = {pid: rss_kib(pid) for pid in pids}
+        # The appliers' process (webhook/appliers/process.py): one a host, beside the
+        # workers; its memory counts as theirs does.
+        appliers = sorted(applier_pids(process.pid))
+        appliers_start = {pid: rss_kib(pid) for pid in appliers}
         started = time.time()
         samples: list = []
         stop_sampling = threading.Event()
@@ -222,7 +227,7 @@ def run(args) -> dict:
             # set) reads differently from growth that keeps going (a leak).
             while not stop_sampling.wait(args.sample_every):
                 samples.append({"t": round(time.time() - started),
-                                **{str(p): rss_kib(p) for p in pids
+                                **{str(p): rss_kib(p) for p in pids + appliers
                                    if os.path.exists(f"/proc/{p}")}})
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -238,12 +243,17 @@ def run(args) -> dict:
         wall = time.time() - started
         end_pids = sorted(worker_pids(process.pid))
         end_rss = {pid: rss_kib(pid) for pid in end_pids if pid in start_rss}
+        end_appliers = sorted(applier_pids(process.pid))
+        appliers_end = {pid: rss_kib(pid) for pid in end_appliers if pid in appliers_start}
         counts = requests.get(base + "/metrics", timeout=10).text.count("\n")
         log_size = process.log_path.stat().st_size
         unhandled = process.log_path.read_text(errors="replace").count("unhandled error")
 
     growth = {str(pid): round(100.0 * (end_rss[pid] - start_rss[pid]) / start_rss[pid], 2)
               for pid in end_rss}
+    appliers_growth = {
+        str(pid): round(100.0 * (appliers_end[pid] - appliers_start[pid]) / appliers_start[pid], 2)
+        for pid in appliers_end}
     report = {
         "duration_s": round(wall, 1), "workers": args.workers,
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
@@ -257,6 +267,9 @@ def run(args) -> dict:
                        for k, v in results.items()},
         "worker_rss_kib": {"boot": boot_rss, "after_warmup": start_rss, "end": end_rss},
         "worker_rss_growth_pct": growth,
+        "appliers_process_rss_kib": {"after_warmup": appliers_start, "end": appliers_end},
+        "appliers_process_rss_growth_pct": appliers_growth,
+        "appliers_process_replaced": sorted(set(appliers) ^ set(end_appliers)),
         "purchase_visible_ms": {"probes": len(visible),
                                 "p50": round(1000 * percentile(visible, 0.50), 1),
                                 "p99": round(1000 * percentile(visible, 0.99), 1),
@@ -269,6 +282,8 @@ def run(args) -> dict:
     }
     report["pass"] = bool(report["errors"] == 0 and not report["workers_replaced"]
                           and growth and max(growth.values()) < 10.0
+                          and not report["appliers_process_replaced"]
+                          and all(g < 10.0 for g in appliers_growth.values())
                           and report["requests"]["webhook"] > 0
                           and visible and not probe_failures
                           and percentile(visible, 0.99) <= 1.0)

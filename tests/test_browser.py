@@ -70,6 +70,9 @@ class Seeder:
             "Content-Type": "application/json", "X-Signature": signature})
         assert response.status_code == 200, response.text
         assert response.json()["accepted"] == 1, response.text
+        # The appliers write it behind the 200 (within a second): the tests start from
+        # the state they seeded.
+        _wait_applied(self.base)
         return response.json()
 
     def view(self, anonymous_id: str, product: tuple, **extra) -> None:
