@@ -156,7 +156,7 @@ def wait_applied(base: str, timeout: float = 120.0) -> dict:
             last = None
         if last and not any(a["pending"] for a in last["appliers"].values()):
             return last
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise AssertionError(f"the inbox was not applied within {timeout:.0f} s: {last}")
 
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import threading
 import urllib.parse
-import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.deliveries import wait_applied
 from tests.gunicorn_server import ROOT, gunicorn
 from webhook.tokens import mint_token
 
@@ -72,7 +72,7 @@ class Seeder:
         assert response.json()["accepted"] == 1, response.text
         # The appliers write it behind the 200 (within a second): the tests start from
         # the state they seeded.
-        _wait_applied(self.base)
+        wait_applied(self.base, 10)
         return response.json()
 
     def view(self, anonymous_id: str, product: tuple, **extra) -> None:
@@ -179,16 +179,6 @@ def locked_service(tmp_path_factory, origins):
         yield base, seeder
 
 
-def _wait_applied(base: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        appliers = requests.get(base + "/healthz", timeout=5).json()["inbox"]["appliers"]
-        if appliers["local"]["pending"] == 0:
-            return
-        assert time.monotonic() < deadline, f"not applied within {timeout:.0f} s: {appliers}"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -289,7 +279,7 @@ def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service,
     seeder.order("u-buyer", ["sku-3"])
     # The appliers write the purchase behind the 200 (real time: within 1 s); reloaded
     # once the service reports it applied.
-    _wait_applied(base)
+    wait_applied(base, 10)
     page.reload()
     page.wait_for_selector("body[data-state='ready']")
     after = _card_ids(page)

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import sample
+from tests.deliveries import wait_applied
 from tests.gunicorn_server import gunicorn
 
 pytestmark = pytest.mark.slow  # each test starts gunicorn
@@ -120,11 +121,6 @@ def _wait(predicate, timeout, what):
         time.sleep(0.05)
 
 
-def _pending(base):
-    appliers = requests.get(base + "/healthz", timeout=5).json()["inbox"]["appliers"]
-    return {name: lag["pending"] for name, lag in appliers.items()}
-
-
 def _nice(pid):
     with open(f"/proc/{pid}/stat") as handle:
         return int(handle.read().rsplit(")", 1)[1].split()[16])
@@ -158,7 +154,7 @@ def test_appliers_run_in_one_process_per_host_below_the_workers_and_survive_its_
 
         with ThreadPoolExecutor(4) as pool:
             assert all(a.status_code == 200 for a in pool.map(post, range(40)))
-        _wait(lambda: not any(_pending(base).values()), 20, "the first deliveries applied")
+        wait_applied(base, 20)
         assert len(applier_pids(process.pid)) == 1  # still one: no second process started
 
         os.kill(worker, signal.SIGKILL)
@@ -177,10 +173,7 @@ def test_appliers_run_in_one_process_per_host_below_the_workers_and_survive_its_
         assert list(second.values())[0] != worker
         with ThreadPoolExecutor(4) as pool:
             assert all(a.status_code == 200 for a in pool.map(post, range(40, 80)))
-        _wait(lambda: not any(_pending(base).values()), 20, "the later deliveries applied")
-        with requests.get(base + "/healthz", timeout=5) as answer:
-            appliers = answer.json()["inbox"]["appliers"]
-        assert appliers["local"]["pending"] == 0
+        assert wait_applied(base, 20)["appliers"]["local"]["pending"] == 0
     log_text = process.log_path.read_text(errors="replace")
     assert "Traceback" not in log_text
 
@@ -196,6 +189,6 @@ def test_without_the_hosts_lock_the_workers_apply_themselves(tmp_path):
         body, headers = _signed(_message(1))
         assert requests.post(base + "/segment", data=body, headers=headers,
                              timeout=10).status_code == 200
-        _wait(lambda: not any(_pending(base).values()), 20, "the delivery applied")
+        wait_applied(base, 20)
         assert applier_pids(process.pid) == {}
     assert "cannot open the lock file" in process.log_path.read_text(errors="replace")

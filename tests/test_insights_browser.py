@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.deliveries import wait_applied
 from tests.gunicorn_server import gunicorn
 
 SHARED_SECRET = "insights-browser-shared-secret"
@@ -80,21 +81,6 @@ class Seeder:
                     for n in range(len(PRODUCTS) - rank)])
 
 
-def _wait_until_applied(base: str) -> None:
-    """Poll /healthz until every applier has applied everything delivered so far (the
-    catalog must be known before the first visitor asks, or the answer is empty)."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:
-        inbox = requests.get(base + "/healthz", timeout=10).json().get("inbox") or {}
-        appliers = inbox.get("appliers") or {}
-        if appliers and all(a["pending"] == 0 for a in appliers.values()):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the inbox was not applied in {DEADLINE_SECONDS:.0f} s: "
-                                 f"{inbox}")
-        time.sleep(0.05)
-
-
 def _recommend(base: str, user_id: str) -> dict:
     response = requests.get(base + "/recommendations", timeout=10,
                             params={"userId": user_id, "numResults": 4},
@@ -136,7 +122,8 @@ def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
     the counts GET /insights must show per variant."""
     seeder = Seeder(base)
     seeder.catalog()
-    _wait_until_applied(base)
+    # The catalog must be known before the first visitor asks, or the answer is empty.
+    wait_applied(base, DEADLINE_SECONDS)
     expected: dict[str, dict] = defaultdict(lambda: dict.fromkeys(COUNTED, 0))
     events = []
     for n in range(visitors):
