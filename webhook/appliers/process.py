@@ -46,6 +46,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
+from ..store import BackgroundThread
+
 log = logging.getLogger("webhook.appliers")
 
 WAKE_EVERY_SECONDS = 0.01  # a worker wakes the process at most this often (see wake)
@@ -76,20 +78,20 @@ def wake_address(lock: str) -> bytes:
     return b"\0segment-appliers-" + digest.encode()
 
 
-class AppliersProcess:
+class AppliersProcess(BackgroundThread):
     """A worker's side: takes the host's lock when it can, then runs the process."""
+
+    thread_name = "appliers-process"
 
     def __init__(self, settings, instance_path: str, database_url: str, *,
                  on_purchases: Callable[[list[str]], None] | None = None,
                  fallback: Callable[[], None] | None = None):
+        super().__init__()
         self.settings = settings
         self.fallback = fallback  # applies in this worker instead, when there is no lock
         self.instance_path = instance_path
         self.lock_path = lock_path(database_url)
         self.on_purchases = on_purchases
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
         self.proc: subprocess.Popen | None = None  # the process, while this worker runs it
         self._wake_address = wake_address(self.lock_path)
         self._wake_socket: socket.socket | None = None
@@ -119,25 +121,12 @@ class AppliersProcess:
         except OSError:
             pass
 
-    def start(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="appliers-process",
-                                        daemon=True)
-        self._thread.start()
-
     def stop(self, timeout: float = STOP_SECONDS + 5.0) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout)
-        self._thread = None
+        super().stop(timeout)  # the process finishes its batches first
 
     # -- the worker's thread ---------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
