@@ -26,7 +26,11 @@ Usage (from the repo root)::
   service de-duplicates by messageId): single messages (Webhooks Classic, signed over the
   body) and Actions batches of 100 (a JSON array signed over JSON.stringify(body[0])).
   In a batch, each 10 consecutive events share an anonymousId (a browsing session), so a
-  batch of 100 is 10 PutEvents calls of 10. Both services get the same bodies.
+  batch of 100 is 10 PutEvents calls of 10. Both services get the same bodies. Each round
+  has pools of its own, written before it and sized for ``--single-rate-cap`` requests/s
+  and ``--batch-rate-cap`` batches/s: wrk reads its whole pool before it sends anything,
+  while the other service is paused, and one pool for the whole run (over 500 MB of
+  batches) made that pause longer than the Personalize applier's lease.
 * Load: ``wrk`` (one thread, ``--connections`` connections, Lua walking the pool) or, if
   wrk is absent, a Python thread pool with keep-alive sessions. Every cell runs
   ``--duration`` seconds after a short warm-up; cells are interleaved: single, then
@@ -112,10 +116,11 @@ def sign(data: str) -> str:
     return hmac.new(SECRET.encode(), data.encode(), hashlib.sha1).hexdigest()
 
 
-def write_pool(path: Path, kind: str, count: int, tag: str) -> None:
-    """``count`` requests, one ``signature<TAB>body`` a line."""
+def write_pool(path: Path, kind: str, count: int, tag: str, first: int = 0) -> None:
+    """``count`` requests, one ``signature<TAB>body`` a line; events numbered from
+    ``first`` (a round's sessions are its own)."""
     with open(path, "w", encoding="ascii") as out:
-        for r in range(count):
+        for r in range(first, first + count):
             if kind == "single":
                 body = event_json(f"{tag}-s{r}", r)
                 sig = sign(body)
@@ -472,7 +477,7 @@ class Cell:
         if s["socket_errors"]:
             out.append(f"{s['socket_errors']} socket errors")
         if s["wrapped"]:
-            out.append("pool exhausted: messageIds reused (raise --pool-*)")
+            out.append("pool exhausted: messageIds reused (raise --single-rate-cap or --batch-rate-cap)")
         if not s["ok"]:
             out.append("no successful answer")
         return out
@@ -567,9 +572,10 @@ def main() -> int:
                    help="SQLITE_SYNCHRONOUS of both launches (default FULL)")
     p.add_argument("--drain-timeout", type=int, default=600,
                    help="seconds to wait for the Personalize applier afterwards")
-    p.add_argument("--pool-single", type=int, default=60_000, help="single messages in the pool")
-    p.add_argument("--pool-batch", type=int, default=12_000,
-                   help="batches of 100 in the pool (at least 600 a second of load)")
+    p.add_argument("--single-rate-cap", type=int, default=8000,
+                   help="single requests/s a round's pool is sized for (default 8000)")
+    p.add_argument("--batch-rate-cap", type=int, default=1200,
+                   help="batches/s a round's pool is sized for (default 1200)")
     p.add_argument("--stand-in-nice", type=int, default=10, choices=range(0, 20),
                    metavar="0-19", help="the stand-in process's nice value (default 10)")
     p.add_argument("--sender-nice", choices=["idle"] + [str(n) for n in range(20)],
@@ -604,14 +610,17 @@ def main() -> int:
     try:
         tag = f"pb{os.getpid()}x{int(time.time())}"
         pools = {"single": tmp / "single.tsv", "batch": tmp / "batch.tsv"}
-        seconds = a.rounds * a.duration + a.warmup  # what one launch consumes per kind
-        a.pool_single = max(a.pool_single, seconds * 5000)  # 5000 req/s (seen: 4400, NORMAL)
-        a.pool_batch = max(a.pool_batch, seconds * 600)  # and 600 batches/s (seen: ~400)
-        t0 = time.monotonic()
-        write_pool(pools["single"], "single", a.pool_single, tag)
-        write_pool(pools["batch"], "batch", a.pool_batch, tag)
-        log(f"pools: {a.pool_single} single, {a.pool_batch} batches of {BATCH} "
-            f"({time.monotonic() - t0:.1f}s)")
+
+        def write_pools(rnd: int, seconds: int) -> None:
+            # wrk runs a little past its -d; the pools' messageIds are the round's own.
+            t0 = time.monotonic()
+            sizes = {"single": (seconds + 2) * a.single_rate_cap,
+                     "batch": (seconds + 2) * a.batch_rate_cap}
+            for kind, count in sizes.items():
+                write_pool(pools[kind], kind, count, f"{tag}r{rnd}", rnd * count)
+            log(f"round {rnd}'s pools: {sizes['single']} single, {sizes['batch']} batches "
+                f"of {BATCH} ({time.monotonic() - t0:.1f}s)")
+
         lua = tmp / "bench.lua"
         lua.write_text(LUA)
         urls = {m: schema_url(a.postgresql, schemas) if a.postgresql else ""
@@ -622,15 +631,14 @@ def main() -> int:
                              a.synchronous, a.sender_nice)
         services.append(personalize)
 
-        cursor = {(m, k): 0 for m in ("embedded", "personalize") for k in ("single", "batch")}
         acknowledged = 0  # events the Personalize service answered 200 for
         cells: list[Cell] = []
         for rnd in range(0 if a.warmup else 1, a.rounds + 1):
             order = (embedded, personalize) if rnd % 2 else (personalize, embedded)
+            write_pools(rnd, a.warmup if rnd == 0 else a.duration)
             for service, kind in [(s, k) for k in ("single", "batch") for s in order]:
                 other = personalize if service is embedded else embedded
                 duration = a.warmup if rnd == 0 else a.duration
-                start = cursor[(service.mode, kind)]
                 if a.settle:
                     settle(service, a.settle)
                 cpu0 = service.cpu_seconds()
@@ -638,14 +646,13 @@ def main() -> int:
                 try:
                     if wrk:
                         stats = run_wrk(wrk, lua, service.url + "/segment", pools[kind],
-                                        start, duration, a.connections, a.timeout)
+                                        0, duration, a.connections, a.timeout)
                     else:
-                        stats = run_python(service.url + "/segment", pools[kind], start,
+                        stats = run_python(service.url + "/segment", pools[kind], 0,
                                            duration, a.connections, a.timeout)
                 finally:
                     other.resume()
                 cell = Cell(service.mode, kind, rnd, stats, service.cpu_seconds() - cpu0)
-                cursor[(service.mode, kind)] += stats["sent"]
                 if service is personalize:
                     acknowledged += stats["ok"] * (BATCH if kind == "batch" else 1)
                 label = "warm-up" if rnd == 0 else f"round {rnd}"

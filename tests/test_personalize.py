@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from tests.segment_wire import (
 )
 from webhook.appliers.personalize import PersonalizeApplier
 from webhook.config import Settings
+from webhook.store import StoreUnavailable
 
 TRACKING_ID = "tracking-0123"
 USERS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/USERS"
@@ -532,6 +534,73 @@ def test_a_killed_sending_process_loses_no_event(personalize_app, fake):
                   outcome="timeout") > timeouts_before
     assert set(sending_processes()) - before - {child}
 
+
+
+def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(personalize_app,
+                                                                          fake, tmp_path):
+    """The batch's calls went out, then its commit failed (another writer held the
+    database past a writer's wait): the batch is applied again, and what had reached
+    Personalize is not sent a second time."""
+    app = personalize_app(personalize_items_dataset_arn="", personalize_users_dataset_arn="")
+    services = app.extensions["segment"]
+    runner = services.runners["personalize"]
+    warm_up(app, fake)
+    messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(3)}, "busy")
+    assert raw_client(app).post("/segment", json=messages).status_code == 200
+    fake.delay(0.5)  # the calls are in flight for half a second after the claim
+    failure: list[BaseException] = []
+
+    def apply_once():
+        try:
+            runner.run_once()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failure.append(exc)
+
+    applying = threading.Thread(target=apply_once)
+    applying.start()
+    deadline = time.monotonic() + 10
+    while services.inbox.lag(["personalize"])["personalize"].owner is None:
+        assert time.monotonic() < deadline, "the batch was never claimed"
+        time.sleep(0.01)
+    blocker = sqlite3.connect(str(tmp_path / "segment.db"), isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        applying.join(30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not applying.is_alive()
+    assert [type(e) for e in failure] == [StoreUnavailable]
+    assert len(sent_event_ids(fake)) == len(messages)  # sent, but not committed
+    assert lag(app) == len(messages)
+
+    fake.delay(0)
+    assert runner.drain(30)
+    ids = sent_event_ids(fake)
+    assert set(ids) == {m["messageId"] for m in messages}
+    assert set(ids.values()) == {1}, "an event was sent twice"
+    assert lag(app) == 0
+
+
+def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
+        personalize_app, fake, caplog):
+    app = personalize_app(personalize_items_dataset_arn="", personalize_users_dataset_arn="")
+    services = app.extensions["segment"]
+    warm_up(app, fake)
+    fake.delay(0.5)
+    messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(3)}, "stop")
+    assert raw_client(app).post("/segment", json=messages).status_code == 200
+    services.start_runner_threads()  # as a worker with APPLIER_NICE=off
+    services.wake_appliers()
+    deadline = time.monotonic() + 10
+    while services.inbox.lag(["personalize"])["personalize"].owner is None:
+        assert time.monotonic() < deadline, "the batch was never claimed"
+        time.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="webhook"):
+        services.stop_background()  # calls in flight
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("shutting down mid-batch" in r.getMessage() for r in caplog.records)
+    assert lag(app) == len(messages)  # applied after the restart
 
 # --- throttling, server errors, timeouts: absorbed, never passed on to Segment ---------
 

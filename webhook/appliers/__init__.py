@@ -86,6 +86,11 @@ class _Renewer:
             self.renewed_at = time.monotonic()
 
 
+class Stopping(Exception):
+    """Raised by an applier whose process is shutting down: the batch is left unapplied
+    (its rows are applied again after the restart, at-least-once)."""
+
+
 BUSY = -1  # run_once: another process holds the lease
 NOT_READY = -2  # run_once: the next entry is not ready to apply yet (Applied.consumed 0)
 
@@ -207,6 +212,10 @@ class Runner:
             try:
                 done = self.run_once()
                 backoff, failures = 0.0, 0
+            except Stopping:
+                log.info("inbox: shutting down mid-batch; the batch will be applied again",
+                         extra={"applier": self.name})
+                break
             except LostLease:
                 log.warning("inbox: the lease was taken over mid-batch; the batch will be "
                             "applied again", extra={"applier": self.name})

@@ -45,7 +45,7 @@ from ..personalize_mapping import (
 from ..inbox import Entry
 from ..routing import Routed, Router
 from ..store import Transaction
-from . import Applied, decode
+from . import Applied, Stopping, decode
 from .calls import ChildProcessCalls, InProcessCalls
 
 log = logging.getLogger("webhook.personalize")
@@ -90,7 +90,7 @@ class RateLimiter:
                 time.sleep(wait)
 
 
-class _Stopped(Exception):
+class _Stopped(Stopping):
     """The process is shutting down: the batch is left for later."""
 
 
@@ -99,8 +99,10 @@ class _Refused(Exception):
 
 
 class _SentCache:
-    """Users and items sent recently, so a catalog that does not change is not re-sent on
-    every product view (PutUsers/PutItems allow about 10 calls a second)."""
+    """Records this process sent recently, by key. Users and items by content, so a
+    catalog that does not change is not re-sent on every product view (PutUsers/PutItems
+    allow about 10 calls a second). Events by eventId, so a batch applied again in this
+    process (its commit failed: the database was busy) sends only what it had not sent."""
 
     def __init__(self, size: int = 20000):
         self.size = size
@@ -130,7 +132,7 @@ class _SentCache:
 class Call:
     operation: str
     kwargs: dict
-    keys: list[str]  # _SentCache keys of the records (users, items), "" for events
+    keys: list[str]  # _SentCache keys of the records: content (users, items), eventId
 
 
 @dataclass
@@ -322,12 +324,19 @@ def _record_id(call: Call) -> str:
 
 def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
                items_dataset_arn: str, sent: _SentCache | None,
-               problems: list[Problem]) -> list[list[Call]]:
+               problems: list[Problem],
+               sent_events: _SentCache | None = None) -> list[list[Call]]:
     """The calls for a batch's records, as chains: one chain per sessionId of events, in
-    order; users and items in chains of their own."""
+    order; users and items in chains of their own. Records in ``sent`` (users, items) and
+    ``sent_events`` are left out."""
     chains: list[list[Call]] = []
     by_session: dict[str, list[Call]] = {}
-    for call in event_calls(routed.interactions, mapping, problems):
+    interactions = routed.interactions
+    if sent_events is not None:
+        # A session's calls go one after the other, so what was sent of it is a prefix:
+        # leaving it out keeps the rest in order.
+        interactions = [r for r in interactions if r.event_id not in sent_events]
+    for call in event_calls(interactions, mapping, problems):
         events = [{**event, "sentAt": _EPOCH + timedelta(seconds=event["sentAt"])}
                   for event in call.events]
         kwargs: dict[str, Any] = {"trackingId": mapping.tracking_id,
@@ -335,7 +344,7 @@ def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
         if call.user_id:
             kwargs["userId"] = call.user_id
         by_session.setdefault(call.session_id, []).append(
-            Call("put_events", kwargs, [""] * len(call.events)))
+            Call("put_events", kwargs, [e["eventId"] for e in call.events]))
     chains.extend(by_session.values())
     for operation, member, arn, records in (
             ("put_users", "users", users_dataset_arn,
@@ -370,6 +379,9 @@ class PersonalizeApplier:
         self.dead_letters = dead_letters
         self.on_deletions = on_deletions
         self._sent = _SentCache()
+        # A batch whose commit failed is applied again right after: room for two batches
+        # of orders of ten products.
+        self._sent_events = _SentCache(size=20 * self.batch_size)
 
     def apply(self, entries: Sequence[Entry], keep_lease: Callable[[], None]) -> Applied:
         routed = Routed()
@@ -394,7 +406,8 @@ class PersonalizeApplier:
 
         problems: list[Problem] = []
         chains = plan_calls(routed, self.mapping, self.users_dataset_arn,
-                            self.items_dataset_arn, self._sent, problems)
+                            self.items_dataset_arn, self._sent, problems,
+                            self._sent_events)
         report = self.sender.send_chains(chains, keep_lease, on_sent=self._remember)
 
         refusals = [Refusal(p.kind, p.id, p.reason) for p in problems if p.action == "dropped"]
@@ -425,9 +438,9 @@ class PersonalizeApplier:
         return Applied(write=write)
 
     def _remember(self, call: Call) -> None:
+        cache = self._sent_events if call.operation == "put_events" else self._sent
         for key in call.keys:
-            if key:
-                self._sent.add(key)
+            cache.add(key)
 
     # -- dead letters ----------------------------------------------------------------------
 
