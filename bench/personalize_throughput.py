@@ -30,7 +30,7 @@ Usage (from the repo root)::
   has pools of its own, written before it and sized for ``--single-rate-cap`` requests/s
   and ``--batch-rate-cap`` batches/s: wrk reads its whole pool before it sends anything,
   while the other service is paused, and one pool for the whole run (over 500 MB of
-  batches) made that pause longer than the Personalize applier's lease.
+  batches) lengthened that pause.
 * Load: ``wrk`` (one thread, ``--connections`` connections, Lua walking the pool) or, if
   wrk is absent, a Python thread pool with keep-alive sessions. Every cell runs
   ``--duration`` seconds after a short warm-up; cells are interleaved: single, then

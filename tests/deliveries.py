@@ -7,6 +7,8 @@ exactly once, with everything it means (its interactions), and no answer was a 5
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -143,6 +145,19 @@ def no_unhandled_errors(log_text: str, tracebacks: bool = True) -> None:
     lines = [line for line in log_text.splitlines()
              if "unhandled error" in line or (tracebacks and "Traceback" in line)]
     assert not lines, "\n".join(line[:3000] for line in lines[:3])
+
+
+def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
+    """POST messages as the Webhooks destination does (one Classic message, or a batch),
+    signed with ``secret``; asserts every one was accepted and returns the summary."""
+    payload = messages[0] if len(messages) == 1 else {"batch": messages}
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    response = requests.post(base + "/segment", data=body, timeout=10, headers={
+        "Content-Type": "application/json", "X-Signature": signature})
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == len(messages), response.text
+    return response.json()
 
 
 def wait_applied(base: str, timeout: float = 120.0) -> dict:

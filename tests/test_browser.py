@@ -7,8 +7,6 @@ Set SAVE_SCREENSHOT=1 to write docs/screenshot.png from the desktop test.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.deliveries import wait_applied
+from tests.deliveries import send_signed, wait_applied
 from tests.gunicorn_server import ROOT, gunicorn
 from webhook.tokens import mint_token
 
@@ -64,16 +62,11 @@ class Seeder:
         self.n += 1
         message = {"messageId": f"browser-{self.n}-{os.urandom(4).hex()}",
                    "timestamp": "2026-11-27T12:00:00.000Z", **message}
-        body = json.dumps(message, separators=(",", ":")).encode()
-        signature = hmac.new(SHARED_SECRET.encode(), body, hashlib.sha1).hexdigest()
-        response = requests.post(self.base + "/segment", data=body, timeout=10, headers={
-            "Content-Type": "application/json", "X-Signature": signature})
-        assert response.status_code == 200, response.text
-        assert response.json()["accepted"] == 1, response.text
+        summary = send_signed(self.base, SHARED_SECRET, [message])
         # The appliers write it behind the 200 (within a second): the tests start from
         # the state they seeded.
         wait_applied(self.base, 10)
-        return response.json()
+        return summary
 
     def view(self, anonymous_id: str, product: tuple, **extra) -> None:
         item_id, name, price, colour = product

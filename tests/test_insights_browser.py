@@ -12,9 +12,6 @@ Playwright's Python package drives Debian's Chromium (tests/prerequisites.py).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
-import json
 import re
 import time
 import urllib.parse
@@ -26,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.deliveries import wait_applied
+from tests.deliveries import send_signed, wait_applied
 from tests.gunicorn_server import gunicorn
 
 SHARED_SECRET = "insights-browser-shared-secret"
@@ -63,15 +60,9 @@ class Seeder:
         self.base = base
 
     def send(self, *messages: dict) -> None:
-        stamped = [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m}
-                   for m in messages]
-        payload = stamped[0] if len(stamped) == 1 else {"batch": stamped}
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        signature = hmac.new(SHARED_SECRET.encode(), body, hashlib.sha1).hexdigest()
-        response = requests.post(self.base + "/segment", data=body, timeout=10, headers={
-            "Content-Type": "application/json", "X-Signature": signature})
-        assert response.status_code == 200, response.text
-        assert response.json()["accepted"] == len(stamped), response.text
+        send_signed(self.base, SHARED_SECRET,
+                    [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m}
+                     for m in messages])
 
     def catalog(self) -> None:
         self.send(*[{"type": "track", "event": "Product Viewed", "anonymousId": f"anon-{n}",

@@ -5,6 +5,7 @@ records in one batch, and 503 + Retry-After while the database is unreachable.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -486,3 +487,22 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
         assert copied() == (20, 20)
     finally:
         services.stop_background()
+
+
+def test_the_cached_process_id_follows_a_fork():
+    """Per-process state (a worker's write connection, its lock file) is keyed by
+    ``pids.current()``: in a forked worker it must be the worker's id, not the master's."""
+    from webhook import pids
+
+    assert pids.current() == os.getpid()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write_end, f"{pids.current()} {os.getpid()}".encode())
+        os._exit(0)
+    os.close(write_end)
+    reported = os.read(read_end, 100).decode().split()
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert reported == [str(child), str(child)]
+    assert pids.current() == os.getpid()

@@ -6,13 +6,14 @@ gunicorn). Configuration is read once, here, into ``Settings``.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import time
 from typing import Any, Mapping
 
 from flask import Flask, g, request
 
+from . import pids
 from .config import ConfigError, Settings
 from .logs import configure_logging
 from .memory import tune_allocator
@@ -102,9 +103,12 @@ def _init_request_context(app: Flask, services) -> None:
         req = request._get_current_object()
         incoming = req.environ.get("HTTP_X_REQUEST_ID", "")  # no header-name lookup
         context = g._get_current_object()
-        context.request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(8).hex()
+        # Unique, not secret: os.urandom would be a system call that lets go of the GIL,
+        # which under load hands the worker to another thread at every request.
+        context.request_id = (incoming if _REQUEST_ID.match(incoming)
+                              else f"{random.getrandbits(64):016x}")
         context.started = time.perf_counter()
-        if services._background_pid != os.getpid() and not app.testing:
+        if services._background_pid != pids.current() and not app.testing:
             services.start_background()  # a WSGI host without gunicorn's post_worker_init
         if not services._schema_ready and req.endpoint not in _NO_SCHEMA_NEEDED:
             try:

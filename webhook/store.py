@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from . import pids
 from .routing import ITEM_FIELDS, IdentityLink, Interaction, ItemDetails, UserTraits
 from .segment import encode_json
 
@@ -183,9 +184,9 @@ class _SqliteWriteLock:
         self._pid = 0
 
     def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
+        if self._fd is None or self._pid != pids.current():  # a forked worker opens its own
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._pid = os.getpid()
+            self._pid = pids.current()
         return self._fd
 
     @contextmanager
@@ -551,20 +552,20 @@ class Store:
     def _writer_dbapi(self):
         """The DBAPI connection under this process's write connection (SQLite)."""
         writer = self._writer
-        if writer is None or self._writer_pid != os.getpid():
+        if writer is None or self._writer_pid != pids.current():
             writer = self._writer_connection()
         return writer.connection.dbapi_connection
 
     def _writer_connection(self) -> Connection:
-        if self._writer is None or self._writer_pid != os.getpid():
+        if self._writer is None or self._writer_pid != pids.current():
             # A forked worker never uses its parent's connection (SQLite forbids it).
             self._writer = self.engine.connect().execution_options(write=True)
-            self._writer_pid = os.getpid()
+            self._writer_pid = pids.current()
         return self._writer
 
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None and self._writer_pid == os.getpid():
+        if writer is not None and self._writer_pid == pids.current():
             try:
                 writer.close()
             except Exception:  # closing a broken connection: nothing more to do

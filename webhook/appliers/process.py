@@ -46,6 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
+from .. import pids
 from ..store import BackgroundThread
 
 log = logging.getLogger("webhook.appliers")
@@ -110,12 +111,12 @@ class AppliersProcess(BackgroundThread):
             return
         self._woken_at = now
         sock = self._wake_socket
-        if sock is None or self._wake_pid != os.getpid():
+        if sock is None or self._wake_pid != pids.current():
             try:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             except (OSError, AttributeError):
                 return
-            self._wake_socket, self._wake_pid = sock, os.getpid()
+            self._wake_socket, self._wake_pid = sock, pids.current()
         try:
             sock.sendto(b"w", socket.MSG_DONTWAIT, self._wake_address)
         except OSError:
