@@ -535,6 +535,13 @@ def test_a_killed_sending_process_loses_no_event(personalize_app, fake):
     assert set(sending_processes()) - before - {child}
 
 
+def wait_claimed(services, timeout: float = 10.0) -> None:
+    """Until the Personalize applier holds a batch (its calls are then on their way)."""
+    deadline = time.monotonic() + timeout
+    while services.inbox.lag(["personalize"])["personalize"].owner is None:
+        assert time.monotonic() < deadline, "the batch was never claimed"
+        time.sleep(0.01)
+
 
 def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(personalize_app,
                                                                           fake, tmp_path):
@@ -558,10 +565,7 @@ def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(persona
 
     applying = threading.Thread(target=apply_once)
     applying.start()
-    deadline = time.monotonic() + 10
-    while services.inbox.lag(["personalize"])["personalize"].owner is None:
-        assert time.monotonic() < deadline, "the batch was never claimed"
-        time.sleep(0.01)
+    wait_claimed(services)
     blocker = sqlite3.connect(str(tmp_path / "segment.db"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
@@ -592,15 +596,13 @@ def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
     assert raw_client(app).post("/segment", json=messages).status_code == 200
     services.start_runner_threads()  # as a worker with APPLIER_NICE=off
     services.wake_appliers()
-    deadline = time.monotonic() + 10
-    while services.inbox.lag(["personalize"])["personalize"].owner is None:
-        assert time.monotonic() < deadline, "the batch was never claimed"
-        time.sleep(0.01)
+    wait_claimed(services)
     with caplog.at_level(logging.INFO, logger="webhook"):
         services.stop_background()  # calls in flight
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("shutting down mid-batch" in r.getMessage() for r in caplog.records)
     assert lag(app) == len(messages)  # applied after the restart
+
 
 # --- throttling, server errors, timeouts: absorbed, never passed on to Segment ---------
 

@@ -4,8 +4,8 @@ Per-process state (a worker's SQLite write connection, its lock file, its wake-u
 is checked against the process id on the request path, because gunicorn forks workers
 from a master that may have made that state already. ``os.getpid()`` is a system call
 each time (the C library no longer caches it): three a delivery. This keeps the id in a
-variable that a fork hook refreshes in the child (``os.fork`` and the ``multiprocessing``
-and ``subprocess`` modules all run it; a new program starts with a new interpreter).
+variable that a fork hook refreshes in the child (``os.fork`` runs it, and so does
+``multiprocessing``'s fork; a child that runs a new program starts a new interpreter).
 """
 from __future__ import annotations
 
