@@ -208,10 +208,12 @@ def train_once(store, settings, params: Params | None = None) -> tuple[int, dict
     return version, model.stats
 
 
-def _train_in_child(settings, params) -> None:
-    """Entry point of the background training subprocess (spawned: a fresh interpreter)."""
+def _train_in_child(url: str, settings, params) -> None:
+    """Entry point of the background training subprocess (spawned: a fresh interpreter).
+    ``url`` is the parent's store's: with DATABASE_URL unset it is the instance folder's
+    SQLite file, which the settings alone do not name."""
     from ..store import Store
-    store = Store(settings.database_url)
+    store = Store(url, settings.sqlite_synchronous)
     try:
         train_once(store, settings, params)
     finally:
@@ -261,7 +263,8 @@ class Trainer:
             if subprocess:
                 import multiprocessing
                 ctx = multiprocessing.get_context("spawn")
-                child = ctx.Process(target=_train_in_child, args=(self.settings, self.params),
+                child = ctx.Process(target=_train_in_child,
+                                    args=(self.store.url, self.settings, self.params),
                                     daemon=True)
                 child.start()
                 child.join()
