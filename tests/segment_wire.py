@@ -398,11 +398,14 @@ def node_stringify(obj: Any) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def classic_headers(signature: str | None = None) -> dict[str, str]:
-    """Headers of a Webhooks (Classic) delivery."""
+def classic_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
+    """Headers of a Webhooks (Classic) delivery (``bearer``: a configured Authorization
+    token, where the destination adds one)."""
     headers = {"Content-Type": "application/json", "User-Agent": "Segment.io/1.0"}
     if signature is not None:
         headers["X-Signature"] = signature
+    if bearer is not None:
+        headers["Authorization"] = f"Bearer {bearer}"
     return headers
 
 

@@ -26,6 +26,8 @@ from tests.gunicorn_server import gunicorn, wait_for_workers, worker_pids
 from webhook.signature import js_stringify
 
 SECRET = "fuzz-shared-secret"
+TOKEN = "fuzz-bearer-token"  # Actions batches of several need a whole-body credential
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -81,7 +83,8 @@ def open_app(make_app):
 
 @pytest.fixture
 def signed_app(make_app):
-    return make_app(segment_shared_secrets=(SECRET,), engine_background_training=False)
+    return make_app(segment_shared_secrets=(SECRET,), webhook_bearer_tokens=(TOKEN,),
+                    engine_background_training=False)
 
 
 # --- arbitrary input ----------------------------------------------------------------------
@@ -173,7 +176,7 @@ def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app):
             return
         body = json.dumps(delivery).encode()
         response = client.post("/segment", data=body, content_type="application/json",
-                               headers={"X-Signature": signature})
+                               headers={"X-Signature": signature, **BEARER})
         check_answer(response, len(delivery) if isinstance(delivery, list) else 1)
         assert response.status_code != 401, response.get_json()
         reached[shape(delivery), "parsed"] += 1
@@ -182,7 +185,7 @@ def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app):
             reached[shape(delivery), "stored"] += 1
         # Redelivery: the same answer shape, and what was accepted is now a duplicate.
         again = client.post("/segment", data=body, content_type="application/json",
-                            headers={"X-Signature": signature})
+                            headers={"X-Signature": signature, **BEARER})
         check_answer(again)
         if response.status_code == 200:
             # Only a message without a usable messageId (a delete may lack one) can be
@@ -238,7 +241,7 @@ def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape)
     assume(presented.strip().lower() != right)
     before = stored_ids(signed_app)
     response = client.post("/segment", data=body, content_type="application/json",
-                           headers={"X-Signature": presented})
+                           headers={"X-Signature": presented, **BEARER})
     assert response.status_code == 401, (presented, response.get_json())
     assert stored_ids(signed_app) == before
 
@@ -267,12 +270,12 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
         before = stored_ids(signed_app)
         response = client.post("/segment", data=json.dumps(delivery).encode(),
                                content_type="application/json",
-                               headers={"X-Signature": signature})
+                               headers={"X-Signature": signature, **BEARER})
         assert response.status_code == 401, response.get_json()
         assert stored_ids(signed_app) == before
         control = client.post("/segment", data=json.dumps(genuine).encode(),
                               content_type="application/json",
-                              headers={"X-Signature": signature})
+                              headers={"X-Signature": signature, **BEARER})
         assert control.status_code == 200, control.get_json()
         checked[shape(delivery)] += 1
 

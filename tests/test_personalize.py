@@ -44,6 +44,7 @@ TRACKING_ID = "tracking-0123"
 USERS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/USERS"
 ITEMS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 SECRET = "personalize-shared-secret"
+TOKEN = "personalize-bearer-token"  # an Actions batch of several needs it
 SEGMENT_DEADLINE = 5.0  # what Segment gives a webhook
 
 # The story (tests/segment_wire.STORY) by position.
@@ -237,12 +238,13 @@ def deliver_story(app, corpus, extras):
     if have("node"):  # else the same batch, unsigned; CI has node
         wire = node_deliveries(messages, SECRET)
         return app.test_client().post("/segment", data=wire["batch_body"],
-                                      headers=actions_headers(wire["batch_signature"]))
+                                      headers=actions_headers(wire["batch_signature"],
+                                                              bearer=TOKEN))
     return post(app, messages)
 
 
 def test_corpus_becomes_exactly_the_expected_putevents(personalize_app, fake, corpus, extras):
-    app = personalize_app(segment_shared_secrets=(SECRET,))
+    app = personalize_app(segment_shared_secrets=(SECRET,), webhook_bearer_tokens=(TOKEN,))
     trimmed_before = metric(app, "personalize_records_total", kind="event", outcome="trimmed")
 
     response = deliver_story(app, corpus, extras)

@@ -114,8 +114,8 @@ def test_a_body_above_the_limit_is_refused_before_parsing_or_hashing(
         small_signed_app, monkeypatch, chunked):
     from webhook.views import segment as segment_view
 
-    parsed = _count_calls(monkeypatch, segment_view, "parse_body")
-    hashed = _count_calls(monkeypatch, segment_view, "verify_signature")
+    parsed = _count_calls(monkeypatch, segment_view, "decode_body")
+    hashed = _count_calls(monkeypatch, segment_view, "verify_delivery")
     body = json.dumps({"type": "track", "event": "x" * 4000}).encode()
     client = small_signed_app.test_client()
     if chunked:
@@ -133,7 +133,7 @@ def test_a_body_above_the_limit_is_refused_before_parsing_or_hashing(
 def test_a_forged_single_message_is_refused_before_parsing(small_signed_app, monkeypatch):
     from webhook.views import segment as segment_view
 
-    parsed = _count_calls(monkeypatch, segment_view, "parse_body")
+    parsed = _count_calls(monkeypatch, segment_view, "decode_body")
     response = small_signed_app.test_client().post(
         "/segment", data=b'{"type": "track", ' + b'"a": [' * 30 + b"]" * 30 + b"}",
         content_type="application/json", headers={"X-Signature": "0" * 40})

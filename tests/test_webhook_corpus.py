@@ -30,6 +30,9 @@ from tests.segment_wire import (
 pytestmark = pytest.mark.requires("node")  # computes the signatures
 
 SECRET = "corpus-shared-secret"
+# Actions batches of several need a whole-body credential; with it set, every delivery
+# carries it (the destination adds the header).
+TOKEN = "corpus-bearer-token"
 
 # The story (tests/segment_wire.STORY) by position.
 PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_ORDER, \
@@ -47,7 +50,8 @@ def wire(corpus):
 
 @pytest.fixture
 def app(make_app, database_url):
-    return make_app(database_url=database_url, segment_shared_secrets=(SECRET,))
+    return make_app(database_url=database_url, segment_shared_secrets=(SECRET,),
+                    webhook_bearer_tokens=(TOKEN,))
 
 
 # --- reading the store back (plain SQL, independent of the code's table objects) -------
@@ -135,7 +139,7 @@ def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
     client = app.test_client()
     for index, (message, delivery) in enumerate(zip(corpus, wire["messages"])):
         response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"]))
+                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
         assert response.status_code == 200, (index, response.get_json())
         assert response.get_json() == {
             "received": 1, "accepted": 1, "duplicates": 0, "skipped": [], "rejected": [],
@@ -146,7 +150,7 @@ def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
     # Segment redelivers (a timeout on its side): everything is a duplicate, nothing moves.
     for delivery in wire["messages"]:
         response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"]))
+                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
         assert response.status_code == 200
         assert response.get_json() == {
             "received": 1, "accepted": 0, "duplicates": 1, "skipped": [], "rejected": [],
@@ -156,7 +160,7 @@ def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
 
     # The same messages arriving through the other destination are duplicates as well.
     response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"]))
+                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
     assert response.status_code == 200
     assert (response.get_json()["duplicates"], response.get_json()["accepted"]) == (13, 0)
     assert dump(app) == stored
@@ -167,7 +171,7 @@ def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
 def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
     client = app.test_client()
     response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"]))
+                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
     assert response.status_code == 200, response.get_json()
     assert response.get_json() == {
         "received": 13, "accepted": 13, "duplicates": 0, "skipped": [], "rejected": [],
@@ -176,7 +180,7 @@ def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
     stored = assert_story_stored(app, corpus)
 
     response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"]))
+                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
     assert response.status_code == 200
     assert response.get_json() == {
         "received": 13, "accepted": 0, "duplicates": 13, "skipped": [], "rejected": [],
@@ -186,7 +190,7 @@ def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
 
     for delivery in wire["messages"]:
         response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"]))
+                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
         assert response.get_json()["duplicates"] == 1
     assert dump(app) == stored
 
@@ -194,7 +198,7 @@ def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
 def test_tracking_api_batch_shape_is_signed_over_the_raw_body(app, corpus):
     body = node_stringify({"batch": corpus, "sentAt": corpus[-1]["timestamp"]})
     client = app.test_client()
-    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET)))
+    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN))
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["accepted"] == 13
     assert response.get_json()["interactions"] == 8
@@ -203,7 +207,7 @@ def test_tracking_api_batch_shape_is_signed_over_the_raw_body(app, corpus):
     # The first element's signature (the Actions rule) does not sign this shape.
     first_only = node_sign(node_stringify(corpus[0]), SECRET)
     before = store_of(app).counts()
-    response = client.post("/segment", data=body, headers=classic_headers(first_only))
+    response = client.post("/segment", data=body, headers=classic_headers(first_only, bearer=TOKEN))
     assert response.status_code == 401
     assert store_of(app).counts() == before
 
@@ -211,14 +215,14 @@ def test_tracking_api_batch_shape_is_signed_over_the_raw_body(app, corpus):
 def test_a_later_identify_merges_into_the_profile(app, corpus, wire):
     client = app.test_client()
     assert client.post("/segment", data=wire["batch_body"],
-                       headers=actions_headers(wire["batch_signature"])).status_code == 200
+                       headers=actions_headers(wire["batch_signature"], bearer=TOKEN)).status_code == 200
     later = {
         "type": "identify", "messageId": "identify-later", "userId": USER_ID,
         "timestamp": "2099-01-01T00:00:00.000Z",
         "traits": {"plan": "enterprise", "language": "Deutsch (Schweiz) 🇨🇭"},
     }
     body = node_stringify(later)
-    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET)))
+    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN))
     assert response.status_code == 200
     assert dump(app)["profiles"][USER_ID] == {
         **IDENTIFY_TRAITS, "plan": "enterprise", "language": "Deutsch (Schweiz) 🇨🇭"}

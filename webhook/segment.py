@@ -145,8 +145,8 @@ def clean_text(value: str) -> bool:
     return True
 
 
-def parse_body(raw: bytes) -> Body:
-    """Decode a delivery. Raises ``BodyError`` saying what is wrong."""
+def decode_body(raw: bytes) -> Any:
+    """A delivery's JSON. Raises ``BodyError`` saying what is wrong."""
     if not raw or not raw.strip():
         raise BodyError("the body is empty; expected a Segment message as JSON")
     try:
@@ -157,10 +157,17 @@ def parse_body(raw: bytes) -> Body:
         raise BodyError("the body is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
         raise BodyError(f"the body is not valid JSON: {exc}") from None
-
     # No deeper than the brackets it has: most bodies need no walk (counted in C).
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(data):
         raise BodyError(f"the body is nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def parse_body(raw: bytes, data: Any = None) -> Body:
+    """Decode a delivery (or take ``data``, what ``decode_body(raw)`` gave already).
+    Raises ``BodyError`` saying what is wrong."""
+    if data is None:
+        data = decode_body(raw)
     if isinstance(data, list):
         shape, messages = "array", data
     elif isinstance(data, dict) and "type" not in data and isinstance(data.get("batch"), list):

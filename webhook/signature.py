@@ -5,6 +5,12 @@ of the raw body for a Classic webhook (one message a request), and of
 ``JSON.stringify(body[0])`` for a Webhooks (Actions) batch. To check the latter, the first
 element is serialized here exactly as JavaScript would (``js_stringify``).
 
+``verify_delivery`` is the one decision over a delivery's credentials. Every message stored
+must be authenticated as a whole: a signature covers a Classic body, or the one element of
+an array of one; an array of several is covered only by a whole-body credential, the
+bearer token (``WEBHOOK_BEARER_TOKEN``), because its first element's signature says nothing
+about the others.
+
 This module knows nothing about Flask or Segment messages beyond that.
 """
 from __future__ import annotations
@@ -12,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from typing import Any, Iterable
+import re
+from typing import Any, Callable, Iterable, Mapping
 
 __all__ = [
     "SignatureError",
     "compute_signature",
     "verify_signature",
     "verify_bearer",
+    "verify_delivery",
     "js_stringify",
 ]
 
@@ -61,6 +69,71 @@ def verify_bearer(header: str | None, tokens: Iterable[str]) -> None:
         matched |= hmac.compare_digest(token.encode("utf-8"), presented_bytes)
     if not matched:
         raise SignatureError("bearer token does not match")
+
+
+_ARRAY = re.compile(rb"\s*\[")  # a Webhooks (Actions) batch: a bare JSON array
+
+
+def verify_delivery(headers: Mapping[str, str], raw: bytes, *, secrets: Iterable[str],
+                    bearer_tokens: Iterable[str], decode: Callable[[bytes], Any]) -> Any:
+    """Raise ``SignatureError`` unless the delivery's credentials cover all of ``raw``.
+
+    * ``bearer_tokens`` set: ``Authorization: Bearer`` must name one (whole body).
+    * ``secrets`` set: ``X-Signature`` must sign the raw body (Classic, or the Tracking
+      API's ``{"batch": [...]}``), or, for a bare array, ``JSON.stringify`` of its first
+      element (Webhooks Actions). An array of more than one message is refused unless a
+      bearer token authenticated the whole body.
+    * neither set: nothing is checked (the service warns that it is open).
+
+    ``decode`` turns the raw body into JSON; it is called only when the credentials depend
+    on the content (an array under a shared secret), and what it returned is returned so
+    the caller need not decode twice (None otherwise). Its own errors propagate.
+    """
+    secrets = tuple(secrets)
+    bearer_tokens = tuple(bearer_tokens)
+    if bearer_tokens:
+        verify_bearer(headers.get("Authorization"), bearer_tokens)
+    if not secrets:
+        return None
+    if not _ARRAY.match(raw):
+        # One message (or a {"batch": [...]} replay): the raw bytes are signed, so a forged
+        # body is refused before any parsing.
+        verify_signature(headers.get("X-Signature"), raw, secrets)
+        return None
+    data = decode(raw)
+    if not isinstance(data, list) or not data:
+        return data  # not something Segment sends: the parser says what is wrong with it
+    if len(data) > 1 and not bearer_tokens:
+        raise SignatureError(
+            f"an array of {len(data)} messages needs a whole-body credential: Segment's "
+            "X-Signature covers only the first message of a Webhooks (Actions) batch. Add "
+            "the header 'Authorization: Bearer <token>' to the destination's mapping and "
+            "set WEBHOOK_BEARER_TOKEN to the same token (or turn batching off)")
+    try:
+        first = js_stringify(data[0]).encode("utf-8", "surrogatepass")
+    except RecursionError:
+        raise SignatureError("the first message is nested too deeply to verify") from None
+    verify_signature(headers.get("X-Signature"), first, secrets)
+    return data
+
+
+def accepted_shapes(*, secrets: bool, bearer: bool) -> dict[str, str]:
+    """What each delivery shape needs under a configuration (for /healthz and the docs)."""
+    if not secrets and not bearer:
+        return {"single": "accepted unsigned", "array": "accepted unsigned",
+                "batch": "accepted unsigned"}
+    need = []
+    if bearer:
+        need.append("Authorization: Bearer")
+    single = " and ".join(need + (["X-Signature of the body"] if secrets else []))
+    if secrets and not bearer:
+        array = ("one message: X-Signature of it; several: refused (401), they need "
+                 "WEBHOOK_BEARER_TOKEN")
+    elif secrets:
+        array = "Authorization: Bearer and X-Signature of the first message"
+    else:
+        array = "Authorization: Bearer"
+    return {"single": single, "array": array, "batch": single}
 
 
 # --- JavaScript's JSON.stringify ---------------------------------------------------------

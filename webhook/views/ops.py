@@ -7,6 +7,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client.core import GaugeMetricFamily
 
 from .. import metrics
+from ..signature import accepted_shapes
 from ..store import StoreUnavailable
 
 bp = Blueprint("ops", __name__)
@@ -24,6 +25,8 @@ def healthz():
         "inbox": _inbox(services) if store_ok else None,
         "signatures_enforced": bool(settings.segment_shared_secrets),
         "bearer_token_enforced": bool(settings.webhook_bearer_tokens),
+        "deliveries": accepted_shapes(secrets=bool(settings.segment_shared_secrets),
+                                      bearer=bool(settings.webhook_bearer_tokens)),
         "configured": settings.public_summary(),
         "warnings": services.warnings,
     }

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from flask import Blueprint, current_app, g, request
@@ -10,15 +9,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
 from ..ingest import NoMessages
-from ..segment import BodyError, parse_body
-from ..signature import SignatureError, js_stringify, verify_bearer, verify_signature
+from ..segment import BodyError, decode_body, parse_body
+from ..signature import SignatureError, verify_delivery
 from ..store import StoreUnavailable
 from .errors import error_response, json_response
 
 bp = Blueprint("segment", __name__)
 log = logging.getLogger("webhook.segment")
 _access = logging.getLogger("webhook.access")
-_ARRAY = re.compile(rb"\s*\[")  # an Actions batch: a bare array (whitespace before allowed)
 
 
 @bp.post("/segment")
@@ -37,34 +35,15 @@ def _receive(outcomes: dict):
     raw = _read_body(req, settings.max_body_bytes)
 
     try:
-        if settings.webhook_bearer_tokens:
-            verify_bearer(req.headers.get("Authorization"), settings.webhook_bearer_tokens)
-        signed_as_single = settings.segment_shared_secrets and not _ARRAY.match(raw)
-        if signed_as_single:
-            # A single message (or a {"batch": [...]} replay): the raw bytes are signed,
-            # so a forged body is refused before any parsing.
-            verify_signature(req.headers.get("X-Signature"), raw,
-                             settings.segment_shared_secrets)
+        data = verify_delivery(req.headers, raw, secrets=settings.segment_shared_secrets,
+                               bearer_tokens=settings.webhook_bearer_tokens,
+                               decode=decode_body)
+        body = parse_body(raw, data)
     except SignatureError as exc:
         return _unauthorized(str(exc))
-
-    try:
-        body = parse_body(raw)
     except BodyError as exc:
         log.info("delivery refused: body", extra={"status": 400})
         return error_response(400, "invalid_body", str(exc))
-
-    if settings.segment_shared_secrets and body.shape == "array":
-        # Webhooks (Actions) signs JSON.stringify of the first event only.
-        try:
-            first = js_stringify(body.raw_messages[0]).encode("utf-8", "surrogatepass")
-        except RecursionError:
-            return error_response(400, "invalid_body", "the body is nested too deeply")
-        try:
-            verify_signature(req.headers.get("X-Signature"), first,
-                             settings.segment_shared_secrets)
-        except SignatureError as exc:
-            return _unauthorized(str(exc))
 
     try:
         summary = services.ingestor.ingest(body.raw_messages)
