@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import prerequisites
+from tests.operator import OPERATOR, OPERATOR_TOKEN
 from tests.segment_wire import STORY, capture_corpus
 from webhook import create_app
 from webhook.store import StoreUnavailable
@@ -105,6 +106,7 @@ def make_app(sqlite_url):
 
     def factory(**settings):
         settings.setdefault("database_url", sqlite_url)
+        settings.setdefault("metrics_token", OPERATOR_TOKEN)
         app = create_app(settings)
         app.config["TESTING"] = True
         app.test_client_class = AppliedClient
@@ -217,4 +219,14 @@ def metric(app_or_client, name: str, **labels: str) -> float:
     """``sample`` read from the app's GET /metrics."""
     client = (app_or_client if isinstance(app_or_client, FlaskClient)
               else app_or_client.test_client())
-    return sample(client.get("/metrics").get_data(as_text=True), name, **labels)
+    return sample(client.get("/metrics", headers=OPERATOR).get_data(as_text=True), name,
+                  **labels)
+
+
+def health(app_or_client) -> dict:
+    """GET /healthz with the operator's token: the details."""
+    client = (app_or_client if isinstance(app_or_client, FlaskClient)
+              else app_or_client.test_client())
+    response = client.get("/healthz", headers=OPERATOR)
+    assert response.status_code in (200, 503), response.get_data(as_text=True)
+    return response.get_json()

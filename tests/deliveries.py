@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import requests
 import sqlalchemy as sa
 
+from tests.operator import OPERATOR
 from webhook.store import inbox_url_for
 
 
@@ -166,7 +167,8 @@ def wait_applied(base: str, timeout: float = 120.0) -> dict:
     last = None
     while time.monotonic() < deadline:
         try:
-            last = requests.get(base + "/healthz", timeout=5).json().get("inbox")
+            last = requests.get(base + "/healthz", headers=OPERATOR,
+                                timeout=5).json().get("inbox")
         except (requests.RequestException, ValueError):
             last = None
         if last and not any(a["pending"] for a in last["appliers"].values()):

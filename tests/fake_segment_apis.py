@@ -138,6 +138,13 @@ class FakeProfileAPI(_Server):
         self._requests: list[ProfileRequest] = []
         self._admitted: dict[str, list[float]] = {}  # space -> arrival times (monotonic)
         self._retry_after = 1
+        self._everyone: dict | None = None  # traits of a profile nobody set
+
+    def know_everyone(self, traits: dict | None) -> None:
+        """Answer for any profile not set as one with these traits (default: none), as a
+        space where every visitor already has a profile; None: 404 for those again."""
+        with self._cond:
+            self._everyone = None if traits is None else dict(traits)
 
     def fail(self, status: int | None, retry_after: int = 1) -> None:
         """Answer every request with this HTTP status (None: answer normally); a 429
@@ -200,7 +207,7 @@ class FakeProfileAPI(_Server):
         token = _basic_user(handler.headers.get("Authorization"))
         with self._cond:
             fail = self._fail_status
-            traits = self._profiles.get(identifier) if identifier else None
+            traits = self._profiles.get(identifier, self._everyone) if identifier else None
 
         if fail is not None:
             answer = _json(fail, {"error": {"code": "internal", "message": "injected"}})

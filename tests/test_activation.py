@@ -37,6 +37,13 @@ def tracking():
         yield fake
 
 
+@pytest.fixture(autouse=True)
+def segment_knows_everyone(profile_api):
+    """The visitors of these tests have a profile at Segment (a Profile API 404 is never
+    written back: the test of it says so)."""
+    profile_api.know_everyone({})
+
+
 @pytest.fixture
 def activating_app(personalize_app, tracking):
     def factory(**settings):
@@ -368,3 +375,22 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
     # 120 more pending lists of 500 ids would hold ~4 MB; bounded, the memory stays flat.
     assert after_second - after_first < 2_000_000, (after_first, after_second)
     assert slowest < 1.0  # nobody waited for the queue
+
+
+def test_a_profile_segment_does_not_know_is_answered_but_never_written_back(
+        activating_app, tracking, profile_api, runtime):
+    """A Profile API 404 (no profile, or a wrong SEGMENT_SPACE_ID): the visitor gets a
+    personalized answer, but no identify creates data at Segment about them. The known
+    visitor beside them is written back (the positive control)."""
+    profile_api.know_everyone(None)
+    profile_api.set_traits("user_id:known", {})
+    app = activating_app()
+    client = app.test_client()
+    unknown = get(client, "userId=stranger&numResults=2")
+    known = get(client, "userId=known&numResults=2")
+    assert unknown["source"] == known["source"] == "personalize"
+    assert "degraded" not in unknown
+    tracking.wait_for_identifies(1, "known")
+    settle(app)
+    assert published_lists(tracking, "known") == [ids(known)]
+    assert tracking.identifies("stranger") == []

@@ -19,6 +19,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import aws_stand_ins, store_of
+from tests.conftest import health as health_of
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.fake_personalize_control import FakePersonalizeControl
 from tests.fake_segment_apis import deliver, product_viewed
@@ -221,7 +222,7 @@ def test_without_the_deletion_settings_users_wait_and_the_service_warns(make_app
     app = make_app(personalize_tracking_id=TRACKING_ID, aws_region="us-east-1")
     deliver(app.test_client(), delete("u-5"))
     assert waiting(app) == [("u-5", None)]
-    health = app.test_client().get("/healthz").get_json()
+    health = health_of(app)
     assert any("PERSONALIZE_DELETION_S3_URI" in w for w in health["warnings"])
     output = app.test_cli_runner().invoke(args=["deletions"]).output
     assert "pending: 1 user(s)" in output and "no job is created" in output

@@ -26,6 +26,7 @@ import requests
 import sqlalchemy as sa
 
 from tests import pg_server
+from tests.operator import OPERATOR
 from tests.deliveries import (
     Ledger,
     assert_in_order_per_session,
@@ -338,7 +339,8 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
                 while not all(f.done() for f in futures) or fake.stopped:
                     elapsed = time.monotonic() - started
                     if during is None and elapsed >= seconds - 2:
-                        during = requests.get(base + "/healthz", timeout=5).json()["inbox"]
+                        during = requests.get(base + "/healthz", headers=OPERATOR,
+                                              timeout=5).json()["inbox"]
                     if trouble == "unreachable" and elapsed >= seconds and fake.stopped:
                         fake.start()  # the same port: Personalize is back
                     time.sleep(0.05)

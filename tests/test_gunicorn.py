@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import sample
+from tests.operator import OPERATOR
 from tests.deliveries import wait_applied
 from tests.gunicorn_server import gunicorn
 
@@ -55,7 +56,7 @@ def test_message_counter_is_correct_across_workers(tmp_path):
         assert all(a.json()["duplicates"] == 1 for a in again)
 
         def scrape():
-            return requests.get(base + "/metrics", headers={"Connection": "close"},
+            return requests.get(base + "/metrics", headers={"Connection": "close", **OPERATOR},
                                 timeout=5).text
 
         def complete(text):
@@ -95,7 +96,7 @@ def test_message_counter_is_correct_across_workers(tmp_path):
 def test_healthz_under_gunicorn_says_signatures_are_not_enforced(tmp_path):
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
     with gunicorn(env, workers=1) as (base, process):
-        health = requests.get(base + "/healthz", timeout=5).json()
+        health = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json()
         assert health["signatures_enforced"] is False
         assert any("UNSIGNED" in w for w in health["warnings"])
     assert "UNSIGNED DELIVERIES ARE ACCEPTED" in process.log_path.read_text()

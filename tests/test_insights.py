@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import applied, metric, raw_client
+from tests.conftest import health as health_of
 from webhook.appliers import NOT_READY
 from webhook.config import ConfigError, Settings
 from webhook.experiments import bucket
@@ -381,7 +382,7 @@ def test_insights_need_the_token_when_one_is_set(shop):
 
 def test_without_a_token_insights_are_open_and_a_warning_says_so(shop):
     app = shop()
-    health = app.test_client().get("/healthz").get_json()
+    health = health_of(app)
     assert any("GET /insights IS OPEN" in w for w in health["warnings"])
     response = app.test_client().get("/insights?days=0",
                                      headers={"Accept": "application/json"})

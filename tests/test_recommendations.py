@@ -19,6 +19,7 @@ import time
 import pytest
 
 from tests.conftest import aws_stand_ins, metric  # noqa: F401  (metric: also for other modules)
+from tests.operator import OPERATOR
 from tests.fake_personalize import FakePersonalizeRuntime
 from tests.fake_segment_apis import (
     FakeProfileAPI,
@@ -860,7 +861,7 @@ def test_300_cold_visitors_in_a_second_stay_within_100_per_second(tmp_path, runt
 
             with ThreadPoolExecutor(48) as pool:
                 answers = list(pool.map(visit, range(len(visitors))))
-            metrics_text = http.get(f"{base}/metrics", timeout=10).text
+            metrics_text = http.get(f"{base}/metrics", headers=OPERATOR, timeout=10).text
             statuses = [r.status for r in profiles.requests]
             asked = {r.identifier for r in profiles.requests if r.status == 200}
             personalized = {visitors[n] for n, (_, body) in enumerate(answers)

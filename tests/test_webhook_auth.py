@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.conftest import AppliedClient, store_of
+from tests.conftest import AppliedClient, health, store_of
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
@@ -406,6 +406,6 @@ def test_huge_number_in_first_element_signed_as_node_sees_it_is_accepted(signed_
 ])
 def test_healthz_says_which_shapes_the_configuration_accepts(make_app, settings, array):
     app = make_app(**settings)
-    shapes = app.test_client().get("/healthz").get_json()["deliveries"]
+    shapes = health(app)["deliveries"]
     assert set(shapes) == {"single", "array", "batch"}
     assert array in shapes["array"]

@@ -361,13 +361,17 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("attribution_window_hours", ("ATTRIBUTION_WINDOW_HOURS",), _positive_float),
     ("attribution_hold_seconds", ("ATTRIBUTION_HOLD_SECONDS",), _non_negative_float),
     ("insights_token", ("INSIGHTS_TOKEN",), _secret_key),
+    # --- the trust boundary: consent, operations data ---
+    ("opt_out_values", ("OPT_OUT_VALUES",), _csv),
+    ("consent_categories", ("CONSENT_CATEGORIES",), _csv),
+    ("metrics_token", ("METRICS_TOKEN",), _secret_key),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
 SECRET_FIELDS = frozenset(
     {"segment_shared_secrets", "webhook_bearer_tokens", "segment_write_key",
      "segment_profile_api_token", "database_url", "secret_key",
-     "ingest_write_keys", "insights_token"}
+     "ingest_write_keys", "insights_token", "metrics_token"}
 )
 
 
@@ -481,6 +485,14 @@ class Settings:
     # attributable. 0: never waits (one worker: its own answers are written first).
     attribution_hold_seconds: float = 1.0
     insights_token: str = ""  # required by GET /insights when set
+    # --- the trust boundary: consent, operations data ---
+    # More values of the opt-out trait that count as opted out (besides every value
+    # that is not absent, null, false, 0, "false", "no", "off", "0" or "").
+    opt_out_values: tuple[str, ...] = ()
+    # Segment Consent Management categories a message must not deny to be used.
+    consent_categories: tuple[str, ...] = ()
+    # Required (as a bearer token) by GET /metrics and /healthz's details when set.
+    metrics_token: str = ""
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -589,4 +601,7 @@ class Settings:
             "insights_retention_days": self.insights_retention_days or None,
             "attribution_window_hours": self.attribution_window_hours,
             "insights_token": bool(self.insights_token),
+            "opt_out_values": list(self.opt_out_values),
+            "consent_categories": list(self.consent_categories),
+            "metrics_token": bool(self.metrics_token),
         }

@@ -278,7 +278,14 @@ class Inbox:
     # -- what is left to do --------------------------------------------------------------
 
     def lag(self, names: Iterable[str]) -> dict[str, Lag]:
-        """For each applier: rows not yet applied, the age of the oldest, the lease."""
+        """For each applier: rows not yet applied, the age of the oldest, the lease.
+
+        From positions, never a count over the backlog (``/metrics`` and ``/healthz`` ask
+        on every scrape): ``pending`` is the latest sequence number minus the applier's
+        position, and the oldest row is the first one after the position (two index
+        lookups however long the backlog). On PostgreSQL sequence numbers have gaps (a
+        duplicate's insert takes one too), so ``pending`` is an estimate there; it is 0
+        exactly when no row is left."""
         names = list(names)
         now = time.time()
         out: dict[str, Lag] = {}
@@ -286,17 +293,19 @@ class Inbox:
             rows = {row.name: row for row in conn.execute(
                 sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(names)))}
         with self.rows.read() as conn:
+            latest = conn.execute(sa.select(sa.func.max(inbox.c.seq))).scalar() or 0
             for name in names:
                 row = rows.get(name)
                 at = (row.position_txid, row.position_seq) if row else (0, 0)
-                after = (sa.tuple_(inbox.c.txid, inbox.c.seq) > sa.tuple_(*at)
-                         if self.postgresql else inbox.c.seq > at[1])
-                pending = conn.execute(sa.select(sa.func.count()).select_from(inbox)
-                                       .where(after)).scalar_one()
-                oldest = conn.execute(sa.select(sa.func.min(inbox.c.received_at))
-                                      .where(after)).scalar_one() if pending else None
-                out[name] = Lag(pending=pending,
-                                oldest_seconds=max(0.0, now - oldest) if oldest else 0.0,
+                if self.postgresql:
+                    after = sa.tuple_(inbox.c.txid, inbox.c.seq) > sa.tuple_(*at)
+                    order: tuple = (inbox.c.txid, inbox.c.seq)
+                else:
+                    after, order = inbox.c.seq > at[1], (inbox.c.seq,)
+                first = conn.execute(sa.select(inbox.c.received_at).where(after)
+                                     .order_by(*order).limit(1)).scalar()
+                out[name] = Lag(pending=max(1, latest - at[1]) if first is not None else 0,
+                                oldest_seconds=max(0.0, now - first) if first else 0.0,
                                 owner=row.owner if row else None,
                                 applying_since=row.batch_started if row else None)
         return out

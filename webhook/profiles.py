@@ -18,6 +18,7 @@ import email.utils
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 from urllib.parse import quote
@@ -151,6 +152,8 @@ class SegmentProfiles:
             TTLCache(maxsize=cache_size, ttl=cache_seconds) if cache_seconds > 0 else None)
         self._lock = threading.Lock()
         self._flights: dict[tuple, _Flight] = {}
+        # The outcome of each call that reached the Profile API, for the 404 warning.
+        self._answers: deque[tuple[float, str]] = deque(maxlen=10_000)
 
     def _url(self, identifier: str) -> str:
         return (f"{self.base_url}/v1/spaces/{quote(self.space_id, safe='')}/collections/users/"
@@ -204,7 +207,17 @@ class SegmentProfiles:
             if ticket:
                 self.budget.complete(ticket)
         metrics.PROFILE_LOOKUPS.labels(outcome=profile.status).inc()
+        self._answers.append((time.monotonic(), profile.status))
         return profile
+
+    def not_found_share(self, window: float = 60.0) -> tuple[float, int]:
+        """(share of 404s, calls) among this process's Profile API calls in the last
+        ``window`` seconds: mostly 404s suggests a wrong SEGMENT_SPACE_ID."""
+        since = time.monotonic() - window
+        recent = [status for at, status in list(self._answers) if at >= since]
+        if not recent:
+            return 0.0, 0
+        return sum(status == "not_found" for status in recent) / len(recent), len(recent)
 
     def _fetch(self, identifier: str, names: Sequence[str]) -> Profile:
         params = {"limit": "200"}
@@ -262,9 +275,3 @@ def trait_items(value) -> list[str]:
     if isinstance(value, str):
         return [part.strip() for part in value.replace("|", ",").split(",") if part.strip()]
     return []
-
-
-def truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on", "opted_out", "opt-out")
-    return bool(value)

@@ -35,7 +35,8 @@ import sqlalchemy as sa
 
 from . import metrics
 from .experiments import Experiment, Variant
-from .profiles import Profile, ProfileSource, local_purchases, trait_items, truthy
+from .consent import GRANTED, OPTED_OUT, UNKNOWN, OptOut, consent_of
+from .profiles import Profile, ProfileSource, local_purchases, trait_items
 from .recommenders import Recommendation, RecommenderUnavailable, ScoredItem
 from .recommenders.personalize import filter_values_from_traits
 from .recommenders.popular import PopularItems
@@ -45,13 +46,6 @@ log = logging.getLogger("webhook.recommend")
 
 MAX_RESULTS = 500
 ITEM_DETAILS = ("name", "url", "image_url", "price")
-
-# Consent, as far as the opt-out trait tells it.
-GRANTED = "granted"        # the opt-out was read as false (or no profile exists)
-OPTED_OUT = "opted_out"    # the opt-out was read as true
-UNKNOWN = "unknown"        # the profile could not be read: never personalized
-NO_VISITOR = "no_visitor"  # items related to an item: nobody's traits are involved
-
 
 class NoRecommendations(Exception):
     """Neither the recommender nor the popular fallback can answer."""
@@ -81,6 +75,9 @@ class Answer:
     variant: str = ""
     degraded: dict = field(default_factory=dict)
     traits: dict = field(default_factory=dict)  # the values used: private
+    # Whether the visitor's profile exists at Segment: a Profile API 404 means Segment
+    # does not know them (or SEGMENT_SPACE_ID is wrong), and nothing is written back.
+    unknown_to_segment: bool = False
 
     @property
     def personalized(self) -> bool:
@@ -108,18 +105,6 @@ class Answer:
         return body
 
 
-def consent_of(profile: Profile | None, opt_out_trait: str) -> str:
-    """Whether the visitor may get personalized recommendations: only when the opt-out
-    is known to be false. ``profile`` None: no visitor."""
-    if profile is None:
-        return NO_VISITOR
-    if not opt_out_trait:  # no opt-out configured: nothing to consent to
-        return GRANTED
-    if not profile.known:
-        return UNKNOWN
-    return OPTED_OUT if truthy(profile.traits.get(opt_out_trait)) else GRANTED
-
-
 @dataclass
 class _Question:
     """What differs between recommending and ranking; everything else is shared."""
@@ -135,7 +120,7 @@ class RecommendationService:
     def __init__(self, *, store: Store, experiment: Experiment,
                  profiles: ProfileSource, popular: PopularItems, activation=None,
                  recorder=None,
-                 exclusion_traits: Sequence[str], opt_out_trait: str,
+                 exclusion_traits: Sequence[str], opt_out: OptOut,
                  purchase_events: Sequence[str], filter_values_map: Sequence[tuple[str, str]],
                  pool_size: int = 16):
         self.store = store
@@ -145,11 +130,11 @@ class RecommendationService:
         self.popular = popular
         self.activation = activation
         self.exclusion_traits = tuple(exclusion_traits)
-        self.opt_out_trait = opt_out_trait
+        self.opt_out = opt_out
         self.purchase_events = tuple(purchase_events)
         self.filter_values_map = tuple(filter_values_map)
         self.trait_names = tuple(dict.fromkeys(
-            [*self.exclusion_traits, *([opt_out_trait] if opt_out_trait else []),
+            [*self.exclusion_traits, *([opt_out.trait] if opt_out.trait else []),
              *(trait for _, trait in self.filter_values_map)]))
         self._pool_size = pool_size
         self._pool: ThreadPoolExecutor | None = None
@@ -226,7 +211,7 @@ class RecommendationService:
         purchases_future = self.pool.submit(self._purchases, request)
         profile, recommendation, filter_values = self._profile_and_ask(
             request, question, degraded)
-        consent = consent_of(profile, self.opt_out_trait)
+        consent = consent_of(profile, self.opt_out)
         purchases = purchases_future.result()
         if purchases is None:
             degraded["purchases"] = "local store unavailable"
@@ -285,6 +270,8 @@ class RecommendationService:
             variant=variant.name,
             degraded=degraded,
             traits={name: traits[name] for name in self.trait_names if name in traits},
+            unknown_to_segment=(profile is not None and profile.source == "segment"
+                                and profile.status == "not_found"),
         )
 
     def _profile(self, request: Request) -> Profile | None:
@@ -310,7 +297,7 @@ class RecommendationService:
         filter_values: dict | None = None
         if self.filter_values_map and request.visitor:
             profile = self._profile(request)
-            if consent_of(profile, self.opt_out_trait) in (OPTED_OUT, UNKNOWN):
+            if consent_of(profile, self.opt_out) in (OPTED_OUT, UNKNOWN):
                 future = None
             else:
                 filter_values, notes = filter_values_from_traits(profile.traits,
@@ -379,9 +366,11 @@ class RecommendationService:
     @staticmethod
     def may_write_back(request: Request, answer: Answer) -> bool:
         """Only a personalized, complete answer, for an identified visitor whose opt-out
-        was read as false."""
+        was read and is not opted out, and whom Segment knows (a Profile API 404 would
+        have the write-back create a profile there)."""
         return (bool(request.user_id) and answer.consent == GRANTED and answer.personalized
-                and not answer.degraded and bool(answer.item_list))
+                and not answer.degraded and bool(answer.item_list)
+                and not answer.unknown_to_segment)
 
     def _write_back(self, request: Request, answer: Answer) -> None:
         if self.activation is not None and self.may_write_back(request, answer):

@@ -23,6 +23,7 @@ from .appliers.local import LocalStoreApplier
 from .appliers.process import AppliersProcess
 from .budget import HostBudget, HostShare, budget_path
 from .config import SECRET_FIELDS, Settings
+from .consent import OptOut
 from .deadletters import DeadLetters
 from .deletions import DeletionSync, record_deletions
 from .engine import make_engine
@@ -335,7 +336,8 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     services.recommendations = RecommendationService(
         store=store, experiment=experiment, profiles=profile_source,
         popular=popular, activation=activation, recorder=services.impressions,
-        exclusion_traits=settings.exclusion_traits, opt_out_trait=settings.opt_out_trait,
+        exclusion_traits=settings.exclusion_traits,
+        opt_out=OptOut(settings.opt_out_trait, settings.opt_out_values),
         purchase_events=settings.purchase_events,
         filter_values_map=settings.filter_values_map)
     if settings.mode == "personalize":
