@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
+HOST ?= 127.0.0.1
 
 .PHONY: run demo test test-fast install install-dev clean
 
 run: install
-	PORT=$(PORT) $(BIN)/gunicorn wsgi:app
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn wsgi:app
 
 demo: install
 	$(BIN)/python demo/run.py --port $(PORT)

@@ -13,7 +13,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 else:
     _own_metrics_dir = False
 
-bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Loopback unless told otherwise: a newcomer's `make run` is not reachable from the
+# network. The Procfile binds 0.0.0.0:$PORT, as Heroku requires.
+bind = os.environ.get("GUNICORN_BIND") or \
+    f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))

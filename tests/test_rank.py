@@ -75,6 +75,8 @@ def test_the_local_engine_ranks_by_the_persons_history(engine_app):
 
 
 def test_trait_checks_exclusions_purchases_and_opt_out(engine_app):
+    """Without SECRET_KEY the checks apply, and the answer says nothing of them: which of
+    a list of items a person bought is theirs to know (the rank "oracle")."""
     post(engine_app, catalogue())
     post(engine_app, [track("buyer", "b1", 950, event="Order Completed"),
                       {"type": "identify", "messageId": "i-1", "userId": "buyer",
@@ -86,12 +88,8 @@ def test_trait_checks_exclusions_purchases_and_opt_out(engine_app):
     answer = rank(engine_app, {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]}
                   ).get_json()
     assert "a1" not in ids(answer) and "b1" not in ids(answer)
-    # The local profile adds local purchases to purchased_products: both count there.
-    assert answer["filtered"]["count"] == 2
-    assert set(answer["filtered"]["reasons"]) <= {"purchased_products", "recent_purchase"}
-    # No SECRET_KEY, no token: which traits were used, never their values.
-    assert answer["traitsUsed"] == ["purchased_products"]
-    assert "traitValues" not in answer
+    for private in ("filtered", "traitsUsed", "traitValues"):
+        assert private not in answer, answer
 
     answer = rank(engine_app, {"userId": "quiet", "itemIds": ["a2", "hot"]}).get_json()
     assert answer["source"] == "popular" and "optedOut" not in answer
@@ -109,6 +107,23 @@ def test_trait_values_and_opt_out_shown_with_the_visitors_token(make_app):
     assert answer["optedOut"] is True and answer["source"] == "popular"
     assert answer["traitValues"] == {"recommendations_opt_out": True}
     assert ids(answer) == ["hot", "a2"]
+
+
+def test_the_buyers_own_token_shows_what_the_checks_removed(make_app):
+    app = make_app(secret_key="s" * 32)
+    post(app, catalogue() + [track("buyer", "b1", 950, event="Order Completed"),
+                             {"type": "identify", "messageId": "i-1", "userId": "buyer",
+                              "timestamp": "2024-05-01T11:00:00Z",
+                              "traits": {"purchased_products": ["a1"]}}])
+    token = mint_token("s" * 32, user_id="buyer")
+    answer = rank(app, {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]},
+                  headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert "a1" not in ids(answer) and "b1" not in ids(answer)
+    # The local profile adds local purchases to purchased_products: both count there.
+    assert answer["filtered"]["count"] == 2
+    assert set(answer["filtered"]["reasons"]) <= {"purchased_products", "recent_purchase"}
+    assert answer["traitsUsed"] == ["purchased_products"]
+    assert answer["traitValues"]["purchased_products"][:1] == ["a1"]
 
 
 @pytest.mark.parametrize("body,parameter", [

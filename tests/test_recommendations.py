@@ -67,7 +67,8 @@ def personalize_app(make_app, runtime, profile_api):
         values = dict(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
                       segment_profile_api_url=profile_api.url, segment_space_id=SPACE,
                       segment_profile_api_token=PROFILE_TOKEN,
-                      profile_api_timeout_seconds=2.0, recommender_timeout_seconds=3.0)
+                      profile_api_timeout_seconds=2.0, recommender_timeout_seconds=3.0,
+                      secret_key=SECRET_KEY)
         values.update(settings)
         return make_app(**values)
     return factory
@@ -77,8 +78,32 @@ def token_for(user_id: str) -> str:
     return mint_token(SECRET_KEY, user_id=user_id)
 
 
-def get(client, query: str, expect: int = 200) -> dict:
-    response = client.get("/recommendations?" + query)
+AUTO = "auto"
+
+
+def visitor_token(query: str) -> str | None:
+    """The token a shop's backend would mint for the visitor a query asks about: the
+    userId's, else the anonymousId's (any visitor's for related items)."""
+    from urllib.parse import parse_qs
+    params = {k: v[0].strip() for k, v in parse_qs(query, keep_blank_values=True).items()}
+    if params.get("userId"):
+        return mint_token(SECRET_KEY, user_id=params["userId"])
+    if params.get("anonymousId"):
+        return mint_token(SECRET_KEY, anonymous_id=params["anonymousId"])
+    return mint_token(SECRET_KEY, user_id="any-visitor")
+
+
+def visitor_headers(query: str) -> dict:
+    return {"Authorization": f"Bearer {visitor_token(query)}"}
+
+
+def get(client, query: str, expect: int = 200, token: str | None = AUTO) -> dict:
+    """GET /recommendations as the visitor's page does: with the visitor's token
+    (``token=None``: without one)."""
+    if token == AUTO:
+        token = visitor_token(query)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = client.get("/recommendations?" + query, headers=headers)
     assert response.status_code == expect, response.get_data(as_text=True)
     return response.get_json()
 
@@ -155,7 +180,8 @@ def test_user_gets_personalize_order_scores_id_and_catalog_details(personalize_a
     runtime.set_ranking("u-1", ranking)
     profile_api.set_traits("user_id:u-1", {"plan": "pro"})
 
-    response = client.get("/recommendations?userId=u-1&numResults=4")
+    response = client.get("/recommendations?userId=u-1&numResults=4",
+                          headers=visitor_headers("userId=u-1"))
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     assert "no-store" in response.headers["Cache-Control"]
@@ -380,7 +406,8 @@ def test_anonymous_purchase_is_excluded_for_that_anonymous_visitor(personalize_a
 def test_purchase_excluded_at_once_on_the_embedded_default(make_app, database_url):
     """Local profile store + local engine; ENGINE_EXCLUDE_SEEN off, so the exclusion
     the user sees is the recommendation service's own."""
-    client = make_app(database_url=database_url, engine_exclude_seen=False).test_client()
+    client = make_app(database_url=database_url, engine_exclude_seen=False,
+                      secret_key=SECRET_KEY).test_client()
     deliver(client, *[product_viewed("sku-1", anonymous_id=f"v{i}") for i in range(4)],
             *[product_viewed("sku-2", anonymous_id=f"v{i}") for i in range(3)],
             *[product_viewed("sku-3", anonymous_id=f"v{i}") for i in range(2)],
@@ -397,7 +424,8 @@ def test_purchase_excluded_at_once_on_the_embedded_default(make_app, database_ur
 def test_without_a_profile_token_traits_come_from_the_local_store(make_app, runtime,
                                                                   profile_api):
     client = make_app(personalize_campaign_arn=CAMPAIGN, aws_region="us-east-1",
-                      segment_profile_api_url=profile_api.url).test_client()
+                      segment_profile_api_url=profile_api.url,
+                      secret_key=SECRET_KEY).test_client()
     deliver(client, identify("u-5", {"purchased_products": ["item-2"],
                                      "recommendations_opt_out": False}))
     body = get(client, "userId=u-5&numResults=3")
@@ -420,9 +448,9 @@ def test_profile_api_is_asked_for_only_the_traits_the_rules_use(personalize_app,
     assert sorted(request.include) == ["purchased_products", "recommendations_opt_out"]
     assert request.status == 200
     assert ids(body) == ["item-2", "item-3"]
-    # Without a token (no SECRET_KEY): which traits were used, never their values.
+    # The visitor's own token: which traits were used, and their values.
     assert body["traitsUsed"] == ["purchased_products", "recommendations_opt_out"]
-    assert "traitValues" not in body and "item-1" not in json.dumps(body)
+    assert body["traitValues"]["purchased_products"] == ["item-1"]
 
 
 def test_profile_api_url_defaults_to_the_us_host_and_takes_the_eu_one():
@@ -595,7 +623,8 @@ def test_popular_items_asked_for_before_any_event_do_not_stay_empty(
     seen show up in the very next fallback, not a minute later."""
     client = personalize_app().test_client()
     runtime.fail_next(1, status=500)
-    response = client.get("/recommendations?userId=u-1&numResults=3")
+    response = client.get("/recommendations?userId=u-1&numResults=3",
+                          headers=visitor_headers("userId=u-1"))
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "recommender_unavailable"
     popular_catalog(client)
@@ -640,7 +669,7 @@ def test_popular_fallback_keeps_exclusions(personalize_app, runtime, profile_api
 def test_personalize_down_and_no_popular_items_is_503(personalize_app, runtime):
     client = personalize_app(retry_after_seconds=17).test_client()
     runtime.fail_next(5)
-    response = client.get("/recommendations?userId=u-1")
+    response = client.get("/recommendations?userId=u-1", headers=visitor_headers("userId=u-1"))
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "17"
     assert response.get_json()["error"]["code"]
@@ -671,7 +700,8 @@ def test_opt_out_never_gets_personalized_items_even_without_popular_ones(persona
     personalized list."""
     client = personalize_app().test_client()
     profile_api.set_traits("user_id:u-1", {"recommendations_opt_out": True})
-    response = client.get("/recommendations?userId=u-1&numResults=3")
+    response = client.get("/recommendations?userId=u-1&numResults=3",
+                          headers=visitor_headers("userId=u-1"))
     if response.status_code == 200:
         body = response.get_json()
         assert body["source"] != "personalize", body
@@ -705,37 +735,43 @@ def test_ids_with_special_characters_reach_both_upstreams_intact(personalize_app
 def test_trait_values_only_with_the_visitors_token(personalize_app, profile_api):
     traits = {"purchased_products": ["item-1", "item-2"], "recommendations_opt_out": False}
     profile_api.set_traits("user_id:u-1", traits)
+    profile_api.set_traits("anonymous_id:a-1", traits)
 
-    # No SECRET_KEY: anyone may ask, and learns which traits were used and how many items
-    # each removed, never their values.
-    body = get(personalize_app().test_client(), "userId=u-1&numResults=3")
+    # No SECRET_KEY: anyone may ask, and learns nothing of the visitor's traits: not
+    # their values, not which traits were used, not how many items each removed.
+    body = get(personalize_app(secret_key="").test_client(), "userId=u-1&numResults=3",
+               token=None)
     assert ids(body) == ["item-3", "item-4", "item-5"]
-    assert body["traitsUsed"] == ["purchased_products", "recommendations_opt_out"]
-    assert body["filtered"] == {"count": 2, "reasons": {"purchased_products": 2}}
-    assert "traitValues" not in body and "optedOut" not in body
+    for private in ("traitsUsed", "filtered", "traitValues", "optedOut"):
+        assert private not in body, body
     text = json.dumps(body)
     assert '"item-1"' not in text and '"item-2"' not in text
 
-    # With SECRET_KEY, the visitor's own token shows the values.
-    client = personalize_app(secret_key=SECRET_KEY).test_client()
-    body = get(client, f"userId=u-1&numResults=3&token={token_for('u-1')}")
+    # With SECRET_KEY, the userId's own token shows them.
+    client = personalize_app().test_client()
+    body = get(client, "userId=u-1&numResults=3")
     assert body["traitValues"] == traits
     assert body["traitsUsed"] == ["purchased_products", "recommendations_opt_out"]
+    assert body["filtered"] == {"count": 2, "reasons": {"purchased_products": 2}}
+    # An anonymous visitor's own token: the checks apply, their details are not shown.
+    body = get(client, "anonymousId=a-1&numResults=3")
+    assert ids(body) == ["item-3", "item-4", "item-5"]
+    assert "traitValues" not in body and "traitsUsed" not in body and "filtered" not in body
     # Related items with some visitor's token: nobody's traits are involved.
-    body = get(client, f"itemId=item-9&numResults=2&token={token_for('u-2')}")
-    assert body["traitsUsed"] == [] and "traitValues" not in body
+    body = get(client, "itemId=item-9&numResults=2")
+    assert "traitsUsed" not in body and "traitValues" not in body
 
 
 def test_rank_shows_no_trait_values_without_a_token(personalize_app, profile_api):
     profile_api.set_traits("user_id:u-1", {"purchased_products": ["a"],
                                            "recommendations_opt_out": False})
-    response = personalize_app().test_client().post(
+    response = personalize_app(secret_key="").test_client().post(
         "/recommendations/rank", json={"userId": "u-1", "itemIds": ["a", "b", "c"]})
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
     assert [i["itemId"] for i in body["itemList"]] == ["b", "c"]
-    assert body["traitsUsed"] == ["purchased_products", "recommendations_opt_out"]
-    assert "traitValues" not in body
+    for private in ("traitsUsed", "filtered", "traitValues"):
+        assert private not in body, body
 
 
 # --- the Profile API budget -----------------------------------------------------------------

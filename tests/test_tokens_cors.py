@@ -58,7 +58,18 @@ def token_from(seconds_ago: int, subject: dict, secret: str = SECRET) -> str:
 
 
 def status(client, query: str, headers: dict | None = None) -> int:
-    return client.get("/recommendations?" + query, headers=headers or {}).status_code
+    """The status of GET /recommendations?query; a ``token=`` written in ``query`` is sent
+    as ``Authorization: Bearer``, as a page sends it (the address never carries it)."""
+    params, token = [], None
+    for part in query.split("&"):
+        if part.startswith("token="):
+            token = part[len("token="):]
+        else:
+            params.append(part)
+    headers = dict(headers or {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return client.get("/recommendations?" + "&".join(params), headers=headers).status_code
 
 
 # --- without SECRET_KEY ----------------------------------------------------------------------
@@ -146,7 +157,8 @@ def test_an_expired_token_is_401(make_app):
     app = make_app(secret_key=SECRET, token_max_age_seconds=600)
     client = app.test_client()
     assert status(client, f"userId=u-1&token={token_from(60, {'u': 'u-1'})}") == 200
-    response = client.get(f"/recommendations?userId=u-1&token={token_from(700, {'u': 'u-1'})}")
+    response = client.get("/recommendations?userId=u-1", headers={
+        "Authorization": f"Bearer {token_from(700, {'u': 'u-1'})}"})
     assert response.status_code == 401
     assert "expired" in response.get_json()["error"]["message"]
 
@@ -168,11 +180,20 @@ def test_another_users_token_is_403(secured, tmp_path):
 
 def test_the_token_is_checked_before_anything_is_computed(secured, tmp_path):
     """A refused request must not leak the answer, nor the traits used."""
-    response = secured.test_client().get("/recommendations?userId=u-2&token="
-                                         + minted(tmp_path, "u-1"))
+    response = secured.test_client().get("/recommendations?userId=u-2", headers={
+        "Authorization": "Bearer " + minted(tmp_path, "u-1")})
     assert response.status_code == 403
     assert "itemList" not in response.get_json()
     assert "traitsUsed" not in response.get_json()
+
+
+def test_a_token_in_the_address_is_not_accepted(secured, tmp_path):
+    """Addresses end up in logs, proxies and browser history: tokens come from the
+    Authorization header only."""
+    token = minted(tmp_path, "u-1")
+    response = secured.test_client().get(f"/recommendations?userId=u-1&token={token}")
+    assert response.status_code == 401
+    assert status(secured.test_client(), f"userId=u-1&token={token}") == 200
 
 
 def test_the_token_does_not_appear_in_the_log(secured, tmp_path, caplog):

@@ -91,12 +91,14 @@ def test_without_metrics_token_healthz_details_are_served_to_nobody(make_app):
 
 def test_metrics_need_the_operators_token_when_it_is_set(make_app):
     client = make_app().test_client()
+    before = metric(client, "segment_messages_total", type="identify", outcome="accepted")
     deliver(client, identify("u-1", {"plan": "pro"}))
     refused = client.get("/metrics")
     assert refused.status_code == 401
     assert "segment_messages_total" not in refused.get_data(as_text=True)
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert metric(client, "segment_messages_total", type="identify", outcome="accepted") == 1
+    assert metric(client, "segment_messages_total", type="identify",
+                  outcome="accepted") == before + 1
 
 
 def test_without_metrics_token_metrics_are_open(make_app):
@@ -129,3 +131,174 @@ def test_lag_is_read_from_positions_not_counted_over_the_backlog(make_app):
     assert details["inbox"]["appliers"]["local"]["oldest_seconds"] >= 0
     over_inbox = [s for s in statements if "from inbox" in s and "count(" in s]
     assert over_inbox == [], over_inbox
+
+
+# --- the public write key (/v1) -------------------------------------------------------------
+
+WRITE_KEY = "wk-public-0123456789"
+
+
+def _basic(key: str) -> dict:
+    import base64
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+def _traits(app, profile_id: str) -> dict:
+    from tests.conftest import store_of
+    from webhook.store import profiles
+    with store_of(app).read() as conn:
+        return conn.execute(sa.select(profiles.c.traits)
+                            .where(profiles.c.profile_id == profile_id)).scalar() or {}
+
+
+def _interactions_of(app, user_id: str) -> int:
+    from tests.conftest import store_of
+    from webhook.store import interactions
+    with store_of(app).read() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(interactions)
+                            .where(interactions.c.user_id == user_id)).scalar_one()
+
+
+def test_the_public_write_key_cannot_delete_anyone(make_app):
+    """The attack: POST /v1/batch with the page's write key and a delete for a victim."""
+    from tests.fake_segment_apis import product_viewed
+    app = make_app(ingest_write_keys=(WRITE_KEY,))
+    client = app.test_client()
+    deliver(client, product_viewed("p-1", user_id="victim"),
+            identify("victim", {"email": "victim@example.com"}))
+    assert _interactions_of(app, "victim") == 1
+    attack = {"batch": [{"type": "delete", "userId": "victim", "messageId": "del-1"},
+                        {"type": "track", "event": "Product Viewed", "messageId": "ok-1",
+                         "anonymousId": "a-1", "timestamp": "2026-11-27T10:00:00Z",
+                         "properties": {"product_id": "p-2"}}]}
+    response = client.post("/v1/batch", json=attack, headers=_basic(WRITE_KEY))
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert answer["accepted"] == 1
+    (rejected,) = answer["rejected"]
+    assert rejected["index"] == 0 and "delete" in rejected["reason"]
+    alone = client.post("/v1/batch", json={"batch": [attack["batch"][0]]},
+                        headers=_basic(WRITE_KEY))
+    assert alone.status_code == 400
+    assert _interactions_of(app, "victim") == 1
+    assert _traits(app, "victim") == {"email": "victim@example.com"}
+
+
+@pytest.mark.parametrize("where", ["traits", "context.traits"])
+@pytest.mark.parametrize("value", [False, "false", 0, None, ""])
+def test_the_public_write_key_cannot_clear_an_opt_out(make_app, where, value):
+    """The attack: an identify through /v1 that sets the victim's opt-out back to false.
+    Opting out through /v1 works; opting back in does not."""
+    app = make_app(ingest_write_keys=(WRITE_KEY,))
+    client = app.test_client()
+    deliver(client, identify("victim", {"recommendations_opt_out": True, "plan": "pro"}))
+
+    def v1_identify(n, traits):
+        message = {"type": "identify", "userId": "victim", "messageId": f"v1-{n}",
+                   "timestamp": "2099-01-01T00:00:00Z"}
+        if where == "traits":
+            message["traits"] = traits
+        else:
+            message["context"] = {"traits": traits}
+        return client.post("/v1/identify", json=message, headers=_basic(WRITE_KEY))
+
+    response = v1_identify(1, {"recommendations_opt_out": value, "plan": "free"})
+    assert response.status_code == 200, response.get_json()
+    assert "opted out" in response.get_json()["notes"][0]["reason"]
+    assert _traits(app, "victim") == {"recommendations_opt_out": True, "plan": "free"}
+
+    # A browser may opt out, on the other hand: the positive control.
+    deliver(client, identify("other", {"recommendations_opt_out": False}))
+    message = {"type": "identify", "userId": "other", "messageId": "v1-out",
+               "timestamp": "2099-01-01T00:00:00Z",
+               "traits": {"recommendations_opt_out": "yes"}}
+    response = client.post("/v1/identify", json=message, headers=_basic(WRITE_KEY))
+    assert response.status_code == 200 and "notes" not in response.get_json()
+    assert _traits(app, "other") == {"recommendations_opt_out": "yes"}
+
+
+# --- a visitor's token reads exactly its subject ---------------------------------------------
+
+SECRET_KEY = "trust-boundary-secret-key-0123"
+
+
+def _bearer(**subject) -> dict:
+    from webhook.tokens import mint_token
+    return {"Authorization": f"Bearer {mint_token(SECRET_KEY, **subject)}"}
+
+
+def _shop(make_app):
+    """The embedded default with tokens required and the public write key on; alice and a
+    victim with purchases and traits, catalogue items seen by others."""
+    from tests.fake_segment_apis import order_completed, product_viewed
+    app = make_app(secret_key=SECRET_KEY, ingest_write_keys=(WRITE_KEY,))
+    client = app.test_client()
+    deliver(client, *[product_viewed(f"sku-{n}", anonymous_id=f"crowd-{k}")
+                      for n in range(6) for k in range(6 - n)],
+            identify("victim", {"purchased_products": ["sku-5"], "plan": "gold",
+                                "email": "victim@example.com"}),
+            order_completed(["sku-4"], user_id="victim"),
+            product_viewed("sku-3", anonymous_id="victim-anon"),
+            identify("alice", {"plan": "basic"}))
+    return app, client
+
+
+def test_a_user_token_with_someone_elses_anonymous_id_is_refused(make_app):
+    """The attack: alice's own token, with ?userId=alice&anonymousId=<victim's id>."""
+    app, client = _shop(make_app)
+    response = client.get("/recommendations?userId=alice&anonymousId=victim-anon",
+                          headers=_bearer(user_id="alice"))
+    assert response.status_code == 403, response.get_json()
+    assert "itemList" not in response.get_json()
+    # Once the store links the anonymous id to alice (her own browser), it counts.
+    deliver(client, {"type": "alias", "previousId": "alice-anon", "userId": "alice",
+                     "messageId": "alias-alice", "timestamp": "2026-11-27T10:00:00Z"})
+    response = client.get("/recommendations?userId=alice&anonymousId=alice-anon",
+                          headers=_bearer(user_id="alice"))
+    assert response.status_code == 200, response.get_json()
+
+
+def test_an_alias_forged_with_the_write_key_discloses_nothing_to_an_anonymous_token(make_app):
+    """The attack: alias the attacker's anonymous id to the victim's userId through /v1
+    (anyone holds the write key), then read recommendations with the attacker's own
+    anonymous token."""
+    app, client = _shop(make_app)
+    before = client.get("/recommendations?anonymousId=attacker-anon&numResults=6",
+                        headers=_bearer(anonymous_id="attacker-anon")).get_json()
+    forged = {"type": "alias", "previousId": "attacker-anon", "userId": "victim",
+              "messageId": "forged-alias", "timestamp": "2026-11-27T11:00:00Z"}
+    assert client.post("/v1/alias", json=forged, headers=_basic(WRITE_KEY)).status_code == 200
+    after = client.get("/recommendations?anonymousId=attacker-anon&numResults=6",
+                       headers=_bearer(anonymous_id="attacker-anon"))
+    assert after.status_code == 200
+    body = after.get_json()
+    text = str(body)
+    for private in ("victim@example.com", "traitValues", "traitsUsed", "filtered"):
+        assert private not in text, body
+    # The answer is what it was before the alias: nothing of the victim's history, traits
+    # or purchases went into it.
+    assert [i["itemId"] for i in body["itemList"]] == \
+        [i["itemId"] for i in before["itemList"]]
+    # The victim's own token still sees the victim's checks (the positive control).
+    own = client.get("/recommendations?userId=victim&numResults=6",
+                     headers=_bearer(user_id="victim")).get_json()
+    assert set(own["traitValues"]["purchased_products"]) == {"sku-4", "sku-5"}
+    assert {"sku-4", "sku-5"}.isdisjoint(i["itemId"] for i in own["itemList"])
+
+
+def test_without_secret_key_rank_is_no_oracle_of_purchases_or_opt_out(make_app):
+    """The attack: POST /recommendations/rank for a victim with candidate items, reading
+    which were filtered and why, and whether traitsUsed names the opt-out."""
+    from tests.fake_segment_apis import order_completed, product_viewed
+    app = make_app()
+    client = app.test_client()
+    deliver(client, product_viewed("sku-1", anonymous_id="crowd"),
+            order_completed(["sku-2"], user_id="victim"),
+            identify("quiet", {"recommendations_opt_out": True}))
+    for user in ("victim", "quiet", "nobody"):
+        response = client.post("/recommendations/rank",
+                               json={"userId": user, "itemIds": ["sku-1", "sku-2", "sku-3"]})
+        assert response.status_code == 200
+        body = response.get_json()
+        for private in ("filtered", "traitsUsed", "traitValues", "optedOut"):
+            assert private not in body, (user, body)

@@ -6,8 +6,18 @@ person's history" or "this person's traits" resolves the visitor here, so that t
 checks, the purchases excluded at once, the local engine's history and its training data
 all agree on who is who.
 
-The rule (``owner``): a userId is the person; an anonymousId belongs to the user it is
-linked to, else it stands for an anonymous person of its own.
+Two questions, answered here only:
+
+* **Who is this person?** (``resolve``; the service's own bookkeeping: the experiment
+  variant a person keeps, the attribution of their clicks and orders, training data.) A
+  userId is the person; an anonymousId belongs to the user it is linked to, else it stands
+  for an anonymous person of its own (``owner``).
+* **Whose data may a request read?** (``subject``, ``subject_of_visitor``; every reader
+  behind ``GET /recommendations`` and ``POST /recommendations/rank``.) A userId reads the
+  user's data with every anonymousId linked to them; an anonymousId given alongside that is
+  not linked to them is not theirs and is left out. An anonymousId alone reads that
+  anonymous id's own data, never the user it may be linked to: a logged-out browser, or a
+  link forged with the public write key, never discloses a user's history or traits.
 """
 from __future__ import annotations
 
@@ -67,11 +77,27 @@ def resolve(conn, *, user_id: str | None = None, anonymous_id: str | None = None
     return Person(user, tuple(sorted(anonymous)))
 
 
-def resolve_visitor(conn, visitor: str) -> Person:
-    """The person behind an id that may be either kind (what a recommender is given: the
-    userId, or the anonymousId of an anonymous visitor). An anonymousId linked to a user
-    is that user; any other id is taken as a userId and as an anonymousId at once."""
-    person = resolve(conn, anonymous_id=visitor)
-    if person.user_id:
-        return person
-    return resolve(conn, user_id=visitor, anonymous_id=visitor)
+def _linked_to(conn, user_id: str) -> list[str]:
+    return [row[0] for row in conn.execute(
+        sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user_id))]
+
+
+def is_linked(conn, anonymous_id: str, user_id: str) -> bool:
+    """Whether the store links ``anonymous_id`` to ``user_id``."""
+    return conn.execute(sa.select(identity_links.c.user_id).where(
+        identity_links.c.anonymous_id == anonymous_id)).scalar() == user_id
+
+
+def subject(conn, *, user_id: str | None = None, anonymous_id: str | None = None) -> Person:
+    """Whose data a request for this visitor may read (module docstring)."""
+    if user_id:
+        return Person(user_id, tuple(sorted(_linked_to(conn, user_id))))
+    return Person(None, (anonymous_id,) if anonymous_id else ())
+
+
+def subject_of_visitor(conn, visitor: str) -> Person:
+    """``subject`` for the one id a recommender is given (the userId, or the anonymousId
+    of an anonymous visitor), taken as either kind: the id's own records, and those of
+    the anonymous ids linked to it as a user. An anonymous id's link to a user is never
+    followed."""
+    return Person(visitor, tuple(sorted({visitor, *_linked_to(conn, visitor)})))

@@ -29,7 +29,7 @@ from cachetools import TTLCache
 from requests.adapters import HTTPAdapter
 
 from . import metrics
-from .identity import Person, resolve
+from .identity import Person, subject
 from .store import Store, StoreUnavailable, interactions, profiles
 
 log = logging.getLogger("webhook.profiles")
@@ -83,9 +83,10 @@ def _purchases_of(conn, person: Person, purchase_events: Sequence[str]) -> list[
 
 def local_purchases(store: Store, purchase_events: Sequence[str], *, user_id: str | None,
                     anonymous_id: str | None) -> list[str]:
-    """Items this service has seen the person buy (Order Completed), newest first."""
+    """Items this service has seen the visitor buy (Order Completed), newest first: of
+    the data a request for them may read (``identity.subject``)."""
     with store.read() as conn:
-        return _purchases_of(conn, resolve(conn, user_id=user_id, anonymous_id=anonymous_id),
+        return _purchases_of(conn, subject(conn, user_id=user_id, anonymous_id=anonymous_id),
                              purchase_events)
 
 
@@ -103,7 +104,7 @@ class LocalProfiles:
                names: Sequence[str]) -> Profile:
         try:
             with self.store.read() as conn:
-                person = resolve(conn, user_id=user_id, anonymous_id=anonymous_id)
+                person = subject(conn, user_id=user_id, anonymous_id=anonymous_id)
                 merged: dict = {}
                 # Anonymous traits first, so the user's own traits win.
                 rows = conn.execute(sa.select(profiles.c.profile_id, profiles.c.traits)

@@ -84,21 +84,24 @@ class Answer:
         return self.source != "popular"
 
     def as_json(self, disclose_traits: bool = False) -> dict[str, Any]:
-        """The answer's JSON. ``traitsUsed`` names the traits the checks used (how many
-        items each removed is in ``filtered``); their values (``traitValues``) and the
-        opt-out (``optedOut``) only with ``disclose_traits``: the caller holds a valid
-        token for this visitor."""
+        """The answer's JSON. What the trait checks did, and with which values, is the
+        visitor's own data: ``filtered`` (how many items each check removed),
+        ``traitsUsed``, ``traitValues`` and ``optedOut`` are in it only with
+        ``disclose_traits``, when the caller holds a valid token for this userId. Without
+        one (no SECRET_KEY, or an anonymous visitor's token) the answer says nothing of
+        them: a list of candidates would otherwise tell anyone which of them a person
+        bought, and ``traitsUsed`` whether they opted out."""
         body: dict[str, Any] = {
             "itemList": self.item_list,
             "recommendationId": self.recommendation_id,
             "source": self.source,
             "variant": self.variant,
-            "filtered": self.filtered,
-            "traitsUsed": sorted(self.traits),
         }
         if self.degraded:
             body["degraded"] = self.degraded
         if disclose_traits:
+            body["filtered"] = self.filtered
+            body["traitsUsed"] = sorted(self.traits)
             body["traitValues"] = self.traits
             if self.consent == OPTED_OUT:
                 body["optedOut"] = True

@@ -2,8 +2,8 @@
 
 A shop's backend mints a token for the visitor it knows (``flask --app webhook token``, or
 ``mint_token`` from Python, or any itsdangerous implementation with the same key and salt);
-the page sends it back as ``Authorization: Bearer <token>`` or ``?token=``. A token is
-bound to one userId or anonymousId.
+the page sends it back as ``Authorization: Bearer <token>`` (never in the address: it
+would end up in logs and browser history). A token is bound to one userId or anonymousId.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def check_token(secret_key: str, token: str | None, max_age: int, *,
     """Raise ``TokenError`` (401 missing/invalid/expired, 403 someone else's)."""
     if not token:
         raise TokenError(401, "token_required",
-                         "a token is required: Authorization: Bearer <token> or ?token=")
+                         "a token is required: Authorization: Bearer <token>")
     try:
         subject = _serializer(secret_key).loads(token, max_age=max_age)
     except SignatureExpired:

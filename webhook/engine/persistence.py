@@ -17,7 +17,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..identity import person_key, resolve_visitor
+from ..identity import person_key, subject_of_visitor
 from ..store import Store, identity_links, interactions
 from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
 
@@ -191,12 +191,13 @@ def read_history(store: Store, identity: str, limit: int, seen_limit: int = SEEN
                  ) -> tuple[list[tuple[str, str, float]], set[str]]:
     """The person's latest ``limit`` interactions as (item id, event type, time), oldest
     first, and the items of their latest ``seen_limit`` interactions: as a user, and as
-    every anonymous id linked to them (alias/identify)."""
+    every anonymous id linked to them (alias/identify); an anonymous visitor's own only
+    (``identity.subject_of_visitor``)."""
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
     n = max(limit, seen_limit)
     with store.read() as conn:
-        person = resolve_visitor(conn, identity)
+        person = subject_of_visitor(conn, identity)
         conditions = [interactions.c.anonymous_id.in_(person.anonymous_ids)]
         if person.user_id:
             conditions.append(interactions.c.user_id == person.user_id)

@@ -108,38 +108,31 @@
     return item;
   }
 
+  // The status is public (GET /healthz); what runs comes with the page itself. The
+  // operator's details (lag, warnings, configuration) need METRICS_TOKEN and are not
+  // asked for here.
   function loadHealth() {
     var list = $("health");
+    var mode = document.body.dataset.mode || "";
+    var recommender = document.body.dataset.recommender || "";
+    var tokens = document.body.dataset.tokensRequired === "true";
+    function describe(status) {
+      list.textContent = "";
+      list.appendChild(pill(status === "ok" ? "healthy" : status === "unknown"
+                            ? "health unknown" : "unhealthy",
+                            status === "ok" ? "ok" : "bad", "GET /healthz: " + status));
+      if (mode) list.appendChild(pill("mode: " + mode, "", "where Segment's events go"));
+      if (recommender) {
+        list.appendChild(pill("recommender: " + recommender, "",
+                              "who answers /recommendations"));
+      }
+      list.appendChild(pill(tokens ? "tokens required" : "no tokens", "",
+                            "SECRET_KEY " + (tokens ? "is" : "is not") + " set"));
+    }
     return fetch("/healthz", {headers: {"Accept": "application/json"}, cache: "no-store"})
       .then(function (response) { return response.json(); })
-      .then(function (health) {
-        var configured = health.configured || {};
-        list.textContent = "";
-        list.appendChild(pill(health.status === "ok" ? "healthy" : "unhealthy",
-                              health.status === "ok" ? "ok" : "bad", "status: " + health.status));
-        list.appendChild(pill("mode: " + health.mode, "", "where Segment's events go"));
-        if (configured.recommender) {
-          list.appendChild(pill("recommender: " + configured.recommender, "",
-                                "who answers /recommendations"));
-        }
-        list.appendChild(pill("store: " + health.store, health.store === "ok" ? "ok" : "bad"));
-        list.appendChild(pill(health.signatures_enforced ? "signatures enforced"
-                                                         : "signatures not enforced",
-                              health.signatures_enforced ? "ok" : "warn"));
-        list.appendChild(pill(configured.tokens_required ? "tokens required" : "no tokens",
-                              "", "SECRET_KEY " + (configured.tokens_required ? "is" : "is not") +
-                              " set"));
-        var warnings = $("warnings");
-        warnings.textContent = "";
-        (health.warnings || []).forEach(function (warning) {
-          warnings.appendChild(el("li", null, warning));
-        });
-        warnings.hidden = !(health.warnings || []).length;
-      })
-      .catch(function () {
-        list.textContent = "";
-        list.appendChild(pill("health unknown", "bad", "GET /healthz failed"));
-      });
+      .then(function (health) { describe(health.status || "unknown"); })
+      .catch(function () { describe("unknown"); });
   }
 
   // --- recommendations --------------------------------------------------------------
@@ -244,13 +237,18 @@
     });
     $("empty").hidden = (answer.itemList || []).length > 0;
 
+    // What the trait checks removed, and with which traits: the visitor's own data,
+    // in the answer only with a token for their userId.
+    var disclosed = Object.prototype.hasOwnProperty.call(answer, "filtered");
     var filtered = answer.filtered || {count: 0, reasons: {}};
     var reasons = filtered.reasons || {};
     var list = $("filtered");
     list.textContent = "";
-    $("filtered-summary").textContent = filtered.count
-      ? filtered.count + (filtered.count === 1 ? " item was" : " items were") + " left out:"
-      : "Nothing was removed.";
+    $("filtered-summary").textContent = !disclosed
+      ? "Shown only with a token for this userId."
+      : filtered.count
+        ? filtered.count + (filtered.count === 1 ? " item was" : " items were") + " left out:"
+        : "Nothing was removed.";
     Object.keys(reasons).forEach(function (reason) {
       var item = el("li");
       item.dataset.reason = reason;
@@ -261,27 +259,19 @@
       list.appendChild(item);
     });
 
-    // Which traits were used, and how many items each removed. Their values only come
-    // with the visitor's token (traitValues); without one the service never sends them.
     var names = Array.isArray(answer.traitsUsed) ? answer.traitsUsed : [];
-    var values = answer.traitValues || null;
+    var values = answer.traitValues || {};
     var traitList = $("traits");
     traitList.textContent = "";
-    $("traits-summary").textContent = !names.length
-      ? "No traits were known for this visitor."
-      : values ? "From the visitor's profile:"
-               : "From the visitor's profile (values are shown only with the visitor's token):";
+    $("traits-summary").textContent = !disclosed
+      ? "Shown only with a token for this userId."
+      : names.length ? "From the visitor's profile:" : "No traits were known for this visitor.";
     names.forEach(function (name) {
       var row = el("div");
       row.dataset.trait = name;
       row.appendChild(el("dt", null, name));
-      if (values && Object.prototype.hasOwnProperty.call(values, name)) {
-        row.appendChild(el("dd", null, JSON.stringify(values[name])));
-      } else {
-        var removed = reasons[name] || 0;
-        row.appendChild(el("dd", "hidden-value",
-          removed ? "removed " + removed + (removed === 1 ? " item" : " items") : "used"));
-      }
+      row.appendChild(el("dd", null, Object.prototype.hasOwnProperty.call(values, name)
+                                     ? JSON.stringify(values[name]) : ""));
       traitList.appendChild(row);
     });
 
@@ -316,11 +306,57 @@
       });
   }
 
+  // A visitor's token never travels in the address (addresses end up in logs, proxies and
+  // browser history): it comes from the Token field or the fragment (#token=…, which no
+  // request carries), is kept for this tab in sessionStorage, and the address is cleaned.
+  var TOKEN_KEY = "segment-personalize.token:";
+
+  function storedToken(visitorKey) {
+    try { return window.sessionStorage.getItem(TOKEN_KEY + visitorKey) || ""; }
+    catch (e) { return ""; }
+  }
+
+  function storeToken(visitorKey, token) {
+    try {
+      if (token) window.sessionStorage.setItem(TOKEN_KEY + visitorKey, token);
+      else window.sessionStorage.removeItem(TOKEN_KEY + visitorKey);
+    } catch (e) { /* storage refused: the token lasts as long as the page */ }
+  }
+
+  function takeTokenFromAddress(params) {
+    var fragment = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    var token = (fragment.get("token") || params.get("token") || "").trim();
+    if (fragment.has("token") || params.has("token")) {
+      params.delete("token");
+      var clean = window.location.pathname + (params.toString() ? "?" + params.toString() : "");
+      window.history.replaceState(null, "", clean);
+    }
+    return token;
+  }
+
+  function watchForm() {
+    $("visitor").addEventListener("submit", function (event) {
+      event.preventDefault();
+      var userId = $("userId").value.trim();
+      var token = $("token").value.trim();
+      if (userId) storeToken("userId:" + userId, token);
+      window.location.assign("/" + (userId ? "?userId=" + encodeURIComponent(userId) : ""));
+    });
+  }
+
   function start() {
+    watchForm();
+    // A link with #token= opened over this page only changes the fragment: load again.
+    window.addEventListener("hashchange", function () {
+      if (/(^#|&)token=/.test(window.location.hash)) window.location.reload();
+    });
     var params = new URLSearchParams(window.location.search);
+    var fromAddress = takeTokenFromAddress(params);
     var userId = (params.get("userId") || "").trim();
     var anonymousId = (params.get("anonymousId") || "").trim();
-    var token = (params.get("token") || "").trim();
+    var visitorKey = userId ? "userId:" + userId : anonymousId ? "anonymousId:" + anonymousId : "";
+    if (fromAddress && visitorKey) storeToken(visitorKey, fromAddress);
+    var token = fromAddress || (visitorKey ? storedToken(visitorKey) : "");
     var numResults = parseInt(params.get("numResults") || "", 10);
     if (!(numResults >= 1 && numResults <= 100)) numResults = DEFAULT_RESULTS;
 

@@ -1,9 +1,11 @@
 """GET /: a small page, no build step, that shows what the service recommends.
 
-The HTML is a template with no data in it; ``static/page.js`` reads the visitor from the
-address (``/?userId=…``, ``/?anonymousId=…``, ``&token=…``) or from Segment's
-``ajs_anonymous_id`` cookie, then fetch()es ``/healthz`` and ``/recommendations`` and renders
-with ``textContent`` only. The page and the static files get security headers (below); the
+The HTML is a template with no data in it but what runs (mode, recommender, whether tokens
+are required); ``static/page.js`` reads the visitor from the address (``/?userId=…``,
+``/?anonymousId=…``) or from Segment's ``ajs_anonymous_id`` cookie, and the visitor's token
+from the form or the fragment (``#token=…``: never sent in a request; kept in the tab's
+sessionStorage), then fetch()es ``/healthz`` (the public status) and ``/recommendations``
+and renders with ``textContent`` only. The page and the static files get security headers (below); the
 JSON endpoints are left as they are.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ CONTENT_SECURITY_POLICY = "; ".join((
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
-    # The address may carry ?token=: never send it to the image hosts or a clicked shop.
+    # The address names the visitor: never send it to the image hosts or a clicked shop.
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
     "Cross-Origin-Opener-Policy": "same-origin",
@@ -44,7 +46,8 @@ _PAGE_ENDPOINTS = frozenset({"page.index", "static", "insights.insights"})
 def index():
     settings = current_app.extensions["segment"].settings
     response = make_response(render_template(
-        "index.html", tokens_required=bool(settings.secret_key)))
+        "index.html", tokens_required=bool(settings.secret_key), mode=settings.mode,
+        recommender=settings.recommender_mode))
     # The page itself holds no data; revalidate so a new deployment's script is picked up.
     response.headers["Cache-Control"] = "no-cache"
     return response

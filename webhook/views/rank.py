@@ -113,7 +113,7 @@ def rank():
         return error_response(400, "bad_parameter", "give userId or anonymousId",
                               details={"parameter": "userId"})
 
-    refusal, verified = check_access(settings, wanted)
+    refusal, verified = check_access(services, wanted)
     if refusal is not None:
         return refusal
 

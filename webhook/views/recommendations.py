@@ -5,10 +5,12 @@ import logging
 
 from flask import Blueprint, current_app, jsonify, request
 
+from ..identity import is_linked
 from ..recommend import MAX_RESULTS, NoRecommendations, Request
 from ..segment import MAX_ID_LENGTH, clean_text
 from ..store import StoreUnavailable
 from ..tokens import TokenError, check_token
+from .auth import bearer
 from .errors import error_response
 
 bp = Blueprint("recommendations", __name__)
@@ -46,29 +48,37 @@ def _num_results() -> int:
     return number
 
 
-def _token() -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.args.get("token") or None
+def check_access(services, wanted: Request):
+    """(refusal, disclose): ``refusal`` is None when the request may go on, else its 401,
+    403 or 503 answer; ``disclose`` is True when a token proved the caller is this userId:
+    only then are the trait checks' details and values in the answer.
 
-
-def check_access(settings, wanted: Request):
-    """(refusal, verified): ``refusal`` is None when the request may go on (no SECRET_KEY,
-    or a valid token for its visitor), else the 401/403 answer; ``verified`` is True when a
-    token proved the caller is this visitor: only then may trait values be shown."""
+    With SECRET_KEY, a token authorizes exactly its subject: a userId token answers for
+    that userId, and an anonymousId in the same request only if the store links it to
+    that user; an anonymousId token answers for that anonymous id's own data
+    (``identity.subject``). Without SECRET_KEY the endpoint is open and discloses nothing
+    of anyone's traits."""
+    settings = services.settings
     if not settings.secret_key:
         return None, False
     try:
-        check_token(settings.secret_key, _token(), settings.token_max_age_seconds,
+        check_token(settings.secret_key, bearer(), settings.token_max_age_seconds,
                     user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
+        if wanted.user_id and wanted.anonymous_id:
+            with services.store.read() as conn:
+                linked = is_linked(conn, wanted.anonymous_id, wanted.user_id)
+            if not linked:
+                raise TokenError(403, "token_forbidden",
+                                 "anonymousId is not linked to this userId: a token reads "
+                                 "its own visitor's data only")
     except TokenError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="recommendations"'
         return response, False
-    return None, bool(wanted.user_id or wanted.anonymous_id)
+    except StoreUnavailable as exc:
+        return unavailable(exc, settings), False
+    return None, bool(wanted.user_id)
 
 
 def answer_response(answer, verified: bool):
@@ -101,7 +111,7 @@ def recommendations():
                               "give userId, anonymousId or itemId",
                               details={"parameter": "userId"})
 
-    refusal, verified = check_access(settings, wanted)
+    refusal, verified = check_access(services, wanted)
     if refusal is not None:
         return refusal
 

@@ -17,6 +17,10 @@ de-duplication by messageId, the same inbox and appliers.
 * Segment's limits, checked on the (decompressed) body before parsing: 32 KB a call, 500 KB
   a batch: larger → 400 ``request_too_large`` naming the limit (Segment answers 400 too).
   Within a batch, a message larger than 32 KB is rejected alone; the others are stored.
+* The write key is public (analytics.js puts it in every page), so this endpoint writes
+  only what a browser may: no ``delete`` (rejected; deletion requests come from Segment,
+  signed, through ``POST /segment``), and an ``identify`` may set the opt-out trait to
+  opted out but never clear it (a value that would is left out, with a note).
 * ``Content-Encoding: gzip`` (analytics-python's ``gzip=True``) is accepted; any
   ``Content-Type`` is (analytics.js sends ``text/plain``).
 * Like Segment's API, the service sets ``receivedAt`` and gives a message without a
@@ -169,17 +173,13 @@ def _receive(kind: str, services):
 
     received_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds") \
         .replace("+00:00", "Z")
-    kept, positions, too_large = [], [], []
+    opt_out = services.recommendations.opt_out
+    kept, positions, refused, notes = [], [], [], []
     for index, message in enumerate(messages):
         if isinstance(message, dict):
-            if batch and _size(message) > MAX_MESSAGE_BYTES:
-                entry = {"index": index, "reason": f"the message is larger than 32 KB "
-                                                   f"({MAX_MESSAGE_BYTES} bytes), Segment's "
-                                                   f"limit for one message"}
-                if isinstance(message.get("messageId"), str) and \
-                        len(message["messageId"]) <= 256:
-                    entry["messageId"] = message["messageId"]
-                too_large.append(entry)
+            reason = _refusal(message, batch)
+            if reason is not None:
+                refused.append(_entry(index, message, reason))
                 continue
             message.pop("writeKey", None)
             message["receivedAt"] = received_at
@@ -189,18 +189,22 @@ def _receive(kind: str, services):
                 own = message.get("context")
                 message["context"] = {**context, **own} if isinstance(own, dict) else \
                     (own if own is not None else dict(context))
+            if _keep_opt_out(message, opt_out):
+                notes.append(_entry(index, message, f"{opt_out.trait} can only be set to "
+                                                    "opted out through the Tracking API: "
+                                                    "the value that clears it was left out"))
         kept.append(message)
         positions.append(index)
 
     if not kept:
         raise _Refused(400, "no_valid_messages", "the batch holds no valid Segment message",
                        details={"received": len(messages), "accepted": 0, "duplicates": 0,
-                                "skipped": [], "rejected": too_large, "interactions": 0})
+                                "skipped": [], "rejected": refused, "interactions": 0})
     try:
         summary = services.ingestor.ingest(kept)
     except NoMessages as exc:
         metrics.record_outcomes(exc.summary.outcomes)
-        details = _renumber(exc.summary.as_json(), positions, too_large, len(messages))
+        details = _renumber(exc.summary.as_json(), positions, refused, notes, len(messages))
         raise _Refused(400, "no_valid_messages",
                        "the request holds no valid Segment message", details=details) from None
     except StoreUnavailable as exc:
@@ -209,7 +213,7 @@ def _receive(kind: str, services):
                       retry_after=settings.retry_after_seconds)
 
     metrics.record_outcomes(summary.outcomes)
-    answer = _renumber(summary.as_json(), positions, too_large, len(messages))
+    answer = _renumber(summary.as_json(), positions, refused, notes, len(messages))
     g.log_extra = {"delivery": "stored", "shape": "tracking-api", "received": len(messages),
                    "accepted": summary.accepted, "duplicates": summary.duplicates,
                    "skipped": len(summary.skipped), "rejected": len(answer["rejected"]),
@@ -217,18 +221,60 @@ def _receive(kind: str, services):
     return jsonify({"success": True, **answer})
 
 
-def _renumber(answer: dict, positions: list[int], too_large: list[dict], total: int) -> dict:
+def _renumber(answer: dict, positions: list[int], refused: list[dict], notes: list[dict],
+              total: int) -> dict:
     """The summary's indexes are into the messages passed on; give them back the request's
-    own, and add the messages refused here for their size."""
+    own, and add the messages refused here and the notes made here."""
     for key in ("skipped", "rejected", "notes"):
         for entry in answer.get(key, []):
             if isinstance(entry.get("index"), int):
                 entry["index"] = positions[entry["index"]]
-    if too_large:
-        answer["rejected"] = sorted(answer.get("rejected", []) + too_large,
+    if refused:
+        answer["rejected"] = sorted(answer.get("rejected", []) + refused,
                                     key=lambda e: e["index"])
+    if notes:
+        answer["notes"] = sorted(answer.get("notes", []) + notes, key=lambda e: e["index"])
     answer["received"] = total
     return answer
+
+
+def _entry(index: int, message: dict, reason: str) -> dict:
+    entry = {"index": index, "reason": reason}
+    if isinstance(message.get("messageId"), str) and len(message["messageId"]) <= 256:
+        entry["messageId"] = message["messageId"]
+    return entry
+
+
+def _refusal(message: dict, batch: bool) -> str | None:
+    """Why this endpoint refuses a message that the webhook would take, if it does."""
+    if batch and _size(message) > MAX_MESSAGE_BYTES:
+        return (f"the message is larger than 32 KB ({MAX_MESSAGE_BYTES} bytes), Segment's "
+                f"limit for one message")
+    kind = message.get("type")
+    if isinstance(kind, str) and kind.strip().lower() == "delete":
+        # The write key is public (every page carries it): a deletion request comes from
+        # Segment's deletion API, in a signed webhook delivery, never from a browser.
+        return ("the Tracking API takes no delete: deletion requests come from Segment, "
+                "through POST /segment")
+    return None
+
+
+def _keep_opt_out(message: dict, opt_out) -> bool:
+    """A browser may opt out, never opt back in (anyone holds the public write key): an
+    identify's opt-out trait that does not say opted out is left out of the message.
+    True when something was left out."""
+    kind = message.get("type")
+    if not opt_out.trait or not isinstance(kind, str) or kind.strip().lower() != "identify":
+        return False
+    removed = False
+    context = message.get("context")
+    for traits in (message.get("traits"), context.get("traits")
+                   if isinstance(context, dict) else None):
+        if isinstance(traits, dict) and opt_out.trait in traits \
+                and not opt_out.opted_out(traits[opt_out.trait]):
+            del traits[opt_out.trait]
+            removed = True
+    return removed
 
 
 def _size(message: dict) -> int:
