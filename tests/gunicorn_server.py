@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from tests.operator import OPERATOR_TOKEN
+from tests.operator import OPERATOR_TOKEN, TIMELESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}",
-                     "METRICS_TOKEN": OPERATOR_TOKEN})
+                     "METRICS_TOKEN": OPERATOR_TOKEN, **TIMELESS_ENV})
     full_env.update(env)
     log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
     with open(log_path, "w+b") as log_file:

@@ -196,7 +196,9 @@ def test_mutated_genuine_messages_correctly_signed_are_never_a_5xx(signed_app):
                 or isinstance(m.get("messageId"), int) and not isinstance(m["messageId"], bool)))
             answer = again.get_json()
             assert again.status_code == 200
-            assert answer["accepted"] + len(answer["skipped"]) <= without_id, answer
+            # ("deleted": a mutated delete of this run forgot its sender meanwhile.)
+            taken = [e for e in answer["skipped"] if e["reason"] != "deleted"]
+            assert answer["accepted"] + len(taken) <= without_id, answer
 
     deliver()
     print(f"\n{dict(reached)}")

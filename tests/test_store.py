@@ -437,16 +437,24 @@ def test_claims_from_before_the_inbox_still_make_redeliveries_duplicates(make_ap
 def test_old_interactions_are_pruned_and_newer_ones_kept(make_app, database_url):
     """INTERACTION_RETENTION_DAYS: every interaction older than the window goes (2,500,
     sharing one timestamp: more than one pruning batch), a newer one stays."""
+    from datetime import datetime, timezone
     app = make_app(database_url=database_url, interaction_retention_days=30.0)
     client = app.test_client()
+    today = time.time()
+
+    def at(when: float) -> str:
+        return datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z")
+
     old = [track(f"old-{n}", f"p-{n % 7}", user=f"u-{n}") for n in range(2500)]
+    for message in old:
+        message["timestamp"] = at(today - 86400)
     response = client.post("/segment", json={"batch": old})
     assert response.status_code == 200 and response.get_json()["interactions"] == 2500
     new = track("new-1")
-    new["timestamp"] = "2024-07-01T10:00:00.000Z"
+    new["timestamp"] = at(today)
     assert client.post("/segment", json=new).status_code == 200
-    now = 1719828000.0 + 10 * 86400  # 2024-07-11: the May interactions are > 30 days old
-    deleted = app.extensions["segment"].retention.run_once(now=now)
+    # 29.5 days on: yesterday's interactions are 30.5 days old, today's 29.5.
+    deleted = app.extensions["segment"].retention.run_once(now=today + 29.5 * 86400)
     assert deleted["interactions"] == 2500
     assert store_of(app).counts()["interactions"] == 1
 

@@ -302,3 +302,107 @@ def test_without_secret_key_rank_is_no_oracle_of_purchases_or_opt_out(make_app):
         body = response.get_json()
         for private in ("filtered", "traitsUsed", "traitValues", "optedOut"):
             assert private not in body, (user, body)
+
+
+# --- replays, retention, consent categories: nothing accepted only to be thrown away -------
+
+def _at(days_ago: float) -> str:
+    import time
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(time.time() - days_ago * 86400, timezone.utc) \
+        .isoformat().replace("+00:00", "Z")
+
+
+def _view(message_id: str, days_ago: float, **extra) -> dict:
+    message = {"type": "track", "event": "Product Viewed", "messageId": message_id,
+               "userId": "u-replay", "timestamp": _at(days_ago),
+               "properties": {"product_id": "sku-1"}}
+    message.update(extra)
+    return message
+
+
+def test_an_eight_day_old_signed_message_is_too_old_with_the_defaults(make_app):
+    """The attack: a signed delivery captured (or Replayed) after its claim was pruned
+    (MESSAGE_RETENTION_HOURS, 168 h) would be taken again. By default
+    MAX_MESSAGE_AGE_HOURS is the retention: it is either a duplicate or too old."""
+    import hashlib
+    import hmac
+    import json
+    secret = "replay-shared-secret"
+    app = make_app(segment_shared_secrets=(secret,), max_message_age_hours=None)
+    assert app.extensions["segment"].settings.max_message_age_seconds == 168 * 3600
+    client = app.test_client()
+    for message_id, days, outcome in (("week-old", 6.9, "accepted"), ("old", 8, "skipped")):
+        body = json.dumps(_view(message_id, days)).encode()
+        signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+        answer = client.post("/segment", data=body, headers={
+            "Content-Type": "application/json", "X-Signature": signature}).get_json()
+        if outcome == "accepted":
+            assert answer["accepted"] == 1, answer
+        else:
+            assert answer["skipped"] == [{"index": 0, "messageId": "old",
+                                          "reason": "too_old"}]
+
+
+def test_an_interaction_older_than_retention_is_skipped_and_said_so(make_app):
+    app = make_app(interaction_retention_days=730.0)
+    client = app.test_client()
+    answer = deliver(client, _view("ancient", 800), _view("recent", 10),
+                     {"type": "identify", "userId": "u-replay", "messageId": "id-old",
+                      "timestamp": _at(800), "traits": {"plan": "pro"}})
+    assert answer["accepted"] == 2  # the identify still counts: traits are not pruned
+    assert answer["skipped"] == [{"index": 0, "messageId": "ancient",
+                                  "reason": "older_than_retention"}]
+    assert answer["interactions"] == 1
+
+
+def test_an_import_of_old_history_says_what_fell_outside_retention(make_app, tmp_path):
+    import json
+    app = make_app(interaction_retention_days=730.0)
+    archive = tmp_path / "history.jsonl"
+    archive.write_text("\n".join(json.dumps(_view(f"h-{n}", 800 + n)) for n in range(5))
+                       + "\n" + json.dumps(_view("h-new", 3)) + "\n")
+    result = app.test_cli_runner().invoke(args=["import", str(archive)])
+    assert result.exit_code == 0, result.output
+    assert "1 new interactions" in result.output
+    assert "5 interaction(s) fell outside retention" in result.output
+    assert "INTERACTION_RETENTION_DAYS" in result.output
+
+
+def test_a_message_denying_a_consent_category_is_not_used(make_app):
+    app = make_app(consent_categories=("Personalization",))
+    client = app.test_client()
+    denied = _view("denied", 1, context={"consent": {"categoryPreferences": {
+        "Personalization": False, "Advertising": True}}})
+    allowed = _view("allowed", 1, context={"consent": {"categoryPreferences": {
+        "personalization": True}}})
+    silent = _view("silent", 1)
+    answer = deliver(client, denied, allowed, silent)
+    assert answer["accepted"] == 2
+    assert answer["skipped"] == [{"index": 0, "messageId": "denied", "reason": "no_consent"}]
+    from tests.conftest import store_of
+    from webhook.store import interactions
+    with store_of(app).read() as conn:
+        assert {r[0] for r in conn.execute(sa.select(interactions.c.event_id))} == \
+            {"allowed", "silent"}
+    # A deletion request is never held back by consent.
+    delete = {"type": "delete", "userId": "u-replay", "timestamp": _at(0),
+              "context": {"consent": {"categoryPreferences": {"Personalization": False}}}}
+    assert deliver(client, delete)["accepted"] == 1
+
+
+def test_a_deleted_persons_cached_profile_is_not_served(personalize_app, profile_api):
+    """Every worker caches Profile API answers for PROFILE_CACHE_SECONDS; after a
+    deletion the person's cached traits go within the tombstones' refresh (a second)."""
+    import time
+    from datetime import datetime, timezone
+    client = personalize_app(profile_cache_seconds=600).test_client()
+    profile_api.set_traits("user_id:cached-1", {"purchased_products": ["item-1"]})
+    get(client, "userId=cached-1&numResults=2")
+    get(client, "userId=cached-1&numResults=2")
+    assert len(profile_api.requests_for("user_id:cached-1")) == 1  # the second was cached
+    deliver(client, {"type": "delete", "userId": "cached-1",
+                     "timestamp": datetime.now(timezone.utc).isoformat()})
+    time.sleep(1.1)
+    get(client, "userId=cached-1&numResults=2")
+    assert len(profile_api.requests_for("user_id:cached-1")) == 2

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.conftest import AppliedClient, health, store_of
+from tests.operator import TIMELESS_ENV
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
@@ -143,6 +144,8 @@ def test_rotation_from_the_environment_comma_separated(monkeypatch, sqlite_url):
 
     monkeypatch.setenv("SEGMENT_SHARED_SECRET", f" {OLD_SECRET} , {NEW_SECRET} ")
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    for name, value in TIMELESS_ENV.items():  # the story's fixed 2024 times
+        monkeypatch.setenv(name, value)
     app = create_app()
     app.config["TESTING"] = True  # no background appliers: the client applies (conftest)
     app.test_client_class = AppliedClient

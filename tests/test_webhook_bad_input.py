@@ -170,7 +170,7 @@ BAD_MESSAGES = {
                                  "timestamp": "2024-05-01T10:00:00Z"},
     "alias without userId": {"type": "alias", "messageId": "al-1", "previousId": "a",
                              "anonymousId": "a", "timestamp": "2024-05-01T10:00:00Z"},
-    "delete without userId": {"type": "delete", "messageId": "d-1", "anonymousId": "a",
+    "delete without any id": {"type": "delete", "messageId": "d-1",
                               "timestamp": "2024-05-01T10:00:00Z"},
 }
 

@@ -91,8 +91,10 @@ class Activation:
     #                      starts another
 
     def __init__(self, store: Store, publisher: Publisher, trait: str, interval: float,
-                 queue_max: int = 1000):
+                 queue_max: int = 1000, tombstones=None):
         self.store = store
+        # A write-back queued for a person deleted since is never sent.
+        self.tombstones = tombstones
         self.publisher = publisher
         self.trait = trait
         self.interval = interval
@@ -105,7 +107,7 @@ class Activation:
     def offer(self, user_id: str, item_ids: Sequence[str]) -> bool:
         """Publish later, off the request path. False when the queue is full (dropped,
         counted); never blocks."""
-        return self._put((self._run, (user_id, list(item_ids))))
+        return self._put((self._run, (user_id, list(item_ids), time.time())))
 
     def later(self, work: Callable, *args) -> bool:
         """Run ``work(*args)`` on the activation thread (a recomputation after a purchase);
@@ -164,9 +166,13 @@ class Activation:
             finally:
                 jobs.task_done()
 
-    def _run(self, user_id: str, item_ids: list[str]) -> str:
+    def _run(self, user_id: str, item_ids: list[str], offered_at: float) -> str:
         try:
-            outcome = self.publish_if_due(user_id, item_ids)
+            if self.tombstones is not None and \
+                    self.tombstones.deleted_since((user_id,), offered_at):
+                outcome = "deleted"
+            else:
+                outcome = self.publish_if_due(user_id, item_ids)
         except StoreUnavailable:
             outcome = "store_unavailable"
         except Exception:  # a background thread must never die silently

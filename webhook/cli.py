@@ -36,11 +36,22 @@ def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     import time
 
     from .export import export_archives, terminal_progress
-    settings = current_app.extensions["segment"].settings
+    services = current_app.extensions["segment"]
+    settings = services.settings
+    # People deleted through this service stay deleted in the files (their tombstones).
+    services.ensure_schema()
+    tombstones = services.tombstones
+    tombstones.refresh(force=True)
+
+    def forgotten(message) -> bool:
+        return tombstones.deleted_since(
+            (message.user_id, message.anonymous_id, message.previous_id),
+            message.timestamp.timestamp(), refresh=False)
+
     update, bar = terminal_progress(sum(os.path.getsize(a) for a in archives))
     started = time.perf_counter()
     try:
-        report = export_archives(archives, out_dir, settings, update)
+        report = export_archives(archives, out_dir, settings, update, forgotten)
     except (ValueError, OSError, EOFError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -113,7 +124,7 @@ def dead_letters_retry(ids: tuple[int, ...], retry_all: bool, timeout: float) ->
     finally:
         runner.applier.sender.stop()
     by_id = {letter.id: letter for letter in letters}
-    resolved = [i for i, outcome in outcomes.items() if outcome in ("sent", "gone")]
+    resolved = [i for i, outcome in outcomes.items() if outcome in ("sent", "gone", "deleted")]
     services.dead_letters.resolve(resolved)
     for letter_id, outcome in outcomes.items():
         if outcome.startswith("refused"):

@@ -394,9 +394,10 @@ class Settings:
     # Inbox rows (the messageId claims with them) are kept this long after they arrived:
     # well beyond Segment's retry window (about 4 hours), so a redelivery is a duplicate.
     message_retention_hours: float = 168.0
-    # Live messages older than this are skipped ("too_old"); 0 = off (Segment's Replay
-    # re-sends old messages on purpose).
-    max_message_age_hours: float = 0.0
+    # Live messages older than this are skipped ("too_old"); None (unset): the same as
+    # MESSAGE_RETENTION_HOURS, so a replay is either a duplicate (its claim is kept) or
+    # too old; 0 = off (README: Segment's Replay).
+    max_message_age_hours: float | None = None
     # Interactions older than this (by their own time) are deleted; 0 = kept for ever.
     interaction_retention_days: float = 730.0
     retention_interval_seconds: float = 60.0  # how often each worker prunes what is due
@@ -497,6 +498,13 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def max_message_age_seconds(self) -> float:
+        """MAX_MESSAGE_AGE_HOURS in seconds (0: off), MESSAGE_RETENTION_HOURS's if unset."""
+        hours = self.message_retention_hours if self.max_message_age_hours is None \
+            else self.max_message_age_hours
+        return hours * 3600.0
+
+    @property
     def authentication_enforced(self) -> bool:
         return bool(self.segment_shared_secrets or self.webhook_bearer_tokens)
 
@@ -567,7 +575,7 @@ class Settings:
             "max_body_bytes": self.max_body_bytes,
             "sqlite_synchronous": self.sqlite_synchronous,
             "message_retention_hours": self.message_retention_hours,
-            "max_message_age_hours": self.max_message_age_hours or None,
+            "max_message_age_hours": self.max_message_age_seconds / 3600.0 or None,
             "interaction_retention_days": self.interaction_retention_days or None,
             "personalize_tracking_id": bool(self.personalize_tracking_id),
             "personalize_campaign_arn": bool(self.personalize_campaign_arn),

@@ -1,19 +1,21 @@
 """Deletion requests reach Amazon Personalize: data deletion jobs for deleted users.
 
 A Segment deletion request (``{"type": "delete", "userId": …}``) is applied to the local
-store at once (``Transaction.delete_user``). In Personalize mode, Personalize must forget the
-user too, and it has no real-time call for that: a *data deletion job* reads a CSV of user
-ids (one ``USER_ID`` column) from S3. So:
+store at once (``forget.py``). In Personalize mode, Personalize must forget the person
+too, and it has no real-time call for that: a *data deletion job* reads a CSV of user ids
+(one ``USER_ID`` column) from S3. So:
 
-* ``record_deletions(tx, user_ids)`` adds the users to ``personalize_deletions`` inside the
-  write transaction that applied the deletion (any write transaction: it takes the store's
-  ``Transaction``), so a deletion acknowledged to Segment is never lost;
+* ``record_deletions(tx, ids)`` adds the person's ids (the userId, and the anonymous ids
+  linked to it: Personalize keys an anonymous visitor's events by the sessionId, the
+  anonymousId) to ``personalize_deletions`` inside the local store applier's transaction
+  that forgot them, so a deletion acknowledged to Segment is never lost;
 * every ``PERSONALIZE_DELETION_INTERVAL_SECONDS`` (default an hour), one process of the
   fleet (a lease in the database) runs ``DeletionSync.run_once``:
 
   1. follows the running jobs with ``DescribeDataDeletionJob``: a completed job's users are
      done (their rows go, the batch row stays for the record); a failed job's users go back
-     to the pending list, so the next batch retries them: nobody is dropped;
+     to the pending list, so the next batch retries them: nobody is dropped; a finished
+     job's CSV is removed from S3 (it names deleted people);
   2. puts the pending users into a new batch, uploads ``<batch>.csv`` under
      ``PERSONALIZE_DELETION_S3_URI`` and calls ``CreateDataDeletionJob`` (dataset group,
      role); a batch whose upload or job creation failed is tried again on the next run.
@@ -184,6 +186,7 @@ class DeletionSync:
                 report["running"] += 1
 
     def _finish(self, batch_id: str, outcome: str, detail: str) -> None:
+        self._remove_csv(batch_id)  # read by the job: no longer needed, and it names people
         now = time.time()
         with self.store.write() as tx:
             users = personalize_deletions.c
@@ -203,6 +206,22 @@ class DeletionSync:
             outcome="done" if outcome == "done" else "retried").inc(max(0, count or 0))
         log.info("data deletion job %s", outcome,
                  extra={"batch": batch_id, "users": count, "detail": detail[:200]})
+
+    def _remove_csv(self, batch_id: str) -> None:
+        """A finished job's CSV names deleted people: it goes from S3 (best effort: a
+        failure is logged; the object is not tried again)."""
+        with self.store.read() as conn:
+            location = conn.execute(
+                sa.select(personalize_deletion_batches.c.data_location).where(
+                    personalize_deletion_batches.c.batch_id == batch_id)).scalar()
+        if not location or not location.startswith("s3://"):
+            return
+        bucket, _, key = location[len("s3://"):].partition("/")
+        try:
+            self._s3.get().delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("the CSV of a completed data deletion job could not be removed: %s",
+                        type(exc).__name__, extra={"batch": batch_id})
 
     def _update(self, batch_id: str, **values) -> None:
         with self.store.write() as tx:

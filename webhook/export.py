@@ -95,6 +95,7 @@ class ExportReport:
     users: int = 0            # rows in users.csv
     items: int = 0            # rows in items.csv
     deletions: int = 0        # delete messages honoured
+    forgotten: int = 0        # messages about people deleted through the service since
     deleted_interactions: int = 0
     duplicate_events: int = 0  # an event id written before (another messageId made it)
     problems: Counter = field(default_factory=Counter)  # "kind action" -> count
@@ -220,14 +221,19 @@ class _Book:
         self._links[anonymous_id] = user_id
         self.cur.execute("INSERT OR REPLACE INTO links VALUES (?, ?)", (anonymous_id, user_id))
 
-    def delete_user(self, user_id: str, message_seq: int, row_mark: int) -> None:
-        """Mark what came before about ``user_id`` and its linked anonymous ids as deleted;
-        their links go, as in the store."""
-        ids = [user_id] + [row[0] for row in self.db.execute(
-            "SELECT anonymous_id FROM links WHERE user_id = ?", (user_id,))]
+    def delete_user(self, deletion, message_seq: int, row_mark: int) -> None:
+        """Mark what came before about the deleted person (a userId and its linked
+        anonymous ids, or an anonymousId alone) as deleted; their links go, as in the
+        store."""
+        if deletion.user_id:
+            ids = [deletion.user_id] + [row[0] for row in self.db.execute(
+                "SELECT anonymous_id FROM links WHERE user_id = ?", (deletion.user_id,))]
+        else:
+            ids = [deletion.anonymous_id]
         self.db.executemany("INSERT OR REPLACE INTO purge VALUES (?, ?, ?)",
                             [(i, message_seq, row_mark) for i in ids])
-        self.db.execute("DELETE FROM links WHERE user_id = ?", (user_id,))
+        self.db.executemany("DELETE FROM links WHERE user_id = ? OR anonymous_id = ?",
+                            [(i, i) for i in ids])
         self._links.clear()
 
     def close(self) -> None:
@@ -243,8 +249,12 @@ def _open_csv(path: str) -> tuple[IO[str], Any]:
 
 
 class Exporter:
-    def __init__(self, settings: Settings, out_dir: str):
+    def __init__(self, settings: Settings, out_dir: str,
+                 forgotten: Callable[[Any], bool] | None = None):
         self.settings = settings
+        # Whether a message is about a person deleted (through the service) after it was
+        # sent: such messages are left out of the files (tombstones.py).
+        self.forgotten = forgotten
         self.out_dir = out_dir
         self.router = Router(settings.interaction_events, settings.item_id_properties)
         self.config = MappingConfig.from_settings(settings)
@@ -317,6 +327,10 @@ class Exporter:
                         report.rejected += 1
                         report.example(str(exc))
                         continue
+                    if self.forgotten is not None and message.type != "delete" and \
+                            self.forgotten(message):
+                        report.forgotten += 1
+                        continue
                     if message.message_id is not None and \
                             not book.claim("seen_messages", message.message_id):
                         report.duplicates += 1
@@ -329,9 +343,9 @@ class Exporter:
                         report.accepted += 1
                     for link in routed.links:
                         book.link(link.anonymous_id, link.user_id)
-                    if routed.delete_user_id:
+                    if routed.deletion is not None:
                         report.deletions += 1
-                        book.delete_user(routed.delete_user_id, seq, report.interactions)
+                        book.delete_user(routed.deletion, seq, report.interactions)
                     if user_sources:
                         for user in routed.users:
                             traits = {k: v for k, v in user.traits.items() if k in user_sources}
@@ -451,8 +465,9 @@ def _merged(rows: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, dict]
 
 
 def export_archives(paths: Iterable[str], out_dir: str, settings: Settings,
-                    progress: Callable[[int], None] | None = None) -> ExportReport:
-    return Exporter(settings, out_dir).run(paths, progress)
+                    progress: Callable[[int], None] | None = None,
+                    forgotten: Callable[[Any], bool] | None = None) -> ExportReport:
+    return Exporter(settings, out_dir, forgotten).run(paths, progress)
 
 
 def terminal_progress(total_bytes: int):

@@ -30,8 +30,11 @@ FLUSH_SECONDS = 0.2
 
 class ImpressionRecorder:
     def __init__(self, store: Store, max_pending: int = 10_000,
-                 max_pending_items: int = 100_000, flush_seconds: float = FLUSH_SECONDS):
+                 max_pending_items: int = 100_000, flush_seconds: float = FLUSH_SECONDS,
+                 tombstones=None):
         self.store = store
+        # An answer for a person deleted while it waited in the buffer is not written.
+        self.tombstones = tombstones
         self.max_pending = max_pending
         self.max_pending_items = max_pending_items  # ~6 MB of ids at most
         self._items = 0  # item ids held in the buffer
@@ -71,6 +74,11 @@ class ImpressionRecorder:
             if not rows:
                 return 0
             try:
+                if self.tombstones is not None:
+                    self.tombstones.refresh()
+                    if not self.tombstones.empty:
+                        rows = [row for row in rows if not self.tombstones.deleted_since(
+                            (row["visitor"],), row["shown_at"], refresh=False)]
                 with self.store.write(durable=False) as tx:
                     tx.conn.execute(tx._insert(impressions).on_conflict_do_nothing(
                         index_elements=["recommendation_id"]), rows)

@@ -321,12 +321,20 @@ class Inbox:
             positions = {row.name: (row.position_txid, row.position_seq)
                          for row in conn.execute(sa.select(inbox_consumers)
                                                  .where(inbox_consumers.c.name.in_(consumers)))}
+        behind = min(positions.get(name, (0, 0)) for name in consumers) if consumers \
+            else None
         with self.rows.write() as tx:
-            head = tx.conn.execute(sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at)
+            head = tx.conn.execute(sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at,
+                                             inbox.c.type)
                                    .order_by(inbox.c.seq).limit(limit)).all()
             doomed = []
             for row in head:  # rows arrive in time order: stop at the first young one
                 if row.received_at >= older_than:
+                    break
+                # A deletion request is never pruned before every applier applied it:
+                # the person would stay where it was not applied yet.
+                if row.type == "delete" and behind is not None and \
+                        (row.txid, row.seq) > behind:
                     break
                 doomed.append(row)
             if not doomed:

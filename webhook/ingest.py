@@ -11,11 +11,13 @@ are woken here.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .consent import denied_categories
 from .routing import Router
 from .segment import Message, MessageError, encode_json, parse_message
 from .store import Store
@@ -82,11 +84,35 @@ def canonical_json(raw: dict) -> str:
 
 
 class Ingestor:
+    """Validates deliveries and writes them into the inbox.
+
+    A valid message is skipped, with its reason in the answer, instead of stored when it
+    would only be thrown away or must not be used:
+
+    * ``too_old``: a live message older than ``max_message_age_seconds`` (by default the
+      inbox's retention: a replay is either a duplicate or too old; imports are not
+      bound by it);
+    * ``no_consent``: its ``context.consent.categoryPreferences`` denies one of
+      ``consent_categories`` (``consent.py``);
+    * ``older_than_retention``: an interaction older than ``interaction_retention_seconds``
+      (it would be pruned within a minute);
+    * ``deleted``: it is about a person deleted after the message's time
+      (``tombstones.py``).
+
+    A deletion request is never skipped. Its tombstones are written with its claim; one
+    without a messageId is claimed by its content, so a replay of it is a duplicate.
+    """
+
     def __init__(self, store: Store, router: Router,
-                 max_message_age_seconds: float | None = None):
+                 max_message_age_seconds: float | None = None, *,
+                 interaction_retention_seconds: float | None = None,
+                 consent_categories: Sequence[str] = (), tombstones=None):
         self.store = store
         self.router = router
         self.max_message_age_seconds = max_message_age_seconds
+        self.interaction_retention_seconds = interaction_retention_seconds
+        self.consent_categories = tuple(consent_categories)
+        self.tombstones = tombstones  # tombstones.Tombstones, or None: no check
         self.listeners: list[Callable[[], None]] = []  # told when new rows are committed
         self._group = _GroupCommit(self._write)
 
@@ -96,8 +122,14 @@ class Ingestor:
         delivery (not an import) may have old messages skipped: MAX_MESSAGE_AGE_HOURS."""
         summary = Summary(received=len(raw_messages))
         rows: list[tuple[int, Message, str]] = []
-        oldest = (time.time() - self.max_message_age_seconds
+        now = time.time()
+        oldest = (now - self.max_message_age_seconds
                   if live and self.max_message_age_seconds else None)
+        retained = (now - self.interaction_retention_seconds
+                    if self.interaction_retention_seconds else None)
+        if self.tombstones is not None:
+            self.tombstones.refresh()
+        graves: list[dict] = []
         for index, raw in enumerate(raw_messages):
             try:
                 message = parse_message(raw)
@@ -105,19 +137,28 @@ class Ingestor:
                 summary.rejected.append(_entry(index, raw, str(exc)))
                 summary.count(_type_label(raw), "rejected")
                 continue
-            if oldest is not None and message.type != "delete" \
-                    and message.timestamp.timestamp() < oldest:
+            if message.type == "delete":
+                body = canonical_json(raw)
+                if message.message_id is None:
+                    message.message_id = delete_claim(body)
+                if self.tombstones is not None:
+                    graves += self.tombstones.rows(
+                        (message.user_id, message.anonymous_id), message.timestamp.timestamp())
+                rows.append((index, message, body))
+                continue
+            reason = self._skip_reason(message, raw, oldest, retained)
+            if reason is not None:
                 summary.skipped.append({"index": index, "messageId": message.message_id,
-                                        "reason": "too_old"})
+                                        "reason": reason})
                 summary.count(message.type, "skipped")
                 continue
             rows.append((index, message, canonical_json(raw)))
         if not rows:
             if summary.rejected:
                 raise NoMessages(summary)
-            return summary  # every message skipped as too old: nothing to keep
+            return summary  # every message skipped: nothing to keep
 
-        job = _Job(rows)
+        job = _Job(rows, graves)
         self._group.submit(job)
         fresh = job.fresh
         for index, message, _ in rows:
@@ -144,12 +185,30 @@ class Ingestor:
                 listener()
         return summary
 
+    def _skip_reason(self, message: Message, raw: dict, oldest: float | None,
+                     retained: float | None) -> str | None:
+        when = message.timestamp.timestamp()
+        if oldest is not None and when < oldest:
+            return "too_old"
+        if self.consent_categories and denied_categories(raw, self.consent_categories):
+            return "no_consent"
+        if retained is not None and when < retained and message.type == "track" \
+                and message.event in self.router.interaction_events:
+            return "older_than_retention"
+        if self.tombstones is not None and not self.tombstones.empty and \
+                self.tombstones.deleted_since((message.user_id, message.anonymous_id,
+                                               message.previous_id), when, refresh=False):
+            return "deleted"
+        return None
+
     def _write(self, jobs: Sequence["_Job"]) -> None:
         """Write the rows of a group of deliveries in one transaction (``_GroupCommit``):
         a messageId in two of them (or twice in one) is new for its first copy only."""
         rows: list[tuple[str | None, str, str]] = []
+        graves: list[dict] = []
         seen: set[str] = set()
         for job in jobs:
+            graves += job.graves
             for _, message, body in job.rows:
                 message_id = message.message_id
                 if message_id is not None:
@@ -157,7 +216,7 @@ class Ingestor:
                         continue
                     seen.add(message_id)
                 rows.append((message_id, message.type, body))
-        fresh = self.store.add_to_inbox(rows)
+        fresh = self.store.add_to_inbox(rows, graves)
         for job in jobs:
             job.added = False
             mine: set[str] = set()
@@ -172,9 +231,16 @@ class Ingestor:
             job.fresh = mine
 
 
+def delete_claim(body: str) -> str:
+    """The claim of a deletion request sent without a messageId: its content (the same
+    request sent again is the same claim, a duplicate)."""
+    return "delete:" + hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
 @dataclass(slots=True)
 class _Job:
     rows: list[tuple[int, Message, str]]
+    graves: list[dict] = field(default_factory=list)  # tombstones of its deletes
     fresh: set[str] = field(default_factory=set)
     added: bool = False
     done: bool = False

@@ -58,7 +58,8 @@ RECOMMENDATIONS = Counter(
 ACTIVATIONS = Counter(
     "activations",
     "Write-backs of recommendations as a trait, by outcome (published, unchanged, too_soon, "
-    "concurrent, failed, error, store_unavailable, dropped: the bounded queue was full).",
+    "concurrent, failed, error, store_unavailable, deleted: the person was deleted since, "
+    "dropped: the bounded queue was full).",
     ["outcome"],
 )
 PROFILE_LOOKUPS = Counter(

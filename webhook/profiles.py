@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 from urllib.parse import quote
 
@@ -47,6 +47,7 @@ class Profile:
     source: str  # "segment" or "local"
     cached: bool = False
     detail: str = ""
+    read_at: float = field(default_factory=time.time)
 
     @property
     def known(self) -> bool:
@@ -137,12 +138,15 @@ class SegmentProfiles:
 
     def __init__(self, base_url: str, space_id: str, token: str, *, timeout: float = 0.25,
                  cache_seconds: float = 60.0, cache_size: int = 50000, pool_size: int = 16,
-                 budget=None, share=None):
+                 budget=None, share=None, tombstones=None):
         self.base_url = base_url.rstrip("/")
         self.space_id = space_id
         self.timeout = timeout
         self.budget = budget  # webhook.budget.HostBudget, or None: no budget
         self.share = share    # webhook.budget.HostShare: this host's calls per second
+        # A cached profile of a person deleted since it was read is not served: every
+        # worker's cache lets go of them within the tombstones' refresh (a second).
+        self.tombstones = tombstones
         self._session = requests.Session()
         self._session.auth = (token, "")  # the access token is the Basic user name
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
@@ -171,9 +175,15 @@ class SegmentProfiles:
                 leader = flight is None
                 if leader:
                     flight = self._flights[key] = _Flight()
+        if hit is not None and self._forgotten(hit, user_id, anonymous_id):
+            with self._lock:
+                if self._cache is not None:
+                    self._cache.pop(key, None)
+            return self.traits(user_id=user_id, anonymous_id=anonymous_id, names=names)
         if hit is not None:
             metrics.PROFILE_LOOKUPS.labels(outcome="cached").inc()
-            return Profile(hit.traits, hit.status, self.name, cached=True)
+            return Profile(hit.traits, hit.status, self.name, cached=True,
+                           read_at=hit.read_at)
         if not leader:
             # Single-flight: another request is asking for this visitor right now.
             metrics.PROFILE_LOOKUPS.labels(outcome="shared").inc()
@@ -191,6 +201,14 @@ class SegmentProfiles:
             flight.profile = profile
             flight.done.set()
         return profile
+
+    def _forgotten(self, hit: Profile, user_id: str | None, anonymous_id: str | None) -> bool:
+        if self.tombstones is None:
+            return False
+        try:
+            return self.tombstones.deleted_since((user_id, anonymous_id), hit.read_at)
+        except StoreUnavailable:
+            return True  # cannot tell: ask Segment again
 
     def _lookup(self, identifier: str, names: Sequence[str]) -> Profile:
         ticket = 0

@@ -49,6 +49,14 @@ class ItemDetails(NamedTuple):
     timestamp: float
 
 
+class Deletion(NamedTuple):
+    """A Segment deletion request: forget this person (userId, with the ids linked to it;
+    or an anonymousId alone), as of ``deleted_at``."""
+    user_id: str | None
+    anonymous_id: str | None
+    deleted_at: float
+
+
 class IdentityLink(NamedTuple):
     """anonymous_id belongs to user_id (from alias, identify or any message with both)."""
     anonymous_id: str
@@ -61,7 +69,7 @@ class Routed:
     users: list[UserTraits] = field(default_factory=list)
     items: list[ItemDetails] = field(default_factory=list)
     links: list[IdentityLink] = field(default_factory=list)
-    delete_user_id: str | None = None
+    deletion: Deletion | None = None
     skipped: str | None = None  # why a message meant to be an interaction gave none
     notes: list[str] = field(default_factory=list)  # products dropped from a fan-out
 
@@ -159,7 +167,7 @@ class Router:
             if message.previous_id != message.user_id:
                 routed.links.append(IdentityLink(message.previous_id, message.user_id))
         elif message.type == "delete":
-            routed.delete_user_id = message.user_id
+            routed.deletion = Deletion(message.user_id, message.anonymous_id, when)
         # page, screen and group: accepted and counted, nothing to record.
         return routed
 

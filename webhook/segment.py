@@ -254,7 +254,7 @@ def _optional_dict(raw: dict, key: str) -> dict:
     return value
 
 
-def _message_time(raw: dict) -> datetime:
+def message_time(raw: dict) -> datetime:
     for key in ("timestamp", "originalTimestamp", "sentAt", "receivedAt"):
         value = raw.get(key)
         if value not in (None, ""):
@@ -281,11 +281,11 @@ def parse_message(raw: Any) -> Message:
     anonymous_id = _optional_id(raw, "anonymousId")
 
     if kind == "delete":
-        if not user_id:
-            raise MessageError("a delete needs a userId")
+        if not (user_id or anonymous_id):
+            raise MessageError("a delete needs a userId or an anonymousId")
         # A deletion request may carry no time at all; it takes effect when received.
         try:
-            timestamp = _message_time(raw)
+            timestamp = message_time(raw)
         except MessageError:
             timestamp = datetime.now(timezone.utc)
         return Message(type=kind, message_id=message_id, user_id=user_id,
@@ -295,7 +295,7 @@ def parse_message(raw: Any) -> Message:
         raise MessageError("missing messageId")
     if not (user_id or anonymous_id):
         raise MessageError("missing userId and anonymousId: one is required")
-    timestamp = _message_time(raw)
+    timestamp = message_time(raw)
 
     if kind == "track":
         event = raw.get("event")

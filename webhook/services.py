@@ -25,7 +25,7 @@ from .budget import HostBudget, HostShare, budget_path
 from .config import SECRET_FIELDS, Settings
 from .consent import OptOut
 from .deadletters import DeadLetters
-from .deletions import DeletionSync, record_deletions
+from .deletions import DeletionSync
 from .engine import make_engine
 from .engine.model import event_weights
 from .experiments import Experiment, Variant
@@ -39,6 +39,7 @@ from .recommenders.popular import PopularItems
 from .retention import Retention
 from .routing import Router
 from .store import Store, StoreUnavailable, WalCheckpointer, sqlite_url_for
+from .tombstones import Tombstones
 
 log = logging.getLogger("webhook")
 
@@ -74,6 +75,7 @@ class Services:
     retention: Retention | None = None
     checkpointer: WalCheckpointer | None = None  # SQLite: the WAL copied back off the lock
     dead_letters: DeadLetters | None = None
+    tombstones: Tombstones | None = None
     warnings: list[str] = field(default_factory=list)
     _schema_ready: bool = False
     _schema_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -193,7 +195,8 @@ def secret_values(settings: Settings) -> list[str]:
     return [v for v in values if v]
 
 
-def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadLetters):
+def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadLetters,
+                         tombstones: Tombstones):
     from .appliers.personalize import PersonalizeApplier, Sender
     from .personalize_mapping import MappingConfig
     sender = Sender(region=settings.aws_region,
@@ -205,10 +208,7 @@ def _personalize_applier(settings: Settings, router: Router, dead_letters: DeadL
     return PersonalizeApplier(router, MappingConfig.from_settings(settings), sender,
                               users_dataset_arn=settings.personalize_users_dataset_arn,
                               items_dataset_arn=settings.personalize_items_dataset_arn,
-                              dead_letters=dead_letters,
-                              # Personalize has no real-time deletion: its data deletion
-                              # job follows (deletions.py), from the list kept here.
-                              on_deletions=record_deletions)
+                              dead_letters=dead_letters, tombstones=tombstones)
 
 
 def _personalize(settings: Settings, arn: str = "", *, ranking: bool = False):
@@ -250,22 +250,23 @@ def _variants(settings: Settings, engine, popular: PopularItems) -> list[Variant
 
 
 def build_appliers(settings: Settings, store: Store, router: Router,
-                   dead_letters: DeadLetters, *,
+                   dead_letters: DeadLetters, tombstones: Tombstones, *,
                    on_purchases: Callable[[list[str]], None] | None,
                    before_attribution: Callable[[], object] | None) -> list:
     """The inbox's appliers for these settings: the local store's, Personalize's when it
     is configured, the attribution's when insights are kept. Built alike in a worker (the
     CLI's and tests' drain, APPLIER_NICE=off) and in the appliers' own process."""
-    appliers = [LocalStoreApplier(router, settings.purchase_events, store.statements,
-                                  on_purchases=on_purchases)]
+    appliers = [LocalStoreApplier(router, settings.purchase_events, store,
+                                  on_purchases=on_purchases, tombstones=tombstones,
+                                  record_for_personalize=bool(settings.personalize_tracking_id))]
     if settings.personalize_tracking_id:
-        appliers.append(_personalize_applier(settings, router, dead_letters))
+        appliers.append(_personalize_applier(settings, router, dead_letters, tombstones))
     if settings.insights_retention_days:
         appliers.append(AttributionApplier(
             store, router, settings.purchase_events,
             window_hours=settings.attribution_window_hours,
             hold_seconds=settings.attribution_hold_seconds,
-            before_apply=before_attribution))
+            before_apply=before_attribution, tombstones=tombstones))
     return appliers
 
 
@@ -273,15 +274,18 @@ def build_services(settings: Settings, instance_path: str) -> Services:
     store = Store(settings.database_url or sqlite_url_for(instance_path),
                   synchronous=settings.sqlite_synchronous)
     router = Router(settings.interaction_events, settings.item_id_properties)
-    ingestor = Ingestor(store, router, max_message_age_seconds=(
-        settings.max_message_age_hours * 3600.0 or None))
+    tombstones = Tombstones(store)
+    ingestor = Ingestor(
+        store, router, max_message_age_seconds=settings.max_message_age_seconds or None,
+        interaction_retention_seconds=settings.interaction_retention_days * 86400.0 or None,
+        consent_categories=settings.consent_categories, tombstones=tombstones)
     inbox = Inbox(store)
     dead_letters = DeadLetters(store, settings.dead_letters_max)
     services = Services(settings=settings, store=store, ingestor=ingestor, inbox=inbox,
-                        dead_letters=dead_letters)
+                        dead_letters=dead_letters, tombstones=tombstones)
     if settings.insights_retention_days:
-        services.impressions = ImpressionRecorder(store)
-    appliers = build_appliers(settings, store, router, dead_letters,
+        services.impressions = ImpressionRecorder(store, tombstones=tombstones)
+    appliers = build_appliers(settings, store, router, dead_letters, tombstones,
                               on_purchases=services.after_purchases,
                               before_attribution=(services.impressions.flush
                                                   if services.impressions else None))
@@ -322,14 +326,14 @@ def build_services(settings: Settings, instance_path: str) -> Services:
             settings.segment_profile_api_url, settings.segment_space_id,
             settings.segment_profile_api_token, timeout=settings.profile_api_timeout_seconds,
             cache_seconds=settings.profile_cache_seconds, budget=budget,
-            share=HostShare(store, settings.profile_api_max_rps))
+            share=HostShare(store, settings.profile_api_max_rps), tombstones=tombstones)
     else:
         profile_source = LocalProfiles(store, settings.purchase_events)
     publisher = (SegmentPublisher(settings.segment_write_key, settings.segment_api_host)
                  if settings.segment_write_key else LocalPublisher(store))
     activation = Activation(store, publisher, settings.activation_trait,
                             settings.activation_interval_seconds,
-                            queue_max=settings.activation_queue_max)
+                            queue_max=settings.activation_queue_max, tombstones=tombstones)
     services.popular = popular
     services.engine = engine
     services.activation = activation

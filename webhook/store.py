@@ -52,6 +52,28 @@ inbox = sa.Table(
 )
 sa.Index("inbox_order", inbox.c.txid, inbox.c.seq).ddl_if(dialect="postgresql")
 
+# Deleted people's ids, as keyed hashes, with the time of their deletion (tombstones.py):
+# a later message for one of them, older than the deletion, is skipped. Kept with the
+# inbox (on SQLite its file), so a delete's tombstone commits with its claim.
+tombstones = sa.Table(
+    "tombstones", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("id_hash", sa.String(64), nullable=False),
+    sa.Column("deleted_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("id_hash", "deleted_at", name="tombstones_once"),  # a replay adds none
+)
+
+# Random keys the service makes for itself, once (the tombstones' HMAC key).
+service_keys = sa.Table(
+    "service_keys", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+# The tables that live with the inbox (on SQLite, in the inbox's own file).
+INBOX_TABLES = (inbox, tombstones, service_keys)
+
 # Each applier's position in the inbox and its lease (who applies, until when, what).
 inbox_consumers = sa.Table(
     "inbox_consumers", metadata,
@@ -293,7 +315,8 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
     if synchronous not in SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS}")
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 2.0})
+        # hide_parameters: an error's message never carries the values (ids, emails).
+        engine = sa.create_engine(url, connect_args={"timeout": 2.0}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection, _record):
@@ -307,6 +330,9 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
             # that fsync: still safe if the process dies, not if the machine does.
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute("PRAGMA busy_timeout=2000")
+            # What is deleted is overwritten with zeros, not left in free space: a deleted
+            # person's data is not in the file (many builds do this by default already).
+            cursor.execute("PRAGMA secure_delete=ON")
             # Checkpoints (copying the WAL into the database file; at NORMAL the only
             # fsyncs) are run by a thread of their own (WalCheckpointer); a commit runs
             # one itself only if the WAL grew past this many pages without it.
@@ -328,6 +354,7 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
         return engine
     return sa.create_engine(
         url,
+        hide_parameters=True,
         pool_pre_ping=True,  # survive a database restart without a failed request
         pool_size=5,
         max_overflow=5,
@@ -391,9 +418,9 @@ class Store:
 
     def _tables(self) -> list[sa.Table]:
         if self.inbox_only:
-            return [inbox]
+            return list(INBOX_TABLES)
         return [table for table in metadata.sorted_tables
-                if table is not inbox or self.inbox_store is self]
+                if table not in INBOX_TABLES or self.inbox_store is self]
 
     def create_schema(self) -> None:
         """Create missing tables; safe when several workers start at once."""
@@ -499,11 +526,14 @@ class Store:
                 self._close_writer()  # whatever state it is in, the next write starts fresh
                 raise StoreUnavailable(_describe(exc)) from exc
 
-    def add_to_inbox(self, rows: Sequence[tuple[str | None, str, str]]) -> set[str]:
+    def add_to_inbox(self, rows: Sequence[tuple[str | None, str, str]],
+                     tombstones: Sequence[dict] = ()) -> set[str]:
         """Write (message_id, type, canonical JSON) rows into the inbox, in this order, in
         one transaction of their own; a row whose messageId is there already is left out.
-        Returns the messageIds that were new: the others are duplicates (also when two
-        workers race for one). StoreUnavailable: nothing was written.
+        ``tombstones`` (a delete's rows, ``tombstones.Tombstones.rows``) are written in
+        the same transaction. Returns the messageIds that were new: the others are
+        duplicates (also when two workers race for one). StoreUnavailable: nothing was
+        written.
 
         The request path's one write: run on the DBAPI connection, transaction control
         included (through SQLAlchemy's Connection, BEGIN and COMMIT alone cost about as
@@ -511,14 +541,14 @@ class Store:
         if not rows:
             return set()
         if self.inbox_store is not self:
-            return self.inbox_store.add_to_inbox(rows)
+            return self.inbox_store.add_to_inbox(rows, tombstones)
         if self._write_lock is None:
             try:
                 raw = self.engine.raw_connection()  # PostgreSQL: from the pool, pre-pinged
             except _UNAVAILABLE + self._dbapi_unavailable as exc:
                 raise StoreUnavailable(_describe(exc)) from exc
             try:
-                fresh = _insert_into_inbox(raw.cursor(), self.statements, rows)
+                fresh = _insert_into_inbox(raw.cursor(), self.statements, rows, tombstones)
                 raw.commit()
                 return fresh
             except self._dbapi_unavailable as exc:
@@ -530,13 +560,14 @@ class Store:
         try:
             try:
                 dbapi = self._writer_dbapi()
-                if len(rows) <= _INBOX_CHUNK:
+                if len(rows) <= _INBOX_CHUNK and not tombstones:
                     # One statement: SQLite runs it as its own transaction (autocommit),
                     # committed once its RETURNING rows are read.
                     return _insert_into_inbox(dbapi.cursor(), self.statements, rows)
                 dbapi.execute("BEGIN IMMEDIATE")
                 try:
-                    fresh = _insert_into_inbox(dbapi.cursor(), self.statements, rows)
+                    fresh = _insert_into_inbox(dbapi.cursor(), self.statements, rows,
+                                               tombstones)
                     dbapi.execute("COMMIT")
                 except BaseException:
                     if dbapi.in_transaction:
@@ -601,8 +632,12 @@ class Store:
 
 
 def _insert_into_inbox(cursor, statements: "_Statements",
-                       rows: Sequence[tuple[str | None, str, str]]) -> set[str]:
+                       rows: Sequence[tuple[str | None, str, str]],
+                       tombstone_rows: Sequence[dict] = ()) -> set[str]:
     now = time.time()
+    if tombstone_rows:
+        raw = statements.raw_tombstone
+        cursor.executemany(raw.sql, [raw.params(dict(row)) for row in tombstone_rows])
     if len(rows) == 1:
         # One row: whether it went in is the statement's row count, no RETURNING rows to
         # read back (measured: a fifth of the insert's cost on SQLite).
@@ -714,6 +749,8 @@ class _Statements:
         self.to_inbox = insert(inbox).on_conflict_do_nothing(index_elements=["message_id"])
         self.add_interaction = insert(interactions).on_conflict_do_nothing(
             index_elements=["event_id"])
+        self.add_tombstone = insert(tombstones).on_conflict_do_nothing(
+            index_elements=["id_hash", "deleted_at"])
         link = insert(identity_links)
         self.link = link.on_conflict_do_update(
             index_elements=["anonymous_id"], set_={"user_id": link.excluded.user_id},
@@ -754,6 +791,9 @@ class _Statements:
                 dialect_impl)
             self.raw_item = _Raw(self.upsert_item.values(
                 **{c.name: sa.bindparam(c.name) for c in items.c}), dialect_impl)
+            self.raw_tombstone = _Raw(self.add_tombstone.values(
+                id_hash=sa.bindparam("id_hash"), deleted_at=sa.bindparam("deleted_at")),
+                dialect_impl)
 
 
     def raw_to_inbox_many(self, n: int) -> "_Raw":

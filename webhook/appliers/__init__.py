@@ -53,18 +53,27 @@ class Applier(Protocol):
         ...
 
 
-def decode(entry: Entry) -> Message | None:
+def decode(entry: Entry, tombstones=None) -> Message | None:
     """The message of an inbox entry, validated again; None when there is nothing to
-    apply (a claim carried over from before the inbox) or it no longer validates."""
+    apply: its body was dropped (a deletion request forgot its sender, or a claim carried
+    over from before the inbox), it no longer validates, or, with ``tombstones``
+    (``tombstones.Tombstones``, refreshed by the caller), it is about a person deleted
+    after it was sent."""
     if entry.body is None:
         return None
     try:
-        return parse_message(decode_json(entry.body.encode()))
+        message = parse_message(decode_json(entry.body.encode()))
     except (ValueError, RecursionError, MessageError) as exc:
         log.error("inbox: an entry no longer validates and is left out: %s",
                   type(exc).__name__)
         metrics.INBOX_UNREADABLE.inc()
         return None
+    if tombstones is not None and message.type != "delete" and not tombstones.empty and \
+            tombstones.deleted_since((message.user_id, message.anonymous_id,
+                                      message.previous_id),
+                                     message.timestamp.timestamp(), refresh=False):
+        return None
+    return message
 
 
 @dataclass

@@ -70,8 +70,9 @@ class AttributionApplier:
 
     def __init__(self, store: Store, router: Router, purchase_events: Iterable[str],
                  window_hours: float = 24.0, hold_seconds: float = 1.0,
-                 before_apply: Callable[[], object] | None = None):
+                 before_apply: Callable[[], object] | None = None, tombstones=None):
         self.store = store
+        self.tombstones = tombstones  # a deleted person's old events attribute nothing
         self.router = router
         self.purchase_events = frozenset(purchase_events)
         self.add_events = frozenset(ADD_TO_CART_EVENTS)
@@ -92,12 +93,14 @@ class AttributionApplier:
         now = time.time()
         found: list[Attribution] = []
         consumed = len(entries)
+        if self.tombstones is not None:
+            self.tombstones.refresh(force=True)
         with self.store.read() as conn:
             answers = _Answers(conn)
             for index, entry in enumerate(entries):
                 if not self._may_attribute(entry):
                     continue
-                message = decode(entry)
+                message = decode(entry, self.tombstones)
                 if message is None:
                     continue
                 interactions = self.router.route(message).interactions

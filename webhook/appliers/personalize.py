@@ -369,15 +369,16 @@ class PersonalizeApplier:
 
     def __init__(self, router: Router, mapping: MappingConfig, sender: Sender, *,
                  users_dataset_arn: str = "", items_dataset_arn: str = "",
-                 dead_letters=None,
-                 on_deletions: Callable[[Transaction, list[str]], None] | None = None):
+                 dead_letters=None, tombstones=None):
         self.router = router
         self.mapping = mapping
         self.sender = sender
         self.users_dataset_arn = users_dataset_arn
         self.items_dataset_arn = items_dataset_arn
         self.dead_letters = dead_letters
-        self.on_deletions = on_deletions
+        # Messages about a person deleted after they were sent are not sent (the local
+        # store applier puts the deleted ids on the data deletion job's list).
+        self.tombstones = tombstones
         self._sent = _SentCache()
         # A batch whose commit failed is applied again right after: room for two batches
         # of orders of ten products.
@@ -386,14 +387,13 @@ class PersonalizeApplier:
     def apply(self, entries: Sequence[Entry], keep_lease: Callable[[], None]) -> Applied:
         routed = Routed()
         origin: dict[tuple[str, str], Entry] = {}  # (kind, record id) -> the message's entry
-        deletions: list[str] = []
+        if self.tombstones is not None:
+            self.tombstones.refresh(force=True)
         for entry in entries:
-            message = decode(entry)
+            message = decode(entry, self.tombstones)
             if message is None:
                 continue
             one = self.router.route(message)
-            if one.delete_user_id:
-                deletions.append(one.delete_user_id)
             routed.interactions.extend(one.interactions)
             routed.users.extend(one.users)
             routed.items.extend(one.items)
@@ -432,8 +432,6 @@ class PersonalizeApplier:
                 self.dead_letters.add(tx, self.name, [
                     (r.kind, r.record_id, origin.get((r.kind, r.record_id)), r.reason)
                     for r in refusals])
-            if deletions and self.on_deletions is not None:
-                self.on_deletions(tx, deletions)
 
         return Applied(write=write)
 
@@ -455,8 +453,14 @@ class PersonalizeApplier:
                 raise TimeoutError("Amazon Personalize did not take the records in time")
 
         outcomes: dict[int, str] = {}
+        if self.tombstones is not None:
+            self.tombstones.refresh(force=True)
         for letter in letters:
-            message = decode(Entry(0, 0, letter.message_id, "", 0.0, letter.body or None))
+            entry = Entry(0, 0, letter.message_id, "", 0.0, letter.body or None)
+            if decode(entry) is not None and decode(entry, self.tombstones) is None:
+                outcomes[letter.id] = "deleted"  # its sender was deleted since: never sent
+                continue
+            message = decode(entry)
             if message is None:
                 outcomes[letter.id] = "no message"
                 continue

@@ -245,6 +245,7 @@ def main(fd: int) -> int:
     from ..routing import Router
     from ..services import build_appliers
     from ..store import Store, sqlite_url_for
+    from ..tombstones import Tombstones
     from . import Runner
 
     send_lock = threading.Lock()
@@ -259,6 +260,7 @@ def main(fd: int) -> int:
     inbox = Inbox(store)
     appliers = build_appliers(settings, store, router,
                               DeadLetters(store, settings.dead_letters_max),
+                              Tombstones(store),
                               on_purchases=report_purchases, before_attribution=None)
     runners = [Runner(inbox, applier, poll_seconds=CHILD_POLL_SECONDS)
                for applier in appliers]

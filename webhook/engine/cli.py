@@ -81,6 +81,18 @@ def import_command(files: tuple[str, ...]) -> None:
                f"{report.skipped} skipped; {report.interactions} new interactions")
     for reason in report.examples:
         click.echo(f"  e.g. {reason}")
+    old = report.skipped_by_reason.get("older_than_retention", 0)
+    if old:
+        days = services.settings.interaction_retention_days
+        click.echo(f"{old} interaction(s) fell outside retention (older than "
+                   f"INTERACTION_RETENTION_DAYS={days:g}) and were skipped: set "
+                   f"INTERACTION_RETENTION_DAYS higher, or 0 to keep interactions for ever, "
+                   f"and import again")
+    for reason, meaning in (("deleted", "about people deleted since"),
+                            ("no_consent", "denied a CONSENT_CATEGORIES category")):
+        if report.skipped_by_reason.get(reason):
+            click.echo(f"{report.skipped_by_reason[reason]} message(s) {meaning} were "
+                       f"skipped")
     if "personalize" in services.runners:
         pending = services.inbox.lag(["personalize"])["personalize"].pending
         if pending:

@@ -305,6 +305,8 @@ def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_par
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         app = create_app({"database_url": f"sqlite:///{tmp}/evaluate.db",
+                          # MovieLens is from 1998: keep it, whatever its age.
+                          "interaction_retention_days": 0.0,
                           "engine_background_training": False,
                           "engine_model_refresh_seconds": 0.001})
         services = app.extensions["segment"]

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -37,6 +38,7 @@ class ImportReport:
     skipped: int = 0
     interactions: int = 0
     examples: list[str] = field(default_factory=list)  # a few reasons, for the operator
+    skipped_by_reason: Counter = field(default_factory=Counter)
 
     def add(self, summary) -> None:
         self.received += summary.received
@@ -44,6 +46,7 @@ class ImportReport:
         self.duplicates += summary.duplicates
         self.rejected += len(summary.rejected)
         self.skipped += len(summary.skipped)
+        self.skipped_by_reason.update(entry.get("reason", "") for entry in summary.skipped)
         self.interactions += summary.interactions
         for entry in (summary.rejected + summary.skipped)[:3]:
             if len(self.examples) < 5:
