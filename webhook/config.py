@@ -361,6 +361,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("attribution_window_hours", ("ATTRIBUTION_WINDOW_HOURS",), _positive_float),
     ("attribution_hold_seconds", ("ATTRIBUTION_HOLD_SECONDS",), _non_negative_float),
     ("insights_token", ("INSIGHTS_TOKEN",), _secret_key),
+    ("experiment_expected_visitors", ("EXPERIMENT_EXPECTED_VISITORS",), _positive_int),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
@@ -481,6 +482,9 @@ class Settings:
     # attributable. 0: never waits (one worker: its own answers are written first).
     attribution_hold_seconds: float = 1.0
     insights_token: str = ""  # required by GET /insights when set
+    # The always-valid results' tuning parameter: the visitors (all variants together) at
+    # which the experiment is expected to be decided; their interval is narrowest there.
+    experiment_expected_visitors: int = 5000
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -589,4 +593,5 @@ class Settings:
             "insights_retention_days": self.insights_retention_days or None,
             "attribution_window_hours": self.attribution_window_hours,
             "insights_token": bool(self.insights_token),
+            "experiment_expected_visitors": self.experiment_expected_visitors,
         }
