@@ -280,17 +280,35 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         legend = page.eval_on_selector_all("#legend li", "l => l.map(i => i.dataset.variant)")
         assert legend == names
 
-        # The comparisons: one row per (variant, measure), p-values as reported.
+        # The comparisons: one row per (variant, measure), both results as reported.
+        compared = [c for c in data["comparisons"] if c["sequential"]]
         rows = page.locator("#comparisons-body tr")
-        assert rows.count() == len(data["comparisons"]) == 2
-        for c in data["comparisons"]:
+        assert rows.count() == len(compared) == data["analysis"]["comparisons"] == 4
+        assert f"{len(compared)} comparisons" in page.inner_text("#comparisons-note")
+        for c in compared:
             row = page.locator(f"#comparisons-body tr[data-variant='{c['variant']}']"
                                f"[data-metric='{c['metric']}']")
-            assert float(row.locator("[data-field='pValue']").get_attribute("data-value")) \
-                == c["pValue"]
-            difference = row.locator("[data-field='difference']")
-            assert float(difference.get_attribute("data-value")) == c["difference"]
-            assert "points" in difference.inner_text()
+            for field, value in (("sequentialPValue", c["sequential"]["pValue"]),
+                                 ("fixedPValue", c["fixed"]["pValue"]),
+                                 ("difference", c["difference"])):
+                assert float(row.locator(f"[data-field='{field}']").get_attribute(
+                    "data-value")) == value, (c["metric"], field)
+            for which in ("sequential", "fixed"):
+                interval = row.locator(f"[data-field='{which}Interval']")
+                assert float(interval.get_attribute("data-low")) == c[which]["low"]
+                assert float(interval.get_attribute("data-high")) == c[which]["high"]
+            assert row.locator("[data-field='discovery']").inner_text() == \
+                ("yes" if c["sequential"]["discovery"] else "no")
+            unit = "points" if c["metric"] != "revenuePerVisitor" else "."
+            assert unit in row.locator("[data-field='difference']").inner_text()
+        # Each drawn with its two intervals; the split is as configured: no warning.
+        marks = page.eval_on_selector_all(
+            "svg[data-chart='intervals'] .mark",
+            "ms => ms.map(m => [m.dataset.variant, m.dataset.metric, "
+            "m.querySelectorAll('line').length])")
+        assert sorted(marks) == sorted([c["variant"], c["metric"], 2] for c in compared)
+        assert data["sampleRatio"]["mismatch"] is False
+        assert page.is_hidden("#sample-ratio")
 
         # The charts: inline SVG, titled, one mark per variant (and day).
         for chart in ("impressions", "ctr", "revenue"):
