@@ -17,6 +17,12 @@
     ctr: "Click-through rate"
   };
   var MONEY_METRICS = {revenuePerVisitor: true};
+  var SHORT = {  // in the chart of the intervals
+    visitorClickRate: "clicked",
+    visitorAddRate: "added to the cart",
+    visitorOrderRate: "ordered",
+    revenuePerVisitor: "revenue per visitor"
+  };
 
   function $(id) { return document.getElementById(id); }
 
@@ -450,9 +456,14 @@
     return MONEY_METRICS[metric] ? money(x) : percent(x);
   }
 
+  // An interval's ends, signed, without the unit (the difference beside it has it).
   function range(metric, side) {
     if (!side || !isNumber(side.low) || !isNumber(side.high)) return DASH;
-    return difference(metric, side.low) + " to " + difference(metric, side.high);
+    var end = function (x) {
+      var text = MONEY_METRICS[metric] ? money(Math.abs(x)) : oneDecimal.format(Math.abs(100 * x));
+      return (x > 0 ? "+" : x < 0 ? "−" : "±") + text;
+    };
+    return end(side.low) + " to " + end(side.high);
   }
 
   function relative(x) {
@@ -469,12 +480,11 @@
       var row = el("tr", c.sequential.discovery ? "significant" : null);
       row.dataset.variant = c.variant;
       row.dataset.metric = c.metric;
-      var name = el("th", null, c.variant + " vs " + c.baseline);
+      var name = el("th", null, METRICS[c.metric] || c.metric);
       name.scope = "row";
+      name.dataset.field = "metric";
+      name.appendChild(el("small", "interval", c.variant + " vs " + c.baseline));
       row.appendChild(name);
-      var metric = el("td", null, METRICS[c.metric] || c.metric);
-      metric.dataset.field = "metric";
-      row.appendChild(metric);
       var change = cell(c.variant, "difference", c.difference, difference(c.metric, c.difference));
       var lift = relative(c.relativeDifference);
       if (lift) change.appendChild(el("small", "interval", lift));
@@ -541,7 +551,14 @@
     var groups = [list.filter(function (c) { return !MONEY_METRICS[c.metric]; }),
                   list.filter(function (c) { return MONEY_METRICS[c.metric]; })]
       .filter(function (g) { return g.length; });
-    var ROW = 26, GAP = 30, LABEL = 220;
+    var ROW = 26, GAP = 30;
+    var several = list.some(function (c) { return c.variant !== list[0].variant; });
+    var label = function (c) {
+      return (several ? c.variant + ": " : "") + (SHORT[c.metric] || c.metric);
+    };
+    var LABEL = 16 + 7.2 * Math.max.apply(null, list.map(function (c) {
+      return label(c).length;
+    }));
     var height = MARGIN.top + groups.reduce(function (h, g) {
       return h + g.length * ROW + GAP;
     }, 0) + 4;
@@ -554,7 +571,7 @@
     svg("desc", {}, node).textContent = "For each variant and measure, the difference from " +
       body.baseline + " as a dot, the always-valid 95 % interval as a thin line and the " +
       "fixed-sample 95 % interval (one planned look) as a thick one.";
-    var left = Math.min(LABEL, Math.round(width * 0.38));
+    var left = Math.min(Math.round(LABEL), Math.round(width * 0.45));
     var x0 = left, x1 = width - MARGIN.right - 8;
     var top = MARGIN.top;
     var variants = body.variants.map(function (v) { return v.variant; });
@@ -585,8 +602,7 @@
         }, marks, c.variant + ", " + (METRICS[c.metric] || c.metric) + ": " +
           difference(c.metric, c.difference) + "; always valid " + range(c.metric, c.sequential) +
           "; one planned look " + range(c.metric, c.fixed));
-        svgText(g, x0 - 10, y + 4, c.variant + ": " + (METRICS[c.metric] || c.metric),
-                "category", "end");
+        svgText(g, x0 - 10, y + 4, label(c), "category", "end");
         svg("line", {x1: x(c.sequential.low).toFixed(2), x2: x(c.sequential.high).toFixed(2),
                      y1: y, y2: y, "class": "whisker sequential"}, g);
         svg("line", {x1: x(c.fixed.low).toFixed(2), x2: x(c.fixed.high).toFixed(2),
