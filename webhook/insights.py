@@ -181,7 +181,7 @@ def visitors_per_variant(store: Store, since: float) -> dict[str, int]:
 
 def sample_ratio(store: Store, days: int = 7, *, variants: Sequence[str] = (),
                  shares: Mapping[str, float] | None = None,
-                 now: float | None = None, **_) -> dict | None:
+                 now: float | None = None) -> dict | None:
     """The sample-ratio check alone (for ``/metrics``), over the same days as
     ``report``'s; None without an experiment."""
     now = time.time() if now is None else now

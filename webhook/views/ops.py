@@ -91,8 +91,8 @@ def _sample_ratio_gauge(services):
     cached = _srm_cache.get(services.store)
     if cached is None or now - cached[0] > _SRM_CACHE_SECONDS:
         try:
-            cached = _srm_cache[services.store] = (now, sample_ratio(services.store,
-                                                                     **settings))
+            cached = _srm_cache[services.store] = (now, sample_ratio(
+                services.store, variants=settings["variants"], shares=settings["shares"]))
         except StoreUnavailable:
             return
     split = cached[1]
