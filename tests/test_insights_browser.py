@@ -355,6 +355,46 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         assert page.problems == []
 
 
+def test_insights_page_warns_when_the_split_is_off(experiment_service, browser, make_app):
+    """The report of answers given under a 20/80 split and read under the configured
+    50/50 (made by the real report, in-process, on a database of its own), served to the
+    page in place of the service's: the page says the comparison cannot be trusted,
+    names the usual causes and gives no verdict."""
+    import json
+
+    given = make_app(experiment=(("local", 20.0), ("popular", 80.0)),
+                     attribution_hold_seconds=0.0)
+    client = given.test_client()
+    client.post("/segment", json={"batch": [
+        {"type": "track", "event": "Product Viewed", "anonymousId": f"seed-{n}",
+         "messageId": f"seed-{n}", "timestamp": _now_iso(),
+         "properties": {"product_id": PRODUCTS[n % 3][0]}} for n in range(6)]})
+    for n in range(300):
+        assert client.get(f"/recommendations?anonymousId=skew-{n}").status_code == 200
+    given.extensions["segment"].impressions.flush()
+    reader = make_app(database_url=given.extensions["segment"].settings.database_url,
+                      experiment=(("local", 50.0), ("popular", 50.0)))
+    skewed = reader.test_client().get("/insights?days=7",
+                                      headers={"Accept": "application/json"}).get_json()
+    assert skewed["sampleRatio"]["mismatch"]
+
+    base, _, _ = experiment_service
+    with _page(browser) as page:
+        page.route("**/insights?days=7&format=json", lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(skewed)))
+        page.goto(base + "/insights?days=7")
+        _wait_state(page, "ready")
+        box = page.locator("#sample-ratio")
+        assert box.is_visible() and box.get_attribute("data-mismatch") == "true"
+        text = box.inner_text()
+        assert "cannot be trusted" in text and skewed["sampleRatio"]["warning"] in text
+        for cause in ("bots", "redirects", "caching", "merged"):
+            assert cause in text
+        assert page.inner_text("#verdict") == skewed["verdict"]["text"]
+        assert page.get_attribute("#verdict", "data-enough") == "false"
+        assert page.problems == []
+
+
 def test_insights_page_asks_for_the_token(locked_service, browser):
     base, polled = locked_service
     assert _report(base).status_code == 401
