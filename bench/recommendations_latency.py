@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 import requests  # noqa: E402
 
+from tests.deliveries import wait_applied  # noqa: E402
 from tests.fake_personalize import FakePersonalizeRuntime  # noqa: E402
 from tests.fake_segment_apis import FakeProfileAPI, FakeTrackingAPI  # noqa: E402
 from tests.gunicorn_server import gunicorn  # noqa: E402
@@ -171,6 +172,8 @@ def compare_recording(args) -> int:
             cm, base = start_service(env, args.workers)
             services.append((name, cm, base))
             seed_shop(base, len(users))
+        for _, _, base in services:
+            wait_applied(base)  # deliveries are applied behind the answer: popular items
         for _, _, base in services:  # warm-up: pools, popular items, the schema
             timed_reads(base, users[:40], args.concurrency, 10, _answered)
         results: dict[str, list[float]] = {name: [] for name, _ in configs}

@@ -1,21 +1,31 @@
 """``make demo``: a generated shop, loaded and trained through the service's own commands,
-then the service itself, with the addresses of a few visitors worth looking at.
+then the service itself, running an experiment, with the addresses of a few visitors and
+of the experiment's results.
 
 1. ``demo/shop.py`` writes the shop (Segment messages as JSON lines, product pictures);
 2. a fresh demo database, ``instance/demo/demo.db``: never the one ``make run`` uses;
 3. ``flask --app webhook import`` loads the messages, as it would a Segment archive;
 4. ``flask --app webhook train`` trains the local engine;
-5. ``gunicorn wsgi:app`` serves it on ``PORT`` until Ctrl-C.
+5. ``gunicorn wsgi:app`` serves it on ``PORT`` until Ctrl-C, with
+   ``EXPERIMENT=local:50,popular:50``;
+6. 14 days of visitors are replayed through it: each asks ``GET /recommendations`` (so the
+   service records the answer) and clicks, adds to the cart and orders what they like,
+   sent to ``POST /segment`` as Segment would, naming the answer's ``recommendation_id``
+   (so the attribution applier attributes them). ``/insights?days=14`` then opens on a
+   populated comparison with a verdict.
 
-Only the commands' public behaviour is used, with an environment of their own: settings
-from the caller's shell (an AWS or Segment account, another DATABASE_URL) never reach the
-demo, except LOG_LEVEL, LOG_FORMAT and the gunicorn ones.
+The service records an answer at the time it gives it. To give the 14 days their own
+dates, the demo runs the service on a wall clock it sets back to each day in turn, then to
+the real time (``demo/clock/sitecustomize.py``, loaded only by the demo's service); the
+events carry the same times. Nothing of the service is changed for this: it lives through
+the 14 days, and records what it did on each as it would on any day.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import shop
@@ -35,6 +46,10 @@ IMAGES = ROOT / "webhook" / "static" / "shop"  # served as /static/shop/
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "TERM", "TMPDIR", "TZ", "LOG_LEVEL", "LOG_FORMAT",
                   "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT")
 READY_TIMEOUT = 90.0
+EXPERIMENT = "local:50,popular:50"
+EXPERIMENT_DAYS = 14
+VISITS_PER_DAY = 120
+APPLIED_TIMEOUT = 120.0
 
 
 def say(text: str) -> None:
@@ -51,6 +66,31 @@ def demo_environment(database: Path, port: int) -> dict[str, str]:
     # on its first request, and would answer that one with popular items.
     env.setdefault("WEB_CONCURRENCY", "1")
     return env
+
+
+class Clock:
+    """The demo service's wall clock: an offset from the real time, in a file that every
+    process of the service reads (``demo/clock/sitecustomize.py``)."""
+
+    SETTLE_SECONDS = 1.0  # every process has read the file again
+
+    def __init__(self, folder: Path):
+        self.file = folder / "clock"
+        self.offset = timedelta(0)
+        self.file.write_text("0\n")
+
+    def environment(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(ROOT / "demo" / "clock"), "DEMO_CLOCK_FILE": str(self.file)}
+
+    def set(self, offset: timedelta) -> None:
+        if offset == self.offset:
+            return
+        self.file.write_text(f"{offset.total_seconds():.0f}\n")
+        self.offset = offset
+        time.sleep(self.SETTLE_SECONDS)
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
 
 
 def port_is_free(port: int) -> bool:
@@ -84,7 +124,8 @@ def answer(base: str, user_id: str) -> dict | None:
 
 def wait_until_ready(server: subprocess.Popen, base: str, user_id: str) -> None:
     """Until the workers answer from the trained model (each loads it on its first
-    request): a few answers in a row with ``"source": "local"``."""
+    request): a few answers in a row with ``"source": "local"`` for a visitor of the
+    experiment's local variant."""
     deadline = time.monotonic() + READY_TIMEOUT
     in_a_row = 0
     while in_a_row < 6:
@@ -96,6 +137,55 @@ def wait_until_ready(server: subprocess.Popen, base: str, user_id: str) -> None:
         body = answer(base, user_id)
         in_a_row = in_a_row + 1 if body and body.get("source") == "local" else 0
         time.sleep(0.2 if in_a_row else 0.5)
+
+
+def post(base: str, path: str, body: dict) -> None:
+    request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.read()
+
+
+def wait_applied(base: str) -> None:
+    """Until every applier of the inbox has applied what was sent (GET /healthz)."""
+    deadline = time.monotonic() + APPLIED_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+                inbox = json.load(response).get("inbox")
+        except (urllib.error.URLError, OSError, ValueError):
+            inbox = None
+        if inbox and not any(a["pending"] for a in inbox["appliers"].values()):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"demo: the service did not apply the events within "
+                     f"{APPLIED_TIMEOUT:.0f} s")
+
+
+def replay(base: str, generated: shop.Shop, clock: Clock) -> dict[str, int]:
+    """The experiment's days: each visit asks for recommendations, and what the visitor
+    does with them goes to POST /segment. Returns counts for the summary line."""
+    plan = shop.experiment_days(generated, EXPERIMENT_DAYS, VISITS_PER_DAY)
+    counts = {"visits": 0, "events": 0}
+    number = 0
+    for day, visits in enumerate(plan):
+        clock.set(-timedelta(days=EXPERIMENT_DAYS - 1 - day))
+        events: list[dict] = []
+        for visit in visits:
+            number += 1
+            query = urllib.parse.urlencode({**visit.who, "numResults": 4})
+            with urllib.request.urlopen(f"{base}/recommendations?{query}",
+                                        timeout=30) as response:
+                body = json.load(response)
+            rng = random.Random(f"{shop.EXPERIMENT_SEED}-{number}")
+            events += shop.react(rng, generated, visit, body, clock.now(), number)
+        for start in range(0, len(events), 100):
+            post(base, "/segment", {"batch": events[start:start + 100]})
+        wait_applied(base)
+        counts["visits"] += len(visits)
+        counts["events"] += len(events)
+    clock.set(timedelta(0))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     flask(env, "import", str(DEMO / "shop.jsonl"))
     flask(env, "train")
 
-    say(f"starting the service on port {port} (Ctrl-C stops it)")
+    clock = Clock(DEMO)
+    say(f"starting the service on port {port} with EXPERIMENT={EXPERIMENT} (Ctrl-C stops it)")
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                              env=env)
+                              env={**env, "EXPERIMENT": EXPERIMENT, **clock.environment()})
 
     def stop(signum, frame):  # forward a `kill` to the service; Ctrl-C reaches it directly
         if server.poll() is None:
@@ -132,13 +223,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         featured = json.loads((DEMO / "featured.json").read_text())
-        wait_until_ready(server, f"http://127.0.0.1:{port}", featured[0]["userId"])
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(server, base, featured[0]["userId"])
+        # The imported history goes through the attribution applier first, at the real
+        # time: an event it sees is never older than the service's clock.
+        wait_applied(base)
+        say(f"replaying {EXPERIMENT_DAYS} days of the experiment: {VISITS_PER_DAY} visits a "
+            "day ask for recommendations, then click, add to the cart and order")
+        done = replay(base, generated, clock)
+        say(f"{done['visits']} visits, {done['events']} Segment events")
         lines = [f"ready in {time.monotonic() - started:.0f} s. Visitors worth looking at:"]
         for visitor in featured:
             lines.append(f"  {visitor['description']}:")
             lines.append(f"    http://localhost:{port}/?userId={visitor['userId']}")
-        lines.append("  what the recommendations earn (clicks, orders, revenue per variant):")
-        lines.append(f"    http://localhost:{port}/insights")
+        lines.append(f"  the experiment ({EXPERIMENT}): what each variant earns, compared:")
+        lines.append(f"    http://localhost:{port}/insights?days={EXPERIMENT_DAYS}")
         print("\n" + "\n".join("demo: " + line for line in lines) + "\n", flush=True)
         return server.wait()
     except KeyboardInterrupt:  # Ctrl-C: the service got it too, and is stopping

@@ -83,10 +83,12 @@ FIRST_NAMES = ("Ada", "Ben", "Chloe", "Dev", "Elif", "Femi", "Greta", "Hugo", "I
                "Uma", "Vik", "Wren", "Yara", "Zeno")
 
 # Visitors worth a look, at fixed places in the visitor list: one category only, or opted out.
+# Their ids fall in the local engine's half of the demo's experiment (EXPERIMENT=local:50,
+# popular:50), so their pages show what the engine does.
 FEATURED = {
     17: ("a runner (browsed and bought running gear only)", "running", False),
-    256: ("a cyclist (cycling gear only)", "cycling", False),
-    1024: ("a yoga fan who opted out of recommendations (popular items instead)", "yoga", True),
+    258: ("a cyclist (cycling gear only)", "cycling", False),
+    1025: ("a yoga fan who opted out of recommendations (popular items instead)", "yoga", True),
 }
 
 
@@ -105,6 +107,14 @@ class Product:
         return {"product_id": self.id, "name": self.name, "category": self.category,
                 "brand": self.brand, "price": self.price,
                 "image_url": f"{IMAGE_PATH}{self.id}.svg"}
+
+
+@dataclass(frozen=True)
+class Person:
+    user_id: str | None  # None: never identified
+    primary: str  # the favourite category
+    secondary: str | None
+    opted_out: bool
 
 
 def make_products(rng: random.Random) -> list[Product]:
@@ -138,6 +148,7 @@ class Shop:
         self.visitors = visitors
         self.messages: list[dict] = []
         self.featured: list[dict] = []
+        self.people: list[Person] = []  # every visitor and their tastes
         self._sequence = 0
 
     # -- messages ---------------------------------------------------------------------------
@@ -175,6 +186,7 @@ class Shop:
             user_id = self.visitor(number, primary, secondary, opted_out,
                                    identified=bool(featured) or self.rng.random() < 0.7,
                                    sessions=3 if featured else None)
+            self.people.append(Person(user_id, primary, secondary, opted_out))
             if featured:
                 self.featured.append({"description": featured[0], "userId": user_id,
                                       "category": primary, "opted_out": opted_out})
@@ -467,6 +479,81 @@ def svg(product: Product) -> str:
         f"fill='#868e96'>{escape(product.brand)}</text>"
         "<text x='384' y='30' font-family='sans-serif' font-size='15' fill='#868e96' "
         f"text-anchor='end'>{product.category}</text></svg>\n")
+
+
+# -- the experiment: visitors who see answers and act on them -------------------------------
+
+# How likely a visitor is to click a recommended product: far more often when it is of a
+# category they like. Nothing here knows which recommender chose the products: whichever
+# shows visitors more of what they like earns more clicks, carts and orders.
+CLICK_FAVOURITE, CLICK_SECOND, CLICK_OTHER = 0.12, 0.06, 0.015
+ADD_AFTER_CLICK, ORDER_AFTER_ADD = 0.35, 0.5
+EXPERIMENT_SEED = SEED + 29
+RETURNING_SHARE = 0.8  # of each day's visitors, people with a history in the shop
+
+
+@dataclass(frozen=True)
+class Visit:
+    who: dict  # {"userId": …} or {"anonymousId": …}
+    primary: str
+    secondary: str | None
+
+
+def experiment_days(shop: Shop, days: int, per_day: int,
+                    seed: int = EXPERIMENT_SEED) -> list[list[Visit]]:
+    """``days`` days of ``per_day`` visits each: mostly people with a history (identified,
+    not opted out), some of them on several days, and new anonymous visitors."""
+    rng = random.Random(seed)
+    known = [p for p in shop.people if p.user_id and not p.opted_out]
+    names = list(CATEGORIES)
+    shares = [CATEGORIES[c][0] for c in names]
+    plan = []
+    for day in range(days):
+        returning = round(per_day * RETURNING_SHARE)
+        visits = [Visit({"userId": p.user_id}, p.primary, p.secondary)
+                  for p in rng.sample(known, returning)]
+        for n in range(per_day - returning):
+            primary = rng.choices(names, weights=shares)[0]
+            visits.append(Visit({"anonymousId": f"new-{day:02d}-{n:03d}"}, primary, None))
+        rng.shuffle(visits)
+        plan.append(visits)
+    return plan
+
+
+def react(rng: random.Random, shop: Shop, visit: Visit, answer: dict,
+          when: datetime, number: int) -> list[dict]:
+    """What the visitor does with an answer of GET /recommendations: Segment track
+    messages carrying the answer's ``recommendation_id`` (clicks, add-to-carts, an order),
+    timed ``when``."""
+    by_id = {p.id: p for p in shop.products}
+    rid = answer["recommendationId"]
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    events: list[dict] = []
+    ordered: list[Product] = []
+    for position, item in enumerate(answer["itemList"], start=1):
+        product = by_id.get(item["itemId"])
+        if product is None:
+            continue
+        chance = (CLICK_FAVOURITE if product.category == visit.primary else
+                  CLICK_SECOND if product.category == visit.secondary else CLICK_OTHER)
+        if rng.random() >= chance:
+            continue
+        properties = {**product.properties(), "recommendation_id": rid,
+                      "position": position}
+        events.append(("Product Clicked", properties))
+        if rng.random() < ADD_AFTER_CLICK:
+            events.append(("Product Added", {**properties, "quantity": 1}))
+            if rng.random() < ORDER_AFTER_ADD:
+                ordered.append(product)
+    if ordered:
+        events.append(("Order Completed", {
+            "order_id": f"demo-order-{number:05d}",
+            "revenue": round(sum(p.price for p in ordered), 2),
+            "products": [{**p.properties(), "quantity": 1, "recommendation_id": rid}
+                         for p in ordered]}))
+    return [{"type": "track", "event": event, "properties": properties, **visit.who,
+             "messageId": f"demo-{number:05d}-{index}", "timestamp": stamp}
+            for index, (event, properties) in enumerate(events)]
 
 
 # -- output --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from tests.conftest import health as health_of
 from webhook.appliers import NOT_READY
 from webhook.config import ConfigError, Settings
 from webhook.experiments import bucket
-from webhook.insights import two_proportion_test, wilson
+from webhook.insights_stats import two_proportion_test, wilson
 from webhook.store import attributions, impressions
 
 CATALOG = [("p1", 10.0), ("p2", 20.0), ("p3", 30.0), ("p4", 40.0)]
@@ -307,7 +307,13 @@ def test_a_simulated_shop_finds_the_variant_clicked_twice_as_often(shop):
     report = simulate(client, app, {"local": 0.06, "popular": 0.12})
     clicks = next(c for c in report["comparisons"] if c["metric"] == "visitorClickRate")
     assert clicks["variant"] == "popular" and clicks["baseline"] == "local"
-    assert clicks["pValue"] < 0.01 and clicks["significant"]
+    assert clicks["fixed"]["pValue"] < 0.01 and clicks["fixed"]["significant"]
+    # The always-valid result finds it too, with a wider interval than one planned look's.
+    sequential, fixed = clicks["sequential"], clicks["fixed"]
+    assert sequential["discovery"] and 0 < sequential["low"] < fixed["low"]
+    assert sequential["high"] > fixed["high"] and sequential["pValue"] > fixed["pValue"]
+    # Nobody added to the cart or ordered: nothing to compare there, and not counted.
+    assert report["analysis"]["comparisons"] == 1
     assert report["verdict"]["leader"] == "popular" and report["verdict"]["enough"]
     assert report["verdict"]["text"].startswith("popular is ahead")
     local, popular = of(report, "local"), of(report, "popular")
@@ -328,7 +334,7 @@ def test_an_a_a_split_of_the_same_size_finds_no_difference(shop):
     seed_catalog(client)
     report = simulate(client, app, {"local": 0.09, "popular": 0.09})
     clicks = next(c for c in report["comparisons"] if c["metric"] == "visitorClickRate")
-    assert clicks["pValue"] >= 0.01
+    assert clicks["fixed"]["pValue"] >= 0.01 and not clicks["sequential"]["discovery"]
     assert report["verdict"]["leader"] is None and not report["verdict"]["enough"]
     assert report["verdict"]["text"].startswith("Too close to call")
 
@@ -457,3 +463,48 @@ def test_the_answer_buffer_is_bounded_while_the_store_cannot_be_written(make_app
     assert recorder.flush() == 20 and recorder.pending() == 0
     with store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(impressions)).scalar() == 20
+
+
+# --- the sample-ratio check ------------------------------------------------------------------
+
+def test_a_split_that_is_off_is_flagged_everywhere_and_gives_no_verdict(shop):
+    """Answers given under a 40/60 split, read by a service configured 50/50 (as when
+    something drops one variant's visitors): the JSON, the command line and /metrics say
+    the comparison cannot be trusted, and the verdict names no winner. Under the split
+    that was really used, nothing is flagged."""
+    given = shop(experiment=(("local", 40.0), ("popular", 60.0)))
+    raw = raw_client(given)
+    seed_catalog(raw)
+    for n in range(1000):
+        assert raw.get(f"/recommendations?anonymousId=srm-{n}&numResults=2").status_code == 200
+    given.extensions["segment"].impressions.flush()
+    configured = shop(experiment=(("local", 50.0), ("popular", 50.0)))
+
+    report = insights(configured.test_client())
+    split = report["sampleRatio"]
+    visitors = {v["variant"]: v["visitors"] for v in split["variants"]}
+    assert sum(visitors.values()) == 1000 and visitors["local"] < 450
+    assert split["mismatch"] and split["pValue"] < 0.001
+    for cause in ("bots", "redirects", "caching", "merged"):
+        assert cause in split["warning"]
+    assert "cannot be trusted" in split["warning"]
+    assert report["verdict"]["leader"] is None and not report["verdict"]["enough"]
+    assert report["verdict"]["text"].startswith("No verdict")
+
+    output = configured.test_cli_runner().invoke(args=["insights", "--days", "7"]).output
+    assert "WARNING: Sample-ratio mismatch" in output and "cannot be trusted" in output
+    assert metric(configured, "experiment_sample_ratio_p_value") == split["pValue"]
+
+    honest = insights(given.test_client())["sampleRatio"]
+    assert not honest["mismatch"] and honest["warning"] is None and honest["pValue"] > 0.001
+    assert metric(given, "experiment_sample_ratio_p_value") == honest["pValue"]
+
+
+def test_without_an_experiment_there_is_no_split_to_check(shop):
+    app = shop()
+    seed_catalog(app.test_client())
+    recommend(app.test_client(), "userId=u-1")
+    report = insights(app.test_client())
+    assert report["sampleRatio"] is None and report["comparisons"] == []
+    assert "experiment_sample_ratio_p_value" not in app.test_client().get(
+        "/metrics").get_data(as_text=True)

@@ -280,17 +280,35 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         legend = page.eval_on_selector_all("#legend li", "l => l.map(i => i.dataset.variant)")
         assert legend == names
 
-        # The comparisons: one row per (variant, measure), p-values as reported.
+        # The comparisons: one row per (variant, measure), both results as reported.
+        compared = [c for c in data["comparisons"] if c["sequential"]]
         rows = page.locator("#comparisons-body tr")
-        assert rows.count() == len(data["comparisons"]) == 2
-        for c in data["comparisons"]:
+        assert rows.count() == len(compared) == data["analysis"]["comparisons"] == 4
+        assert f"{len(compared)} comparisons" in page.inner_text("#comparisons-note")
+        for c in compared:
             row = page.locator(f"#comparisons-body tr[data-variant='{c['variant']}']"
                                f"[data-metric='{c['metric']}']")
-            assert float(row.locator("[data-field='pValue']").get_attribute("data-value")) \
-                == c["pValue"]
-            difference = row.locator("[data-field='difference']")
-            assert float(difference.get_attribute("data-value")) == c["difference"]
-            assert "points" in difference.inner_text()
+            for field, value in (("sequentialPValue", c["sequential"]["pValue"]),
+                                 ("fixedPValue", c["fixed"]["pValue"]),
+                                 ("difference", c["difference"])):
+                assert float(row.locator(f"[data-field='{field}']").get_attribute(
+                    "data-value")) == value, (c["metric"], field)
+            for which in ("sequential", "fixed"):
+                interval = row.locator(f"[data-field='{which}Interval']")
+                assert float(interval.get_attribute("data-low")) == c[which]["low"]
+                assert float(interval.get_attribute("data-high")) == c[which]["high"]
+            assert row.locator("[data-field='discovery']").inner_text() == \
+                ("yes" if c["sequential"]["discovery"] else "no")
+            unit = "points" if c["metric"] != "revenuePerVisitor" else "."
+            assert unit in row.locator("[data-field='difference']").inner_text()
+        # Each drawn with its two intervals; the split is as configured: no warning.
+        marks = page.eval_on_selector_all(
+            "svg[data-chart='intervals'] .mark",
+            "ms => ms.map(m => [m.dataset.variant, m.dataset.metric, "
+            "m.querySelectorAll('line').length])")
+        assert sorted(marks) == sorted([c["variant"], c["metric"], 2] for c in compared)
+        assert data["sampleRatio"]["mismatch"] is False
+        assert page.is_hidden("#sample-ratio")
 
         # The charts: inline SVG, titled, one mark per variant (and day).
         for chart in ("impressions", "ctr", "revenue"):
@@ -334,6 +352,46 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         # Nothing from anywhere else, nothing refused, no script error.
         assert page.requests and all(url.startswith(base + "/") for url in page.requests), \
             page.requests
+        assert page.problems == []
+
+
+def test_insights_page_warns_when_the_split_is_off(experiment_service, browser, make_app):
+    """The report of answers given under a 20/80 split and read under the configured
+    50/50 (made by the real report, in-process, on a database of its own), served to the
+    page in place of the service's: the page says the comparison cannot be trusted,
+    names the usual causes and gives no verdict."""
+    import json
+
+    given = make_app(experiment=(("local", 20.0), ("popular", 80.0)),
+                     attribution_hold_seconds=0.0)
+    client = given.test_client()
+    client.post("/segment", json={"batch": [
+        {"type": "track", "event": "Product Viewed", "anonymousId": f"seed-{n}",
+         "messageId": f"seed-{n}", "timestamp": _now_iso(),
+         "properties": {"product_id": PRODUCTS[n % 3][0]}} for n in range(6)]})
+    for n in range(300):
+        assert client.get(f"/recommendations?anonymousId=skew-{n}").status_code == 200
+    given.extensions["segment"].impressions.flush()
+    reader = make_app(database_url=given.extensions["segment"].settings.database_url,
+                      experiment=(("local", 50.0), ("popular", 50.0)))
+    skewed = reader.test_client().get("/insights?days=7",
+                                      headers={"Accept": "application/json"}).get_json()
+    assert skewed["sampleRatio"]["mismatch"]
+
+    base, _, _ = experiment_service
+    with _page(browser) as page:
+        page.route("**/insights?days=7&format=json", lambda route: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(skewed)))
+        page.goto(base + "/insights?days=7")
+        _wait_state(page, "ready")
+        box = page.locator("#sample-ratio")
+        assert box.is_visible() and box.get_attribute("data-mismatch") == "true"
+        text = box.inner_text()
+        assert "cannot be trusted" in text and skewed["sampleRatio"]["warning"] in text
+        for cause in ("bots", "redirects", "caching", "merged"):
+            assert cause in text
+        assert page.inner_text("#verdict") == skewed["verdict"]["text"]
+        assert page.get_attribute("#verdict", "data-enough") == "false"
         assert page.problems == []
 
 

@@ -152,15 +152,16 @@ def inbox_command() -> None:
 @with_appcontext
 def insights_command(days: int, as_json: bool) -> None:
     """What the recommendations earned, per experiment variant: impressions, visitors,
-    clicks, CTR, add-to-carts, orders, revenue, and which variant is ahead."""
+    clicks, CTR, add-to-carts, orders, revenue; each variant against the baseline
+    (always-valid and fixed-sample), the sample-ratio check, and which variant is ahead."""
     import json
 
-    from .insights import report, table
+    from .insights import report, report_settings, table
     services = current_app.extensions["segment"]
     services.ensure_schema()
     if services.impressions is not None:
         services.impressions.flush()
-    body = report(services.store, days, variants=services.recommendations.experiment.names)
+    body = report(services.store, days, **report_settings(services))
     click.echo(json.dumps(body, indent=2) if as_json else table(body))
 
 

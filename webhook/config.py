@@ -365,6 +365,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("opt_out_values", ("OPT_OUT_VALUES",), _csv),
     ("consent_categories", ("CONSENT_CATEGORIES",), _csv),
     ("metrics_token", ("METRICS_TOKEN",), _secret_key),
+    ("experiment_expected_visitors", ("EXPERIMENT_EXPECTED_VISITORS",), _positive_int),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
@@ -494,6 +495,9 @@ class Settings:
     consent_categories: tuple[str, ...] = ()
     # Required (as a bearer token) by GET /metrics and /healthz's details when set.
     metrics_token: str = ""
+    # The always-valid results' tuning parameter: the visitors (all variants together) at
+    # which the experiment is expected to be decided; their interval is narrowest there.
+    experiment_expected_visitors: int = 5000
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -612,4 +616,5 @@ class Settings:
             "opt_out_values": list(self.opt_out_values),
             "consent_categories": list(self.consent_categories),
             "metrics_token": bool(self.metrics_token),
+            "experiment_expected_visitors": self.experiment_expected_visitors,
         }

@@ -11,8 +11,17 @@
   var SERIES = 6; // colours in insights.css: .series-0 … .series-5
   var METRICS = {
     visitorClickRate: "Visitors who clicked",
+    visitorAddRate: "Visitors who added to the cart",
     visitorOrderRate: "Visitors who ordered",
+    revenuePerVisitor: "Revenue per visitor",
     ctr: "Click-through rate"
+  };
+  var MONEY_METRICS = {revenuePerVisitor: true};
+  var SHORT = {  // in the chart of the intervals
+    visitorClickRate: "clicked",
+    visitorAddRate: "added to the cart",
+    visitorOrderRate: "ordered",
+    revenuePerVisitor: "revenue per visitor"
   };
 
   function $(id) { return document.getElementById(id); }
@@ -415,9 +424,12 @@
       row.appendChild(rateCell(v.variant, "ctr", v.ctr));
       row.appendChild(rateCell(v.variant, "visitorClickRate", v.visitorClickRate));
       row.appendChild(cell(v.variant, "addToCarts", v.addToCarts, integer(v.addToCarts)));
+      row.appendChild(rateCell(v.variant, "visitorAddRate", v.visitorAddRate));
       row.appendChild(cell(v.variant, "orders", v.orders, integer(v.orders)));
       row.appendChild(rateCell(v.variant, "visitorOrderRate", v.visitorOrderRate));
       row.appendChild(cell(v.variant, "revenue", v.revenue, money(v.revenue)));
+      row.appendChild(cell(v.variant, "revenuePerVisitor", v.revenuePerVisitor,
+                           money(v.revenuePerVisitor)));
       row.appendChild(cell(v.variant, "revenuePer1000", v.revenuePer1000,
                            money(v.revenuePer1000)));
       tbody.appendChild(row);
@@ -425,44 +437,180 @@
     if (!body.variants.length) {
       var row = el("tr");
       var td = el("td", "empty", "No recommendations were shown in this period.");
-      td.colSpan = 11;
+      td.colSpan = 13;
       row.appendChild(td);
       tbody.appendChild(row);
     }
   }
 
+  // A difference as people read it: percentage points for a share of visitors, money for
+  // revenue per visitor.
+  function difference(metric, x) {
+    if (!isNumber(x)) return DASH;
+    if (!MONEY_METRICS[metric]) return points(x);
+    var sign = x > 0 ? "+" : x < 0 ? "−" : "±";
+    return sign + money(Math.abs(x));
+  }
+
+  function measure(metric, x) {
+    return MONEY_METRICS[metric] ? money(x) : percent(x);
+  }
+
+  // An interval's ends, signed, without the unit (the difference beside it has it).
+  function range(metric, side) {
+    if (!side || !isNumber(side.low) || !isNumber(side.high)) return DASH;
+    var end = function (x) {
+      var text = MONEY_METRICS[metric] ? money(Math.abs(x)) : oneDecimal.format(Math.abs(100 * x));
+      return (x > 0 ? "+" : x < 0 ? "−" : "±") + text;
+    };
+    return end(side.low) + " to " + end(side.high);
+  }
+
+  function relative(x) {
+    if (!isNumber(x)) return "";
+    return (x > 0 ? "+" : x < 0 ? "−" : "±") + integerFormat.format(Math.abs(100 * x)) +
+      NBSP + "%";
+  }
+
   function comparisons(body) {
-    var list = body.comparisons || [];
+    var list = (body.comparisons || []).filter(function (c) { return c.sequential; });
     var tbody = $("comparisons-body");
     tbody.textContent = "";
     list.forEach(function (c) {
-      var row = el("tr", c.significant ? "significant" : null);
+      var row = el("tr", c.sequential.discovery ? "significant" : null);
       row.dataset.variant = c.variant;
       row.dataset.metric = c.metric;
-      var name = el("th", null, c.variant + " vs " + c.baseline);
+      var name = el("th", null, METRICS[c.metric] || c.metric);
       name.scope = "row";
+      name.dataset.field = "metric";
+      name.appendChild(el("small", "interval", c.variant + " vs " + c.baseline));
       row.appendChild(name);
-      var metric = el("td", null, METRICS[c.metric] || c.metric);
-      metric.dataset.field = "metric";
-      row.appendChild(metric);
-      [["difference", c.difference, points(c.difference)],
-       ["pValue", c.pValue, pValue(c.pValue)]].forEach(function (f) {
-        var td = cell(c.variant, f[0], f[1], f[2]);
+      var change = cell(c.variant, "difference", c.difference, difference(c.metric, c.difference));
+      var lift = relative(c.relativeDifference);
+      if (lift) change.appendChild(el("small", "interval", lift));
+      [cell(c.variant, "baselineValue", c.baselineValue, measure(c.metric, c.baselineValue)),
+       cell(c.variant, "value", c.value, measure(c.metric, c.value)),
+       change,
+       intervalCell(c, "sequential"),
+       cell(c.variant, "sequentialPValue", c.sequential.pValue, pValue(c.sequential.pValue)),
+       cell(c.variant, "discovery", null, c.sequential.discovery ? "yes" : "no"),
+       intervalCell(c, "fixed"),
+       cell(c.variant, "fixedPValue", c.fixed.pValue, pValue(c.fixed.pValue))
+      ].forEach(function (td) {
         td.dataset.metric = c.metric;
         row.appendChild(td);
       });
-      var significant = el("td", null, !isNumber(c.pValue) ? DASH : c.significant ? "yes" : "no");
-      significant.dataset.field = "significant";
-      significant.dataset.value = String(!!c.significant);
-      row.appendChild(significant);
+      row.querySelector("[data-field='discovery']").dataset.value =
+        String(!!c.sequential.discovery);
       tbody.appendChild(row);
     });
     $("comparisons").hidden = !list.length;
+    var analysis = body.analysis || {};
     $("comparisons-note").textContent = list.length
-      ? "Each variant against the baseline (" + body.baseline + "), on the share of visitors " +
-        "who clicked and who ordered: a two-sided two-proportion test; a difference is " +
-        "significant when p is below 0.05. Differences are in percentage points."
-      : "Nothing to compare: one variant only.";
+      ? integer(analysis.comparisons) + (analysis.comparisons === 1 ? " comparison" :
+        " comparisons") + ": each variant against the baseline (" + body.baseline +
+        ") on the share of visitors who clicked, added to the cart and ordered, and on " +
+        "revenue per visitor. Always valid: the interval and p-value hold however often " +
+        "this page is looked at (confidence sequences, tuned for " +
+        integer(analysis.expectedVisitors) + " visitors: EXPERIMENT_EXPECTED_VISITORS); a " +
+        "discovery survives Benjamini–Hochberg at a false-discovery rate of " +
+        integer(100 * analysis.alpha) + NBSP + "% over all of them (" +
+        integer(analysis.discoveries) + " now). Fixed sample: the z-test, valid only for " +
+        "one look at a sample size planned in advance."
+      : "Nothing to compare yet: one variant only, or no visitor did anything.";
+  }
+
+  function intervalCell(c, which) {
+    var side = c[which] || {};
+    var td = cell(c.variant, which + "Interval", null, range(c.metric, side));
+    td.dataset.low = isNumber(side.low) ? String(side.low) : "";
+    td.dataset.high = isNumber(side.high) ? String(side.high) : "";
+    return td;
+  }
+
+  function sampleRatio(body) {
+    var box = $("sample-ratio");
+    var split = body.sampleRatio;
+    box.textContent = "";
+    box.dataset.mismatch = String(!!(split && split.mismatch));
+    if (!split || !split.mismatch) {
+      box.hidden = true;
+      return;
+    }
+    box.appendChild(el("strong", null, "The comparison cannot be trusted: the split is off."));
+    box.appendChild(el("p", null, split.warning));
+    box.hidden = false;
+  }
+
+  // (d) Each comparison's difference with its two intervals, one row each, in two panels:
+  // percentage points (the shares of visitors) and money (revenue per visitor).
+  function drawIntervals(node, body, list) {
+    var figure = $("intervals");
+    figure.hidden = !list.length;
+    if (!list.length) { node.textContent = ""; return; }
+    var groups = [list.filter(function (c) { return !MONEY_METRICS[c.metric]; }),
+                  list.filter(function (c) { return MONEY_METRICS[c.metric]; })]
+      .filter(function (g) { return g.length; });
+    var ROW = 26, GAP = 30;
+    var several = list.some(function (c) { return c.variant !== list[0].variant; });
+    var label = function (c) {
+      return (several ? c.variant + ": " : "") + (SHORT[c.metric] || c.metric);
+    };
+    var LABEL = 16 + 7.2 * Math.max.apply(null, list.map(function (c) {
+      return label(c).length;
+    }));
+    var height = MARGIN.top + groups.reduce(function (h, g) {
+      return h + g.length * ROW + GAP;
+    }, 0) + 4;
+    var width = chartWidth(node);
+    node.textContent = "";
+    node.setAttribute("viewBox", "0 0 " + width + " " + height);
+    node.setAttribute("width", String(width));
+    node.setAttribute("height", String(height));
+    svg("title", {}, node).textContent = "Differences from the baseline with their intervals";
+    svg("desc", {}, node).textContent = "For each variant and measure, the difference from " +
+      body.baseline + " as a dot, the always-valid 95 % interval as a thin line and the " +
+      "fixed-sample 95 % interval (one planned look) as a thick one.";
+    var left = Math.min(Math.round(LABEL), Math.round(width * 0.45));
+    var x0 = left, x1 = width - MARGIN.right - 8;
+    var top = MARGIN.top;
+    var variants = body.variants.map(function (v) { return v.variant; });
+    groups.forEach(function (group) {
+      var money = !!MONEY_METRICS[group[0].metric];
+      var reach = 0;
+      group.forEach(function (c) {
+        [c.sequential.low, c.sequential.high, c.fixed.low, c.fixed.high].forEach(function (x) {
+          if (isNumber(x)) reach = Math.max(reach, Math.abs(x));
+        });
+      });
+      reach = reach || 1;
+      var x = function (value) { return x0 + (value + reach) / (2 * reach) * (x1 - x0); };
+      var axis = svg("g", {"class": "axis", "aria-hidden": "true"}, node);
+      var bottom = top + group.length * ROW;
+      svg("line", {x1: x(0), x2: x(0), y1: top - 6, y2: bottom, "class": "baseline"}, axis);
+      svgText(axis, x(0), bottom + 14, money ? "no difference (money a visitor)" :
+              "no difference (percentage points)", "tick", "middle");
+      svgText(axis, x0, bottom + 14, difference(group[0].metric, -reach), "tick", "start");
+      svgText(axis, x1, bottom + 14, difference(group[0].metric, reach), "tick", "end");
+      var marks = svg("g", {"class": "marks"}, node);
+      group.forEach(function (c, i) {
+        var y = top + i * ROW + ROW / 2;
+        var g = mark("g", {
+          "class": "mark " + seriesClass(Math.max(0, variants.indexOf(c.variant))) +
+            (c.sequential.discovery ? " discovery" : ""),
+          "data-variant": c.variant, "data-metric": c.metric
+        }, marks, c.variant + ", " + (METRICS[c.metric] || c.metric) + ": " +
+          difference(c.metric, c.difference) + "; always valid " + range(c.metric, c.sequential) +
+          "; one planned look " + range(c.metric, c.fixed));
+        svgText(g, x0 - 10, y + 4, label(c), "category", "end");
+        svg("line", {x1: x(c.sequential.low).toFixed(2), x2: x(c.sequential.high).toFixed(2),
+                     y1: y, y2: y, "class": "whisker sequential"}, g);
+        svg("line", {x1: x(c.fixed.low).toFixed(2), x2: x(c.fixed.high).toFixed(2),
+                     y1: y, y2: y, "class": "whisker fixed"}, g);
+        svg("circle", {cx: x(c.difference).toFixed(2), cy: y, r: 4.5, "class": "dot"}, g);
+      });
+      top = bottom + GAP;
+    });
   }
 
   function render(body) {
@@ -477,6 +625,7 @@
     $("generated").textContent = "Generated at " + String(body.generatedAt || "")
       .replace("T", " ").replace("Z", " UTC") + ". Counts follow the events Segment delivers: " +
       "a click or order that arrives late is added when it does.";
+    sampleRatio(body);
     legend(body);
     figures(body);
     comparisons(body);
@@ -493,6 +642,8 @@
     drawImpressions(document.querySelector("svg[data-chart='impressions']"), body);
     drawCtr(document.querySelector("svg[data-chart='ctr']"), body);
     drawRevenue(document.querySelector("svg[data-chart='revenue']"), body);
+    drawIntervals(document.querySelector("svg[data-chart='intervals']"), body,
+                  (body.comparisons || []).filter(function (c) { return c.sequential; }));
   }
 
   var resizing = 0;

@@ -16,7 +16,7 @@ import hmac
 
 from flask import Blueprint, current_app, make_response, render_template, request
 
-from ..insights import report
+from ..insights import report, report_settings
 from ..store import StoreUnavailable
 from .errors import error_response, json_response
 
@@ -62,8 +62,7 @@ def insights():
         return error_response(404, "insights_off",
                               "answers are not recorded: INSIGHTS_RETENTION_DAYS is 0")
     try:
-        body = report(services.store, int(raw),
-                      variants=services.recommendations.experiment.names)
+        body = report(services.store, int(raw), **report_settings(services))
     except StoreUnavailable:
         return error_response(503, "store_unavailable", "the store is unavailable; retry later",
                               retry_after=settings.retry_after_seconds)

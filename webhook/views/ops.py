@@ -12,11 +12,13 @@ served at all (``flask --app webhook inbox`` shows the lag on the host).
 from __future__ import annotations
 
 import time
+import weakref
 
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client.core import GaugeMetricFamily
 
 from .. import metrics
+from ..insights import report_settings, sample_ratio
 from ..signature import accepted_shapes
 from ..store import StoreUnavailable
 from .auth import bearer, matches, operator_refusal
@@ -118,7 +120,37 @@ def _gauges(services):
         yield pending
         yield oldest
         yield GaugeMetricFamily("dead_letters", "Records on the dead-letter list.", value=dead)
+        yield from _sample_ratio_gauge(services)
     return collect
+
+
+_SRM_CACHE_SECONDS = 60.0
+_srm_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store: (when, split)
+
+
+def _sample_ratio_gauge(services):
+    """The experiment's sample-ratio p-value over the last 7 days (/insights' default
+    period): below 0.001 the split is off. Read at most once a minute per process."""
+    if not services.settings.insights_retention_days:
+        return
+    settings = report_settings(services)
+    now = time.monotonic()
+    cached = _srm_cache.get(services.store)
+    if cached is None or now - cached[0] > _SRM_CACHE_SECONDS:
+        try:
+            cached = _srm_cache[services.store] = (now, sample_ratio(
+                services.store, variants=settings["variants"], shares=settings["shares"]))
+        except StoreUnavailable:
+            return
+    split = cached[1]
+    if split is None or split["pValue"] is None:
+        return
+    yield GaugeMetricFamily(
+        "experiment_sample_ratio_p_value",
+        "Chi-squared p-value of the visitors per experiment variant against the "
+        "configured split, over the last 7 days (as GET /insights); below 0.001 the "
+        "comparison cannot be trusted (sample-ratio mismatch).",
+        value=split["pValue"])
 
 
 @bp.get("/metrics")
