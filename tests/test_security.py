@@ -60,14 +60,16 @@ def test_signature_check_compares_every_secret_in_constant_time(monkeypatch, whi
     assert counter.calls == len(secrets)
 
 
-@pytest.mark.parametrize("presented", ["tok-a", "tok-c", "tok-x", "tok-"])
-def test_bearer_check_compares_every_token_in_constant_time(monkeypatch, presented):
+@pytest.mark.parametrize("presented, accepted", [("tok-a", True), ("tok-c", True),
+                                                  ("tok-x", False), ("tok-", False)])
+def test_bearer_check_compares_every_token_in_constant_time(monkeypatch, presented, accepted):
     counter = CountingCompare()
     monkeypatch.setattr(signature_module.hmac, "compare_digest", counter)
-    try:
+    if accepted:
         signature_module.verify_bearer(f"Bearer {presented}", ["tok-a", "tok-b", "tok-c"])
-    except signature_module.SignatureError:
-        pass
+    else:
+        with pytest.raises(signature_module.SignatureError):
+            signature_module.verify_bearer(f"Bearer {presented}", ["tok-a", "tok-b", "tok-c"])
     assert counter.calls == 3
 
 

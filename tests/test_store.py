@@ -300,7 +300,7 @@ def _assert_503(response, retry_after: str):
 def test_postgresql_unreachable_is_503_with_retry_after(make_app):
     app = make_app(database_url="postgresql+psycopg://postgres@127.0.0.1:1/test",
                    retry_after_seconds=7)
-    client = app.test_client()
+    client = raw_client(app)  # nothing to apply: the store is not there
     for payload in (track("m-1"), [track("m-2"), track("m-3")]):
         response = client.post("/segment", data=json.dumps(payload),
                                content_type="application/json")
@@ -310,13 +310,12 @@ def test_postgresql_unreachable_is_503_with_retry_after(make_app):
 def test_sqlite_unreachable_is_503_then_recovers(make_app, tmp_path):
     folder = tmp_path / "not-yet"
     app = make_app(database_url=f"sqlite:///{folder}/segment.db")
-    client = app.test_client()
-    response = client.post("/segment", data=json.dumps(track("m-1")),
-                           content_type="application/json")
+    response = raw_client(app).post("/segment", data=json.dumps(track("m-1")),
+                                    content_type="application/json")
     _assert_503(response, "30")
 
     folder.mkdir()  # the volume is mounted: the same process recovers by itself
-    summary = post(client, track("m-1"))
+    summary = post(app.test_client(), track("m-1"))
     assert summary["accepted"] == 1
     assert store_of(app).counts()["interactions"] == 1
 
