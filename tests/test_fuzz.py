@@ -119,19 +119,20 @@ def test_arbitrary_recommendation_queries_are_never_a_5xx(open_app, query):
 # --- mutated genuine messages -------------------------------------------------------------
 
 @st.composite
-def mutated_messages(draw):
+def mutated_pairs(draw):
     """1–5 messages of the genuine corpus, each with a few fields deleted, replaced by odd
     values, or added; as a Classic single message or an Actions array."""
     # The shape first, half and half: both shapes get examples in every run.
     single = draw(st.booleans())
     picks = draw(st.lists(st.sampled_from(range(len(CORPUS))), min_size=1,
                           max_size=1 if single else 5))
-    messages = []
+    messages, genuine = [], []
     for index in picks:
         message = copy.deepcopy(CORPUS[index])
         # A messageId of its own (unless a mutation below takes it away): a corpus id
         # would be a duplicate after its first use and never reach routing or appliers.
         message["messageId"] = f"fz-{draw(st.uuids())}"
+        genuine.append(copy.deepcopy(message))
         for _ in range(draw(st.integers(0, 4))):
             keys = sorted(message) or ["type"]
             key = draw(st.sampled_from(keys + ["properties.product_id", "properties.products",
@@ -147,7 +148,14 @@ def mutated_messages(draw):
             else:
                 holder[name] = draw(mangled)
         messages.append(message)
-    return messages[0] if single else messages
+    if single:
+        return genuine[0], messages[0]
+    return genuine, messages
+
+
+def mutated_messages():
+    """1–5 messages of the genuine corpus (fresh messageIds), mutated (``mutated_pairs``)."""
+    return mutated_pairs().map(lambda pair: pair[1])
 
 
 def signature_for(delivery: dict | list) -> str:
@@ -286,13 +294,12 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
     checked: Counter = Counter()
 
     @FUZZ
-    @given(delivery=mutated_messages())
-    def deliver(delivery):
-        messages = delivery if isinstance(delivery, list) else [delivery]
-        original = next((m for m in CORPUS if m.get("messageId") == messages[0].get(
-            "messageId")), None)
-        assume(original is not None)
-        genuine = [original, *messages[1:]] if isinstance(delivery, list) else original
+    @given(pair=mutated_pairs())
+    def deliver(pair):
+        before_mutation, delivery = pair
+        # The genuine first message (as signed), the rest as delivered.
+        genuine = [before_mutation[0], *delivery[1:]] if isinstance(delivery, list) \
+            else before_mutation
         try:
             signature = signature_for(genuine)
             # What the signature covers must differ, else it is no alteration.
