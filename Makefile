@@ -1,4 +1,5 @@
-# Two commands: `make run` (install and start on the embedded default) and `make test`;
+# Two commands: `make run` (install and start on the embedded default: the Procfile's web
+# and worker processes, through honcho; Ctrl-C stops both) and `make test`;
 # `make demo` starts on a generated shop instead (its own database, instance/demo/);
 # `make test-fast` leaves out the slow, chaos and browser tests (pytest.ini's markers).
 PYTHON ?= python3
@@ -10,7 +11,7 @@ HOST ?= 127.0.0.1
 .PHONY: run demo test test-fast install install-dev clean
 
 run: install
-	HOST=$(HOST) PORT=$(PORT) $(BIN)/gunicorn wsgi:app
+	PATH="$(abspath $(BIN)):$$PATH" HOST=$(HOST) $(BIN)/honcho start --port $(PORT)
 
 demo: install
 	$(BIN)/python demo/run.py --port $(PORT)

@@ -34,7 +34,7 @@ def on_starting(server):
     # Check the configuration once, in the master, so a bad value stops the start with
     # one clear line instead of every worker failing to boot.
     sys.path.insert(0, os.getcwd())
-    from webhook.config import ConfigError, Settings
+    from webhook.settings import ConfigError, Settings
     try:
         Settings.from_env()
     except ConfigError as exc:
@@ -52,7 +52,7 @@ def on_exit(server):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
-def _services(worker):
+def _parts(worker):
     extensions = getattr(getattr(worker, "wsgi", None), "extensions", None) or {}
     return extensions.get("segment")
 
@@ -61,15 +61,15 @@ def post_worker_init(worker):
     # The app is loaded: keep its objects out of later garbage collections.
     from webhook.memory import freeze_startup_heap
     freeze_startup_heap()
-    # Each worker applies the inbox in the background from the start, not only once a
-    # first request reached it (after a restart, a backlog is applied without traffic).
-    services = _services(worker)
-    if services is not None:
-        services.start_background()
+    # This web process's own background work (model reloads; with WORKER_IN_WEB the
+    # worker's loops too), from the start rather than at a first request.
+    parts = _parts(worker)
+    if parts is not None:
+        parts.start_web()
 
 
 def worker_exit(server, worker):
-    # A worker stopping gracefully gives its leases back instead of letting them expire.
-    services = _services(worker)
-    if services is not None:
-        services.stop_background()
+    # A process stopping gracefully gives its leases back instead of letting them expire.
+    parts = _parts(worker)
+    if parts is not None:
+        parts.stop()

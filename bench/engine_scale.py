@@ -76,9 +76,9 @@ def messages(users, items, events, times, start: int, stop: int):
 
 def train_child(database_url: str) -> None:
     """Runs in its own process: train once, print wall time and peak RSS as JSON."""
-    from webhook.config import Settings
+    from webhook.settings import Settings
     from webhook.engine.service import train_once
-    from webhook.store import Store
+    from webhook.storage import Store
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     store = Store(database_url)
     started = time.perf_counter()

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, resource, sys, time
-from webhook.config import Settings
+from webhook.settings import Settings
 from webhook.export import export_archives
 settings = Settings.from_mapping(dict(
     event_value_property="price", event_properties=(("discount", "discount"),),

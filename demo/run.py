@@ -6,8 +6,8 @@ of the experiment's results.
 2. a fresh demo database, ``instance/demo/demo.db``: never the one ``make run`` uses;
 3. ``flask --app webhook import`` loads the messages, as it would a Segment archive;
 4. ``flask --app webhook train`` trains the local engine;
-5. ``gunicorn wsgi:app`` serves it on ``PORT`` until Ctrl-C, with
-   ``EXPERIMENT=local:50,popular:50``;
+5. the service, as the Procfile runs it (``gunicorn wsgi:app`` and ``flask --app webhook
+   worker``), serves it on ``PORT`` until Ctrl-C, with ``EXPERIMENT=local:50,popular:50``;
 6. 14 days of visitors are replayed through it: each asks ``GET /recommendations`` (so the
    service records the answer) and clicks, adds to the cart and orders what they like,
    sent to ``POST /segment`` as Segment would, naming the answer's ``recommendation_id``
@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,6 +47,7 @@ IMAGES = ROOT / "webhook" / "static" / "shop"  # served as /static/shop/
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "TERM", "TMPDIR", "TZ", "LOG_LEVEL", "LOG_FORMAT",
                   "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT")
 READY_TIMEOUT = 90.0
+OPERATOR_TOKEN = secrets.token_hex(16)
 EXPERIMENT = "local:50,popular:50"
 EXPERIMENT_DAYS = 14
 VISITS_PER_DAY = 120
@@ -60,7 +62,9 @@ def demo_environment(database: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k in PASSED_THROUGH or k.startswith("LC_")}
     env.update({"DATABASE_URL": f"sqlite:///{database}", "PORT": str(port),
-                "PYTHONUNBUFFERED": "1"})
+                "PYTHONUNBUFFERED": "1",
+                # The demo's own operator token: it reads the appliers' lag on /healthz.
+                "METRICS_TOKEN": OPERATOR_TOKEN})
     # One worker (4 threads) is plenty for a person clicking around, and the start-up
     # check below then warms exactly the worker that answers: a worker loads the model
     # on its first request, and would answer that one with popular items.
@@ -151,7 +155,9 @@ def wait_applied(base: str) -> None:
     deadline = time.monotonic() + APPLIED_TIMEOUT
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+            request = urllib.request.Request(
+                f"{base}/healthz", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
                 inbox = json.load(response).get("inbox")
         except (urllib.error.URLError, OSError, ValueError):
             inbox = None
@@ -213,12 +219,17 @@ def main(argv: list[str] | None = None) -> int:
 
     clock = Clock(DEMO)
     say(f"starting the service on port {port} with EXPERIMENT={EXPERIMENT} (Ctrl-C stops it)")
+    # The Procfile's two processes: the web process and the worker.
+    service_env = {**env, "EXPERIMENT": EXPERIMENT, **clock.environment()}
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                              env={**env, "EXPERIMENT": EXPERIMENT, **clock.environment()})
+                              env=service_env)
+    worker = subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook", "worker"],
+                              cwd=ROOT, env=service_env)
 
     def stop(signum, frame):  # forward a `kill` to the service; Ctrl-C reaches it directly
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
+        for process in (server, worker):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -243,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the service got it too, and is stopping
         return 0
     finally:
-        if server.poll() is None:
-            server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for process in (server, worker):
+            if process.poll() is None:
+                process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ def pytest_runtest_makereport(item, call):
 def _quiesce(apps) -> None:
     """No applier or write-back left running into the next test; connections closed."""
     for app in apps:
-        services = app.extensions["segment"]
-        services.stop_background()
-        services.activation.wait_idle(10)
-        services.store.dispose()
+        parts = app.extensions["segment"]
+        parts.stop()
+        parts.activation.wait_idle(10)
+        parts.store.dispose()
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ class AppliedClient(FlaskClient):
 
 @pytest.fixture
 def make_app(sqlite_url):
-    """make_app(**settings) -> a Flask app; settings by field name (see webhook.config).
+    """make_app(**settings) -> a Flask app; settings by field name (see webhook.settings).
     Its ``test_client()`` applies the inbox after each request (``AppliedClient``)."""
     apps = []
 

@@ -20,7 +20,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.operator import OPERATOR
-from webhook.store import inbox_url_for
+from webhook.storage import inbox_url_for
 
 
 def make_message(n: int, prefix: str) -> dict:
@@ -54,6 +54,11 @@ class Ledger:
     latencies: list = field(default_factory=list)
     bad_503: list = field(default_factory=list)  # 503s without Retry-After
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def assert_only_ok_or_retried(self) -> None:
+        """No answer was a 500, and every 503 carried Retry-After."""
+        assert self.statuses[500] == 0, self.statuses
+        assert not self.bad_503, self.bad_503[:3]
 
     def send(self, base: str, message: dict | list, timeout: float = 10.0) -> bool:
         """POST one delivery: a message (Classic) or a list of them (an Actions batch)."""
@@ -116,25 +121,26 @@ def redeliver(base: str, ledger: Ledger, pending: list[dict], rounds: int = 30,
     return pending
 
 
-def assert_stored_exactly_once(url: str, messages: list[dict], acknowledged: set) -> None:
+def assert_stored(url: str, messages: list[dict], acknowledged: set) -> None:
+    """Every acknowledged message is in the inbox, with all its interactions in the store;
+    nothing of a message that was never acknowledged is. (How often each arrived is
+    counted where it can differ: at the stand-ins, not on unique columns.)"""
     engine, inbox_engine = sa.create_engine(url), sa.create_engine(inbox_url_for(url))
     try:
         with inbox_engine.connect() as conn:
-            stored = Counter(row[0] for row in conn.execute(
-                sa.text("SELECT message_id FROM inbox")))
+            stored = {row[0] for row in conn.execute(sa.text("SELECT message_id FROM inbox"))}
         with engine.connect() as conn:
-            events = Counter(row[0] for row in conn.execute(
-                sa.text("SELECT event_id FROM interactions")))
+            events = {row[0] for row in conn.execute(
+                sa.text("SELECT event_id FROM interactions"))}
     finally:
         engine.dispose()
         inbox_engine.dispose()
     by_id = {m["messageId"]: m for m in messages}
-    missing = sorted(acknowledged - set(stored))
+    missing = sorted(acknowledged - stored)
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
-    assert all(stored[mid] == 1 for mid in acknowledged)
-    for mid in acknowledged:
-        for event_id in expected_event_ids(by_id[mid]):
-            assert events[event_id] == 1, f"interaction {event_id} stored {events[event_id]}x"
+    lost = [event_id for mid in acknowledged for event_id in expected_event_ids(by_id[mid])
+            if event_id not in events]
+    assert not lost, f"{len(lost)} interactions of acknowledged messages lost: {lost[:5]}"
     # Nothing half-stored: an interaction exists only for a stored message.
     stray = [e for e in events if e.split("#")[0] not in stored]
     assert not stray, stray[:5]

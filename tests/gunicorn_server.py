@@ -28,23 +28,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_worker(env: dict, log_file) -> subprocess.Popen:
+    """``flask --app webhook worker`` (the Procfile's worker) with ``env``."""
+    return subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook", "worker"],
+                            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextlib.contextmanager
-def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
-    """Start `gunicorn wsgi:app` with ``env`` over the environment; yield (base_url,
-    process) once GET /healthz answers; stop it afterwards. Its output is collected in
-    ``process.log_path`` (in ``env["_LOG_DIR"]`` if given). Any request error while
-    starting means "not yet" (the master accepts connections before a worker has booted,
-    so a slow boot shows as a timeout), until ``timeout`` seconds."""
+def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = True):
+    """The service as the Procfile runs it: `gunicorn wsgi:app` with ``env`` over the
+    environment, and (``worker``) `flask --app webhook worker` beside it; yield
+    (base_url, process) once GET /healthz answers; stop both afterwards. ``process`` is
+    gunicorn's master; ``process.worker`` the worker process (None without one), which a
+    test may stop and start again with ``process.restart_worker()``. Their output is
+    collected in ``process.log_path`` (in ``env["_LOG_DIR"]`` if given). Any request
+    error while starting means "not yet", until ``timeout`` seconds."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}",
                      "METRICS_TOKEN": OPERATOR_TOKEN, **TIMELESS_ENV})
     full_env.update(env)
     log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
-    with open(log_path, "w+b") as log_file:
+    # Both processes append to one file (O_APPEND: their lines never overwrite each other).
+    with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
                                    env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
         process.log_path = log_path  # type: ignore[attr-defined]
+        process.worker = start_worker(full_env, log_file) if worker else None  # type: ignore[attr-defined]
+
+        def restart_worker() -> subprocess.Popen:
+            if process.worker is not None:  # type: ignore[attr-defined]
+                stop(process.worker)  # type: ignore[attr-defined]
+            process.worker = start_worker(full_env, log_file)  # type: ignore[attr-defined]
+            return process.worker  # type: ignore[attr-defined]
+
+        process.restart_worker = restart_worker  # type: ignore[attr-defined]
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
@@ -62,13 +90,9 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0):
                 time.sleep(0.1)
             yield base, process
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process)
+            if process.worker is not None:  # type: ignore[attr-defined]
+                stop(process.worker)  # type: ignore[attr-defined]
 
 
 def worker_pids(master_pid: int) -> set[int]:
@@ -84,22 +108,6 @@ def worker_pids(master_pid: int) -> set[int]:
         if int(fields[1]) == master_pid:
             children.add(int(entry))
     return children
-
-
-def applier_pids(master_pid: int) -> dict[int, int]:
-    """The appliers' processes of this server (webhook/appliers/process.py), each with
-    the worker that started it."""
-    out = {}
-    for worker in worker_pids(master_pid):
-        for pid in worker_pids(worker):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    cmdline = handle.read()
-            except OSError:
-                continue
-            if b"webhook.appliers.process" in cmdline:
-                out[pid] = worker
-    return out
 
 
 def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[int]:

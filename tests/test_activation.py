@@ -26,7 +26,7 @@ from tests.test_recommendations import (  # noqa: F401  (fixtures)
     profile_api,
     runtime,
 )
-from webhook.store import activations, profiles
+from webhook.storage.schema import activations, profiles
 
 WRITE_KEY = "wk-shop-0123"
 

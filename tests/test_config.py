@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from webhook.config import ConfigError, DEFAULT_INTERACTION_EVENTS, Settings
+from webhook.settings import DEFAULT_INTERACTION_EVENTS, ConfigError, Settings, reveal
 
 
 def test_defaults_run_the_embedded_default_unsigned():
@@ -22,7 +22,7 @@ def test_lists_and_rotation_secrets_are_comma_separated():
         "INTERACTION_EVENTS": "Product Viewed,Order Completed",
         "ITEM_ID_PROPERTIES": "sku,product_id",
     })
-    assert settings.segment_shared_secrets == ("old-secret", "new-secret")
+    assert reveal(settings.segment_shared_secrets) == ("old-secret", "new-secret")
     assert settings.interaction_events == ("Product Viewed", "Order Completed")
     assert settings.item_id_properties == ("sku", "product_id")
     assert settings.authentication_enforced
@@ -34,7 +34,7 @@ def test_lists_and_rotation_secrets_are_comma_separated():
     ("sqlite:///data/segment.db", "sqlite:///data/segment.db"),
 ])
 def test_heroku_and_plain_database_urls(url, expected):
-    assert Settings.from_env({"DATABASE_URL": url}).database_url == expected
+    assert Settings.from_env({"DATABASE_URL": url}).database == expected
 
 
 @pytest.mark.parametrize("env, variable", [
@@ -46,20 +46,33 @@ def test_heroku_and_plain_database_urls(url, expected):
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     ({"INTERACTION_EVENTS": " , "}, "INTERACTION_EVENTS"),
     ({"ITEM_ID_PROPERTIES": ","}, "ITEM_ID_PROPERTIES"),
-    ({"PERSONALIZE_SENDER_NICE": "20"}, "PERSONALIZE_SENDER_NICE"),
-    ({"PERSONALIZE_SENDER_NICE": "-5"}, "PERSONALIZE_SENDER_NICE"),
-    ({"PERSONALIZE_SENDER_NICE": "low"}, "PERSONALIZE_SENDER_NICE"),
+    ({"WORKER_NICE": "20"}, "WORKER_NICE"),
+    ({"WORKER_NICE": "-5"}, "WORKER_NICE"),
+    ({"WORKER_NICE": "low"}, "WORKER_NICE"),
+    ({"WORKER_IN_WEB": "maybe"}, "WORKER_IN_WEB"),
+    ({"SECRET_KEY": "short"}, "SECRET_KEY"),
+    ({"PERSONALIZE_CAMPAIGN_ARN": "arn:aws:s3:::bucket"}, "PERSONALIZE_CAMPAIGN_ARN"),
+    ({"SEGMENT_SPACE_ID": "spa_1"}, "SEGMENT_SPACE_ID"),
+    ({"EXPERIMENT": "local:50"}, "EXPERIMENT"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, "idle"), ("idle", "idle"), (" IDLE ", "idle"), ("0", 0), ("19", 19)])
-def test_the_personalize_sender_runs_idle_unless_a_nice_value_is_set(value, expected):
-    env = {} if value is None else {"PERSONALIZE_SENDER_NICE": value}
-    assert Settings.from_env(env).personalize_sender_nice == expected
+@pytest.mark.parametrize("value, expected", [(None, 10), ("0", 0), (" 19 ", 19)])
+def test_the_worker_runs_below_the_web_process_unless_told_otherwise(value, expected):
+    env = {} if value is None else {"WORKER_NICE": value}
+    assert Settings.from_env(env).worker_nice == expected
+
+
+def test_secrets_never_print():
+    settings = Settings.from_env({"SECRET_KEY": "a-long-secret-key-value",
+                                  "SEGMENT_SHARED_SECRET": "shared-one,shared-two"})
+    text = repr(settings) + str(settings) + str(settings.model_dump())
+    for secret in ("a-long-secret-key-value", "shared-one", "shared-two"):
+        assert secret not in text
+    assert reveal(settings.secret_key) == "a-long-secret-key-value"
 
 
 def test_workshop_lower_case_names_are_aliases():
@@ -74,8 +87,8 @@ def test_workshop_lower_case_names_are_aliases():
     assert settings.personalize_tracking_id == "tracking-1"
     assert settings.personalize_campaign_arn.endswith("campaign/c")
     assert settings.aws_region == "eu-west-1"
-    assert settings.segment_write_key == "wk"
-    assert settings.segment_profile_api_token == "token"
+    assert reveal(settings.segment_write_key) == "wk"
+    assert reveal(settings.segment_profile_api_token) == "token"
     assert settings.segment_space_id == "space"
     assert settings.mode == "personalize"
 

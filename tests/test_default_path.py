@@ -96,7 +96,10 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def views(prefix: str, visitors: int, products: int) -> list[dict]:
-    """Visitors who each view a few products of one of two groups."""
+    """Visitors who each view a few products of one of two groups, now (the defaults skip
+    messages older than a week)."""
+    from datetime import datetime, timezone
+    now = datetime.now(timezone.utc).isoformat()
     messages = []
     for v in range(visitors):
         group = v % 2
@@ -105,7 +108,7 @@ def views(prefix: str, visitors: int, products: int) -> list[dict]:
             messages.append({
                 "type": "track", "event": "Product Viewed",
                 "messageId": f"{prefix}-{v}-{k}", "anonymousId": f"visitor-{v}",
-                "timestamp": "2026-11-27T12:00:00.000Z",
+                "timestamp": now,
                 "properties": {"product_id": item, "name": f"Item {item}", "price": 10}})
     return messages
 

@@ -24,7 +24,7 @@ from tests.fake_personalize import FakePersonalizeEvents
 from tests.fake_personalize_control import FakePersonalizeControl
 from tests.fake_segment_apis import deliver, product_viewed
 from webhook.deletions import personalize_deletions
-from webhook.store import interactions
+from webhook.storage.schema import interactions
 
 
 BUCKET = "shop-deletions"
@@ -195,14 +195,14 @@ def test_the_background_loop_sends_them_every_interval(personalize_app, aws, s3)
     app = personalize_app(personalize_deletion_interval_seconds=0.2)
     sync = app.extensions["segment"].deletions
     deliver(app.test_client(), delete("u-bg"))
-    sync.start_background()  # what each worker does on its first request under a server
+    sync.start()  # what the worker does
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not any(
                 j["status"] == "COMPLETED" for j in control.jobs()):
             time.sleep(0.05)
     finally:
-        sync.stop_background()
+        sync.stop()
     (job,) = control.jobs()
     assert job["status"] == "COMPLETED"
     assert control.users_of(job["dataDeletionJobArn"]) == ["u-bg"]
@@ -435,7 +435,7 @@ def test_dead_letter_retry_and_queued_write_backs_skip_a_deleted_person(personal
     gate.set()
     assert services.activation.wait_idle(10)
     with store_of(app).read() as conn:
-        from webhook.store import profiles
+        from webhook.storage.schema import profiles
         assert conn.execute(sa.select(profiles.c.profile_id)).all() == []
 
     # A dead letter of hers, added by an applier that had the message in flight.

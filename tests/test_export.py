@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import aws_stand_ins
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.segment_wire import USER_ID
-from webhook.config import Settings
+from webhook.settings import Settings
 from webhook.export import column_name, export_archives
 
 TRACKING_ID = "tracking-0123"

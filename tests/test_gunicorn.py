@@ -12,7 +12,7 @@ import requests
 from tests.conftest import sample
 from tests.operator import OPERATOR
 from tests.deliveries import wait_applied
-from tests.gunicorn_server import gunicorn
+from tests.gunicorn_server import gunicorn, wait_for_workers
 
 pytestmark = pytest.mark.slow  # each test starts gunicorn
 
@@ -127,69 +127,61 @@ def _nice(pid):
         return int(handle.read().rsplit(")", 1)[1].split()[16])
 
 
-def test_appliers_run_in_one_process_per_host_below_the_workers_and_survive_its_worker(
-        tmp_path):
-    """Two workers, one appliers' process (the host's lock), at APPLIER_NICE; it applies
-    what either worker accepted. SIGKILL the worker that started it: the process sees its
-    socket close and exits, the other worker takes the lock and starts a new one, and
-    what is delivered afterwards is applied."""
-    import signal
+def _post(base, n):
+    body, headers = _signed(_message(n))
+    return requests.post(base + "/segment", data=body,
+                         headers={**headers, "Connection": "close"}, timeout=10)
 
-    from tests.gunicorn_server import applier_pids, wait_for_workers
+
+def _interactions(tmp_path, name) -> int:
+    import sqlite3
+    with sqlite3.connect(str(tmp_path / name)) as db:
+        return db.execute("SELECT count(*) FROM interactions").fetchone()[0]
+
+
+def test_the_worker_applies_what_the_web_process_accepted_below_its_priority(tmp_path):
+    """The Procfile's two processes: the web workers only accept (nothing is applied
+    while the worker is stopped: the lag grows), the worker applies, at WORKER_NICE, and
+    a worker started again catches up with what waited."""
     env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/a.db",
-           "APPLIER_NICE": "7", "_LOG_DIR": str(tmp_path)}
+           "WORKER_NICE": "7", "_LOG_DIR": str(tmp_path)}
     with gunicorn(env, workers=2) as (base, process):
         workers = wait_for_workers(process.pid, 2)
-        first = _wait(lambda: applier_pids(process.pid), 30, "an appliers' process")
-        assert len(first) == 1, first
-        (child, worker), = first.items()
-        assert worker in workers
-        _wait(lambda: _nice(child) == 7, 10, "the process's priority lowered")
+        worker = process.worker
+        _wait(lambda: _nice(worker.pid) == 7, 10, "the worker's priority lowered")
         for pid in workers:
-            assert _nice(pid) == 0  # the workers keep the server's priority
-
-        def post(n):
-            body, headers = _signed(_message(n))
-            return requests.post(base + "/segment", data=body,
-                                 headers={**headers, "Connection": "close"}, timeout=10)
-
+            assert _nice(pid) == 0  # the web processes keep the server's priority
         with ThreadPoolExecutor(4) as pool:
-            assert all(a.status_code == 200 for a in pool.map(post, range(40)))
+            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
+                                                              range(40)))
         wait_applied(base, 20)
-        assert len(applier_pids(process.pid)) == 1  # still one: no second process started
+        assert _interactions(tmp_path, "a.db") == 40
 
-        os.kill(worker, signal.SIGKILL)
-        # The orphaned process notices its worker's end and exits (a zombie until reaped
-        # by init counts as gone).
-        def gone(pid):
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-            except OSError:
-                return True
-        _wait(lambda: gone(child), 20, "the orphaned appliers' process exiting")
-        second = _wait(lambda: {p: w for p, w in applier_pids(process.pid).items()
-                                if p != child}, 30, "a new appliers' process")
-        assert len(second) == 1, second
-        assert list(second.values())[0] != worker
+        worker.terminate()
+        assert worker.wait(20) == 0  # a clean stop: batches finished or given back
         with ThreadPoolExecutor(4) as pool:
-            assert all(a.status_code == 200 for a in pool.map(post, range(40, 80)))
-        assert wait_applied(base, 20)["appliers"]["local"]["pending"] == 0
+            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
+                                                              range(40, 80)))
+        time.sleep(1)
+        lag = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json()["inbox"]
+        assert lag["appliers"]["local"]["pending"] > 0  # nobody applies without a worker
+        assert _interactions(tmp_path, "a.db") == 40
+        process.restart_worker()
+        assert wait_applied(base, 30)["appliers"]["local"]["pending"] == 0
+        assert _interactions(tmp_path, "a.db") == 80
     log_text = process.log_path.read_text(errors="replace")
-    assert "Traceback" not in log_text
+    assert "Traceback" not in log_text and "worker: stopped" in log_text
 
 
-def test_without_the_hosts_lock_the_workers_apply_themselves(tmp_path):
-    """The appliers' lock file cannot be opened (here a directory stands in its place):
-    no process is started, the workers apply as threads, and a delivery is applied."""
-    from tests.gunicorn_server import applier_pids
-    (tmp_path / "l.db.appliers.lock").mkdir()
-    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/l.db",
-           "_LOG_DIR": str(tmp_path)}
-    with gunicorn(env, workers=2) as (base, process):
-        body, headers = _signed(_message(1))
-        assert requests.post(base + "/segment", data=body, headers=headers,
-                             timeout=10).status_code == 200
-        wait_applied(base, 20)
-        assert applier_pids(process.pid) == {}
-    assert "cannot open the lock file" in process.log_path.read_text(errors="replace")
+def test_worker_in_web_runs_the_same_loops_in_the_web_process(tmp_path):
+    """WORKER_IN_WEB (a host with one process type): no worker process, the web
+    processes apply themselves, under the same leases."""
+    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/w.db",
+           "WORKER_IN_WEB": "true", "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=2, worker=False) as (base, process):
+        with ThreadPoolExecutor(4) as pool:
+            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
+                                                              range(30)))
+        assert wait_applied(base, 20)["appliers"]["local"]["pending"] == 0
+        assert _interactions(tmp_path, "w.db") == 30
+    assert "Traceback" not in process.log_path.read_text(errors="replace")

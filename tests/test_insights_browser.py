@@ -406,20 +406,23 @@ def test_insights_page_asks_for_the_token(locked_service, browser):
         assert "needs the insights token" in message.inner_text()
         assert page.is_visible("#token-form") and page.is_hidden("#report")
 
-        page.goto(base + "/insights?days=7&token=not-the-token-at-all")
+        page.goto(base + "/insights?days=7#token=not-the-token-at-all")
         _wait_state(page, "error")
         assert page.get_attribute("#message", "data-code") == "token_invalid"
 
-        page.goto(base + "/insights?days=7&token=" + INSIGHTS_TOKEN)
+        page.goto(base + "/insights?days=7#token=" + INSIGHTS_TOKEN)
         _wait_state(page, "ready")
+        assert "token" not in page.url  # kept for the tab, out of the address
         assert page.is_hidden("#message") and page.is_hidden("#token-form")
         assert page.inner_text("#verdict") == polled["verdict"]["text"]
         for v in polled["variants"]:
             assert int(_cell(page, v["variant"], "impressions").get_attribute("data-value")) \
                 == v["impressions"]
         assert page.locator("svg[data-chart='ctr'] .mark").count() == len(polled["variants"])
+        assert not any(INSIGHTS_TOKEN in url for url in page.requests), page.requests
 
-        # Typed into the form instead: the same.
+    with _page(browser) as page:
+        # Typed into the form instead (a new tab: nothing kept): the same.
         page.goto(base + "/insights?days=14")
         _wait_state(page, "error")
         page.fill("#token", INSIGHTS_TOKEN)
@@ -429,6 +432,7 @@ def test_insights_page_asks_for_the_token(locked_service, browser):
         assert page.locator("svg[data-chart='impressions'] .mark").count() == \
             14 * len(polled["variants"])
         assert all(url.startswith(base + "/") for url in page.requests), page.requests
+        assert not any(INSIGHTS_TOKEN in url for url in page.requests), page.requests
         assert [p for p in page.problems if "401" not in p] == []  # the 401s are logged
 
 

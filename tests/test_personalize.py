@@ -37,8 +37,8 @@ from tests.segment_wire import (
     node_deliveries,
 )
 from webhook.appliers.personalize import PersonalizeApplier
-from webhook.config import Settings
-from webhook.store import StoreUnavailable
+from webhook.settings import Settings
+from webhook.storage import StoreUnavailable
 
 TRACKING_ID = "tracking-0123"
 USERS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/USERS"
@@ -454,89 +454,6 @@ def test_calls_run_concurrently_within_the_configured_bound(personalize_app, fak
     assert 0.55 < elapsed < 1.6, elapsed
 
 
-def sending_processes() -> dict[int, int]:
-    """This process's children that make Personalize calls: pid -> nice value."""
-    found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == os.getpid() and b"calls_child.py" in cmdline:
-            found[int(pid)] = int(fields[16])
-    return found
-
-
-def test_calls_are_made_by_a_child_process_at_a_lower_priority(personalize_app, fake):
-    app = personalize_app(personalize_sender_nice=7)
-    before = set(sending_processes())  # other tests' children, idling out
-    warm_up(app, fake)
-    children = {pid: nice for pid, nice in sending_processes().items() if pid not in before}
-    assert list(children.values()) == [os.nice(0) + 7]
-    (child,) = children
-    ours = Path("/proc/self/autogroup")
-    ours = ours.read_text().split() if ours.exists() else []
-    if ours:
-        # With autogroup scheduling, a nice value counts only within a session: the child
-        # has a session of its own, ranked at its nice value against ours.
-        assert os.getsid(child) == child != os.getsid(0)
-        theirs = Path(f"/proc/{child}/autogroup").read_text().split()
-        assert theirs[0] != ours[0]
-        assert theirs[-1] == "7"
-    else:
-        # No autogroup here (an empty file: a CPU cgroup of its own, as in a container),
-        # so the nice value counts as it is, and the child stays in our session.
-        assert os.getsid(child) == os.getsid(0)
-    app.extensions["segment"].stop_background()  # a worker stopping: its child goes too
-    deadline = time.monotonic() + 10
-    while set(children) & set(sending_processes()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not set(children) & set(sending_processes())
-
-
-def test_by_default_calls_are_made_at_the_idle_priority_in_our_session(personalize_app, fake):
-    app = personalize_app()  # PERSONALIZE_SENDER_NICE's default: idle
-    before = set(sending_processes())  # other tests' children, idling out
-    warm_up(app, fake)
-    (child,) = set(sending_processes()) - before
-    # Every thread of it: the calls are made by its thread pool.
-    threads = [int(t) for t in os.listdir(f"/proc/{child}/task")]
-    assert len(threads) > 1
-    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_IDLE}
-    # In the workers' session: with autogroup scheduling, a session of its own would
-    # compete with the workers' session as an equal.
-    assert os.getsid(child) == os.getsid(0)
-
-
-def test_a_killed_sending_process_loses_no_event(personalize_app, fake):
-    app = personalize_app()
-    before = set(sending_processes())  # other tests' children, idling out
-    warm_up(app, fake)
-    (child,) = set(sending_processes()) - before
-    timeouts_before = metric(app, "personalize_calls_total", operation="put_events",
-                             outcome="timeout")
-    fake.delay(0.5)
-    messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(6)}, "kill")
-    killer = threading.Timer(0.25, os.kill, (child, signal.SIGKILL))  # calls in flight
-    killer.start()
-    response = post(app, messages)
-    killer.join()
-    assert response.status_code == 200
-    ids = sent_event_ids(fake)
-    # At least once: a call the stand-in took before the kill may come again, with the
-    # same eventIds, which Personalize uses to tell events apart.
-    assert set(ids) == {m["messageId"] for m in messages}
-    # The kill hit calls in flight: they were answered as a timeout, and retried by a new
-    # sending process.
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="timeout") > timeouts_before
-    assert set(sending_processes()) - before - {child}
-
-
 def wait_claimed(services, timeout: float = 10.0) -> None:
     """Until the Personalize applier holds a batch (its calls are then on their way)."""
     deadline = time.monotonic() + timeout
@@ -593,14 +510,17 @@ def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
     app = personalize_app(personalize_items_dataset_arn="", personalize_users_dataset_arn="")
     services = app.extensions["segment"]
     warm_up(app, fake)
-    fake.delay(0.5)
+    fake.throttle_for(30)  # the batch's calls are retried, with pauses between them
     messages = grouped_batch({(f"anon-{k}", None): 10 for k in range(3)}, "stop")
     assert raw_client(app).post("/segment", json=messages).status_code == 200
-    services.start_runner_threads()  # as a worker with APPLIER_NICE=off
-    services.wake_appliers()
+    services.start_worker()  # as the worker process does
     wait_claimed(services)
+    deadline = time.monotonic() + 10
+    while not any(a.error_code == "ThrottlingException" for a in fake.attempt_log):
+        assert time.monotonic() < deadline, "the applier did not try"
+        time.sleep(0.02)
     with caplog.at_level(logging.INFO, logger="webhook"):
-        services.stop_background()  # calls in flight
+        services.stop()  # the worker told to stop, calls in flight
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("shutting down mid-batch" in r.getMessage() for r in caplog.records)
     assert lag(app) == len(messages)  # applied after the restart
@@ -738,7 +658,7 @@ def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app,
     else:
         fake.stop()
     services = app.extensions["segment"]
-    services.start_background()  # as a server worker: the appliers run meanwhile
+    services.start_worker()  # as the worker process: the appliers run meanwhile
     try:
         for part in range(3):
             started = time.perf_counter()
@@ -748,7 +668,7 @@ def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app,
         assert lag(app) == len(messages)
         assert fake.events() == []
     finally:
-        services.stop_background()
+        services.stop()
 
 
 # --- permanent errors -------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import pg_server
-from tests.conftest import aws_stand_ins
+from tests.conftest import raw_client, aws_stand_ins
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
 
@@ -203,13 +203,14 @@ def test_rank_during_a_database_outage_answers_503(make_app):
         post(app, catalogue())
         body = {"userId": "ua1", "itemIds": ["a2", "hot", "b3"]}
         pg.stop(mode="immediate")
+        down = raw_client(app)  # nothing to apply while the store is down
         try:
-            response = rank(app, body)
+            response = down.post("/recommendations/rank", json=body)
             assert response.status_code == 503, response.get_data(as_text=True)
             assert response.headers["Retry-After"] == "9"
             assert response.get_json()["error"]["code"] == "store_unavailable"
             # GET /recommendations says the same.
-            got = app.test_client().get("/recommendations?userId=ua1")
+            got = down.get("/recommendations?userId=ua1")
             assert got.status_code == 503 and got.headers["Retry-After"] == "9"
         finally:
             pg.start()

@@ -29,7 +29,7 @@ from tests.fake_segment_apis import (
     product_viewed,
 )
 from tests.gunicorn_server import free_port
-from webhook.config import Settings
+from webhook.settings import Settings
 from webhook.tokens import mint_token
 
 SPACE = "spa_shop"

@@ -392,7 +392,7 @@ def test_sqlite_inbox_kept_in_the_database_moves_into_its_own_file(make_app, sql
     database: rows already applied stay claims (a redelivery is a duplicate), rows not yet
     applied are applied after the upgrade, and each applier keeps its position."""
     from webhook.ingest import canonical_json
-    from webhook.store import inbox, inbox_consumers, metadata
+    from webhook.storage.schema import inbox, inbox_consumers, metadata
     engine = sa.create_engine(sqlite_url)
     metadata.create_all(engine)  # the old layout: every table, the inbox too, in one file
     with engine.begin() as conn:
@@ -486,30 +486,52 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
 
     assert copied()[0] < 20 and copied()[1] < 20  # still in the WALs: no commit checkpointed
     services = app.extensions["segment"]
-    services.start_background()
+    services.start_worker()
     try:
         deadline = time.monotonic() + 10
         while copied() != (20, 20) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert copied() == (20, 20)
     finally:
-        services.stop_background()
+        services.stop()
 
 
-def test_the_cached_process_id_follows_a_fork():
-    """Per-process state (a worker's write connection, its lock file) is keyed by
-    ``pids.current()``: in a forked worker it must be the worker's id, not the master's."""
-    from webhook import pids
 
-    assert pids.current() == os.getpid()
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports through the pipe
-        os.write(write_end, f"{pids.current()} {os.getpid()}".encode())
-        os._exit(0)
-    os.close(write_end)
-    reported = os.read(read_end, 100).decode().split()
-    os.close(read_end)
-    os.waitpid(child, 0)
-    assert reported == [str(child), str(child)]
-    assert pids.current() == os.getpid()
+
+def test_postgresql_rows_committed_out_of_order_wait_and_are_applied_in_order(
+        make_app, postgresql_url):
+    """The inbox's central guarantee on PostgreSQL, made to happen: a delivery takes a
+    lower sequence number and is still committing while a later one (a higher number)
+    has committed. An applier must not pass the later one by (it would skip the earlier
+    one for ever); it waits, then takes both, earlier first."""
+    app = make_app(database_url=postgresql_url)
+    parts = app.extensions["segment"]
+    early, late = track("early-1", "p-early"), track("late-1", "p-late")
+    engine = sa.create_engine(postgresql_url)
+    try:
+        with engine.connect() as slow:
+            slow.begin()
+            slow.execute(sa.text(
+                "INSERT INTO inbox (txid, message_id, type, received_at, body) VALUES "
+                "(pg_current_xact_id()::text::bigint, :id, 'track', :at, :body)"),
+                {"id": early["messageId"], "at": time.time(), "body": json.dumps(early)})
+            assert raw_client(app).post("/segment", json=late).status_code == 200
+            with engine.connect() as probe:
+                seqs = dict(probe.execute(sa.text("SELECT message_id, seq FROM inbox")).all())
+            assert seqs == {"late-1": seqs["late-1"]}  # the early row is not visible yet
+            assert parts.runners["local"].run_once() == 0  # nothing may be taken yet
+            assert not interactions(app)
+            slow.commit()
+        with engine.connect() as probe:
+            seqs = dict(probe.execute(sa.text("SELECT message_id, seq FROM inbox")).all())
+        assert seqs["early-1"] < seqs["late-1"]
+        owner = "test:out-of-order"
+        claimed = parts.inbox.claim("local", owner, 100, 30.0)
+        assert claimed not in (None, "busy")
+        _, entries = claimed
+        assert [e.message_id for e in entries] == ["early-1", "late-1"]
+        parts.inbox.release_lease("local", owner)
+        applied(app)
+        assert sorted(interactions(app)) == ["early-1", "late-1"]
+    finally:
+        engine.dispose()

@@ -17,7 +17,7 @@ import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 from tests.fake_segment_apis import deliver, product_viewed
-from webhook.config import ConfigError, Settings
+from webhook.settings import ConfigError, Settings
 from webhook.tokens import SALT
 
 ROOT = Path(__file__).resolve().parent.parent

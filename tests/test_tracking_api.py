@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from tests.conftest import store_of
 from tests.gunicorn_server import gunicorn
 from tests.segment_wire import ANON_ID, USER_ID, emit_story
-from webhook.store import Store, interactions, profiles
+from webhook.storage import Store
+from webhook.storage.schema import interactions, profiles
 
 KEY = "wk-test-0123456789"
 NO_PROXY = {"http": None, "https": None}

@@ -145,7 +145,7 @@ def _basic(key: str) -> dict:
 
 def _traits(app, profile_id: str) -> dict:
     from tests.conftest import store_of
-    from webhook.store import profiles
+    from webhook.storage.schema import profiles
     with store_of(app).read() as conn:
         return conn.execute(sa.select(profiles.c.traits)
                             .where(profiles.c.profile_id == profile_id)).scalar() or {}
@@ -153,7 +153,7 @@ def _traits(app, profile_id: str) -> dict:
 
 def _interactions_of(app, user_id: str) -> int:
     from tests.conftest import store_of
-    from webhook.store import interactions
+    from webhook.storage.schema import interactions
     with store_of(app).read() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(interactions)
                             .where(interactions.c.user_id == user_id)).scalar_one()
@@ -381,7 +381,7 @@ def test_a_message_denying_a_consent_category_is_not_used(make_app):
     assert answer["accepted"] == 2
     assert answer["skipped"] == [{"index": 0, "messageId": "denied", "reason": "no_consent"}]
     from tests.conftest import store_of
-    from webhook.store import interactions
+    from webhook.storage.schema import interactions
     with store_of(app).read() as conn:
         assert {r[0] for r in conn.execute(sa.select(interactions.c.event_id))} == \
             {"allowed", "silent"}

@@ -15,7 +15,7 @@ import requests
 import sqlalchemy as sa
 
 from tests.conftest import store_of
-from webhook.store import inbox_url_for
+from webhook.storage import inbox_url_for
 
 INSTANT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc).timestamp()
 

@@ -1,7 +1,9 @@
 """Segment → Amazon Personalize: webhook receiver and recommendations service.
 
 ``create_app`` is the application factory (``flask --app webhook ...``; ``wsgi.py`` for
-gunicorn). Configuration is read once, here, into ``Settings``.
+gunicorn): settings read once (``settings.py``), every part built by ``wiring.build``, one
+blueprint per concern (``views/``), CORS from flask-cors, a request id and an access line
+for every request.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ from typing import Any, Mapping
 
 from flask import Flask, g, request
 
-from . import pids
-from .config import ConfigError, Settings
 from .logs import configure_logging
 from .memory import tune_allocator
-from .services import build_services, secret_values
-from .store import StoreUnavailable
+from .settings import ConfigError, Settings
+from .storage import StoreUnavailable
+from .wiring import Parts, build, secret_values
 
 __all__ = ["create_app", "ConfigError", "Settings"]
 
@@ -30,18 +31,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the application. ``test_config`` (settings by field name) replaces the
     environment, for tests; otherwise settings come from the environment."""
     tune_allocator()  # before the server starts its threads; see webhook/memory.py
-    app = _App(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_relative_config=True)
     settings = Settings.from_mapping(test_config) if test_config is not None \
         else Settings.from_env()
     configure_logging(settings.log_level, secret_values(settings), settings.log_format)
-    services = build_services(settings, app.instance_path)
-    for warning in services.warnings:
+    parts = build(settings, app.instance_path)
+    for warning in parts.warnings:
         log.warning(warning)
-    app.extensions["segment"] = services
+    app.extensions["segment"] = parts
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
 
     try:
-        services.ensure_schema()
+        parts.ensure_schema()
     except StoreUnavailable as exc:
         # Start anyway: requests answer 503 until the database is back.
         log.warning("store unavailable at start-up, will retry: %s", exc)
@@ -56,7 +57,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     cli.init_app(app)
     engine.init_app(app)
     deletions.init_app(app)
-    _init_request_context(app, services)
+    _init_request_context(app, parts)
 
     summary = settings.public_summary()
     # A text line shows the three short fields; the whole summary goes to JSON lines only.
@@ -65,59 +66,54 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
-class _App(Flask):
-    """Flask, with the answer to "is this hook a coroutine?" remembered: Flask asks it of
-    every hook and view on every request (inspect calls; measured at a few percent of a
-    webhook delivery). The functions registered never change kind."""
-
-    def ensure_sync(self, func):
-        known = self.__dict__.setdefault("_sync_functions", {})
-        wrapped = known.get(func)
-        if wrapped is None:
-            wrapped = known[func] = super().ensure_sync(func)
-        return wrapped
-
-
 def _init_cors(app: Flask, settings: Settings) -> None:
-    if not settings.cors_origins:
-        return  # no CORS headers: only same-origin pages may read the answers
+    """Every CORS header the service sends, from flask-cors: the shop's origins
+    (``CORS_ORIGINS``) may read recommendations and rankings; any page may post to the
+    Segment-compatible Tracking API, as analytics.js does (its write key is public)."""
     from flask_cors import CORS
-    CORS(app, resources={r"/recommendations": {"origins": list(settings.cors_origins)}},
-         allow_headers=["Authorization", "Content-Type"], methods=["GET", "OPTIONS"],
+    resources: dict[str, dict] = {r"/v1/*": {
+        "origins": "*", "send_wildcard": False, "methods": ["POST", "OPTIONS"],
+        "allow_headers": ["Authorization", "Content-Type", "Content-Encoding"]}}
+    if settings.cors_origins:  # else only same-origin pages may read the answers
+        resources[r"/recommendations"] = {"origins": list(settings.cors_origins),
+                                          "methods": ["GET", "OPTIONS"]}
+        resources[r"/recommendations/rank"] = {"origins": list(settings.cors_origins),
+                                               "methods": ["POST", "OPTIONS"]}
+    CORS(app, resources=resources, allow_headers=["Authorization", "Content-Type"],
          max_age=600, vary_header=True)
 
 
 _NO_SCHEMA_NEEDED = frozenset({"ops.healthz", "ops.prometheus_metrics", "page.index",
                                "static", "openapi.openapi_document"})
 # Deliveries answered 2xx are counted in /metrics and logged at DEBUG only: at thousands a
-# second a line each is noise, and it cost a fifth of a delivery (measured). Refused
-# deliveries and every other request are logged at INFO.
+# second a line each is noise. Refused deliveries and every other request are at INFO.
 _QUIET_WHEN_OK = frozenset({"segment.receive", "tracking_api.receive"})
 
 
-def _init_request_context(app: Flask, services) -> None:
+def _init_request_context(app: Flask, parts: Parts) -> None:
     access = logging.getLogger("webhook.access")
 
     @app.before_request
     def _begin():
         req = request._get_current_object()
-        incoming = req.environ.get("HTTP_X_REQUEST_ID", "")  # no header-name lookup
+        incoming = req.environ.get("HTTP_X_REQUEST_ID", "")
         context = g._get_current_object()
-        # Unique, not secret: os.urandom would be a system call that lets go of the GIL,
-        # which under load hands the worker to another thread at every request.
+        # Unique, not secret.
         context.request_id = (incoming if _REQUEST_ID.match(incoming)
                               else f"{random.getrandbits(64):016x}")
         context.started = time.perf_counter()
-        if services._background_pid != pids.current() and not app.testing:
-            services.start_background()  # a WSGI host without gunicorn's post_worker_init
-        if not services._schema_ready and req.endpoint not in _NO_SCHEMA_NEEDED:
+        if not app.testing:
+            # Once a process (a WSGI host without gunicorn's post_worker_init).
+            parts.start_web()
+        if not parts.store._schema_ready and req.endpoint not in _NO_SCHEMA_NEEDED:
             try:
-                services.ensure_schema()
+                parts.ensure_schema()
             except StoreUnavailable:
                 from .views.errors import error_response
                 return error_response(503, "store_unavailable",
                                       "the store is unavailable; retry later",
-                                      retry_after=services.settings.retry_after_seconds)
+                                      retry_after=parts.settings.retry_after_seconds)
+        return None
 
     @app.after_request
     def _finish(response):
@@ -128,7 +124,7 @@ def _init_request_context(app: Flask, services) -> None:
         level = logging.DEBUG if status < 400 and req.endpoint in _QUIET_WHEN_OK \
             else logging.INFO
         if access.isEnabledFor(level):
-            # The path only: a query string may carry a token.
+            # The path only: a query string may name a visitor.
             started = context.get("started")
             access.log(level, "request", extra={
                 "method": req.method, "path": req.path, "status": status,

@@ -28,7 +28,8 @@ import sqlalchemy as sa
 
 from . import metrics
 from .routing import UserTraits
-from .store import Store, StoreUnavailable, activations
+from .storage import Store, StoreUnavailable
+from .storage.schema import activations
 
 log = logging.getLogger("webhook.activation")
 
@@ -44,10 +45,16 @@ class LocalPublisher:
 
     def __init__(self, store: Store):
         self.store = store
+        self._statements = None
 
     def publish(self, user_id: str, traits: dict) -> None:
+        # The trait, merged into the profile as an identify's are (newer values win).
+        from .appliers.local import Prepared, Statements
+        if self._statements is None:
+            self._statements = Statements(self.store)
+        update = Prepared(self._statements, users=[UserTraits(user_id, traits, time.time())])
         with self.store.write() as tx:
-            tx.merge_traits([UserTraits(user_id, traits, time.time())])
+            update.write(tx)
 
 
 class SegmentPublisher:
@@ -200,7 +207,7 @@ class Activation:
                     .values(digest=digest, published_at=now))
             else:
                 done = tx.conn.execute(
-                    tx._insert(activations)
+                    tx.insert(activations)
                     .values(user_id=user_id, digest=digest, published_at=now)
                     .on_conflict_do_nothing(index_elements=["user_id"]))
             if done.rowcount == 0:

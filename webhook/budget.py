@@ -33,17 +33,11 @@ import threading
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .store import Store, StoreUnavailable, metadata
+from .storage import Store, StoreUnavailable
+from .storage.schema import service_hosts
 
 log = logging.getLogger("webhook.budget")
-
-service_hosts = sa.Table(
-    "service_hosts", metadata,
-    sa.Column("host_id", sa.String(256), primary_key=True),
-    sa.Column("seen_at", sa.Float, nullable=False),
-)
 
 _HEADER = struct.Struct("<8sqd")  # magic, admissions so far, paused until (monotonic)
 _MAGIC = b"PAPIBUD2"
@@ -186,10 +180,9 @@ class HostShare:
         """Record this host as alive, forget hosts silent for EXPIRE_SECONDS, count the
         live ones. Returns the count."""
         now = time.time()
-        insert = (postgresql if self.store.dialect == "postgresql" else sqlite).insert
         self._beaten_at = time.monotonic()
         with self.store.write() as tx:
-            statement = insert(service_hosts).values(host_id=self.host_id, seen_at=now)
+            statement = tx.insert(service_hosts).values(host_id=self.host_id, seen_at=now)
             tx.conn.execute(statement.on_conflict_do_update(
                 index_elements=["host_id"], set_={"seen_at": statement.excluded.seen_at}))
             tx.conn.execute(service_hosts.delete().where(

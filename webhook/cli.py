@@ -5,6 +5,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
+from .settings import reveal
 from .tokens import mint_token
 
 
@@ -17,9 +18,9 @@ def token_command(visitor_id: str, anonymous: bool) -> None:
     if not settings.secret_key:
         raise click.ClickException("SECRET_KEY is not set: tokens are not needed or checked")
     if anonymous:
-        click.echo(mint_token(settings.secret_key, anonymous_id=visitor_id))
+        click.echo(mint_token(reveal(settings.secret_key), anonymous_id=visitor_id))
     else:
-        click.echo(mint_token(settings.secret_key, user_id=visitor_id))
+        click.echo(mint_token(reveal(settings.secret_key), user_id=visitor_id))
 
 
 @click.command("export")
@@ -165,7 +166,16 @@ def insights_command(days: int, as_json: bool) -> None:
     click.echo(json.dumps(body, indent=2) if as_json else table(body))
 
 
+@click.command("worker")
+@with_appcontext
+def worker_command() -> None:
+    """Run the worker: the inbox's appliers, retention, checkpoints, data deletion jobs,
+    training and the write-backs after purchases (the Procfile's worker process)."""
+    from .worker import run
+    run(current_app.extensions["segment"])
+
+
 def init_app(app: Flask) -> None:
     for command in (token_command, export_command, dead_letters_group, inbox_command,
-                    insights_command):
+                    insights_command, worker_command):
         app.cli.add_command(command)

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import sqlalchemy as sa
 
 from . import metrics
-from .store import Store, Transaction, dead_letters
+from .storage import Store, Transaction
+from .storage.schema import dead_letters
 
 log = logging.getLogger("webhook.deadletters")
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -39,37 +37,18 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 import click
-from flask.cli import with_appcontext
 import sqlalchemy as sa
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy.dialects import postgresql, sqlite
+from flask.cli import with_appcontext
 
 from . import metrics
 from .aws import LazyClient
-from .store import ID, Store, StoreUnavailable, metadata
+from .background import BackgroundThread
+from .storage import Store, insert
+from .storage.leases import Lease, holder_name
+from .storage.schema import personalize_deletion_batches, personalize_deletions
 
 log = logging.getLogger("webhook.deletions")
-
-personalize_deletions = sa.Table(
-    "personalize_deletions", metadata,
-    sa.Column("user_id", ID, primary_key=True),
-    sa.Column("requested_at", sa.Float, nullable=False),
-    sa.Column("batch_id", sa.String(64), index=True),  # NULL: waiting for the next batch
-)
-
-personalize_deletion_batches = sa.Table(
-    "personalize_deletion_batches", metadata,
-    sa.Column("batch_id", sa.String(64), primary_key=True),  # also the job's name
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("users", sa.Integer, nullable=False),
-    # new (not submitted yet), running, done, failed (its users were put back)
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False),
-    sa.Column("data_location", sa.Text),
-    sa.Column("job_arn", sa.Text),
-    sa.Column("detail", sa.Text),  # Personalize's status or failure reason, or our error
-)
 
 KEEP_BATCHES = 1000
 LEASE_NAME = "personalize-deletions"
@@ -77,10 +56,6 @@ LEASE_NAME = "personalize-deletions"
 # models also name ACTIVE and CREATE FAILED for the same ends).
 DONE_STATUSES = {"COMPLETED", "ACTIVE"}
 FAILED_STATUSES = {"FAILED", "CREATE FAILED"}
-
-
-def _insert(dialect: str, table: sa.Table):
-    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def record_deletions(tx, user_ids: Iterable[str]) -> int:
@@ -92,7 +67,7 @@ def record_deletions(tx, user_ids: Iterable[str]) -> int:
         return 0
     now = time.time()
     result = tx.conn.execute(
-        _insert(tx.dialect, personalize_deletions).on_conflict_do_nothing(
+        insert(tx.dialect, personalize_deletions).on_conflict_do_nothing(
             index_elements=["user_id"]),
         [{"user_id": user_id, "requested_at": now, "batch_id": None} for user_id in ids])
     added = max(0, result.rowcount or 0)
@@ -108,23 +83,24 @@ def _bucket_and_prefix(uri: str) -> tuple[str, str]:
     return parts.netloc, prefix
 
 
-class DeletionSync:
-    """Batches of deleted users → S3 → CreateDataDeletionJob, followed to the end."""
+class DeletionSync(BackgroundThread):
+    """Batches of deleted users → S3 → CreateDataDeletionJob, followed to the end; in the
+    worker, a thread that takes the fleet's turn every interval (``due``)."""
+
+    name = "personalize-deletions"
 
     def __init__(self, store: Store, settings, *, s3=None, personalize=None):
+        super().__init__()
         self.store = store
         self.settings = settings
         self.dataset_group_arn = settings.personalize_dataset_group_arn
         self.role_arn = settings.personalize_deletion_role_arn
         self.s3_uri = settings.personalize_deletion_s3_uri
-        self.interval = settings.personalize_deletion_interval_seconds
+        self.every = settings.personalize_deletion_interval_seconds
         self._s3 = LazyClient("s3", region=settings.aws_region, timeout=10.0, client=s3)
         self._personalize = LazyClient("personalize", region=settings.aws_region,
                                        timeout=10.0, client=personalize)
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._stop = threading.Event()
+        self.holder = holder_name()
         self._run_lock = threading.Lock()
 
     @property
@@ -312,50 +288,17 @@ class DeletionSync:
 
     def due(self) -> bool:
         """Take the fleet's turn: True at most once per interval across every process and
-        host on this database (a lease that is left to expire)."""
-        from .engine import persistence as db
-        db.ensure_tables_once(self.store)
-        now = time.time()
-        leases = db.leases_table
-        with self.store.write() as tx:
-            tx.conn.execute(_insert(self.store.dialect, leases).on_conflict_do_nothing(
-                index_elements=["name"]).values(name=LEASE_NAME, holder="", expires_at=0.0))
-            taken = tx.conn.execute(leases.update()
-                                    .where(leases.c.name == LEASE_NAME,
-                                           leases.c.expires_at < now)
-                                    .values(holder=self.holder, expires_at=now + self.interval))
-            return taken.rowcount == 1
+        host on this database (a lease left to expire, under a name new each time)."""
+        return Lease(self.store, LEASE_NAME).acquire(f"{self.holder}:{time.time()}",
+                                                      self.every)
 
-    def start_background(self) -> None:
-        """One thread per worker process (again after a fork); idempotent and cheap."""
-        if not self.configured or (self._pid == os.getpid() and self._thread is not None
-                                   and self._thread.is_alive()):
-            return
-        with self._run_lock:
-            if self._pid == os.getpid() and self._thread is not None \
-                    and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="personalize-deletions",
-                                            daemon=True)
-            self._thread.start()
+    @property
+    def interval(self) -> float:
+        return min(self.every, 30.0)  # how often to look whether it is this process's turn
 
-    def stop_background(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        check = min(self.interval, 30.0)
-        while not self._stop.is_set():
-            try:
-                if self.due():
-                    report = self.run_once()
-                    log.info("personalize deletions", extra=report)
-            except StoreUnavailable as exc:
-                log.warning("personalize deletions: store unavailable: %s", exc)
-            except Exception:  # keep the thread alive whatever a run did
-                log.exception("personalize deletions: a run failed")
-            self._stop.wait(check)
+    def step(self) -> None:
+        if self.configured and self.due():
+            log.info("personalize deletions", extra=self.run_once())
 
 
 # -- the command and the app ---------------------------------------------------------------

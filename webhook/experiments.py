@@ -24,7 +24,8 @@ import sqlalchemy as sa
 
 from .identity import resolve
 from .recommenders import Recommender
-from .store import Store, StoreUnavailable, impressions
+from .storage import Store, StoreUnavailable
+from .storage.schema import impressions
 
 log = logging.getLogger("webhook.experiments")
 

@@ -49,7 +49,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from .config import Settings
+from .settings import Settings
 from .personalize_mapping import MappingConfig, Problem, map_event, map_items, \
     map_users
 from .routing import ItemDetails, Router, UserTraits

@@ -30,10 +30,9 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 
 from .routing import Deletion, IdentityLink
-from .segment import MessageError, message_time, encode_json
-from .store import (
-    Store,
-    Transaction,
+from .segment import MessageError, encode_json, message_time
+from .storage import Store, Transaction
+from .storage.schema import (
     activations,
     attributions,
     dead_letters,

@@ -26,7 +26,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .store import identity_links
+from .storage.schema import identity_links
 
 ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous people apart from user ids in one key space
 

@@ -21,7 +21,8 @@ import time
 from typing import Sequence
 
 from . import metrics
-from .store import Store, StoreUnavailable, impressions
+from .storage import Store, StoreUnavailable
+from .storage.schema import impressions
 
 log = logging.getLogger("webhook.impressions")
 
@@ -80,7 +81,7 @@ class ImpressionRecorder:
                         rows = [row for row in rows if not self.tombstones.deleted_since(
                             (row["visitor"],), row["shown_at"], refresh=False)]
                 with self.store.write(durable=False) as tx:
-                    tx.conn.execute(tx._insert(impressions).on_conflict_do_nothing(
+                    tx.conn.execute(tx.insert(impressions).on_conflict_do_nothing(
                         index_elements=["recommendation_id"]), rows)
             except BaseException:
                 with self._lock:  # back in front, as far as the bounds allow (newest kept)

@@ -24,18 +24,21 @@ consuming the inbox in arrival order from a position of its own, in bulk:
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 
-from .store import Store, StoreUnavailable, Transaction, inbox, inbox_consumers, raw_statement
+from .storage import Store, StoreUnavailable, Transaction
+from .storage.database import describe, insert
+from .storage.leases import holder_is_gone, holder_name
+from .storage.schema import inbox, inbox_consumers, tombstones
 
 log = logging.getLogger("webhook.inbox")
+
+_COLUMNS = ("message_id", "type", "received_at", "body")
+_CHUNK = 200  # rows an insert statement: 800 parameters, well under SQLite's limit
 
 Position = tuple[int, int]  # (txid, seq)
 
@@ -67,40 +70,6 @@ class LostLease(Exception):
     """Another process took this applier's lease: the batch must not be committed."""
 
 
-def process_name() -> str:
-    """This process: host, pid, and a token against pid reuse (a lease owner adds its own
-    token to it: two runners of one process never share a lease)."""
-    global _INCARNATION, _INCARNATION_PID
-    if _INCARNATION_PID != os.getpid():  # a forked worker is a process of its own
-        _INCARNATION, _INCARNATION_PID = uuid.uuid4().hex[:8], os.getpid()
-    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
-
-
-_INCARNATION, _INCARNATION_PID = "", 0
-
-
-def _owner_is_gone(owner: str) -> bool:
-    """True when ``owner`` ran on this host and its process no longer exists (or is a
-    zombie): its lease can be taken over without waiting for it to expire."""
-    host, pid_text, token = (owner.split(":") + ["", ""])[:3]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():  # this process, or an earlier one with the same pid
-        return f"{host}:{pid_text}:{token}" != process_name()
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
 BUSY = "busy"  # claim(): another process holds the applier's lease
 
 
@@ -114,6 +83,7 @@ class Inbox:
         self.rows = store.inbox_store
         self.postgresql = store.dialect == "postgresql"
         self._build_statements()
+        self._build_writes()
 
     def _build_statements(self) -> None:
         """The applier's statements, built once: building them per batch cost more than
@@ -136,9 +106,9 @@ class Inbox:
         self._peek = sa.select(*lease).where(name)
         # The same row, read again inside the lease's write transaction (locked on PostgreSQL).
         self._lock = self._peek.with_for_update() if self.postgresql else self._peek
-        self._read = raw_statement(
+        self._read = self.rows.compile(
             sa.select(*columns).where(after).order_by(*order)
-            .limit(sa.bindparam("limit", type_=sa.Integer)), self.rows.engine.dialect)
+            .limit(sa.bindparam("limit", type_=sa.Integer)))
         self._take = c.update().where(name).values(
             owner=sa.bindparam("holder"), lease_until=sa.bindparam("until"),
             batch_from_seq=sa.bindparam("first"), batch_to_seq=sa.bindparam("last"),
@@ -156,6 +126,90 @@ class Inbox:
             owner=None, lease_until=None, batch_from_seq=None, batch_to_seq=None,
             batch_size=None, batch_started=None, updated_at=sa.bindparam("now"))
 
+    # -- the request path's one write --------------------------------------------------
+
+    def _build_writes(self) -> None:
+        rows = self.rows
+        # PostgreSQL: each row carries the id of the transaction that wrote it (above).
+        txid = (sa.literal_column("pg_current_xact_id()::text::bigint")
+                if rows.dialect == "postgresql" else sa.literal_column("0"))
+        # A message whose messageId the inbox holds already is left out: a duplicate.
+        add = insert(rows.dialect, inbox).on_conflict_do_nothing(index_elements=["message_id"])
+        self._txid = txid
+        self._add = add
+        self._add_one = rows.compile(add.values(
+            txid=txid, message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
+            received_at=sa.bindparam("received_at"), body=sa.bindparam("body")))
+        self._add_many: dict[int, Any] = {}
+        self._add_tombstone = rows.compile(
+            insert(rows.dialect, tombstones).on_conflict_do_nothing(
+                index_elements=["id_hash", "deleted_at"]).values(
+                id_hash=sa.bindparam("id_hash"), deleted_at=sa.bindparam("deleted_at")))
+
+    def _many(self, n: int):
+        """``n`` rows in one statement (compiled once per ``n``, at most _CHUNK)."""
+        raw = self._add_many.get(n)
+        if raw is None:
+            stmt = self._add.values([
+                {"txid": self._txid, **{name: sa.bindparam(f"{name}{i}") for name in _COLUMNS}}
+                for i in range(n)]).returning(inbox.c.message_id)
+            raw = self._add_many[n] = self.rows.compile(stmt)
+        return raw
+
+    def add(self, rows: Sequence[tuple[str | None, str, str]],
+            graves: Sequence[dict] = ()) -> set[str]:
+        """Write (message_id, type, canonical JSON) rows into the inbox, in this order, in
+        one transaction; a row whose messageId is there already is left out. ``graves``
+        (a delete's tombstones, ``Tombstones.rows``) are written in the same transaction.
+        Returns the messageIds that were new: the others are duplicates (also when two
+        processes race for one). StoreUnavailable: nothing was written.
+
+        Run on the DBAPI connection, transaction control included, with the statements
+        SQLAlchemy compiled: this is every delivery's write."""
+        if not rows:
+            return set()
+        with self.rows.raw_write() as dbapi:
+            if self.rows.dialect != "sqlite":
+                return self._insert(dbapi.cursor(), rows, graves)
+            if len(rows) <= _CHUNK and not graves:
+                # One statement: SQLite runs it as its own transaction (autocommit).
+                return self._insert(dbapi.cursor(), rows, graves)
+            dbapi.execute("BEGIN IMMEDIATE")
+            try:
+                fresh = self._insert(dbapi.cursor(), rows, graves)
+                dbapi.execute("COMMIT")
+            except BaseException:
+                if dbapi.in_transaction:
+                    dbapi.execute("ROLLBACK")
+                raise
+            return fresh
+
+    def _insert(self, cursor, rows, graves) -> set[str]:
+        now = time.time()
+        if graves:
+            raw = self._add_tombstone
+            cursor.executemany(raw.sql, [raw.params(dict(row)) for row in graves])
+        if len(rows) == 1:
+            # One row: whether it went in is the statement's row count.
+            message_id, kind, body = rows[0]
+            raw = self._add_one
+            cursor.execute(raw.sql, raw.params({"message_id": message_id, "type": kind,
+                                                "received_at": now, "body": body}))
+            return {message_id} if cursor.rowcount == 1 else set()
+        fresh: set[str] = set()
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start:start + _CHUNK]
+            values: dict[str, Any] = {}
+            for i, (message_id, kind, body) in enumerate(chunk):
+                values[f"message_id{i}"] = message_id
+                values[f"type{i}"] = kind
+                values[f"received_at{i}"] = now
+                values[f"body{i}"] = body
+            raw = self._many(len(chunk))
+            cursor.execute(raw.sql, raw.params(values))
+            fresh.update(row[0] for row in cursor.fetchall())
+        return fresh
+
     # -- positions and batches ---------------------------------------------------------
 
     def ensure_consumers(self, names: Iterable[str]) -> None:
@@ -166,7 +220,7 @@ class Inbox:
                 sa.select(inbox_consumers.c.name).where(inbox_consumers.c.name.in_(names)))}
             missing = [name for name in names if name not in known]
             if missing:
-                tx.conn.execute(tx.sql.insert(inbox_consumers).on_conflict_do_nothing(
+                tx.conn.execute(tx.insert(inbox_consumers).on_conflict_do_nothing(
                     index_elements=["name"]), [
                     {"name": name, "position_txid": 0, "position_seq": 0, "applied": 0,
                      "updated_at": time.time()} for name in missing])
@@ -240,7 +294,7 @@ class Inbox:
         holder = row.owner
         if not holder or holder == owner:
             return False
-        if (row.lease_until or 0) > time.time() and not _owner_is_gone(holder):
+        if (row.lease_until or 0) > time.time() and not holder_is_gone(holder):
             return True
         if warn:
             log.warning("inbox: taking over the lease of a process that is gone or expired",

@@ -6,8 +6,8 @@ against the Spec, then writes the valid ones in one short transaction: each mess
 messageId claim and canonical JSON, one inbox row each (``Transaction.add_to_inbox``). A
 messageId already in the inbox makes the message a duplicate, known from that insert
 itself. Once the transaction has committed, the caller may acknowledge the delivery; what
-the messages mean is applied afterwards, in bulk, by the appliers (``appliers/``), which
-are woken here.
+the messages mean is applied afterwards, in bulk, by the appliers (``appliers/``) of the
+worker process.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from .consent import denied_categories
 from .routing import Router
 from .segment import Message, MessageError, encode_json, parse_message
-from .store import Store
+from .inbox import Inbox
 
 
 @dataclass(slots=True)
@@ -103,11 +103,11 @@ class Ingestor:
     without a messageId is claimed by its content, so a replay of it is a duplicate.
     """
 
-    def __init__(self, store: Store, router: Router,
+    def __init__(self, inbox: Inbox, router: Router,
                  max_message_age_seconds: float | None = None, *,
                  interaction_retention_seconds: float | None = None,
                  consent_categories: Sequence[str] = (), tombstones=None):
-        self.store = store
+        self.inbox = inbox
         self.router = router
         self.max_message_age_seconds = max_message_age_seconds
         self.interaction_retention_seconds = interaction_retention_seconds
@@ -216,7 +216,7 @@ class Ingestor:
                         continue
                     seen.add(message_id)
                 rows.append((message_id, message.type, body))
-        fresh = self.store.add_to_inbox(rows, graves)
+        fresh = self.inbox.add(rows, graves)
         for job in jobs:
             job.added = False
             mine: set[str] = set()

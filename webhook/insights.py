@@ -39,7 +39,8 @@ import sqlalchemy as sa
 
 from .insights_stats import (ALPHA, SRM_ALPHA, Sample, benjamini_hochberg, compare,
                              mixture_rho, sample_ratio_p_value, wilson)
-from .store import Store, attributions, impressions
+from .storage import Store
+from .storage.schema import attributions, impressions
 
 DAY = 86400
 MIN_VISITORS = 100  # per variant, before a difference is called at all

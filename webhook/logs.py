@@ -220,3 +220,6 @@ def _quiet_wire_loggers(level: str) -> None:
     floor = max(logging.getLevelName(level), logging.INFO)
     for name in _WIRE_LOGGERS:
         logging.getLogger(name).setLevel(floor)
+    # Alembic tells of every plugin it loads at INFO; what a migration does is logged by
+    # the revisions' own lines when they matter.
+    logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -30,7 +30,8 @@ from requests.adapters import HTTPAdapter
 
 from . import metrics
 from .identity import Person, subject
-from .store import Store, StoreUnavailable, interactions, profiles
+from .storage import Store, StoreUnavailable
+from .storage.schema import interactions, profiles
 
 log = logging.getLogger("webhook.profiles")
 

@@ -40,7 +40,8 @@ from .profiles import Profile, ProfileSource, local_purchases, trait_items
 from .recommenders import Recommendation, RecommenderUnavailable, ScoredItem
 from .recommenders.personalize import filter_values_from_traits
 from .recommenders.popular import PopularItems
-from .store import Store, StoreUnavailable, items
+from .storage import Store, StoreUnavailable
+from .storage.schema import items
 
 log = logging.getLogger("webhook.recommend")
 

@@ -9,7 +9,7 @@
 * Impressions and attributions (the insights) older than ``INSIGHTS_RETENTION_DAYS``
   (default 90) are deleted.
 
-Each worker runs the loop; batches are small (one short transaction each) so pruning never
+The worker runs the loop; batches are small (one short transaction each) so pruning never
 holds the write lock for long, and two workers pruning at once only share the work.
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ import sqlalchemy as sa
 
 from . import metrics
 from .inbox import Inbox
-from .store import BackgroundThread, StoreUnavailable, attributions, impressions, interactions
+from .storage import StoreUnavailable
+from .background import BackgroundThread
+from .storage.schema import attributions, impressions, interactions
 
 log = logging.getLogger("webhook.retention")
 
@@ -32,7 +34,7 @@ MAX_BATCHES = 50  # batches a run, per table: a large backlog is worked off over
 
 
 class Retention(BackgroundThread):
-    thread_name = "retention"
+    name = "retention"
 
     def __init__(self, inbox: Inbox, consumers: Iterable[str], message_retention_hours: float,
                  interaction_retention_days: float, interval_seconds: float = 60.0,
@@ -44,7 +46,8 @@ class Retention(BackgroundThread):
         self.message_seconds = message_retention_hours * 3600.0
         self.interaction_seconds = interaction_retention_days * 86400.0
         self.insights_seconds = insights_retention_days * 86400.0
-        self.interval_seconds = interval_seconds
+        self.interval = interval_seconds
+        self._spread = False
 
     def run_once(self, now: float | None = None) -> dict[str, int]:
         """Prune what is due now; returns the rows deleted by table."""
@@ -84,15 +87,9 @@ class Retention(BackgroundThread):
             doomed = sa.select(*keys).where(column < cutoff).limit(BATCH)
             return tx.conn.execute(table.delete().where(key.in_(doomed))).rowcount
 
-    def _loop(self) -> None:
-        # Workers started together spread their runs out.
-        if self._stop.wait(random.uniform(0, self.interval_seconds)):
-            return
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except StoreUnavailable as exc:
-                log.warning("retention: store unavailable, pruning later: %s", exc)
-            except Exception:
-                log.exception("retention: pruning failed")
-            self._stop.wait(self.interval_seconds)
+    def step(self) -> None:
+        if not self._spread:  # processes started together spread their runs out
+            self._spread = True
+            if self.sleep(random.uniform(0, self.interval)):
+                return
+        self.run_once()

@@ -26,7 +26,9 @@ from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from .store import Store, service_keys, tombstones
+from .storage import Store
+
+from .storage.schema import service_keys, tombstones
 
 REFRESH_SECONDS = 1.0
 KEY_NAME = "tombstones"
@@ -49,7 +51,7 @@ class Tombstones:
     def _load_key(self) -> bytes:
         if self._key is None:
             with self.store.write() as tx:
-                tx.conn.execute(tx._insert(service_keys).on_conflict_do_nothing(
+                tx.conn.execute(tx.insert(service_keys).on_conflict_do_nothing(
                     index_elements=["name"]).values(name=KEY_NAME,
                                                     value=secrets.token_hex(32)))
                 value = tx.conn.execute(sa.select(service_keys.c.value).where(
@@ -116,7 +118,8 @@ class Tombstones:
         if not rows:
             return
         with self.store.write() as tx:
-            tx.conn.execute(tx.sql.add_tombstone, rows)
+            tx.conn.execute(tx.insert(tombstones).on_conflict_do_nothing(
+                index_elements=["id_hash", "deleted_at"]), rows)
         for row in rows:
             if row["deleted_at"] > self._deleted.get(row["id_hash"], float("-inf")):
                 self._deleted[row["id_hash"]] = row["deleted_at"]

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from .. import metrics
-from ..inbox import BUSY as CLAIMED_ELSEWHERE, Entry, Inbox, LostLease, process_name
+from ..background import BackgroundThread
+from ..inbox import BUSY as CLAIMED_ELSEWHERE, Entry, Inbox, LostLease
+from ..storage.leases import holder_name
 from ..segment import Message, MessageError, decode_json, parse_message
-from ..store import StoreUnavailable, Transaction
+from ..storage import StoreUnavailable, Transaction
 
 log = logging.getLogger("webhook.appliers")
 
@@ -100,26 +102,27 @@ class Stopping(Exception):
     (its rows are applied again after the restart, at-least-once)."""
 
 
+POLL_SECONDS = 0.1  # an idle applier's look for new rows (one cheap query)
 BUSY = -1  # run_once: another process holds the lease
 NOT_READY = -2  # run_once: the next entry is not ready to apply yet (Applied.consumed 0)
 
 
-class Runner:
-    """Runs one applier: ``run_once`` (one batch), ``drain`` (until caught up) and a
-    background thread per process (``start``/``stop``/``wake``)."""
+class Runner(BackgroundThread):
+    """Runs one applier: ``run_once`` (one batch), ``drain`` (until caught up) and, in the
+    worker, a thread (``start``/``stop``/``wake``) that applies what arrives: it looks for
+    new rows every ``poll_seconds`` (one cheap query), and is woken at once by deliveries
+    accepted in its own process (``WORKER_IN_WEB``)."""
 
-    def __init__(self, inbox: Inbox, applier: Applier, poll_seconds: float = 0.25):
+    def __init__(self, inbox: Inbox, applier: Applier, poll_seconds: float = POLL_SECONDS):
+        super().__init__()
         self.inbox = inbox
         self.applier = applier
         self.name = applier.name
         self.poll_seconds = poll_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._start_lock = threading.Lock()
         self._run_lock = threading.Lock()  # one batch at a time in this process
         self._token = uuid.uuid4().hex[:8]
+        self._backoff = 0.0
+        self._failures = 0
 
     def run_once(self) -> int:
         """Apply the next batch, if any: the number of entries applied, 0 when there was
@@ -129,7 +132,7 @@ class Runner:
             return self._run_once()
 
     def _run_once(self) -> int:
-        owner = f"{process_name()}:{self._token}"
+        owner = f"{holder_name()}:{self._token}"
         ttl = self.applier.lease_seconds
         claimed = self.inbox.claim(self.name, owner, self.applier.batch_size, ttl)
         if claimed is None:
@@ -182,81 +185,37 @@ class Runner:
 
     # -- the background thread -------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start this process's thread (once per process; again after a fork)."""
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        with self._start_lock:
-            if self._pid == os.getpid() and self._thread is not None \
-                    and self._thread.is_alive():
-                return
-            self._stop = threading.Event()
-            self._wake = threading.Event()
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._loop, name=f"applier-{self.name}",
-                                            daemon=True)
-            self._thread.start()
-
-    def wake(self) -> None:
-        """Called after each delivery committed: under load the flag is set already, and
-        a set flag needs no lock. No wake-up is lost: the loop clears the flag before it
-        reads, so a row committed before this call is read after that clear."""
-        wake = self._wake
-        if not wake.is_set():
-            wake.set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and self._pid == os.getpid():
-            thread.join(timeout)
-        self._thread = None
-
-    def _loop(self) -> None:
-        backoff = 0.0
-        failures = 0
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                done = self.run_once()
-                backoff, failures = 0.0, 0
-            except Stopping:
-                log.info("inbox: shutting down mid-batch; the batch will be applied again",
-                         extra={"applier": self.name})
-                break
-            except LostLease:
-                log.warning("inbox: the lease was taken over mid-batch; the batch will be "
-                            "applied again", extra={"applier": self.name})
-                done = 0
-            except StoreUnavailable as exc:
-                failures += 1
-                if failures == 1 or failures % 60 == 0:
-                    log.warning("inbox: store unavailable, applying later: %s", exc,
-                                extra={"applier": self.name})
-                backoff = min(5.0, max(0.25, backoff * 2))
-                done = 0
-            except Exception:
-                failures += 1
-                log.exception("inbox: applying a batch failed", extra={"applier": self.name})
-                backoff = min(30.0, max(1.0, backoff * 2))
-                done = 0
-            if backoff:
-                self._stop.wait(backoff)
-                continue
-            if done == self.applier.batch_size:
-                continue  # more is waiting: read again at once
-            if done > 0:
-                self._stop.wait(self.applier.settle_seconds)
-                continue
-            if done == BUSY:
-                # Another process applies: look again after the poll interval, not at
-                # every delivery this worker accepts meanwhile (each look is a query).
-                self._stop.wait(self.poll_seconds)
-                continue
-            if done == NOT_READY:
-                # Held back (an attribution waiting for another worker's record): each
-                # look takes and gives back the lease, so not at every delivery either.
-                self._stop.wait(self.applier.settle_seconds)
-                continue
-            self._wake.wait(self.poll_seconds)
+    def step(self) -> float:
+        """One batch; how long to wait before the next (0: at once)."""
+        try:
+            done = self.run_once()
+            self._backoff, self._failures = 0.0, 0
+        except Stopping:
+            log.info("inbox: shutting down mid-batch; the batch will be applied again",
+                     extra={"applier": self.name})
+            self._stop.set()
+            return 0.0
+        except LostLease:
+            log.warning("inbox: the lease was taken over mid-batch; the batch will be "
+                        "applied again", extra={"applier": self.name})
+            return self.poll_seconds
+        except StoreUnavailable as exc:
+            self._failures += 1
+            if self._failures == 1 or self._failures % 60 == 0:
+                log.warning("inbox: store unavailable, applying later: %s", exc,
+                            extra={"applier": self.name})
+            self._backoff = min(5.0, max(0.25, self._backoff * 2))
+            return self._backoff
+        except Exception:
+            self._failures += 1
+            log.exception("inbox: applying a batch failed", extra={"applier": self.name})
+            self._backoff = min(30.0, max(1.0, self._backoff * 2))
+            return self._backoff
+        if done == self.applier.batch_size:
+            return 0.0  # more is waiting: read again at once
+        if done > 0 or done == NOT_READY:
+            # Applied a batch: what arrives meanwhile is applied together. Held back (an
+            # attribution waiting for another process's record): each look takes and gives
+            # back the lease, so not at once either.
+            return self.applier.settle_seconds
+        return self.poll_seconds  # nothing to do, or another process applies

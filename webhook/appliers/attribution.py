@@ -34,7 +34,8 @@ from .. import metrics
 from ..identity import resolve
 from ..inbox import Entry
 from ..routing import Interaction, Router
-from ..store import Store, StoreUnavailable, Transaction, attributions, impressions
+from ..storage import Store, StoreUnavailable, Transaction
+from ..storage.schema import attributions, impressions
 from . import Applied, decode
 
 ADD_TO_CART_EVENTS = ("Product Added", "Added Product")
@@ -114,7 +115,7 @@ class AttributionApplier:
         added: list[Attribution] = []
 
         def write(tx: Transaction) -> None:
-            statement = tx._insert(attributions).on_conflict_do_nothing(
+            statement = tx.insert(attributions).on_conflict_do_nothing(
                 index_elements=["event_id", "kind"]).returning(attributions.c.event_id)
             for a in found:
                 row = {"event_id": a.event_id, "message_id": a.message_id, "kind": a.kind,

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
+import sqlalchemy as sa
+
 from .. import forget
 from ..inbox import Entry
-from ..routing import Deletion, Routed, Router
-from ..store import Prepared, Store, Transaction
+from ..routing import (ITEM_FIELDS, Deletion, IdentityLink, Interaction, ItemDetails, Routed,
+                       Router, UserTraits)
+from ..segment import encode_json
+from ..storage import Store, Transaction, insert
+from ..storage.schema import identity_links, interactions, items, profiles
 from . import Applied, decode
 
 
@@ -41,7 +46,7 @@ class LocalStoreApplier:
                  tombstones=None, record_for_personalize: bool = False):
         self.router = router
         self.store = store
-        self.statements = store.statements  # the store's compiled write statements
+        self.statements = Statements(store)
         self.purchase_events = frozenset(purchase_events)
         self.on_purchases = on_purchases
         self.tombstones = tombstones  # tombstones.Tombstones
@@ -87,7 +92,7 @@ class LocalStoreApplier:
                     forget.purge(tx, step.ids, step.dead_letters,
                                  record_for_personalize=self.record_for_personalize)
                 elif step:
-                    tx.write_prepared(step)
+                    step.write(tx)
 
         def after() -> None:
             for step in forgets:  # the requests themselves, now that they are applied
@@ -111,6 +116,135 @@ class LocalStoreApplier:
                                 keep=[step.seq])
 
 
-def _prepare(statements, routed: Routed) -> Prepared:
+def _prepare(statements: "Statements", routed: Routed) -> "Prepared":
     return Prepared(statements, links=routed.links, users=routed.users, items=routed.items,
                     interactions=routed.interactions)
+
+
+# -- the local store's writes ------------------------------------------------------------
+
+class Statements:
+    """The local store's write statements for one store, compiled once (building them per
+    batch cost more than running them)."""
+
+    def __init__(self, store: Store):
+        dialect = store.dialect
+        add_interaction = insert(dialect, interactions).on_conflict_do_nothing(
+            index_elements=["event_id"])
+        link = insert(dialect, identity_links)
+        link = link.on_conflict_do_update(
+            index_elements=["anonymous_id"], set_={"user_id": link.excluded.user_id},
+            where=identity_links.c.user_id != link.excluded.user_id)
+        item = insert(dialect, items)
+        newer = item.excluded.updated_at >= items.c.updated_at
+        # A newer record overwrites the fields it carries; an older one only fills gaps.
+        merge = {
+            name: sa.case((newer, sa.func.coalesce(item.excluded[name], items.c[name])),
+                          else_=sa.func.coalesce(items.c[name], item.excluded[name]))
+            for name in ITEM_FIELDS
+        }
+        merge["updated_at"] = sa.case((newer, item.excluded.updated_at),
+                                      else_=items.c.updated_at)
+        upsert_item = item.on_conflict_do_update(index_elements=["item_id"], set_=merge)
+        self.ensure_profile = insert(dialect, profiles).on_conflict_do_nothing(
+            index_elements=["profile_id"])
+        self.select_profiles = sa.select(profiles).where(
+            profiles.c.profile_id.in_(sa.bindparam("ids", expanding=True)))
+        if dialect == "postgresql":
+            self.select_profiles = self.select_profiles.with_for_update()
+        self.update_profile = (
+            profiles.update().where(profiles.c.profile_id == sa.bindparam("pid"))
+            .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")))
+        self.interaction = store.compile(add_interaction.values(
+            **{c.name: sa.bindparam(c.name) for c in interactions.c}))
+        self.link = store.compile(link.values(
+            anonymous_id=sa.bindparam("anonymous_id"), user_id=sa.bindparam("user_id")))
+        self.item = store.compile(upsert_item.values(
+            **{c.name: sa.bindparam(c.name) for c in items.c}))
+
+
+class Prepared:
+    """The local store's writes for a batch of routed records, with their DBAPI parameters
+    built in advance: building them (row tuples, JSON, the item rounds) is most of the
+    Python work of a write, and doing it before the transaction keeps it out of the write
+    lock, which every process waits for."""
+
+    def __init__(self, statements: Statements, *, links: Sequence[IdentityLink] = (),
+                 users: Sequence[UserTraits] = (), items: Sequence[ItemDetails] = (),
+                 interactions: Sequence[Interaction] = ()):
+        self.sql = statements
+        self.users = list(users)  # merged in the transaction (read-modify-write)
+        latest = {link.anonymous_id: link.user_id for link in links}
+        self.links = statements.link.rows(sorted(latest.items()), _LINK_COLUMNS)
+        self.item_rounds = [statements.item.rows(
+            [(record.item_id, *map(record.details.get, ITEM_FIELDS), record.timestamp)
+             for record in round_records], _ITEM_COLUMNS)
+            for round_records in _item_rounds(items)]
+        # An interaction record is its row, in the same order, with its properties as JSON.
+        self.interactions = statements.interaction.rows(
+            [r[:7] + (encode_json(r[7]),) for r in interactions], _INTERACTION_COLUMNS)
+
+    def __bool__(self) -> bool:
+        return bool(self.users or self.links or self.item_rounds or self.interactions)
+
+    def write(self, tx: Transaction) -> None:
+        """Identity links, traits, catalog rows, interactions, in this order (a record
+        written later may rely on an earlier kind). Catalog rows: each record applied in
+        time order over the stored row, in SQL; a newer record overwrites the fields it
+        carries, an older one only fills gaps. Interactions: once per event id."""
+        tx.run(self.sql.link, self.links)
+        if self.users:
+            self._merge_traits(tx)
+        for round_params in self.item_rounds:
+            tx.run(self.sql.item, round_params)
+        tx.run(self.sql.interaction, self.interactions)
+
+    def _merge_traits(self, tx: Transaction) -> None:
+        """Merge identify traits into profiles: newer values win, older ones fill gaps."""
+        by_profile: dict[str, list[UserTraits]] = {}
+        for record in self.users:
+            by_profile.setdefault(record.user_id, []).append(record)
+        ids = sorted(by_profile)  # a fixed order: no deadlock between two writers
+        sql = self.sql
+        tx.conn.execute(sql.ensure_profile,
+                        [{"profile_id": pid, "traits": {}, "traits_at": 0.0} for pid in ids])
+        current = {row.profile_id: (dict(row.traits or {}), row.traits_at)
+                   for row in tx.conn.execute(sql.select_profiles, {"ids": ids})}
+        updates = []
+        for pid in ids:
+            traits, traits_at = current.get(pid, ({}, 0.0))
+            for record in sorted(by_profile[pid], key=lambda r: r.timestamp):
+                if record.timestamp >= traits_at:
+                    traits.update(record.traits)
+                    traits_at = record.timestamp
+                else:
+                    for key, value in record.traits.items():
+                        traits.setdefault(key, value)
+            updates.append({"pid": pid, "traits": traits, "traits_at": traits_at})
+        tx.conn.execute(sql.update_profile, updates)
+
+
+_LINK_COLUMNS = ["anonymous_id", "user_id"]
+_ITEM_COLUMNS = ["item_id", *ITEM_FIELDS, "updated_at"]
+_INTERACTION_COLUMNS = list(Interaction._fields)
+
+
+def _item_rounds(records: Sequence[ItemDetails]) -> list[list[ItemDetails]]:
+    """The records for the item upsert, in rounds that touch each item at most once
+    (PostgreSQL refuses an upsert that touches a row twice), each item's records in time
+    order. Consecutive records of an item with the same details collapse into the later
+    one: applying both or only the later gives the same row, whatever is stored."""
+    per_item: dict[str, list[ItemDetails]] = {}
+    for record in sorted(records, key=lambda r: r.timestamp):
+        chain = per_item.setdefault(record.item_id, [])
+        if chain and chain[-1].details == record.details:
+            chain[-1] = record
+        else:
+            chain.append(record)
+    rounds: list[list[ItemDetails]] = []
+    for item_id in sorted(per_item):
+        for depth, record in enumerate(per_item[item_id]):
+            if depth == len(rounds):
+                rounds.append([])
+            rounds[depth].append(record)
+    return rounds

@@ -44,9 +44,9 @@ from ..personalize_mapping import (
 )
 from ..inbox import Entry
 from ..routing import Routed, Router
-from ..store import Transaction
+from ..storage import Transaction
 from . import Applied, Stopping, decode
-from .calls import ChildProcessCalls, InProcessCalls
+from .calls import Calls
 
 log = logging.getLogger("webhook.personalize")
 
@@ -153,24 +153,16 @@ class SendReport:
 
 class Sender:
     """Sends calls to personalize-events: rate-limited, retried, refused records split
-    out. Used by the applier and by ``dead-letters retry``.
-
-    With ``nice`` set (the service: ``PERSONALIZE_SENDER_NICE``), boto3 makes the calls in
-    a child process at that lower CPU priority (``calls.py``); otherwise, and with a
-    ``client`` given, in the sending threads of this process."""
+    out, ``max_concurrency`` calls at a time from threads of this process. Used by the
+    applier and by ``dead-letters retry``."""
 
     def __init__(self, *, region: str = "", call_timeout: float = 1.0,
                  max_concurrency: int = 8, events_per_second: float = 500.0,
-                 records_per_second: float = 10.0, client: Any = None,
-                 nice: int | str | None = None):
+                 records_per_second: float = 10.0, client: Any = None):
         self.max_concurrency = max_concurrency
-        if client is None and nice is not None:
-            self._calls: InProcessCalls | ChildProcessCalls = ChildProcessCalls(
-                region=region, timeout=call_timeout, concurrency=max_concurrency, nice=nice)
-        else:
-            self._calls = InProcessCalls(LazyClient(
-                "personalize-events", region=region, timeout=call_timeout,
-                pool_size=max_concurrency, client=client))
+        self._calls = Calls(LazyClient("personalize-events", region=region,
+                                       timeout=call_timeout, pool_size=max_concurrency,
+                                       client=client))
         self.limits = {"put_events": RateLimiter(events_per_second),
                        "put_users": RateLimiter(records_per_second),
                        "put_items": RateLimiter(records_per_second)}
@@ -185,7 +177,6 @@ class Sender:
             self._shutdown = True
             for abort in self._aborts:
                 abort.set()
-        self._calls.close()
 
     @property
     def pool(self) -> ThreadPoolExecutor:

@@ -1,10 +1,9 @@
 """The embedded default's recommendation engine.
 
-``make_engine`` builds the parts (``services.build_services`` calls it, the one place that
-wires the service); ``init_app(app)`` registers the engine's CLI commands (``train``,
-``import``, ``evaluate``). Under a server, each worker's background thread that picks up
-new models and trains when due starts with the other background work
-(``Services.start_background``). ``recommender_for(app)`` gives the ``LocalRecommender``
+``make_engine`` builds the parts (``wiring.build`` calls it, the one place that wires the
+service); ``init_app(app)`` registers the engine's CLI commands (``train``, ``import``,
+``evaluate``). The web process reloads newer models (``refresher``); the worker trains when
+training is due (``training``, in a child process). ``recommender_for(app)`` gives the ``LocalRecommender``
 (the ``webhook.recommenders.Recommender`` protocol).
 How the model works and how good it is: docs/engine.md.
 """
@@ -21,16 +20,20 @@ class Engine:
     holder: "ModelHolder"
     recommender: "LocalRecommender"
     trainer: "Trainer"
+    refresher: "ModelRefresher"  # the web process: newer models swapped in
+    training: "TrainingLoop"  # the worker: trains when due
 
 
-def make_engine(store, settings, popular) -> Engine:
-    """The model holder, the recommender on it (``popular`` before the first model) and
-    the trainer, for one store."""
-    from .service import LocalRecommender, ModelHolder, Trainer
+def make_engine(store, settings, popular, instance_path: str) -> Engine:
+    """The model holder, the recommender on it (``popular`` before the first model), the
+    trainer and their loops, for one store."""
+    from .service import LocalRecommender, ModelHolder, ModelRefresher, Trainer, TrainingLoop
 
     holder = ModelHolder(store, settings.engine_model_refresh_seconds)
+    trainer = Trainer(store, settings, holder, instance_path=instance_path)
     return Engine(holder=holder, recommender=LocalRecommender(store, settings, holder, popular),
-                  trainer=Trainer(store, settings, holder))
+                  trainer=trainer, refresher=ModelRefresher(holder),
+                  training=TrainingLoop(trainer))
 
 
 def init_app(app) -> None:

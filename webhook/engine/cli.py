@@ -25,12 +25,12 @@ def _services():
 def train_command(if_due: bool) -> None:
     """Train the local engine on the stored interactions now."""
     from . import engine_for
-    from .persistence import latest_model_info, lease_holder
+    from .persistence import latest_model_info
     engine = engine_for(current_app)
     started = time.perf_counter()
     version = engine.trainer.train(force=not if_due)
     if version is None:
-        holder = lease_holder(engine.trainer.store)
+        holder = engine.trainer.lease.holder()
         if holder:
             raise click.ClickException(f"another process is training ({holder}); try later")
         click.echo("nothing to train: no training is due")

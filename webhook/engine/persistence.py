@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..identity import person_key, subject_of_visitor
-from ..store import Store, identity_links, interactions
+from ..storage import Store
+from ..storage.schema import identity_links, interactions
 from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
 
 log = logging.getLogger(__name__)

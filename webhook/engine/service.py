@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -21,9 +19,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..background import BackgroundThread
+from ..storage.leases import Lease, holder_name
 from ..memory import release_free_memory
 from ..recommenders.base import Recommendation, ScoredItem
-from ..store import StoreUnavailable
+from ..storage import StoreUnavailable
 from . import persistence as db
 from .model import Model, Params, event_weights, top_n, train as train_model
 
@@ -188,10 +188,6 @@ class LocalRecommender:
 
 # -- training ------------------------------------------------------------------------------
 
-def _holder_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
 def train_once(store, settings, params: Params | None = None) -> tuple[int, dict]:
     """Read the store, fit, save; returns (version, stats). The caller holds the lease."""
     started = time.perf_counter()
@@ -208,30 +204,29 @@ def train_once(store, settings, params: Params | None = None) -> tuple[int, dict
     return version, model.stats
 
 
-def _train_in_child(url: str, settings, params) -> None:
-    """Entry point of the background training subprocess (spawned: a fresh interpreter).
-    ``url`` is the parent's store's: with DATABASE_URL unset it is the instance folder's
-    SQLite file, which the settings alone do not name."""
-    from ..store import Store
-    store = Store(url, settings.sqlite_synchronous)
+def _train_in_child(settings, instance_path: str, params) -> None:
+    """Entry point of the background training subprocess (spawned: a fresh interpreter):
+    the service's parts as every process builds them (``wiring.build``)."""
+    from ..wiring import build
+    parts = build(settings, instance_path)
     try:
-        train_once(store, settings, params)
+        train_once(parts.store, settings, params)
     finally:
-        store.dispose()
+        parts.store.dispose()
 
 
 class Trainer:
     """When to train, and making sure one process does it."""
 
-    def __init__(self, store, settings, holder: ModelHolder, params: Params | None = None):
+    def __init__(self, store, settings, holder: ModelHolder, params: Params | None = None,
+                 instance_path: str = ""):
         self.store = store
+        self.instance_path = instance_path
         self.settings = settings
         self.holder = holder
         self.params = params
-        self.name = _holder_name()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        self._stop = threading.Event()
+        self.name = f"{holder_name()}:{uuid.uuid4().hex[:8]}"
+        self.lease = Lease(store, "train")  # one process of the fleet trains at a time
 
     def due(self) -> str | None:
         """Why a training run is due now, or None."""
@@ -251,8 +246,7 @@ class Trainer:
         """Train if due (or forced) and the lease is free; returns the new version or None."""
         if not force and self.due() is None:
             return None
-        db.ensure_tables_once(self.store)
-        if not db.acquire_lease(self.store, self.name, LEASE_TTL):
+        if not self.lease.acquire(self.name, LEASE_TTL):
             return None
         renewing = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(renewing,), daemon=True)
@@ -264,7 +258,7 @@ class Trainer:
                 import multiprocessing
                 ctx = multiprocessing.get_context("spawn")
                 child = ctx.Process(target=_train_in_child,
-                                    args=(self.store.url, self.settings, self.params),
+                                    args=(self.settings, self.instance_path, self.params),
                                     daemon=True)
                 child.start()
                 child.join()
@@ -280,47 +274,42 @@ class Trainer:
         finally:
             renewing.set()
             renewer.join()
-            db.release_lease(self.store, self.name)
+            self.lease.release(self.name)
 
     def _renew(self, done: threading.Event) -> None:
         while not done.wait(LEASE_TTL / 6):
             try:
-                db.acquire_lease(self.store, self.name, LEASE_TTL)
+                self.lease.acquire(self.name, LEASE_TTL)
             except StoreUnavailable:
                 pass
 
-    # -- the background thread, one per worker process ----------------------------------
-
-    def start_background(self, check_seconds: float) -> None:
-        """Start (once per process; again after a fork) the thread that refreshes the model
-        and trains when due. Idempotent and cheap: called on every request."""
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        with _START_LOCK:
-            if self._pid == os.getpid() and self._thread is not None \
-                    and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, args=(check_seconds,),
-                                            name="engine-trainer", daemon=True)
-            self._thread.start()
-
-    def stop_background(self) -> None:
-        self._stop.set()
-
-    def _loop(self, check_seconds: float) -> None:
-        while not self._stop.is_set():
-            try:
-                self.holder.refresh(force=True)
-                if self.settings.engine_background_training:
-                    self.train(subprocess=True)
-            except StoreUnavailable as exc:
-                log.warning("engine: store unavailable: %s", exc)
-            except Exception:  # keep the thread alive whatever a run did
-                log.exception("engine: background step failed")
-            release_free_memory()  # see webhook/memory.py: RSS would otherwise creep up
-            self._stop.wait(check_seconds)
 
 
-_START_LOCK = threading.Lock()
+class ModelRefresher(BackgroundThread):
+    """The web process: swaps in a newer model when the database has one."""
+
+    name = "engine-refresh"
+
+    def __init__(self, holder: ModelHolder):
+        super().__init__()
+        self.holder = holder
+        self.interval = holder.refresh_seconds
+
+    def step(self) -> None:
+        self.holder.refresh(force=True)
+        release_free_memory()  # see webhook/memory.py: RSS would otherwise creep up
+
+
+class TrainingLoop(BackgroundThread):
+    """The worker: trains when due (in a child process, under the database lease)."""
+
+    name = "engine-training"
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = trainer
+        self.interval = trainer.settings.engine_model_refresh_seconds
+
+    def step(self) -> None:
+        self.trainer.train(subprocess=True)
+        release_free_memory()

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from ..engine.model import UNKNOWN_EVENT_WEIGHT
 from ..popularity import DEFAULT_HALF_LIFE_DAYS, decayed_popularity
-from ..store import Store, interactions, items
+from ..storage import Store
+from ..storage.schema import interactions, items
 from .base import Recommendation, ScoredItem
 
 BUCKET_SECONDS = 86400  # interactions are counted per item, event type and day

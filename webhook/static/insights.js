@@ -89,7 +89,32 @@
     return date.toLocaleDateString(undefined, {day: "numeric", month: "short", timeZone: "UTC"});
   }
 
-  // --- the address: ?days= and ?token= ----------------------------------------------------
+  // --- the address (?days=) and the token ----------------------------------------------
+  // The insights token never travels in an address (addresses end up in logs, proxies and
+  // browser history): it comes from the form, or from the fragment (#token=…, which no
+  // request carries), is kept for this tab in sessionStorage, and the address is cleaned.
+
+  var TOKEN_KEY = "segment-personalize.insights-token";
+
+  function storedToken() {
+    try { return window.sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
+  }
+
+  function storeToken(token) {
+    try { window.sessionStorage.setItem(TOKEN_KEY, token); } catch (e) { /* this page only */ }
+  }
+
+  function takeTokenFromAddress() {
+    var params = new URLSearchParams(window.location.search);
+    var fragment = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    var token = (fragment.get("token") || params.get("token") || "").trim();
+    if (fragment.has("token") || params.has("token")) {
+      params.delete("token");
+      window.history.replaceState(null, "", window.location.pathname +
+                                  (params.toString() ? "?" + params.toString() : ""));
+    }
+    if (token) storeToken(token);
+  }
 
   function readAddress() {
     var params = new URLSearchParams(window.location.search);
@@ -97,7 +122,7 @@
     if (!(days >= 1 && days <= MAX_DAYS) || String(days) !== (params.get("days") || "").trim()) {
       days = DEFAULT_DAYS;
     }
-    return {days: days, token: (params.get("token") || "").trim()};
+    return {days: days, token: storedToken()};
   }
 
   function showDays(days) {
@@ -142,7 +167,7 @@
            "It does not match the service's INSIGHTS_TOKEN. Check it and enter it again."]
         : ["auth", "token_required", "This page needs the insights token.",
            "The service has INSIGHTS_TOKEN set: enter it below, or open this page as " +
-           "/insights?token=… (the token is only sent to this service)."];
+           "/insights#token=… (the token is only sent to this service, in a header)."];
     }
     if (status === 404 && error.code === "insights_off") {
       return ["info", error.code, "No insights: answers are not recorded.",
@@ -698,6 +723,18 @@
   }
 
   function start() {
+    takeTokenFromAddress();
+    window.addEventListener("hashchange", function () {
+      if (/(^#|&)token=/.test(window.location.hash)) {
+        takeTokenFromAddress();
+        load(readAddress());
+      }
+    });
+    $("token-form").addEventListener("submit", function (event) {
+      event.preventDefault();
+      storeToken($("token").value.trim());
+      load(readAddress());
+    });
     var address = readAddress();
     $("days").addEventListener("change", function () {
       var params = new URLSearchParams(window.location.search);

@@ -5,19 +5,20 @@ JSON (``webhook/insights.py``) for scripts and ``fetch()``; the page
 JSON as charts and a table with no third-party request (the page's strict CSP). Which one
 is answered follows the ``Accept`` header: a browser asking for HTML gets the page.
 
-``INSIGHTS_TOKEN``, when set, is required for the data (``Authorization: Bearer …`` or
-``?token=``); the page itself holds no data and passes the token from its address to its
-``fetch()``. Unset: open, with a warning at start-up, like ``/recommendations`` without
+``INSIGHTS_TOKEN``, when set, is required for the data (``Authorization: Bearer …``); the
+page itself holds no data: it takes the token from its form or its address's fragment
+(``#token=…``, never sent to a server), keeps it for the tab and out of every address, and
+sends it with its ``fetch()``. Unset: open, with a warning at start-up, like ``/recommendations`` without
 ``SECRET_KEY``.
 """
 from __future__ import annotations
 
-import hmac
-
 from flask import Blueprint, current_app, make_response, render_template, request
 
 from ..insights import report, report_settings
-from ..store import StoreUnavailable
+from ..storage import StoreUnavailable
+from ..settings import reveal
+from .auth import operator_refusal
 from .errors import error_response, json_response
 
 bp = Blueprint("insights", __name__)
@@ -30,13 +31,6 @@ def wants_page() -> bool:
     return best == "text/html" and request.args.get("format") != "json"
 
 
-def _token() -> str:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.args.get("token", "")
-
-
 @bp.get("/insights")
 def insights():
     services = current_app.extensions["segment"]
@@ -46,13 +40,9 @@ def insights():
             "insights.html", token_required=bool(settings.insights_token)))
         response.headers["Cache-Control"] = "no-cache"
         return response
-    if settings.insights_token:
-        given = _token()
-        if not given or not hmac.compare_digest(given.encode(), settings.insights_token.encode()):
-            response = error_response(401, "token_required" if not given else "token_invalid",
-                                      "GET /insights needs INSIGHTS_TOKEN as a bearer token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="insights"'
-            return response
+    refusal = operator_refusal(reveal(settings.insights_token), "INSIGHTS_TOKEN", "insights")
+    if refusal is not None:
+        return refusal
     raw = request.args.get("days", "7").strip()
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_DAYS:
         return error_response(400, "bad_parameter",

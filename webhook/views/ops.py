@@ -19,8 +19,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .. import metrics
 from ..insights import report_settings, sample_ratio
+from ..settings import reveal
 from ..signature import accepted_shapes
-from ..store import StoreUnavailable
+from ..storage import StoreUnavailable
 from .auth import bearer, matches, operator_refusal
 from .errors import error_response
 
@@ -41,7 +42,7 @@ def healthz():
     settings = services.settings
     token = bearer()
     wants_details = token is not None
-    if wants_details and not matches(token, settings.metrics_token):
+    if wants_details and not matches(token, reveal(settings.metrics_token)):
         response = error_response(
             401, "token_invalid",
             "the details of /healthz need METRICS_TOKEN as a bearer token" +
@@ -156,7 +157,8 @@ def _sample_ratio_gauge(services):
 @bp.get("/metrics")
 def prometheus_metrics():
     services = current_app.extensions["segment"]
-    refusal = operator_refusal(services.settings.metrics_token, "METRICS_TOKEN", "metrics")
+    refusal = operator_refusal(reveal(services.settings.metrics_token), "METRICS_TOKEN",
+                               "metrics")
     if refusal is not None:
         return refusal
     payload, content_type = metrics.exposition(_gauges(services))

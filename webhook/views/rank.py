@@ -19,7 +19,7 @@ from flask import Blueprint, current_app, request
 from ..recommend import NoRecommendations, Request
 from ..recommenders.personalize import MAX_RESULTS
 from ..segment import MAX_ID_LENGTH, clean_text
-from ..store import StoreUnavailable
+from ..storage import StoreUnavailable
 from .errors import error_response
 from .recommendations import answer_response, check_access, unavailable
 

@@ -8,7 +8,8 @@ from flask import Blueprint, current_app, jsonify, request
 from ..identity import is_linked
 from ..recommend import MAX_RESULTS, NoRecommendations, Request
 from ..segment import MAX_ID_LENGTH, clean_text
-from ..store import StoreUnavailable
+from ..settings import reveal
+from ..storage import StoreUnavailable
 from ..tokens import TokenError, check_token
 from .auth import bearer
 from .errors import error_response
@@ -62,7 +63,7 @@ def check_access(services, wanted: Request):
     if not settings.secret_key:
         return None, False
     try:
-        check_token(settings.secret_key, bearer(), settings.token_max_age_seconds,
+        check_token(reveal(settings.secret_key), bearer(), settings.token_max_age_seconds,
                     user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
         if wanted.user_id and wanted.anonymous_id:
             with services.store.read() as conn:

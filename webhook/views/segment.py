@@ -10,8 +10,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .. import metrics
 from ..ingest import NoMessages
 from ..segment import BodyError, decode_body, parse_body
+from ..settings import reveal
 from ..signature import SignatureError, verify_delivery
-from ..store import StoreUnavailable
+from ..storage import StoreUnavailable
 from .errors import error_response, json_response
 
 bp = Blueprint("segment", __name__)
@@ -35,8 +36,8 @@ def _receive(outcomes: dict):
     raw = _read_body(req, settings.max_body_bytes)
 
     try:
-        data = verify_delivery(req.headers, raw, secrets=settings.segment_shared_secrets,
-                               bearer_tokens=settings.webhook_bearer_tokens,
+        data = verify_delivery(req.headers, raw, secrets=reveal(settings.segment_shared_secrets),
+                               bearer_tokens=reveal(settings.webhook_bearer_tokens),
                                decode=decode_body)
         body = parse_body(raw, data)
     except SignatureError as exc:

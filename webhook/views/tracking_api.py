@@ -53,7 +53,8 @@ from flask import Blueprint, current_app, g, jsonify, request
 from .. import metrics
 from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
-from ..store import StoreUnavailable
+from ..settings import reveal
+from ..storage import StoreUnavailable
 from .segment import read_at_most
 
 bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
@@ -133,7 +134,7 @@ def _receive(kind: str, services):
     batch = kind in BATCH
     limit = MAX_BATCH_BYTES if batch else MAX_MESSAGE_BYTES
     header_key = _basic_user(request.headers.get("Authorization"))
-    if header_key is not None and not _known(header_key, settings.ingest_write_keys):
+    if header_key is not None and not _known(header_key, reveal(settings.ingest_write_keys)):
         raise _Refused(401, "unauthorized", "the write key is not valid")
     raw = _read_body(limit, batch)
 
@@ -168,7 +169,7 @@ def _receive(kind: str, services):
         if not isinstance(body_key, str) or not body_key:
             raise _Refused(401, "unauthorized", "no write key: send it as the Basic auth user "
                                                 "name or as writeKey in the body")
-        if not _known(body_key, settings.ingest_write_keys):
+        if not _known(body_key, reveal(settings.ingest_write_keys)):
             raise _Refused(401, "unauthorized", "the write key is not valid")
 
     received_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds") \
