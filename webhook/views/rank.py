@@ -68,26 +68,6 @@ def _item_ids(body: dict) -> list[str]:
     return ids
 
 
-@bp.after_request
-def _cors(response):
-    """Browsers POST JSON cross-origin only after a preflight: answer it for CORS_ORIGINS."""
-    settings = current_app.extensions["segment"].settings
-    origin = request.headers.get("Origin")
-    if origin and settings.cors_origins and (origin in settings.cors_origins
-                                             or "*" in settings.cors_origins):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-        response.headers["Access-Control-Max-Age"] = "600"
-        response.headers.add("Vary", "Origin")
-    return response
-
-
-@bp.route("/recommendations/rank", methods=["OPTIONS"])
-def preflight():
-    return "", 204
-
-
 @bp.post("/recommendations/rank")
 def rank():
     services = current_app.extensions["segment"]

@@ -92,26 +92,6 @@ def _error(status: int, code: str, message: str, *, details: dict | None = None,
     return response
 
 
-@bp.after_request
-def _cors(response):
-    # analytics.js posts from the shop's pages (text/plain: no preflight) and reads the
-    # answer; a write key is public in a browser anyway, as with Segment's own API.
-    response.headers["Access-Control-Allow-Origin"] = request.headers.get("Origin") or "*"
-    response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
-    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, " \
-                                                       "Content-Encoding"
-    response.headers["Access-Control-Max-Age"] = "600"
-    response.headers.add("Vary", "Origin")
-    return response
-
-
-@bp.route("/<kind>", methods=["OPTIONS"])
-def preflight(kind: str):
-    if kind not in SINGLE and kind not in BATCH:
-        return _error(404, "not_found", f"no Tracking API endpoint /v1/{kind}")
-    return "", 204
-
-
 @bp.post("/<kind>")
 def receive(kind: str):
     if kind not in SINGLE and kind not in BATCH:
