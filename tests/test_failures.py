@@ -47,10 +47,13 @@ from webhook.store import inbox_url_for
 SEGMENT_DEADLINE = 5.0
 
 
+TRACKING_ID = "tracking-failures"
+
+
 def personalize_env(fake: FakePersonalizeEvents, database_url: str, log_dir) -> dict:
     return {"DATABASE_URL": database_url, "_LOG_DIR": str(log_dir),
             "ENGINE_BACKGROUND_TRAINING": "false",
-            "PERSONALIZE_TRACKING_ID": "tracking-failures", "AWS_REGION": "us-east-1",
+            "PERSONALIZE_TRACKING_ID": TRACKING_ID, "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake.url,
             "AWS_ACCESS_KEY_ID": "AKIDFAILURETEST", "AWS_SECRET_ACCESS_KEY": "x" * 40,
             "NO_PROXY": "127.0.0.1,localhost"}
@@ -221,7 +224,7 @@ def test_workers_killed_mid_apply_lose_nothing_and_apply_nothing_twice(kill_data
     hits: list[tuple[int, str]] = []
     killed: set[int] = set()
     stuck: list[int] = []
-    with FakePersonalizeEvents() as fake:
+    with FakePersonalizeEvents(tracking_ids=[TRACKING_ID]) as fake:
         fake.delay(0.03)
         env = personalize_env(fake, kill_database, tmp_path)
         with gunicorn(env, workers=2) as (base, process):
@@ -308,7 +311,7 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
     messages = [make_message(n, trouble[:3]) for n in range(5000)]
     ledger = Ledger()
     url = f"sqlite:///{tmp_path}/outage.db"
-    fake = FakePersonalizeEvents(port=free_port()).start()
+    fake = FakePersonalizeEvents(tracking_ids=[TRACKING_ID], port=free_port()).start()
     try:
         env = personalize_env(fake, url, tmp_path)
         with gunicorn(env, workers=2) as (base, process):

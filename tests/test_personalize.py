@@ -73,7 +73,7 @@ MAPPING = dict(
 
 @pytest.fixture
 def fake():
-    with FakePersonalizeEvents() as server:
+    with FakePersonalizeEvents(tracking_ids=[TRACKING_ID]) as server:
         yield server
 
 
