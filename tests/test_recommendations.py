@@ -599,7 +599,7 @@ def popular_catalog(client) -> None:
             product_viewed("pop-c", anonymous_id="v9", name="Stuhl"))
 
 
-@pytest.mark.parametrize("outage", ["fail", "throttle", "unknown_campaign"])
+@pytest.mark.parametrize("outage", ["fail", "throttle", "throttle_429", "unknown_campaign"])
 def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtime, outage):
     campaign = CAMPAIGN if outage != "unknown_campaign" else \
         "arn:aws:personalize:us-east-1:123456789012:campaign/gone"
@@ -609,12 +609,17 @@ def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtim
         runtime.fail_next(1, status=500)
     elif outage == "throttle":
         runtime.throttle_next(1)
+    elif outage == "throttle_429":
+        runtime.throttle_next(1, status=429)
     body = get(client, "userId=u-1&numResults=3")
     assert body["source"] == "popular"
     assert ids(body) == ["pop-a", "pop-b", "pop-c"]
     assert body["itemList"][2]["name"] == "Stuhl"
     assert body["degraded"]["recommender"]
     assert body["recommendationId"]
+    # The fault hit: the one call the recommender got was answered with it.
+    expected = {"fail": 500, "throttle": 400, "throttle_429": 429, "unknown_campaign": 404}
+    assert [a.status for a in runtime.attempt_log] == [expected[outage]]
 
 
 def test_popular_items_asked_for_before_any_event_do_not_stay_empty(
