@@ -5,16 +5,29 @@ documents, so the service's own HTTP clients (requests, segment-analytics-python
 them exactly as they would to Segment.
 
 * ``FakeProfileAPI`` -- ``GET /v1/spaces/<space_id>/collections/users/profiles/
-  <user_id:ID|anonymous_id:ID>/traits?include=a,b&limit=N`` with HTTP Basic auth (the
-  access token is the user name, the password empty). Answers ``{"traits": {...},
-  "cursor": {...}}``, 404 for an unknown profile, 401 for a wrong token. HTTP/1.1 with
-  keep-alive (like Segment's), so connection pooling can be observed: every request
+  <user_id:ID|anonymous_id:ID>/traits?include=a,b&limit=N&next=CURSOR`` with HTTP Basic
+  auth (the access token is the user name, the password empty). Answers one page of
+  ``{"traits": {...}, "cursor": {"url", "has_more", "next", "limit"}}``, 404 for an
+  unknown profile, 401 for a wrong token, 400 for a ``limit`` outside 1..200. HTTP/1.1
+  with keep-alive (like Segment's), so connection pooling can be observed: every request
   records the client's (host, port) as ``connection``. ``delay(seconds)`` and
   ``fail(status)`` inject slowness and outages. Threaded: concurrent requests overlap.
   Like Segment's, it allows ``rate_limit`` (100) requests per second per space: a request
-  arriving when that many were answered within the last second gets 429 with
-  ``Retry-After: 1``. ``busiest_second()`` is the most requests that arrived within any
-  one second.
+  arriving when that many were answered within the last second gets 429, without
+  ``Retry-After`` (Segment's Profile API documents none; ``fail(429, retry_after=n)``
+  sends one). ``busiest_second()`` is the most requests that arrived within any one
+  second.
+
+  Followed: Segment's Profile API documentation (segment.com/docs/unify/profile-api/):
+  traits endpoint ("By default, the response includes 10 traits. You can return up to
+  200 traits by appending ?limit=200"), Pagination (request ``limit`` and ``next``;
+  response ``cursor.has_more``, ``cursor.next``, ``cursor.url``), the error table and
+  error codes, and the example answer, whose traits come in key order with
+  ``cursor.next`` naming the first trait of the next page. A page holds
+  ``min(limit, page_size)`` traits: the documents disagree on the most a page holds
+  (traits: 200; Pagination: "between 1 and 100"), so a client must follow ``has_more``
+  rather than trust ``limit``, and ``page_size`` (200 by default) lets a test make pages
+  shorter than asked.
 * ``FakeTrackingAPI`` -- ``POST /v1/batch`` (gzip or plain JSON) with Basic auth = write
   key. Records the messages; ``identifies()`` / ``wait_for_identifies(n)``.
 
@@ -28,7 +41,7 @@ import json
 import threading
 import time
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from tests.loopback import LoopbackServer
 
@@ -125,19 +138,25 @@ class ProfileRequest(NamedTuple):
     arrived: float = 0.0  # time.time() when the request arrived (before any delay)
 
 
+# The traits endpoint's page sizes (see the module's docstring).
+TRAITS_DEFAULT_LIMIT = 10
+TRAITS_MAX_LIMIT = 200
+
+
 class FakeProfileAPI(_Server):
     """Segment's Profile API (``profiles.segment.com``), traits endpoint only."""
 
     def __init__(self, *, space_id: str = "spa_test", token: str = "profile-token",
-                 rate_limit: int = 100):
+                 rate_limit: int = 100, page_size: int = TRAITS_MAX_LIMIT):
         super().__init__()
         self.space_id = space_id
         self.token = token
         self.rate_limit = rate_limit
+        self.page_size = page_size  # the most traits a page holds, whatever limit asks
         self._profiles: dict[str, dict] = {}
         self._requests: list[ProfileRequest] = []
         self._admitted: dict[str, list[float]] = {}  # space -> arrival times (monotonic)
-        self._retry_after = 1
+        self._retry_after: int | None = None
         self._everyone: dict | None = None  # traits of a profile nobody set
 
     def know_everyone(self, traits: dict | None) -> None:
@@ -146,9 +165,9 @@ class FakeProfileAPI(_Server):
         with self._cond:
             self._everyone = None if traits is None else dict(traits)
 
-    def fail(self, status: int | None, retry_after: int = 1) -> None:
+    def fail(self, status: int | None, retry_after: int | None = None) -> None:
         """Answer every request with this HTTP status (None: answer normally); a 429
-        carries ``Retry-After: retry_after``."""
+        carries ``Retry-After: retry_after`` if it is given, else no Retry-After."""
         with self._cond:
             self._fail_status = status
             self._retry_after = retry_after
@@ -209,33 +228,64 @@ class FakeProfileAPI(_Server):
             fail = self._fail_status
             traits = self._profiles.get(identifier, self._everyone) if identifier else None
 
+        limit = _traits_limit(query)
         if fail is not None:
             answer = _json(fail, {"error": {"code": "internal", "message": "injected"}})
-            if fail == 429:
+            if fail == 429 and self._retry_after is not None:
                 answer[1]["Retry-After"] = str(self._retry_after)
         elif limited:
-            answer = _json(429, {"error": {"code": "too_many_requests",
-                                           "message": "rate limit exceeded"}})
-            answer[1]["Retry-After"] = "1"
+            answer = _json(429, {"error": {"code": "rate_limit_error",
+                                           "message": "Too many requests hit the API too "
+                                                      "quickly."}})
         elif handler.command != "GET" or not shape_ok:
             answer = _json(404, {"error": {"code": "not_found", "message": "no such route"}})
         elif token != self.token:
-            answer = _json(401, {"error": {"code": "unauthorized", "message": "bad token"}})
+            answer = _json(401, {"error": {"code": "authentication_error",
+                                           "message": "No valid Access Token provided."}})
         elif space != self.space_id:
             answer = _json(404, {"error": {"code": "not_found", "message": "no such space"}})
+        elif limit is None:
+            answer = _json(400, {"error": {
+                "code": "invalid_request_error",
+                "message": f"limit must be between 1 and {TRAITS_MAX_LIMIT}"}})
         elif traits is None:
             answer = _json(404, {"error": {"code": "not_found",
-                                           "message": "Profile not found"}})
+                                           "message": "Profile was not found."}})
         else:
-            chosen = {k: v for k, v in traits.items() if include is None or k in include}
-            answer = _json(200, {"traits": chosen, "cursor": {"url": "", "has_more": False,
-                                                              "next": "", "limit": 200}})
+            answer = _json(200, self._page(parts.path, traits, include, limit,
+                                           query.get("next", [""])[0]))
         with self._cond:
             self._requests.append(ProfileRequest(
                 handler.command, parts.path, space, identifier, include, query, token,
                 handler.client_address[:2], answer[0], time.time(), arrived))
             self._cond.notify_all()
         return answer
+
+
+    def _page(self, path: str, traits: dict, include: list[str] | None, limit: int,
+              after: str) -> dict:
+        """One page of the traits, in key order, from the first key at or after the
+        cursor ``after`` (a key: one removed between pages is no harm)."""
+        keys = sorted(k for k in traits if include is None or k in include)
+        if after:
+            keys = [k for k in keys if k >= after]
+        size = min(limit, self.page_size)
+        page, rest = keys[:size], keys[size:]
+        following = rest[0] if rest else ""
+        url = path + (f"?{urlencode({'limit': limit, 'next': following})}" if rest else "")
+        return {"traits": {k: traits[k] for k in page},
+                "cursor": {"url": url, "has_more": bool(rest), "next": following,
+                           "limit": size}}
+
+
+def _traits_limit(query: dict[str, list[str]]) -> int | None:
+    """The page size asked for (the default when none is), None when not 1..200."""
+    if "limit" not in query:
+        return TRAITS_DEFAULT_LIMIT
+    value = query["limit"][0]
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= TRAITS_MAX_LIMIT:
+        return None
+    return int(value)
 
 
 class TrackingBatch(NamedTuple):
