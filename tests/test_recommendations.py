@@ -582,6 +582,76 @@ def test_profile_api_unreachable_gives_popular_items(personalize_app):
     assert body["degraded"]["profile"]
 
 
+# --- the Profile API answers a page at a time ----------------------------------------------
+
+def test_an_opt_out_on_a_later_page_is_honoured(personalize_app, profile_api):
+    """Segment may answer fewer traits than asked for and say ``has_more``: the opt-out
+    on the second page is read, not taken as absent. The purchases trait on the first
+    page is used too (the positive control: what both pages said reached the answer)."""
+    client = personalize_app(profile_cache_seconds=0).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1  # "purchased_products" < "recommendations_opt_out"
+    profile_api.set_traits("user_id:u-out", {"purchased_products": ["pop-a"],
+                                             "recommendations_opt_out": True})
+    profile_api.set_traits("user_id:u-in", {"purchased_products": ["item-1"],
+                                            "recommendations_opt_out": False})
+    body = get(client, "userId=u-out&numResults=2")
+    assert body["source"] == "popular" and body["optedOut"] is True
+    assert ids(body) == ["pop-b", "pop-c"]  # pop-a: bought, said page one
+    body = get(client, "userId=u-in&numResults=2")
+    assert body["source"] == "personalize" and "degraded" not in body
+    assert ids(body) == ["item-2", "item-3"]
+    pages = profile_api.requests_for("user_id:u-out")
+    assert [r.status for r in pages] == [200, 200]
+    assert [r.query.get("next") for r in pages] == [None, ["recommendations_opt_out"]]
+
+
+def test_traits_missing_after_three_pages_are_unknown_not_absent(personalize_app,
+                                                                 profile_api):
+    """More pages than the service follows: the traits not read are unknown, so the
+    visitor's consent is unknown too. Popular items, said so; three calls, no more."""
+    client = personalize_app(profile_cache_seconds=0,
+                             exclusion_traits=("a_bought", "b_bought", "c_bought",
+                                               "purchased_products")).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1
+    profile_api.set_traits("user_id:u-1", {"a_bought": [], "b_bought": [], "c_bought": [],
+                                           "purchased_products": [],
+                                           "recommendations_opt_out": True})
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "popular" and "optedOut" not in body
+    assert "incomplete" in body["degraded"]["profile"] and body["degraded"]["consent"]
+    assert len(profile_api.requests_for("user_id:u-1")) == 3
+    # The positive control: with pages as long as asked, one call reads everything.
+    profile_api.page_size = 200
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "popular" and body["optedOut"] is True
+    assert len(profile_api.requests_for("user_id:u-1")) == 4
+
+
+def test_the_pages_share_one_timeout(personalize_app, profile_api):
+    """Each page is slow but within the timeout; together they are not: the lookup ends
+    at the timeout, unknown, rather than taking a timeout per page."""
+    client = personalize_app(profile_cache_seconds=0,
+                             profile_api_timeout_seconds=1.5).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1
+    profile_api.set_traits("user_id:u-1", {"purchased_products": [],
+                                           "recommendations_opt_out": False})
+    get(client, "userId=warm-up&numResults=1")  # the connection pool, the budget file
+    profile_api.delay(0.9)
+    started = time.perf_counter()
+    body = get(client, "userId=u-1&numResults=2")
+    elapsed = time.perf_counter() - started
+    assert body["source"] == "popular", body
+    assert "timeout" in body["degraded"]["profile"] or "no answer" in body["degraded"][
+        "profile"], body["degraded"]
+    assert elapsed < 1.5 + 1.0, elapsed  # one timeout (and a busy machine's slack)
+    profile_api.delay(0)
+    body = get(client, "userId=u-1&numResults=2")  # unhurried, the two pages make it
+    assert body["source"] == "personalize" and "degraded" not in body
+
+
 def test_wrong_profile_token_gives_popular_items(personalize_app, profile_api):
     client = personalize_app(segment_profile_api_token="not-the-token").test_client()
     popular_catalog(client)
