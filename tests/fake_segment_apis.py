@@ -29,7 +29,11 @@ them exactly as they would to Segment.
   rather than trust ``limit``, and ``page_size`` (200 by default) lets a test make pages
   shorter than asked.
 * ``FakeTrackingAPI`` -- ``POST /v1/batch`` (gzip or plain JSON) with Basic auth = write
-  key. Records the messages; ``identifies()`` / ``wait_for_identifies(n)``.
+  key (or ``writeKey`` in the body). Records the events Segment would accept;
+  ``identifies()`` / ``wait_for_identifies(n)``. Like Segment (its HTTP API Source
+  documentation, quoted at ``MAX_EVENT_BYTES``), it answers 200 to a wrong write key and
+  keeps nothing of it (``discarded()``), and 400 beyond 32 KB an event or 500 KB a
+  request; events beyond 2,500 a batch are answered 200 and dropped.
 
 Plain classes only; pytest fixtures belong in the test modules.
 """
@@ -288,28 +292,82 @@ def _traits_limit(query: dict[str, list[str]]) -> int | None:
     return int(value)
 
 
+# Segment's HTTP Tracking API documentation, "HTTP API Source"
+# (segment.com/docs/connections/sources/catalog/libraries/server/http-api/):
+# - "Errors": "Segment returns a 200 response for all API requests except errors caused
+#   by large payloads and JSON errors (which return 400 responses.)" So a wrong or
+#   missing write key gets 200, and its events go nowhere.
+# - "Max request size": "a maximum of 32KB per normal API request. The batch API
+#   endpoint accepts a maximum of 500KB per request, with a limit of 32KB per event in
+#   the batch. ... Segment's API responds with 400 Bad Request if these limits are
+#   exceeded."
+# - "Errors", the /batch endpoint: "Each batch request can only have up to 2500 events
+#   ... Segment returns a 200 response but rejects the event when the number of batched
+#   events exceeds the limit." Which events it rejects is not said: here, all of them.
+# - "Errors": events without a userId or anonymousId, and track events without an
+#   "event", are not accepted (answered 200 like the rest).
+# KB are 1024 bytes, as Segment's own libraries count them (analytics-python:
+# MAX_MSG_SIZE = 32 << 10); sizes are of the JSON as sent, before any gzip, an event's
+# as analytics-python measures it (``len(json.dumps(event).encode())``).
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+
+
 class TrackingBatch(NamedTuple):
-    write_key: str | None  # the Basic user name
+    write_key: str | None  # the Basic user name, else the body's writeKey
     gzipped: bool
-    body: dict
+    body: dict  # as received, except that "batch" holds only the accepted events
     time: float
 
 
+class Discarded(NamedTuple):
+    """An event answered 200 that Segment would not accept."""
+    reason: str  # "write_key", "too_many_events", "no_user_anon_id", "no_event_name"
+    write_key: str | None
+    message: dict
+
+
 class FakeTrackingAPI(_Server):
-    """Segment's HTTP Tracking API (``api.segment.io``): ``POST /v1/batch``."""
+    """Segment's HTTP Tracking API (``api.segment.io``): ``POST /v1/batch``.
+
+    As Segment does (see the documentation quoted above): 400 for a body that is not
+    JSON, over 500 KB, or with an event over 32 KB (nothing of it kept); 200 for the
+    rest, where only events under the right write key, in a batch of at most 2,500,
+    with a userId or anonymousId (and a track event with its name) are accepted. What
+    was answered 200 but not accepted is in ``discarded()``; what was answered 400 in
+    ``refusals`` (``refused`` counts them)."""
 
     def __init__(self, *, write_key: str = "write-key-test"):
         super().__init__()
         self.write_key = write_key
         self._batches: list[TrackingBatch] = []
-        self.refused = 0
+        self._discarded: list[Discarded] = []
+        self._refusals: list[str] = []
 
     @property
     def batches(self) -> list[TrackingBatch]:
+        """The requests answered 200 under the right write key, with their accepted
+        events."""
         with self._cond:
             return list(self._batches)
 
+    @property
+    def refusals(self) -> list[str]:
+        """Why each request answered 400 was refused, in order."""
+        with self._cond:
+            return list(self._refusals)
+
+    @property
+    def refused(self) -> int:
+        return len(self.refusals)
+
+    def discarded(self, reason: str | None = None) -> list[Discarded]:
+        with self._cond:
+            return [d for d in self._discarded if reason is None or d.reason == reason]
+
     def messages(self) -> list[dict]:
+        """Every accepted event, in arrival order."""
         return [m for b in self.batches for m in b.body.get("batch", [])]
 
     def identifies(self, user_id: str | None = None) -> list[dict]:
@@ -328,6 +386,12 @@ class FakeTrackingAPI(_Server):
                 self._cond.wait(min(remaining, 0.05))
             return self.identifies(user_id)
 
+    def _refuse(self, reason: str) -> tuple[int, dict, bytes]:
+        with self._cond:
+            self._refusals.append(reason)
+            self._cond.notify_all()
+        return _json(400, {"success": False, "message": reason})
+
     def _handle(self, handler, body: bytes) -> tuple[int, dict, bytes]:
         self._wait()
         with self._cond:
@@ -339,16 +403,41 @@ class FakeTrackingAPI(_Server):
         gzipped = (handler.headers.get("Content-Encoding") or "").lower() == "gzip"
         try:
             raw = gzip.decompress(body) if gzipped else body
+        except OSError:
+            return self._refuse("not gzip")
+        if len(raw) > MAX_BATCH_BYTES:
+            return self._refuse(f"request over {MAX_BATCH_BYTES} bytes")
+        try:
             payload = json.loads(raw)
-        except (OSError, ValueError):
-            return _json(400, {"success": False, "message": "not JSON"})
+        except ValueError:
+            return self._refuse("not JSON")
+        events = payload.get("batch") if isinstance(payload, dict) else None
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            return self._refuse("no batch of events")
+        if any(len(json.dumps(e).encode()) > MAX_EVENT_BYTES for e in events):
+            return self._refuse(f"an event over {MAX_EVENT_BYTES} bytes")
         key = _basic_user(handler.headers.get("Authorization"))
-        if key != self.write_key:
-            with self._cond:
-                self.refused += 1
-            return _json(401, {"success": False, "message": "bad write key"})
+        if key is None and isinstance(payload.get("writeKey"), str):
+            key = payload["writeKey"]
+        accepted, dropped = [], []
+        for event in events:
+            if key != self.write_key:
+                reason = "write_key"
+            elif len(events) > MAX_BATCH_EVENTS:
+                reason = "too_many_events"
+            elif not event.get("userId") and not event.get("anonymousId"):
+                reason = "no_user_anon_id"
+            elif event.get("type") == "track" and not event.get("event"):
+                reason = "no_event_name"
+            else:
+                accepted.append(event)
+                continue
+            dropped.append(Discarded(reason, key, event))
         with self._cond:
-            self._batches.append(TrackingBatch(key, gzipped, payload, time.time()))
+            self._discarded.extend(dropped)
+            if key == self.write_key:
+                self._batches.append(TrackingBatch(key, gzipped, {**payload, "batch": accepted},
+                                                   time.time()))
             self._cond.notify_all()
         return _json(200, {"success": True})
 

@@ -11,6 +11,7 @@ also assert that *nothing* was sent.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -259,6 +260,37 @@ def test_local_activation_keeps_other_traits_and_deduplicates(personalize_app, r
         traits = conn.execute(sa.select(profiles.c.traits)
                               .where(profiles.c.profile_id == "u-1")).scalar()
     assert traits == {"plan": "pro", "recommended_products": ["item-1", "item-2"]}
+
+
+def test_a_wrong_write_key_loses_the_write_backs_and_the_service_cannot_tell(
+        activating_app, tracking, caplog):
+    """Segment answers 200 to a wrong SEGMENT_WRITE_KEY (its HTTP API documentation: 200
+    for everything but a request too large or not JSON), so neither Segment's client nor
+    the service can tell: the identify goes out, is counted as published, nothing is
+    logged, and nothing arrives under the shop's key. What the shop notices is the trait
+    never appearing on the profile (Segment's debugger shows no event). The same service
+    with the right key, the positive control, gets its write-back through."""
+    from tests.conftest import metric
+
+    wrong = activating_app(segment_write_key="wk-typo")
+    published_before = metric(wrong, "activations_total", outcome="published")
+    failed_before = metric(wrong, "activations_total", outcome="failed")
+    with caplog.at_level(logging.WARNING, logger="webhook"):
+        get(wrong.test_client(), "userId=u-1&numResults=3")
+        settle(wrong)
+    assert tracking.identifies() == []
+    (dropped,) = tracking.discarded()
+    assert (dropped.reason, dropped.write_key) == ("write_key", "wk-typo")
+    assert dropped.message["userId"] == "u-1"
+    assert dropped.message["traits"] == {"recommended_products": items(1, 3)}
+    assert metric(wrong, "activations_total", outcome="published") == published_before + 1
+    assert metric(wrong, "activations_total", outcome="failed") == failed_before
+    assert not [r for r in caplog.records if r.name.startswith("webhook.activation")]
+    assert tracking.refused == 0
+
+    right = activating_app()
+    get(right.test_client(), "userId=u-2&numResults=3")
+    tracking.wait_for_identifies(1, "u-2")
 
 
 def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking):

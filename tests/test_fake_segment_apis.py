@@ -6,10 +6,15 @@ product test that passes against them is not passing only because they are lenie
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
+from segment.analytics import Client
+from segment.analytics.request import APIError, post
 
-from tests.fake_segment_apis import FakeProfileAPI
+from tests.fake_segment_apis import MAX_BATCH_BYTES, MAX_EVENT_BYTES, FakeProfileAPI, \
+    FakeTrackingAPI
 
 SPACE = "spa_check"
 TOKEN = "check-profile-token"
@@ -152,3 +157,116 @@ def test_over_the_rate_limit_a_429_without_retry_after(session):
     assert [r.status_code for r in statuses] == [200, 200, 200, 429, 429]
     assert "Retry-After" not in statuses[3].headers
     assert statuses[3].json()["error"]["code"] == "rate_limit_error"
+
+
+# --------------------------------------------------------------------------------------
+# HTTP Tracking API
+# --------------------------------------------------------------------------------------
+
+WRITE_KEY = "check-write-key"
+
+
+@pytest.fixture
+def tracking():
+    with FakeTrackingAPI(write_key=WRITE_KEY) as fake:
+        yield fake
+
+
+def client(fake, write_key: str = WRITE_KEY, **options) -> Client:
+    return Client(write_key=write_key, host=fake.url, sync_mode=True, proxies=NO_PROXY,
+                  **options)
+
+
+def send(fake, events: list[dict], write_key: str = WRITE_KEY, gzip: bool = False):
+    """One batch request as segment-analytics-python makes it, without its consumer's
+    own size checks (which a client written by hand would not have)."""
+    return post(write_key, fake.url, gzip=gzip, timeout=10, proxies=NO_PROXY, batch=events)
+
+
+def event_of_size(size: int, n: int = 0) -> dict:
+    """An identify whose JSON, as analytics-python measures it, is ``size`` bytes."""
+    event = {"type": "identify", "userId": f"u-{n}", "traits": {"pad": ""}}
+    event["traits"]["pad"] = "x" * (size - len(json.dumps(event).encode()))
+    assert len(json.dumps(event).encode()) == size
+    return event
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_events_under_the_right_write_key_are_accepted(tracking, gzip):
+    client(tracking, gzip=gzip).identify(user_id="u-1", traits={"plan": "pro"})
+    (message,) = tracking.identifies("u-1")
+    assert message["traits"] == {"plan": "pro"}
+    (batch,) = tracking.batches
+    assert batch.write_key == WRITE_KEY and batch.gzipped is gzip
+    assert tracking.refused == 0 and tracking.discarded() == []
+
+
+def test_a_wrong_write_key_is_answered_200_and_its_events_go_nowhere(tracking):
+    """Segment answers 200 to every request but too large or not JSON: the client
+    cannot tell, and nothing arrives under the right key."""
+    client(tracking, write_key="not-the-key").identify(user_id="u-1", traits={"a": 1})
+    assert tracking.identifies() == [] and tracking.batches == []
+    (dropped,) = tracking.discarded()
+    assert dropped.reason == "write_key" and dropped.write_key == "not-the-key"
+    assert dropped.message["userId"] == "u-1"
+    assert tracking.refused == 0
+    client(tracking).identify(user_id="u-2", traits={"a": 1})  # the right key still works
+    assert [m["userId"] for m in tracking.identifies()] == ["u-2"]
+
+
+def test_the_write_key_may_come_in_the_body(tracking):
+    batch = [{"type": "identify", "userId": "u-1", "traits": {}}]
+    answer = requests.post(f"{tracking.url}/v1/batch", timeout=5, proxies=NO_PROXY,
+                           json={"batch": batch, "writeKey": WRITE_KEY})
+    assert answer.status_code == 200
+    assert [m["userId"] for m in tracking.identifies()] == ["u-1"]
+    answer = requests.post(f"{tracking.url}/v1/batch", timeout=5, proxies=NO_PROXY,
+                           json={"batch": batch, "writeKey": "not-the-key"})
+    assert answer.status_code == 200 and len(tracking.identifies()) == 1
+
+
+def test_an_event_over_32_kb_gets_400_and_nothing_of_its_request_is_kept(tracking):
+    with pytest.raises(APIError) as refused:
+        send(tracking, [event_of_size(100, 1), event_of_size(MAX_EVENT_BYTES + 1, 2)])
+    assert refused.value.status == 400
+    assert tracking.messages() == [] and tracking.refused == 1
+    assert "over 32768 bytes" in tracking.refusals[0]
+    send(tracking, [event_of_size(MAX_EVENT_BYTES, 3)])  # 32 KB exactly: accepted
+    assert [m["userId"] for m in tracking.messages()] == ["u-3"]
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_a_request_over_500_kb_gets_400_compressed_or_not(tracking, gzip):
+    per_event = 30 * 1024
+    over = [event_of_size(per_event, n) for n in range(MAX_BATCH_BYTES // per_event + 1)]
+    with pytest.raises(APIError) as refused:
+        send(tracking, over, gzip=gzip)  # gzipped, the body is a few KB
+    assert refused.value.status == 400
+    assert tracking.messages() == [] and "request over" in tracking.refusals[0]
+    under = over[:MAX_BATCH_BYTES // per_event - 1]
+    send(tracking, under, gzip=gzip)
+    assert len(tracking.messages()) == len(under)
+
+
+def test_over_2500_events_a_batch_is_answered_200_and_dropped(tracking):
+    small = [{"type": "identify", "userId": f"u-{n}", "traits": {}} for n in range(2501)]
+    send(tracking, small)  # no exception: 200
+    assert tracking.messages() == []
+    assert len(tracking.discarded("too_many_events")) == 2501
+    send(tracking, small[:2500])
+    assert len(tracking.messages()) == 2500
+
+
+def test_events_segment_would_not_accept_are_answered_200_and_dropped(tracking):
+    send(tracking, [{"type": "identify", "traits": {"a": 1}},  # no userId/anonymousId
+                    {"type": "track", "userId": "u-1", "properties": {}},  # no event name
+                    {"type": "track", "anonymousId": "a-1", "event": "Viewed"}])
+    assert [m.get("anonymousId") for m in tracking.messages()] == ["a-1"]
+    assert [d.reason for d in tracking.discarded()] == ["no_user_anon_id", "no_event_name"]
+
+
+def test_not_json_gets_400(tracking):
+    answer = requests.post(f"{tracking.url}/v1/batch", data=b"{oops", timeout=5,
+                           proxies=NO_PROXY, auth=(WRITE_KEY, ""),
+                           headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and tracking.refusals == ["not JSON"]
