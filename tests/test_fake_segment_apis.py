@@ -13,8 +13,12 @@ import requests
 from segment.analytics import Client
 from segment.analytics.request import APIError, post
 
-from tests.fake_segment_apis import MAX_BATCH_BYTES, MAX_EVENT_BYTES, FakeProfileAPI, \
-    FakeTrackingAPI
+from tests.fake_segment_apis import (
+    MAX_BATCH_BYTES,
+    MAX_EVENT_BYTES,
+    FakeProfileAPI,
+    FakeTrackingAPI,
+)
 
 SPACE = "spa_check"
 TOKEN = "check-profile-token"
