@@ -511,7 +511,7 @@ class StandIn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if nice:
             lower_priority(nice)  # as the service's sending process: its own session too
-        fake = KeepAliveFake().start()
+        fake = KeepAliveFake(tracking_ids=[TRACKING_ID]).start()
         fake.delay(delay)
         conn.send(fake.url)
         while conn.recv() == "summary":

@@ -14,7 +14,7 @@ Point a client at one with ``endpoint_url=fake.url`` or with the environment
 variables ``AWS_ENDPOINT_URL_PERSONALIZE_EVENTS`` / ``AWS_ENDPOINT_URL_PERSONALIZE_RUNTIME``
 (read by botocore when the client is created)::
 
-    with FakePersonalizeEvents() as fake:
+    with FakePersonalizeEvents(tracking_ids=["t"]) as fake:
         client = boto3.client("personalize-events", endpoint_url=fake.url,
                               region_name="us-east-1",
                               aws_access_key_id="x", aws_secret_access_key="y")
@@ -38,9 +38,18 @@ Wire facts this module relies on (checked against botocore 1.44):
   header (cutting anything after ``:``), falling back to ``code``/``Code`` in the
   body, and maps modeled codes (InvalidInputException, ResourceNotFoundException,
   ...) to ``client.exceptions.<Code>``; anything else is a plain ``ClientError``.
-  ``ThrottlingException`` (HTTP 400, AWS's common-error shape) is not modeled
-  for Personalize, so it surfaces as ``ClientError`` with that code; botocore's
-  retry handlers (legacy and standard) classify that code as throttling.
+  ``ThrottlingException`` is not modeled for Personalize (it is one of AWS's
+  common errors), so it surfaces as ``ClientError`` with that code; botocore's
+  retry handlers (legacy and standard) classify that code as throttling.  AWS
+  services throttle with HTTP 400 *or* 429, so ``throttle_next`` and
+  ``throttle_for`` take the status (and tests of a caller's retries should try
+  both).
+* PutEvents's only modeled error is ``InvalidInputException``; the model does
+  not say what an unknown ``trackingId`` (no such event tracker, or one not yet
+  ACTIVE) gets.  ``FakePersonalizeEvents`` answers it as the service answers any
+  resource it cannot find, and as the model lists for PutUsers/PutItems:
+  404 ``ResourceNotFoundException``.  botocore maps that code for the whole
+  service, so it still surfaces as ``client.exceptions.ResourceNotFoundException``.
 
 Signatures are not verified, but a SigV4 ``Authorization`` header must be present
 (403 ``MissingAuthenticationTokenException`` otherwise), as must the signing name
@@ -366,13 +375,19 @@ class _FakeService(LoopbackServer):
     # -- failure injection (all thread-safe, effective immediately) --------
 
     def throttle_next(self, n: int = 1, *, status: int = 400) -> None:
-        """Answer the next ``n`` requests with ThrottlingException "Rate exceeded"."""
+        """Answer the next ``n`` requests with ThrottlingException "Rate exceeded", as
+        HTTP ``status``: 400 (AWS's common-error answer) or 429 (Too Many Requests)."""
+        if status not in (400, 429):
+            raise ValueError("AWS throttles with HTTP 400 or 429")
         with self._cond:
             self._throttle_left = n
             self._throttle_status = status
 
     def throttle_for(self, seconds: float, *, status: int = 400) -> None:
-        """Throttle every request arriving within the next ``seconds``."""
+        """Throttle every request arriving within the next ``seconds`` (as
+        ``throttle_next``: HTTP 400 or 429)."""
+        if status not in (400, 429):
+            raise ValueError("AWS throttles with HTTP 400 or 429")
         with self._cond:
             self._throttle_until = time.monotonic() + seconds
             self._throttle_status = status
@@ -504,6 +519,13 @@ class _FakeService(LoopbackServer):
 class FakePersonalizeEvents(_FakeService):
     """Fake ``personalize-events`` endpoint (rest-json, API version 2018-03-22).
 
+    ``tracking_ids`` (required): the event trackers that exist, as
+    CreateEventTracker made them.  PutEvents with any other trackingId answers
+    404 ResourceNotFoundException, after the input checks (see the module's
+    docstring for why that code); ``add_tracking_ids`` creates more later (a
+    tracker that becomes ACTIVE).  There is no "accept any": a caller that
+    sends the wrong tracking id must fail here as it would against AWS.
+
     ``known_dataset_arns``: if given, PutUsers/PutItems with any other
     datasetArn answer 404 ResourceNotFoundException.
     """
@@ -514,10 +536,25 @@ class FakePersonalizeEvents(_FakeService):
         "/items": "PutItems",
     }
 
-    def __init__(self, *, known_dataset_arns: Iterable[str] | None = None, **kwargs):
+    def __init__(self, *, tracking_ids: Iterable[str],
+                 known_dataset_arns: Iterable[str] | None = None, **kwargs):
+        if isinstance(tracking_ids, str):
+            raise TypeError("tracking_ids: a list of tracking ids, not one string")
         super().__init__(**kwargs)
+        self._tracking_ids = set(tracking_ids)
         self.known_dataset_arns = None if known_dataset_arns is None else set(known_dataset_arns)
         self._reset_extra()
+
+    @property
+    def tracking_ids(self) -> frozenset[str]:
+        """The tracking ids PutEvents accepts."""
+        with self._cond:
+            return frozenset(self._tracking_ids)
+
+    def add_tracking_ids(self, tracking_ids: Iterable[str]) -> None:
+        """These event trackers exist from now on (reset() keeps them: configuration)."""
+        with self._cond:
+            self._tracking_ids |= set(tracking_ids)
 
     def _reset_extra(self) -> None:
         self._rejected_items: set[str] = set()
@@ -591,6 +628,11 @@ class FakePersonalizeEvents(_FakeService):
             if attribution is not None:
                 _check_str(attribution, "eventAttributionSource", f"{p}metricAttribution.",
                            required=True, max_len=1024, pattern=ATTRIBUTION_PATTERN)
+        with self._cond:
+            known = body["trackingId"] in self._tracking_ids
+        if not known:
+            raise _ApiError(404, "ResourceNotFoundException",
+                            f"Could not find event tracker with tracking ID: {body['trackingId']}")
         with self._cond:
             rejected = self._rejected_event_ids & {e.get("eventId") for e in events}
         if rejected:

@@ -11,13 +11,21 @@ also assert that *nothing* was sent.
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import raw_client, store_of
-from tests.fake_segment_apis import FakeTrackingAPI, deliver, order_completed, product_viewed
+from tests.fake_segment_apis import (
+    MAX_EVENT_BYTES,
+    FakeTrackingAPI,
+    deliver,
+    order_completed,
+    product_viewed,
+)
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     get,
     ids,
@@ -259,6 +267,82 @@ def test_local_activation_keeps_other_traits_and_deduplicates(personalize_app, r
         traits = conn.execute(sa.select(profiles.c.traits)
                               .where(profiles.c.profile_id == "u-1")).scalar()
     assert traits == {"plan": "pro", "recommended_products": ["item-1", "item-2"]}
+
+
+def test_a_wrong_write_key_loses_the_write_backs_and_the_service_cannot_tell(
+        activating_app, tracking, caplog):
+    """Segment answers 200 to a wrong SEGMENT_WRITE_KEY (its HTTP API documentation: 200
+    for everything but a request too large or not JSON), so neither Segment's client nor
+    the service can tell: the identify goes out, is counted as published, nothing is
+    logged, and nothing arrives under the shop's key. What the shop notices is the trait
+    never appearing on the profile (Segment's debugger shows no event). The same service
+    with the right key, the positive control, gets its write-back through."""
+    from tests.conftest import metric
+
+    wrong = activating_app(segment_write_key="wk-typo")
+    published_before = metric(wrong, "activations_total", outcome="published")
+    failed_before = metric(wrong, "activations_total", outcome="failed")
+    with caplog.at_level(logging.WARNING, logger="webhook"):
+        get(wrong.test_client(), "userId=u-1&numResults=3")
+        settle(wrong)
+    assert tracking.identifies() == []
+    (dropped,) = tracking.discarded()
+    assert (dropped.reason, dropped.write_key) == ("write_key", "wk-typo")
+    assert dropped.message["userId"] == "u-1"
+    assert dropped.message["traits"] == {"recommended_products": items(1, 3)}
+    assert metric(wrong, "activations_total", outcome="published") == published_before + 1
+    assert metric(wrong, "activations_total", outcome="failed") == failed_before
+    assert not [r for r in caplog.records if r.name.startswith("webhook.activation")]
+    assert tracking.refused == 0
+
+    right = activating_app()
+    get(right.test_client(), "userId=u-2&numResults=3")
+    tracking.wait_for_identifies(1, "u-2")
+
+
+def test_a_write_back_too_big_for_segment_is_cut_to_the_best_items_that_fit(
+        activating_app, runtime, tracking, caplog):
+    """500 recommended ids of 130 characters make an identify of 67 KB, over the 32 KB
+    an event Segment takes (the stand-in refuses it with 400, as Segment does; Segment's
+    own client refuses to send it). The write-back arrives cut to the best items that
+    fit, nearly 32 KB of them; the answer itself stays whole, and the log says what was
+    cut without naming the visitor or the items."""
+    app = activating_app()
+    long_ids = [f"sku-{n:03d}-" + "x" * 122 for n in range(500)]
+    runtime.set_ranking("u-big", long_ids)
+    with caplog.at_level(logging.INFO, logger="webhook"):
+        body = get(app.test_client(), "userId=u-big&numResults=500")
+        settle(app)
+    assert ids(body) == long_ids
+    (message,) = tracking.identifies("u-big")
+    sent = message["traits"]["recommended_products"]
+    assert sent == long_ids[:len(sent)] and 200 < len(sent) < 500
+    size = len(json.dumps(message).encode())
+    assert MAX_EVENT_BYTES - 2048 < size <= MAX_EVENT_BYTES, size  # cut no more than needed
+    assert tracking.refused == 0 and tracking.discarded() == []
+    logged = [(r.getMessage(), r.exc_text or "") for r in caplog.records
+              if r.name.startswith("webhook.activation")]
+    assert any(f"{len(sent)} of 500 items" in text for text, _ in logged), logged
+    assert not [entry for entry in logged if "u-big" in str(entry) or "sku-" in str(entry)]
+
+
+def test_fit_traits_cuts_only_the_longest_list_and_only_when_needed():
+    from webhook.activation import TooLarge, fit_traits
+
+    small = {"recommended_products": ["a", "b"], "plan": "pro"}
+    assert fit_traits("u-1", small) is small
+    big = {"recommended_products": [f"{n:04d}" * 10 for n in range(100)], "other": ["x"]}
+    cut = fit_traits("u-1", big, budget=1000)
+    assert cut["other"] == ["x"]
+    kept = cut["recommended_products"]
+    assert kept == big["recommended_products"][:len(kept)] and 0 < len(kept) < 100
+    assert len(json.dumps({"userId": "u-1", "traits": cut}).encode()) <= 1000
+    longer = {**cut, "recommended_products": big["recommended_products"][:len(kept) + 1]}
+    assert len(json.dumps({"userId": "u-1", "traits": longer}).encode()) > 1000
+    with pytest.raises(TooLarge):
+        fit_traits("u-1", {"note": "x" * 2000}, budget=1000)  # nothing to cut
+    with pytest.raises(TooLarge):
+        fit_traits("u-1", {"note": "x" * 2000, "recommended_products": ["a"]}, budget=1000)
 
 
 def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking):

@@ -59,7 +59,8 @@ def s3(s3_server):
 @pytest.fixture
 def aws(monkeypatch, s3_server, s3):
     """The stand-ins, and boto3 pointed at them (set before the app makes its clients)."""
-    with FakePersonalizeControl(s3=s3) as control, FakePersonalizeEvents() as events:
+    with FakePersonalizeControl(s3=s3) as control, FakePersonalizeEvents(
+            tracking_ids=[TRACKING_ID]) as events:
         aws_stand_ins(monkeypatch, s3=s3_server, personalize=control.url,
                       personalize_events=events.url)
         yield control, events

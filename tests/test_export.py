@@ -60,7 +60,7 @@ def test_column_names_follow_personalize_csv_form():
 @pytest.fixture
 def realtime(make_app, monkeypatch):
     """The corpus through POST /segment in Personalize mode; returns the stand-in."""
-    with FakePersonalizeEvents() as fake:
+    with FakePersonalizeEvents(tracking_ids=[TRACKING_ID]) as fake:
         aws_stand_ins(monkeypatch, personalize_events=fake.url)
 
         def run(messages):

@@ -351,7 +351,7 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
     messages = [make_message(n, trouble[:3]) for n in range(5000)]
     ledger = Ledger()
     url = f"sqlite:///{tmp_path}/outage.db"
-    fake = FakePersonalizeEvents(port=free_port()).start()  # merged: tracking ids
+    fake = FakePersonalizeEvents(tracking_ids=[TRACKING_ID], port=free_port()).start()
     try:
         env = personalize_env(fake, url, tmp_path)
         with gunicorn(env, workers=2) as (base, process):

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from tests.fake_personalize import FakePersonalizeEvents, FakePersonalizeRuntime
 
 DATASET_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
+TRACKING_IDS = ["t", "track-1"]  # the event trackers that exist
 CAMPAIGN_ARN = "arn:aws:personalize:us-east-1:123456789012:campaign/recs"
 # Note: Config's retries["max_attempts"] counts *retries* (max_attempts=1 means two
 # attempts); total_max_attempts counts attempts, like AWS_MAX_ATTEMPTS.
@@ -37,7 +38,7 @@ def make_client(service: str, url: str, config: Config = NO_RETRY):
 
 @pytest.fixture
 def events_fake():
-    with FakePersonalizeEvents() as fake:
+    with FakePersonalizeEvents(tracking_ids=TRACKING_IDS) as fake:
         yield fake
 
 
@@ -170,35 +171,91 @@ def test_rejected_ids(events, events_fake):
 # --------------------------------------------------------------------------
 
 
-def test_throttling_is_a_client_error_with_throttling_code(events, events_fake):
-    events_fake.throttle_next(1)
+@pytest.mark.parametrize("status", [400, 429])
+def test_throttling_is_a_client_error_with_throttling_code(events, events_fake, status):
+    events_fake.throttle_next(1, status=status)
     with pytest.raises(ClientError) as info:
         events.put_events(trackingId="t", sessionId="s", eventList=[event()])
     err = info.value.response
     assert err["Error"] == {"Code": "ThrottlingException", "Message": "Rate exceeded"}
-    assert err["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert err["ResponseMetadata"]["HTTPStatusCode"] == status
     events.put_events(trackingId="t", sessionId="s", eventList=[event()])
     assert len(events_fake.calls) == 1 and events_fake.attempts == 2
 
 
-def test_botocore_retries_throttling(events_fake):
+@pytest.mark.parametrize("status", [400, 429])
+def test_botocore_retries_throttling(events_fake, status):
     # Standard mode treats ThrottlingException as retryable (one retry: <= 1 s backoff).
     client = make_client("personalize-events", events_fake.url,
                          Config(retries={"total_max_attempts": 2, "mode": "standard"}))
-    events_fake.throttle_next(1)
+    events_fake.throttle_next(1, status=status)
     client.put_events(trackingId="t", sessionId="s", eventList=[event()])
     log = events_fake.attempt_log
-    assert [(a.status, a.error_code) for a in log] == [(400, "ThrottlingException"), (200, None)]
+    assert [(a.status, a.error_code) for a in log] == [(status, "ThrottlingException"),
+                                                       (200, None)]
     assert "attempt=2" in log[1].headers["amz-sdk-request"]
 
 
-def test_throttle_for_window(events, events_fake):
-    events_fake.throttle_for(60)
+@pytest.mark.parametrize("status", [400, 429])
+def test_throttle_for_window(events, events_fake, status):
+    events_fake.throttle_for(60, status=status)
     for _ in range(3):
-        with pytest.raises(ClientError, match="ThrottlingException"):
+        with pytest.raises(ClientError, match="ThrottlingException") as info:
             events.put_items(datasetArn=DATASET_ARN, items=[{"itemId": "a"}])
+        assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
     events_fake.reset()
     events.put_items(datasetArn=DATASET_ARN, items=[{"itemId": "a"}])
+
+
+def test_throttling_has_no_status_aws_does_not_send(events_fake):
+    for bad in (403, 500, 503):
+        with pytest.raises(ValueError):
+            events_fake.throttle_next(1, status=bad)
+        with pytest.raises(ValueError):
+            events_fake.throttle_for(1, status=bad)
+
+
+# --------------------------------------------------------------------------
+# Personalize Events: only the event trackers that exist
+# --------------------------------------------------------------------------
+
+
+def test_an_unknown_tracking_id_is_resource_not_found(events, events_fake):
+    with pytest.raises(events.exceptions.ResourceNotFoundException) as info:
+        events.put_events(trackingId="no-such-tracker", sessionId="s", eventList=[event()])
+    err = info.value.response
+    assert err["Error"]["Code"] == "ResourceNotFoundException"
+    assert err["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert "no-such-tracker" in err["Error"]["Message"]
+    assert events_fake.calls == [] and events_fake.attempts == 1
+    # A tracking id differing only in case is another tracker.
+    with pytest.raises(events.exceptions.ResourceNotFoundException):
+        events.put_events(trackingId="T", sessionId="s", eventList=[event()])
+    # The known ones are accepted (the positive control), under the id they were sent with.
+    events.put_events(trackingId="track-1", sessionId="s", eventList=[event(eventId="e1")])
+    assert [(e["eventId"], e["trackingId"]) for e in events_fake.events()] == [("e1", "track-1")]
+
+
+def test_input_errors_are_answered_before_the_tracking_id_is_looked_up(events, events_fake):
+    with pytest.raises(events.exceptions.InvalidInputException):
+        events.put_events(trackingId="no-such-tracker", sessionId="s", eventList=[event()] * 11)
+
+
+def test_a_tracker_created_later_is_accepted_from_then_on(events, events_fake):
+    with pytest.raises(events.exceptions.ResourceNotFoundException):
+        events.put_events(trackingId="new-tracker", sessionId="s", eventList=[event()])
+    events_fake.add_tracking_ids(["new-tracker"])
+    events_fake.reset()  # history and failures go; the trackers stay
+    events.put_events(trackingId="new-tracker", sessionId="s", eventList=[event()])
+    assert events_fake.tracking_ids == {"t", "track-1", "new-tracker"}
+    assert len(events_fake.calls) == 1
+
+
+def test_the_tracking_ids_must_be_given():
+    with pytest.raises(TypeError):
+        FakePersonalizeEvents()  # no "accept any tracking id"
+    with pytest.raises(TypeError):
+        FakePersonalizeEvents(tracking_ids="t")  # one string is not a list of ids
 
 
 @pytest.mark.parametrize("status, code", [(500, "InternalFailure"), (503, "ServiceUnavailable")])

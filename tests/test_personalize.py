@@ -73,7 +73,7 @@ MAPPING = dict(
 
 @pytest.fixture
 def fake():
-    with FakePersonalizeEvents() as server:
+    with FakePersonalizeEvents(tracking_ids=[TRACKING_ID]) as server:
         yield server
 
 
@@ -528,21 +528,25 @@ def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
 
 # --- throttling, server errors, timeouts: absorbed, never passed on to Segment ---------
 
-def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fake):
+@pytest.mark.parametrize("status", [400, 429])
+def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fake, status):
+    """AWS throttles with 400 ThrottlingException or with 429: both are retried."""
     app = personalize_app()
     messages = grouped_batch({("anon-1", None): 25, ("anon-2", "u-2"): 17,
                               ("u-3", "u-3"): 8}, "thr")
     throttled_before = metric(app, "personalize_calls_total", operation="put_events",
                               outcome="throttled")
     warm_up(app, fake)
-    fake.throttle_for(1.0)
+    fake.throttle_for(1.0, status=status)
     response = post(app, messages)
 
     assert response.status_code == 200, response.get_json()
     ids = sent_event_ids(fake)
     assert set(ids) == {m["messageId"] for m in messages}
     assert set(ids.values()) == {1}, "an event was delivered twice"
-    assert any(a.error_code == "ThrottlingException" for a in fake.attempt_log)
+    assert {(a.status, a.error_code) for a in fake.attempt_log if a.status != 200} == {
+        (status, "ThrottlingException")}
+    assert dead_letters(app) == {}  # throttled is never refused for good
     assert metric(app, "personalize_calls_total", operation="put_events",
                   outcome="throttled") > throttled_before
     assert store_of(app).counts()["interactions"] == len(messages) + 1  # and the warm-up's
@@ -669,6 +673,52 @@ def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app,
         assert fake.events() == []
     finally:
         services.stop()
+
+
+def test_an_unknown_tracking_id_holds_the_events_until_the_tracker_exists(
+        personalize_app, fake, caplog):
+    """PERSONALIZE_TRACKING_ID names no event tracker (a typo, or one not ACTIVE yet), so
+    Personalize answers ResourceNotFoundException. Nothing is dropped or dead-lettered:
+    the events wait in the inbox while the operator is told (an error naming the tracking
+    id as a suspect, the calls counted as fatal, the lag), and once the tracker exists
+    they all go out, once each, under that tracking id."""
+    app = personalize_app(personalize_tracking_id="tracking-not-yet",
+                          personalize_users_dataset_arn="", personalize_items_dataset_arn="")
+    assert "tracking-not-yet" not in fake.tracking_ids
+    messages = grouped_batch({("anon-1", None): 12, ("anon-2", "u-2"): 5}, "trk")
+    fatal_before = metric(app, "personalize_calls_total", operation="put_events",
+                          outcome="fatal")
+    assert raw_client(app).post("/segment", json=messages).status_code == 200
+    services = app.extensions["segment"]
+    assert services.drain(["local"])
+    assert lag(app) == len(messages)
+
+    def not_found() -> list:
+        return [a for a in fake.attempt_log if a.error_code == "ResourceNotFoundException"]
+
+    with caplog.at_level(logging.ERROR, logger="webhook.personalize"):
+        applier = threading.Thread(target=services.drain, args=(["personalize"], 60.0))
+        applier.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(not_found()) < 3:  # tried, refused, and tried again
+                assert time.monotonic() < deadline, fake.attempt_log
+                time.sleep(0.02)
+            assert fake.events() == [] and lag(app) == len(messages)
+            assert {a.status for a in not_found()} == {404}
+            fake.add_tracking_ids(["tracking-not-yet"])  # the tracker is ACTIVE now
+        finally:
+            applier.join(60)
+    assert not applier.is_alive(), "the events never went out"
+    assert lag(app) == 0
+    ids = sent_event_ids(fake)
+    assert set(ids) == {m["messageId"] for m in messages} and set(ids.values()) == {1}
+    assert {e["trackingId"] for e in fake.events()} == {"tracking-not-yet"}
+    assert dead_letters(app) == {}
+    assert metric(app, "personalize_calls_total", operation="put_events",
+                  outcome="fatal") >= fatal_before + 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("ResourceNotFoundException" in e and "tracking id" in e for e in errors), errors
 
 
 # --- permanent errors -------------------------------------------------------------------

@@ -582,6 +582,76 @@ def test_profile_api_unreachable_gives_popular_items(personalize_app):
     assert body["degraded"]["profile"]
 
 
+# --- the Profile API answers a page at a time ----------------------------------------------
+
+def test_an_opt_out_on_a_later_page_is_honoured(personalize_app, profile_api):
+    """Segment may answer fewer traits than asked for and say ``has_more``: the opt-out
+    on the second page is read, not taken as absent. The purchases trait on the first
+    page is used too (the positive control: what both pages said reached the answer)."""
+    client = personalize_app(profile_cache_seconds=0).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1  # "purchased_products" < "recommendations_opt_out"
+    profile_api.set_traits("user_id:u-out", {"purchased_products": ["pop-a"],
+                                             "recommendations_opt_out": True})
+    profile_api.set_traits("user_id:u-in", {"purchased_products": ["item-1"],
+                                            "recommendations_opt_out": False})
+    body = get(client, "userId=u-out&numResults=2")
+    assert body["source"] == "popular" and body["optedOut"] is True
+    assert ids(body) == ["pop-b", "pop-c"]  # pop-a: bought, said page one
+    body = get(client, "userId=u-in&numResults=2")
+    assert body["source"] == "personalize" and "degraded" not in body
+    assert ids(body) == ["item-2", "item-3"]
+    pages = profile_api.requests_for("user_id:u-out")
+    assert [r.status for r in pages] == [200, 200]
+    assert [r.query.get("next") for r in pages] == [None, ["recommendations_opt_out"]]
+
+
+def test_traits_missing_after_three_pages_are_unknown_not_absent(personalize_app,
+                                                                 profile_api):
+    """More pages than the service follows: the traits not read are unknown, so the
+    visitor's consent is unknown too. Popular items, said so; three calls, no more."""
+    client = personalize_app(profile_cache_seconds=0,
+                             exclusion_traits=("a_bought", "b_bought", "c_bought",
+                                               "purchased_products")).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1
+    profile_api.set_traits("user_id:u-1", {"a_bought": [], "b_bought": [], "c_bought": [],
+                                           "purchased_products": [],
+                                           "recommendations_opt_out": True})
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "popular" and "optedOut" not in body
+    assert "incomplete" in body["degraded"]["profile"] and body["degraded"]["consent"]
+    assert len(profile_api.requests_for("user_id:u-1")) == 3
+    # The positive control: with pages as long as asked, one call reads everything.
+    profile_api.page_size = 200
+    body = get(client, "userId=u-1&numResults=2")
+    assert body["source"] == "popular" and body["optedOut"] is True
+    assert len(profile_api.requests_for("user_id:u-1")) == 4
+
+
+def test_the_pages_share_one_timeout(personalize_app, profile_api):
+    """Each page is slow but within the timeout; together they are not: the lookup ends
+    at the timeout, unknown, rather than taking a timeout per page."""
+    client = personalize_app(profile_cache_seconds=0,
+                             profile_api_timeout_seconds=1.5).test_client()
+    popular_catalog(client)
+    profile_api.page_size = 1
+    profile_api.set_traits("user_id:u-1", {"purchased_products": [],
+                                           "recommendations_opt_out": False})
+    get(client, "userId=warm-up&numResults=1")  # the connection pool, the budget file
+    profile_api.delay(0.9)
+    started = time.perf_counter()
+    body = get(client, "userId=u-1&numResults=2")
+    elapsed = time.perf_counter() - started
+    assert body["source"] == "popular", body
+    assert "timeout" in body["degraded"]["profile"] or "no answer" in body["degraded"][
+        "profile"], body["degraded"]
+    assert elapsed < 1.5 + 1.0, elapsed  # one timeout (and a busy machine's slack)
+    profile_api.delay(0)
+    body = get(client, "userId=u-1&numResults=2")  # unhurried, the two pages make it
+    assert body["source"] == "personalize" and "degraded" not in body
+
+
 def test_wrong_profile_token_gives_popular_items(personalize_app, profile_api):
     client = personalize_app(segment_profile_api_token="not-the-token").test_client()
     popular_catalog(client)
@@ -599,7 +669,7 @@ def popular_catalog(client) -> None:
             product_viewed("pop-c", anonymous_id="v9", name="Stuhl"))
 
 
-@pytest.mark.parametrize("outage", ["fail", "throttle", "unknown_campaign"])
+@pytest.mark.parametrize("outage", ["fail", "throttle", "throttle_429", "unknown_campaign"])
 def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtime, outage):
     campaign = CAMPAIGN if outage != "unknown_campaign" else \
         "arn:aws:personalize:us-east-1:123456789012:campaign/gone"
@@ -609,12 +679,17 @@ def test_personalize_failure_falls_back_to_popular_items(personalize_app, runtim
         runtime.fail_next(1, status=500)
     elif outage == "throttle":
         runtime.throttle_next(1)
+    elif outage == "throttle_429":
+        runtime.throttle_next(1, status=429)
     body = get(client, "userId=u-1&numResults=3")
     assert body["source"] == "popular"
     assert ids(body) == ["pop-a", "pop-b", "pop-c"]
     assert body["itemList"][2]["name"] == "Stuhl"
     assert body["degraded"]["recommender"]
     assert body["recommendationId"]
+    # The fault hit: the one call the recommender got was answered with it.
+    expected = {"fail": 500, "throttle": 400, "throttle_429": 429, "unknown_campaign": 404}
+    assert [a.status for a in runtime.attempt_log] == [expected[outage]]
 
 
 def test_popular_items_asked_for_before_any_event_do_not_stay_empty(
@@ -791,20 +866,24 @@ def test_concurrent_requests_for_one_visitor_share_one_profile_call(personalize_
     assert len(profile_api.requests_for("user_id:u-1")) == 1
 
 
+@pytest.mark.parametrize("retry_after, pause", [(2, 2.0), (None, 1.0)])
 def test_a_429_pauses_every_call_for_its_retry_after_and_is_counted(personalize_app,
-                                                                    profile_api):
+                                                                    profile_api,
+                                                                    retry_after, pause):
+    """Segment's Profile API documents no Retry-After: without one, a second."""
     client = personalize_app(profile_cache_seconds=0).test_client()
     popular_catalog(client)
     for n in range(3):
         profile_api.set_traits(f"user_id:u-{n}", {"recommendations_opt_out": False})
     paused_before = metric(client, "profile_lookups_total", outcome="paused")
-    profile_api.fail(429, retry_after=2)
+    profile_api.fail(429, retry_after=retry_after)
     started = time.monotonic()
     body = get(client, "userId=u-0&numResults=2")
     assert body["source"] == "popular" and "429" in body["degraded"]["profile"]
+    assert f"paused for {pause:g} s" in body["degraded"]["profile"]
     profile_api.fail(None)
-    # Within Retry-After nobody is asked: popular items, said so, counted.
-    while time.monotonic() - started < 1.5:
+    # Within the pause nobody is asked: popular items, said so, counted.
+    while time.monotonic() - started < pause - 0.5:
         body = get(client, "userId=u-1&numResults=2")
         assert body["source"] == "popular", body
         assert "paused" in body["degraded"]["profile"]
@@ -814,7 +893,7 @@ def test_a_429_pauses_every_call_for_its_retry_after_and_is_counted(personalize_
     # Then the calls resume.
     assert eventually(lambda: get(client, "userId=u-2&numResults=2")["source"],
                       "personalize") == "personalize"
-    assert time.monotonic() - started >= 2.0
+    assert time.monotonic() - started >= pause
 
 
 def test_each_host_takes_its_share_of_the_budget(personalize_app, profile_api, database_url):

@@ -11,6 +11,8 @@ recommendation pipeline (``RecommendationService._write_back``).
 - ``SegmentPublisher``: an ``identify`` through Segment's HTTP Tracking API, with Segment's
   own client (segment-analytics-python). It queues, batches, gzips and retries off the
   request path by itself; with ``requests`` all of that would be ours to write and test.
+  Segment takes at most 32 KB an event, so a long list (up to 500 ids of up to 256
+  characters) is cut to the best items that fit.
 - ``LocalPublisher``: into the local profile store, when no write key is configured.
 """
 from __future__ import annotations
@@ -57,6 +59,46 @@ class LocalPublisher:
             update.write(tx)
 
 
+# Segment's HTTP Tracking API takes at most 32 KB an event ("HTTP API Source", "Max
+# request size": 400 above it); analytics-python refuses a bigger one before sending, with
+# an exception that quotes the whole message. The client adds about 300 bytes to the
+# userId and traits (messageId, timestamp, context.library, type): 1 KB is left for them.
+MAX_EVENT_BYTES = 32 * 1024
+ENVELOPE_BYTES = 1024
+
+
+class TooLarge(Exception):
+    """An identify Segment would not take, even with its lists cut."""
+
+
+def fit_traits(user_id: str, traits: dict,
+               budget: int = MAX_EVENT_BYTES - ENVELOPE_BYTES) -> dict:
+    """``traits``, with the longest list cut from its end (the least recommended items)
+    until the userId and traits fit ``budget`` bytes, measured as analytics-python
+    measures a message."""
+    def size(values: dict) -> int:
+        return len(json.dumps({"userId": user_id, "traits": values}).encode())
+
+    if size(traits) <= budget:
+        return traits
+    lists = [name for name, value in traits.items() if isinstance(value, list)]
+    if not lists:
+        raise TooLarge("identify over Segment's 32 KB, and no list to cut")
+    name = max(lists, key=lambda n: len(json.dumps(traits[n])))
+    items = traits[name]
+    fits, fails = 0, len(items)  # the most items that fit: binary search
+    while fails - fits > 1:
+        middle = (fits + fails) // 2
+        if size({**traits, name: items[:middle]}) <= budget:
+            fits = middle
+        else:
+            fails = middle
+    cut = {**traits, name: items[:fits]}
+    if size(cut) > budget:
+        raise TooLarge("identify over Segment's 32 KB without its list")
+    return cut
+
+
 class SegmentPublisher:
     name = "segment"
 
@@ -86,7 +128,16 @@ class SegmentPublisher:
                     len(batch), type(error).__name__)
 
     def publish(self, user_id: str, traits: dict) -> None:
-        self.client.identify(user_id=user_id, traits=traits)
+        fitted = fit_traits(user_id, traits)
+        if fitted is not traits:
+            log.info("write-back cut to fit Segment's 32 KB an event: %d of %d items",
+                     *(sum(len(v) for v in t.values() if isinstance(v, list))
+                       for t in (fitted, traits)))
+        client = self.client
+        try:
+            client.identify(user_id=user_id, traits=fitted)
+        except RuntimeError:  # the client's size check, its message quoting the traits
+            raise TooLarge("identify over Segment's 32 KB") from None
 
     def flush(self) -> None:
         if self._client is not None:

@@ -60,7 +60,7 @@ FAILED_STATUSES = {"FAILED", "CREATE FAILED"}
 
 def record_deletions(tx, user_ids: Iterable[str]) -> int:
     """Remember deleted users for Personalize's next data deletion job, in the caller's
-    write transaction (a ``webhook.store.Transaction``). A user already waiting or in a
+    write transaction (a ``storage.Transaction``). A user already waiting or in a
     running job is not added twice. Returns how many were added."""
     ids = sorted({user_id for user_id in user_ids if user_id})
     if not ids:

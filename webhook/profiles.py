@@ -2,11 +2,12 @@
 
 ``SegmentProfiles`` asks the Segment Profile API (Personas) for the traits the rules use,
 with a short timeout, pooled connections, a TTL cache, one call per visitor at a time
-(single-flight), and within the Profile API budget (``webhook/budget.py``: at most
-``PROFILE_API_MAX_RPS`` per space, shared by the workers and hosts; a 429 pauses every call
-of the host for its ``Retry-After``). ``LocalProfiles`` reads the local profile store
-(identify traits) and adds ``purchased_products`` from the purchases this service received.
-Neither ever raises: a failure is a ``Profile`` with ``status`` saying so.
+(single-flight), following the answer's pages while a trait asked for is still missing
+(``MAX_PAGES`` at most, within the one timeout), and within the Profile API budget
+(``webhook/budget.py``: at most ``PROFILE_API_MAX_RPS`` per space, shared by the workers
+and hosts; a 429 pauses every call of the host for its ``Retry-After``, a second without
+one). ``LocalProfiles`` reads the local profile store (identify traits) and adds
+``purchased_products`` from the purchases this service received. Neither ever raises: a failure is a ``Profile`` with ``status`` saying so.
 
 A profile is *known* when it was read (``ok``) or does not exist (``not_found``: nobody
 has set a trait, so nobody has opted out). Every other status (timeout, error, throttled,
@@ -37,6 +38,11 @@ log = logging.getLogger("webhook.profiles")
 
 KNOWN = ("ok", "not_found")
 MAX_PAUSE_SECONDS = 300.0  # a Retry-After longer than this is taken as this
+# The Profile API answers traits a page at a time (``cursor.has_more``), and a page may
+# hold fewer than the ``limit`` asked. Pages are followed while a trait asked for is
+# missing, this many at most, within the one lookup's timeout; traits still missing then
+# are unknown, not absent (an opt-out on page 4 must not read as "not opted out").
+MAX_PAGES = 3
 
 
 @dataclass(frozen=True)
@@ -212,20 +218,34 @@ class SegmentProfiles:
             return True  # cannot tell: ask Segment again
 
     def _lookup(self, identifier: str, names: Sequence[str]) -> Profile:
-        ticket = 0
-        if self.budget is not None:
-            share = self.share.share() if self.share is not None else self.budget.capacity
-            admitted, ticket = self.budget.acquire(share)
-            if admitted != "ok":
-                metrics.PROFILE_LOOKUPS.labels(outcome=admitted).inc()
-                detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
-                          else "PROFILE_API_MAX_RPS reached")
-                return Profile({}, admitted, self.name, detail=detail)
-        try:
-            profile = self._fetch(identifier, names)
-        finally:
-            if ticket:
-                self.budget.complete(ticket)
+        deadline = time.monotonic() + self.timeout
+        traits: dict = {}
+        after = ""  # the cursor of the next page
+        profile = Profile({}, "error", self.name,
+                          detail=f"traits incomplete after {MAX_PAGES} pages")
+        for page in range(MAX_PAGES):
+            ticket = 0
+            if self.budget is not None:  # every page is a call within the budget
+                share = (self.share.share() if self.share is not None
+                         else self.budget.capacity)
+                admitted, ticket = self.budget.acquire(share)
+                if admitted != "ok":
+                    metrics.PROFILE_LOOKUPS.labels(outcome=admitted).inc()
+                    detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
+                              else "PROFILE_API_MAX_RPS reached")
+                    return Profile({}, admitted, self.name, detail=detail)
+            try:
+                answer, after = self._fetch(identifier, names, after, deadline)
+            finally:
+                if ticket:
+                    self.budget.complete(ticket)
+            if answer.status != "ok":
+                profile = answer
+                break
+            traits.update(answer.traits)
+            if not after or all(name in traits for name in names):
+                profile = Profile(traits, "ok", self.name)
+                break
         metrics.PROFILE_LOOKUPS.labels(outcome=profile.status).inc()
         self._answers.append((time.monotonic(), profile.status))
         return profile
@@ -239,36 +259,54 @@ class SegmentProfiles:
             return 0.0, 0
         return sum(status == "not_found" for status in recent) / len(recent), len(recent)
 
-    def _fetch(self, identifier: str, names: Sequence[str]) -> Profile:
+    def _fetch(self, identifier: str, names: Sequence[str], after: str,
+               deadline: float) -> tuple[Profile, str]:
+        """One page of traits, from the cursor ``after`` (""): the page, and the cursor
+        of the next one ("" when there is none)."""
+        timed_out = Profile({}, "timeout", self.name, detail=f"no answer in {self.timeout}s")
         params = {"limit": "200"}
         if names:
             params["include"] = ",".join(names)
+        if after:
+            params["next"] = after
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return timed_out, ""
         try:
             response = self._session.get(self._url(identifier), params=params,
-                                         timeout=self.timeout)
+                                         timeout=remaining)
         except requests.Timeout:
-            return Profile({}, "timeout", self.name, detail=f"no answer in {self.timeout}s")
+            return timed_out, ""
         except requests.RequestException as exc:
-            return Profile({}, "error", self.name, detail=type(exc).__name__)
+            return Profile({}, "error", self.name, detail=type(exc).__name__), ""
         if response.status_code == 404:
-            return Profile({}, "not_found", self.name)
+            return Profile({}, "not_found", self.name), ""
         if response.status_code == 429:
             seconds = retry_after_seconds(response.headers.get("Retry-After"))
             if self.budget is not None:
                 self.budget.pause(seconds)
             log.warning("profile api answered 429: calls paused for %.1f s", seconds)
             return Profile({}, "throttled", self.name,
-                           detail=f"HTTP 429, calls paused for {seconds:g} s")
+                           detail=f"HTTP 429, calls paused for {seconds:g} s"), ""
         if response.status_code != 200:
             log.warning("profile api answered %s", response.status_code)
-            return Profile({}, "error", self.name, detail=f"HTTP {response.status_code}")
+            return Profile({}, "error", self.name,
+                           detail=f"HTTP {response.status_code}"), ""
         try:
-            traits = response.json().get("traits") or {}
+            body = response.json()
         except ValueError:
-            return Profile({}, "error", self.name, detail="not JSON")
+            return Profile({}, "error", self.name, detail="not JSON"), ""
+        traits = (body.get("traits") or {}) if isinstance(body, dict) else None
         if not isinstance(traits, dict):
-            return Profile({}, "error", self.name, detail="traits is not an object")
-        return Profile(traits, "ok", self.name)
+            return Profile({}, "error", self.name, detail="traits is not an object"), ""
+        cursor = body.get("cursor")
+        following = ""
+        if isinstance(cursor, dict) and cursor.get("has_more") is True:
+            following = cursor.get("next")
+            if not isinstance(following, str) or not following:
+                return Profile({}, "error", self.name,
+                               detail="more traits, but no cursor to them"), ""
+        return Profile(traits, "ok", self.name), following
 
 
 def retry_after_seconds(value: str | None, default: float = 1.0) -> float:
