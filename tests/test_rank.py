@@ -131,6 +131,8 @@ def test_the_buyers_own_token_shows_what_the_checks_removed(make_app):
     ({"userId": "u"}, "itemIds"),
     ({"userId": "u", "itemIds": []}, "itemIds"),
     ({"userId": "u", "itemIds": ["a", 3.5]}, "itemIds"),
+    ({"userId": "u", "itemIds": [None]}, "itemIds"),  # found by schemathesis: ranked as null
+    ({"userId": "u", "itemIds": ["a", "  "]}, "itemIds"),
     ({"userId": "u", "itemIds": [f"i{n}" for n in range(501)]}, "itemIds"),
     ({"userId": "x" * 300, "itemIds": ["a"]}, "userId"),
 ])
@@ -138,6 +140,7 @@ def test_bad_requests_are_400_naming_the_parameter(app, body, parameter):
     response = rank(app, body)
     assert response.status_code == 400
     assert response.get_json()["details"]["parameter"] == parameter
+    assert "itemList" not in response.get_json()
 
 
 def test_not_json_is_400_and_repeated_ids_count_once(app):

@@ -230,19 +230,26 @@ def parse_timestamp(value: Any) -> datetime:
     return moment
 
 
-def _optional_id(raw: dict, key: str) -> str | None:
-    value = raw.get(key)
+def clean_id(value: Any, name: str) -> str | None:
+    """An id as Segment's libraries send it (None for absent or empty): a string, or a
+    whole number sent as one, of at most 256 characters a database can hold. Raises
+    ``MessageError`` naming ``name`` otherwise. The one check of an id, for messages and
+    for the ids callers of the other endpoints give."""
     if value is None or value == "":
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # Segment's libraries accept numeric ids and send them as numbers
     if not isinstance(value, str):
-        raise MessageError(f"{key} must be a string")
+        raise MessageError(f"{name} must be a string")
     if len(value) > MAX_ID_LENGTH:
-        raise MessageError(f"{key} is longer than {MAX_ID_LENGTH} characters")
+        raise MessageError(f"{name} is longer than {MAX_ID_LENGTH} characters")
     if not clean_text(value):
-        raise MessageError(f"{key} holds a NUL character or a lone surrogate")
+        raise MessageError(f"{name} holds a NUL character or a lone surrogate")
     return value
+
+
+def _optional_id(raw: dict, key: str) -> str | None:
+    return clean_id(raw.get(key), key)
 
 
 def _optional_dict(raw: dict, key: str) -> dict:

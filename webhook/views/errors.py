@@ -27,8 +27,13 @@ def json_response(body, status: int = 200):
 
 
 def error_response(status: int, code: str, message: str, *, retry_after: int | None = None,
-                   details: dict | None = None):
-    body = {"error": {"code": code, "message": message}}
+                   details: dict | None = None, segment_style: bool = False):
+    """The one error format: ``{"error": {"code", "message", "requestId"?}, "details"?}``.
+    ``segment_style`` (the Tracking API, ``/v1``) adds Segment's own fields at the top
+    level, ``success``, ``code`` and ``message``: what its libraries log."""
+    body: dict = {"error": {"code": code, "message": message}}
+    if segment_style:
+        body = {"success": False, "code": code, "message": message, **body}
     if g.get("request_id"):
         body["error"]["requestId"] = g.request_id
     if details is not None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app
 
 from ..recommend import NoRecommendations, Request
 from ..recommenders.personalize import MAX_RESULTS
-from ..segment import MAX_ID_LENGTH, clean_text
 from ..storage import StoreUnavailable
+from .edge import BadBody, BadParameter, TooLarge, read_body, visitor_id
 from .errors import error_response
 from .recommendations import answer_response, check_access, unavailable
 
@@ -29,42 +29,24 @@ MAX_ITEMS = MAX_RESULTS  # GetPersonalizedRanking takes at most 500 ids
 MAX_BODY = 256 * 1024    # 500 ids of 256 characters, escaped, fit
 
 
-class BadInput(Exception):
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
-
-
 def _id(body: dict, name: str) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise BadInput(name, f"{name} must be a non-empty string")
-    value = value.strip()
-    if len(value) > MAX_ID_LENGTH or not clean_text(value):
-        raise BadInput(name, f"{name} must be at most {MAX_ID_LENGTH} characters")
-    return value
+    return visitor_id(body.get(name), name)
 
 
 def _item_ids(body: dict) -> list[str]:
     raw = body.get("itemIds")
     if not isinstance(raw, list) or not raw:
-        raise BadInput("itemIds", "itemIds must be a non-empty array of item ids")
+        raise BadParameter("itemIds", "itemIds must be a non-empty array of item ids")
     ids: list[str] = []
     for position, value in enumerate(raw):
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH \
-                or not clean_text(value):
-            raise BadInput("itemIds", f"itemIds[{position}] must be a non-empty string of "
-                                      f"at most {MAX_ID_LENGTH} characters")
-        ids.append(value.strip())
+        checked = visitor_id(value, f"itemIds[{position}]")
+        if checked is None:
+            raise BadParameter("itemIds", f"itemIds[{position}] is not an item id")
+        ids.append(checked)
     ids = list(dict.fromkeys(ids))
     if len(ids) > MAX_ITEMS:
-        raise BadInput("itemIds", f"itemIds holds {len(ids)} distinct ids; at most {MAX_ITEMS}")
+        raise BadParameter("itemIds",
+                           f"itemIds holds {len(ids)} distinct ids; at most {MAX_ITEMS}")
     return ids
 
 
@@ -72,12 +54,12 @@ def _item_ids(body: dict) -> list[str]:
 def rank():
     services = current_app.extensions["segment"]
     settings = services.settings
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return error_response(413, "body_too_large",
-                              f"the body is larger than {MAX_BODY} bytes")
-    raw = request.get_data(cache=False)
-    if len(raw) > MAX_BODY:
+    try:
+        raw = read_body(MAX_BODY)
+    except TooLarge:
         return error_response(413, "body_too_large", f"the body is larger than {MAX_BODY} bytes")
+    except BadBody as exc:
+        return error_response(400, "invalid_body", str(exc))
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -87,8 +69,9 @@ def rank():
     try:
         wanted = Request(user_id=_id(body, "userId"), anonymous_id=_id(body, "anonymousId"))
         item_ids = _item_ids(body)
-    except BadInput as exc:
-        return error_response(400, "bad_parameter", str(exc), details={"parameter": exc.name})
+    except BadParameter as exc:
+        parameter = "itemIds" if exc.name.startswith("itemIds") else exc.name
+        return error_response(400, "bad_parameter", str(exc), details={"parameter": parameter})
     if not wanted.visitor:
         return error_response(400, "bad_parameter", "give userId or anonymousId",
                               details={"parameter": "userId"})

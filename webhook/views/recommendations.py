@@ -7,33 +7,19 @@ from flask import Blueprint, current_app, jsonify, request
 
 from ..identity import is_linked
 from ..recommend import MAX_RESULTS, NoRecommendations, Request
-from ..segment import MAX_ID_LENGTH, clean_text
 from ..settings import reveal
 from ..storage import StoreUnavailable
 from ..tokens import TokenError, check_token
 from .auth import bearer
+from .edge import BadParameter, visitor_id
 from .errors import error_response
 
 bp = Blueprint("recommendations", __name__)
 log = logging.getLogger("webhook.recommendations")
 
 
-class BadParameter(Exception):
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
-
-
 def _id(name: str) -> str | None:
-    value = request.args.get(name)
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        raise BadParameter(name, f"{name} is empty")
-    if len(value) > MAX_ID_LENGTH or not clean_text(value):
-        raise BadParameter(name, f"{name} must be at most {MAX_ID_LENGTH} characters")
-    return value
+    return visitor_id(request.args.get(name), name)
 
 
 def _num_results() -> int:

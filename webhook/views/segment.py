@@ -13,6 +13,7 @@ from ..segment import BodyError, decode_body, parse_body
 from ..settings import reveal
 from ..signature import SignatureError, verify_delivery
 from ..storage import StoreUnavailable
+from .edge import BadBody, TooLarge, read_body
 from .errors import error_response, json_response
 
 bp = Blueprint("segment", __name__)
@@ -33,7 +34,12 @@ def _receive(outcomes: dict):
     services = current_app.extensions["segment"]
     settings = services.settings
     req = request._get_current_object()  # this request (one proxy lookup, not one a use)
-    raw = _read_body(req, settings.max_body_bytes)
+    try:
+        raw = read_body(settings.max_body_bytes)
+    except TooLarge:
+        raise RequestEntityTooLarge() from None  # the app's 413 (views/errors.py)
+    except BadBody as exc:
+        return error_response(400, "invalid_body", str(exc))
 
     try:
         data = verify_delivery(req.headers, raw, secrets=reveal(settings.segment_shared_secrets),
@@ -71,51 +77,6 @@ def _receive(outcomes: dict):
             "interactions": summary.interactions,
         }
     return json_response(summary.as_json())
-
-
-def _read_body(req, limit: int) -> bytes:
-    """The raw body; 413 above ``limit`` bytes, before anything parses it. A body without
-    Content-Length (chunked) is read up to one byte past the limit to tell."""
-    stream = req.environ["wsgi.input"]  # read as the server gives it: nothing else does
-    length = req.content_length
-    if length is not None:
-        if length > limit:
-            raise RequestEntityTooLarge()
-        return _read_exactly(stream, length)
-    raw = read_at_most(stream, limit)
-    if len(raw) > limit:
-        raise RequestEntityTooLarge()
-    return raw
-
-
-def _read_exactly(stream, length: int) -> bytes:
-    """A body of known length: one read where the server hands it over whole (gunicorn
-    does; the server stops at Content-Length, so no read past it is needed to tell the
-    end), more where it gives less at a time."""
-    first = stream.read(length)
-    if len(first) >= length or not first:
-        return first[:length]
-    chunks, size = [first], len(first)
-    while size < length:
-        chunk = stream.read(length - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
-def read_at_most(stream, limit: int) -> bytes:
-    """Up to ``limit + 1`` bytes of ``stream``: more than ``limit`` means "too large",
-    known without reading (or holding) the rest."""
-    chunks, size = [], 0
-    while size <= limit:
-        chunk = stream.read(min(65536, limit + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 def _unauthorized(reason: str):

@@ -45,7 +45,6 @@ import hmac
 import json
 import logging
 import uuid
-import zlib
 from datetime import datetime, timezone
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -55,7 +54,8 @@ from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..settings import reveal
 from ..storage import StoreUnavailable
-from .segment import read_at_most
+from .edge import BadBody, TooLarge, read_body
+from .errors import error_response
 
 bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
 log = logging.getLogger("webhook.tracking_api")
@@ -77,16 +77,8 @@ class _Refused(Exception):
 
 def _error(status: int, code: str, message: str, *, details: dict | None = None,
            retry_after: int | None = None):
-    body: dict = {"success": False, "code": code, "message": message,
-                  "error": {"code": code, "message": message}}
-    if g.get("request_id"):
-        body["error"]["requestId"] = g.request_id
-    if details is not None:
-        body["details"] = details
-    response = jsonify(body)
-    response.status_code = status
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
+    response = error_response(status, code, message, details=details,
+                              retry_after=retry_after, segment_style=True)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Basic realm="tracking-api"'
     return response
@@ -291,32 +283,14 @@ def _known(key: str, keys) -> bool:
 
 
 def _read_body(limit: int, batch: bool) -> bytes:
-    """The body, decompressed; 400 naming Segment's limit above ``limit`` bytes, checked
-    before anything parses it (and, for gzip, while decompressing)."""
+    """The body, inflated; 400 naming Segment's limit above ``limit`` bytes, checked
+    before anything parses it (and, for gzip, while inflating)."""
     what = "a batch request is 500 KB" if batch else "a single call is 32 KB"
-
-    def too_large() -> _Refused:
-        return _Refused(400, "request_too_large",
-                        f"the request is larger than Segment's Tracking API limit: {what} "
-                        f"({limit} bytes)")
-
-    encoding = (request.headers.get("Content-Encoding") or "").strip().lower()
-    wire_limit = limit + 64 * 1024 if encoding == "gzip" else limit
-    if request.content_length is not None and request.content_length > wire_limit:
-        raise too_large()
-    stream = request.environ["wsgi.input"] if request.content_length is None \
-        else request.stream
-    raw = read_at_most(stream, wire_limit)
-    if len(raw) > wire_limit:
-        raise too_large()
-    if encoding == "gzip":
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            raw = inflater.decompress(raw, limit + 1)
-        except zlib.error:
-            raise _Refused(400, "invalid_body", "the body is not valid gzip") from None
-        if len(raw) > limit:
-            raise too_large()
-    elif encoding not in ("", "identity"):
-        raise _Refused(400, "invalid_body", f"unsupported Content-Encoding {encoding[:20]!r}")
-    return raw
+    try:
+        return read_body(limit, gzip=True)
+    except TooLarge:
+        raise _Refused(400, "request_too_large",
+                       f"the request is larger than Segment's Tracking API limit: {what} "
+                       f"({limit} bytes)") from None
+    except BadBody as exc:
+        raise _Refused(400, "invalid_body", str(exc)) from None
