@@ -361,6 +361,8 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("attribution_window_hours", ("ATTRIBUTION_WINDOW_HOURS",), _positive_float),
     ("attribution_hold_seconds", ("ATTRIBUTION_HOLD_SECONDS",), _non_negative_float),
     ("insights_token", ("INSIGHTS_TOKEN",), _secret_key),
+    # --- the local engine at scale ---
+    ("engine_history_max", ("ENGINE_HISTORY_MAX",), _positive_int),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
@@ -481,6 +483,10 @@ class Settings:
     # attributable. 0: never waits (one worker: its own answers are written first).
     attribution_hold_seconds: float = 1.0
     insights_token: str = ""  # required by GET /insights when set
+    # --- the local engine at scale ---
+    # An answer reads at most this many of the visitor's latest interactions (what it
+    # scores and what counts as already seen), so its cost does not grow with the history.
+    engine_history_max: int = 300
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -589,4 +595,5 @@ class Settings:
             "insights_retention_days": self.insights_retention_days or None,
             "attribution_window_hours": self.attribution_window_hours,
             "insights_token": bool(self.insights_token),
+            "engine_history_max": self.engine_history_max,
         }

@@ -16,7 +16,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .store import identity_links
+from .store import identity_links, interactions
 
 ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous people apart from user ids in one key space
 
@@ -75,3 +75,26 @@ def resolve_visitor(conn, visitor: str) -> Person:
     if person.user_id:
         return person
     return resolve(conn, user_id=visitor, anonymous_id=visitor)
+
+
+ANONYMOUS_IDS_READ = 32  # linked anonymousIds whose own rows one bounded read covers
+
+
+def latest_interactions(person: Person, columns, limit: int, first: str | None = None):
+    """A query for the person's latest ``limit`` interactions (``columns`` of them) under
+    each of their ids: the userId, and at most ``ANONYMOUS_IDS_READ`` linked anonymousIds
+    (``first`` before the others). Each id is one range of an index on (id, time)
+    (``interactions_user_time``, ``interactions_anonymous_time``) read newest first and
+    cut at ``limit``, so the work is bounded by ``limit`` per id however long the history
+    is. A row stored under both the userId and an anonymousId comes once for each. None
+    when the person has no id."""
+    anonymous = sorted(person.anonymous_ids, key=lambda a: a != first)[:ANONYMOUS_IDS_READ]
+    ranges = [(interactions.c.anonymous_id, a) for a in anonymous]
+    if person.user_id:
+        ranges.insert(0, (interactions.c.user_id, person.user_id))
+    if not ranges:
+        return None
+    parts = [sa.select(*columns).where(column == value)
+             .order_by(interactions.c.timestamp.desc())
+             .limit(max(1, int(limit))).subquery().select() for column, value in ranges]
+    return sa.union_all(*parts) if len(parts) > 1 else parts[0]

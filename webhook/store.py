@@ -95,6 +95,9 @@ interactions = sa.Table(
     sa.Column("timestamp", sa.Float, nullable=False, index=True),  # retention, popularity
     sa.Column("properties", sa.JSON, nullable=False),
 )
+# A person's latest interactions, newest first, read by an index range (the local engine).
+sa.Index("interactions_user_time", interactions.c.user_id, interactions.c.timestamp)
+sa.Index("interactions_anonymous_time", interactions.c.anonymous_id, interactions.c.timestamp)
 
 items = sa.Table(
     "items", metadata,

@@ -17,7 +17,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..identity import person_key, resolve_visitor
+from ..identity import latest_interactions, person_key, resolve_visitor
 from ..store import Store, identity_links, interactions
 from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
 
@@ -184,31 +184,24 @@ def load_training_data(store: Store, weights: Mapping[str, float]
     return data, people
 
 
-SEEN_LIMIT = 5000  # interactions read per request to know what a person already had
-
-
-def read_history(store: Store, identity: str, limit: int, seen_limit: int = SEEN_LIMIT
+def read_history(store: Store, identity: str, limit: int
                  ) -> tuple[list[tuple[str, str, float]], set[str]]:
     """The person's latest ``limit`` interactions as (item id, event type, time), oldest
-    first, and the items of their latest ``seen_limit`` interactions: as a user, and as
-    every anonymous id linked to them (alias/identify)."""
+    first, and the items among them: as a user, and as the anonymous ids linked to them
+    (alias/identify). The read is bounded (``identity.latest_interactions``): an answer
+    costs the same for a visitor with 50 interactions or with 100,000."""
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
-    n = max(limit, seen_limit)
     with store.read() as conn:
-        person = resolve_visitor(conn, identity)
-        conditions = [interactions.c.anonymous_id.in_(person.anonymous_ids)]
-        if person.user_id:
-            conditions.append(interactions.c.user_id == person.user_id)
-        parts = [sa.select(*cols).where(condition).order_by(interactions.c.timestamp.desc())
-                 .limit(n).subquery().select() for condition in conditions]
-        query = sa.union_all(*parts) if len(parts) > 1 else parts[0]
+        query = latest_interactions(resolve_visitor(conn, identity), cols, limit,
+                                    first=identity)
+        if query is None:
+            return [], set()
         rows = {event_id: (timestamp, event_id, item_id, event_type)
                 for event_id, item_id, event_type, timestamp in conn.execute(query)}
-    ordered = sorted(rows.values())
-    seen = {row[2] for row in ordered}
-    return [(item_id, event_type, timestamp)
-            for timestamp, _, item_id, event_type in ordered[-limit:]], seen
+    latest = sorted(rows.values())[-max(1, int(limit)):]
+    return ([(item_id, event_type, timestamp) for timestamp, _, item_id, event_type in latest],
+            {row[2] for row in latest})
 
 
 def recent_interactions(store: Store, limit: int) -> list[tuple[str, str, float]]:

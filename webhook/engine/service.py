@@ -84,6 +84,9 @@ class LocalRecommender:
         self.inline_refresh = inline_refresh  # False when a background thread refreshes
         self.weights = event_weights(settings.engine_event_weights)
         self.exclude_seen_default = getattr(settings, "engine_exclude_seen", True)
+        # Interactions an answer reads: what it scores (the model's latest `history` of
+        # them) and what counts as already seen.
+        self.history_max = settings.engine_history_max
 
     # -- the protocol --------------------------------------------------------------------
 
@@ -108,8 +111,7 @@ class LocalRecommender:
                                     details, related=True)
             return self._popular_answer(banned_ids, num_results, details)
 
-        history, seen = db.read_history(
-            self.store, user_id, model.params.history if model else Params().history) \
+        history, seen = db.read_history(self.store, user_id, self.history_max) \
             if user_id else ([], set())
         details["history"] = len(history)
         if exclude_seen:
@@ -146,7 +148,8 @@ class LocalRecommender:
         ids = list(item_ids)
         history = []
         if model is not None and user_id:
-            history, _ = db.read_history(self.store, user_id, model.params.history)
+            history, _ = db.read_history(self.store, user_id,
+                                         min(self.history_max, model.params.history))
         details["history"] = len(history)
         known_history = [(model.index[item], self.weights.get(event, 1.0))
                          for item, event, _ in history if item in model.index] \
