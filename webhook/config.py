@@ -363,6 +363,7 @@ _SOURCES: tuple[tuple[str, tuple[str, ...], Callable[[str], Any]], ...] = (
     ("insights_token", ("INSIGHTS_TOKEN",), _secret_key),
     # --- the local engine at scale ---
     ("engine_history_max", ("ENGINE_HISTORY_MAX",), _positive_int),
+    ("engine_train_max_interactions", ("ENGINE_TRAIN_MAX_INTERACTIONS",), _positive_int),
 )
 
 # Settings whose values are secrets: never logged, never shown by /healthz.
@@ -487,6 +488,8 @@ class Settings:
     # An answer reads at most this many of the visitor's latest interactions (what it
     # scores and what counts as already seen), so its cost does not grow with the history.
     engine_history_max: int = 300
+    # Training reads at most this many interactions, the most recent (bounds its memory).
+    engine_train_max_interactions: int = 10_000_000
     # Filled from the environment name that supplied each value; for error messages.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -596,4 +599,5 @@ class Settings:
             "attribution_window_hours": self.attribution_window_hours,
             "insights_token": bool(self.insights_token),
             "engine_history_max": self.engine_history_max,
+            "engine_train_max_interactions": self.engine_train_max_interactions,
         }

@@ -11,7 +11,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import sqlalchemy as sa
@@ -147,41 +147,75 @@ def lease_holder(store: Store, name: str = "train") -> str | None:
 
 # -- reading interactions ------------------------------------------------------------------
 
-def load_training_data(store: Store, weights: Mapping[str, float]
+TRAINING_CHUNK_ROWS = 100_000  # rows fetched from the database at a time for training
+
+
+def load_training_data(store: Store, weights: Mapping[str, float],
+                       max_interactions: int | None = None
                        ) -> tuple[Interactions, dict[str, int]]:
-    """Every stored interaction, resolved to a person (an anonymous id linked to a user
-    counts as that user), numbered. Returns the data and the person → number map."""
+    """The stored interactions (the most recent ``max_interactions`` of them, if given),
+    resolved to a person (an anonymous id linked to a user counts as that user), numbered.
+    Returns the data and the person → number map.
+
+    Rows are fetched ``TRAINING_CHUNK_ROWS`` at a time and kept as compact arrays (int32
+    person and item numbers, float32 weights, float64 times: 20 bytes an interaction),
+    plus one dictionary entry per person, item and event type."""
+    people: dict[str, int] = {}
+    items: dict[str, int] = {}
+    event_numbers: dict[str, int] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
     with store.read() as conn:
         links = dict(conn.execute(sa.select(identity_links.c.anonymous_id,
                                              identity_links.c.user_id)).all())
-        result = conn.execution_options(stream_results=True, yield_per=50_000).execute(
-            sa.select(interactions.c.user_id, interactions.c.anonymous_id,
-                      interactions.c.item_id, interactions.c.event_type,
-                      interactions.c.timestamp))
-        people: dict[str, int] = {}
-        items: dict[str, int] = {}
-        event_numbers: dict[str, int] = {}
-        user_col, item_col, event_col, time_col = [], [], [], []
-        for user_id, anonymous_id, item_id, event_type, timestamp in result:
-            person = person_key(user_id, anonymous_id, links.get)
-            user_col.append(people.setdefault(person, len(people)))
-            item_col.append(items.setdefault(item_id, len(items)))
-            event_col.append(event_numbers.setdefault(event_type, len(event_numbers)))
-            time_col.append(timestamp)
+        query = sa.select(interactions.c.user_id, interactions.c.anonymous_id,
+                          interactions.c.item_id, interactions.c.event_type,
+                          interactions.c.timestamp)
+        if max_interactions is not None:
+            # The time of the max_interactions-th newest row: a walk down the time index.
+            oldest = conn.execute(sa.select(interactions.c.timestamp)
+                                  .order_by(interactions.c.timestamp.desc())
+                                  .offset(max(0, max_interactions - 1)).limit(1)).scalar()
+            if oldest is not None:
+                query = query.where(interactions.c.timestamp >= oldest)
+        result = conn.execution_options(stream_results=True,
+                                        yield_per=TRAINING_CHUNK_ROWS).execute(query)
+        link_of = links.get
+        for rows in result.partitions():
+            user_ids, anonymous_ids, item_ids, event_types, timestamps = zip(*rows)
+            del rows
+            # `u or ...`: a userId is its own person (person_key's rule), without a call.
+            persons = [u or person_key(u, a, link_of)
+                       for u, a in zip(user_ids, anonymous_ids)]
+            parts.append((_numbered(persons, people), _numbered(item_ids, items),
+                          _numbered(event_types, event_numbers),
+                          np.array(timestamps, dtype=np.float64)))
+            del persons, user_ids, anonymous_ids, item_ids, event_types, timestamps
+    if parts:
+        users, item_numbers, events, times = (np.concatenate(c) for c in zip(*parts))
+    else:
+        users = item_numbers = events = np.empty(0, dtype=np.int32)
+        times = np.empty(0, dtype=np.float64)
+    del parts
+    if max_interactions is not None and len(times) > max_interactions:
+        # Rows tied with the oldest one kept: keep the newest max_interactions of them.
+        keep = np.sort(np.argsort(-times, kind="stable")[:max_interactions])
+        users, item_numbers, events, times = (users[keep], item_numbers[keep],
+                                              events[keep], times[keep])
     by_event = np.array([weights.get(name, UNKNOWN_EVENT_WEIGHT)
                          for name in event_numbers] or [0.0], dtype=np.float32)
     item_ids = np.empty(len(items), dtype=object)
     item_ids[:] = list(items)
-    data = Interactions(
-        users=np.asarray(user_col, dtype=np.int64),
-        items=np.asarray(item_col, dtype=np.int64),
-        weights=by_event[np.asarray(event_col, dtype=np.int64)] if event_col
-        else np.empty(0, dtype=np.float32),
-        times=np.asarray(time_col, dtype=np.float64),
-        item_ids=item_ids,
-        n_users=len(people),
-    )
+    data = Interactions(users=users, items=item_numbers, weights=by_event[events],
+                        times=times, item_ids=item_ids, n_users=len(people))
     return data, people
+
+
+def _numbered(values: Sequence[str], numbers: dict[str, int]) -> np.ndarray:
+    """The number of each value, numbering new ones in order of first appearance."""
+    for value in dict.fromkeys(values):
+        if value not in numbers:
+            numbers[value] = len(numbers)
+    return np.fromiter(map(numbers.__getitem__, values), dtype=np.int32, count=len(values))
 
 
 def read_history(store: Store, identity: str, limit: int

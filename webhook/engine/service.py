@@ -199,12 +199,18 @@ def train_once(store, settings, params: Params | None = None) -> tuple[int, dict
     """Read the store, fit, save; returns (version, stats). The caller holds the lease."""
     started = time.perf_counter()
     count = db.count_interactions(store)
-    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights))
+    limit = settings.engine_train_max_interactions
+    if count > limit:
+        log.info("training on the most recent %d of %d interactions "
+                 "(ENGINE_TRAIN_MAX_INTERACTIONS)", limit, count,
+                 extra={"stored_interactions": count, "train_max_interactions": limit})
+    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights),
+                                    limit if count > limit else None)
     loaded = time.perf_counter()
     model = train_model(data, params or Params())
     fitted = time.perf_counter()
     model.stats.update(load_seconds=round(loaded - started, 3),
-                       fit_seconds=round(fitted - loaded, 3))
+                       fit_seconds=round(fitted - loaded, 3), stored_interactions=count)
     version = db.save_model(store, model, count)
     model.stats["save_seconds"] = round(time.perf_counter() - fitted, 3)
     log.info("model trained", extra={"model_version": version, **model.stats})
