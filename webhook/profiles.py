@@ -73,8 +73,9 @@ def _purchases_of(conn, person: Person, purchase_events: Sequence[str],
     """Items bought among the person's latest ``PURCHASES_READ`` interactions, newest
     first: a bounded read (``identity.latest_interactions``), so a visitor with 100,000
     interactions costs an answer no more than one with a few hundred."""
-    latest = latest_interactions(person, (interactions.c.item_id, interactions.c.event_type,
-                                          interactions.c.timestamp),
+    latest = latest_interactions(conn, person, (interactions.c.item_id,
+                                                interactions.c.event_type,
+                                                interactions.c.timestamp),
                                  PURCHASES_READ, first=first)
     if latest is None:
         return []

@@ -227,7 +227,7 @@ def read_history(store: Store, identity: str, limit: int
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
     with store.read() as conn:
-        query = latest_interactions(resolve_visitor(conn, identity), cols, limit,
+        query = latest_interactions(conn, resolve_visitor(conn, identity), cols, limit,
                                     first=identity)
         if query is None:
             return [], set()
