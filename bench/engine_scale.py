@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -218,6 +219,8 @@ def main() -> None:
                         help="times each of those users is asked for")
     parser.add_argument("--database-url", default="", help="an empty database (default: "
                         "SQLite in a temporary folder)")
+    parser.add_argument("--workdir", help="where the temporary folder goes (its SQLite "
+                        "database, gunicorn's logs); removed after a run that succeeded")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
@@ -225,7 +228,7 @@ def main() -> None:
     from webhook.config import Settings
     from webhook.engine.persistence import count_interactions
 
-    tmp = tempfile.mkdtemp(prefix="engine-bench-")
+    tmp = tempfile.mkdtemp(prefix="engine-bench-", dir=args.workdir)
     url = args.database_url or f"sqlite:///{tmp}/bench.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     env.update(DATABASE_URL=url, ENGINE_BACKGROUND_TRAINING="false", LOG_LEVEL="WARNING")
@@ -284,6 +287,7 @@ def main() -> None:
               f"{int(np.median(activity[typical])):,} interactions): "
               f"{percentiles(timings[1::2])}", flush=True)
     services.store.dispose()
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":
