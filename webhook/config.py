@@ -487,7 +487,7 @@ class Settings:
     # --- the local engine at scale ---
     # An answer reads at most this many of the visitor's latest interactions (what it
     # scores and what counts as already seen), so its cost does not grow with the history.
-    engine_history_max: int = 300
+    engine_history_max: int = 500
     # Training reads at most this many interactions, the most recent (bounds its memory).
     engine_train_max_interactions: int = 10_000_000
     # Filled from the environment name that supplied each value; for error messages.
