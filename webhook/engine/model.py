@@ -54,9 +54,9 @@ class Params:
     neighbours: int = 100          # kept per item in `similar`
     following_neighbours: int = 100  # kept per item in `following`
     window: int = 8                # how many later items an item "leads to"
-    window_decay: float = 0.6      # weight of the d-th later item: decay**(d-1)
+    window_decay: float = 0.8      # weight of the d-th later item: decay**(d-1)
     following_damping: float = 0.5  # row normalisation: count(a) ** damping
-    history: int = 100             # most recent interactions read per request
+    history: int = 100             # of those an answer reads, the latest this many score
     recency: float = 0.8           # weight of the j-th most recent item: recency**j
     following_recency: float = 0.8  # the same, for `following` (the very latest matters)
     following_weight: float = 2.0  # mix of `following` into the score
