@@ -7,8 +7,8 @@ of event types, times spread over the last 90 days. Its interactions go in throu
 (``Services.drain``, as ``flask --app webhook import`` does), in growing prefixes of the
 one shop: 1M, 5M, 10M by default. At each size:
 
-* ``flask --app webhook train`` runs in a child process: its wall time, the load / fit /
-  save split, and its peak RSS (``ru_maxrss`` of that process, from ``wait4``);
+* ``flask --app webhook train`` runs in a child process: its wall time, the load / fit
+  split, and its peak RSS (VmHWM, read by the child as it exits);
 * the model must hold what was given: every interaction (or ENGINE_TRAIN_MAX_INTERACTIONS
   of them) and every item; otherwise the bench stops with an error, before any figure;
 * the model's size (the blob the workers load);
@@ -103,19 +103,35 @@ def ingest(services, users, items, events, times, start: int, stop: int) -> int:
     return report.interactions
 
 
+# `flask --app webhook train`, reporting at exit the peak RSS of its own address space
+# (VmHWM). Not ru_maxrss: Linux carries the forking parent's RSS into the child's across
+# exec, so that would report this bench's own size whenever it is the larger.
+TRAIN = """
+import atexit, sys
+from flask.cli import main
+
+def peak():
+    status = open("/proc/self/status").read()
+    print("VmHWM_kB", status.split("VmHWM:")[1].split()[0], flush=True)
+
+atexit.register(peak)
+sys.argv = ["flask", "--app", "webhook", "train"]
+main()
+"""
+
+
 def train(env: dict[str, str]) -> dict:
     """``flask --app webhook train`` in a child: its wall time and peak RSS."""
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook", "train"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
-    output = child.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise BenchFailure(f"flask train failed ({child.returncode}):\n{output}")
-    return {"seconds": time.perf_counter() - started,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "output": output.strip()}
+    child = subprocess.run([sys.executable, "-c", TRAIN], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    peak = [line.split()[1] for line in child.stdout.splitlines()
+            if line.startswith("VmHWM_kB ")]
+    if child.returncode != 0 or not peak:
+        raise BenchFailure(f"flask train failed ({child.returncode}):\n"
+                           f"{child.stdout}{child.stderr}")
+    return {"seconds": seconds, "peak_rss_mib": int(peak[0]) / 1024}
 
 
 def latest_model(store) -> tuple[dict, int]:
