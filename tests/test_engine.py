@@ -13,6 +13,7 @@ import pytest
 
 from webhook.engine import engine_for, recommender_for
 from webhook.engine import persistence as db
+from webhook.storage.schema import engine_models
 from webhook.engine import service
 
 
@@ -198,7 +199,7 @@ def test_only_one_process_trains_at_a_time(make_app, database_url, monkeypatch):
     assert most[0] == 1 and len(runs) == 1
     assert sorted(results, key=str) == [1, None, None, None]
     # The lease is released, and nothing is due right after a run.
-    assert db.lease_holder(engine_for(apps[0]).trainer.store) is None
+    assert engine_for(apps[0]).trainer.lease.holder() is None
     assert engine_for(apps[1]).trainer.due() is None
 
 
@@ -219,7 +220,7 @@ def test_training_is_due_after_n_interactions_or_t_seconds(make_app):
     assert trainer.due() is None
     # An hour later, one new interaction is enough.
     with trainer.store.write() as tx:
-        tx.conn.execute(db.models_table.update().values(created_at=time.time() - 3601))
+        tx.conn.execute(engine_models.update().values(created_at=time.time() - 3601))
     assert trainer.due() == "interval elapsed"
 
 

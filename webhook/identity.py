@@ -26,7 +26,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from .storage.schema import identity_links
+from .storage.schema import identity_links, interactions
 
 ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous people apart from user ids in one key space
 
@@ -101,3 +101,35 @@ def subject_of_visitor(conn, visitor: str) -> Person:
     the anonymous ids linked to it as a user. An anonymous id's link to a user is never
     followed."""
     return Person(visitor, tuple(sorted({visitor, *_linked_to(conn, visitor)})))
+
+
+ANONYMOUS_IDS_READ = 32  # linked anonymousIds whose own rows one bounded read covers
+
+
+def latest_interactions(conn, person: Person, columns, limit: int, first: str | None = None):
+    """A query for the person's latest ``limit`` interactions (``columns`` of them) under
+    each of their ids: the userId, and at most ``ANONYMOUS_IDS_READ`` linked anonymousIds
+    (``first`` before the others). Each id is one range of an index on (id, time)
+    (``interactions_user_time``, ``interactions_anonymous_time``) read newest first and
+    cut at ``limit``, so the work is bounded by ``limit`` per id however long the history
+    is. A row stored under both the userId and an anonymousId comes once for each. None
+    when the person has no id.
+
+    On PostgreSQL, plans in ``conn``'s transaction avoid sorting from here on
+    (``enable_sort``, and ``jit`` off: a sort that remains is costed so high that it would
+    be compiled): when the planner's statistics underestimate a visitor's rows (right
+    after an import, or a bot grown since the last ANALYZE), it would otherwise fetch
+    their whole history and sort it. SQLite's planner reads the index in order by itself."""
+    anonymous = sorted(person.anonymous_ids, key=lambda a: a != first)[:ANONYMOUS_IDS_READ]
+    ranges = [(interactions.c.anonymous_id, a) for a in anonymous]
+    if person.user_id:
+        ranges.insert(0, (interactions.c.user_id, person.user_id))
+    if not ranges:
+        return None
+    if conn.dialect.name == "postgresql":  # and no JIT for the inflated cost of a sort
+        conn.execute(sa.text("SELECT set_config('enable_sort', 'off', true), "
+                             "set_config('jit', 'off', true)"))
+    parts = [sa.select(*columns).where(column == value)
+             .order_by(interactions.c.timestamp.desc())
+             .limit(max(1, int(limit))).subquery().select() for column, value in ranges]
+    return sa.union_all(*parts) if len(parts) > 1 else parts[0]

@@ -316,6 +316,12 @@ class Settings(BaseSettings):
     engine_exclude_seen: bool = Field(True, validation_alias=env("ENGINE_EXCLUDE_SEEN"))
     engine_model_refresh_seconds: PositiveFloat = Field(
         5.0, validation_alias=env("ENGINE_MODEL_REFRESH_SECONDS"))
+    # An answer reads at most this many of the visitor's latest interactions (what it
+    # scores, what counts as already seen): its cost does not grow with the history.
+    engine_history_max: PositiveInt = Field(500, validation_alias=env("ENGINE_HISTORY_MAX"))
+    # Training reads at most this many interactions, the most recent (bounds its memory).
+    engine_train_max_interactions: PositiveInt = Field(
+        10_000_000, validation_alias=env("ENGINE_TRAIN_MAX_INTERACTIONS"))
     # --- Segment: the Profile API, write-back ---
     segment_write_key: Secret = Field(
         SecretStr(""), validation_alias=env("SEGMENT_WRITE_KEY", "connections_source_write_key"))

@@ -112,5 +112,6 @@ def evaluate_command(data_path: str | None, holdout: float, k: int, no_tune: boo
     """Offline evaluation on MovieLens-100k: popularity, ALS, item-kNN, EASE, the engine."""
     from .evaluate import ml100k_path, read_ml100k, run_evaluation
     ratings = read_ml100k(data_path or ml100k_path())
+    # The engine answers with this app's ENGINE_HISTORY_MAX, the cap it serves with.
     run_evaluation(ratings, holdout=holdout, k=k, tune_params=not no_tune,
-                   log=click.echo)
+                   log=click.echo, history_max=_services().settings.engine_history_max)

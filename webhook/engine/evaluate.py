@@ -285,8 +285,10 @@ def rating_messages(users: Sequence, items: Sequence, times: Sequence[float],
 
 def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_params: bool = True,
                    log: Callable[[str], None] = print, workdir: str | None = None,
-                   quick: bool = False) -> dict[str, tuple[float, float]]:
-    """The whole evaluation; returns {method: (recall@k, NDCG@k)} on the test hold-out."""
+                   quick: bool = False, history_max: int | None = None
+                   ) -> dict[str, tuple[float, float]]:
+    """The whole evaluation; returns {method: (recall@k, NDCG@k)} on the test hold-out.
+    ``history_max``: the engine's ENGINE_HISTORY_MAX (default: the setting's default)."""
     from .. import create_app
     from .importer import ImportReport, import_messages
     from .persistence import load_training_data
@@ -308,7 +310,8 @@ def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_par
                           # MovieLens is from 1998: keep it, whatever its age.
                           "interaction_retention_days": 0.0,
                           "engine_background_training": False,
-                          "engine_model_refresh_seconds": 0.001})
+                          "engine_model_refresh_seconds": 0.001,
+                          **({"engine_history_max": history_max} if history_max else {})})
         services = app.extensions["segment"]
         try:
             started = time.perf_counter()

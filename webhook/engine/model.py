@@ -54,9 +54,9 @@ class Params:
     neighbours: int = 100          # kept per item in `similar`
     following_neighbours: int = 100  # kept per item in `following`
     window: int = 8                # how many later items an item "leads to"
-    window_decay: float = 0.6      # weight of the d-th later item: decay**(d-1)
+    window_decay: float = 0.8      # weight of the d-th later item: decay**(d-1)
     following_damping: float = 0.5  # row normalisation: count(a) ** damping
-    history: int = 100             # most recent interactions read per request
+    history: int = 100             # of those an answer reads, the latest this many score
     recency: float = 0.8           # weight of the j-th most recent item: recency**j
     following_recency: float = 0.8  # the same, for `following` (the very latest matters)
     following_weight: float = 2.0  # mix of `following` into the score
@@ -199,60 +199,96 @@ class Interactions:
         return len(self.item_ids)
 
 
-def _top_k_rows(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the k largest entries of every row (vectorised; no Python loop over rows)."""
+TOP_K_BLOCK = 4_000_000  # matrix entries ranked at a time when pruning rows to top k
+
+
+def _top_k_rows(m: sp.csr_matrix, k: int, block: int = TOP_K_BLOCK) -> sp.csr_matrix:
+    """Keep the k largest entries of every row (ties: the lower column). Vectorised over
+    blocks of rows holding about ``block`` entries, so the sort's scratch memory is bounded
+    whatever the matrix's size."""
     m = m.tocsr()
     m.sum_duplicates()
     lengths = np.diff(m.indptr)
     if lengths.size == 0 or lengths.max(initial=0) <= k:
         m.eliminate_zeros()
         return m
-    rows = np.repeat(np.arange(m.shape[0]), lengths)
-    order = np.lexsort((-m.data, rows))  # by row, then by value descending
-    rank = np.arange(len(order)) - np.repeat(m.indptr[:-1], lengths)
-    keep = order[rank < k]
-    keep.sort()
-    pruned = sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+    kept = np.minimum(lengths, k)
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(kept, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=np.int32)
+    data = np.empty(int(indptr[-1]), dtype=m.data.dtype)
+    row, n_rows = 0, m.shape[0]
+    while row < n_rows:
+        end = int(np.searchsorted(m.indptr, m.indptr[row] + block, side="right")) - 1
+        end = min(max(end, row + 1), n_rows)
+        a, b = int(m.indptr[row]), int(m.indptr[end])
+        block_lengths = lengths[row:end]
+        rows = np.repeat(np.arange(end - row, dtype=np.int32), block_lengths)
+        values = m.data[a:b]
+        order = np.lexsort((-values, rows))  # by row, then by value descending
+        rank = np.arange(b - a) - np.repeat(m.indptr[row:end] - a, block_lengths)
+        chosen = np.sort(order[rank < k])  # row by row, columns ascending
+        indices[indptr[row]:indptr[end]] = m.indices[a:b][chosen]
+        data[indptr[row]:indptr[end]] = values[chosen]
+        row = end
+    pruned = sp.csr_matrix((data, indices, indptr), shape=m.shape)
     pruned.eliminate_zeros()
-    return pruned.tocsr()
+    return pruned
 
 
 def train(data: Interactions, params: Params = Params(), now: float | None = None) -> Model:
-    """Fit the model. Memory: the user×item matrix, the top-k product and the transition
-    pairs (``window`` per interaction); nothing items×items dense."""
-    from implicit.nearest_neighbours import ItemItemRecommender, normalize
-
+    """Fit the model. Memory: the interactions as arrays (int32/float32), the user×item
+    matrix, implicit's top-k product, and the transition pairs of one distance at a time
+    summed into a sparse matrix; nothing items×items dense, no Python object per row."""
     p = params
     n_items, n_users = data.n_items, data.n_users
-    stats = {"interactions": int(len(data.items)), "users": int(n_users), "items": int(n_items)}
+    users = np.asarray(data.users, dtype=np.int32)
+    items = np.asarray(data.items, dtype=np.int32)
+    weights = np.asarray(data.weights, dtype=np.float32)
+    times = np.asarray(data.times, dtype=np.float64)
+    stats = {"interactions": int(len(items)), "users": int(n_users), "items": int(n_items)}
 
     # Popularity: the service's one algorithm (webhook/popularity.py), decayed with age
     # relative to the newest interaction.
-    latest = float(data.times.max()) if len(data.times) else 0.0
-    popularity = decayed_popularity(data.items, data.weights, data.times, n_items,
+    latest = float(times.max()) if len(times) else 0.0
+    popularity = decayed_popularity(items, weights, times, n_items,
                                     half_life_days=p.popularity_half_life_days
                                     ).astype(np.float32)
+    similar = _similar(users, items, weights, n_users, n_items, p)
+    following = _following(users, items, weights, times, n_items, p)
+    stats.update(similar_nnz=int(similar.nnz), following_nnz=int(following.nnz),
+                 latest_interaction=latest)
+    return Model(item_ids=np.asarray(data.item_ids, dtype=object),
+                 similar=similar.astype(np.float32), following=following.astype(np.float32),
+                 popularity=popularity, params=p, stats=stats)
 
-    # similar: cosine over the capped, weighted user×item matrix, top-k by implicit.
-    user_items = sp.csr_matrix((data.weights.astype(np.float32), (data.users, data.items)),
-                               shape=(n_users, n_items))
+
+def _similar(users, items, weights, n_users: int, n_items: int, p: Params) -> sp.csr_matrix:
+    """Cosine over the capped, weighted user×item matrix, top-k by implicit."""
+    from implicit.nearest_neighbours import ItemItemRecommender, normalize
+
+    if not n_items:
+        return sp.csr_matrix((0, 0), dtype=np.float32)
+    user_items = sp.csr_matrix((weights, (users, items)), shape=(n_users, n_items))
     user_items.sum_duplicates()
     np.minimum(user_items.data, p.max_cell_weight, out=user_items.data)
-    if n_items:
-        # implicit's CosineRecommender, with the normalised matrix handed over as CSR.
-        knn = ItemItemRecommender(K=p.neighbours + 1, num_threads=0)
-        knn.fit(normalize(user_items.T).T.tocsr(), show_progress=False)
-        similar = knn.similarity.tocsr().astype(np.float32)
-        similar.setdiag(0)
-        similar.eliminate_zeros()
-        similar = _top_k_rows(similar, p.neighbours)
-    else:
-        similar = sp.csr_matrix((0, 0), dtype=np.float32)
+    # implicit's CosineRecommender, with the normalised matrix handed over as CSR.
+    knn = ItemItemRecommender(K=p.neighbours + 1, num_threads=0)
+    normalised = normalize(user_items.T).T.tocsr()
     del user_items
+    knn.fit(normalised, show_progress=False)
+    del normalised
+    similar = knn.similarity.tocsr().astype(np.float32)
+    similar.setdiag(0)
+    similar.eliminate_zeros()
+    return _top_k_rows(similar, p.neighbours)
 
-    # following: item → later items in each user's time-ordered history.
-    order = np.lexsort((data.times, data.users))
-    users, items, weights = data.users[order], data.items[order], data.weights[order]
+
+def _following(users, items, weights, times, n_items: int, p: Params) -> sp.csr_matrix:
+    """Item → later items in each user's time-ordered history."""
+    order = np.lexsort((times, users))
+    users, items, weights = users[order], items[order], weights[order]
+    del order
     # Drop immediate repeats of the same item by the same user (a view, then a purchase).
     repeat = np.zeros(len(items), dtype=bool)
     repeat[1:] = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
@@ -263,34 +299,28 @@ def train(data: Interactions, params: Params = Params(), now: float | None = Non
         strongest = np.zeros(int(keep.sum()), dtype=np.float32)
         np.maximum.at(strongest, run, weights)
         users, items, weights = users[keep], items[keep], strongest
-    rows, cols, vals = [], [], []
+        del keep, run
+    del repeat
+    following = sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    if not n_items:
+        return following
+    # One distance at a time, summed: at most one distance's pairs in memory at once.
     for distance in range(1, p.window + 1):
         same = users[distance:] == users[:-distance]
-        rows.append(items[:-distance][same])
-        cols.append(items[distance:][same])
-        vals.append(weights[distance:][same] * np.float32(p.window_decay ** (distance - 1)))
-    if rows and n_items:
-        r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        r, c = items[:-distance][same], items[distance:][same]
+        v = weights[distance:][same] * np.float32(p.window_decay ** (distance - 1))
         keep = r != c
-        following = sp.csr_matrix((v[keep].astype(np.float32), (r[keep], c[keep])),
-                                  shape=(n_items, n_items))
-        del r, c, v, keep, rows, cols, vals
-        following.sum_duplicates()
-        counts = np.bincount(items, minlength=n_items).astype(np.float32)
-        scale = 1.0 / np.power(np.maximum(counts, 1.0), p.following_damping)
-        following = sp.diags(scale.astype(np.float32)) @ following
-        # Comparable to cosine: rescale rows' maxima into [0, 1] over the whole matrix.
-        if following.nnz:
-            following.data /= following.data.max()
-        following = _top_k_rows(following.tocsr(), p.following_neighbours)
-    else:
-        following = sp.csr_matrix((n_items, n_items), dtype=np.float32)
-
-    stats.update(similar_nnz=int(similar.nnz), following_nnz=int(following.nnz),
-                 latest_interaction=latest)
-    return Model(item_ids=np.asarray(data.item_ids, dtype=object),
-                 similar=similar.astype(np.float32), following=following.astype(np.float32),
-                 popularity=popularity, params=p, stats=stats)
+        following = following + sp.csr_matrix((v[keep], (r[keep], c[keep])),
+                                              shape=(n_items, n_items))
+        del same, r, c, v, keep
+    following.sum_duplicates()
+    counts = np.bincount(items, minlength=n_items).astype(np.float32)
+    scale = 1.0 / np.power(np.maximum(counts, 1.0), p.following_damping)
+    following.data *= np.repeat(scale.astype(np.float32), np.diff(following.indptr))
+    # Comparable to cosine: rescale rows' maxima into [0, 1] over the whole matrix.
+    if following.nnz:
+        following.data /= following.data.max()
+    return _top_k_rows(following, p.following_neighbours)
 
 
 def top_n(scores: np.ndarray, n: int, banned: np.ndarray | None = None) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Where the engine keeps what it shares between processes: models and the training lease.
+"""Where the engine keeps what it shares between processes: its models (the training
+lease is ``storage.leases``).
 
-Both live in the service's database (SQLite or PostgreSQL), so every gunicorn worker and
+They live in the service's database (SQLite or PostgreSQL), so every gunicorn worker and
 every host (Heroku dyno) sees the same latest model and only one of them trains at a time.
 Also: reading training data and a person's history out of the interactions table.
 """
@@ -9,57 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from ..identity import person_key, subject_of_visitor
+from ..identity import latest_interactions, person_key, subject_of_visitor
 from ..storage import Store
-from ..storage.schema import identity_links, interactions
+from ..storage.schema import engine_models, identity_links, interactions
 from .model import UNKNOWN_EVENT_WEIGHT, Interactions, Model
 
 log = logging.getLogger(__name__)
 
-engine_metadata = sa.MetaData()
-
-models_table = sa.Table(
-    "engine_models", engine_metadata,
-    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("interactions", sa.Integer, nullable=False),  # rows in the store when trained
-    sa.Column("stats", sa.Text, nullable=False),  # JSON: sizes, timings
-    sa.Column("blob", sa.LargeBinary, nullable=False),
-)
-
-leases_table = sa.Table(
-    "engine_leases", engine_metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("holder", sa.String(256), nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False),
-)
-
 KEEP_VERSIONS = 2  # older models are deleted after a new one is saved
-
-
-def ensure_tables(store: Store) -> None:
-    with store.write() as tx:
-        if store.dialect == "postgresql":
-            tx.conn.execute(sa.text("SELECT pg_advisory_xact_lock(74201905)"))
-        engine_metadata.create_all(tx.conn, checkfirst=True)
-
-
-_READY: "weakref.WeakSet[Store]" = weakref.WeakSet()
-
-
-def ensure_tables_once(store: Store) -> None:
-    """Create the engine's tables the first time this process uses this store."""
-    if store not in _READY:
-        ensure_tables(store)
-        _READY.add(store)
 
 
 @dataclass(frozen=True)
@@ -70,34 +34,32 @@ class ModelInfo:
 
 
 def latest_model_info(store: Store) -> ModelInfo | None:
-    ensure_tables_once(store)
     with store.read() as conn:
         row = conn.execute(
-            sa.select(models_table.c.version, models_table.c.created_at,
-                      models_table.c.interactions)
-            .order_by(models_table.c.version.desc()).limit(1)).first()
+            sa.select(engine_models.c.version, engine_models.c.created_at,
+                      engine_models.c.interactions)
+            .order_by(engine_models.c.version.desc()).limit(1)).first()
     return ModelInfo(*row) if row else None
 
 
 def load_model(store: Store, version: int) -> Model | None:
     with store.read() as conn:
-        blob = conn.execute(sa.select(models_table.c.blob)
-                            .where(models_table.c.version == version)).scalar()
+        blob = conn.execute(sa.select(engine_models.c.blob)
+                            .where(engine_models.c.version == version)).scalar()
     return Model.from_bytes(bytes(blob)) if blob is not None else None
 
 
 def save_model(store: Store, model: Model, interactions_count: int) -> int:
     blob = model.to_bytes()
-    ensure_tables_once(store)
     with store.write() as tx:
         version = tx.conn.execute(
-            models_table.insert().values(created_at=time.time(),
+            engine_models.insert().values(created_at=time.time(),
                                          interactions=interactions_count,
                                          stats=json.dumps(model.stats, default=float),
                                          blob=blob)
-            .returning(models_table.c.version)).scalar_one()
-        tx.conn.execute(models_table.delete().where(
-            models_table.c.version <= version - KEEP_VERSIONS))
+            .returning(engine_models.c.version)).scalar_one()
+        tx.conn.execute(engine_models.delete().where(
+            engine_models.c.version <= version - KEEP_VERSIONS))
     return int(version)
 
 
@@ -107,110 +69,98 @@ def count_interactions(store: Store) -> int:
                    .scalar_one())
 
 
-# -- the training lease ------------------------------------------------------------------
-
-def _insert(store: Store, table: sa.Table):
-    return (postgresql if store.dialect == "postgresql" else sqlite).insert(table)
-
-
-def acquire_lease(store: Store, holder: str, ttl: float, name: str = "train") -> bool:
-    """Take (or extend) the lease if it is free, expired or already ours. Atomic on both
-    databases: SQLite serialises writers (BEGIN IMMEDIATE); PostgreSQL re-checks the
-    UPDATE's condition on the row a concurrent winner has just committed."""
-    ensure_tables_once(store)
-    now = time.time()
-    with store.write() as tx:
-        tx.conn.execute(_insert(store, leases_table).on_conflict_do_nothing(
-            index_elements=["name"]).values(name=name, holder="", expires_at=0.0))
-        result = tx.conn.execute(
-            leases_table.update()
-            .where(leases_table.c.name == name)
-            .where(sa.or_(leases_table.c.expires_at < now, leases_table.c.holder == holder))
-            .values(holder=holder, expires_at=now + ttl))
-        return result.rowcount == 1
-
-
-def release_lease(store: Store, holder: str, name: str = "train") -> None:
-    with store.write() as tx:
-        tx.conn.execute(leases_table.update()
-                        .where(leases_table.c.name == name)
-                        .where(leases_table.c.holder == holder)
-                        .values(holder="", expires_at=0.0))
-
-
-def lease_holder(store: Store, name: str = "train") -> str | None:
-    ensure_tables_once(store)
-    with store.read() as conn:
-        row = conn.execute(sa.select(leases_table.c.holder, leases_table.c.expires_at)
-                           .where(leases_table.c.name == name)).first()
-    return row[0] if row and row[1] > time.time() and row[0] else None
-
-
 # -- reading interactions ------------------------------------------------------------------
 
-def load_training_data(store: Store, weights: Mapping[str, float]
+TRAINING_CHUNK_ROWS = 100_000  # rows fetched from the database at a time for training
+
+
+def load_training_data(store: Store, weights: Mapping[str, float],
+                       max_interactions: int | None = None
                        ) -> tuple[Interactions, dict[str, int]]:
-    """Every stored interaction, resolved to a person (an anonymous id linked to a user
-    counts as that user), numbered. Returns the data and the person → number map."""
+    """The stored interactions (the most recent ``max_interactions`` of them, if given),
+    resolved to a person (an anonymous id linked to a user counts as that user), numbered.
+    Returns the data and the person → number map.
+
+    Rows are fetched ``TRAINING_CHUNK_ROWS`` at a time and kept as compact arrays (int32
+    person and item numbers, float32 weights, float64 times: 20 bytes an interaction),
+    plus one dictionary entry per person, item and event type."""
+    people: dict[str, int] = {}
+    items: dict[str, int] = {}
+    event_numbers: dict[str, int] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
     with store.read() as conn:
         links = dict(conn.execute(sa.select(identity_links.c.anonymous_id,
                                              identity_links.c.user_id)).all())
-        result = conn.execution_options(stream_results=True, yield_per=50_000).execute(
-            sa.select(interactions.c.user_id, interactions.c.anonymous_id,
-                      interactions.c.item_id, interactions.c.event_type,
-                      interactions.c.timestamp))
-        people: dict[str, int] = {}
-        items: dict[str, int] = {}
-        event_numbers: dict[str, int] = {}
-        user_col, item_col, event_col, time_col = [], [], [], []
-        for user_id, anonymous_id, item_id, event_type, timestamp in result:
-            person = person_key(user_id, anonymous_id, links.get)
-            user_col.append(people.setdefault(person, len(people)))
-            item_col.append(items.setdefault(item_id, len(items)))
-            event_col.append(event_numbers.setdefault(event_type, len(event_numbers)))
-            time_col.append(timestamp)
+        query = sa.select(interactions.c.user_id, interactions.c.anonymous_id,
+                          interactions.c.item_id, interactions.c.event_type,
+                          interactions.c.timestamp)
+        if max_interactions is not None:
+            # The time of the max_interactions-th newest row: a walk down the time index.
+            oldest = conn.execute(sa.select(interactions.c.timestamp)
+                                  .order_by(interactions.c.timestamp.desc())
+                                  .offset(max(0, max_interactions - 1)).limit(1)).scalar()
+            if oldest is not None:
+                query = query.where(interactions.c.timestamp >= oldest)
+        result = conn.execution_options(stream_results=True,
+                                        yield_per=TRAINING_CHUNK_ROWS).execute(query)
+        link_of = links.get
+        for rows in result.partitions():
+            user_ids, anonymous_ids, item_ids, event_types, timestamps = zip(*rows)
+            del rows
+            # `u or ...`: a userId is its own person (person_key's rule), without a call.
+            persons = [u or person_key(u, a, link_of)
+                       for u, a in zip(user_ids, anonymous_ids)]
+            parts.append((_numbered(persons, people), _numbered(item_ids, items),
+                          _numbered(event_types, event_numbers),
+                          np.array(timestamps, dtype=np.float64)))
+            del persons, user_ids, anonymous_ids, item_ids, event_types, timestamps
+    if parts:
+        users, item_numbers, events, times = (np.concatenate(c) for c in zip(*parts))
+    else:
+        users = item_numbers = events = np.empty(0, dtype=np.int32)
+        times = np.empty(0, dtype=np.float64)
+    del parts
+    if max_interactions is not None and len(times) > max_interactions:
+        # Rows tied with the oldest one kept: keep the newest max_interactions of them.
+        keep = np.sort(np.argsort(-times, kind="stable")[:max_interactions])
+        users, item_numbers, events, times = (users[keep], item_numbers[keep],
+                                              events[keep], times[keep])
     by_event = np.array([weights.get(name, UNKNOWN_EVENT_WEIGHT)
                          for name in event_numbers] or [0.0], dtype=np.float32)
     item_ids = np.empty(len(items), dtype=object)
     item_ids[:] = list(items)
-    data = Interactions(
-        users=np.asarray(user_col, dtype=np.int64),
-        items=np.asarray(item_col, dtype=np.int64),
-        weights=by_event[np.asarray(event_col, dtype=np.int64)] if event_col
-        else np.empty(0, dtype=np.float32),
-        times=np.asarray(time_col, dtype=np.float64),
-        item_ids=item_ids,
-        n_users=len(people),
-    )
+    data = Interactions(users=users, items=item_numbers, weights=by_event[events],
+                        times=times, item_ids=item_ids, n_users=len(people))
     return data, people
 
 
-SEEN_LIMIT = 5000  # interactions read per request to know what a person already had
+def _numbered(values: Sequence[str], numbers: dict[str, int]) -> np.ndarray:
+    """The number of each value, numbering new ones in order of first appearance."""
+    for value in dict.fromkeys(values):
+        if value not in numbers:
+            numbers[value] = len(numbers)
+    return np.fromiter(map(numbers.__getitem__, values), dtype=np.int32, count=len(values))
 
 
-def read_history(store: Store, identity: str, limit: int, seen_limit: int = SEEN_LIMIT
+def read_history(store: Store, identity: str, limit: int
                  ) -> tuple[list[tuple[str, str, float]], set[str]]:
     """The person's latest ``limit`` interactions as (item id, event type, time), oldest
-    first, and the items of their latest ``seen_limit`` interactions: as a user, and as
-    every anonymous id linked to them (alias/identify); an anonymous visitor's own only
-    (``identity.subject_of_visitor``)."""
+    first, and the items among them: as a user, and as every anonymous id linked to them
+    (alias/identify); an anonymous visitor's own only (``identity.subject_of_visitor``).
+    The read is bounded (``identity.latest_interactions``): an answer costs the same for a
+    visitor with 50 interactions or with 100,000."""
     cols = (interactions.c.event_id, interactions.c.item_id, interactions.c.event_type,
             interactions.c.timestamp)
-    n = max(limit, seen_limit)
     with store.read() as conn:
-        person = subject_of_visitor(conn, identity)
-        conditions = [interactions.c.anonymous_id.in_(person.anonymous_ids)]
-        if person.user_id:
-            conditions.append(interactions.c.user_id == person.user_id)
-        parts = [sa.select(*cols).where(condition).order_by(interactions.c.timestamp.desc())
-                 .limit(n).subquery().select() for condition in conditions]
-        query = sa.union_all(*parts) if len(parts) > 1 else parts[0]
+        query = latest_interactions(conn, subject_of_visitor(conn, identity), cols, limit,
+                                    first=identity)
+        if query is None:
+            return [], set()
         rows = {event_id: (timestamp, event_id, item_id, event_type)
                 for event_id, item_id, event_type, timestamp in conn.execute(query)}
-    ordered = sorted(rows.values())
-    seen = {row[2] for row in ordered}
-    return [(item_id, event_type, timestamp)
-            for timestamp, _, item_id, event_type in ordered[-limit:]], seen
+    latest = sorted(rows.values())[-max(1, int(limit)):]
+    return ([(item_id, event_type, timestamp) for timestamp, _, item_id, event_type in latest],
+            {row[2] for row in latest})
 
 
 def recent_interactions(store: Store, limit: int) -> list[tuple[str, str, float]]:

@@ -54,7 +54,6 @@ class ModelHolder:
             return False
         try:
             self._checked_at = now
-            db.ensure_tables_once(self.store)
             info = db.latest_model_info(self.store)
             if info is None or info.version == self.version:
                 return False
@@ -84,6 +83,9 @@ class LocalRecommender:
         self.inline_refresh = inline_refresh  # False when a background thread refreshes
         self.weights = event_weights(settings.engine_event_weights)
         self.exclude_seen_default = getattr(settings, "engine_exclude_seen", True)
+        # Interactions an answer reads: what it scores (the model's latest `history` of
+        # them) and what counts as already seen.
+        self.history_max = settings.engine_history_max
 
     # -- the protocol --------------------------------------------------------------------
 
@@ -108,8 +110,7 @@ class LocalRecommender:
                                     details, related=True)
             return self._popular_answer(banned_ids, num_results, details)
 
-        history, seen = db.read_history(
-            self.store, user_id, model.params.history if model else Params().history) \
+        history, seen = db.read_history(self.store, user_id, self.history_max) \
             if user_id else ([], set())
         details["history"] = len(history)
         if exclude_seen:
@@ -146,7 +147,8 @@ class LocalRecommender:
         ids = list(item_ids)
         history = []
         if model is not None and user_id:
-            history, _ = db.read_history(self.store, user_id, model.params.history)
+            history, _ = db.read_history(self.store, user_id,
+                                         min(self.history_max, model.params.history))
         details["history"] = len(history)
         known_history = [(model.index[item], self.weights.get(event, 1.0))
                          for item, event, _ in history if item in model.index] \
@@ -192,12 +194,18 @@ def train_once(store, settings, params: Params | None = None) -> tuple[int, dict
     """Read the store, fit, save; returns (version, stats). The caller holds the lease."""
     started = time.perf_counter()
     count = db.count_interactions(store)
-    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights))
+    limit = settings.engine_train_max_interactions
+    if count > limit:
+        log.info("training on the most recent %d of %d interactions "
+                 "(ENGINE_TRAIN_MAX_INTERACTIONS)", limit, count,
+                 extra={"stored_interactions": count, "train_max_interactions": limit})
+    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights),
+                                    limit if count > limit else None)
     loaded = time.perf_counter()
     model = train_model(data, params or Params())
     fitted = time.perf_counter()
     model.stats.update(load_seconds=round(loaded - started, 3),
-                       fit_seconds=round(fitted - loaded, 3))
+                       fit_seconds=round(fitted - loaded, 3), stored_interactions=count)
     version = db.save_model(store, model, count)
     model.stats["save_seconds"] = round(time.perf_counter() - fitted, 3)
     log.info("model trained", extra={"model_version": version, **model.stats})
@@ -230,7 +238,6 @@ class Trainer:
 
     def due(self) -> str | None:
         """Why a training run is due now, or None."""
-        db.ensure_tables_once(self.store)
         info = db.latest_model_info(self.store)
         count = db.count_interactions(self.store)
         if info is None:

@@ -88,12 +88,16 @@ interactions = sa.Table(
     "interactions", metadata,
     sa.Column("event_id", ID, primary_key=True),
     sa.Column("message_id", ID, nullable=False),
-    sa.Column("user_id", ID, index=True),
-    sa.Column("anonymous_id", ID, index=True),
+    sa.Column("user_id", ID),
+    sa.Column("anonymous_id", ID),
     sa.Column("item_id", ID, nullable=False),  # no index: reads by item scan anyway
     sa.Column("event_type", sa.String(256), nullable=False),
     sa.Column("timestamp", sa.Float, nullable=False, index=True),  # retention, popularity
     sa.Column("properties", sa.JSON, nullable=False),
+    # A person's latest interactions, newest first, by an index range
+    # (identity.latest_interactions); lookups by either id use the first column.
+    sa.Index("interactions_user_time", "user_id", "timestamp"),
+    sa.Index("interactions_anonymous_time", "anonymous_id", "timestamp"),
 )
 
 items = sa.Table(
