@@ -466,6 +466,8 @@ def _rows_in_file(path, table: str) -> int:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:  # not even the table is in the file yet
         return 0
+    except sqlite3.DatabaseError:  # "malformed": a checkpoint is writing pages right now
+        return -1
     finally:
         conn.close()
 
@@ -484,7 +486,7 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
     def copied():
         return _rows_in_file(inbox_path, "inbox"), _rows_in_file(path, "interactions")
 
-    assert copied()[0] < 20 and copied()[1] < 20  # still in the WALs: no commit checkpointed
+    assert max(copied()) < 20  # still in the WALs: no commit checkpointed
     services = app.extensions["segment"]
     services.start_worker()
     try:
