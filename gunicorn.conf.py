@@ -1,5 +1,6 @@
 """gunicorn settings, read from the environment (gunicorn loads this file by itself
 when started from the project folder: ``gunicorn wsgi:app``)."""
+
 import os
 import shutil
 import sys
@@ -15,8 +16,10 @@ else:
 
 # Loopback unless told otherwise: a newcomer's `make run` is not reachable from the
 # network. The Procfile binds 0.0.0.0:$PORT, as Heroku requires.
-bind = os.environ.get("GUNICORN_BIND") or \
-    f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT', '8000')}"
+bind = (
+    os.environ.get("GUNICORN_BIND")
+    or f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT', '8000')}"
+)
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
@@ -35,15 +38,17 @@ def on_starting(server):
     # one clear line instead of every worker failing to boot.
     sys.path.insert(0, os.getcwd())
     from webhook.settings import ConfigError, Settings
+
     try:
         Settings.from_env()
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
-        raise SystemExit(3)
+        raise SystemExit(3) from None
 
 
 def child_exit(server, worker):
     from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)
 
 
@@ -60,6 +65,7 @@ def _parts(worker):
 def post_worker_init(worker):
     # The app is loaded: keep its objects out of later garbage collections.
     from webhook.memory import freeze_startup_heap
+
     freeze_startup_heap()
     # This web process's own background work (model reloads; with WORKER_IN_WEB the
     # worker's loops too), from the start rather than at a first request.

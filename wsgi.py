@@ -1,4 +1,5 @@
 """WSGI entry point: ``gunicorn wsgi:app``."""
+
 import sys
 
 from webhook import ConfigError, create_app

@@ -19,6 +19,7 @@ Environment:
   connection per server thread) or ``group`` (one writer thread per process takes every
   insert waiting and commits them together; the request waits for that commit).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -127,8 +128,9 @@ def segment():
     except ValueError:
         return "not JSON", 400
     messages = data if batch and isinstance(data, list) and data else [data]
-    if batch and not _signed(json.dumps(messages[0], separators=(",", ":"),
-                                        ensure_ascii=False).encode()):
+    if batch and not _signed(
+        json.dumps(messages[0], separators=(",", ":"), ensure_ascii=False).encode()
+    ):
         return "bad signature", 401
     rows = []
     for message in messages:

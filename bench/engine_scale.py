@@ -24,6 +24,7 @@ logs warnings only and, unless INSIGHTS_RETENTION_DAYS is set, records no insigh
     .venv/bin/python bench/engine_scale.py --sizes 100000 --rounds 1  # a quick look
     .venv/bin/python bench/engine_scale.py --database-url postgresql+psycopg://...  # empty
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EVENTS = (("Product Viewed", 0.70), ("Product Clicked", 0.15), ("Product Added", 0.10),
-          ("Order Completed", 0.05))
+EVENTS = (
+    ("Product Viewed", 0.70),
+    ("Product Clicked", 0.15),
+    ("Product Added", 0.10),
+    ("Order Completed", 0.05),
+)
 DAYS = 90
 
 
@@ -83,21 +88,29 @@ def synthetic(n: int, n_items: int, n_users: int, seed: int = 7, now: float | No
 
 def messages(users, items, events, times, start: int, stop: int):
     for n in range(start, stop):
-        yield {"type": "track", "messageId": f"bench-{n}",
-               "userId": f"user-{users[n]}", "event": EVENTS[events[n]][0],
-               "timestamp": datetime.fromtimestamp(float(times[n]), tz=timezone.utc)
-               .isoformat(),
-               "properties": {"product_id": f"item-{items[n]}"}}
+        yield {
+            "type": "track",
+            "messageId": f"bench-{n}",
+            "userId": f"user-{users[n]}",
+            "event": EVENTS[events[n]][0],
+            "timestamp": datetime.fromtimestamp(float(times[n]), tz=UTC).isoformat(),
+            "properties": {"product_id": f"item-{items[n]}"},
+        }
 
 
 def ingest(services, users, items, events, times, start: int, stop: int) -> int:
     """Ingest and apply rows [start, stop); returns the interactions stored."""
     from webhook.engine.importer import ImportReport, import_messages
+
     # The local store's applier keeps up as the messages go in (as in the import
     # command); any other applier catches up at the end, before anything is measured.
-    report = import_messages(services.ingestor,
-                             messages(users, items, events, times, start, stop),
-                             ImportReport(), lambda _: services.drain(["local"]), chunk=2000)
+    report = import_messages(
+        services.ingestor,
+        messages(users, items, events, times, start, stop),
+        ImportReport(),
+        lambda _: services.drain(["local"]),
+        chunk=2000,
+    )
     if not services.drain(timeout=3600):
         raise BenchFailure("the appliers did not catch up with the inbox in an hour")
     return report.interactions
@@ -123,25 +136,30 @@ main()
 def train(env: dict[str, str]) -> dict:
     """``flask --app webhook train`` in a child: its wall time and peak RSS."""
     started = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", TRAIN], cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", TRAIN], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
-    peak = [line.split()[1] for line in child.stdout.splitlines()
-            if line.startswith("VmHWM_kB ")]
+    peak = [line.split()[1] for line in child.stdout.splitlines() if line.startswith("VmHWM_kB ")]
     if child.returncode != 0 or not peak:
-        raise BenchFailure(f"flask train failed ({child.returncode}):\n"
-                           f"{child.stdout}{child.stderr}")
+        raise BenchFailure(
+            f"flask train failed ({child.returncode}):\n{child.stdout}{child.stderr}"
+        )
     return {"seconds": seconds, "peak_rss_mib": int(peak[0]) / 1024}
 
 
 def latest_model(store) -> tuple[dict, int]:
     """The newest model's stats and the size of its blob in bytes."""
     import sqlalchemy as sa
+
     from webhook.storage.schema import engine_models as models_table
+
     with store.read() as conn:
-        row = conn.execute(sa.select(models_table.c.stats,
-                                     sa.func.length(models_table.c.blob))
-                           .order_by(models_table.c.version.desc()).limit(1)).first()
+        row = conn.execute(
+            sa.select(models_table.c.stats, sa.func.length(models_table.c.blob))
+            .order_by(models_table.c.version.desc())
+            .limit(1)
+        ).first()
     if row is None:
         raise BenchFailure("no model was saved")
     return json.loads(row[0]), int(row[1])
@@ -155,16 +173,19 @@ def check_model(stats: dict, interactions: int, items: int, train_max: int) -> N
         raise BenchFailure(
             f"the model is empty ({stats.get('interactions', 0)} interactions, "
             f"{stats.get('items', 0)} items) after {interactions} interactions over {items} "
-            f"items were ingested: nothing reached the store, or training read nothing")
+            f"items were ingested: nothing reached the store, or training read nothing"
+        )
     if stats["interactions"] != wanted:
-        raise BenchFailure(f"the model was trained on {stats['interactions']} interactions, "
-                           f"not the {wanted} given")
+        raise BenchFailure(
+            f"the model was trained on {stats['interactions']} interactions, not the {wanted} given"
+        )
     if wanted == interactions and stats["items"] != items:
         raise BenchFailure(f"the model holds {stats['items']} items, not the {items} given")
 
 
 def latency(base: str, paths: list[str]) -> list[float]:
     import requests
+
     session = requests.Session()
     timings = []
     for path in paths:
@@ -180,13 +201,19 @@ def latency(base: str, paths: list[str]) -> list[float]:
 def gunicorn(env: dict[str, str], log_dir: str, workers: int = 2, timeout: float = 60.0):
     """`gunicorn wsgi:app` from the project folder; yields its base URL."""
     import requests
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     full_env = dict(env, WEB_CONCURRENCY=str(workers), GUNICORN_BIND=f"127.0.0.1:{port}")
     with open(os.path.join(log_dir, f"gunicorn-{port}.log"), "w+b") as log:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                                   env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
@@ -210,6 +237,7 @@ def gunicorn(env: dict[str, str], log_dir: str, workers: int = 2, timeout: float
 def wait_for_model(base: str, path: str, timeout: float = 120.0) -> None:
     """Until both workers answer from the model (20 local answers in a row)."""
     import requests
+
     deadline = time.monotonic() + timeout
     local = 0
     while local < 20:
@@ -229,20 +257,28 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000000,5000000,10000000")
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--visitors", type=int, default=300,
-                        help="most active and typical users asked for, each")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="times each of those users is asked for")
-    parser.add_argument("--database-url", default="", help="an empty database (default: "
-                        "SQLite in a temporary folder)")
-    parser.add_argument("--workdir", help="where the temporary folder goes (its SQLite "
-                        "database, gunicorn's logs); removed after a run that succeeded")
+    parser.add_argument(
+        "--visitors", type=int, default=300, help="most active and typical users asked for, each"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each of those users is asked for"
+    )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="an empty database (default: SQLite in a temporary folder)",
+    )
+    parser.add_argument(
+        "--workdir",
+        help="where the temporary folder goes (its SQLite "
+        "database, gunicorn's logs); removed after a run that succeeded",
+    )
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
 
     from webhook import create_app
-    from webhook.settings import Settings
     from webhook.engine.persistence import count_interactions
+    from webhook.settings import Settings
 
     tmp = tempfile.mkdtemp(prefix="engine-bench-", dir=args.workdir)
     url = args.database_url or f"sqlite:///{tmp}/bench.db"
@@ -257,11 +293,14 @@ def main() -> None:
     services = app.extensions["segment"]
     if count_interactions(services.store):
         raise BenchFailure(f"the database already holds interactions: {url}")
-    print(f"engine scale bench: {', '.join(f'{s:,}' for s in sizes)} interactions, "
-          f"{args.items:,} items, up to {args.users:,} users; {services.store.dialect}; "
-          f"ENGINE_HISTORY_MAX={settings.engine_history_max}, "
-          f"ENGINE_TRAIN_MAX_INTERACTIONS={settings.engine_train_max_interactions}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"engine scale bench: {', '.join(f'{s:,}' for s in sizes)} interactions, "
+        f"{args.items:,} items, up to {args.users:,} users; {services.store.dialect}; "
+        f"ENGINE_HISTORY_MAX={settings.engine_history_max}, "
+        f"ENGINE_TRAIN_MAX_INTERACTIONS={settings.engine_train_max_interactions}; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     users, items, events, times = synthetic(sizes[-1], args.items, args.users)
     rng = np.random.default_rng(11)
@@ -275,33 +314,41 @@ def main() -> None:
         trained = train(env)
         stats, blob_bytes = latest_model(services.store)
         check_model(stats, size, given_items, settings.engine_train_max_interactions)
-        print(f"{size:>11,} interactions ({stored:,} stored in {ingest_seconds:.0f} s, "
-              f"{stored / ingest_seconds:,.0f}/s), {stats['users']:,} users, "
-              f"{stats['items']:,} items: train {trained['seconds']:.1f} s (load "
-              f"{stats['load_seconds']:.1f}, fit {stats['fit_seconds']:.1f}), peak RSS "
-              f"{trained['peak_rss_mib']:,.0f} MiB; "
-              f"model {blob_bytes / 1e6:.1f} MB (similar {stats['similar_nnz']:,} + "
-              f"following {stats['following_nnz']:,} entries)", flush=True)
+        print(
+            f"{size:>11,} interactions ({stored:,} stored in {ingest_seconds:.0f} s, "
+            f"{stored / ingest_seconds:,.0f}/s), {stats['users']:,} users, "
+            f"{stats['items']:,} items: train {trained['seconds']:.1f} s (load "
+            f"{stats['load_seconds']:.1f}, fit {stats['fit_seconds']:.1f}), peak RSS "
+            f"{trained['peak_rss_mib']:,.0f} MiB; "
+            f"model {blob_bytes / 1e6:.1f} MB (similar {stats['similar_nnz']:,} + "
+            f"following {stats['following_nnz']:,} entries)",
+            flush=True,
+        )
 
         activity = np.bincount(users[:size], minlength=args.users)
         present = np.flatnonzero(activity)
-        active = np.argsort(-activity, kind="stable")[:args.visitors]
+        active = np.argsort(-activity, kind="stable")[: args.visitors]
         typical = rng.choice(present, size=min(args.visitors, len(present)), replace=False)
         paths = []
         for _ in range(args.rounds):
             for a, t in zip(rng.permutation(active), rng.permutation(typical)):
-                paths += [f"/recommendations?userId=user-{a}&numResults=25",
-                          f"/recommendations?userId=user-{t}&numResults=25"]
+                paths += [
+                    f"/recommendations?userId=user-{a}&numResults=25",
+                    f"/recommendations?userId=user-{t}&numResults=25",
+                ]
         with gunicorn(env, tmp) as base:
             wait_for_model(base, paths[0])
             latency(base, paths[:100])  # warm-up
             timings = latency(base, paths)
-        print(f"{'':>11} GET /recommendations, gunicorn 2 workers, 1 client, "
-              f"{len(paths):,} requests: most active {len(active)} "
-              f"({activity[active].min():,}-{activity[active].max():,} interactions): "
-              f"{percentiles(timings[0::2])}; typical {len(typical)} (median "
-              f"{int(np.median(activity[typical])):,} interactions): "
-              f"{percentiles(timings[1::2])}", flush=True)
+        print(
+            f"{'':>11} GET /recommendations, gunicorn 2 workers, 1 client, "
+            f"{len(paths):,} requests: most active {len(active)} "
+            f"({activity[active].min():,}-{activity[active].max():,} interactions): "
+            f"{percentiles(timings[0::2])}; typical {len(typical)} (median "
+            f"{int(np.median(activity[typical])):,} interactions): "
+            f"{percentiles(timings[1::2])}",
+            flush=True,
+        )
     services.store.dispose()
     shutil.rmtree(tmp)
 

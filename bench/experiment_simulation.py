@@ -17,6 +17,7 @@ more runs than the tests afford, printed as the figures bench/README.md keeps:
 * the sample-ratio check: false alarms of a correct 50/50 split and detections of a
   45/55 one, by visitors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,14 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_insights_stats import (CLICK, DAYS, METRICS, declares_a_winner,  # noqa: E402
-                                       planned_visitors, simulate)
+from tests.test_insights_stats import (  # noqa: E402
+    CLICK,
+    DAYS,
+    METRICS,
+    declares_a_winner,
+    planned_visitors,
+    simulate,
+)
 from webhook.insights_stats import ALPHA, SRM_ALPHA, benjamini_hochberg  # noqa: E402
 
 
@@ -39,10 +46,12 @@ def a_a(rng, runs: int) -> None:
     print(f"A/A, {DAYS} daily looks, {runs:,} runs an arm size:")
     for per_day in (100, 400, 1000):
         sequential, fixed, _ = simulate(rng, runs, per_day, lift=0.0, expected=5000)
-        print(f"  {per_day:>5} visitors an arm a day: ever a winner, always valid "
-              f"{declares_a_winner(sequential).any(axis=1).mean():.2%}; fixed sample "
-              f"{declares_a_winner(fixed).any(axis=1).mean():.2%} (last look alone "
-              f"{declares_a_winner(fixed[:, -1]).mean():.2%})")
+        print(
+            f"  {per_day:>5} visitors an arm a day: ever a winner, always valid "
+            f"{declares_a_winner(sequential).any(axis=1).mean():.2%}; fixed sample "
+            f"{declares_a_winner(fixed).any(axis=1).mean():.2%} (last look alone "
+            f"{declares_a_winner(fixed[:, -1]).mean():.2%})"
+        )
 
 
 def lift(rng, runs: int) -> None:
@@ -51,17 +60,19 @@ def lift(rng, runs: int) -> None:
         for metrics in (1, METRICS):
             planned = planned_visitors(CLICK, 0.20, power=power, metrics=metrics)
             per_day = math.ceil(planned / DAYS)
-            sequential, fixed, differences = simulate(rng, runs, per_day, lift=0.20,
-                                                      expected=2 * planned)
+            sequential, fixed, differences = simulate(
+                rng, runs, per_day, lift=0.20, expected=2 * planned
+            )
             found = benjamini_hochberg(sequential, ALPHA) & (differences > 0)
-            first = np.where(found.any(axis=(1, 2)), found.any(axis=2).argmax(axis=1) + 1,
-                             DAYS + 1)
-            at_plan = (benjamini_hochberg(fixed[:, -1], ALPHA) & (differences[:, -1] > 0))
-            print(f"  plan {power:.0%} power, alpha shared by {metrics}: {planned:,} an arm "
-                  f"({per_day}/day); always valid finds it before the plan in "
-                  f"{np.mean(first < DAYS):.1%} (by it {np.mean(first <= DAYS):.1%}), median "
-                  f"day {np.median(first):g}; fixed sample at the plan "
-                  f"{at_plan.any(axis=-1).mean():.1%}")
+            first = np.where(found.any(axis=(1, 2)), found.any(axis=2).argmax(axis=1) + 1, DAYS + 1)
+            at_plan = benjamini_hochberg(fixed[:, -1], ALPHA) & (differences[:, -1] > 0)
+            print(
+                f"  plan {power:.0%} power, alpha shared by {metrics}: {planned:,} an arm "
+                f"({per_day}/day); always valid finds it before the plan in "
+                f"{np.mean(first < DAYS):.1%} (by it {np.mean(first <= DAYS):.1%}), median "
+                f"day {np.median(first):g}; fixed sample at the plan "
+                f"{at_plan.any(axis=-1).mean():.1%}"
+            )
 
 
 def sample_ratio(rng, runs: int) -> None:
@@ -72,8 +83,9 @@ def sample_ratio(rng, runs: int) -> None:
             first = rng.binomial(visitors, share, runs)
             table = np.stack([first, visitors - first], axis=1)
             rates.append(np.mean(stats.chisquare(table, axis=1).pvalue < SRM_ALPHA))
-        print(f"  {visitors:>6,} visitors: 50/50 flagged {rates[0]:.2%}; 45/55 flagged "
-              f"{rates[1]:.1%}")
+        print(
+            f"  {visitors:>6,} visitors: 50/50 flagged {rates[0]:.2%}; 45/55 flagged {rates[1]:.1%}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

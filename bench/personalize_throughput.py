@@ -59,6 +59,7 @@ Usage (from the repo root)::
 Only loopback traffic; every loop is bounded by time and pool size; all processes this
 script starts are stopped in ``finally``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,9 +84,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from webhook.appliers.calls_child import lower_priority  # noqa: E402
+
 from bench.webhook_throughput import ensure_wrk  # noqa: E402
 from tests.fake_personalize import FakePersonalizeEvents  # noqa: E402
-from webhook.appliers.calls_child import lower_priority  # noqa: E402
 
 HOST = "127.0.0.1"
 SECRET = "bench-personalize-secret"
@@ -102,14 +104,24 @@ def log(msg: str) -> None:
 
 # --- messages ---------------------------------------------------------------------------
 
+
 def event_json(message_id: str, n: int) -> str:
     # ASCII only and no integral floats: Python's compact JSON == JSON.stringify here.
-    return json.dumps({
-        "type": "track", "event": "Product Viewed", "messageId": message_id,
-        "anonymousId": f"anon-{n // SESSION_RUN}", "timestamp": TIMESTAMP,
-        "properties": {"product_id": f"p{n % 500}", "name": f"Product {n % 500}",
-                       "price": (n % 997) + 0.99},
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "messageId": message_id,
+            "anonymousId": f"anon-{n // SESSION_RUN}",
+            "timestamp": TIMESTAMP,
+            "properties": {
+                "product_id": f"p{n % 500}",
+                "name": f"Product {n % 500}",
+                "price": (n % 997) + 0.99,
+            },
+        },
+        separators=(",", ":"),
+    )
 
 
 def sign(data: str) -> str:
@@ -177,26 +189,54 @@ end
 """
 
 
-def run_wrk(wrk: str, lua: Path, url: str, pool: Path, start: int, duration: int,
-            connections: int, timeout: int) -> dict:
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={timeout}s",
-           "-s", str(lua), url, "--", str(pool), str(start)]
+def run_wrk(
+    wrk: str,
+    lua: Path,
+    url: str,
+    pool: Path,
+    start: int,
+    duration: int,
+    connections: int,
+    timeout: int,
+) -> dict:
+    cmd = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        f"--timeout={timeout}s",
+        "-s",
+        str(lua),
+        url,
+        "--",
+        str(pool),
+        str(start),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout + 60)
     for line in out.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
+            return json.loads(line[len("BENCH_JSON ") :])
     raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
 
 
-def run_python(url: str, pool: Path, start: int, duration: int, connections: int,
-               timeout: int) -> dict:
+def run_python(
+    url: str, pool: Path, start: int, duration: int, connections: int, timeout: int
+) -> dict:
     """Fallback: threads with keep-alive sessions, each taking the next pool line."""
     import requests
 
     lines = pool.read_text(encoding="ascii").splitlines()
     lock = threading.Lock()
-    state = {"next": start, "ok": 0, "non200": 0, "wrapped": 0, "sent": 0, "errors": 0,
-             "first_err": "", "lat": []}
+    state = {
+        "next": start,
+        "ok": 0,
+        "non200": 0,
+        "wrapped": 0,
+        "sent": 0,
+        "errors": 0,
+        "first_err": "",
+        "lat": [],
+    }
     stop_at = time.monotonic() + duration
 
     def worker():
@@ -212,8 +252,12 @@ def run_python(url: str, pool: Path, start: int, duration: int, connections: int
             sig, body = lines[i].split("\t", 1)
             t0 = time.perf_counter()
             try:
-                r = session.post(url, data=body.encode(), timeout=timeout, headers={
-                    "Content-Type": "application/json", "X-Signature": sig})
+                r = session.post(
+                    url,
+                    data=body.encode(),
+                    timeout=timeout,
+                    headers={"Content-Type": "application/json", "X-Signature": sig},
+                )
             except requests.RequestException as exc:
                 with lock:
                     state["errors"] += 1
@@ -234,14 +278,21 @@ def run_python(url: str, pool: Path, start: int, duration: int, connections: int
     for t in threads:
         t.join(timeout=duration + timeout + 30)
     lat = sorted(state["lat"]) or [0]
-    return {"ok": state["ok"], "non200": state["non200"], "wrapped": state["wrapped"],
-            "sent": state["sent"], "duration_us": int((time.monotonic() - t0) * 1e6),
-            "socket_errors": state["errors"], "p50_us": int(lat[len(lat) // 2]),
-            "p99_us": int(lat[min(len(lat) - 1, len(lat) * 99 // 100)]),
-            "first_err": state["first_err"]}
+    return {
+        "ok": state["ok"],
+        "non200": state["non200"],
+        "wrapped": state["wrapped"],
+        "sent": state["sent"],
+        "duration_us": int((time.monotonic() - t0) * 1e6),
+        "socket_errors": state["errors"],
+        "p50_us": int(lat[len(lat) // 2]),
+        "p99_us": int(lat[min(len(lat) - 1, len(lat) * 99 // 100)]),
+        "first_err": state["first_err"],
+    }
 
 
 # --- gunicorn ---------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -273,13 +324,11 @@ class Service:
                 stat = Path(f"/proc/{d}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            stats[int(d)] = (int(fields[1]), int(fields[2]),
-                             int(fields[11]) + int(fields[12]))
+            fields = stat[stat.rfind(")") + 2 :].split()
+            stats[int(d)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
         ours = {pid for pid, (_, pgid, _) in stats.items() if pgid == self.proc.pid}
         while True:
-            more = {pid for pid, (ppid, _, _) in stats.items()
-                    if ppid in ours and pid not in ours}
+            more = {pid for pid, (ppid, _, _) in stats.items() if ppid in ours and pid not in ours}
             if not more:
                 return {pid: stats[pid][2] for pid in ours}
             ours |= more
@@ -320,42 +369,68 @@ class Service:
         self.log_file.close()
 
 
-def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
-           synchronous: str = "FULL", sender_nice: str | None = None) -> Service:
+def launch(
+    mode: str,
+    tmp: Path,
+    fake_url: str,
+    database_url: str,
+    synchronous: str = "FULL",
+    sender_nice: str | None = None,
+) -> Service:
     run_dir = tmp / mode
     (run_dir / "metrics").mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PROMETHEUS_", "PERSONALIZE_", "AWS_", "EVENT_", "USER_TRAITS",
-                                "ITEM_PROPERTIES"))
-           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update({
-        "DATABASE_URL": database_url or f"sqlite:///{run_dir}/bench.db",
-        "SQLITE_SYNCHRONOUS": synchronous,
-        # This measures ingestion: the local engine's training has its own benchmark.
-        "ENGINE_BACKGROUND_TRAINING": "false",
-        "SEGMENT_SHARED_SECRET": SECRET,
-        "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
-        "PYTHONUNBUFFERED": "1",
-        # A paused service's workers miss their heartbeats: not a reason to replace them.
-        "GUNICORN_TIMEOUT": "300",
-        "NO_PROXY": "127.0.0.1,localhost",
-        # Present in both launches, so both processes look alike; used only in Personalize mode.
-        "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake_url,
-        "AWS_ACCESS_KEY_ID": "AKIDBENCH", "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("PROMETHEUS_", "PERSONALIZE_", "AWS_", "EVENT_", "USER_TRAITS", "ITEM_PROPERTIES")
+        )
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(
+        {
+            "DATABASE_URL": database_url or f"sqlite:///{run_dir}/bench.db",
+            "SQLITE_SYNCHRONOUS": synchronous,
+            # This measures ingestion: the local engine's training has its own benchmark.
+            "ENGINE_BACKGROUND_TRAINING": "false",
+            "SEGMENT_SHARED_SECRET": SECRET,
+            "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
+            "PYTHONUNBUFFERED": "1",
+            # A paused service's workers miss their heartbeats: not a reason to replace them.
+            "GUNICORN_TIMEOUT": "300",
+            "NO_PROXY": "127.0.0.1,localhost",
+            # Present in both launches, so both processes look alike; used only in Personalize mode.
+            "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake_url,
+            "AWS_ACCESS_KEY_ID": "AKIDBENCH",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     if mode == "personalize":
         env.update({"PERSONALIZE_TRACKING_ID": TRACKING_ID, "EVENT_VALUE_PROPERTY": "price"})
         if sender_nice is not None:
             env["PERSONALIZE_SENDER_NICE"] = sender_nice
     port = free_port()
-    flags = ["-c", "gunicorn.conf.py", "--workers", "2", "--no-control-socket",
-             "--bind", f"{HOST}:{port}"]
+    flags = [
+        "-c",
+        "gunicorn.conf.py",
+        "--workers",
+        "2",
+        "--no-control-socket",
+        "--bind",
+        f"{HOST}:{port}",
+    ]
     log_path = run_dir / "gunicorn.log"
     log_file = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *flags, "wsgi:app"], cwd=REPO,
-                            env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", *flags, "wsgi:app"],
+        cwd=REPO,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     service = Service(mode, port, proc, log_file, log_path)
     deadline = time.monotonic() + 30
     while True:
@@ -379,8 +454,7 @@ def launch(mode: str, tmp: Path, fake_url: str, database_url: str,
 def lags(service: Service) -> dict:
     """Rows each of the service's appliers has not applied yet (GET /healthz)."""
     with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
-        return {name: lag["pending"]
-                for name, lag in json.load(r)["inbox"]["appliers"].items()}
+        return {name: lag["pending"] for name, lag in json.load(r)["inbox"]["appliers"].items()}
 
 
 def call_outcomes(service: Service) -> dict[str, int]:
@@ -417,8 +491,11 @@ def settle(service: Service, timeout: float) -> None:
     a run (it sends ~800 events/s), so Personalize mode keeps paying for its sending."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        behind = {name: pending for name, pending in lags(service).items()
-                  if name != "personalize" and pending}
+        behind = {
+            name: pending
+            for name, pending in lags(service).items()
+            if name != "personalize" and pending
+        }
         if not behind:
             return
         time.sleep(0.5)
@@ -449,6 +526,7 @@ def drop_schemas(base: str, schemas: list[str]) -> None:
 
 # --- the run ----------------------------------------------------------------------------
 
+
 @dataclass
 class Cell:
     mode: str
@@ -477,7 +555,9 @@ class Cell:
         if s["socket_errors"]:
             out.append(f"{s['socket_errors']} socket errors")
         if s["wrapped"]:
-            out.append("pool exhausted: messageIds reused (raise --single-rate-cap or --batch-rate-cap)")
+            out.append(
+                "pool exhausted: messageIds reused (raise --single-rate-cap or --batch-rate-cap)"
+            )
         if not s["ok"]:
             out.append("no successful answer")
         return out
@@ -499,10 +579,10 @@ class StandIn:
 
     def __init__(self, delay: float, nice: int):
         import multiprocessing
+
         ctx = multiprocessing.get_context("fork")
         self._conn, theirs = ctx.Pipe()
-        self._proc = ctx.Process(target=StandIn._serve, args=(theirs, delay, nice),
-                                 daemon=True)
+        self._proc = ctx.Process(target=StandIn._serve, args=(theirs, delay, nice), daemon=True)
         self._proc.start()
         self.url = self._conn.recv()
 
@@ -518,10 +598,15 @@ class StandIn:
             events = fake.events()
             calls = fake.calls_for("PutEvents")
             usage = resource.getrusage(resource.RUSAGE_SELF)
-            conn.send({"events": len(events), "ids": len({e["eventId"] for e in events}),
-                       "calls": len(calls),
-                       "max_call": max((len(c.body["eventList"]) for c in calls), default=0),
-                       "cpu": usage.ru_utime + usage.ru_stime})
+            conn.send(
+                {
+                    "events": len(events),
+                    "ids": len({e["eventId"] for e in events}),
+                    "calls": len(calls),
+                    "max_call": max((len(c.body["eventList"]) for c in calls), default=0),
+                    "cpu": usage.ru_utime + usage.ru_stime,
+                }
+            )
         fake.stop()
 
     def summary(self) -> dict:
@@ -550,8 +635,11 @@ def round_ratios(cells: list[Cell], kind: str) -> list[float]:
     for c in cells:
         if c.kind == kind:
             by_round.setdefault(c.round, {})[c.mode] = c.eps
-    return [r["personalize"] / r["embedded"] for _, r in sorted(by_round.items())
-            if r.get("embedded") and "personalize" in r]
+    return [
+        r["personalize"] / r["embedded"]
+        for _, r in sorted(by_round.items())
+        if r.get("embedded") and "personalize" in r
+    ]
 
 
 def paired(cells: list[Cell], kind: str) -> float:
@@ -566,39 +654,84 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median)")
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--timeout", type=int, default=10, help="per-request timeout, s")
-    p.add_argument("--delay", type=float, default=0.1,
-                   help="seconds the stand-in takes to answer each call (default 0.1)")
-    p.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"],
-                   help="SQLITE_SYNCHRONOUS of both launches (default FULL)")
-    p.add_argument("--drain-timeout", type=int, default=600,
-                   help="seconds to wait for the Personalize applier afterwards")
-    p.add_argument("--single-rate-cap", type=int, default=8000,
-                   help="single requests/s a round's pool is sized for (default 8000)")
-    p.add_argument("--batch-rate-cap", type=int, default=1200,
-                   help="batches/s a round's pool is sized for (default 1200)")
-    p.add_argument("--stand-in-nice", type=int, default=10, choices=range(0, 20),
-                   metavar="0-19", help="the stand-in process's nice value (default 10)")
-    p.add_argument("--sender-nice", choices=["idle"] + [str(n) for n in range(20)],
-                   metavar="idle|0-19",
-                   help="PERSONALIZE_SENDER_NICE of the Personalize launch (default: the "
-                        "service's default, idle)")
-    p.add_argument("--settle", type=int, default=120, metavar="SECONDS",
-                   help="before each cell, wait up to this long for the service's "
-                        "appliers other than Personalize's to catch up (0: do not wait)")
+    p.add_argument(
+        "--delay",
+        type=float,
+        default=0.1,
+        help="seconds the stand-in takes to answer each call (default 0.1)",
+    )
+    p.add_argument(
+        "--synchronous",
+        default="FULL",
+        choices=["FULL", "NORMAL"],
+        help="SQLITE_SYNCHRONOUS of both launches (default FULL)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=int,
+        default=600,
+        help="seconds to wait for the Personalize applier afterwards",
+    )
+    p.add_argument(
+        "--single-rate-cap",
+        type=int,
+        default=8000,
+        help="single requests/s a round's pool is sized for (default 8000)",
+    )
+    p.add_argument(
+        "--batch-rate-cap",
+        type=int,
+        default=1200,
+        help="batches/s a round's pool is sized for (default 1200)",
+    )
+    p.add_argument(
+        "--stand-in-nice",
+        type=int,
+        default=10,
+        choices=range(0, 20),
+        metavar="0-19",
+        help="the stand-in process's nice value (default 10)",
+    )
+    p.add_argument(
+        "--sender-nice",
+        choices=["idle"] + [str(n) for n in range(20)],
+        metavar="idle|0-19",
+        help="PERSONALIZE_SENDER_NICE of the Personalize launch (default: the "
+        "service's default, idle)",
+    )
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="before each cell, wait up to this long for the service's "
+        "appliers other than Personalize's to catch up (0: do not wait)",
+    )
     p.add_argument("--python-loadgen", action="store_true", help="do not use wrk")
     p.add_argument("--keep-tmp", action="store_true")
-    p.add_argument("--postgresql", metavar="URL", nargs="?", const=os.environ.get(
-        "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-        help="store in PostgreSQL (a fresh schema per launch) instead of SQLite")
+    p.add_argument(
+        "--postgresql",
+        metavar="URL",
+        nargs="?",
+        const=os.environ.get(
+            "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+        help="store in PostgreSQL (a fresh schema per launch) instead of SQLite",
+    )
     a = p.parse_args()
     # A pause longer than the applier's lease (30 s) would let another worker take over a
     # batch in flight when the service resumes: its events would be sent twice.
-    if not (1 <= a.duration <= 20 and 0 <= a.warmup <= 30 and 1 <= a.rounds <= 10
-            and 1 <= a.connections <= 256):
+    if not (
+        1 <= a.duration <= 20
+        and 0 <= a.warmup <= 30
+        and 1 <= a.rounds <= 10
+        and 1 <= a.connections <= 256
+    ):
         p.error("duration 1-20, warmup 0-30, rounds 1-10, connections 1-256")
 
     def _term(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _term)
 
     wrk = None if a.python_loadgen else ensure_wrk()
@@ -614,21 +747,28 @@ def main() -> int:
         def write_pools(rnd: int, seconds: int) -> None:
             # wrk runs a little past its -d; the pools' messageIds are the round's own.
             t0 = time.monotonic()
-            sizes = {"single": (seconds + 2) * a.single_rate_cap,
-                     "batch": (seconds + 2) * a.batch_rate_cap}
+            sizes = {
+                "single": (seconds + 2) * a.single_rate_cap,
+                "batch": (seconds + 2) * a.batch_rate_cap,
+            }
             for kind, count in sizes.items():
                 write_pool(pools[kind], kind, count, f"{tag}r{rnd}", rnd * count)
-            log(f"round {rnd}'s pools: {sizes['single']} single, {sizes['batch']} batches "
-                f"of {BATCH} ({time.monotonic() - t0:.1f}s)")
+            log(
+                f"round {rnd}'s pools: {sizes['single']} single, {sizes['batch']} batches "
+                f"of {BATCH} ({time.monotonic() - t0:.1f}s)"
+            )
 
         lua = tmp / "bench.lua"
         lua.write_text(LUA)
-        urls = {m: schema_url(a.postgresql, schemas) if a.postgresql else ""
-                for m in ("embedded", "personalize")}
+        urls = {
+            m: schema_url(a.postgresql, schemas) if a.postgresql else ""
+            for m in ("embedded", "personalize")
+        }
         embedded = launch("embedded", tmp, fake.url, urls["embedded"], a.synchronous)
         services.append(embedded)
-        personalize = launch("personalize", tmp, fake.url, urls["personalize"],
-                             a.synchronous, a.sender_nice)
+        personalize = launch(
+            "personalize", tmp, fake.url, urls["personalize"], a.synchronous, a.sender_nice
+        )
         services.append(personalize)
 
         acknowledged = 0  # events the Personalize service answered 200 for
@@ -645,91 +785,136 @@ def main() -> int:
                 other.pause()
                 try:
                     if wrk:
-                        stats = run_wrk(wrk, lua, service.url + "/segment", pools[kind],
-                                        0, duration, a.connections, a.timeout)
+                        stats = run_wrk(
+                            wrk,
+                            lua,
+                            service.url + "/segment",
+                            pools[kind],
+                            0,
+                            duration,
+                            a.connections,
+                            a.timeout,
+                        )
                     else:
-                        stats = run_python(service.url + "/segment", pools[kind], 0,
-                                           duration, a.connections, a.timeout)
+                        stats = run_python(
+                            service.url + "/segment",
+                            pools[kind],
+                            0,
+                            duration,
+                            a.connections,
+                            a.timeout,
+                        )
                 finally:
                     other.resume()
                 cell = Cell(service.mode, kind, rnd, stats, service.cpu_seconds() - cpu0)
                 if service is personalize:
                     acknowledged += stats["ok"] * (BATCH if kind == "batch" else 1)
                 label = "warm-up" if rnd == 0 else f"round {rnd}"
-                log(f"{label}: {service.mode:<11} {kind:<6} {cell.rps:9.1f} req/s "
+                log(
+                    f"{label}: {service.mode:<11} {kind:<6} {cell.rps:9.1f} req/s "
                     f"{cell.eps:10.1f} events/s  p50 {stats['p50_us'] / 1e3:.1f} ms  "
-                    f"p99 {stats['p99_us'] / 1e3:.1f} ms")
+                    f"p99 {stats['p99_us'] / 1e3:.1f} ms"
+                )
                 if cell.problems():
-                    problems.append(f"{service.mode} {kind} {label}: "
-                                    + "; ".join(cell.problems()))
+                    problems.append(f"{service.mode} {kind} {label}: " + "; ".join(cell.problems()))
                     log("  PROBLEM: " + problems[-1])
                 if rnd:
                     cells.append(cell)
 
         # The Personalize applier sends on for --drain-timeout s; then what the stand-in
         # got: no event twice, in calls of <= 10, the rest still in the inbox.
-        pending_at_end, still_pending, waited, caught_up = drain(personalize,
-                                                                 a.drain_timeout)
+        pending_at_end, still_pending, waited, caught_up = drain(personalize, a.drain_timeout)
         got = fake.summary()
         max_call = got["max_call"]
         outcomes = call_outcomes(personalize)
 
         print()
         print("=" * 96)
-        print(f"Personalize mode vs embedded default: gunicorn --workers 2 (gunicorn.conf.py), "
-              f"{a.connections} connections, {a.duration}s a cell x {a.rounds} round(s), "
-              f"load: {'wrk' if wrk else 'Python threads (wrk not found)'}; "
-              f"{os.cpu_count()} cores shared by service, stand-in and load generator")
+        print(
+            f"Personalize mode vs embedded default: gunicorn --workers 2 (gunicorn.conf.py), "
+            f"{a.connections} connections, {a.duration}s a cell x {a.rounds} round(s), "
+            f"load: {'wrk' if wrk else 'Python threads (wrk not found)'}; "
+            f"{os.cpu_count()} cores shared by service, stand-in and load generator"
+        )
         print("=" * 96)
-        print(f"{'payload':<14}{'embedded ev/s':>15}{'personalize ev/s':>18}{'ratio P/E':>11}"
-              f"{'emb p50 ms':>12}{'pers p50 ms':>13}{'emb CPU ms/ev':>15}"
-              f"{'pers CPU ms/ev':>16}  rounds' ratios")
+        print(
+            f"{'payload':<14}{'embedded ev/s':>15}{'personalize ev/s':>18}{'ratio P/E':>11}"
+            f"{'emb p50 ms':>12}{'pers p50 ms':>13}{'emb CPU ms/ev':>15}"
+            f"{'pers CPU ms/ev':>16}  rounds' ratios"
+        )
         for kind in ("single", "batch"):
             row = {}
             for mode in ("embedded", "personalize"):
                 cs = [c for c in cells if (c.mode, c.kind) == (mode, kind)]
-                row[mode] = (median([c.eps for c in cs]),
-                             median([c.stats["p50_us"] / 1e3 for c in cs]),
-                             median([c.server_cpu * 1e3 / max(1, c.eps * c.seconds)
-                                     for c in cs]))
+                row[mode] = (
+                    median([c.eps for c in cs]),
+                    median([c.stats["p50_us"] / 1e3 for c in cs]),
+                    median([c.server_cpu * 1e3 / max(1, c.eps * c.seconds) for c in cs]),
+                )
             e, pz = row["embedded"], row["personalize"]
             name = "single" if kind == "single" else f"batch x{BATCH}"
-            print(f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{paired(cells, kind):>11.2f}"
-                  f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}  "
-                  + ", ".join(f"{r:.2f}" for r in round_ratios(cells, kind)))
+            print(
+                f"{name:<14}{e[0]:>15.1f}{pz[0]:>18.1f}{paired(cells, kind):>11.2f}"
+                f"{e[1]:>12.1f}{pz[1]:>13.1f}{e[2]:>15.3f}{pz[2]:>16.3f}  "
+                + ", ".join(f"{r:.2f}" for r in round_ratios(cells, kind))
+            )
         print()
         missed: list[str] = []  # targets not reached (the cells themselves were valid)
         for kind in ("single", "batch"):
             ratio = paired(cells, kind)
             target_ok = ratio >= 0.90
             missed += [] if target_ok else [f"{kind}: {ratio:.2f} of embedded (target 0.90)"]
-            print(f"[{kind}] personalize / embedded ingest events/s, median of the rounds' "
-                  f"ratios = {ratio:.3f} (target >= 0.90) {'PASS' if target_ok else 'FAIL'}")
+            print(
+                f"[{kind}] personalize / embedded ingest events/s, median of the rounds' "
+                f"ratios = {ratio:.3f} (target >= 0.90) {'PASS' if target_ok else 'FAIL'}"
+            )
         rate = (pending_at_end - still_pending) / waited if waited else 0.0
-        print(f"Personalize applier: {pending_at_end} inbox rows pending when the load "
-              f"stopped; " + (f"all sent {waited:.1f} s later" if caught_up else
-                              f"{still_pending} still pending after {waited:.0f} s")
-              + f" ({rate:.0f} rows/s, stand-in answering after {a.delay * 1000:.0f} ms)")
-        print(f"stand-in: {got['calls']} PutEvents calls (largest {max_call} events), "
-              f"{got['events']} events, {got['ids']} distinct eventIds; the Personalize "
-              f"service acknowledged {acknowledged} events (warm-up included)")
-        print("Personalize service's PutEvents calls by outcome: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(outcomes.items())))
+        print(
+            f"Personalize applier: {pending_at_end} inbox rows pending when the load "
+            f"stopped; "
+            + (
+                f"all sent {waited:.1f} s later"
+                if caught_up
+                else f"{still_pending} still pending after {waited:.0f} s"
+            )
+            + f" ({rate:.0f} rows/s, stand-in answering after {a.delay * 1000:.0f} ms)"
+        )
+        print(
+            f"stand-in: {got['calls']} PutEvents calls (largest {max_call} events), "
+            f"{got['events']} events, {got['ids']} distinct eventIds; the Personalize "
+            f"service acknowledged {acknowledged} events (warm-up included)"
+        )
+        print(
+            "Personalize service's PutEvents calls by outcome: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+        )
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"CPU: stand-in {got['cpu']:.1f} s at nice {a.stand_in_nice}, bench process "
-              f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included); the "
-              f"service's sending process at PERSONALIZE_SENDER_NICE="
-              f"{a.sender_nice or 'idle (the default)'}")
+        print(
+            f"CPU: stand-in {got['cpu']:.1f} s at nice {a.stand_in_nice}, bench process "
+            f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included); the "
+            f"service's sending process at PERSONALIZE_SENDER_NICE="
+            f"{a.sender_nice or 'idle (the default)'}"
+        )
         # wrk stops counting at the end of a cell while requests are still in flight: those
         # events reach the stand-in unacknowledged, so it may hold more, never fewer. Every
         # pool message is one track event, so a row the applier has not sent yet is one
         # event still owed: sent + still pending must cover what was acknowledged (a row in
         # flight when /healthz answered may be counted on both sides, never on neither).
-        ok = (got['ids'] == got['events'] and got['events'] + still_pending >= acknowledged
-              and max_call <= 10 and not problems)
-        print("CHECK: " + ("PASS - no event lost (sent + still in the inbox >= acknowledged), "
-                           "none sent twice, no call over 10 events"
-                           if ok else "FAIL - see counts above"))
+        ok = (
+            got["ids"] == got["events"]
+            and got["events"] + still_pending >= acknowledged
+            and max_call <= 10
+            and not problems
+        )
+        print(
+            "CHECK: "
+            + (
+                "PASS - no event lost (sent + still in the inbox >= acknowledged), "
+                "none sent twice, no call over 10 events"
+                if ok
+                else "FAIL - see counts above"
+            )
+        )
         for problem in problems:
             print("INVALID CELL: " + problem)
         print("TARGET: " + ("PASS" if not missed else "MISSED - " + "; ".join(missed)))
@@ -741,8 +926,11 @@ def main() -> int:
     except Exception as exc:
         log(f"ERROR: {exc}")
         for s in services:
-            tail = [line for line in s.log_path.read_text(errors="replace").splitlines()
-                    if '"INFO"' not in line][-5:]
+            tail = [
+                line
+                for line in s.log_path.read_text(errors="replace").splitlines()
+                if '"INFO"' not in line
+            ][-5:]
             if tail:
                 log(f"{s.mode} log tail:\n  " + "\n  ".join(tail))
         return 2

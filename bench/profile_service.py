@@ -17,6 +17,7 @@ they would to gunicorn's stderr.
     .venv/bin/python bench/profile_service.py [--count 3000] [--batch] [--top 30]
         [--synchronous FULL|NORMAL] [--no-profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,17 +56,26 @@ def call(app, items) -> None:
     than the bare app itself and would blur the comparison)."""
     for body, signature in items:
         environ = {
-            "REQUEST_METHOD": "POST", "PATH_INFO": "/segment", "QUERY_STRING": "",
-            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000",
-            "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
-            "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
-            "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-            "wsgi.multiprocess": True, "wsgi.run_once": False,
-            "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/json",
-            "HTTP_X_SIGNATURE": signature, "HTTP_HOST": "127.0.0.1:8000",
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/segment",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": "application/json",
+            "HTTP_X_SIGNATURE": signature,
+            "HTTP_HOST": "127.0.0.1:8000",
         }
         status = []
-        chunks = app(environ, lambda s, h, exc=None: status.append(s))
+        chunks = app(environ, lambda s, h, exc=None, status=status: status.append(s))
         b"".join(chunks)
         if hasattr(chunks, "close"):
             chunks.close()
@@ -93,9 +103,12 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="webhook-profile-"))
     (tmp / "metrics").mkdir()
-    os.environ.update(SEGMENT_SHARED_SECRET=SECRET, SQLITE_SYNCHRONOUS=args.synchronous,
-                      PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-                      ENGINE_BACKGROUND_TRAINING="false")
+    os.environ.update(
+        SEGMENT_SHARED_SECRET=SECRET,
+        SQLITE_SYNCHRONOUS=args.synchronous,
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+        ENGINE_BACKGROUND_TRAINING="false",
+    )
     log_file = open(tmp / "stderr.log", "w")
     real_stderr, sys.stderr = sys.stderr, log_file
     saved_fd2 = os.dup(2)
@@ -103,10 +116,12 @@ def main() -> int:
     try:
         os.dup2(log_file.fileno(), 2)  # logging handlers bound to fd 2 / sys.stderr
         from bare_app import app as bare
+
         os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/anchor.db"
         anchor = importlib.import_module("anchor_app").app
         os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/service.db"
         from webhook import create_app
+
         service = create_app()
         service.config["TESTING"] = True  # no background appliers: measured apart
         services = service.extensions["segment"]
@@ -128,8 +143,10 @@ def main() -> int:
 
         if not args.no_profile:
             items = deliveries(count, "profiled", args.batch)
-            for name, run in (("request path", lambda: call(service, items)),
-                              ("local store applier", services.drain)):
+            for name, run in (
+                ("request path", lambda: call(service, items)),
+                ("local store applier", services.drain),
+            ):
                 prof = cProfile.Profile()
                 prof.enable()
                 run()
@@ -145,16 +162,22 @@ def main() -> int:
         log_file.close()
     kind = f"batch x{BATCH_SIZE}" if args.batch else "single"
     print(out.getvalue())
-    print(f"in-process WSGI calls, {count} {kind} deliveries, one thread, "
-          f"SQLITE_SYNCHRONOUS={args.synchronous}; CPU time of the calling thread:")
+    print(
+        f"in-process WSGI calls, {count} {kind} deliveries, one thread, "
+        f"SQLITE_SYNCHRONOUS={args.synchronous}; CPU time of the calling thread:"
+    )
     print(f"  bare app            : {bare_ms:.3f} ms/delivery")
     print(f"  anchor (per request): {anchor_ms:.3f} ms/delivery")
     print(f"  service request path: {request_ms:.3f} ms/delivery")
-    print(f"  local store applier : {apply_ms:.3f} ms/message "
-          f"({apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms/delivery)")
-    print(f"  service beyond bare : request {request_ms - bare_ms:.3f} + apply "
-          f"{apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms; anchor beyond bare "
-          f"{anchor_ms - bare_ms:.3f} ms")
+    print(
+        f"  local store applier : {apply_ms:.3f} ms/message "
+        f"({apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms/delivery)"
+    )
+    print(
+        f"  service beyond bare : request {request_ms - bare_ms:.3f} + apply "
+        f"{apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms; anchor beyond bare "
+        f"{anchor_ms - bare_ms:.3f} ms"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

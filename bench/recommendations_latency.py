@@ -36,6 +36,7 @@ between them; the p50 of each, and the difference to "off". Target: recording ad
 
 Loopback only; every loop is bounded by ``--requests``; gunicorn is stopped in ``finally``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,7 @@ def start_service(env: dict, workers: int, attempts: int = 3):
             base, _process = cm.__enter__()
             return cm, base
         except (RuntimeError, requests.RequestException) as exc:
-            print(f"gunicorn start attempt {attempt} failed: {type(exc).__name__}",
-                  file=sys.stderr)
+            print(f"gunicorn start attempt {attempt} failed: {type(exc).__name__}", file=sys.stderr)
     raise SystemExit("gunicorn did not start")
 
 
@@ -88,14 +88,18 @@ def prime(base: str, users: list[str], times: int, num_results: int) -> None:
     spread over the workers (a kept-alive connection stays on one worker)."""
     for _ in range(times):
         for user in users:
-            requests.get(f"{base}/recommendations",
-                         params={"userId": user, "numResults": num_results},
-                         headers={"Connection": "close"}, timeout=5,
-                         proxies=NO_PROXY).raise_for_status()
+            requests.get(
+                f"{base}/recommendations",
+                params={"userId": user, "numResults": num_results},
+                headers={"Connection": "close"},
+                timeout=5,
+                proxies=NO_PROXY,
+            ).raise_for_status()
 
 
-def timed_reads(base: str, users: list[str], concurrency: int, num_results: int,
-                check) -> list[float]:
+def timed_reads(
+    base: str, users: list[str], concurrency: int, num_results: int, check
+) -> list[float]:
     """Request each user in ``users`` once (spread over ``concurrency`` sequential
     clients with keep-alive sessions); ``check(user, response)`` raises on a wrong answer.
     Returns the latencies in ms."""
@@ -109,9 +113,11 @@ def timed_reads(base: str, users: list[str], concurrency: int, num_results: int,
             session.trust_env = False
             for user in chunk:
                 started = time.perf_counter()
-                response = session.get(f"{base}/recommendations",
-                                       params={"userId": user, "numResults": num_results},
-                                       timeout=5)
+                response = session.get(
+                    f"{base}/recommendations",
+                    params={"userId": user, "numResults": num_results},
+                    timeout=5,
+                )
                 elapsed = (time.perf_counter() - started) * 1000
                 check(user, response)
                 with lock:
@@ -125,12 +131,19 @@ def timed_reads(base: str, users: list[str], concurrency: int, num_results: int,
 
 def run_phase(base: str, users: list[str], concurrency: int, num_results: int) -> list[float]:
     """Personalize mode: every answer personalized, complete and not degraded."""
+
     def check(user, response):
         body = response.json()
-        if response.status_code != 200 or body.get("source") != "personalize" \
-                or len(body.get("itemList", [])) != num_results or body.get("degraded"):
-            raise RuntimeError(f"unexpected answer for {user}: "
-                               f"{response.status_code} {str(body)[:300]}")
+        if (
+            response.status_code != 200
+            or body.get("source") != "personalize"
+            or len(body.get("itemList", [])) != num_results
+            or body.get("degraded")
+        ):
+            raise RuntimeError(
+                f"unexpected answer for {user}: {response.status_code} {str(body)[:300]}"
+            )
+
     return timed_reads(base, users, concurrency, num_results, check)
 
 
@@ -138,19 +151,33 @@ def seed_shop(base: str, users: int, products: int = 60) -> None:
     """A small shop through POST /segment: each user views a few products, in batches."""
     import json
     import random
+
     rng = random.Random(5)
     messages = []
     for u in range(users):
         for k in range(6):
-            messages.append({"type": "track", "event": "Product Viewed",
-                             "messageId": f"seed-{u}-{k}", "userId": f"user-{u}",
-                             "timestamp": "2026-11-30T10:00:00.000Z",
-                             "properties": {"product_id": f"p-{rng.randrange(products)}",
-                                            "name": "Product", "price": 9.5}})
+            messages.append(
+                {
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "messageId": f"seed-{u}-{k}",
+                    "userId": f"user-{u}",
+                    "timestamp": "2026-11-30T10:00:00.000Z",
+                    "properties": {
+                        "product_id": f"p-{rng.randrange(products)}",
+                        "name": "Product",
+                        "price": 9.5,
+                    },
+                }
+            )
     for start in range(0, len(messages), 500):
-        requests.post(f"{base}/segment", data=json.dumps({"batch": messages[start:start + 500]}),
-                      headers={"Content-Type": "application/json"}, timeout=30,
-                      proxies=NO_PROXY).raise_for_status()
+        requests.post(
+            f"{base}/segment",
+            data=json.dumps({"batch": messages[start : start + 500]}),
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+            proxies=NO_PROXY,
+        ).raise_for_status()
 
 
 def _answered(user, response) -> None:
@@ -159,16 +186,24 @@ def _answered(user, response) -> None:
 
 
 def compare_recording(args) -> int:
-    configs = [("off", {"INSIGHTS_RETENTION_DAYS": "0"}), ("on", {}),
-               ("on + experiment", {"EXPERIMENT": "local:50,popular:50"})]
+    configs = [
+        ("off", {"INSIGHTS_RETENTION_DAYS": "0"}),
+        ("on", {}),
+        ("on + experiment", {"EXPERIMENT": "local:50,popular:50"}),
+    ]
     tmp = tempfile.TemporaryDirectory(prefix="bench-recording-")
     services = []
     users = [f"user-{i}" for i in range(200)]
     try:
         for n, (name, extra) in enumerate(configs):
-            env = {"DATABASE_URL": f"sqlite:///{tmp.name}/bench-{n}.db", "LOG_LEVEL": "WARNING",
-                   "ENGINE_BACKGROUND_TRAINING": "false", "_LOG_DIR": tmp.name,
-                   "NO_PROXY": "127.0.0.1,localhost", **extra}
+            env = {
+                "DATABASE_URL": f"sqlite:///{tmp.name}/bench-{n}.db",
+                "LOG_LEVEL": "WARNING",
+                "ENGINE_BACKGROUND_TRAINING": "false",
+                "_LOG_DIR": tmp.name,
+                "NO_PROXY": "127.0.0.1,localhost",
+                **extra,
+            }
             cm, base = start_service(env, args.workers)
             services.append((name, cm, base))
             seed_shop(base, len(users))
@@ -182,16 +217,17 @@ def compare_recording(args) -> int:
             order = services if r % 2 == 0 else list(reversed(services))
             for name, _, base in order:
                 wanted = [users[(r * 37 + i) % len(users)] for i in range(args.requests)]
-                results[name].extend(timed_reads(base, wanted, args.concurrency, 10,
-                                                 _answered))
+                results[name].extend(timed_reads(base, wanted, args.concurrency, 10, _answered))
     finally:
         for _, cm, _ in services:
             cm.__exit__(None, None, None)
         tmp.cleanup()
     base_p50 = percentile(results["off"], 50)
-    print(f"\nGET /recommendations on the embedded default, gunicorn {args.workers} workers, "
-          f"{args.concurrency} sequential client(s), {rounds} alternating rounds of "
-          f"{args.requests} requests per service")
+    print(
+        f"\nGET /recommendations on the embedded default, gunicorn {args.workers} workers, "
+        f"{args.concurrency} sequential client(s), {rounds} alternating rounds of "
+        f"{args.requests} requests per service"
+    )
     print(f"{'impressions':<18} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  {'p50 added':>10}")
     ok = True
     for name, _ in configs:
@@ -200,8 +236,10 @@ def compare_recording(args) -> int:
         added = p50 - base_p50
         if name != "off":
             ok &= added <= 2.0
-        print(f"{name:<18} {p50:8.2f} {percentile(values, 90):8.2f} "
-              f"{percentile(values, 99):8.2f}  {added:+10.2f}")
+        print(
+            f"{name:<18} {p50:8.2f} {percentile(values, 90):8.2f} "
+            f"{percentile(values, 99):8.2f}  {added:+10.2f}"
+        )
     print(f"target: recording adds at most 2 ms to the p50: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
@@ -210,16 +248,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="per phase (default 200)")
     parser.add_argument("--delay", type=float, default=0.1, help="upstream delay, seconds")
-    parser.add_argument("--concurrency", type=int, default=2,
-                        help="client threads, each sequential (default 2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=2, help="client threads, each sequential (default 2)"
+    )
     parser.add_argument("--num-results", type=int, default=25)
     parser.add_argument("--warm-users", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--database-url", default="")
-    parser.add_argument("--compare-recording", action="store_true",
-                        help="impressions off / on / on with an experiment, side by side")
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="alternating rounds for --compare-recording (default 4)")
+    parser.add_argument(
+        "--compare-recording",
+        action="store_true",
+        help="impressions off / on / on with an experiment, side by side",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="alternating rounds for --compare-recording (default 4)",
+    )
     args = parser.parse_args()
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 64:
         parser.error("--requests must be 1..100000 and --concurrency 1..64")
@@ -227,17 +273,20 @@ def main() -> int:
         return compare_recording(args)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-recs-")
-    with FakePersonalizeRuntime() as runtime, \
-            FakeProfileAPI(space_id=SPACE, token=TOKEN) as profiles, \
-            FakeTrackingAPI(write_key=WRITE_KEY) as tracking:
+    with (
+        FakePersonalizeRuntime() as runtime,
+        FakeProfileAPI(space_id=SPACE, token=TOKEN) as profiles,
+        FakeTrackingAPI(write_key=WRITE_KEY) as tracking,
+    ):
         n = args.requests
         cold_users = [f"cold-{i}" for i in range(n)]
         warm_users = [f"warm-{i}" for i in range(args.warm_users)]
         warmup_users = [f"warmup-{i}" for i in range(20)]
         for user in cold_users + warm_users + warmup_users:
-            profiles.set_traits(f"user_id:{user}",
-                                {"purchased_products": ["item-3", "item-7"],
-                                 "recommendations_opt_out": False})
+            profiles.set_traits(
+                f"user_id:{user}",
+                {"purchased_products": ["item-3", "item-7"], "recommendations_opt_out": False},
+            )
         env = {
             "DATABASE_URL": args.database_url or f"sqlite:///{tmp.name}/bench.db",
             "LOG_LEVEL": "WARNING",
@@ -280,9 +329,11 @@ def main() -> int:
         ("cold (new user each request)", cold, 120.0, 200.0),
         ("warm trait cache", warm, 115.0, None),
     ]
-    print(f"\nGET /recommendations, gunicorn {args.workers} workers, both upstreams delayed "
-          f"{args.delay * 1000:.0f} ms, {args.concurrency} sequential client(s), "
-          f"numResults={args.num_results}, {n} requests per phase")
+    print(
+        f"\nGET /recommendations, gunicorn {args.workers} workers, both upstreams delayed "
+        f"{args.delay * 1000:.0f} ms, {args.concurrency} sequential client(s), "
+        f"numResults={args.num_results}, {n} requests per phase"
+    )
     print(f"(asking the upstreams one after the other would need ≥ {sequential_floor:.0f} ms)")
     header = f"{'phase':<30} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}   targets"
     print(header)
@@ -295,11 +346,15 @@ def main() -> int:
         if p99_target is not None:
             verdicts.append(f"p99 ≤ {p99_target:.0f}: {'PASS' if p99 <= p99_target else 'FAIL'}")
             ok &= p99 <= p99_target
-        print(f"{name:<30} {p50:8.1f} {p90:8.1f} {p99:8.1f} {max(values):8.1f}   "
-              + ", ".join(verdicts))
-    print(f"mean cold {statistics.mean(cold):.1f} ms, mean warm {statistics.mean(warm):.1f} ms;"
-          f" Profile API calls during the warm phase: {warm_profile_calls};"
-          f" identify calls received by the Tracking API: {identifies}")
+        print(
+            f"{name:<30} {p50:8.1f} {p90:8.1f} {p99:8.1f} {max(values):8.1f}   "
+            + ", ".join(verdicts)
+        )
+    print(
+        f"mean cold {statistics.mean(cold):.1f} ms, mean warm {statistics.mean(warm):.1f} ms;"
+        f" Profile API calls during the warm phase: {warm_profile_calls};"
+        f" identify calls received by the Tracking API: {identifies}"
+    )
     if warm_profile_calls:
         print("WARNING: the warm phase asked the Profile API: the trait cache did not hold")
     return 0 if ok else 1

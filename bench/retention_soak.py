@@ -8,14 +8,15 @@ interactions ``INTERACTION_RETENTION_DAYS=1`` (the generated messages are dated 
 so every interaction is due once applied), and each worker prunes every
 ``RETENTION_INTERVAL_SECONDS=5``. ``wrk`` sends ``--deliveries`` distinct signed single
 messages (500 products, 5,000 anonymous visitors: the catalog and the identity links stay
-bounded, as in a shop) while the size of the database and inbox files with their WALs, and the row counts,
-are sampled every ``--sample-every`` seconds.
+bounded, as in a shop) while the size of the database and inbox files with their WALs, and
+the row counts, are sampled every ``--sample-every`` seconds.
 
 Pass: every answer was 200, and the size over the last third of the run grew by less than
 10 % (it levels off: pruning keeps up, freed pages are reused).
 
     .venv/bin/python bench/retention_soak.py [--deliveries 1000000] [--synchronous FULL]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,15 @@ def size_mib(db: Path) -> float:
 def counts(db: Path) -> dict[str, int]:
     out = {}
     try:
-        for path, tables in ((f"{db}-inbox", ("inbox",)),
-                             (str(db), ("interactions", "items", "identity_links"))):
+        for path, tables in (
+            (f"{db}-inbox", ("inbox",)),
+            (str(db), ("interactions", "items", "identity_links")),
+        ):
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
             try:
-                out.update({t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                            for t in tables})
+                out.update(
+                    {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+                )
             finally:
                 con.close()
     except sqlite3.Error:
@@ -62,8 +66,12 @@ def counts(db: Path) -> dict[str, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--deliveries", type=int, default=1_000_000)
-    p.add_argument("--message-retention", type=float, default=60.0,
-                   help="seconds inbox rows are kept (MESSAGE_RETENTION_HOURS in seconds)")
+    p.add_argument(
+        "--message-retention",
+        type=float,
+        default=60.0,
+        help="seconds inbox rows are kept (MESSAGE_RETENTION_HOURS in seconds)",
+    )
     p.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--sample-every", type=float, default=15.0)
@@ -77,21 +85,44 @@ def main() -> int:
     db = tmp / "soak.db"
     started = time.monotonic()
     write_pool(tmp / "pool", f"rs{os.getpid()}", "single", a.deliveries, 1)
-    print(f"[soak] pool of {a.deliveries} deliveries written in "
-          f"{time.monotonic() - started:.0f} s", flush=True)
+    print(
+        f"[soak] pool of {a.deliveries} deliveries written in {time.monotonic() - started:.0f} s",
+        flush=True,
+    )
     (tmp / "segment.lua").write_text(LUA_SCRIPT)
     (tmp / "metrics").mkdir()
     port = free_port()
-    env = dict(os.environ, SEGMENT_SHARED_SECRET=SECRET, DATABASE_URL=f"sqlite:///{db}",
-               SQLITE_SYNCHRONOUS=a.synchronous, ENGINE_BACKGROUND_TRAINING="false",
-               MESSAGE_RETENTION_HOURS=str(a.message_retention / 3600),
-               INTERACTION_RETENTION_DAYS="1", RETENTION_INTERVAL_SECONDS="5",
-               PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"))
+    env = dict(
+        os.environ,
+        SEGMENT_SHARED_SECRET=SECRET,
+        DATABASE_URL=f"sqlite:///{db}",
+        SQLITE_SYNCHRONOUS=a.synchronous,
+        ENGINE_BACKGROUND_TRAINING="false",
+        MESSAGE_RETENTION_HOURS=str(a.message_retention / 3600),
+        INTERACTION_RETENTION_DAYS="1",
+        RETENTION_INTERVAL_SECONDS="5",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--workers", "2",
-         "--no-control-socket", "--bind", f"127.0.0.1:{port}", "wsgi:app"],
-        cwd=REPO, env=env, stdout=open(tmp / "gunicorn.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "gunicorn.conf.py",
+            "--workers",
+            "2",
+            "--no-control-socket",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "wsgi:app",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp / "gunicorn.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     samples: list[dict] = []
     stop = threading.Event()
     try:
@@ -100,8 +131,9 @@ def main() -> int:
         def sample() -> None:
             t0 = time.monotonic()
             while not stop.wait(a.sample_every):
-                samples.append({"t": round(time.monotonic() - t0), "mib": round(size_mib(db), 2),
-                                **counts(db)})
+                samples.append(
+                    {"t": round(time.monotonic() - t0), "mib": round(size_mib(db), 2), **counts(db)}
+                )
                 print(f"[soak] {json.dumps(samples[-1])}", flush=True)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -109,9 +141,26 @@ def main() -> int:
         # wrk with a long duration, stopped (SIGINT: it still reports) once the service
         # has answered every delivery of the pool.
         proc = subprocess.Popen(
-            ["wrk", "-t", "1", "-c", str(a.connections), "-d", "7200s", "--timeout", "10s",
-             "-s", str(tmp / "segment.lua"), f"http://127.0.0.1:{port}/segment", "--",
-             str(tmp / "pool"), "0"], stdout=subprocess.PIPE, text=True)
+            [
+                "wrk",
+                "-t",
+                "1",
+                "-c",
+                str(a.connections),
+                "-d",
+                "7200s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(tmp / "segment.lua"),
+                f"http://127.0.0.1:{port}/segment",
+                "--",
+                str(tmp / "pool"),
+                "0",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         while proc.poll() is None:
             time.sleep(1)
             if _delivered(port) >= a.deliveries:
@@ -119,8 +168,10 @@ def main() -> int:
         out = proc.communicate(timeout=60)[0]
         stop.set()
         sampler.join(5)
-        stats = next((json.loads(line[11:]) for line in out.splitlines()
-                      if line.startswith("BENCH_JSON ")), {})
+        stats = next(
+            (json.loads(line[11:]) for line in out.splitlines() if line.startswith("BENCH_JSON ")),
+            {},
+        )
     finally:
         stop.set()
         try:
@@ -128,18 +179,29 @@ def main() -> int:
             server.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(server.pid, signal.SIGKILL)
-    third = samples[len(samples) * 2 // 3:] if len(samples) >= 3 else samples
-    growth = ((max(s["mib"] for s in third) - third[0]["mib"]) / third[0]["mib"] * 100
-              if third and third[0]["mib"] else float("nan"))
+    third = samples[len(samples) * 2 // 3 :] if len(samples) >= 3 else samples
+    growth = (
+        (max(s["mib"] for s in third) - third[0]["mib"]) / third[0]["mib"] * 100
+        if third and third[0]["mib"]
+        else float("nan")
+    )
     ok = bool(stats) and stats.get("non200", 1) == 0 and growth < 10.0
-    print(json.dumps({"deliveries_answered_200": stats.get("ok"),
-                      "non200": stats.get("non200"), "socket_errors": {
-                          k: stats.get(k) for k in ("err_connect", "err_read", "err_write",
-                                                    "err_timeout")},
-                      "size_mib_first": samples[0]["mib"] if samples else None,
-                      "size_mib_last": samples[-1]["mib"] if samples else None,
-                      "growth_over_last_third_pct": round(growth, 2),
-                      "samples": samples}, indent=1))
+    print(
+        json.dumps(
+            {
+                "deliveries_answered_200": stats.get("ok"),
+                "non200": stats.get("non200"),
+                "socket_errors": {
+                    k: stats.get(k) for k in ("err_connect", "err_read", "err_write", "err_timeout")
+                },
+                "size_mib_first": samples[0]["mib"] if samples else None,
+                "size_mib_last": samples[-1]["mib"] if samples else None,
+                "growth_over_last_third_pct": round(growth, 2),
+                "samples": samples,
+            },
+            indent=1,
+        )
+    )
     print("PASS" if ok else "FAIL")
     if a.keep_tmp:
         print(f"kept {tmp}")
@@ -151,13 +213,19 @@ def main() -> int:
 def _delivered(port: int) -> int:
     """Deliveries answered so far, from the service's own counter."""
     import urllib.request
+
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
         return 0
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('segment_deliveries_total{status="200"}')))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('segment_deliveries_total{status="200"}')
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,15 +13,17 @@ must stay under 10 % for each; the appliers' process must not be replaced either
 whether a worker was replaced. A probe measures real time under this load: every
 ``--probe-every`` seconds a new user buys the item first in their recommendations, and the
 time from the purchase's 200 to the first answer without it is recorded (the inbox applied,
-the purchase excluded); its p99 must stay within 1 s. The warm-up (60 s) lasts until the service is in its steady
-shape: at these rates the local engine trains its first model after ~30 s (1,000
-interactions) and each worker loads it within ENGINE_MODEL_REFRESH_SECONDS; a worker
-measured before that load would count the model itself as growth. Exit status 1 when a criterion fails.
+the purchase excluded); its p99 must stay within 1 s. The warm-up (60 s) lasts until the
+service is in its steady shape: at these rates the local engine trains its first model
+after ~30 s (1,000 interactions) and each worker loads it within
+ENGINE_MODEL_REFRESH_SECONDS; a worker measured before that load would count the model
+itself as growth. Exit status 1 when a criterion fails.
 
     .venv/bin/python bench/soak.py                       # 10 minutes, SQLite
     .venv/bin/python bench/soak.py --duration 60         # a quick look
     .venv/bin/python bench/soak.py --database-url postgresql+psycopg://...  # PostgreSQL
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,20 +78,43 @@ class Traffic:
             user = self.random.choice(USERS)
             anon = self.random.choice(ANONS)
             item = self.random.choice(ITEMS[:100] if r < 0.5 else ITEMS)
-        base = {"messageId": f"soak-{os.getpid()}-{n}", "anonymousId": anon,
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        base = {
+            "messageId": f"soak-{os.getpid()}-{n}",
+            "anonymousId": anon,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        }
         if r < 0.70:
-            return {**base, "type": "track", "event": "Product Viewed",
-                    "properties": {"product_id": item, "name": f"Item {item}", "price": 9.5}}
+            return {
+                **base,
+                "type": "track",
+                "event": "Product Viewed",
+                "properties": {"product_id": item, "name": f"Item {item}", "price": 9.5},
+            }
         if r < 0.85:
-            return {**base, "type": "track", "event": "Product Added", "userId": user,
-                    "properties": {"product_id": item, "quantity": 1}}
+            return {
+                **base,
+                "type": "track",
+                "event": "Product Added",
+                "userId": user,
+                "properties": {"product_id": item, "quantity": 1},
+            }
         if r < 0.95:
-            return {**base, "type": "track", "event": "Order Completed", "userId": user,
-                    "properties": {"order_id": f"o-{n}", "products": [
-                        {"product_id": item}, {"product_id": ITEMS[(n * 7) % 100]}]}}
-        return {**base, "type": "identify", "userId": user,
-                "traits": {"plan": "pro", "city": "Zürich"}}
+            return {
+                **base,
+                "type": "track",
+                "event": "Order Completed",
+                "userId": user,
+                "properties": {
+                    "order_id": f"o-{n}",
+                    "products": [{"product_id": item}, {"product_id": ITEMS[(n * 7) % 100]}],
+                },
+            }
+        return {
+            **base,
+            "type": "identify",
+            "userId": user,
+            "traits": {"plan": "pro", "city": "Zürich"},
+        }
 
     def delivery(self) -> list | dict:
         with self.lock:
@@ -106,8 +131,9 @@ class Traffic:
             return {"itemId": self.random.choice(ITEMS[:100]), "numResults": 10}
 
 
-def probe_visibility(base: str, every: float, stop: threading.Event, visible: list,
-                     failures: list) -> None:
+def probe_visibility(
+    base: str, every: float, stop: threading.Event, visible: list, failures: list
+) -> None:
     """A new user buys the item first in their recommendations; how long until an answer
     leaves it out (the purchase applied from the inbox and excluded)?"""
     http = requests.Session()
@@ -121,11 +147,17 @@ def probe_visibility(base: str, every: float, stop: threading.Event, visible: li
             if not before.get("itemList"):
                 continue
             item = before["itemList"][0]["itemId"]
-            order = {"type": "track", "event": "Order Completed", "userId": user,
-                     "messageId": f"{user}-order",
-                     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-                     "properties": {"order_id": f"{user}-o", "products": [
-                         {"product_id": item, "price": 9.5, "quantity": 1}]}}
+            order = {
+                "type": "track",
+                "event": "Order Completed",
+                "userId": user,
+                "messageId": f"{user}-order",
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                "properties": {
+                    "order_id": f"{user}-o",
+                    "products": [{"product_id": item, "price": 9.5, "quantity": 1}],
+                },
+            }
             answer = http.post(base + "/segment", json=order, timeout=10)
             if answer.status_code != 200:
                 failures.append(f"order {answer.status_code}")
@@ -147,8 +179,7 @@ def probe_visibility(base: str, every: float, stop: threading.Event, visible: li
 def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     database_url = args.database_url or f"sqlite:///{workdir}/soak.db"
-    env = {"DATABASE_URL": database_url, "_LOG_DIR": str(workdir),
-           "LOG_LEVEL": args.log_level}
+    env = {"DATABASE_URL": database_url, "_LOG_DIR": str(workdir), "LOG_LEVEL": args.log_level}
     if args.no_training:
         env["ENGINE_BACKGROUND_TRAINING"] = "false"
     traffic = Traffic(args.seed)
@@ -167,11 +198,11 @@ def run(args) -> dict:
         started = time.perf_counter()
         try:
             if kind == "webhook":
-                response = session().post(base + "/segment", json=traffic.delivery(),
-                                          timeout=10)
+                response = session().post(base + "/segment", json=traffic.delivery(), timeout=10)
             else:
-                response = session().get(base + "/recommendations",
-                                         params=traffic.read_query(), timeout=10)
+                response = session().get(
+                    base + "/recommendations", params=traffic.read_query(), timeout=10
+                )
             ok = 200 <= response.status_code < 300
             detail = f"{kind} {response.status_code} {response.text[:120]}"
         except requests.RequestException as exc:
@@ -189,8 +220,7 @@ def run(args) -> dict:
         boot_rss = {pid: rss_kib(pid) for pid in pids}
 
         def schedule(seconds: float, record: bool) -> int:
-            interval = {"webhook": 1.0 / args.webhook_rate,
-                        "recommendations": 1.0 / args.read_rate}
+            interval = {"webhook": 1.0 / args.webhook_rate, "recommendations": 1.0 / args.read_rate}
             nxt = {k: time.perf_counter() for k in interval}
             end = time.perf_counter() + seconds
             sent = 0
@@ -226,16 +256,26 @@ def run(args) -> dict:
             # Memory over time: growth that levels off (caches, the model of a growing data
             # set) reads differently from growth that keeps going (a leak).
             while not stop_sampling.wait(args.sample_every):
-                samples.append({"t": round(time.time() - started),
-                                **{str(p): rss_kib(p) for p in pids + appliers
-                                   if os.path.exists(f"/proc/{p}")}})
+                samples.append(
+                    {
+                        "t": round(time.time() - started),
+                        **{
+                            str(p): rss_kib(p)
+                            for p in pids + appliers
+                            if os.path.exists(f"/proc/{p}")
+                        },
+                    }
+                )
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
         visible: list[float] = []
         probe_failures: list[str] = []
-        prober = threading.Thread(target=probe_visibility, daemon=True, args=(
-            base, args.probe_every, stop_sampling, visible, probe_failures))
+        prober = threading.Thread(
+            target=probe_visibility,
+            daemon=True,
+            args=(base, args.probe_every, stop_sampling, visible, probe_failures),
+        )
         prober.start()
         sent = schedule(args.duration, record=True)
         stop_sampling.set()
@@ -249,52 +289,76 @@ def run(args) -> dict:
         log_size = process.log_path.stat().st_size
         unhandled = process.log_path.read_text(errors="replace").count("unhandled error")
 
-    growth = {str(pid): round(100.0 * (end_rss[pid] - start_rss[pid]) / start_rss[pid], 2)
-              for pid in end_rss}
+    growth = {
+        str(pid): round(100.0 * (end_rss[pid] - start_rss[pid]) / start_rss[pid], 2)
+        for pid in end_rss
+    }
     appliers_growth = {
         str(pid): round(100.0 * (appliers_end[pid] - appliers_start[pid]) / appliers_start[pid], 2)
-        for pid in appliers_end}
+        for pid in appliers_end
+    }
     report = {
-        "duration_s": round(wall, 1), "workers": args.workers,
+        "duration_s": round(wall, 1),
+        "workers": args.workers,
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
         "rates_per_s": {"webhook": args.webhook_rate, "recommendations": args.read_rate},
-        "requests": {k: len(v) for k, v in results.items()}, "scheduled": sent,
-        "late_starts": late["count"], "errors": len(errors), "error_samples": errors[:5],
-        "errors_during_warmup": len(errors_warmup), "unhandled_errors_logged": unhandled,
-        "latency_ms": {k: {"p50": round(1000 * percentile(v, 0.50), 2),
-                           "p99": round(1000 * percentile(v, 0.99), 2),
-                           "max": round(1000 * max(v), 2) if v else None}
-                       for k, v in results.items()},
+        "requests": {k: len(v) for k, v in results.items()},
+        "scheduled": sent,
+        "late_starts": late["count"],
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "errors_during_warmup": len(errors_warmup),
+        "unhandled_errors_logged": unhandled,
+        "latency_ms": {
+            k: {
+                "p50": round(1000 * percentile(v, 0.50), 2),
+                "p99": round(1000 * percentile(v, 0.99), 2),
+                "max": round(1000 * max(v), 2) if v else None,
+            }
+            for k, v in results.items()
+        },
         "worker_rss_kib": {"boot": boot_rss, "after_warmup": start_rss, "end": end_rss},
         "worker_rss_growth_pct": growth,
         "appliers_process_rss_kib": {"after_warmup": appliers_start, "end": appliers_end},
         "appliers_process_rss_growth_pct": appliers_growth,
         "appliers_process_replaced": sorted(set(appliers) ^ set(end_appliers)),
-        "purchase_visible_ms": {"probes": len(visible),
-                                "p50": round(1000 * percentile(visible, 0.50), 1),
-                                "p99": round(1000 * percentile(visible, 0.99), 1),
-                                "max": round(1000 * max(visible), 1) if visible else None,
-                                "failures": probe_failures[:5]},
+        "purchase_visible_ms": {
+            "probes": len(visible),
+            "p50": round(1000 * percentile(visible, 0.50), 1),
+            "p99": round(1000 * percentile(visible, 0.99), 1),
+            "max": round(1000 * max(visible), 1) if visible else None,
+            "failures": probe_failures[:5],
+        },
         "worker_rss_samples_kib": samples,
         "engine_background_training": not args.no_training,
         "workers_replaced": sorted(set(pids) ^ set(end_pids)),
-        "log_bytes": log_size, "metrics_lines": counts,
+        "log_bytes": log_size,
+        "metrics_lines": counts,
     }
-    report["pass"] = bool(report["errors"] == 0 and not report["workers_replaced"]
-                          and growth and max(growth.values()) < 10.0
-                          and not report["appliers_process_replaced"]
-                          and all(g < 10.0 for g in appliers_growth.values())
-                          and report["requests"]["webhook"] > 0
-                          and visible and not probe_failures
-                          and percentile(visible, 0.99) <= 1.0)
+    report["pass"] = bool(
+        report["errors"] == 0
+        and not report["workers_replaced"]
+        and growth
+        and max(growth.values()) < 10.0
+        and not report["appliers_process_replaced"]
+        and all(g < 10.0 for g in appliers_growth.values())
+        and report["requests"]["webhook"] > 0
+        and visible
+        and not probe_failures
+        and percentile(visible, 0.99) <= 1.0
+    )
     return report
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds measured")
-    parser.add_argument("--warmup", type=float, default=60.0,
-                        help="seconds before measuring (default 60: first model loaded)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=60.0,
+        help="seconds before measuring (default 60: first model loaded)",
+    )
     parser.add_argument("--webhook-rate", type=float, default=25.0, help="deliveries/s")
     parser.add_argument("--read-rate", type=float, default=25.0, help="reads/s")
     parser.add_argument("--max-requests", type=int, default=200_000)
@@ -303,12 +367,17 @@ def main() -> int:
     parser.add_argument("--database-url", default="")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--sample-every", type=float, default=30.0,
-                        help="seconds between worker memory samples")
-    parser.add_argument("--no-training", action="store_true",
-                        help="ENGINE_BACKGROUND_TRAINING=false: the request path alone")
-    parser.add_argument("--probe-every", type=float, default=2.0,
-                        help="seconds between purchase-visibility probes")
+    parser.add_argument(
+        "--sample-every", type=float, default=30.0, help="seconds between worker memory samples"
+    )
+    parser.add_argument(
+        "--no-training",
+        action="store_true",
+        help="ENGINE_BACKGROUND_TRAINING=false: the request path alone",
+    )
+    parser.add_argument(
+        "--probe-every", type=float, default=2.0, help="seconds between purchase-visibility probes"
+    )
     parser.add_argument("--out", default="", help="also write the JSON report here")
     args = parser.parse_args()
     report = run(args)

@@ -129,10 +129,10 @@ def event_json(message_id: str, n: int) -> str:
     run needs; ``self_check`` proves both give the same bytes.
     """
     return (
-        '{"type":"track","event":"Product Viewed","messageId":"%s","anonymousId":"anon-%d",'
-        '"userId":"u%d","timestamp":"%s","properties":{"product_id":"p%d",'
-        '"name":"Product %d","price":%r}}'
-        % (message_id, n % 5000, n % 1000, TIMESTAMP, n % 500, n % 500, (n % 997) + 0.99)
+        f'{{"type":"track","event":"Product Viewed","messageId":"{message_id}",'
+        f'"anonymousId":"anon-{n % 5000}","userId":"u{n % 1000}","timestamp":"{TIMESTAMP}",'
+        f'"properties":{{"product_id":"p{n % 500}","name":"Product {n % 500}",'
+        f'"price":{(n % 997) + 0.99!r}}}}}'
     )
 
 
@@ -153,8 +153,10 @@ def write_pool(prefix: Path, tag: str, kind: str, count: int, nthreads: int) -> 
                     body = event_json(f"{tag}-t{t}-{n}", n)
                     sig = hmac.new(key, body.encode(), hashlib.sha1).hexdigest()
                 else:
-                    events = [event_json(f"{tag}-t{t}-{n}-{j}", n * BATCH_SIZE + j)
-                              for j in range(BATCH_SIZE)]
+                    events = [
+                        event_json(f"{tag}-t{t}-{n}-{j}", n * BATCH_SIZE + j)
+                        for j in range(BATCH_SIZE)
+                    ]
                     # Actions batch: bare JSON array, signed over JSON.stringify(body[0]).
                     body = "[" + ",".join(events) + "]"
                     sig = hmac.new(key, events[0].encode(), hashlib.sha1).hexdigest()
@@ -165,8 +167,9 @@ def write_pool(prefix: Path, tag: str, kind: str, count: int, nthreads: int) -> 
 def self_check() -> None:
     """Guard the generator: template == json.dumps, batch signing rule, JS-safe floats."""
     for n in (0, 1, 7, 996, 997, 123456):
-        assert event_json(f"chk-{n}", n) == json.dumps(event_obj(f"chk-{n}", n),
-                                                       separators=(",", ":"))
+        assert event_json(f"chk-{n}", n) == json.dumps(
+            event_obj(f"chk-{n}", n), separators=(",", ":")
+        )
     evs = [event_json(f"chk-{j}", j) for j in range(3)]
     body = "[" + ",".join(evs) + "]"
     parsed = json.loads(body)
@@ -276,10 +279,21 @@ def ensure_wrk() -> str | None:
     for pre in ([], [["apt-get", "update"]]):
         try:
             for cmd in pre:
-                subprocess.run(cmd, env=env, timeout=300, check=False,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            r = subprocess.run(["apt-get", "install", "-y", "wrk"], env=env, timeout=300,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    cmd,
+                    env=env,
+                    timeout=300,
+                    check=False,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            r = subprocess.run(
+                ["apt-get", "install", "-y", "wrk"],
+                env=env,
+                timeout=300,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if r.returncode == 0 and shutil.which("wrk"):
@@ -292,8 +306,7 @@ def ensure_wrk() -> str | None:
 # --------------------------------------------------------------------------
 
 
-def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: float,
-               q) -> None:
+def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: float, q) -> None:
     import requests  # local import: only needed in the fallback
 
     lines = Path(pool_file).read_text(encoding="ascii").splitlines()
@@ -311,8 +324,12 @@ def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: f
         sent += 1
         t0 = time.perf_counter()
         try:
-            r = sess.post(url, data=body.encode(), timeout=timeout, headers={
-                "Content-Type": "application/json", "X-Signature": sig})
+            r = sess.post(
+                url,
+                data=body.encode(),
+                timeout=timeout,
+                headers={"Content-Type": "application/json", "X-Signature": sig},
+            )
         except requests.RequestException as exc:
             errors += 1
             first_err = first_err or repr(exc)[:300]
@@ -324,19 +341,34 @@ def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: f
         else:
             non200 += 1
             first_err = first_err or f"{r.status_code} {r.text[:300]}"
-    q.put(dict(lat=lat, ok=ok, non200=non200, errors=errors, sent=sent,
-               wrapped=wrapped, pool=len(lines), first_err=first_err, sample=sample))
+    q.put(
+        dict(
+            lat=lat,
+            ok=ok,
+            non200=non200,
+            errors=errors,
+            sent=sent,
+            wrapped=wrapped,
+            pool=len(lines),
+            first_err=first_err,
+            sample=sample,
+        )
+    )
 
 
-def run_python_load(url: str, pool_prefix: Path, start: int, duration: float, nproc: int,
-                    timeout: float) -> dict:
+def run_python_load(
+    url: str, pool_prefix: Path, start: int, duration: float, nproc: int, timeout: float
+) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_py_worker,
-                         args=(url, f"{pool_prefix}-t{k}.tsv", start, duration, timeout, q))
-             for k in range(1, nproc + 1)]
+    procs = [
+        ctx.Process(
+            target=_py_worker, args=(url, f"{pool_prefix}-t{k}.tsv", start, duration, timeout, q)
+        )
+        for k in range(1, nproc + 1)
+    ]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -354,14 +386,29 @@ def run_python_load(url: str, pool_prefix: Path, start: int, duration: float, np
     def pct(p):
         return int(lat[min(len(lat) - 1, int(len(lat) * p / 100))]) if lat else 0
 
-    agg = {k: sum(r[k] for r in results) for k in ("ok", "non200", "errors", "sent", "wrapped", "pool")}
+    agg = {
+        k: sum(r[k] for r in results) for k in ("ok", "non200", "errors", "sent", "wrapped", "pool")
+    }
     return dict(
-        requests=agg["ok"] + agg["non200"], duration_us=int(elapsed * 1e6), bytes=0,
-        err_connect=agg["errors"], err_read=0, err_write=0, err_status=agg["non200"],
-        err_timeout=0, ok=agg["ok"], non200=agg["non200"], sent=agg["sent"],
-        sent_max=max(r["sent"] for r in results), wrapped=agg["wrapped"], pool=agg["pool"],
-        lat_mean_us=sum(lat) / len(lat) if lat else 0, lat_p50_us=pct(50),
-        lat_p90_us=pct(90), lat_p99_us=pct(99), lat_max_us=int(lat[-1]) if lat else 0,
+        requests=agg["ok"] + agg["non200"],
+        duration_us=int(elapsed * 1e6),
+        bytes=0,
+        err_connect=agg["errors"],
+        err_read=0,
+        err_write=0,
+        err_status=agg["non200"],
+        err_timeout=0,
+        ok=agg["ok"],
+        non200=agg["non200"],
+        sent=agg["sent"],
+        sent_max=max(r["sent"] for r in results),
+        wrapped=agg["wrapped"],
+        pool=agg["pool"],
+        lat_mean_us=sum(lat) / len(lat) if lat else 0,
+        lat_p50_us=pct(50),
+        lat_p90_us=pct(90),
+        lat_p99_us=pct(99),
+        lat_max_us=int(lat[-1]) if lat else 0,
         first_err=next((r["first_err"] for r in results if r["first_err"]), ""),
         sample=next((r["sample"] for r in results if r["sample"]), ""),
     )
@@ -408,11 +455,17 @@ print("RESOLVED " + json.dumps(out, default=str))
 
 def resolve_config(argv: list[str], env: dict) -> dict:
     """What gunicorn will actually use for these flags (config file + CLI), without starting it."""
-    r = subprocess.run([sys.executable, "-c", _RESOLVE_SNIPPET, *argv], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_SNIPPET, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     for line in r.stdout.splitlines():
         if line.startswith("RESOLVED "):
-            return json.loads(line[len("RESOLVED "):])
+            return json.loads(line[len("RESOLVED ") :])
     raise RuntimeError(f"could not resolve gunicorn config:\n{r.stdout}\n{r.stderr}")
 
 
@@ -432,15 +485,24 @@ class Server:
 
     def start(self, env: dict) -> None:
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def log_tail(self, n: int = 8) -> str:
         """Last lines of the server log that are not routine INFO lines (per-request logs)."""
         try:
-            lines = [line for line in self.log_path.read_text(errors="replace").splitlines()
-                     if '"level": "INFO"' not in line and "[INFO]" not in line][-n:]
+            lines = [
+                line
+                for line in self.log_path.read_text(errors="replace").splitlines()
+                if '"level": "INFO"' not in line and "[INFO]" not in line
+            ][-n:]
             return "\n".join("    | " + line[:300] for line in lines)
         except OSError:
             return ""
@@ -450,14 +512,19 @@ class Server:
         last = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label}: gunicorn exited with {self.proc.returncode}\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.label}: gunicorn exited with {self.proc.returncode}\n{self.log_tail()}"
+                )
             try:
                 if health == "GET /healthz":
                     req = urllib.request.Request(self.url + "/healthz")
                 else:  # bare app has a single route
-                    req = urllib.request.Request(self.url + "/segment", data=b"{}", method="POST",
-                                                 headers={"Content-Type": "application/json"})
+                    req = urllib.request.Request(
+                        self.url + "/segment",
+                        data=b"{}",
+                        method="POST",
+                        headers={"Content-Type": "application/json"},
+                    )
                 with urllib.request.urlopen(req, timeout=2) as resp:
                     if resp.status == 200:
                         return
@@ -469,8 +536,9 @@ class Server:
             except (OSError, urllib.error.URLError) as exc:
                 last = repr(exc)
             time.sleep(0.2)
-        raise RuntimeError(f"{self.label}: {health} not 200 within {timeout:.0f}s ({last})\n"
-                           f"{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.label}: {health} not 200 within {timeout:.0f}s ({last})\n{self.log_tail()}"
+        )
 
     def cpu_seconds(self) -> float:
         """utime+stime of the server's processes: its process group (master + workers) and
@@ -514,11 +582,11 @@ def tree_cpu_seconds(pgid: int) -> float:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         # fields[0] = state (field 3); ppid, pgrp = fields 4, 5; utime/stime = 14/15
         stats[int(d)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
     total = 0
-    for pid, (ppid, pgrp, ticks) in stats.items():
+    for _pid, (ppid, pgrp, ticks) in stats.items():
         seen = 0
         while pgrp != pgid and ppid in stats and seen < 64:  # up to an ancestor in the group
             ppid, pgrp = stats[ppid][0], stats[ppid][1]
@@ -573,8 +641,10 @@ class Result:
         if errs:
             out.append(f"socket errors {errs}")
         if s["wrapped"]:
-            out.append(f"pool exhausted ({s['sent']} sent from a pool of {s['pool']}): "
-                       "messageIds were reused; raise --pool-single/--pool-batch")
+            out.append(
+                f"pool exhausted ({s['sent']} sent from a pool of {s['pool']}): "
+                "messageIds were reused; raise --pool-single/--pool-batch"
+            )
         if s["ok"] == 0:
             out.append("no successful responses")
         return out
@@ -628,30 +698,50 @@ class Bench:
             prefix = self.tmp / f"pool-{kind}"
             size = write_pool(prefix, f"{run_tag}-{kind[0]}", kind, count, self.nparts)
             self.pools[kind] = prefix
-            log(f"pool {kind}: {count} requests ({count * (BATCH_SIZE if kind == 'batch' else 1)}"
-                f" distinct messageIds), {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s")
+            log(
+                f"pool {kind}: {count} requests ({count * (BATCH_SIZE if kind == 'batch' else 1)}"
+                f" distinct messageIds), {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s"
+            )
 
     # load ------------------------------------------------------------------
     def load(self, server: Server, kind: str, start: int, duration: int) -> dict:
         prefix = self.pools[kind]
         conns = self.args.connections
         if self.wrk:
-            cmd = [self.wrk, "-t", str(self.nparts), "-c", str(conns), "-d", f"{int(duration)}s",
-                   "--timeout", f"{int(self.args.timeout)}s", "-s", str(self.lua),
-                   server.url + "/segment", "--", str(prefix), str(start)]
+            cmd = [
+                self.wrk,
+                "-t",
+                str(self.nparts),
+                "-c",
+                str(conns),
+                "-d",
+                f"{int(duration)}s",
+                "--timeout",
+                f"{int(self.args.timeout)}s",
+                "-s",
+                str(self.lua),
+                server.url + "/segment",
+                "--",
+                str(prefix),
+                str(start),
+            ]
             self.last_cmd = shlex.join(cmd)
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
             for line in r.stdout.splitlines():
                 if line.startswith("BENCH_JSON "):
-                    return json.loads(line[len("BENCH_JSON "):])
+                    return json.loads(line[len("BENCH_JSON ") :])
             raise RuntimeError(f"wrk gave no result (rc {r.returncode}):\n{r.stdout}\n{r.stderr}")
-        self.last_cmd = (f"python loadgen: {conns} processes x requests.Session (keep-alive) "
-                         f"-> {server.url}/segment for {duration}s")
-        return run_python_load(server.url + "/segment", prefix, start, duration, conns,
-                               self.args.timeout)
+        self.last_cmd = (
+            f"python loadgen: {conns} processes x requests.Session (keep-alive) "
+            f"-> {server.url}/segment for {duration}s"
+        )
+        return run_python_load(
+            server.url + "/segment", prefix, start, duration, conns, self.args.timeout
+        )
 
-    def run_one(self, variant: str, server: Server, kind: str, rnd: int, start: int,
-                duration: int) -> Result:
+    def run_one(
+        self, variant: str, server: Server, kind: str, rnd: int, start: int, duration: int
+    ) -> Result:
         cpu0 = server.cpu_seconds()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         b0 = machine_busy()
@@ -660,11 +750,14 @@ class Bench:
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu1 = server.cpu_seconds()
         lg = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-        res = Result(variant, server.label, kind, rnd, stats, cpu1 - cpu0, lg,
-                     (b1[0] - b0[0]) / CLK_TCK)
+        res = Result(
+            variant, server.label, kind, rnd, stats, cpu1 - cpu0, lg, (b1[0] - b0[0]) / CLK_TCK
+        )
         name = f"{variant} {server.label} {kind} " + (f"round {rnd}" if rnd else "warm-up")
-        log(f"{name:<34} {res.rps:9.1f} req/s {res.eps:10.1f} ev/s  "
-            f"p50 {stats['lat_p50_us'] / 1000:.1f} ms  p99 {stats['lat_p99_us'] / 1000:.1f} ms")
+        log(
+            f"{name:<34} {res.rps:9.1f} req/s {res.eps:10.1f} ev/s  "
+            f"p50 {stats['lat_p50_us'] / 1000:.1f} ms  p99 {stats['lat_p99_us'] / 1000:.1f} ms"
+        )
         if rnd == 1:
             self.commands.append(self.last_cmd + f"   # {server.label} {kind}")
             log(f"  first 200 body: {stats['sample'][:120]}")
@@ -699,15 +792,27 @@ class Bench:
         srv = Server(label, app, cmd, port, run_dir / "gunicorn.log")
         srv.config = resolve_config([*flags, "--bind", f"{HOST}:{port}", app], env)
         srv.db_path = run_dir / "bench.db"
-        self.commands.append(f"(repo root) " + " ".join(
-            f"{k}={shlex.quote(env[k])}" for k in ("SEGMENT_SHARED_SECRET", "SQLITE_SYNCHRONOUS",
-                                                 "ENGINE_BACKGROUND_TRAINING", *extra_env))
-            + " DATABASE_URL=sqlite:///<fresh>/bench.db " + shlex.join(cmd))
+        self.commands.append(
+            "(repo root) "
+            + " ".join(
+                f"{k}={shlex.quote(env[k])}"
+                for k in (
+                    "SEGMENT_SHARED_SECRET",
+                    "SQLITE_SYNCHRONOUS",
+                    "ENGINE_BACKGROUND_TRAINING",
+                    *extra_env,
+                )
+            )
+            + " DATABASE_URL=sqlite:///<fresh>/bench.db "
+            + shlex.join(cmd)
+        )
         self.servers.append(srv)
         srv.start(env)
         srv.wait_ready("GET /healthz" if app == "wsgi:app" else "POST /segment")
-        log(f"{variant}: {label} ({app}) up on :{port}; worker_class={srv.config['worker_class']} "
-            f"threads={srv.config['threads']} workers={srv.config['workers']}")
+        log(
+            f"{variant}: {label} ({app}) up on :{port}; worker_class={srv.config['worker_class']} "
+            f"threads={srv.config['threads']} workers={srv.config['workers']}"
+        )
         return srv
 
     def stop(self, srv: Server) -> None:
@@ -726,8 +831,11 @@ class Bench:
     # one setting = every app, same flags, interleaved rounds ----------------
     def run_variant(self, vname: str) -> None:
         a = self.args
-        servers = {label: self.launch(vname, label, app, env) for label, app, env in APPS
-                   if app != "wsgi:app" or a.service_app == "wsgi:app"}
+        servers = {
+            label: self.launch(vname, label, app, env)
+            for label, app, env in APPS
+            if app != "wsgi:app" or a.service_app == "wsgi:app"
+        }
         if "service" not in servers:
             servers["service"] = self.launch(vname, "service", a.service_app, {})
         cfgs = self.configs[vname] = {label: s.config for label, s in servers.items()}
@@ -736,19 +844,21 @@ class Bench:
         # Cursors: every line is sent to a server at most once per launch (the bare app
         # ignores bodies; it gets fresh lines anyway, like the others).
         cursor = {(label, kind): 0 for label in servers for kind in ("single", "batch")}
-        plan = [(servers[label], "single") for label, _, _ in APPS] + \
-               [(servers[label], "batch") for label in (*ANCHORS, "service")
-                if label in servers]
+        plan = [(servers[label], "single") for label, _, _ in APPS] + [
+            (servers[label], "batch") for label in (*ANCHORS, "service") if label in servers
+        ]
         catch_up: list[str] = []
         for rnd in range(0 if a.warmup else 1, a.rounds + 1):
             for srv, kind in plan:
                 start = cursor[(srv.label, kind)]
-                res = self.run_one(vname, srv, kind, rnd, start,
-                                   a.warmup if rnd == 0 else a.duration)
+                res = self.run_one(
+                    vname, srv, kind, rnd, start, a.warmup if rnd == 0 else a.duration
+                )
                 cursor[(srv.label, kind)] += res.stats["sent_max"]
                 if rnd == 0 and res.problems:
-                    raise RuntimeError(f"{vname} {srv.label} {kind} warm-up failed: "
-                                       + "; ".join(res.problems))
+                    raise RuntimeError(
+                        f"{vname} {srv.label} {kind} warm-up failed: " + "; ".join(res.problems)
+                    )
                 if rnd:
                     self.results.append(res)
                 if srv is servers["service"]:
@@ -757,8 +867,7 @@ class Bench:
                     # before the next cell, so that the next cells (bare, anchors) never
                     # share the cores with the service's backlog.
                     catch_up.append(f"{kind} r{rnd}: " + wait_applied(servers["service"]))
-        self.drain_notes.append(f"{vname}: after each service cell: "
-                                + "; ".join(catch_up))
+        self.drain_notes.append(f"{vname}: after each service cell: " + "; ".join(catch_up))
         for srv in servers.values():
             self.stop(srv)
         self.db_notes.append(f"{vname}: {db_summary(servers['service'].db_path)}")
@@ -800,11 +909,16 @@ def db_summary(db: Path) -> str:
                 continue
             con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
             try:
-                names = [r[0] for r in con.execute(
-                    "select name from sqlite_master where type='table' "
-                    "and name not like 'sqlite_%'")]
-                parts += [f"{n}={con.execute(f'select count(*) from {n!r}').fetchone()[0]}"
-                          for n in names]
+                names = [
+                    r[0]
+                    for r in con.execute(
+                        "select name from sqlite_master where type='table' "
+                        "and name not like 'sqlite_%'"
+                    )
+                ]
+                parts += [
+                    f"{n}={con.execute(f'select count(*) from {n!r}').fetchone()[0]}" for n in names
+                ]
             finally:
                 con.close()
         return ", ".join(parts) or "no tables"
@@ -818,29 +932,39 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
     results = bench.results
     print()
     print("=" * 120)
-    print(f"Segment webhook throughput: {ncpu} cores, gunicorn --workers 2, {a.connections} "
-          f"connections, {a.rounds} interleaved round(s) of {a.duration}s per measurement "
-          f"(+{a.warmup}s warm-up), load generator: "
-          + (f"wrk ({bench.nparts} thread(s))" if bench.wrk
-             else "PYTHON FALLBACK (wrk unavailable; not comparable to wrk runs)"))
+    print(
+        f"Segment webhook throughput: {ncpu} cores, gunicorn --workers 2, {a.connections} "
+        f"connections, {a.rounds} interleaved round(s) of {a.duration}s per measurement "
+        f"(+{a.warmup}s warm-up), load generator: "
+        + (
+            f"wrk ({bench.nparts} thread(s))"
+            if bench.wrk
+            else "PYTHON FALLBACK (wrk unavailable; not comparable to wrk runs)"
+        )
+    )
     print("=" * 120)
-    hdr = (f"{'sync':<8}{'app':<12}{'payload':<11}{'round':>6}{'req/s':>10}{'events/s':>11}"
-           f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv ms/req':>12}"
-           f"{'srv%':>7}{'wrk%':>6}{'other%':>8}")
+    hdr = (
+        f"{'sync':<8}{'app':<12}{'payload':<11}{'round':>6}{'req/s':>10}{'events/s':>11}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv ms/req':>12}"
+        f"{'srv%':>7}{'wrk%':>6}{'other%':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
 
     def row(v, label, kind, rnd, rps, eps, p50, p99, mx, cpu_req, srv, lg, oth):
         payload = f"batch x{BATCH_SIZE}" if kind == "batch" else "single"
-        print(f"{v:<8}{label:<12}{payload:<11}{rnd:>6}{rps:>10.1f}{eps:>11.1f}{p50:>9.2f}"
-              f"{p99:>9.2f}{mx:>9.1f}{cpu_req:>12.3f}{srv:>7.0f}{lg:>6.0f}{oth:>8.0f}")
+        print(
+            f"{v:<8}{label:<12}{payload:<11}{rnd:>6}{rps:>10.1f}{eps:>11.1f}{p50:>9.2f}"
+            f"{p99:>9.2f}{mx:>9.1f}{cpu_req:>12.3f}{srv:>7.0f}{lg:>6.0f}{oth:>8.0f}"
+        )
 
     def other(r: Result) -> float:
         return 100 * max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds
 
     med: dict[tuple[str, str, str], float] = {}
-    rows = [(label, "single") for label, _, _ in APPS] + \
-        [(label, "batch") for label in (*ANCHORS, "service")]
+    rows = [(label, "single") for label, _, _ in APPS] + [
+        (label, "batch") for label in (*ANCHORS, "service")
+    ]
     for v in variants:
         for label, kind in rows:
             rs = [r for r in results if (r.variant, r.label, r.kind) == (v, label, kind)]
@@ -848,24 +972,45 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
                 continue
             for r in rs:
                 s = r.stats
-                row(v, label, kind, str(r.round), r.rps, r.eps, s["lat_p50_us"] / 1e3,
-                    s["lat_p99_us"] / 1e3, s["lat_max_us"] / 1e3,
-                    r.server_cpu / max(1, s["ok"]) * 1e3, 100 * r.server_cpu / r.seconds,
-                    100 * r.loadgen_cpu / r.seconds, other(r))
+                row(
+                    v,
+                    label,
+                    kind,
+                    str(r.round),
+                    r.rps,
+                    r.eps,
+                    s["lat_p50_us"] / 1e3,
+                    s["lat_p99_us"] / 1e3,
+                    s["lat_max_us"] / 1e3,
+                    r.server_cpu / max(1, s["ok"]) * 1e3,
+                    100 * r.server_cpu / r.seconds,
+                    100 * r.loadgen_cpu / r.seconds,
+                    other(r),
+                )
             if len(rs) > 1:
-                m = lambda f: median([f(r) for r in rs])  # noqa: E731
-                row(v, label, kind, "median", m(lambda r: r.rps), m(lambda r: r.eps),
+                m = lambda f, rs=rs: median([f(r) for r in rs])  # noqa: E731
+                row(
+                    v,
+                    label,
+                    kind,
+                    "median",
+                    m(lambda r: r.rps),
+                    m(lambda r: r.eps),
                     m(lambda r: r.stats["lat_p50_us"] / 1e3),
                     m(lambda r: r.stats["lat_p99_us"] / 1e3),
                     m(lambda r: r.stats["lat_max_us"] / 1e3),
                     m(lambda r: r.server_cpu / max(1, r.stats["ok"]) * 1e3),
                     m(lambda r: 100 * r.server_cpu / r.seconds),
-                    m(lambda r: 100 * r.loadgen_cpu / r.seconds), m(other))
+                    m(lambda r: 100 * r.loadgen_cpu / r.seconds),
+                    m(other),
+                )
             med[(v, label, kind)] = median([r.rps for r in rs])
         print()
-    print("(srv% / wrk% = CPU of the measured gunicorn / load generator, 100 = one core; "
-          f"other% = rest of the machine, {100 * ncpu} = all cores busy; "
-          "srv ms/req = server CPU per request)")
+    print(
+        "(srv% / wrk% = CPU of the measured gunicorn / load generator, 100 = one core; "
+        f"other% = rest of the machine, {100 * ncpu} = all cores busy; "
+        "srv ms/req = server CPU per request)"
+    )
     print()
 
     def per_round(num: tuple[str, str], den: tuple[str, str], v: str, mult: float = 1.0) -> str:
@@ -877,45 +1022,57 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
     for v in variants:
         bare = med.get((v, "bare", "single"))
         single, batch = med.get((v, "service", "single")), med.get((v, "service", "batch"))
-        anchors = {label: med[(v, label, "single")] for label in ANCHORS
-                   if (v, label, "single") in med}
+        anchors = {
+            label: med[(v, label, "single")] for label in ANCHORS if (v, label, "single") in med
+        }
         if bare:
             for label in (*ANCHORS, "service"):
                 if (v, label, "single") in med:
-                    print(f"[{v}] {label:<10} single / bare req/s = "
-                          f"{med[(v, label, 'single')]:8.1f} / {bare:8.1f} = "
-                          f"{med[(v, label, 'single')] / bare:6.3f}")
+                    print(
+                        f"[{v}] {label:<10} single / bare req/s = "
+                        f"{med[(v, label, 'single')]:8.1f} / {bare:8.1f} = "
+                        f"{med[(v, label, 'single')] / bare:6.3f}"
+                    )
         if anchors and single:
             best = max(anchors, key=anchors.get)
             ratio = single / anchors[best]
             ok = ratio >= TARGET_SINGLE_VS_ANCHOR
-            print(f"[{v}] service single / {best} (the faster anchor) = {single:8.1f} / "
-                  f"{anchors[best]:8.1f} = {ratio:6.3f}  (target >= "
-                  f"{TARGET_SINGLE_VS_ANCHOR:.2f})  {'PASS' if ok else 'FAIL'}   per round: "
-                  f"{per_round(('service', 'single'), (best, 'single'), v)}")
+            print(
+                f"[{v}] service single / {best} (the faster anchor) = {single:8.1f} / "
+                f"{anchors[best]:8.1f} = {ratio:6.3f}  (target >= "
+                f"{TARGET_SINGLE_VS_ANCHOR:.2f})  {'PASS' if ok else 'FAIL'}   per round: "
+                f"{per_round(('service', 'single'), (best, 'single'), v)}"
+            )
             ok_all &= ok
         for label in ANCHORS:  # what the stack gives for batches: no target, for scale
             a_single, a_batch = med.get((v, label, "single")), med.get((v, label, "batch"))
             if a_single and a_batch:
-                print(f"[{v}] {label} batch / single events/s = "
-                      f"{a_batch * BATCH_SIZE:8.1f} / {a_single:8.1f} = "
-                      f"{a_batch * BATCH_SIZE / a_single:6.2f}x (the anchor, for scale)")
+                print(
+                    f"[{v}] {label} batch / single events/s = "
+                    f"{a_batch * BATCH_SIZE:8.1f} / {a_single:8.1f} = "
+                    f"{a_batch * BATCH_SIZE / a_single:6.2f}x (the anchor, for scale)"
+                )
         if single and batch:
             ratio = batch * BATCH_SIZE / single
             ok = ratio >= TARGET_BATCH_VS_SINGLE
-            print(f"[{v}] service batch / single events/s = {batch * BATCH_SIZE:8.1f} / "
-                  f"{single:8.1f} = {ratio:6.2f}x (target >= {TARGET_BATCH_VS_SINGLE:.0f}x)   "
-                  f"{'PASS' if ok else 'FAIL'}   per round: "
-                  f"{per_round(('service', 'batch'), ('service', 'single'), v, BATCH_SIZE)}")
+            print(
+                f"[{v}] service batch / single events/s = {batch * BATCH_SIZE:8.1f} / "
+                f"{single:8.1f} = {ratio:6.2f}x (target >= {TARGET_BATCH_VS_SINGLE:.0f}x)   "
+                f"{'PASS' if ok else 'FAIL'}   per round: "
+                f"{per_round(('service', 'batch'), ('service', 'single'), v, BATCH_SIZE)}"
+            )
             ok_all &= ok
     if a.rounds > 1:
         print("(ratios are of the medians over rounds)")
     others = [other(r) / 100 for r in results]
     if others and median(others) > 0.25:
-        print(f"WARNING: the machine was busy with other work during the run (median other% "
-              f"{100 * median(others):.0f}, of {100 * ncpu}): figures are noisy; rerun when idle.")
-    problems = [f"{r.variant} {r.label} {r.kind} round {r.round}: {p}"
-                for r in results for p in r.problems]
+        print(
+            f"WARNING: the machine was busy with other work during the run (median other% "
+            f"{100 * median(others):.0f}, of {100 * ncpu}): figures are noisy; rerun when idle."
+        )
+    problems = [
+        f"{r.variant} {r.label} {r.kind} round {r.round}: {p}" for r in results for p in r.problems
+    ]
     print()
     if problems:
         print("ERRORS (run is invalid):")
@@ -924,8 +1081,10 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
         ok_all = False
     else:
         total = sum(r.stats["ok"] for r in results)
-        print(f"All {total} measured responses were 200; no socket errors; "
-              "no messageId sent twice to a server launch.")
+        print(
+            f"All {total} measured responses were 200; no socket errors; "
+            "no messageId sent twice to a server launch."
+        )
     for note in bench.drain_notes:
         print(f"Service inbox, {note}")
         ok_all &= "NOT applied" not in note
@@ -933,10 +1092,12 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
     print("Gunicorn settings (resolved from the same flags + config file for every app):")
     for v, cfgs in bench.configs.items():
         for label, cfg in cfgs.items():
-            print(f"  {v:<7} {label:<11} worker_class={cfg['worker_class']} "
-                  f"threads={cfg['threads']} workers={cfg['workers']} "
-                  f"keepalive={cfg['keepalive']} timeout={cfg['timeout']} "
-                  f"accesslog={cfg['accesslog']} loglevel={cfg['loglevel']}")
+            print(
+                f"  {v:<7} {label:<11} worker_class={cfg['worker_class']} "
+                f"threads={cfg['threads']} workers={cfg['workers']} "
+                f"keepalive={cfg['keepalive']} timeout={cfg['timeout']} "
+                f"accesslog={cfg['accesslog']} loglevel={cfg['loglevel']}"
+            )
     if bench.db_notes:
         print("Service DB row counts after each launch: " + "; ".join(bench.db_notes))
     print()
@@ -949,32 +1110,59 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="interleaved rounds (bare, anchors, service single, service batch); "
-                        "ratios use medians (default 3)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="warm-up seconds per measurement kind after start, 0 = none (default 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds (bare, anchors, service single, service batch); "
+        "ratios use medians (default 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="warm-up seconds per measurement kind after start, 0 = none (default 2)",
+    )
     p.add_argument("--connections", type=int, default=8, help="concurrent connections (default 8)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--timeout", type=int, default=10, help="per-request timeout, s (default 10)")
-    p.add_argument("--synchronous", default="FULL,NORMAL",
-                   help="SQLite synchronous settings to measure, comma-separated "
-                        "(default FULL,NORMAL)")
-    p.add_argument("--service-app", default="wsgi:app",
-                   help="WSGI app for the service rows (default wsgi:app; "
-                        "bench.bare_app:app tests the plumbing)")
-    p.add_argument("--pool-single", type=int, default=100_000,
-                   help="minimum single messages in the pool (default 100000)")
-    p.add_argument("--pool-batch", type=int, default=1_000,
-                   help="minimum batches in the pool (default 1000)")
-    p.add_argument("--single-rate-cap", type=float, default=8_000,
-                   help="single req/s the pool is sized for: pool >= cap x (rounds x duration "
-                        "+ warmup) (default 8000)")
-    p.add_argument("--batch-rate-cap", type=float, default=1200,
-                   help="batch req/s the pool is sized for (default 1200: the anchors take ~800 batches/s)")
+    p.add_argument(
+        "--synchronous",
+        default="FULL,NORMAL",
+        help="SQLite synchronous settings to measure, comma-separated (default FULL,NORMAL)",
+    )
+    p.add_argument(
+        "--service-app",
+        default="wsgi:app",
+        help="WSGI app for the service rows (default wsgi:app; "
+        "bench.bare_app:app tests the plumbing)",
+    )
+    p.add_argument(
+        "--pool-single",
+        type=int,
+        default=100_000,
+        help="minimum single messages in the pool (default 100000)",
+    )
+    p.add_argument(
+        "--pool-batch", type=int, default=1_000, help="minimum batches in the pool (default 1000)"
+    )
+    p.add_argument(
+        "--single-rate-cap",
+        type=float,
+        default=8_000,
+        help="single req/s the pool is sized for: pool >= cap x (rounds x duration "
+        "+ warmup) (default 8000)",
+    )
+    p.add_argument(
+        "--batch-rate-cap",
+        type=float,
+        default=1200,
+        help="batch req/s the pool is sized for (default 1200: the anchors take ~800 batches/s)",
+    )
     p.add_argument("--python-loadgen", action="store_true", help="force the Python fallback")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (pools, logs, DBs)")
     args = p.parse_args()
@@ -995,6 +1183,7 @@ def main() -> int:
     # Turn SIGTERM into KeyboardInterrupt so the finally block cleans up.
     def _term(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _term)
 
     self_check()

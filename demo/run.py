@@ -20,14 +20,15 @@ the real time (``demo/clock/sitecustomize.py``, loaded only by the demo's servic
 events carry the same times. Nothing of the service is changed for this: it lives through
 the 14 days, and records what it did on each as it would on any day.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import random
-import shutil
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import shop
@@ -44,8 +45,19 @@ import shop
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "instance" / "demo"
 IMAGES = ROOT / "webhook" / "static" / "shop"  # served as /static/shop/
-PASSED_THROUGH = ("PATH", "HOME", "LANG", "TERM", "TMPDIR", "TZ", "LOG_LEVEL", "LOG_FORMAT",
-                  "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT")
+PASSED_THROUGH = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "TERM",
+    "TMPDIR",
+    "TZ",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "WEB_CONCURRENCY",
+    "GUNICORN_THREADS",
+    "GUNICORN_TIMEOUT",
+)
 READY_TIMEOUT = 90.0
 OPERATOR_TOKEN = secrets.token_hex(16)
 EXPERIMENT = "local:50,popular:50"
@@ -59,12 +71,16 @@ def say(text: str) -> None:
 
 
 def demo_environment(database: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k in PASSED_THROUGH or k.startswith("LC_")}
-    env.update({"DATABASE_URL": f"sqlite:///{database}", "PORT": str(port),
-                "PYTHONUNBUFFERED": "1",
-                # The demo's own operator token: it reads the appliers' lag on /healthz.
-                "METRICS_TOKEN": OPERATOR_TOKEN})
+    env = {k: v for k, v in os.environ.items() if k in PASSED_THROUGH or k.startswith("LC_")}
+    env.update(
+        {
+            "DATABASE_URL": f"sqlite:///{database}",
+            "PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+            # The demo's own operator token: it reads the appliers' lag on /healthz.
+            "METRICS_TOKEN": OPERATOR_TOKEN,
+        }
+    )
     # One worker (4 threads) is plenty for a person clicking around, and the start-up
     # check below then warms exactly the worker that answers: a worker loads the model
     # on its first request, and would answer that one with popular items.
@@ -94,7 +110,7 @@ class Clock:
         time.sleep(self.SETTLE_SECONDS)
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
+        return datetime.now(UTC) + self.offset
 
 
 def port_is_free(port: int) -> bool:
@@ -109,12 +125,15 @@ def port_is_free(port: int) -> bool:
 
 def flask(env: dict[str, str], *args: str) -> None:
     command = [sys.executable, "-m", "flask", "--app", "webhook", *args]
-    say("$ flask --app webhook " + " ".join(
-        os.path.relpath(a, ROOT) if os.path.isabs(a) else a for a in args))
+    say(
+        "$ flask --app webhook "
+        + " ".join(os.path.relpath(a, ROOT) if os.path.isabs(a) else a for a in args)
+    )
     result = subprocess.run(command, cwd=ROOT, env=env)
     if result.returncode != 0:
-        raise SystemExit(f"demo: `flask --app webhook {args[0]}` failed "
-                         f"(exit status {result.returncode})")
+        raise SystemExit(
+            f"demo: `flask --app webhook {args[0]}` failed (exit status {result.returncode})"
+        )
 
 
 def answer(base: str, user_id: str) -> dict | None:
@@ -136,16 +155,20 @@ def wait_until_ready(server: subprocess.Popen, base: str, user_id: str) -> None:
         if server.poll() is not None:
             raise SystemExit(f"demo: the service stopped (exit status {server.returncode})")
         if time.monotonic() > deadline:
-            raise SystemExit(f"demo: the service did not answer from the model within "
-                             f"{READY_TIMEOUT:.0f} s")
+            raise SystemExit(
+                f"demo: the service did not answer from the model within {READY_TIMEOUT:.0f} s"
+            )
         body = answer(base, user_id)
         in_a_row = in_a_row + 1 if body and body.get("source") == "local" else 0
         time.sleep(0.2 if in_a_row else 0.5)
 
 
 def post(base: str, path: str, body: dict) -> None:
-    request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         response.read()
 
@@ -156,7 +179,8 @@ def wait_applied(base: str) -> None:
     while time.monotonic() < deadline:
         try:
             request = urllib.request.Request(
-                f"{base}/healthz", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+                f"{base}/healthz", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+            )
             with urllib.request.urlopen(request, timeout=5) as response:
                 inbox = json.load(response).get("inbox")
         except (urllib.error.URLError, OSError, ValueError):
@@ -164,8 +188,7 @@ def wait_applied(base: str) -> None:
         if inbox and not any(a["pending"] for a in inbox["appliers"].values()):
             return
         time.sleep(0.1)
-    raise SystemExit(f"demo: the service did not apply the events within "
-                     f"{APPLIED_TIMEOUT:.0f} s")
+    raise SystemExit(f"demo: the service did not apply the events within {APPLIED_TIMEOUT:.0f} s")
 
 
 def replay(base: str, generated: shop.Shop, clock: Clock) -> dict[str, int]:
@@ -180,13 +203,12 @@ def replay(base: str, generated: shop.Shop, clock: Clock) -> dict[str, int]:
         for visit in visits:
             number += 1
             query = urllib.parse.urlencode({**visit.who, "numResults": 4})
-            with urllib.request.urlopen(f"{base}/recommendations?{query}",
-                                        timeout=30) as response:
+            with urllib.request.urlopen(f"{base}/recommendations?{query}", timeout=30) as response:
                 body = json.load(response)
             rng = random.Random(f"{shop.EXPERIMENT_SEED}-{number}")
             events += shop.react(rng, generated, visit, body, clock.now(), number)
         for start in range(0, len(events), 100):
-            post(base, "/segment", {"batch": events[start:start + 100]})
+            post(base, "/segment", {"batch": events[start : start + 100]})
         wait_applied(base)
         counts["visits"] += len(visits)
         counts["events"] += len(events)
@@ -200,16 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     port = args.port
     if not port_is_free(port):
-        raise SystemExit(f"demo: port {port} is in use; choose another: "
-                         f"make demo PORT={port + 1}")
+        raise SystemExit(f"demo: port {port} is in use; choose another: make demo PORT={port + 1}")
     started = time.monotonic()
 
     say("generating the shop (demo/shop.py, fixed seed)")
     shutil.rmtree(DEMO, ignore_errors=True)  # a fresh demo database every time
     generated = shop.write(DEMO, IMAGES)
-    say(f"{len(generated.products)} products, {generated.visitors} visitors, "
+    say(
+        f"{len(generated.products)} products, {generated.visitors} visitors, "
         f"{len(generated.messages)} Segment messages in "
-        f"{(DEMO / 'shop.jsonl').relative_to(ROOT)}")
+        f"{(DEMO / 'shop.jsonl').relative_to(ROOT)}"
+    )
 
     database = DEMO / "demo.db"
     env = demo_environment(database, port)
@@ -221,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     say(f"starting the service on port {port} with EXPERIMENT={EXPERIMENT} (Ctrl-C stops it)")
     # The Procfile's two processes: the web process and the worker.
     service_env = {**env, "EXPERIMENT": EXPERIMENT, **clock.environment()}
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                              env=service_env)
-    worker = subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook", "worker"],
-                              cwd=ROOT, env=service_env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT, env=service_env
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "webhook", "worker"], cwd=ROOT, env=service_env
+    )
 
     def stop(signum, frame):  # forward a `kill` to the service; Ctrl-C reaches it directly
         for process in (server, worker):
@@ -239,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         # The imported history goes through the attribution applier first, at the real
         # time: an event it sees is never older than the service's clock.
         wait_applied(base)
-        say(f"replaying {EXPERIMENT_DAYS} days of the experiment: {VISITS_PER_DAY} visits a "
-            "day ask for recommendations, then click, add to the cart and order")
+        say(
+            f"replaying {EXPERIMENT_DAYS} days of the experiment: {VISITS_PER_DAY} visits a "
+            "day ask for recommendations, then click, add to the cart and order"
+        )
         done = replay(base, generated, clock)
         say(f"{done['visits']} visits, {done['events']} Segment events")
         lines = [f"ready in {time.monotonic() - started:.0f} s. Visitors worth looking at:"]

@@ -9,6 +9,7 @@ and ``free_port`` (tests/gunicorn_server.py), Segment-style deliveries and their
 the stand-in servers (tests/fake_*.py) and the machine's prerequisites
 (tests/prerequisites.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,7 @@ from tests.operator import OPERATOR, OPERATOR_TOKEN
 from tests.segment_wire import STORY, capture_corpus
 from webhook import create_app
 
-PG_URL = os.environ.get(
-    "TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 _live_apps: list = []  # the apps make_app made for the running test
@@ -127,8 +127,7 @@ def make_app(sqlite_url):
     def factory(**settings):
         settings.setdefault("database_url", sqlite_url)
         settings.setdefault("metrics_token", OPERATOR_TOKEN)
-        settings.update({name: value for name, value in TIMELESS.items()
-                         if name not in settings})
+        settings.update({name: value for name, value in TIMELESS.items() if name not in settings})
         app = create_app(settings)
         app.config["TESTING"] = True
         app.test_client_class = AppliedClient
@@ -168,8 +167,9 @@ def applied(app, timeout: float = 30.0) -> None:
     services = app.extensions["segment"]
     deadline = time.monotonic() + timeout
     while True:
-        assert services.drain(timeout=max(0.1, deadline - time.monotonic())), \
+        assert services.drain(timeout=max(0.1, deadline - time.monotonic())), (
             "the inbox was not applied"
+        )
         lag = services.inbox.lag(services.runners)
         if not any(each.pending for each in lag.values()):
             return
@@ -182,8 +182,14 @@ def raw_client(app) -> FlaskClient:
     return FlaskClient(app, app.response_class, use_cookies=True)
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +200,9 @@ def browser():
     from playwright.sync_api import sync_playwright  # a dev requirement, checked first
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=prerequisites.chromium_path(),
-                                             args=CHROMIUM_ARGS, headless=True)
+        browser = playwright.chromium.launch(
+            executable_path=prerequisites.chromium_path(), args=CHROMIUM_ARGS, headless=True
+        )
         yield browser
         browser.close()
 
@@ -219,8 +226,15 @@ def aws_stand_ins(monkeypatch, **endpoints: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "HTTP_PROXY",
-                 "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
@@ -237,16 +251,17 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def metric(app_or_client, name: str, **labels: str) -> float:
     """``sample`` read from the app's GET /metrics."""
-    client = (app_or_client if isinstance(app_or_client, FlaskClient)
-              else app_or_client.test_client())
-    return sample(client.get("/metrics", headers=OPERATOR).get_data(as_text=True), name,
-                  **labels)
+    client = (
+        app_or_client if isinstance(app_or_client, FlaskClient) else app_or_client.test_client()
+    )
+    return sample(client.get("/metrics", headers=OPERATOR).get_data(as_text=True), name, **labels)
 
 
 def health(app_or_client) -> dict:
     """GET /healthz with the operator's token: the details."""
-    client = (app_or_client if isinstance(app_or_client, FlaskClient)
-              else app_or_client.test_client())
+    client = (
+        app_or_client if isinstance(app_or_client, FlaskClient) else app_or_client.test_client()
+    )
     response = client.get("/healthz", headers=OPERATOR)
     assert response.status_code in (200, 503), response.get_data(as_text=True)
     return response.get_json()

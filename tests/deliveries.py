@@ -5,6 +5,7 @@ dropped connection) is sent again, unchanged, until it does (bounded in rounds a
 The check that follows is always the same: every messageId that ever got a 2xx is stored,
 exactly once, with everything it means (its interactions), and no answer was a 500.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,16 +26,28 @@ from webhook.storage import inbox_url_for
 
 def make_message(n: int, prefix: str) -> dict:
     """A product event; every fifth an Order Completed of two products (two interactions)."""
-    message = {"type": "track", "messageId": f"{prefix}-{n}", "anonymousId": f"anon-{n % 17}",
-               "timestamp": "2026-11-27T10:00:00.000Z"}
+    message = {
+        "type": "track",
+        "messageId": f"{prefix}-{n}",
+        "anonymousId": f"anon-{n % 17}",
+        "timestamp": "2026-11-27T10:00:00.000Z",
+    }
     if n % 5 == 4:
-        message.update(userId=f"user-{n % 11}", event="Order Completed",
-                       properties={"order_id": f"o-{n}",
-                                   "products": [{"product_id": f"p-{n % 23}", "price": 5},
-                                                {"product_id": f"p-{(n + 1) % 23}"}]})
+        message.update(
+            userId=f"user-{n % 11}",
+            event="Order Completed",
+            properties={
+                "order_id": f"o-{n}",
+                "products": [
+                    {"product_id": f"p-{n % 23}", "price": 5},
+                    {"product_id": f"p-{(n + 1) % 23}"},
+                ],
+            },
+        )
     else:
-        message.update(event="Product Viewed",
-                       properties={"product_id": f"p-{n % 23}", "price": 9.5})
+        message.update(
+            event="Product Viewed", properties={"product_id": f"p-{n % 23}", "price": 9.5}
+        )
     return message
 
 
@@ -48,6 +61,7 @@ def expected_event_ids(message: dict) -> list[str]:
 @dataclass
 class Ledger:
     """Every attempt's outcome, per messageId."""
+
     ok: set = field(default_factory=set)
     statuses: Counter = field(default_factory=Counter)
     attempts: Counter = field(default_factory=Counter)
@@ -66,8 +80,12 @@ class Ledger:
         body = json.dumps(message).encode()
         started = time.monotonic()
         try:
-            response = requests.post(base + "/segment", data=body, timeout=timeout, headers={
-                "Content-Type": "application/json", "Connection": "close"})
+            response = requests.post(
+                base + "/segment",
+                data=body,
+                timeout=timeout,
+                headers={"Content-Type": "application/json", "Connection": "close"},
+            )
             status = response.status_code
         except requests.RequestException as exc:
             status, response = type(exc).__name__, None
@@ -85,8 +103,9 @@ class Ledger:
         return False
 
 
-def stream(base: str, ledger: Ledger, messages: list[dict], threads: int = 4,
-           stop_after: float = 120.0) -> list[dict]:
+def stream(
+    base: str, ledger: Ledger, messages: list[dict], threads: int = 4, stop_after: float = 120.0
+) -> list[dict]:
     """Send each message once, from several threads; return those that got no 2xx."""
     failed: list[dict] = []
     lock = threading.Lock()
@@ -108,8 +127,14 @@ def stream(base: str, ledger: Ledger, messages: list[dict], threads: int = 4,
     return failed
 
 
-def redeliver(base: str, ledger: Ledger, pending: list[dict], rounds: int = 30,
-              pause: float = 0.5, budget: float = 60.0) -> list[dict]:
+def redeliver(
+    base: str,
+    ledger: Ledger,
+    pending: list[dict],
+    rounds: int = 30,
+    pause: float = 0.5,
+    budget: float = 60.0,
+) -> list[dict]:
     """Segment-style: resend what got no 2xx until it does; return what never did."""
     deadline = time.monotonic() + budget
     for _ in range(rounds):
@@ -130,16 +155,19 @@ def assert_stored(url: str, messages: list[dict], acknowledged: set) -> None:
         with inbox_engine.connect() as conn:
             stored = {row[0] for row in conn.execute(sa.text("SELECT message_id FROM inbox"))}
         with engine.connect() as conn:
-            events = {row[0] for row in conn.execute(
-                sa.text("SELECT event_id FROM interactions"))}
+            events = {row[0] for row in conn.execute(sa.text("SELECT event_id FROM interactions"))}
     finally:
         engine.dispose()
         inbox_engine.dispose()
     by_id = {m["messageId"]: m for m in messages}
     missing = sorted(acknowledged - stored)
     assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
-    lost = [event_id for mid in acknowledged for event_id in expected_event_ids(by_id[mid])
-            if event_id not in events]
+    lost = [
+        event_id
+        for mid in acknowledged
+        for event_id in expected_event_ids(by_id[mid])
+        if event_id not in events
+    ]
     assert not lost, f"{len(lost)} interactions of acknowledged messages lost: {lost[:5]}"
     # Nothing half-stored: an interaction exists only for a stored message.
     stray = [e for e in events if e.split("#")[0] not in stored]
@@ -149,8 +177,11 @@ def assert_stored(url: str, messages: list[dict], acknowledged: set) -> None:
 def no_unhandled_errors(log_text: str, tracebacks: bool = True) -> None:
     """No request ended in a 500 (``unhandled error``), and, with ``tracebacks``, nothing
     else logged a traceback either."""
-    lines = [line for line in log_text.splitlines()
-             if "unhandled error" in line or (tracebacks and "Traceback" in line)]
+    lines = [
+        line
+        for line in log_text.splitlines()
+        if "unhandled error" in line or (tracebacks and "Traceback" in line)
+    ]
     assert not lines, "\n".join(line[:3000] for line in lines[:3])
 
 
@@ -160,8 +191,12 @@ def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
     payload = messages[0] if len(messages) == 1 else {"batch": messages}
     body = json.dumps(payload, separators=(",", ":")).encode()
     signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
-    response = requests.post(base + "/segment", data=body, timeout=10, headers={
-        "Content-Type": "application/json", "X-Signature": signature})
+    response = requests.post(
+        base + "/segment",
+        data=body,
+        timeout=10,
+        headers={"Content-Type": "application/json", "X-Signature": signature},
+    )
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == len(messages), response.text
     return response.json()
@@ -173,8 +208,7 @@ def wait_applied(base: str, timeout: float = 120.0) -> dict:
     last = None
     while time.monotonic() < deadline:
         try:
-            last = requests.get(base + "/healthz", headers=OPERATOR,
-                                timeout=5).json().get("inbox")
+            last = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json().get("inbox")
         except (requests.RequestException, ValueError):
             last = None
         if last and not any(a["pending"] for a in last["appliers"].values()):
@@ -188,8 +222,10 @@ def inbox_order(url: str) -> list[str]:
     engine = sa.create_engine(inbox_url_for(url))
     try:
         with engine.connect() as conn:
-            return [row[0] for row in conn.execute(sa.text(
-                "SELECT message_id FROM inbox ORDER BY txid, seq"))]
+            return [
+                row[0]
+                for row in conn.execute(sa.text("SELECT message_id FROM inbox ORDER BY txid, seq"))
+            ]
     finally:
         engine.dispose()
 
@@ -207,5 +243,6 @@ def assert_in_order_per_session(events: list[dict], order: list[str]) -> None:
         position = (rank[event_id.split("#")[0]], event_id)
         session = event["sessionId"]
         assert session not in last or last[session] < position, (
-            f"session {session}: {event_id} after {last[session][1]}")
+            f"session {session}: {event_id} after {last[session][1]}"
+        )
         last[session] = position

@@ -65,8 +65,9 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from tests.loopback import LoopbackServer
 
@@ -169,12 +170,14 @@ def _check_str(
         raise _type_error(where, "a string")
     if min_len is not None and len(value) < min_len:
         raise _constraint(
-            where, value, f"Member must have length greater than or equal to {min_len}")
+            where, value, f"Member must have length greater than or equal to {min_len}"
+        )
     if max_len is not None and len(value) > max_len:
-        raise _constraint(
-            where, value, f"Member must have length less than or equal to {max_len}")
+        raise _constraint(where, value, f"Member must have length less than or equal to {max_len}")
     if pattern is not None and not re.search(pattern, value):
-        raise _constraint(where, value, f"Member must satisfy regular expression pattern: {pattern}")
+        raise _constraint(
+            where, value, f"Member must satisfy regular expression pattern: {pattern}"
+        )
     return value
 
 
@@ -197,22 +200,31 @@ def _check_list(
         raise _type_error(where, "a list")
     if min_len is not None and len(value) < min_len:
         raise _constraint(
-            where, value, f"Member must have length greater than or equal to {min_len}")
+            where, value, f"Member must have length greater than or equal to {min_len}"
+        )
     if max_len is not None and len(value) > max_len:
-        raise _constraint(
-            where, value, f"Member must have length less than or equal to {max_len}")
+        raise _constraint(where, value, f"Member must have length less than or equal to {max_len}")
     return value
 
 
 def _check_str_items(values: list, where: str, *, min_len=None, max_len=None, pattern=None):
     """Validate every member of a list of strings."""
     for i, v in enumerate(values):
-        _check_str({str(i): v}, str(i), f"{where}.", min_len=min_len,
-                   max_len=max_len, pattern=pattern)
+        _check_str(
+            {str(i): v}, str(i), f"{where}.", min_len=min_len, max_len=max_len, pattern=pattern
+        )
 
 
-def _check_number(obj: dict, key: str, path: str = "", *, required: bool = False,
-                  integer: bool = False, min_val=None, max_val=None):
+def _check_number(
+    obj: dict,
+    key: str,
+    path: str = "",
+    *,
+    required: bool = False,
+    integer: bool = False,
+    min_val=None,
+    max_val=None,
+):
     if required:
         _required(obj, key, path)
     value = obj.get(key)
@@ -223,7 +235,9 @@ def _check_number(obj: dict, key: str, path: str = "", *, required: bool = False
     if not ok or isinstance(value, bool):
         raise _type_error(where, "an integer" if integer else "a number")
     if min_val is not None and value < min_val:
-        raise _constraint(where, value, f"Member must have value greater than or equal to {min_val}")
+        raise _constraint(
+            where, value, f"Member must have value greater than or equal to {min_val}"
+        )
     if max_val is not None and value > max_val:
         raise _constraint(where, value, f"Member must have value less than or equal to {max_val}")
     return value
@@ -241,8 +255,16 @@ def _check_struct(obj: dict, key: str, path: str = "") -> dict | None:
     return value
 
 
-def _check_map(obj: dict, key: str, path: str = "", *, max_entries: int,
-               key_max: int, key_pattern: str | None, value_max: int) -> dict | None:
+def _check_map(
+    obj: dict,
+    key: str,
+    path: str = "",
+    *,
+    max_entries: int,
+    key_max: int,
+    key_pattern: str | None,
+    value_max: int,
+) -> dict | None:
     """A map<string, string> with entry-count, key and value constraints."""
     value = _check_struct(obj, key, path)
     if value is None:
@@ -250,11 +272,11 @@ def _check_map(obj: dict, key: str, path: str = "", *, max_entries: int,
     where = f"{path}{key}"
     if len(value) > max_entries:
         raise _constraint(where, value, f"Map must have length less than or equal to {max_entries}")
-    for k, v in value.items():
+    for k, _v in value.items():
         if len(k) > key_max or (key_pattern and not re.search(key_pattern, k)):
             raise _constraint(
-                f"{where}.{k}", k,
-                f"Map keys must have length <= {key_max} and match {key_pattern}")
+                f"{where}.{k}", k, f"Map keys must have length <= {key_max} and match {key_pattern}"
+            )
         _check_str(value, k, f"{where}.", max_len=value_max)
     return value
 
@@ -432,14 +454,17 @@ class _FakeService(LoopbackServer):
         try:
             self._check_auth(headers)
             if operation is None:
-                raise _ApiError(404, "UnknownOperationException",
-                                f"Unknown operation {handler.command} {path}")
+                raise _ApiError(
+                    404, "UnknownOperationException", f"Unknown operation {handler.command} {path}"
+                )
             self._maybe_sleep()
             self._maybe_inject_failure()
             try:
                 body = json.loads(raw or b"{}")
             except ValueError:
-                raise _ApiError(400, "SerializationException", "Request body is not valid JSON") from None
+                raise _ApiError(
+                    400, "SerializationException", "Request body is not valid JSON"
+                ) from None
             if not isinstance(body, dict):
                 raise _ApiError(400, "SerializationException", "Request body must be a JSON object")
             result = getattr(self, f"_handle_{operation}")(body)
@@ -477,14 +502,22 @@ class _FakeService(LoopbackServer):
         """Require a SigV4 Authorization header for our signing name; never verify it."""
         auth = headers.get("authorization")
         if not auth:
-            raise _ApiError(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
+            raise _ApiError(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            )
         m = re.match(r"AWS4-HMAC-SHA256 Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request", auth)
         if not m or "x-amz-date" not in headers:
-            raise _ApiError(403, "IncompleteSignatureException",
-                            "Authorization header requires a SigV4 Credential and X-Amz-Date")
+            raise _ApiError(
+                403,
+                "IncompleteSignatureException",
+                "Authorization header requires a SigV4 Credential and X-Amz-Date",
+            )
         if m.group(2) != self.SIGNING_NAME:
-            raise _ApiError(403, "InvalidSignatureException",
-                            f"Credential should be scoped to correct service: '{self.SIGNING_NAME}'.")
+            raise _ApiError(
+                403,
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: '{self.SIGNING_NAME}'.",
+            )
 
     def _maybe_sleep(self) -> None:
         with self._cond:
@@ -507,8 +540,9 @@ class _FakeService(LoopbackServer):
                 raise _ApiError(self._throttle_status, "ThrottlingException", "Rate exceeded")
             if self._fail_left > 0:
                 self._fail_left -= 1
-                raise _ApiError(self._fail_status, self._fail_code,
-                                "An internal error occurred. Try again.")
+                raise _ApiError(
+                    self._fail_status, self._fail_code, "An internal error occurred. Try again."
+                )
 
 
 # --------------------------------------------------------------------------
@@ -536,8 +570,13 @@ class FakePersonalizeEvents(_FakeService):
         "/items": "PutItems",
     }
 
-    def __init__(self, *, tracking_ids: Iterable[str],
-                 known_dataset_arns: Iterable[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        tracking_ids: Iterable[str],
+        known_dataset_arns: Iterable[str] | None = None,
+        **kwargs,
+    ):
         if isinstance(tracking_ids, str):
             raise TypeError("tracking_ids: a list of tracking ids, not one string")
         super().__init__(**kwargs)
@@ -626,20 +665,30 @@ class FakePersonalizeEvents(_FakeService):
                 _check_str_items(impression, f"{p}impression", min_len=1, max_len=ID_MAX)
             attribution = _check_struct(event, "metricAttribution", p)
             if attribution is not None:
-                _check_str(attribution, "eventAttributionSource", f"{p}metricAttribution.",
-                           required=True, max_len=1024, pattern=ATTRIBUTION_PATTERN)
+                _check_str(
+                    attribution,
+                    "eventAttributionSource",
+                    f"{p}metricAttribution.",
+                    required=True,
+                    max_len=1024,
+                    pattern=ATTRIBUTION_PATTERN,
+                )
         with self._cond:
             known = body["trackingId"] in self._tracking_ids
         if not known:
-            raise _ApiError(404, "ResourceNotFoundException",
-                            f"Could not find event tracker with tracking ID: {body['trackingId']}")
+            raise _ApiError(
+                404,
+                "ResourceNotFoundException",
+                f"Could not find event tracker with tracking ID: {body['trackingId']}",
+            )
         with self._cond:
             rejected = self._rejected_event_ids & {e.get("eventId") for e in events}
         if rejected:
             raise _invalid(f"Rejected eventId(s): {', '.join(sorted(rejected))}")
 
-    def _put_records(self, body: dict, key: str, id_key: str, props_max: int,
-                     rejected_attr: str) -> None:
+    def _put_records(
+        self, body: dict, key: str, id_key: str, props_max: int, rejected_attr: str
+    ) -> None:
         arn = _check_arn(body, "datasetArn", required=True)
         records = _check_list(body, key, required=True, min_len=1, max_len=EVENT_LIST_MAX)
         for i, record in enumerate(records):
@@ -660,7 +709,6 @@ class FakePersonalizeEvents(_FakeService):
 
     def _handle_PutItems(self, body: dict) -> None:
         self._put_records(body, "items", "itemId", ITEM_PROPERTIES_MAX, "_rejected_items")
-
 
 
 # --------------------------------------------------------------------------
@@ -696,12 +744,19 @@ class FakePersonalizeRuntime(_FakeService):
         "/personalize-ranking": "GetPersonalizedRanking",
     }
 
-    def __init__(self, *, default_ranking: Iterable[str] | None = None,
-                 known_arns: Iterable[str] | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        default_ranking: Iterable[str] | None = None,
+        known_arns: Iterable[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._default_ranking = (
-            [f"item-{i}" for i in range(1, 501)] if default_ranking is None
-            else list(default_ranking))
+            [f"item-{i}" for i in range(1, 501)]
+            if default_ranking is None
+            else list(default_ranking)
+        )
         self._rankings: dict[str, list[str]] = {}
         self.known_arns = None if known_arns is None else set(known_arns)
         self.recommendation_ids: list[str] = []  # answered, in order
@@ -733,17 +788,29 @@ class FakePersonalizeRuntime(_FakeService):
 
     def _check_common(self, body: dict) -> None:
         """Members shared by both operations: context, filterArn/Values, metadataColumns."""
-        _check_map(body, "context", max_entries=CONTEXT_MAX_KEYS, key_max=CONTEXT_KEY_MAX,
-                   key_pattern=CONTEXT_KEY_PATTERN, value_max=CONTEXT_VALUE_MAX)
+        _check_map(
+            body,
+            "context",
+            max_entries=CONTEXT_MAX_KEYS,
+            key_max=CONTEXT_KEY_MAX,
+            key_pattern=CONTEXT_KEY_PATTERN,
+            value_max=CONTEXT_VALUE_MAX,
+        )
         _check_arn(body, "filterArn")
-        _check_map(body, "filterValues", max_entries=FILTER_VALUES_MAX_KEYS,
-                   key_max=FILTER_KEY_MAX, key_pattern=FILTER_KEY_PATTERN,
-                   value_max=FILTER_VALUE_MAX)
+        _check_map(
+            body,
+            "filterValues",
+            max_entries=FILTER_VALUES_MAX_KEYS,
+            key_max=FILTER_KEY_MAX,
+            key_pattern=FILTER_KEY_PATTERN,
+            value_max=FILTER_VALUE_MAX,
+        )
         columns = _check_struct(body, "metadataColumns")
         if columns is not None:
             if len(columns) > 1:
-                raise _constraint("metadataColumns", columns,
-                                  "Map must have length less than or equal to 1")
+                raise _constraint(
+                    "metadataColumns", columns, "Map must have length less than or equal to 1"
+                )
             for dataset_type, names in columns.items():
                 names = _check_list(columns, dataset_type, "metadataColumns.", max_len=99) or []
                 _check_str_items(names, f"metadataColumns.{dataset_type}", max_len=150)
@@ -761,7 +828,9 @@ class FakePersonalizeRuntime(_FakeService):
         user_id = _check_str(body, "userId", max_len=ID_MAX)
         if not item_id and not user_id:
             raise _invalid("Provide a userId or an itemId")
-        max_results = NUM_RESULTS_MAX_WITH_METADATA if body.get("metadataColumns") else NUM_RESULTS_MAX
+        max_results = (
+            NUM_RESULTS_MAX_WITH_METADATA if body.get("metadataColumns") else NUM_RESULTS_MAX
+        )
         num = _check_number(body, "numResults", integer=True, min_val=1, max_val=max_results)
         self._check_common(body)
         promotions = _check_list(body, "promotions", max_len=1)
@@ -769,13 +838,20 @@ class FakePersonalizeRuntime(_FakeService):
             p = f"promotions.{i + 1}.member."
             if not isinstance(promo, dict):
                 raise _type_error(p[:-1], "an object")
-            _check_str(promo, "name", p, min_len=1, max_len=63,
-                       pattern=r"^[a-zA-Z0-9][a-zA-Z0-9\-_]*")
+            _check_str(
+                promo, "name", p, min_len=1, max_len=63, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9\-_]*"
+            )
             _check_number(promo, "percentPromotedItems", p, integer=True, min_val=1, max_val=100)
             _check_arn(promo, "filterArn", p)
-            _check_map(promo, "filterValues", p, max_entries=FILTER_VALUES_MAX_KEYS,
-                       key_max=FILTER_KEY_MAX, key_pattern=FILTER_KEY_PATTERN,
-                       value_max=FILTER_VALUE_MAX)
+            _check_map(
+                promo,
+                "filterValues",
+                p,
+                max_entries=FILTER_VALUES_MAX_KEYS,
+                key_max=FILTER_KEY_MAX,
+                key_pattern=FILTER_KEY_PATTERN,
+                value_max=FILTER_VALUE_MAX,
+            )
         self._check_known(campaign or recommender)
 
         ranking = self._ranking_for(item_id, user_id)
@@ -805,6 +881,5 @@ class FakePersonalizeRuntime(_FakeService):
         known = [i for i in ordered if i in position]
         scores = _scores(len(known))
         result = [{"itemId": i, "score": s} for i, s in zip(known, scores)]
-        result += [{"itemId": i, "score": 0.0} for i in ordered[len(known):]]
+        result += [{"itemId": i, "score": 0.0} for i in ordered[len(known) :]]
         return {"personalizedRanking": result, "recommendationId": self._new_recommendation_id()}
-

@@ -18,6 +18,7 @@ not have a single ``USER_ID`` column makes the job FAILED. A job moves one step 
 is described: PENDING → IN_PROGRESS → COMPLETED (or FAILED, with ``failureReason``).
 ``fail_next_jobs(n)`` makes the next ``n`` jobs end FAILED.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,10 +48,10 @@ class FakePersonalizeControl(LoopbackServer):
         self.region, self.account = region, account
         self._cond = threading.Condition()
         self._jobs: dict[str, dict[str, Any]] = {}  # arn -> job
-        self._files: dict[str, list[str]] = {}      # arn -> user ids read from S3
+        self._files: dict[str, list[str]] = {}  # arn -> user ids read from S3
         self._fail_next = 0
         self._fail_reason = ""
-        self.calls: list[tuple[str, dict]] = []     # (operation, body) of accepted calls
+        self.calls: list[tuple[str, dict]] = []  # (operation, body) of accepted calls
 
     # -- control and inspection ----------------------------------------------------------
 
@@ -77,17 +78,19 @@ class FakePersonalizeControl(LoopbackServer):
             auth = handler.headers.get("Authorization", "")
             match = re.match(r"AWS4-HMAC-SHA256 Credential=[^/]+/\d{8}/[^/]+/([^/]+)/", auth)
             if not match or match.group(1) != "personalize":
-                raise _ApiError(403, "MissingAuthenticationTokenException",
-                                "a SigV4 signature for 'personalize' is required")
+                raise _ApiError(
+                    403,
+                    "MissingAuthenticationTokenException",
+                    "a SigV4 signature for 'personalize' is required",
+                )
             if urlsplit(handler.path).path != "/" or not target.startswith(TARGET_PREFIX):
                 raise _ApiError(400, "UnknownOperationException", f"unknown target {target}")
             if "x-amz-json-1.1" not in (handler.headers.get("Content-Type") or ""):
                 raise _ApiError(400, "SerializationException", "expected x-amz-json-1.1")
-            operation = target[len(TARGET_PREFIX):]
+            operation = target[len(TARGET_PREFIX) :]
             method = getattr(self, f"_handle_{operation}", None)
             if method is None:
-                raise _ApiError(400, "UnknownOperationException", f"unknown operation "
-                                                                  f"{operation}")
+                raise _ApiError(400, "UnknownOperationException", f"unknown operation {operation}")
             try:
                 body = json.loads(raw or b"{}")
             except ValueError:
@@ -109,31 +112,39 @@ class FakePersonalizeControl(LoopbackServer):
     # -- operations ----------------------------------------------------------------------
 
     def _handle_CreateDataDeletionJob(self, body: dict) -> dict:
-        name = _check_str(body, "jobName", required=True, min_len=1, max_len=63,
-                          pattern=NAME_PATTERN)
-        group = _check_str(body, "datasetGroupArn", required=True, max_len=256,
-                           pattern=ARN_PATTERN)
+        name = _check_str(
+            body, "jobName", required=True, min_len=1, max_len=63, pattern=NAME_PATTERN
+        )
+        group = _check_str(body, "datasetGroupArn", required=True, max_len=256, pattern=ARN_PATTERN)
         _check_str(body, "roleArn", required=True, max_len=256, pattern=ROLE_PATTERN)
         source = body.get("dataSource")
         if not isinstance(source, dict):
             raise _ApiError(400, "InvalidInputException", "dataSource is required")
-        location = _check_str(source, "dataLocation", "dataSource.", required=True,
-                              max_len=256, pattern=S3_PATTERN)
-        arn = (f"arn:aws:personalize:{self.region}:{self.account}:"
-               f"data-deletion-job/{name}")
+        location = _check_str(
+            source, "dataLocation", "dataSource.", required=True, max_len=256, pattern=S3_PATTERN
+        )
+        arn = f"arn:aws:personalize:{self.region}:{self.account}:data-deletion-job/{name}"
         users, problem = self._read(location)
         now = time.time()
         with self._cond:
             if arn in self._jobs:
-                raise _ApiError(400, "ResourceAlreadyExistsException",
-                                f"A data deletion job named {name} already exists")
+                raise _ApiError(
+                    400,
+                    "ResourceAlreadyExistsException",
+                    f"A data deletion job named {name} already exists",
+                )
             fail = self._fail_next > 0
             if fail:
                 self._fail_next -= 1
             self._jobs[arn] = {
-                "jobName": name, "dataDeletionJobArn": arn, "datasetGroupArn": group,
-                "dataSource": {"dataLocation": location}, "roleArn": body["roleArn"],
-                "status": "PENDING", "creationDateTime": now, "lastUpdatedDateTime": now,
+                "jobName": name,
+                "dataDeletionJobArn": arn,
+                "datasetGroupArn": group,
+                "dataSource": {"dataLocation": location},
+                "roleArn": body["roleArn"],
+                "status": "PENDING",
+                "creationDateTime": now,
+                "lastUpdatedDateTime": now,
                 "_fail": problem or (self._fail_reason if fail else ""),
             }
             self._files[arn] = users
@@ -155,13 +166,13 @@ class FakePersonalizeControl(LoopbackServer):
         return [row[0] for row in rows[1:] if row], ""
 
     def _handle_DescribeDataDeletionJob(self, body: dict) -> dict:
-        arn = _check_str(body, "dataDeletionJobArn", required=True, max_len=256,
-                         pattern=ARN_PATTERN)
+        arn = _check_str(
+            body, "dataDeletionJobArn", required=True, max_len=256, pattern=ARN_PATTERN
+        )
         with self._cond:
             job = self._jobs.get(arn)
             if job is None:
-                raise _ApiError(400, "ResourceNotFoundException",
-                                f"Could not find resource: {arn}")
+                raise _ApiError(400, "ResourceNotFoundException", f"Could not find resource: {arn}")
             if job["status"] == "PENDING":
                 job["status"] = "IN_PROGRESS"
             elif job["status"] == "IN_PROGRESS":
@@ -174,7 +185,19 @@ class FakePersonalizeControl(LoopbackServer):
 
     def _handle_ListDataDeletionJobs(self, body: dict) -> dict:
         with self._cond:
-            return {"dataDeletionJobs": [
-                {k: job[k] for k in ("jobName", "dataDeletionJobArn", "datasetGroupArn",
-                                     "status", "creationDateTime", "lastUpdatedDateTime")}
-                for job in self._jobs.values()]}
+            return {
+                "dataDeletionJobs": [
+                    {
+                        k: job[k]
+                        for k in (
+                            "jobName",
+                            "dataDeletionJobArn",
+                            "datasetGroupArn",
+                            "status",
+                            "creationDateTime",
+                            "lastUpdatedDateTime",
+                        )
+                    }
+                    for job in self._jobs.values()
+                ]
+            }

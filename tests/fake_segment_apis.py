@@ -37,6 +37,7 @@ them exactly as they would to Segment.
 
 Plain classes only; pytest fixtures belong in the test modules.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,6 +45,7 @@ import gzip
 import json
 import threading
 import time
+from datetime import UTC
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -150,8 +152,14 @@ TRAITS_MAX_LIMIT = 200
 class FakeProfileAPI(_Server):
     """Segment's Profile API (``profiles.segment.com``), traits endpoint only."""
 
-    def __init__(self, *, space_id: str = "spa_test", token: str = "profile-token",
-                 rate_limit: int = 100, page_size: int = TRAITS_MAX_LIMIT):
+    def __init__(
+        self,
+        *,
+        space_id: str = "spa_test",
+        token: str = "profile-token",
+        rate_limit: int = 100,
+        page_size: int = TRAITS_MAX_LIMIT,
+    ):
         super().__init__()
         self.space_id = space_id
         self.token = token
@@ -221,9 +229,12 @@ class FakeProfileAPI(_Server):
         segments = parts.path.split("/")
         # ['', 'v1', 'spaces', SPACE, 'collections', 'users', 'profiles', ID, 'traits']
         space = identifier = None
-        shape_ok = (len(segments) == 9 and segments[1:3] == ["v1", "spaces"]
-                    and segments[4:7] == ["collections", "users", "profiles"]
-                    and segments[8] == "traits")
+        shape_ok = (
+            len(segments) == 9
+            and segments[1:3] == ["v1", "spaces"]
+            and segments[4:7] == ["collections", "users", "profiles"]
+            and segments[8] == "traits"
+        )
         if shape_ok:
             space, identifier = unquote(segments[3]), unquote(segments[7])
         include = query["include"][0].split(",") if "include" in query else None
@@ -238,36 +249,69 @@ class FakeProfileAPI(_Server):
             if fail == 429 and self._retry_after is not None:
                 answer[1]["Retry-After"] = str(self._retry_after)
         elif limited:
-            answer = _json(429, {"error": {"code": "rate_limit_error",
-                                           "message": "Too many requests hit the API too "
-                                                      "quickly."}})
+            answer = _json(
+                429,
+                {
+                    "error": {
+                        "code": "rate_limit_error",
+                        "message": "Too many requests hit the API too quickly.",
+                    }
+                },
+            )
         elif handler.command != "GET" or not shape_ok:
             answer = _json(404, {"error": {"code": "not_found", "message": "no such route"}})
         elif token != self.token:
-            answer = _json(401, {"error": {"code": "authentication_error",
-                                           "message": "No valid Access Token provided."}})
+            answer = _json(
+                401,
+                {
+                    "error": {
+                        "code": "authentication_error",
+                        "message": "No valid Access Token provided.",
+                    }
+                },
+            )
         elif space != self.space_id:
             answer = _json(404, {"error": {"code": "not_found", "message": "no such space"}})
         elif limit is None:
-            answer = _json(400, {"error": {
-                "code": "invalid_request_error",
-                "message": f"limit must be between 1 and {TRAITS_MAX_LIMIT}"}})
+            answer = _json(
+                400,
+                {
+                    "error": {
+                        "code": "invalid_request_error",
+                        "message": f"limit must be between 1 and {TRAITS_MAX_LIMIT}",
+                    }
+                },
+            )
         elif traits is None:
-            answer = _json(404, {"error": {"code": "not_found",
-                                           "message": "Profile was not found."}})
+            answer = _json(
+                404, {"error": {"code": "not_found", "message": "Profile was not found."}}
+            )
         else:
-            answer = _json(200, self._page(parts.path, traits, include, limit,
-                                           query.get("next", [""])[0]))
+            answer = _json(
+                200, self._page(parts.path, traits, include, limit, query.get("next", [""])[0])
+            )
         with self._cond:
-            self._requests.append(ProfileRequest(
-                handler.command, parts.path, space, identifier, include, query, token,
-                handler.client_address[:2], answer[0], time.time(), arrived))
+            self._requests.append(
+                ProfileRequest(
+                    handler.command,
+                    parts.path,
+                    space,
+                    identifier,
+                    include,
+                    query,
+                    token,
+                    handler.client_address[:2],
+                    answer[0],
+                    time.time(),
+                    arrived,
+                )
+            )
             self._cond.notify_all()
         return answer
 
-
-    def _page(self, path: str, traits: dict, include: list[str] | None, limit: int,
-              after: str) -> dict:
+    def _page(
+        self, path: str, traits: dict, include: list[str] | None, limit: int, after: str
+    ) -> dict:
         """One page of the traits, in key order, from the first key at or after the
         cursor ``after`` (a key: one removed between pages is no harm)."""
         keys = sorted(k for k in traits if include is None or k in include)
@@ -277,9 +321,10 @@ class FakeProfileAPI(_Server):
         page, rest = keys[:size], keys[size:]
         following = rest[0] if rest else ""
         url = path + (f"?{urlencode({'limit': limit, 'next': following})}" if rest else "")
-        return {"traits": {k: traits[k] for k in page},
-                "cursor": {"url": url, "has_more": bool(rest), "next": following,
-                           "limit": size}}
+        return {
+            "traits": {k: traits[k] for k in page},
+            "cursor": {"url": url, "has_more": bool(rest), "next": following, "limit": size},
+        }
 
 
 def _traits_limit(query: dict[str, list[str]]) -> int | None:
@@ -323,6 +368,7 @@ class TrackingBatch(NamedTuple):
 
 class Discarded(NamedTuple):
     """An event answered 200 that Segment would not accept."""
+
     reason: str  # "write_key", "too_many_events", "no_user_anon_id", "no_event_name"
     write_key: str | None
     message: dict
@@ -371,18 +417,23 @@ class FakeTrackingAPI(_Server):
         return [m for b in self.batches for m in b.body.get("batch", [])]
 
     def identifies(self, user_id: str | None = None) -> list[dict]:
-        return [m for m in self.messages() if m.get("type") == "identify"
-                and (user_id is None or m.get("userId") == user_id)]
+        return [
+            m
+            for m in self.messages()
+            if m.get("type") == "identify" and (user_id is None or m.get("userId") == user_id)
+        ]
 
-    def wait_for_identifies(self, n: int, user_id: str | None = None,
-                            timeout: float = 10.0) -> list[dict]:
+    def wait_for_identifies(
+        self, n: int, user_id: str | None = None, timeout: float = 10.0
+    ) -> list[dict]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while len(self.identifies(user_id)) < n:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"{len(self.identifies(user_id))} of {n} identify "
-                                       f"calls after {timeout}s")
+                    raise TimeoutError(
+                        f"{len(self.identifies(user_id))} of {n} identify calls after {timeout}s"
+                    )
                 self._cond.wait(min(remaining, 0.05))
             return self.identifies(user_id)
 
@@ -436,8 +487,9 @@ class FakeTrackingAPI(_Server):
         with self._cond:
             self._discarded.extend(dropped)
             if key == self.write_key:
-                self._batches.append(TrackingBatch(key, gzipped, {**payload, "batch": accepted},
-                                                   time.time()))
+                self._batches.append(
+                    TrackingBatch(key, gzipped, {**payload, "batch": accepted}, time.time())
+                )
             self._cond.notify_all()
         return _json(200, {"success": True})
 
@@ -446,11 +498,17 @@ class FakeTrackingAPI(_Server):
 # Segment messages as the Webhooks destination delivers them (for POST /segment).
 # --------------------------------------------------------------------------------------
 
+
 def _message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fields) -> dict:
     import uuid
-    from datetime import datetime, timezone
-    message = {"type": kind, "messageId": f"m-{uuid.uuid4().hex}",
-               "timestamp": datetime.now(timezone.utc).isoformat(), **fields}
+    from datetime import datetime
+
+    message = {
+        "type": kind,
+        "messageId": f"m-{uuid.uuid4().hex}",
+        "timestamp": datetime.now(UTC).isoformat(),
+        **fields,
+    }
     if user_id:
         message["userId"] = user_id
     if anonymous_id:
@@ -458,19 +516,35 @@ def _message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fiel
     return message
 
 
-def product_viewed(product_id: str, *, user_id: str | None = None,
-                   anonymous_id: str | None = "anon-catalog", **details) -> dict:
-    return _message("track", user_id=user_id, anonymous_id=anonymous_id,
-                    event="Product Viewed", properties={"product_id": product_id, **details})
+def product_viewed(
+    product_id: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = "anon-catalog",
+    **details,
+) -> dict:
+    return _message(
+        "track",
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event="Product Viewed",
+        properties={"product_id": product_id, **details},
+    )
 
 
-def order_completed(product_ids: list[str], *, user_id: str | None = None,
-                    anonymous_id: str | None = None) -> dict:
-    return _message("track", user_id=user_id, anonymous_id=anonymous_id,
-                    event="Order Completed",
-                    properties={"order_id": "o-" + "-".join(product_ids),
-                                "products": [{"product_id": p, "quantity": 1}
-                                             for p in product_ids]})
+def order_completed(
+    product_ids: list[str], *, user_id: str | None = None, anonymous_id: str | None = None
+) -> dict:
+    return _message(
+        "track",
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event="Order Completed",
+        properties={
+            "order_id": "o-" + "-".join(product_ids),
+            "products": [{"product_id": p, "quantity": 1} for p in product_ids],
+        },
+    )
 
 
 def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dict:
@@ -480,8 +554,10 @@ def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dic
 def deliver(client, *messages: dict) -> dict:
     """POST the messages to the service's webhook (an open one) as a Webhooks (Actions)
     batch; assert it was stored; return the summary."""
-    response = client.post("/segment", data=json.dumps(list(messages)),
-                           headers={"Content-Type": "application/json",
-                                    "User-Agent": "Segment (Actions)"})
+    response = client.post(
+        "/segment",
+        data=json.dumps(list(messages)),
+        headers={"Content-Type": "application/json", "User-Agent": "Segment (Actions)"},
+    )
     assert response.status_code == 200, response.get_data(as_text=True)
     return response.get_json()

@@ -4,6 +4,7 @@
 gunicorn.conf.py applies) and yields (base_url, process); ``worker_pids`` and
 ``wait_for_workers`` find its workers; ``wait_for_log`` waits for a line in its output.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,13 @@ def free_port() -> int:
 
 def start_worker(env: dict, log_file) -> subprocess.Popen:
     """``flask --app webhook worker`` (the Procfile's worker) with ``env``."""
-    return subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook", "worker"],
-                            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "webhook", "worker"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def stop(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -55,14 +61,25 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
     error while starting means "not yet", until ``timeout`` seconds."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
-    full_env.update({"WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}",
-                     "METRICS_TOKEN": OPERATOR_TOKEN, **TIMELESS_ENV})
+    full_env.update(
+        {
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_BIND": f"127.0.0.1:{port}",
+            "METRICS_TOKEN": OPERATOR_TOKEN,
+            **TIMELESS_ENV,
+        }
+    )
     full_env.update(env)
     log_path = Path(env.get("_LOG_DIR", tempfile.gettempdir())) / f"gunicorn-{port}.log"
     # Both processes append to one file (O_APPEND: their lines never overwrite each other).
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                                   env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         process.log_path = log_path  # type: ignore[attr-defined]
         process.worker = start_worker(full_env, log_file) if worker else None  # type: ignore[attr-defined]
 
@@ -78,8 +95,10 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
             deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"gunicorn exited with {process.returncode}:\n"
-                                       + log_path.read_text(errors="replace"))
+                    raise RuntimeError(
+                        f"gunicorn exited with {process.returncode}:\n"
+                        + log_path.read_text(errors="replace")
+                    )
                 try:
                     if requests.get(base + "/healthz", timeout=2).status_code in (200, 503):
                         break

@@ -8,6 +8,7 @@ test starts and stops (tests/fake_*.py, ``segment_wire.CaptureServer``).
     with Echo() as server:
         requests.get(server.url + "/anything")
 """
+
 from __future__ import annotations
 
 import threading
@@ -68,9 +69,12 @@ class LoopbackServer:
 
         self._stopping.clear()
         self._httpd = Server((self._host, self._port), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": self.poll_interval},
-                                        name=type(self).__name__, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": self.poll_interval},
+            name=type(self).__name__,
+            daemon=True,
+        )
         self._thread.start()
         return self
 

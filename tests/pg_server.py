@@ -17,6 +17,7 @@ last commits on an immediate stop, and make a correct service look like it lost 
 The binaries are the installed server's (``bin_dir``); a test that needs them says so
 with ``pytest.mark.requires("postgresql")`` (tests/prerequisites.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,22 +38,29 @@ def bin_dir() -> Path | None:
     """The folder of the installed server's initdb and pg_ctl: ``PG_BIN`` if set, else
     what ``pg_config --bindir`` says, else the newest ``/usr/lib/postgresql/*/bin``
     (Debian's layout), else wherever ``initdb`` is on PATH. None when there is none."""
+
     def usable(folder) -> bool:
         return folder is not None and all(
-            (Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl"))
+            (Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl")
+        )
 
     if os.environ.get("PG_BIN"):
         return Path(os.environ["PG_BIN"]) if usable(os.environ["PG_BIN"]) else None
     candidates = []
     try:
-        candidates.append(subprocess.run(["pg_config", "--bindir"], capture_output=True,
-                                         text=True, timeout=30).stdout.strip())
+        candidates.append(
+            subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     # pg_config may be libpq-dev's, naming the client library's version, not the server's.
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                      key=lambda path: int(path.parent.name) if path.parent.name.isdigit()
-                      else -1, reverse=True)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else -1,
+        reverse=True,
+    )
     candidates += [str(path) for path in versions]
     if shutil.which("initdb"):
         candidates.append(str(Path(shutil.which("initdb")).resolve().parent))
@@ -79,8 +87,10 @@ class ThrowawayPostgres:
     def __init__(self, port: int | None = None):
         self.bin = bin_dir()
         if self.bin is None:
-            raise RuntimeError("the PostgreSQL server binaries are not installed "
-                               "(tests.prerequisites says how to get them)")
+            raise RuntimeError(
+                "the PostgreSQL server binaries are not installed "
+                "(tests.prerequisites says how to get them)"
+            )
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="throwaway-pg-"))
         self.data = self.root / "data"
@@ -97,11 +107,14 @@ class ThrowawayPostgres:
         command = [str(a) for a in args]
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                cwd=self.root)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
-                               f"{result.stdout}\n{result.stderr}\n{self.server_log()}")
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}\n{self.server_log()}"
+            )
         return result
 
     def server_log(self) -> str:
@@ -116,24 +129,58 @@ class ThrowawayPostgres:
             user = _postgres_user()
             for path in (self.root, self.socket_dir):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
-                  "--no-sync", "-E", "UTF8", "--locale=C")
+        self._run(
+            self.bin / "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        )
         self._initialized = True
 
     def start(self, timeout: float = 30) -> None:
         if not self._initialized:
             self.init()
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 "
-                   f"-k {self.socket_dir} -c fsync=off "
-                   f"-c full_page_writes=off -c max_connections=60")
-        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options,
-                  "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 "
+            f"-k {self.socket_dir} -c fsync=off "
+            f"-c full_page_writes=off -c max_connections=60"
+        )
+        self._run(
+            self.bin / "pg_ctl",
+            "-D",
+            self.data,
+            "-l",
+            self.log,
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "start",
+            timeout=timeout + 10,
+        )
 
     def stop(self, mode: str = "fast", timeout: float = 30) -> None:
         """``fast``: roll back open transactions, close connections, shut down cleanly;
         ``immediate``: kill every server process at once (crash recovery on start)."""
-        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", str(int(timeout)),
-                  "stop", timeout=timeout + 10)
+        self._run(
+            self.bin / "pg_ctl",
+            "-D",
+            self.data,
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            str(int(timeout)),
+            "stop",
+            timeout=timeout + 10,
+        )
 
     def running(self) -> bool:
         command = [str(self.bin / "pg_ctl"), "-D", str(self.data), "status"]
@@ -158,7 +205,7 @@ class ThrowawayPostgres:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "ThrowawayPostgres":
+    def __enter__(self) -> ThrowawayPostgres:
         self.start()
         return self
 

@@ -12,6 +12,7 @@ does) it fails instead: a run that passes must have run everything.
     require("postgresql")                         # inside a fixture or a test
     if have("node"): ...                          # optional here, required under CI
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,8 +26,12 @@ from tests import pg_server
 
 def chromium_path() -> str | None:
     """Debian's Chromium (``CHROMIUM_PATH`` overrides)."""
-    for candidate in (os.environ.get("CHROMIUM_PATH"), shutil.which("chromium"),
-                      shutil.which("chromium-browser"), "/usr/bin/chromium"):
+    for candidate in (
+        os.environ.get("CHROMIUM_PATH"),
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        "/usr/bin/chromium",
+    ):
         if candidate and os.path.exists(candidate):
             return candidate
     return None
@@ -40,8 +45,10 @@ def _node() -> str | None:
 
 def _postgresql() -> str | None:
     if pg_server.bin_dir() is None:
-        return ("the PostgreSQL server binaries (initdb, pg_ctl) are not installed "
-                "(Debian: the postgresql package; PG_BIN names another folder)")
+        return (
+            "the PostgreSQL server binaries (initdb, pg_ctl) are not installed "
+            "(Debian: the postgresql package; PG_BIN names another folder)"
+        )
     if not pg_server.can_run_as_postgres():
         return "running as root, and there is no `postgres` user to run the server as"
     return None

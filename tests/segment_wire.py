@@ -29,7 +29,8 @@ import subprocess
 import threading
 import time
 import zlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from requests.structures import CaseInsensitiveDict
 
@@ -70,7 +71,13 @@ ORDER_COMPLETED = {
     "revenue": 234.5,
     "currency": "EUR",
     "products": [
-        {"product_id": "sku-1", "sku": "SKU-1", "name": "Chaise longue", "price": 199.5, "quantity": 1},
+        {
+            "product_id": "sku-1",
+            "sku": "SKU-1",
+            "name": "Chaise longue",
+            "price": 199.5,
+            "quantity": 1,
+        },
         {"product_id": "sku-2", "price": 35, "quantity": 1},
     ],
 }
@@ -272,12 +279,16 @@ def capture_posts(*, gzip: bool = False, write_key: str = WRITE_KEY) -> list[Cap
     from segment.analytics import Client  # imported lazily: only needed here
 
     with CaptureServer(status=200, json_body={}) as srv:
-        client = Client(write_key=write_key, host=srv.url, sync_mode=True, gzip=gzip, proxies=_NO_PROXY)
+        client = Client(
+            write_key=write_key, host=srv.url, sync_mode=True, gzip=gzip, proxies=_NO_PROXY
+        )
         emit_story(client)
         posts = srv.requests
     for req in posts:
         if (req.method, req.path) != ("POST", "/v1/batch"):
-            raise AssertionError(f"unexpected request from analytics client: {req.method} {req.path}")
+            raise AssertionError(
+                f"unexpected request from analytics client: {req.method} {req.path}"
+            )
     return posts
 
 
@@ -309,13 +320,17 @@ process.stdin.on('end', () => {
   if (req.op === 'deliveries') {
     const msgs = req.messages;
     out = {
-      messages: msgs.map((m) => { const body = JSON.stringify(m); return { body: b64(body), signature: signStr(body) }; }),
+      messages: msgs.map((m) => {
+        const body = JSON.stringify(m);
+        return { body: b64(body), signature: signStr(body) };
+      }),
       batch_body: b64(JSON.stringify(msgs)),
       // Webhooks (Actions) batches sign JSON.stringify(payload[0]) only.
       batch_signature: msgs.length ? signStr(JSON.stringify(msgs[0])) : null,
     };
   } else if (req.op === 'sign') {
-    out = { signature: crypto.createHmac('sha1', key).update(Buffer.from(req.body_b64, 'base64')).digest('hex') };
+    const raw = Buffer.from(req.body_b64, 'base64');
+    out = { signature: crypto.createHmac('sha1', key).update(raw).digest('hex') };
   } else if (req.op === 'stringify') {
     out = { body: b64(JSON.stringify(req.value)) };
   } else {
@@ -345,7 +360,9 @@ def _run_node(request: dict, secret: str | bytes | None = None) -> dict:
     stdin = json.dumps(request, ensure_ascii=True, allow_nan=False).encode("ascii")
     proc = subprocess.run([node, "-e", _NODE_SCRIPT], input=stdin, capture_output=True, timeout=60)
     if proc.returncode != 0:
-        raise RuntimeError(f"node failed ({proc.returncode}): {proc.stderr.decode('utf-8', 'replace')}")
+        raise RuntimeError(
+            f"node failed ({proc.returncode}): {proc.stderr.decode('utf-8', 'replace')}"
+        )
     return json.loads(proc.stdout)
 
 
@@ -369,7 +386,8 @@ def node_deliveries(messages: list[dict], secret: str | bytes) -> dict:
     out = _run_node({"op": "deliveries", "messages": messages}, secret)
     return {
         "messages": [
-            {"body": base64.b64decode(m["body"]), "signature": m["signature"]} for m in out["messages"]
+            {"body": base64.b64decode(m["body"]), "signature": m["signature"]}
+            for m in out["messages"]
         ],
         "batch_body": base64.b64decode(out["batch_body"]),
         "batch_signature": out["batch_signature"],

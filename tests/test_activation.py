@@ -9,6 +9,7 @@ Activation runs off the request path; ``settle(app)`` waits until the service's 
 work is done (its activation queue drained, the Segment client flushed), so a test can
 also assert that *nothing* was sent.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,10 +56,14 @@ def segment_knows_everyone(profile_api):
 @pytest.fixture
 def activating_app(personalize_app, tracking):
     def factory(**settings):
-        values = dict(segment_write_key=WRITE_KEY, segment_api_host=tracking.url,
-                      activation_interval_seconds=3600)
+        values = dict(
+            segment_write_key=WRITE_KEY,
+            segment_api_host=tracking.url,
+            activation_interval_seconds=3600,
+        )
         values.update(settings)
         return personalize_app(**values)
+
     return factory
 
 
@@ -79,8 +84,10 @@ def published_lists(tracking, user_id: str) -> list[list[str]]:
 
 # --- what Segment receives ----------------------------------------------------------------
 
-def test_identify_carries_the_recommended_item_ids_in_order(activating_app, runtime, tracking,
-                                                            database_url):
+
+def test_identify_carries_the_recommended_item_ids_in_order(
+    activating_app, runtime, tracking, database_url
+):
     app = activating_app(database_url=database_url)
     runtime.set_ranking("u-1", ["sku-3", "sku-1", "sku-2", "sku-7"])
     body = get(app.test_client(), "userId=u-1&numResults=3")
@@ -117,6 +124,7 @@ def test_the_trait_name_is_configurable(activating_app, tracking):
 
 # --- de-duplication -----------------------------------------------------------------------
 
+
 def test_the_same_list_twice_is_published_once(activating_app, tracking, database_url):
     app = activating_app(database_url=database_url, activation_interval_seconds=0)
     client = app.test_client()
@@ -126,8 +134,9 @@ def test_the_same_list_twice_is_published_once(activating_app, tracking, databas
     assert published_lists(tracking, "u-1") == [items(1, 3)]
 
 
-def test_a_changed_list_within_the_interval_is_not_published(activating_app, runtime,
-                                                             tracking, database_url):
+def test_a_changed_list_within_the_interval_is_not_published(
+    activating_app, runtime, tracking, database_url
+):
     app = activating_app(database_url=database_url, activation_interval_seconds=3600)
     client = app.test_client()
     get(client, "userId=u-1&numResults=3")
@@ -138,8 +147,9 @@ def test_a_changed_list_within_the_interval_is_not_published(activating_app, run
     assert published_lists(tracking, "u-1") == [items(1, 3)]
 
 
-def test_a_changed_list_after_the_interval_is_published(activating_app, runtime, tracking,
-                                                        database_url):
+def test_a_changed_list_after_the_interval_is_published(
+    activating_app, runtime, tracking, database_url
+):
     app = activating_app(database_url=database_url, activation_interval_seconds=1.0)
     client = app.test_client()
     get(client, "userId=u-1&numResults=3")
@@ -178,6 +188,7 @@ def test_the_decision_holds_across_workers(activating_app, tracking, database_ur
 
 # --- who is not activated -----------------------------------------------------------------
 
+
 def test_anonymous_visitors_and_related_items_are_not_activated(activating_app, tracking):
     app = activating_app()
     client = app.test_client()
@@ -187,8 +198,9 @@ def test_anonymous_visitors_and_related_items_are_not_activated(activating_app, 
     assert tracking.identifies() == []
 
 
-def test_popular_fallbacks_and_opt_outs_are_not_activated(activating_app, runtime,
-                                                          profile_api, tracking):
+def test_popular_fallbacks_and_opt_outs_are_not_activated(
+    activating_app, runtime, profile_api, tracking
+):
     app = activating_app()
     client = app.test_client()
     deliver(client, product_viewed("pop-a"), product_viewed("pop-b"))
@@ -200,8 +212,9 @@ def test_popular_fallbacks_and_opt_outs_are_not_activated(activating_app, runtim
     assert tracking.identifies() == []
 
 
-def test_an_opted_out_user_is_not_activated_even_without_popular_items(activating_app,
-                                                                       profile_api, tracking):
+def test_an_opted_out_user_is_not_activated_even_without_popular_items(
+    activating_app, profile_api, tracking
+):
     app = activating_app()
     profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True})
     app.test_client().get("/recommendations?userId=u-out&numResults=2")
@@ -211,8 +224,10 @@ def test_an_opted_out_user_is_not_activated_even_without_popular_items(activatin
 
 # --- after an Order Completed -------------------------------------------------------------
 
+
 def test_order_completed_publishes_fresh_recommendations_without_a_request(
-        activating_app, tracking, database_url):
+    activating_app, tracking, database_url
+):
     app = activating_app(database_url=database_url)
     deliver(app.test_client(), order_completed(["item-1", "item-4"], user_id="u-7"))
     (message,) = tracking.wait_for_identifies(1, "u-7")
@@ -240,21 +255,26 @@ def test_an_anonymous_order_is_not_activated(activating_app, tracking):
 
 # --- without a write key: the local profile store -----------------------------------------
 
+
 def test_without_a_write_key_the_trait_goes_into_the_local_profile_store(
-        personalize_app, runtime, database_url):
+    personalize_app, runtime, database_url
+):
     app = personalize_app(database_url=database_url, activation_interval_seconds=0)
     runtime.set_ranking("u-1", ["sku-5", "sku-2", "sku-9"])
     get(app.test_client(), "userId=u-1&numResults=3")
     settle(app)
     with store_of(app).read() as conn:
-        traits = conn.execute(sa.select(profiles.c.traits)
-                              .where(profiles.c.profile_id == "u-1")).scalar()
+        traits = conn.execute(
+            sa.select(profiles.c.traits).where(profiles.c.profile_id == "u-1")
+        ).scalar()
     assert traits == {"recommended_products": ["sku-5", "sku-2", "sku-9"]}
 
 
-def test_local_activation_keeps_other_traits_and_deduplicates(personalize_app, runtime,
-                                                              database_url):
+def test_local_activation_keeps_other_traits_and_deduplicates(
+    personalize_app, runtime, database_url
+):
     from tests.fake_segment_apis import identify
+
     app = personalize_app(database_url=database_url, activation_interval_seconds=3600)
     client = app.test_client()
     deliver(client, identify("u-1", {"plan": "pro"}))
@@ -264,13 +284,15 @@ def test_local_activation_keeps_other_traits_and_deduplicates(personalize_app, r
     get(client, "userId=u-1&numResults=2")  # changed within the interval: not written
     settle(app)
     with store_of(app).read() as conn:
-        traits = conn.execute(sa.select(profiles.c.traits)
-                              .where(profiles.c.profile_id == "u-1")).scalar()
+        traits = conn.execute(
+            sa.select(profiles.c.traits).where(profiles.c.profile_id == "u-1")
+        ).scalar()
     assert traits == {"plan": "pro", "recommended_products": ["item-1", "item-2"]}
 
 
 def test_a_wrong_write_key_loses_the_write_backs_and_the_service_cannot_tell(
-        activating_app, tracking, caplog):
+    activating_app, tracking, caplog
+):
     """Segment answers 200 to a wrong SEGMENT_WRITE_KEY (its HTTP API documentation: 200
     for everything but a request too large or not JSON), so neither Segment's client nor
     the service can tell: the identify goes out, is counted as published, nothing is
@@ -301,7 +323,8 @@ def test_a_wrong_write_key_loses_the_write_backs_and_the_service_cannot_tell(
 
 
 def test_a_write_back_too_big_for_segment_is_cut_to_the_best_items_that_fit(
-        activating_app, runtime, tracking, caplog):
+    activating_app, runtime, tracking, caplog
+):
     """500 recommended ids of 130 characters make an identify of 67 KB, over the 32 KB
     an event Segment takes (the stand-in refuses it with 400, as Segment does; Segment's
     own client refuses to send it). The write-back arrives cut to the best items that
@@ -316,12 +339,15 @@ def test_a_write_back_too_big_for_segment_is_cut_to_the_best_items_that_fit(
     assert ids(body) == long_ids
     (message,) = tracking.identifies("u-big")
     sent = message["traits"]["recommended_products"]
-    assert sent == long_ids[:len(sent)] and 200 < len(sent) < 500
+    assert sent == long_ids[: len(sent)] and 200 < len(sent) < 500
     size = len(json.dumps(message).encode())
     assert MAX_EVENT_BYTES - 2048 < size <= MAX_EVENT_BYTES, size  # cut no more than needed
     assert tracking.refused == 0 and tracking.discarded() == []
-    logged = [(r.getMessage(), r.exc_text or "") for r in caplog.records
-              if r.name.startswith("webhook.activation")]
+    logged = [
+        (r.getMessage(), r.exc_text or "")
+        for r in caplog.records
+        if r.name.startswith("webhook.activation")
+    ]
     assert any(f"{len(sent)} of 500 items" in text for text, _ in logged), logged
     assert not [entry for entry in logged if "u-big" in str(entry) or "sku-" in str(entry)]
 
@@ -335,9 +361,9 @@ def test_fit_traits_cuts_only_the_longest_list_and_only_when_needed():
     cut = fit_traits("u-1", big, budget=1000)
     assert cut["other"] == ["x"]
     kept = cut["recommended_products"]
-    assert kept == big["recommended_products"][:len(kept)] and 0 < len(kept) < 100
+    assert kept == big["recommended_products"][: len(kept)] and 0 < len(kept) < 100
     assert len(json.dumps({"userId": "u-1", "traits": cut}).encode()) <= 1000
-    longer = {**cut, "recommended_products": big["recommended_products"][:len(kept) + 1]}
+    longer = {**cut, "recommended_products": big["recommended_products"][: len(kept) + 1]}
     assert len(json.dumps({"userId": "u-1", "traits": longer}).encode()) > 1000
     with pytest.raises(TooLarge):
         fit_traits("u-1", {"note": "x" * 2000}, budget=1000)  # nothing to cut
@@ -356,9 +382,11 @@ def test_a_failing_tracking_api_does_not_affect_answers(activating_app, tracking
 
 # --- consent fails closed -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("outage", ["timeout", "error", "429", "unreachable"])
 def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_write_back(
-        activating_app, profile_api, tracking, outage):
+    activating_app, profile_api, tracking, outage
+):
     """The visitor opted out; the Profile API cannot say so right now. Fail closed:
     popular items, "degraded" saying why, nothing written back."""
     from tests.gunicorn_server import free_port
@@ -367,8 +395,9 @@ def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_wri
     app = activating_app(segment_profile_api_url=url, profile_api_timeout_seconds=0.3)
     client = app.test_client()
     deliver(client, product_viewed("pop-a"), product_viewed("pop-a"), product_viewed("pop-b"))
-    profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True,
-                                             "purchased_products": []})
+    profile_api.set_traits(
+        "user_id:u-out", {"recommendations_opt_out": True, "purchased_products": []}
+    )
     if outage == "timeout":
         profile_api.delay(2.0)
     elif outage == "error":
@@ -391,8 +420,9 @@ def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_wri
         assert conn.execute(sa.select(sa.func.count()).select_from(activations)).scalar() == 0
 
 
-def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating_app,
-                                                                      profile_api, tracking):
+def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(
+    activating_app, profile_api, tracking
+):
     """The after-purchase recomputation goes through the same pipeline and the same gate."""
     app = activating_app()
     profile_api.set_traits("user_id:u-7", {"recommendations_opt_out": True})
@@ -404,9 +434,9 @@ def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(activating
 
 # --- bounded activation ---------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app,
-                                                                    runtime):
+def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_app, runtime):
     """Write-backs cannot keep up (the database is busy: another writer holds it): the
     queue stops at ACTIVATION_QUEUE_MAX, the rest is dropped and counted, requests never
     wait, and the memory held for pending write-backs stops growing."""
@@ -416,8 +446,9 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
 
     # The answers' records for /insights are off: they have their own bounded buffer,
     # which grows while the writer is held (tests/test_insights.py measures it).
-    app = personalize_app(activation_queue_max=20, activation_interval_seconds=0,
-                          insights_retention_days=0.0)
+    app = personalize_app(
+        activation_queue_max=20, activation_interval_seconds=0, insights_retention_days=0.0
+    )
     # Only reads: nothing to apply after each (applying would wait for the writer this
     # test holds).
     client = raw_client(app)
@@ -445,12 +476,13 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
         finally:
             tracemalloc.stop()
         pending = activation.pending()
-        counted = {o: metric(client, "activations_total", outcome=o) - before[o]
-                   for o in outcomes}
+        counted = {o: metric(client, "activations_total", outcome=o) - before[o] for o in outcomes}
 
-    print(f"\npending {pending}, counted {counted}, memory after 40 requests "
-          f"{after_first / 1e6:.1f} MB, after 160 {after_second / 1e6:.1f} MB, "
-          f"slowest request {slowest * 1000:.0f} ms")
+    print(
+        f"\npending {pending}, counted {counted}, memory after 40 requests "
+        f"{after_first / 1e6:.1f} MB, after 160 {after_second / 1e6:.1f} MB, "
+        f"slowest request {slowest * 1000:.0f} ms"
+    )
     assert pending <= 20
     assert counted["dropped"] >= 160 - 20 - 20
     # Every offer is pending, was handled (the store was busy), or was counted as dropped;
@@ -462,7 +494,8 @@ def test_activation_flood_keeps_memory_bounded_and_counts_the_drops(personalize_
 
 
 def test_a_profile_segment_does_not_know_is_answered_but_never_written_back(
-        activating_app, tracking, profile_api, runtime):
+    activating_app, tracking, profile_api, runtime
+):
     """A Profile API 404 (no profile, or a wrong SEGMENT_SPACE_ID): the visitor gets a
     personalized answer, but no identify creates data at Segment about them. The known
     visitor beside them is written back (the positive control)."""

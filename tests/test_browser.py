@@ -4,6 +4,7 @@ download: ``executable_path`` points at the system's Chromium).
 
 Set SAVE_SCREENSHOT=1 to write docs/screenshot.png from the desktop test.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,12 +31,15 @@ pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark
 
 # --- the catalog and the visitors the tests see --------------------------------------------
 
+
 def _image(colour: str, label: str) -> str:
-    svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='400' height='300'>"
-           f"<rect width='400' height='300' fill='{colour}'/>"
-           f"<circle cx='200' cy='150' r='80' fill='white' fill-opacity='0.35'/>"
-           f"<text x='200' y='165' font-family='sans-serif' font-size='44' fill='white' "
-           f"text-anchor='middle'>{label}</text></svg>")
+    svg = (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='400' height='300'>"
+        f"<rect width='400' height='300' fill='{colour}'/>"
+        f"<circle cx='200' cy='150' r='80' fill='white' fill-opacity='0.35'/>"
+        f"<text x='200' y='165' font-family='sans-serif' font-size='44' fill='white' "
+        f"text-anchor='middle'>{label}</text></svg>"
+    )
     return "data:image/svg+xml," + urllib.parse.quote(svg)
 
 
@@ -60,8 +64,11 @@ class Seeder:
 
     def send(self, message: dict) -> dict:
         self.n += 1
-        message = {"messageId": f"browser-{self.n}-{os.urandom(4).hex()}",
-                   "timestamp": "2026-11-27T12:00:00.000Z", **message}
+        message = {
+            "messageId": f"browser-{self.n}-{os.urandom(4).hex()}",
+            "timestamp": "2026-11-27T12:00:00.000Z",
+            **message,
+        }
         summary = send_signed(self.base, SHARED_SECRET, [message])
         # The appliers write it behind the 200 (within a second): the tests start from
         # the state they seeded.
@@ -70,15 +77,34 @@ class Seeder:
 
     def view(self, anonymous_id: str, product: tuple, **extra) -> None:
         item_id, name, price, colour = product
-        self.send({"type": "track", "event": "Product Viewed", "anonymousId": anonymous_id,
-                   "properties": {"product_id": item_id, "name": name, "price": price,
-                                  "url": f"https://shop.example/p/{item_id}",
-                                  "image_url": _image(colour, name.split()[-1]), **extra}})
+        self.send(
+            {
+                "type": "track",
+                "event": "Product Viewed",
+                "anonymousId": anonymous_id,
+                "properties": {
+                    "product_id": item_id,
+                    "name": name,
+                    "price": price,
+                    "url": f"https://shop.example/p/{item_id}",
+                    "image_url": _image(colour, name.split()[-1]),
+                    **extra,
+                },
+            }
+        )
 
     def order(self, user_id: str, item_ids: list[str]) -> None:
-        self.send({"type": "track", "event": "Order Completed", "userId": user_id,
-                   "properties": {"order_id": f"o-{self.n}",
-                                  "products": [{"product_id": i} for i in item_ids]}})
+        self.send(
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "userId": user_id,
+                "properties": {
+                    "order_id": f"o-{self.n}",
+                    "products": [{"product_id": i} for i in item_ids],
+                },
+            }
+        )
 
     def identify(self, user_id: str, traits: dict) -> None:
         self.send({"type": "identify", "userId": user_id, "traits": traits})
@@ -88,15 +114,29 @@ class Seeder:
             for viewer in range(len(PRODUCTS) - rank):
                 self.view(f"anon-{viewer}", product)
         # An item the catalog knows nothing about: only its id.
-        self.send({"type": "track", "event": "Product Viewed", "anonymousId": "anon-x",
-                   "properties": {"product_id": "sku-bare"}})
+        self.send(
+            {
+                "type": "track",
+                "event": "Product Viewed",
+                "anonymousId": "anon-x",
+                "properties": {"product_id": "sku-bare"},
+            }
+        )
 
     def hostile_item(self) -> None:
-        self.send({"type": "track", "event": "Product Viewed", "anonymousId": "anon-x",
-                   "properties": {"product_id": "sku-evil",
-                                  "name": "<img src=x onerror=\"document.title='pwned'\">",
-                                  "url": "javascript:document.title='pwned'",
-                                  "image_url": "javascript:alert(1)"}})
+        self.send(
+            {
+                "type": "track",
+                "event": "Product Viewed",
+                "anonymousId": "anon-x",
+                "properties": {
+                    "product_id": "sku-evil",
+                    "name": "<img src=x onerror=\"document.title='pwned'\">",
+                    "url": "javascript:document.title='pwned'",
+                    "image_url": "javascript:alert(1)",
+                },
+            }
+        )
 
 
 @contextlib.contextmanager
@@ -110,12 +150,18 @@ def _service(env: dict[str, str]):
 def _service_env(tmp: Path, name: str, **extra) -> dict[str, str]:
     metrics = tmp / f"metrics-{name}"
     metrics.mkdir()
-    return {"DATABASE_URL": f"sqlite:///{tmp}/{name}.db", "SEGMENT_SHARED_SECRET": SHARED_SECRET,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics), "ENGINE_BACKGROUND_TRAINING": "false",
-            "_LOG_DIR": str(tmp), **extra}
+    return {
+        "DATABASE_URL": f"sqlite:///{tmp}/{name}.db",
+        "SEGMENT_SHARED_SECRET": SHARED_SECRET,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "_LOG_DIR": str(tmp),
+        **extra,
+    }
 
 
 # --- other origins: a shop page somewhere else that fetch()es the service ------------------
+
 
 class _Origin:
     def __init__(self, folder: Path):
@@ -139,7 +185,8 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def origins(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shop")
     (folder / "shop.html").write_text(
-        "<!doctype html><title>shop</title><link rel=icon href=\"data:,\"><p>a shop page</p>")
+        '<!doctype html><title>shop</title><link rel=icon href="data:,"><p>a shop page</p>'
+    )
     allowed, refused = _Origin(folder), _Origin(folder)
     yield {"allowed": allowed.url, "refused": refused.url, "folder": folder}
     allowed.close()
@@ -163,8 +210,13 @@ def locked_service(tmp_path_factory, origins):
     """SECRET_KEY set: /recommendations needs a token bound to the visitor."""
     tmp = tmp_path_factory.mktemp("locked")
     # ENGINE_EXCLUDE_SEEN=false: what a visitor bought is left to the trait checks.
-    env = _service_env(tmp, "locked", CORS_ORIGINS=origins["allowed"], SECRET_KEY=SECRET_KEY,
-                       ENGINE_EXCLUDE_SEEN="false")
+    env = _service_env(
+        tmp,
+        "locked",
+        CORS_ORIGINS=origins["allowed"],
+        SECRET_KEY=SECRET_KEY,
+        ENGINE_EXCLUDE_SEEN="false",
+    )
     with _service(env) as (base, _):
         seeder = Seeder(base)
         seeder.catalog()
@@ -199,6 +251,7 @@ def _csp_problems(page) -> list[str]:
 
 # --- the page ---------------------------------------------------------------------------
 
+
 def test_page_renders_recommendations_as_cards(open_service, page, tmp_path):
     base, _ = open_service
     with page.expect_response(lambda r: "/recommendations?" in r.url) as seen:
@@ -225,8 +278,10 @@ def test_page_renders_recommendations_as_cards(open_service, page, tmp_path):
     assert first.locator("img").get_attribute("src").startswith("data:image/svg+xml,")
     assert first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
     # The link carries the answer's id, for the shop's product page to send back.
-    assert first.locator("a").get_attribute("href") == \
-        "https://shop.example/p/sku-1?recommendation_id=" + answer["recommendationId"]
+    assert (
+        first.locator("a").get_attribute("href")
+        == "https://shop.example/p/sku-1?recommendation_id=" + answer["recommendationId"]
+    )
     # An item the catalog knows only by id: the id is its name, no price, no image.
     bare = page.locator("#cards .card[data-item-id='sku-bare']")
     assert bare.locator(".card-name").inner_text() == "sku-bare"
@@ -244,7 +299,6 @@ def test_page_renders_recommendations_as_cards(open_service, page, tmp_path):
     assert _csp_problems(page) == [] and page.problems == []
 
 
-
 @pytest.mark.parametrize("which", ["open", "locked"])
 def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service, page):
     base, seeder = open_service if which == "open" else locked_service
@@ -254,8 +308,8 @@ def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service,
     shown = _card_ids(page)
     assert "sku-3" in shown
     assert page.inner_text("#filtered-summary") == (
-        "Nothing was removed." if which == "locked" else
-        "Shown only with a token for this userId.")
+        "Nothing was removed." if which == "locked" else "Shown only with a token for this userId."
+    )
 
     seeder.order("u-buyer", ["sku-3"])
     # The appliers write the purchase behind the 200 (real time: within 1 s); reloaded
@@ -282,8 +336,13 @@ def test_bought_item_is_gone_after_a_reload(which, open_service, locked_service,
 
 def test_segment_cookie_is_the_visitor_without_a_user_id(open_service, browser):
     base, seeder = open_service
-    seeder.send({"type": "identify", "anonymousId": "anon-cookie",
-                 "traits": {"purchased_products": ["sku-1"]}})
+    seeder.send(
+        {
+            "type": "identify",
+            "anonymousId": "anon-cookie",
+            "traits": {"purchased_products": ["sku-1"]},
+        }
+    )
     for raw in ("%22anon-cookie%22", '"anon-cookie"', "anon-cookie"):
         context = browser.new_context()
         context.add_cookies([{"name": "ajs_anonymous_id", "value": raw, "url": base}])
@@ -307,9 +366,14 @@ def test_no_trait_values_in_the_dom_without_a_token(open_service, page):
     """Anyone can open /?userId=X when SECRET_KEY is unset: the page must not show what X
     bought, or any other trait value, anywhere in the DOM."""
     base, seeder = open_service
-    seeder.identify("u-private", {"purchased_products": ["secret-sku-4711", "sku-4"],
-                                  "recommendations_opt_out": False,
-                                  "email": "private.person@example.org"})
+    seeder.identify(
+        "u-private",
+        {
+            "purchased_products": ["secret-sku-4711", "sku-4"],
+            "recommendations_opt_out": False,
+            "email": "private.person@example.org",
+        },
+    )
     with page.expect_response(lambda r: "/recommendations?" in r.url) as seen:
         _open(page, base + "/?userId=u-private")
     answer = seen.value.json()
@@ -317,8 +381,12 @@ def test_no_trait_values_in_the_dom_without_a_token(open_service, page):
         assert private not in answer
     html = page.content()
     text = page.inner_text("body")
-    for value in ("secret-sku-4711", "private.person@example.org",
-                  "purchased_products", "recommendations_opt_out"):
+    for value in (
+        "secret-sku-4711",
+        "private.person@example.org",
+        "purchased_products",
+        "recommendations_opt_out",
+    ):
         assert value not in html and value not in text
     assert "sku-4" not in _card_ids(page)  # the trait still applied
     assert page.problems == []
@@ -339,8 +407,12 @@ def test_catalog_text_is_never_markup(locked_service, page):
 
 def test_phone_width_has_no_horizontal_scroll(open_service, browser, tmp_path):
     base, _ = open_service
-    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                  has_touch=True, device_scale_factor=2)
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844},
+        is_mobile=True,
+        has_touch=True,
+        device_scale_factor=2,
+    )
     page = context.new_page()
     _open(page, base + "/?userId=u-shopper#token=" + "x" * 120)
     widths = page.evaluate("""() => ({
@@ -352,7 +424,8 @@ def test_phone_width_has_no_horizontal_scroll(open_service, browser, tmp_path):
     assert widths["scroll"] <= widths["client"], widths
     assert widths["widest"] <= widths["client"] + 0.5, widths
     boxes = page.eval_on_selector_all(
-        "#cards .card", "cs => cs.slice(0, 2).map(c => c.getBoundingClientRect().toJSON())")
+        "#cards .card", "cs => cs.slice(0, 2).map(c => c.getBoundingClientRect().toJSON())"
+    )
     assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["width"] < 195  # two per row
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
     context.close()
@@ -380,6 +453,7 @@ def test_security_headers_on_page_and_static(open_service, page):
 
 
 # --- tokens -------------------------------------------------------------------------------
+
 
 def test_missing_token_is_explained_on_the_page(locked_service, page):
     base, _ = locked_service
@@ -427,8 +501,7 @@ def test_the_visitors_own_token_shows_what_the_checks_removed(locked_service, pa
     assert filtered["reasons"].get("purchased_products") == 1  # sku-2
     assert page.inner_text("#filtered-summary") == "1 item was left out:"
     shown = page.eval_on_selector_all("#filtered li", "l => l.map(i => i.innerText)")
-    assert shown == ['purchased_products × 1: listed in the visitor\'s "purchased_products" '
-                     'trait']
+    assert shown == ['purchased_products × 1: listed in the visitor\'s "purchased_products" trait']
     assert page.inner_text("#traits-summary") == "From the visitor's profile:"
     assert page.inner_text("#traits dt") == "purchased_products"
     assert json.loads(page.inner_text("#traits dd")) == ["sku-2"]
@@ -456,8 +529,7 @@ FETCH = """async ([url, token]) => {
 
 
 @pytest.mark.parametrize("which", ["open", "locked"])
-def test_cors_allows_only_the_configured_origin(which, open_service, locked_service, origins,
-                                                page):
+def test_cors_allows_only_the_configured_origin(which, open_service, locked_service, origins, page):
     base, _ = open_service if which == "open" else locked_service
     # With a token the request has an Authorization header: a preflight first.
     token = mint_token(SECRET_KEY, user_id="u-cors") if which == "locked" else None
@@ -475,18 +547,20 @@ def test_cors_allows_only_the_configured_origin(which, open_service, locked_serv
 
 # --- the README's shop snippet, run as written -------------------
 
+
 def _snippet_html() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index('<div id="recommended">')
-    return text[start:text.index("</script>", start) + len("</script>")]
+    return text[start : text.index("</script>", start) + len("</script>")]
 
 
 def test_readme_snippet_renders_and_tracks_the_click(locked_service, origins, page):
     base, _ = locked_service
     folder = origins["folder"]
     # The shop's backend (here: a file) hands out a token for its visitor.
-    (folder / "recs-token").write_text(json.dumps(
-        {"userId": "u-snippet", "token": mint_token(SECRET_KEY, user_id="u-snippet")}))
+    (folder / "recs-token").write_text(
+        json.dumps({"userId": "u-snippet", "token": mint_token(SECRET_KEY, user_id="u-snippet")})
+    )
     # analytics.js, as far as the snippet uses it: trackLink records the click.
     stub = """<script>window.analytics = {calls: [], trackLink(link, event, properties) {
       link.addEventListener('click', (e) => { e.preventDefault();
@@ -494,8 +568,10 @@ def test_readme_snippet_renders_and_tracks_the_click(locked_service, origins, pa
     snippet = _snippet_html()
     assert "https://recs.example.com" in snippet
     (folder / "snippet.html").write_text(
-        "<!doctype html><title>shop</title><link rel=icon href=\"data:,\">" + stub +
-        snippet.replace("https://recs.example.com", base))
+        '<!doctype html><title>shop</title><link rel=icon href="data:,">'
+        + stub
+        + snippet.replace("https://recs.example.com", base)
+    )
 
     page.goto(origins["allowed"] + "/snippet.html")
     page.wait_for_selector("#recommended a")

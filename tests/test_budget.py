@@ -1,5 +1,6 @@
 """The host's Profile API budget (``webhook.budget.HostBudget``), driven by real processes
 sharing its file: the bound holds at Segment's end whatever a busy host's delays are."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -30,8 +31,9 @@ def caller(path: str, share: int, seed: int, until: float, results) -> None:
             time.sleep(rng.uniform(0, 0.2))
             budget.complete(ticket)
 
-    threads = [threading.Thread(target=calls, args=(random.Random(seed * 100 + n),))
-               for n in range(8)]
+    threads = [
+        threading.Thread(target=calls, args=(random.Random(seed * 100 + n),)) for n in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -44,8 +46,7 @@ def test_no_second_at_the_api_holds_more_than_the_share_whatever_the_delays(tmp_
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     until = time.monotonic() + 4
-    workers = [ctx.Process(target=caller, args=(path, share, n, until, results))
-               for n in range(3)]
+    workers = [ctx.Process(target=caller, args=(path, share, n, until, results)) for n in range(3)]
     for w in workers:
         w.start()
     seen = [when for _ in workers for when in results.get(timeout=30)]

@@ -5,6 +5,7 @@ answers from the local engine without any manual command.
 Every other test sets ``DATABASE_URL``; this one must not, or it would miss what the
 README's first command does (background training once failed there for ever).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,16 @@ def project_copy(destination: Path) -> Path:
     """The project's files as a clone would have them (tracked and new, not ignored), with
     their modification times, and the project's virtual environment linked in: ``make``
     then finds it up to date and installs nothing."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-        check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if not source.is_file():
@@ -53,8 +62,9 @@ def newcomer_environment(home: Path, **extra: str) -> dict[str, str]:
 
 def start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     handle = open(log, "wb")
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -78,8 +88,10 @@ def wait_until(predicate, timeout: float, what: str, log: Path):
         except requests.RequestException as exc:
             last = exc
         time.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout:.0f} s (last: {last!r}):\n"
-                         + log.read_text(errors="replace")[-4000:])
+    raise AssertionError(
+        f"{what} within {timeout:.0f} s (last: {last!r}):\n"
+        + log.read_text(errors="replace")[-4000:]
+    )
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -91,25 +103,31 @@ def listening_addresses(port: int) -> set[str]:
             fields = line.split()
             address, hex_port = fields[1].split(":")
             if int(hex_port, 16) == port and fields[3] == "0A":  # LISTEN
-                found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
     return found
 
 
 def views(prefix: str, visitors: int, products: int) -> list[dict]:
     """Visitors who each view a few products of one of two groups, now (the defaults skip
     messages older than a week)."""
-    from datetime import datetime, timezone
-    now = datetime.now(timezone.utc).isoformat()
+    from datetime import datetime
+
+    now = datetime.now(UTC).isoformat()
     messages = []
     for v in range(visitors):
         group = v % 2
         for k in range(4):
             item = f"sku-{group}-{(v + k) % products}"
-            messages.append({
-                "type": "track", "event": "Product Viewed",
-                "messageId": f"{prefix}-{v}-{k}", "anonymousId": f"visitor-{v}",
-                "timestamp": now,
-                "properties": {"product_id": item, "name": f"Item {item}", "price": 10}})
+            messages.append(
+                {
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "messageId": f"{prefix}-{v}-{k}",
+                    "anonymousId": f"visitor-{v}",
+                    "timestamp": now,
+                    "properties": {"product_id": item, "name": f"Item {item}", "price": 10},
+                }
+            )
     return messages
 
 
@@ -121,8 +139,12 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
     process = start(["make", "run"], project, env, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        health = wait_until(lambda: requests.get(base + "/healthz", timeout=2), 120,
-                            "make run answers /healthz", log)
+        health = wait_until(
+            lambda: requests.get(base + "/healthz", timeout=2),
+            120,
+            "make run answers /healthz",
+            log,
+        )
         assert health.status_code == 200
         assert health.json() == {"status": "ok"}  # the details need METRICS_TOKEN
         # Without HOST=0.0.0.0 nothing outside this machine can reach it.
@@ -136,9 +158,11 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
             assert answer.json()["accepted"] == 1
 
         def local_answer():
-            body = requests.get(base + "/recommendations",
-                                params={"anonymousId": "visitor-0", "numResults": 2},
-                                timeout=5).json()
+            body = requests.get(
+                base + "/recommendations",
+                params={"anonymousId": "visitor-0", "numResults": 2},
+                timeout=5,
+            ).json()
             return body if body.get("source") == "local" else None
 
         body = wait_until(local_answer, 90, "answers come from the local engine", log)

@@ -7,11 +7,13 @@ AWS_ENDPOINT_URL_PERSONALIZE; deletions arrive as Segment ``delete`` messages on
 webhook; the cycle runs through ``flask --app webhook deletions --run`` or the background
 thread.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import time
+from datetime import UTC
 
 import boto3
 import pytest
@@ -25,7 +27,6 @@ from tests.fake_personalize_control import FakePersonalizeControl
 from tests.fake_segment_apis import deliver, product_viewed
 from webhook.deletions import personalize_deletions
 from webhook.storage.schema import interactions
-
 
 BUCKET = "shop-deletions"
 GROUP = "arn:aws:personalize:us-east-1:123456789012:dataset-group/shop"
@@ -49,9 +50,13 @@ def s3_server():
 
 @pytest.fixture
 def s3(s3_server):
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          aws_access_key_id="AKIDEXAMPLE",
-                          aws_secret_access_key="example-secret")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="example-secret",
+    )
     client.create_bucket(Bucket=BUCKET)
     return client
 
@@ -59,29 +64,42 @@ def s3(s3_server):
 @pytest.fixture
 def aws(monkeypatch, s3_server, s3):
     """The stand-ins, and boto3 pointed at them (set before the app makes its clients)."""
-    with FakePersonalizeControl(s3=s3) as control, FakePersonalizeEvents(
-            tracking_ids=[TRACKING_ID]) as events:
-        aws_stand_ins(monkeypatch, s3=s3_server, personalize=control.url,
-                      personalize_events=events.url)
+    with (
+        FakePersonalizeControl(s3=s3) as control,
+        FakePersonalizeEvents(tracking_ids=[TRACKING_ID]) as events,
+    ):
+        aws_stand_ins(
+            monkeypatch, s3=s3_server, personalize=control.url, personalize_events=events.url
+        )
         yield control, events
 
 
 @pytest.fixture
 def personalize_app(make_app, aws, database_url):
     def factory(**settings):
-        values = dict(database_url=database_url, personalize_tracking_id=TRACKING_ID,
-                      aws_region="us-east-1", personalize_dataset_group_arn=GROUP,
-                      personalize_deletion_role_arn=ROLE,
-                      personalize_deletion_s3_uri=f"s3://{BUCKET}/segment/deletions/")
+        values = dict(
+            database_url=database_url,
+            personalize_tracking_id=TRACKING_ID,
+            aws_region="us-east-1",
+            personalize_dataset_group_arn=GROUP,
+            personalize_deletion_role_arn=ROLE,
+            personalize_deletion_s3_uri=f"s3://{BUCKET}/segment/deletions/",
+        )
         values.update(settings)
         return make_app(**values)
+
     return factory
 
 
 def delete(user_id: str) -> dict:
     import uuid
-    return {"type": "delete", "userId": user_id, "messageId": f"del-{uuid.uuid4().hex}",
-            "timestamp": "2026-11-27T12:00:00Z"}
+
+    return {
+        "type": "delete",
+        "userId": user_id,
+        "messageId": f"del-{uuid.uuid4().hex}",
+        "timestamp": "2026-11-27T12:00:00Z",
+    }
 
 
 def run(app) -> str:
@@ -104,17 +122,25 @@ def csv_objects(s3) -> dict[str, list[str]]:
 
 def waiting(app) -> list[tuple[str, str | None]]:
     with store_of(app).read() as conn:
-        return [tuple(r) for r in conn.execute(
-            sa.select(personalize_deletions.c.user_id, personalize_deletions.c.batch_id)
-            .order_by(personalize_deletions.c.user_id))]
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.select(
+                    personalize_deletions.c.user_id, personalize_deletions.c.batch_id
+                ).order_by(personalize_deletions.c.user_id)
+            )
+        ]
 
 
 def test_one_delete_makes_one_csv_in_s3_and_one_job(personalize_app, aws, s3):
     control, _ = aws
     app = personalize_app()
     client = app.test_client()
-    deliver(client, product_viewed("sku-1", user_id="u-gone", anonymous_id=None),
-            product_viewed("sku-2", user_id="u-stays", anonymous_id=None))
+    deliver(
+        client,
+        product_viewed("sku-1", user_id="u-gone", anonymous_id=None),
+        product_viewed("sku-2", user_id="u-stays", anonymous_id=None),
+    )
     deliver(client, delete("u-gone"))
 
     # The local forgetting stays as it is: at once.
@@ -152,10 +178,10 @@ def test_a_failed_job_is_retried_and_nobody_is_dropped(personalize_app, aws, s3)
     client = app.test_client()
     control.fail_next_jobs(1, reason="Access denied to the input file")
     deliver(client, delete("u-1"), delete("u-2"))
-    run(app)                       # job 1 created
-    run(app)                       # IN_PROGRESS
+    run(app)  # job 1 created
+    run(app)  # IN_PROGRESS
     deliver(client, delete("u-3"))  # arrives meanwhile
-    output = run(app)              # FAILED: u-1, u-2 back in the list; job 2 with all three
+    output = run(app)  # FAILED: u-1, u-2 back in the list; job 2 with all three
     assert "failed 1" in output and "submitted 1" in output
     first, second = sorted(control.jobs(), key=lambda j: j["creationDateTime"])
     assert first["status"] == "FAILED"
@@ -165,8 +191,10 @@ def test_a_failed_job_is_retried_and_nobody_is_dropped(personalize_app, aws, s3)
     assert all(batch for _, batch in waiting(app))  # everyone is in the running job
     run(app)
     run(app)
-    assert [j["status"] for j in sorted(control.jobs(), key=lambda j: j["creationDateTime"])
-            ] == ["FAILED", "COMPLETED"]
+    assert [j["status"] for j in sorted(control.jobs(), key=lambda j: j["creationDateTime"])] == [
+        "FAILED",
+        "COMPLETED",
+    ]
     assert waiting(app) == []
     assert csv_objects(s3) == {}  # both CSVs removed once their jobs ended
 
@@ -200,7 +228,8 @@ def test_the_background_loop_sends_them_every_interval(personalize_app, aws, s3)
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not any(
-                j["status"] == "COMPLETED" for j in control.jobs()):
+            j["status"] == "COMPLETED" for j in control.jobs()
+        ):
             time.sleep(0.05)
     finally:
         sync.stop()
@@ -211,12 +240,15 @@ def test_the_background_loop_sends_them_every_interval(personalize_app, aws, s3)
 
 def test_embedded_mode_forgets_locally_and_keeps_no_list(make_app, database_url):
     app = make_app(database_url=database_url)
-    deliver(app.test_client(), product_viewed("sku-1", user_id="u-1", anonymous_id=None),
-            delete("u-1"))
+    deliver(
+        app.test_client(), product_viewed("sku-1", user_id="u-1", anonymous_id=None), delete("u-1")
+    )
     with store_of(app).read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(interactions)).scalar() == 0
-        assert conn.execute(sa.select(sa.func.count()).select_from(personalize_deletions)
-                            ).scalar() == 0
+        assert (
+            conn.execute(sa.select(sa.func.count()).select_from(personalize_deletions)).scalar()
+            == 0
+        )
     result = app.test_cli_runner().invoke(args=["deletions"])
     assert result.exit_code != 0 and "not in Personalize mode" in result.output
 
@@ -233,10 +265,12 @@ def test_without_the_deletion_settings_users_wait_and_the_service_warns(make_app
 
 # --- a deletion deletes: every table and file, and no way back -------------------------------
 
+
 def now_delete(**who) -> dict:
     """A deletion request as Segment sends it now (the person's id(s), no messageId)."""
-    from datetime import datetime, timezone
-    return {"type": "delete", "timestamp": datetime.now(timezone.utc).isoformat(), **who}
+    from datetime import datetime
+
+    return {"type": "delete", "timestamp": datetime.now(UTC).isoformat(), **who}
 
 
 def traces(app, needles: tuple[str, ...]) -> list[str]:
@@ -249,8 +283,7 @@ def traces(app, needles: tuple[str, ...]) -> list[str]:
             for table in sa.inspect(conn).get_table_names():
                 for row in conn.execute(sa.text(f'SELECT * FROM "{table}"')).mappings():
                     for column, value in row.items():
-                        text = value.decode("latin-1") if isinstance(value, bytes) \
-                            else str(value)
+                        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
                         if any(needle in text for needle in needles):
                             found.append(f"{table}.{column}: {text[:120]}")
     return found
@@ -269,8 +302,7 @@ def raw_file_traces(app, needles: tuple[str, ...]) -> list[str]:
                 data = open(path + suffix, "rb").read()
             except FileNotFoundError:
                 continue
-            found += [f"{path}{suffix}: {needle}" for needle in needles
-                      if needle.encode() in data]
+            found += [f"{path}{suffix}: {needle}" for needle in needles if needle.encode() in data]
     return found
 
 
@@ -285,37 +317,61 @@ def test_a_deletion_leaves_nothing_of_the_person_anywhere(personalize_app, aws, 
     files holds any of it; Bob, beside her, keeps everything. The data deletion job names
     every id of hers, and its CSV is gone from S3 once it completed."""
     from tests.fake_segment_apis import identify, order_completed
+
     control, events = aws
     app = personalize_app(insights_retention_days=90.0, attribution_hold_seconds=0.0)
     client = app.test_client()
     events.reject_event_ids(["jane-refused"])
     refused = product_viewed("sku-9", user_id="jane-7", anonymous_id=None)
     refused["messageId"] = "jane-refused"
-    deliver(client,
-            identify("jane-7", {"email": "jane.doe@example.org", "plan": "pro"},
-                     anonymous_id="jane-anon-7"),
-            {"type": "alias", "previousId": "jane-old-7", "userId": "jane-7",
-             "messageId": "alias-jane", "timestamp": now_delete()["timestamp"]},
-            product_viewed("sku-1", anonymous_id="jane-anon-7"),
-            product_viewed("sku-2", user_id="jane-old-7", anonymous_id=None),
-            order_completed(["sku-3"], user_id="jane-7"), refused,
-            identify("bob", {"email": "bob@example.org"}),
-            product_viewed("sku-1", user_id="bob", anonymous_id=None))
+    deliver(
+        client,
+        identify(
+            "jane-7", {"email": "jane.doe@example.org", "plan": "pro"}, anonymous_id="jane-anon-7"
+        ),
+        {
+            "type": "alias",
+            "previousId": "jane-old-7",
+            "userId": "jane-7",
+            "messageId": "alias-jane",
+            "timestamp": now_delete()["timestamp"],
+        },
+        product_viewed("sku-1", anonymous_id="jane-anon-7"),
+        product_viewed("sku-2", user_id="jane-old-7", anonymous_id=None),
+        order_completed(["sku-3"], user_id="jane-7"),
+        refused,
+        identify("bob", {"email": "bob@example.org"}),
+        product_viewed("sku-1", user_id="bob", anonymous_id=None),
+    )
     answer = client.get("/recommendations?userId=jane-7&numResults=3").get_json()
     client.get("/recommendations?anonymousId=jane-anon-7&numResults=3")
-    click = product_viewed(answer["itemList"][0]["itemId"], user_id="jane-7",
-                           anonymous_id=None, recommendation_id=answer["recommendationId"])
+    click = product_viewed(
+        answer["itemList"][0]["itemId"],
+        user_id="jane-7",
+        anonymous_id=None,
+        recommendation_id=answer["recommendationId"],
+    )
     click["event"] = "Product Clicked"
     deliver(client, click)
     app.extensions["segment"].activation.wait_idle(10)
     before = traces(app, JANE)
-    for place in ("interactions", "profiles", "identity_links", "impressions",
-                  "dead_letters", "inbox"):
+    for place in (
+        "interactions",
+        "profiles",
+        "identity_links",
+        "impressions",
+        "dead_letters",
+        "inbox",
+    ):
         assert any(t.startswith(place + ".") for t in before), (place, before)
     with store_of(app).read() as conn:  # her click, linked to her through the answer
-        assert conn.execute(sa.text("SELECT count(*) FROM attributions WHERE "
-                                    "recommendation_id = :r"),
-                            {"r": answer["recommendationId"]}).scalar() == 1
+        assert (
+            conn.execute(
+                sa.text("SELECT count(*) FROM attributions WHERE recommendation_id = :r"),
+                {"r": answer["recommendationId"]},
+            ).scalar()
+            == 1
+        )
 
     if store_of(app).dialect == "sqlite":
         assert raw_file_traces(app, JANE)  # the file scan finds her while she is there
@@ -327,8 +383,11 @@ def test_a_deletion_leaves_nothing_of_the_person_anywhere(personalize_app, aws, 
         run(app)
     (job,) = control.jobs()
     assert job["status"] == "COMPLETED"
-    assert sorted(control.users_of(job["dataDeletionJobArn"])) == \
-        ["jane-7", "jane-anon-7", "jane-old-7"]
+    assert sorted(control.users_of(job["dataDeletionJobArn"])) == [
+        "jane-7",
+        "jane-anon-7",
+        "jane-old-7",
+    ]
     assert csv_objects(s3) == {}
     assert traces(app, JANE) == []
     if store_of(app).dialect == "sqlite":
@@ -343,7 +402,8 @@ def test_a_deletion_leaves_nothing_of_the_person_anywhere(personalize_app, aws, 
 def test_an_older_message_arriving_late_does_not_bring_the_person_back(make_app):
     """A redelivery, a Replay, an import: a message sent before the deletion is skipped
     ("deleted"); one sent after it is taken (the person may come back)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
+
     app = make_app()
     client = app.test_client()
     old = product_viewed("sku-1", user_id="gone-1", anonymous_id="gone-anon")
@@ -357,24 +417,27 @@ def test_an_older_message_arriving_late_does_not_bring_the_person_back(make_app)
     by_anonymous["timestamp"] = old["timestamp"]
     assert deliver(client, by_anonymous)["skipped"][0]["reason"] == "deleted"
     newer = product_viewed("sku-2", user_id="gone-1", anonymous_id=None)
-    newer["timestamp"] = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    newer["timestamp"] = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
     assert deliver(client, newer)["accepted"] == 1
     with store_of(app).read() as conn:
-        assert [tuple(r) for r in conn.execute(
-            sa.select(interactions.c.user_id, interactions.c.item_id))] == [("gone-1", "sku-2")]
+        assert [
+            tuple(r)
+            for r in conn.execute(sa.select(interactions.c.user_id, interactions.c.item_id))
+        ] == [("gone-1", "sku-2")]
 
 
 def test_a_delete_without_message_id_is_applied_once(make_app):
     """Replaying the same deletion request must not wipe what the person did after
     coming back."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
+
     app = make_app()
     client = app.test_client()
     deliver(client, product_viewed("sku-1", user_id="back-1", anonymous_id=None))
     request = now_delete(userId="back-1")
     assert deliver(client, request)["accepted"] == 1
     newer = product_viewed("sku-2", user_id="back-1", anonymous_id=None)
-    newer["timestamp"] = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    newer["timestamp"] = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
     deliver(client, newer)
     again = deliver(client, request)
     assert (again["accepted"], again["duplicates"]) == (0, 1)
@@ -384,18 +447,24 @@ def test_a_delete_without_message_id_is_applied_once(make_app):
 
 def test_an_anonymous_only_delete_forgets_that_anonymous_id(make_app):
     from tests.fake_segment_apis import identify
+
     app = make_app()
     client = app.test_client()
-    deliver(client, identify("kept-user", {"plan": "pro"}, anonymous_id="linked-anon"),
-            product_viewed("sku-1", anonymous_id="lone-anon"),
-            product_viewed("sku-2", anonymous_id="linked-anon"),
-            product_viewed("sku-3", user_id="kept-user", anonymous_id=None))
+    deliver(
+        client,
+        identify("kept-user", {"plan": "pro"}, anonymous_id="linked-anon"),
+        product_viewed("sku-1", anonymous_id="lone-anon"),
+        product_viewed("sku-2", anonymous_id="linked-anon"),
+        product_viewed("sku-3", user_id="kept-user", anonymous_id=None),
+    )
     answer = deliver(client, now_delete(anonymousId="lone-anon"))
     assert answer["accepted"] == 1  # no longer a 400 that Segment drops
     deliver(client, now_delete(anonymousId="linked-anon"))
     with store_of(app).read() as conn:
-        rows = {tuple(r) for r in conn.execute(
-            sa.select(interactions.c.user_id, interactions.c.anonymous_id))}
+        rows = {
+            tuple(r)
+            for r in conn.execute(sa.select(interactions.c.user_id, interactions.c.anonymous_id))
+        }
     assert rows == {("kept-user", None)}
     assert traces(app, ("lone-anon", "linked-anon")) == []
     assert traces(app, ("kept-user",))
@@ -403,10 +472,12 @@ def test_an_anonymous_only_delete_forgets_that_anonymous_id(make_app):
 
 def test_retention_never_prunes_a_delete_not_applied_yet(make_app):
     from tests.conftest import raw_client
+
     app = make_app(message_retention_hours=1.0)
     client = raw_client(app)  # nothing applied
-    deliver(client, now_delete(userId="late-1"),
-            product_viewed("sku-1", anonymous_id="later"))  # the newest row is kept anyway
+    deliver(
+        client, now_delete(userId="late-1"), product_viewed("sku-1", anonymous_id="later")
+    )  # the newest row is kept anyway
     services = app.extensions["segment"]
     pruned = services.retention.run_once(now=time.time() + 7200)
     assert pruned["inbox"] == 0
@@ -418,8 +489,10 @@ def test_dead_letter_retry_and_queued_write_backs_skip_a_deleted_person(personal
     """What was in flight when the deletion came (another process's dead letter, a
     write-back waiting in the queue) is never sent for the deleted person."""
     import threading
+
     from webhook.deadletters import DeadLetters
     from webhook.inbox import Entry
+
     control, events = aws
     app = personalize_app()
     services = app.extensions["segment"]
@@ -437,14 +510,25 @@ def test_dead_letter_retry_and_queued_write_backs_skip_a_deleted_person(personal
     assert services.activation.wait_idle(10)
     with store_of(app).read() as conn:
         from webhook.storage.schema import profiles
+
         assert conn.execute(sa.select(profiles.c.profile_id)).all() == []
 
     # A dead letter of hers, added by an applier that had the message in flight.
     import json
+
     with store_of(app).write() as tx:
-        DeadLetters(store_of(app)).add(tx, "personalize", [
-            ("event", message["messageId"], Entry(0, 0, message["messageId"], "track", 0.0,
-                                                   json.dumps(message)), "refused")])
+        DeadLetters(store_of(app)).add(
+            tx,
+            "personalize",
+            [
+                (
+                    "event",
+                    message["messageId"],
+                    Entry(0, 0, message["messageId"], "track", 0.0, json.dumps(message)),
+                    "refused",
+                )
+            ],
+        )
     sent_before = len(events.events())
     result = app.test_cli_runner().invoke(args=["dead-letters", "retry", "--all"])
     assert result.exit_code == 0, result.output

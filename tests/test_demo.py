@@ -3,6 +3,7 @@
 of its own, as ``demo/run.py`` does. Its recommendations must make sense: checked as a
 property (a visitor's category comes back), never as a list of expected items.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,23 +28,23 @@ MOSTLY = 8  # of RESULTS items, from the visitor's category
 
 
 def _run(*command: str, env: dict | None = None) -> str:
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
 def _generate(folder: Path) -> None:
-    _run(sys.executable, "demo/shop.py", "--out", str(folder), "--images",
-         str(folder / "images"))
+    _run(sys.executable, "demo/shop.py", "--out", str(folder), "--images", str(folder / "images"))
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
     _generate(folder)
-    messages = [json.loads(line) for line in
-                (folder / "shop.jsonl").read_text(encoding="utf-8").splitlines()]
+    messages = [
+        json.loads(line)
+        for line in (folder / "shop.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     categories = {}
     for message in messages:
         properties = message.get("properties") or {}
@@ -53,8 +54,16 @@ def shop(tmp_path_factory):
     database_url = f"sqlite:///{folder}/demo.db"
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["DATABASE_URL"] = database_url
-    imported = _run(sys.executable, "-m", "flask", "--app", "webhook", "import",
-                    str(folder / "shop.jsonl"), env=env)
+    imported = _run(
+        sys.executable,
+        "-m",
+        "flask",
+        "--app",
+        "webhook",
+        "import",
+        str(folder / "shop.jsonl"),
+        env=env,
+    )
     assert f"{len(messages)} messages, {len(messages)} accepted" in imported, imported
     assert "0 rejected" in imported
     trained = _run(sys.executable, "-m", "flask", "--app", "webhook", "train", env=env)
@@ -63,8 +72,12 @@ def shop(tmp_path_factory):
     app.config["TESTING"] = True
     app.test_client_class = AppliedClient  # the inbox applied after each request
     yield SimpleNamespace(
-        folder=folder, messages=messages, categories=categories, client=app.test_client(),
-        featured=json.loads((folder / "featured.json").read_text()))
+        folder=folder,
+        messages=messages,
+        categories=categories,
+        client=app.test_client(),
+        featured=json.loads((folder / "featured.json").read_text()),
+    )
     app.extensions["segment"].store.dispose()
 
 
@@ -93,8 +106,9 @@ def test_the_shop_is_the_same_on_every_run_and_has_what_the_demo_needs(shop, tmp
     events = Counter(m.get("event") for m in shop.messages)
     for event in ("Product Viewed", "Product Clicked", "Product Added", "Order Completed"):
         assert events[event] > 0, events
-    identified = [m for m in shop.messages
-                  if m["type"] == "identify" and "purchased_products" in m["traits"]]
+    identified = [
+        m for m in shop.messages if m["type"] == "identify" and "purchased_products" in m["traits"]
+    ]
     assert len(identified) >= 1000
     opted_out = {m["userId"] for m in identified if m["traits"].get("recommendations_opt_out")}
     assert opted_out == {f["userId"] for f in shop.featured if f["opted_out"]}
@@ -135,10 +149,17 @@ def test_a_new_visitor_who_browses_one_category_gets_that_category(shop):
         products = sorted(p for p, c in shop.categories.items() if c == category)
         visitor = f"new-visitor-{category}"
         for n, product in enumerate(products[3:12:3]):
-            response = shop.client.post("/segment", json={
-                "type": "track", "event": "Product Viewed", "anonymousId": visitor,
-                "messageId": f"{visitor}-{n}", "timestamp": f"2026-11-30T12:0{n}:00.000Z",
-                "properties": {"product_id": product}})
+            response = shop.client.post(
+                "/segment",
+                json={
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "anonymousId": visitor,
+                    "messageId": f"{visitor}-{n}",
+                    "timestamp": f"2026-11-30T12:0{n}:00.000Z",
+                    "properties": {"product_id": product},
+                },
+            )
             assert response.status_code == 200 and response.get_json()["interactions"] == 1
         answer = _recommend(shop, anonymousId=visitor)
         assert answer["source"] == "local"

@@ -8,6 +8,7 @@ shows visitors with a history what they like, so the comparison must name it the
 winner, with results spread over the 14 days. Set SAVE_SCREENSHOT=1 to write
 docs/insights.png (the README's picture) from this test.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -41,8 +42,12 @@ def demo(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "demo/run.py", "--port", str(port)],
-                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "demo/run.py", "--port", str(port)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + READY_SECONDS
         while f"/insights?days={DAYS}" not in log.read_text(errors="replace"):
@@ -60,8 +65,9 @@ def demo(tmp_path_factory):
 
 
 def _report(base: str) -> dict:
-    response = requests.get(f"{base}/insights?days={DAYS}",
-                            headers={"Accept": "application/json"}, timeout=30)
+    response = requests.get(
+        f"{base}/insights?days={DAYS}", headers={"Accept": "application/json"}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -73,7 +79,7 @@ def test_the_demo_experiment_names_the_local_engine_with_always_valid_results(de
     assert report["baseline"] == "local" and report["days"] == DAYS
 
     # The 14 days have their own dates: answers and clicks on each of them, in both arms.
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     dates = [(today - timedelta(days=n)).isoformat() for n in range(DAYS - 1, -1, -1)]
     for variant in report["variants"]:
         assert [d["date"] for d in variant["days"]] == dates
@@ -92,8 +98,10 @@ def test_the_demo_experiment_names_the_local_engine_with_always_valid_results(de
     assert verdict["text"].startswith("local is ahead of popular")
     assert "however often" in verdict["text"]
     # And the demo says where to look.
-    assert f"/insights?days={DAYS}" in output and "Traceback" not in output.split(
-        "starting the service")[-1]
+    assert (
+        f"/insights?days={DAYS}" in output
+        and "Traceback" not in output.split("starting the service")[-1]
+    )
 
 
 def test_the_insights_page_opens_on_the_verdict_in_chromium(demo, browser, tmp_path):

@@ -2,6 +2,7 @@
 model, training on demand, related items, real-time answers, anonymous history merged after
 alias, event weights, several workers sharing one model, one trainer at a time, importing
 a Personalize interactions CSV and Segment archives, and the evaluation's machinery."""
+
 from __future__ import annotations
 
 import gzip
@@ -11,19 +12,21 @@ import time
 
 import pytest
 
-from webhook.engine import engine_for, recommender_for
+from webhook.engine import engine_for, recommender_for, service
 from webhook.engine import persistence as db
 from webhook.storage.schema import engine_models
-from webhook.engine import service
-
 
 _counter = iter(range(10**9))
 
 
 def track(user, item, second, event="Product Viewed", anon=None):
-    message = {"type": "track", "event": event, "messageId": f"m-{next(_counter)}",
-               "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
-               "properties": {"product_id": item}}
+    message = {
+        "type": "track",
+        "event": event,
+        "messageId": f"m-{next(_counter)}",
+        "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
+        "properties": {"product_id": item},
+    }
     if user:
         message["userId"] = user
     if anon:
@@ -116,13 +119,22 @@ def test_anonymous_history_is_merged_into_the_user_after_alias_not_back(engine_a
     post(engine_app, catalogue_messages())
     train(engine_app)
     recommender = recommender_for(engine_app)
-    post(engine_app, [track(None, "b1", 900, anon="anon-7"),
-                      track(None, "b2", 901, anon="anon-7")])
+    post(engine_app, [track(None, "b1", 900, anon="anon-7"), track(None, "b2", 901, anon="anon-7")])
     assert ids(recommender.recommend(user_id="anon-7", num_results=1)) == ["b3"]
     assert recommender.recommend(user_id="jane", num_results=1).source == "popular"
 
-    post(engine_app, [{"type": "alias", "messageId": "alias-1", "previousId": "anon-7",
-                       "userId": "jane", "timestamp": "2024-05-01T11:00:00Z"}])
+    post(
+        engine_app,
+        [
+            {
+                "type": "alias",
+                "messageId": "alias-1",
+                "previousId": "anon-7",
+                "userId": "jane",
+                "timestamp": "2024-05-01T11:00:00Z",
+            }
+        ],
+    )
     answer = recommender.recommend(user_id="jane", num_results=1)
     assert answer.source == "local" and ids(answer) == ["b3"]
     # The anonymous id answers from its own history only, never the user's: a logged-out
@@ -135,17 +147,19 @@ def test_anonymous_history_is_merged_into_the_user_after_alias_not_back(engine_a
     assert as_anonymous != as_user
 
 
-@pytest.mark.parametrize("weights, expected", [
-    ((("Product Viewed", 1.0), ("Order Completed", 5.0)), "b2"),
-    ((("Product Viewed", 5.0), ("Order Completed", 1.0)), "a2"),
-])
+@pytest.mark.parametrize(
+    "weights, expected",
+    [
+        ((("Product Viewed", 1.0), ("Order Completed", 5.0)), "b2"),
+        ((("Product Viewed", 5.0), ("Order Completed", 1.0)), "a2"),
+    ],
+)
 def test_event_weights_decide_what_counts_more(make_app, weights, expected):
     app = make_app(engine_event_weights=weights, engine_model_refresh_seconds=0.001)
     post(app, catalogue_messages())
     train(app)
     # Viewed a1 after buying b1: with purchases weighing more, b's side wins.
-    post(app, [track("buyer", "b1", 900, event="Order Completed"),
-               track("buyer", "a1", 901)])
+    post(app, [track("buyer", "b1", 900, event="Order Completed"), track("buyer", "a1", 901)])
     answer = recommender_for(app).recommend(user_id="buyer", num_results=1)
     assert ids(answer) == [expected]
 
@@ -244,8 +258,11 @@ def write_interactions_csv(path) -> int:
         for k in range(6):
             item, event = f"{kind}-{(user + k) % 8}", events[k % 3]
             second += 7
-            lines.append(f'{9254558000 + user},"{item}","{event}",{second}' if k % 2 else
-                         f'{9254558000 + user},{item},"{event}",{second}')
+            lines.append(
+                f'{9254558000 + user},"{item}","{event}",{second}'
+                if k % 2
+                else f'{9254558000 + user},{item},"{event}",{second}'
+            )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines) - 1
 
@@ -276,9 +293,23 @@ def test_import_segment_json_lines_gzip_and_batch_json(make_app, tmp_path):
         for message in catalogue_messages()[:10]:
             out.write(json.dumps(message) + "\n")
     batch = tmp_path / "batch.json"
-    batch.write_text(json.dumps({"batch": catalogue_messages()[:5] + [
-        {"type": "alias", "messageId": "al-1", "previousId": "a", "userId": "b",
-         "timestamp": "2024-05-01T11:00:00Z"}, {"type": "nonsense"}]}))
+    batch.write_text(
+        json.dumps(
+            {
+                "batch": catalogue_messages()[:5]
+                + [
+                    {
+                        "type": "alias",
+                        "messageId": "al-1",
+                        "previousId": "a",
+                        "userId": "b",
+                        "timestamp": "2024-05-01T11:00:00Z",
+                    },
+                    {"type": "nonsense"},
+                ]
+            }
+        )
+    )
     result = app.test_cli_runner().invoke(args=["import", str(lines), str(batch)])
     assert result.exit_code == 0, result.output
     assert "17 messages, 16 accepted" in result.output and "1 rejected" in result.output
@@ -287,6 +318,7 @@ def test_import_segment_json_lines_gzip_and_batch_json(make_app, tmp_path):
 
 def test_evaluate_machinery_on_a_small_synthetic_dataset(tmp_path):
     import numpy as np
+
     from webhook.engine.evaluate import Ratings, recall_ndcg, run_evaluation, temporal_split
 
     assert recall_ndcg(["x", "y"], {"y"}, 10) == (1.0, pytest.approx(1 / np.log2(3)))
@@ -303,10 +335,22 @@ def test_evaluate_machinery_on_a_small_synthetic_dataset(tmp_path):
             items.append(f"i{(start + step) % 50}")
             times.append(1_000_000 + u * 100 + step)
     lines: list[str] = []
-    results = run_evaluation(Ratings(users, items, times), holdout=0.2, k=10, tune_params=True,
-                             quick=True, log=lines.append, workdir=str(tmp_path))
-    assert set(results) == {"popularity", "ALS (implicit)", "item-kNN cosine (implicit)",
-                            "EASE", "engine"}
+    results = run_evaluation(
+        Ratings(users, items, times),
+        holdout=0.2,
+        k=10,
+        tune_params=True,
+        quick=True,
+        log=lines.append,
+        workdir=str(tmp_path),
+    )
+    assert set(results) == {
+        "popularity",
+        "ALS (implicit)",
+        "item-kNN cosine (implicit)",
+        "EASE",
+        "engine",
+    }
     assert any(line.startswith("engine ") for line in lines)
     assert results["engine"][0] > results["popularity"][0]
     assert results["engine"][0] > 0.9  # the next items of a chain are easy
@@ -314,12 +358,18 @@ def test_evaluate_machinery_on_a_small_synthetic_dataset(tmp_path):
 
 def test_model_round_trips_through_bytes():
     import numpy as np
-    from webhook.engine.model import Interactions, Model, train as fit
 
-    data = Interactions(users=np.array([0, 0, 1, 1, 2]), items=np.array([0, 1, 0, 1, 2]),
-                        weights=np.ones(5, dtype=np.float32),
-                        times=np.arange(5, dtype=float),
-                        item_ids=np.array(["x", "y", "z"], dtype=object), n_users=3)
+    from webhook.engine.model import Interactions, Model
+    from webhook.engine.model import train as fit
+
+    data = Interactions(
+        users=np.array([0, 0, 1, 1, 2]),
+        items=np.array([0, 1, 0, 1, 2]),
+        weights=np.ones(5, dtype=np.float32),
+        times=np.arange(5, dtype=float),
+        item_ids=np.array(["x", "y", "z"], dtype=object),
+        n_users=3,
+    )
     model = fit(data)
     again = Model.from_bytes(model.to_bytes())
     assert again.item_ids.tolist() == ["x", "y", "z"]

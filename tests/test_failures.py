@@ -12,6 +12,7 @@ Each count is checked against a ledger of what the service acknowledged
 (tests/deliveries.py): every messageId that got a 2xx is stored exactly once with all its
 interactions, and in Personalize mode every one of its events reached Personalize.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,6 @@ import sqlalchemy as sa
 
 from tests import pg_server
 from tests.conftest import sample
-from tests.operator import OPERATOR
 from tests.deliveries import (
     Ledger,
     assert_in_order_per_session,
@@ -42,6 +42,7 @@ from tests.deliveries import (
 )
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
+from tests.operator import OPERATOR
 from tests.prerequisites import require
 from webhook.storage import inbox_url_for
 
@@ -50,18 +51,25 @@ TRACKING_ID = "tracking-failures"
 
 
 def personalize_env(fake: FakePersonalizeEvents, database_url: str, log_dir) -> dict:
-    return {"DATABASE_URL": database_url, "_LOG_DIR": str(log_dir),
-            "ENGINE_BACKGROUND_TRAINING": "false",
-            "PERSONALIZE_TRACKING_ID": TRACKING_ID, "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake.url,
-            "AWS_ACCESS_KEY_ID": "AKIDFAILURETEST", "AWS_SECRET_ACCESS_KEY": "x" * 40,
-            "NO_PROXY": "127.0.0.1,localhost"}
+    return {
+        "DATABASE_URL": database_url,
+        "_LOG_DIR": str(log_dir),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "PERSONALIZE_TRACKING_ID": TRACKING_ID,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": fake.url,
+        "AWS_ACCESS_KEY_ID": "AKIDFAILURETEST",
+        "AWS_SECRET_ACCESS_KEY": "x" * 40,
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
 
 
-def assert_every_event_reached_personalize(events: list[dict], messages: list[dict],
-                                           acknowledged: set, once: bool) -> None:
-    expected = {eid for m in messages if m["messageId"] in acknowledged
-                for eid in expected_event_ids(m)}
+def assert_every_event_reached_personalize(
+    events: list[dict], messages: list[dict], acknowledged: set, once: bool
+) -> None:
+    expected = {
+        eid for m in messages if m["messageId"] in acknowledged for eid in expected_event_ids(m)
+    }
     copies = defaultdict(list)
     for event in events:
         copies[event["eventId"]].append(event)
@@ -92,12 +100,17 @@ def throwaway_pg():
 @pytest.mark.chaos
 @needs_pg
 def test_postgres_stopped_mid_stream_answers_503_and_redelivery_loses_nothing(
-        throwaway_pg, tmp_path):
+    throwaway_pg, tmp_path
+):
     pg = throwaway_pg
     messages = [make_message(n, "pgstop") for n in range(1500)]
     ledger = Ledger()
-    env = {"DATABASE_URL": pg.url, "_LOG_DIR": str(tmp_path),
-           "ENGINE_BACKGROUND_TRAINING": "false", "RETRY_AFTER_SECONDS": "7"}
+    env = {
+        "DATABASE_URL": pg.url,
+        "_LOG_DIR": str(tmp_path),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "RETRY_AFTER_SECONDS": "7",
+    }
     outage: dict = {}
     with gunicorn(env, workers=2) as (base, process):
         workers_before = wait_for_workers(process.pid, 2)
@@ -148,13 +161,19 @@ def test_postgres_stopped_mid_stream_answers_503_and_redelivery_loses_nothing(
 @pytest.mark.chaos
 @needs_pg
 def test_recommendations_while_postgres_is_down_are_a_503_or_degraded_never_a_500(
-        throwaway_pg, tmp_path):
+    throwaway_pg, tmp_path
+):
     pg = throwaway_pg
-    env = {"DATABASE_URL": pg.url, "_LOG_DIR": str(tmp_path),
-           "ENGINE_BACKGROUND_TRAINING": "false", "RETRY_AFTER_SECONDS": "7"}
+    env = {
+        "DATABASE_URL": pg.url,
+        "_LOG_DIR": str(tmp_path),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "RETRY_AFTER_SECONDS": "7",
+    }
     with gunicorn(env, workers=1) as (base, process):
-        seeded = requests.post(base + "/segment", timeout=10,
-                               json=[make_message(n, "recs") for n in range(30)])
+        seeded = requests.post(
+            base + "/segment", timeout=10, json=[make_message(n, "recs") for n in range(30)]
+        )
         assert seeded.status_code == 200
         wait_applied(base)
         queries = ["anonymousId=anon-1", "userId=user-4", "itemId=p-1", "anonymousId=nobody"]
@@ -164,14 +183,19 @@ def test_recommendations_while_postgres_is_down_are_a_503_or_degraded_never_a_50
         down = {}
         for query in queries:
             response = requests.get(f"{base}/recommendations?{query}", timeout=5)
-            down[query] = (response.status_code, response.headers.get("Retry-After"),
-                           response.json().get("degraded") or response.json().get("error"))
+            down[query] = (
+                response.status_code,
+                response.headers.get("Retry-After"),
+                response.json().get("degraded") or response.json().get("error"),
+            )
         pg.start()
         back: dict = {}
         deadline = time.monotonic() + 15  # the pools reconnect on their next checkout
         while set(back.values()) != {200} and time.monotonic() < deadline:
-            back = {q: requests.get(f"{base}/recommendations?{q}", timeout=5).status_code
-                    for q in queries}
+            back = {
+                q: requests.get(f"{base}/recommendations?{q}", timeout=5).status_code
+                for q in queries
+            }
             time.sleep(0.1)
     print(f"\nwhile down: {down}; back: {back}")
     for query, (status, retry_after, _) in down.items():
@@ -181,6 +205,7 @@ def test_recommendations_while_postgres_is_down_are_a_503_or_degraded_never_a_50
 
 
 # --- workers killed with SIGKILL while they apply the inbox ---------------------------------
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def kill_database(request, tmp_path):
@@ -194,9 +219,13 @@ def kill_database(request, tmp_path):
 
 def _lease(engine, name: str):
     with engine.connect() as conn:
-        return conn.execute(sa.text(
-            "SELECT owner, position_seq, position_txid, batch_from_seq, batch_to_seq "
-            "FROM inbox_consumers WHERE name = :n"), {"n": name}).first()
+        return conn.execute(
+            sa.text(
+                "SELECT owner, position_seq, position_txid, batch_from_seq, batch_to_seq "
+                "FROM inbox_consumers WHERE name = :n"
+            ),
+            {"n": name},
+        ).first()
 
 
 def _gone(pid: int) -> bool:
@@ -210,7 +239,8 @@ def _gone(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.chaos
 def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
-        kill_database, tmp_path):
+    kill_database, tmp_path
+):
     """Personalize mode (a stand-in answering after 30 ms, so batches take a while): while
     Actions batches stream in, the worker process is SIGKILLed whenever the Personalize
     applier holds a batch in flight, and started again, at least three times. A kill is a
@@ -219,7 +249,7 @@ def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
     message applied by every applier, each batch committed once, and every event at the
     stand-in (counted there, event id by event id), in order per session."""
     messages = [make_message(n, "kill") for n in range(3000)]
-    deliveries = [messages[i:i + 10] for i in range(0, len(messages), 10)]
+    deliveries = [messages[i : i + 10] for i in range(0, len(messages), 10)]
     ledger = Ledger()
     engine = sa.create_engine(kill_database)
     hits: list[str] = []
@@ -240,8 +270,12 @@ def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
                         row = _lease(engine, "personalize")
                     except sa.exc.OperationalError:
                         row = None
-                    if row is None or row.owner is None or row.batch_from_seq is None or \
-                            int(row.owner.split(":")[1]) != worker.pid:
+                    if (
+                        row is None
+                        or row.owner is None
+                        or row.batch_from_seq is None
+                        or int(row.owner.split(":")[1]) != worker.pid
+                    ):
                         time.sleep(0.005)
                         continue
                     os.kill(worker.pid, signal.SIGKILL)
@@ -252,9 +286,10 @@ def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
                         stuck.append(worker.pid)
                         return
                     after = _lease(engine, "personalize")
-                    if (after.position_txid, after.position_seq) == \
-                            (row.position_txid, row.position_seq) and \
-                            after.batch_from_seq == row.batch_from_seq:
+                    if (after.position_txid, after.position_seq) == (
+                        row.position_txid,
+                        row.position_seq,
+                    ) and after.batch_from_seq == row.batch_from_seq:
                         hits.append("personalize")  # its batch died with it
                     process.restart_worker()
 
@@ -267,14 +302,17 @@ def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
             wait_applied(base, timeout=180)
             order = inbox_order(kill_database)
             with engine.connect() as conn:
-                applied = dict(conn.execute(sa.text(
-                    "SELECT name, applied FROM inbox_consumers")).all())
+                applied = dict(
+                    conn.execute(sa.text("SELECT name, applied FROM inbox_consumers")).all()
+                )
             log_text = process.log_path.read_text(errors="replace")
         events = fake.events()
     engine.dispose()
 
-    print(f"\nkills {len(kills)}, mid-batch hits {hits}; statuses {dict(ledger.statuses)}; "
-          f"events received {len(events)}")
+    print(
+        f"\nkills {len(kills)}, mid-batch hits {hits}; statuses {dict(ledger.statuses)}; "
+        f"events received {len(events)}"
+    )
     assert not stuck, f"a worker outlived SIGKILL by 10 s: {stuck}"
     assert hits == ["personalize"] * len(hits) and len(hits) >= 3, (hits, kills)
     assert not never
@@ -283,8 +321,11 @@ def test_the_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
     # Each batch committed once, however often one was cut short and taken again: an
     # applier counts the rows of each batch it commits (a batch committed twice, by a
     # process that lost its lease, would count them again).
-    assert applied == {"local": len(messages), "personalize": len(messages),
-                       "attribution": len(messages)}, applied
+    assert applied == {
+        "local": len(messages),
+        "personalize": len(messages),
+        "attribution": len(messages),
+    }, applied
     assert_stored(kill_database, messages, ledger.ok)
     # Personalize: every event, each copy identical (at-least-once, same eventId).
     assert_every_event_reached_personalize(events, messages, ledger.ok, once=False)
@@ -304,8 +345,12 @@ def test_web_workers_killed_mid_request_lose_nothing_acknowledged(tmp_path):
     messages = [make_message(n, "web") for n in range(2000)]
     ledger = Ledger()
     kills: list[int] = []
-    env = {"DATABASE_URL": url, "_LOG_DIR": str(tmp_path), "ENGINE_BACKGROUND_TRAINING": "false",
-           "GUNICORN_THREADS": "4"}
+    env = {
+        "DATABASE_URL": url,
+        "_LOG_DIR": str(tmp_path),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "GUNICORN_THREADS": "4",
+    }
     with gunicorn(env, workers=2) as (base, process):
         done = threading.Event()
 
@@ -330,8 +375,9 @@ def test_web_workers_killed_mid_request_lose_nothing_acknowledged(tmp_path):
     cut_short = sum(n for status, n in ledger.statuses.items() if status != 200)
     assert cut_short > 0, "no kill cut a request short"
     # What a killed worker does to its requests: the connection resets or ends.
-    assert set(ledger.statuses) - {200} <= {"ConnectionError", "ChunkedEncodingError"}, \
+    assert set(ledger.statuses) - {200} <= {"ConnectionError", "ChunkedEncodingError"}, (
         ledger.statuses
+    )
     assert cut_short <= len(kills) * 8, ledger.statuses  # at most a worker's requests each
     assert ledger.ok == {m["messageId"] for m in messages}
     assert_stored(url, messages, ledger.ok)
@@ -345,8 +391,7 @@ OUTAGE = {"unreachable": 60.0, "throttled": 30.0}
 @pytest.mark.slow
 @pytest.mark.chaos
 @pytest.mark.parametrize("trouble", ["unreachable", "throttled"])
-def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(trouble,
-                                                                              tmp_path):
+def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(trouble, tmp_path):
     seconds = OUTAGE[trouble]
     messages = [make_message(n, trouble[:3]) for n in range(5000)]
     ledger = Ledger()
@@ -382,8 +427,9 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
                 while not all(f.done() for f in futures) or fake.stopped:
                     elapsed = time.monotonic() - started
                     if during is None and elapsed >= seconds - 2:
-                        during = requests.get(base + "/healthz", headers=OPERATOR,
-                                              timeout=5).json()["inbox"]
+                        during = requests.get(
+                            base + "/healthz", headers=OPERATOR, timeout=5
+                        ).json()["inbox"]
                     if trouble == "unreachable" and elapsed >= seconds and fake.stopped:
                         fake.start()  # the same port: Personalize is back
                     time.sleep(0.05)
@@ -396,9 +442,11 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
         fake.stop()
     events = fake.events()
     sent = [m for m in messages if m["messageId"] in ledger.attempts]
-    print(f"\n{trouble} {seconds:.0f}s: {dict(ledger.statuses)} for {len(sent)} deliveries; "
-          f"answers max {max(ledger.latencies):.2f}s; lag during {during}; "
-          f"events received {len(events)}")
+    print(
+        f"\n{trouble} {seconds:.0f}s: {dict(ledger.statuses)} for {len(sent)} deliveries; "
+        f"answers max {max(ledger.latencies):.2f}s; lag during {during}; "
+        f"events received {len(events)}"
+    )
     # Segment saw nothing of it: every delivery answered 200, in time.
     assert set(ledger.statuses) == {200}, ledger.statuses
     assert max(ledger.latencies) < SEGMENT_DEADLINE
@@ -414,13 +462,20 @@ def test_personalize_outage_is_absorbed_and_every_event_arrives_once_in_order(tr
 
 # --- retention pruning while deliveries go on ---------------------------------------------
 
+
 @pytest.mark.slow
 def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_is_a_duplicate(
-        tmp_path):
+    tmp_path,
+):
     window = 8.0  # seconds an inbox row (and its claim) is kept
     url = f"sqlite:///{tmp_path}/retention.db"
-    env = {"DATABASE_URL": url, "_LOG_DIR": str(tmp_path), "ENGINE_BACKGROUND_TRAINING": "false",
-           "MESSAGE_RETENTION_HOURS": str(window / 3600), "RETENTION_INTERVAL_SECONDS": "0.5"}
+    env = {
+        "DATABASE_URL": url,
+        "_LOG_DIR": str(tmp_path),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "MESSAGE_RETENTION_HOURS": str(window / 3600),
+        "RETENTION_INTERVAL_SECONDS": "0.5",
+    }
     engine, inbox_engine = sa.create_engine(url), sa.create_engine(inbox_url_for(url))
     sent_at: dict[str, float] = {}
     redelivered: Counter = Counter()
@@ -437,8 +492,11 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
             for message in batch:
                 sent_at[message["messageId"]] = now
             # Segment redelivers a batch sent within the last half of the window.
-            recent = [m for m in (make_message(k, "ret") for k in range(max(0, n - 400), n))
-                      if now - sent_at[m["messageId"]] < window / 2][:20]
+            recent = [
+                m
+                for m in (make_message(k, "ret") for k in range(max(0, n - 400), n))
+                if now - sent_at[m["messageId"]] < window / 2
+            ][:20]
             if recent:
                 again = requests.post(base + "/segment", json=recent, timeout=5).json()
                 redelivered["duplicates"] += again["duplicates"]
@@ -449,16 +507,21 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
         wait_applied(base)
         with engine.connect() as conn:
             events = conn.execute(sa.text("SELECT count(*) FROM interactions")).scalar()
-        expired = sample(requests.get(base + "/metrics", headers=OPERATOR, timeout=5).text,
-                         "inbox_expired_total", applier="local")
+        expired = sample(
+            requests.get(base + "/metrics", headers=OPERATOR, timeout=5).text,
+            "inbox_expired_total",
+            applier="local",
+        )
         log_text = process.log_path.read_text(errors="replace")
     engine.dispose()
     inbox_engine.dispose()
-    print(f"\n{n} messages in {3 * window:.0f}s; inbox rows over time: "
-          f"{sizes[::max(1, len(sizes) // 10)]}; redeliveries {dict(redelivered)}")
+    print(
+        f"\n{n} messages in {3 * window:.0f}s; inbox rows over time: "
+        f"{sizes[:: max(1, len(sizes) // 10)]}; redeliveries {dict(redelivered)}"
+    )
     assert redelivered["duplicates"] > 0 and redelivered["accepted"] == 0
     # Pruned while it went on: the inbox holds about a window's worth, not everything.
-    assert max(sizes[len(sizes) // 2:]) < 0.8 * n
+    assert max(sizes[len(sizes) // 2 :]) < 0.8 * n
     assert "pruned" in log_text
     # What was pruned was applied first: no row expired unapplied, every interaction is
     # there.
@@ -469,22 +532,30 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
 
 # --- the Profile API slow, failing or gone ------------------------------------------------
 
+
 def _seeded_profile_app(make_app, profile_url: str):
     from tests.fake_segment_apis import deliver, order_completed, product_viewed
 
-    app = make_app(segment_profile_api_token="profile-token", segment_space_id="spa_test",
-                   segment_profile_api_url=profile_url, profile_api_timeout_seconds=0.25,
-                   profile_cache_seconds=0.0, engine_background_training=False)
+    app = make_app(
+        segment_profile_api_token="profile-token",
+        segment_space_id="spa_test",
+        segment_profile_api_url=profile_url,
+        profile_api_timeout_seconds=0.25,
+        profile_cache_seconds=0.0,
+        engine_background_training=False,
+    )
     client = app.test_client()
-    deliver(client, *[product_viewed(f"sku-{i}", anonymous_id=f"a-{i}") for i in range(8)],
-            order_completed(["sku-1"], user_id="buyer"))
+    deliver(
+        client,
+        *[product_viewed(f"sku-{i}", anonymous_id=f"a-{i}") for i in range(8)],
+        order_completed(["sku-1"], user_id="buyer"),
+    )
     return app, client
 
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("failure", ["slow", "error", "gone"])
-def test_profile_api_slow_or_down_recommendations_served_in_time_marked_degraded(
-        make_app, failure):
+def test_profile_api_slow_or_down_recommendations_served_in_time_marked_degraded(make_app, failure):
     from tests.fake_segment_apis import FakeProfileAPI
 
     profile_api = FakeProfileAPI().start()

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import boto3
 import botocore.exceptions
@@ -32,8 +32,13 @@ NO_RETRY = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 def make_client(service: str, url: str, config: Config = NO_RETRY):
     return boto3.client(
-        service, endpoint_url=url, region_name="us-east-1",
-        aws_access_key_id="x", aws_secret_access_key="y", config=config)
+        service,
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+        config=config,
+    )
 
 
 @pytest.fixture
@@ -59,7 +64,7 @@ def runtime(runtime_fake):
 
 
 def event(**overrides):
-    e = {"eventType": "click", "sentAt": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)}
+    e = {"eventType": "click", "sentAt": datetime(2024, 5, 1, 12, 0, tzinfo=UTC)}
     e.update(overrides)
     return e
 
@@ -72,16 +77,24 @@ def event(**overrides):
 def test_put_events_wire_format(events, events_fake):
     cest = timezone(timedelta(hours=2))
     events.put_events(
-        trackingId="track-1", userId="u1", sessionId="s1",
+        trackingId="track-1",
+        userId="u1",
+        sessionId="s1",
         eventList=[
             # Aware, non-UTC, with microseconds -> float epoch seconds in UTC.
-            event(eventId="e1", itemId="sku-1", eventValue=2.5,
-                  sentAt=datetime(2024, 5, 1, 14, 0, 0, 250000, tzinfo=cest),
-                  properties=json.dumps({"discount": "yes"}),
-                  recommendationId="RID-1", impression=["sku-1", "sku-2"]),
+            event(
+                eventId="e1",
+                itemId="sku-1",
+                eventValue=2.5,
+                sentAt=datetime(2024, 5, 1, 14, 0, 0, 250000, tzinfo=cest),
+                properties=json.dumps({"discount": "yes"}),
+                recommendationId="RID-1",
+                impression=["sku-1", "sku-2"],
+            ),
             # Naive datetime: botocore assumes UTC; whole seconds -> int.
             event(eventId="e2", sentAt=datetime(2024, 5, 1, 12, 0, 1)),
-        ])
+        ],
+    )
     (call,) = events_fake.calls
     op, body, _ = call  # calls are (operation, body, time) tuples
     assert op == "PutEvents"
@@ -93,16 +106,23 @@ def test_put_events_wire_format(events, events_fake):
     assert first["eventValue"] == 2.5
     assert [e["eventId"] for e in events_fake.events()] == ["e1", "e2"]
     assert events_fake.events()[1] == {
-        "eventId": "e2", "eventType": "click", "sentAt": 1714564801,
-        "trackingId": "track-1", "sessionId": "s1", "userId": "u1"}
+        "eventId": "e2",
+        "eventType": "click",
+        "sentAt": 1714564801,
+        "trackingId": "track-1",
+        "sessionId": "s1",
+        "userId": "u1",
+    }
 
 
 def test_put_users_and_items(events, events_fake):
-    events.put_users(datasetArn=DATASET_ARN, users=[
-        {"userId": "u1", "properties": json.dumps({"plan": "pro"})}])
+    events.put_users(
+        datasetArn=DATASET_ARN, users=[{"userId": "u1", "properties": json.dumps({"plan": "pro"})}]
+    )
     events.put_items(datasetArn=DATASET_ARN, items=[{"itemId": "sku-1"}, {"itemId": "sku-2"}])
     assert events_fake.users() == [
-        {"userId": "u1", "properties": '{"plan": "pro"}', "datasetArn": DATASET_ARN}]
+        {"userId": "u1", "properties": '{"plan": "pro"}', "datasetArn": DATASET_ARN}
+    ]
     assert [i["itemId"] for i in events_fake.items()] == ["sku-1", "sku-2"]
     assert [c.operation for c in events_fake.calls] == ["PutUsers", "PutItems"]
 
@@ -154,8 +174,11 @@ def test_rejected_ids(events, events_fake):
     events_fake.reject_event_ids({"bad-event"})
     events_fake.reject_items({"bad-sku"})
     with pytest.raises(events.exceptions.InvalidInputException, match="bad-event"):
-        events.put_events(trackingId="t", sessionId="s",
-                          eventList=[event(eventId="ok"), event(eventId="bad-event")])
+        events.put_events(
+            trackingId="t",
+            sessionId="s",
+            eventList=[event(eventId="ok"), event(eventId="bad-event")],
+        )
     with pytest.raises(events.exceptions.InvalidInputException, match="bad-sku"):
         events.put_items(datasetArn=DATASET_ARN, items=[{"itemId": "bad-sku"}])
     events.put_items(datasetArn=DATASET_ARN, items=[{"itemId": "good-sku"}])
@@ -186,13 +209,15 @@ def test_throttling_is_a_client_error_with_throttling_code(events, events_fake, 
 @pytest.mark.parametrize("status", [400, 429])
 def test_botocore_retries_throttling(events_fake, status):
     # Standard mode treats ThrottlingException as retryable (one retry: <= 1 s backoff).
-    client = make_client("personalize-events", events_fake.url,
-                         Config(retries={"total_max_attempts": 2, "mode": "standard"}))
+    client = make_client(
+        "personalize-events",
+        events_fake.url,
+        Config(retries={"total_max_attempts": 2, "mode": "standard"}),
+    )
     events_fake.throttle_next(1, status=status)
     client.put_events(trackingId="t", sessionId="s", eventList=[event()])
     log = events_fake.attempt_log
-    assert [(a.status, a.error_code) for a in log] == [(status, "ThrottlingException"),
-                                                       (200, None)]
+    assert [(a.status, a.error_code) for a in log] == [(status, "ThrottlingException"), (200, None)]
     assert "attempt=2" in log[1].headers["amz-sdk-request"]
 
 
@@ -268,8 +293,11 @@ def test_server_errors(events, events_fake, status, code):
 
 
 def test_delay_causes_read_timeout_but_call_lands(events_fake):
-    client = make_client("personalize-events", events_fake.url,
-                         Config(read_timeout=0.2, retries={"total_max_attempts": 1}))
+    client = make_client(
+        "personalize-events",
+        events_fake.url,
+        Config(read_timeout=0.2, retries={"total_max_attempts": 1}),
+    )
     events_fake.delay(0.6, n=1)
     with pytest.raises(botocore.exceptions.ReadTimeoutError):
         client.put_events(trackingId="t", sessionId="s", eventList=[event(eventId="e1")])
@@ -305,9 +333,9 @@ def test_endpoint_url_from_environment(events_fake, runtime_fake, monkeypatch):
     # Fresh session: nothing cached from other tests.
     session = boto3.session.Session()
     session.client("personalize-events").put_events(
-        trackingId="t", sessionId="s", eventList=[event()])
-    session.client("personalize-runtime").get_recommendations(
-        campaignArn=CAMPAIGN_ARN, userId="u1")
+        trackingId="t", sessionId="s", eventList=[event()]
+    )
+    session.client("personalize-runtime").get_recommendations(campaignArn=CAMPAIGN_ARN, userId="u1")
     assert len(events_fake.calls) == 1 and len(runtime_fake.calls) == 1
 
 
@@ -320,9 +348,11 @@ def test_endpoint_url_from_environment_in_subprocess(events_fake):
     )
     env = {
         "AWS_ENDPOINT_URL_PERSONALIZE_EVENTS": events_fake.url,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     }
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
     assert events_fake.events()[0]["sentAt"] == 1704067200
@@ -347,7 +377,10 @@ def test_get_recommendations(runtime, runtime_fake):
     resp = runtime.get_recommendations(campaignArn=CAMPAIGN_ARN, itemId="sku-1")
     assert [i["itemId"] for i in resp["itemList"]] == ["sku-2", "sku-3"]
     assert runtime_fake.calls[0].body == {
-        "campaignArn": CAMPAIGN_ARN, "userId": "u1", "numResults": 2}
+        "campaignArn": CAMPAIGN_ARN,
+        "userId": "u1",
+        "numResults": 2,
+    }
 
 
 INVALID_GET_RECOMMENDATIONS = {
@@ -356,16 +389,21 @@ INVALID_GET_RECOMMENDATIONS = {
     "no arn": dict(userId="u"),
     "two arns": dict(campaignArn=CAMPAIGN_ARN, recommenderArn=CAMPAIGN_ARN, userId="u"),
     "no user or item": dict(campaignArn=CAMPAIGN_ARN),
-    "26 filter keys": dict(campaignArn=CAMPAIGN_ARN, userId="u",
-                           filterArn=CAMPAIGN_ARN,
-                           filterValues={f"k{i}": '"v"' for i in range(26)}),
-    "filter value 1001": dict(campaignArn=CAMPAIGN_ARN, userId="u",
-                              filterArn=CAMPAIGN_ARN, filterValues={"k": "v" * 1001}),
+    "26 filter keys": dict(
+        campaignArn=CAMPAIGN_ARN,
+        userId="u",
+        filterArn=CAMPAIGN_ARN,
+        filterValues={f"k{i}": '"v"' for i in range(26)},
+    ),
+    "filter value 1001": dict(
+        campaignArn=CAMPAIGN_ARN, userId="u", filterArn=CAMPAIGN_ARN, filterValues={"k": "v" * 1001}
+    ),
 }
 
 
-@pytest.mark.parametrize("kwargs", INVALID_GET_RECOMMENDATIONS.values(),
-                         ids=INVALID_GET_RECOMMENDATIONS.keys())
+@pytest.mark.parametrize(
+    "kwargs", INVALID_GET_RECOMMENDATIONS.values(), ids=INVALID_GET_RECOMMENDATIONS.keys()
+)
 def test_get_recommendations_invalid_input(runtime, kwargs):
     with pytest.raises(runtime.exceptions.InvalidInputException):
         runtime.get_recommendations(**kwargs)
@@ -374,7 +412,8 @@ def test_get_recommendations_invalid_input(runtime, kwargs):
 def test_get_personalized_ranking(runtime, runtime_fake):
     runtime_fake.set_ranking("u1", ["c", "a", "b"])
     resp = runtime.get_personalized_ranking(
-        campaignArn=CAMPAIGN_ARN, userId="u1", inputList=["x", "a", "b", "y", "c"])
+        campaignArn=CAMPAIGN_ARN, userId="u1", inputList=["x", "a", "b", "y", "c"]
+    )
     assert [i["itemId"] for i in resp["personalizedRanking"]] == ["c", "a", "b", "x", "y"]
     assert resp["personalizedRanking"][-1]["score"] == 0.0
 

@@ -4,6 +4,7 @@
 They prove the stand-ins answer what Segment's documentation says Segment answers, so a
 product test that passes against them is not passing only because they are lenient.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ NO_PROXY = {"http": None, "https": None}
 # --------------------------------------------------------------------------------------
 # Profile API
 # --------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def profile_api():
@@ -68,8 +70,7 @@ def test_without_a_limit_a_page_holds_ten_traits_in_key_order(profile_api, sessi
     assert "next=t08" in body["cursor"]["url"]
 
 
-def test_following_next_reads_every_trait_once_and_the_last_page_says_so(profile_api,
-                                                                          session):
+def test_following_next_reads_every_trait_once_and_the_last_page_says_so(profile_api, session):
     profile_api.set_traits("user_id:u-1", TWENTY_FIVE)
     url, seen, pages, after = traits_url(profile_api), {}, 0, ""
     while True:
@@ -122,8 +123,7 @@ def test_page_size_makes_pages_shorter_than_the_limit_asked(profile_api, session
     assert body["cursor"] == {**body["cursor"], "has_more": True, "next": "c", "limit": 2}
 
 
-def test_a_cursor_at_a_trait_removed_meanwhile_goes_on_from_the_next_one(profile_api,
-                                                                         session):
+def test_a_cursor_at_a_trait_removed_meanwhile_goes_on_from_the_next_one(profile_api, session):
     profile_api.set_traits("user_id:u-1", {"a": 1, "b": 2, "c": 3, "d": 4})
     first = read(session, traits_url(profile_api), limit=2)
     assert first["cursor"]["next"] == "c"
@@ -134,10 +134,10 @@ def test_a_cursor_at_a_trait_removed_meanwhile_goes_on_from_the_next_one(profile
 def test_errors_are_answered_as_documented(profile_api, session):
     response = session.get(traits_url(profile_api, "user_id:nobody"), timeout=5)
     assert response.status_code == 404
-    assert response.json() == {"error": {"code": "not_found",
-                                         "message": "Profile was not found."}}
-    response = requests.get(traits_url(profile_api), auth=("wrong-token", ""), timeout=5,
-                            proxies=NO_PROXY)
+    assert response.json() == {"error": {"code": "not_found", "message": "Profile was not found."}}
+    response = requests.get(
+        traits_url(profile_api), auth=("wrong-token", ""), timeout=5, proxies=NO_PROXY
+    )
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "authentication_error"
 
@@ -177,8 +177,7 @@ def tracking():
 
 
 def client(fake, write_key: str = WRITE_KEY, **options) -> Client:
-    return Client(write_key=write_key, host=fake.url, sync_mode=True, proxies=NO_PROXY,
-                  **options)
+    return Client(write_key=write_key, host=fake.url, sync_mode=True, proxies=NO_PROXY, **options)
 
 
 def send(fake, events: list[dict], write_key: str = WRITE_KEY, gzip: bool = False):
@@ -220,12 +219,20 @@ def test_a_wrong_write_key_is_answered_200_and_its_events_go_nowhere(tracking):
 
 def test_the_write_key_may_come_in_the_body(tracking):
     batch = [{"type": "identify", "userId": "u-1", "traits": {}}]
-    answer = requests.post(f"{tracking.url}/v1/batch", timeout=5, proxies=NO_PROXY,
-                           json={"batch": batch, "writeKey": WRITE_KEY})
+    answer = requests.post(
+        f"{tracking.url}/v1/batch",
+        timeout=5,
+        proxies=NO_PROXY,
+        json={"batch": batch, "writeKey": WRITE_KEY},
+    )
     assert answer.status_code == 200
     assert [m["userId"] for m in tracking.identifies()] == ["u-1"]
-    answer = requests.post(f"{tracking.url}/v1/batch", timeout=5, proxies=NO_PROXY,
-                           json={"batch": batch, "writeKey": "not-the-key"})
+    answer = requests.post(
+        f"{tracking.url}/v1/batch",
+        timeout=5,
+        proxies=NO_PROXY,
+        json={"batch": batch, "writeKey": "not-the-key"},
+    )
     assert answer.status_code == 200 and len(tracking.identifies()) == 1
 
 
@@ -247,7 +254,7 @@ def test_a_request_over_500_kb_gets_400_compressed_or_not(tracking, gzip):
         send(tracking, over, gzip=gzip)  # gzipped, the body is a few KB
     assert refused.value.status == 400
     assert tracking.messages() == [] and "request over" in tracking.refusals[0]
-    under = over[:MAX_BATCH_BYTES // per_event - 1]
+    under = over[: MAX_BATCH_BYTES // per_event - 1]
     send(tracking, under, gzip=gzip)
     assert len(tracking.messages()) == len(under)
 
@@ -262,15 +269,25 @@ def test_over_2500_events_a_batch_is_answered_200_and_dropped(tracking):
 
 
 def test_events_segment_would_not_accept_are_answered_200_and_dropped(tracking):
-    send(tracking, [{"type": "identify", "traits": {"a": 1}},  # no userId/anonymousId
-                    {"type": "track", "userId": "u-1", "properties": {}},  # no event name
-                    {"type": "track", "anonymousId": "a-1", "event": "Viewed"}])
+    send(
+        tracking,
+        [
+            {"type": "identify", "traits": {"a": 1}},  # no userId/anonymousId
+            {"type": "track", "userId": "u-1", "properties": {}},  # no event name
+            {"type": "track", "anonymousId": "a-1", "event": "Viewed"},
+        ],
+    )
     assert [m.get("anonymousId") for m in tracking.messages()] == ["a-1"]
     assert [d.reason for d in tracking.discarded()] == ["no_user_anon_id", "no_event_name"]
 
 
 def test_not_json_gets_400(tracking):
-    answer = requests.post(f"{tracking.url}/v1/batch", data=b"{oops", timeout=5,
-                           proxies=NO_PROXY, auth=(WRITE_KEY, ""),
-                           headers={"Content-Type": "application/json"})
+    answer = requests.post(
+        f"{tracking.url}/v1/batch",
+        data=b"{oops",
+        timeout=5,
+        proxies=NO_PROXY,
+        auth=(WRITE_KEY, ""),
+        headers={"Content-Type": "application/json"},
+    )
     assert answer.status_code == 400 and tracking.refusals == ["not JSON"]

@@ -4,6 +4,7 @@ signatures. Properties: never a 5xx for bad input; an answer is always one of th
 documented ones and its summary adds up; never a stored message whose signature was
 wrong; under gunicorn, never a dead worker.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,34 +22,62 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import store_of
-from tests.segment_wire import capture_corpus
 from tests.gunicorn_server import gunicorn, wait_for_workers, worker_pids
+from tests.segment_wire import capture_corpus
 from webhook.signature import js_stringify
 
 SECRET = "fuzz-shared-secret"
 TOKEN = "fuzz-bearer-token"  # Actions batches of several need a whole-body credential
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 CORPUS = capture_corpus()
 
-json_scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
-                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
-                                                                  max_size=6),
-    max_leaves=30)
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=30,
+)
 # Values a Segment field might be mangled into: right type wrong content, wrong type, odd text.
-odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from([
-    "", " ", "\x00", "\ud800", "a" * 257, "2026-13-45T99:99:99Z", "1e309", "NaN", "Order Completed",
-    "track", "TRACK ", "delete"])
+odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "\ud800",
+        "a" * 257,
+        "2026-13-45T99:99:99Z",
+        "1e309",
+        "NaN",
+        "Order Completed",
+        "track",
+        "TRACK ",
+        "delete",
+    ]
+)
 mangled = json_values | odd_text
-query_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from([
-    "", " ", "\x00", "a" * 257, "0", "-1", "501", "1e3", "25 ", "\u00a0"])
+query_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
+    ["", " ", "\x00", "a" * 257, "0", "-1", "501", "1e3", "25 ", "\u00a0"]
+)
 
 
 def sign(body: bytes) -> str:
@@ -62,13 +91,16 @@ def stored_ids(app) -> set[str]:
 
 def check_answer(response, sent_count: int | None = None) -> None:
     """The documented answers to bad or odd input, never a 5xx, summary consistent."""
-    assert response.status_code in (200, 400, 401, 413), (response.status_code,
-                                                          response.get_data()[:300])
+    assert response.status_code in (200, 400, 401, 413), (
+        response.status_code,
+        response.get_data()[:300],
+    )
     body = response.get_json()
     assert isinstance(body, dict)
     if response.status_code == 200:
-        outcomes = (body["accepted"] + body["duplicates"] + len(body["skipped"])
-                    + len(body["rejected"]))
+        outcomes = (
+            body["accepted"] + body["duplicates"] + len(body["skipped"]) + len(body["rejected"])
+        )
         assert outcomes == body["received"], body
         if sent_count is not None:
             assert body["received"] == sent_count
@@ -83,32 +115,43 @@ def open_app(make_app):
 
 @pytest.fixture
 def signed_app(make_app):
-    return make_app(segment_shared_secrets=(SECRET,), webhook_bearer_tokens=(TOKEN,),
-                    engine_background_training=False)
+    return make_app(
+        segment_shared_secrets=(SECRET,),
+        webhook_bearer_tokens=(TOKEN,),
+        engine_background_training=False,
+    )
 
 
 # --- arbitrary input ----------------------------------------------------------------------
 
+
 @FUZZ
 @given(body=json_values)
 def test_arbitrary_json_is_never_a_5xx(open_app, body):
-    response = open_app.test_client().post("/segment", data=json.dumps(body),
-                                           content_type="application/json")
+    response = open_app.test_client().post(
+        "/segment", data=json.dumps(body), content_type="application/json"
+    )
     check_answer(response)
 
 
 @FUZZ
-@given(body=st.binary(max_size=2000) | st.text(max_size=500).map(lambda t: t.encode("utf-8",
-                                                                                   "surrogatepass")))
+@given(
+    body=st.binary(max_size=2000)
+    | st.text(max_size=500).map(lambda t: t.encode("utf-8", "surrogatepass"))
+)
 def test_arbitrary_bytes_are_never_a_5xx(open_app, body):
-    response = open_app.test_client().post("/segment", data=body,
-                                           content_type="application/json")
+    response = open_app.test_client().post("/segment", data=body, content_type="application/json")
     check_answer(response)
 
 
 @FUZZ
-@given(query=st.dictionaries(st.sampled_from(["userId", "anonymousId", "itemId", "numResults",
-                                              "token", "x"]), query_text, max_size=4))
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["userId", "anonymousId", "itemId", "numResults", "token", "x"]),
+        query_text,
+        max_size=4,
+    )
+)
 def test_arbitrary_recommendation_queries_are_never_a_5xx(open_app, query):
     client = open_app.test_client()
     client.post("/segment", json=CORPUS)  # popular items exist
@@ -118,14 +161,16 @@ def test_arbitrary_recommendation_queries_are_never_a_5xx(open_app, query):
 
 # --- mutated genuine messages -------------------------------------------------------------
 
+
 @st.composite
 def mutated_pairs(draw):
     """1–5 messages of the genuine corpus, each with a few fields deleted, replaced by odd
     values, or added; as a Classic single message or an Actions array."""
     # The shape first, half and half: both shapes get examples in every run.
     single = draw(st.booleans())
-    picks = draw(st.lists(st.sampled_from(range(len(CORPUS))), min_size=1,
-                          max_size=1 if single else 5))
+    picks = draw(
+        st.lists(st.sampled_from(range(len(CORPUS))), min_size=1, max_size=1 if single else 5)
+    )
     messages, genuine = [], []
     for index in picks:
         message = copy.deepcopy(CORPUS[index])
@@ -135,8 +180,17 @@ def mutated_pairs(draw):
         genuine.append(copy.deepcopy(message))
         for _ in range(draw(st.integers(0, 4))):
             keys = sorted(message) or ["type"]
-            key = draw(st.sampled_from(keys + ["properties.product_id", "properties.products",
-                                               "traits.email", "context.traits"]))
+            key = draw(
+                st.sampled_from(
+                    keys
+                    + [
+                        "properties.product_id",
+                        "properties.products",
+                        "traits.email",
+                        "context.traits",
+                    ]
+                )
+            )
             action = draw(st.sampled_from(["delete", "replace", "replace"]))
             target, _, inner = key.partition(".")
             holder = message.get(target) if inner else message
@@ -179,15 +233,18 @@ def test_mutated_genuine_messages_correctly_signed_reach_the_appliers(make_app, 
     to apply, and a redelivery is a duplicate. A fresh database every ten examples, and
     fresh messageIds, so that examples do not merely hit the duplicate check."""
     from tests.conftest import metric
+
     state = {"examples": 0, "app": None}
     reached: Counter = Counter()
 
     def app():
         if state["examples"] % 10 == 0:
-            state["app"] = make_app(database_url=f"sqlite:///{tmp_path}/{state['examples']}.db",
-                                    segment_shared_secrets=(SECRET,),
-                                    webhook_bearer_tokens=(TOKEN,),
-                                    engine_background_training=False)
+            state["app"] = make_app(
+                database_url=f"sqlite:///{tmp_path}/{state['examples']}.db",
+                segment_shared_secrets=(SECRET,),
+                webhook_bearer_tokens=(TOKEN,),
+                engine_background_training=False,
+            )
         state["examples"] += 1
         return state["app"]
 
@@ -203,8 +260,12 @@ def test_mutated_genuine_messages_correctly_signed_reach_the_appliers(make_app, 
         unreadable = metric(client, "inbox_unreadable_total")
         before = store_of(current).counts()["interactions"]
         body = json.dumps(delivery).encode()
-        response = client.post("/segment", data=body, content_type="application/json",
-                               headers={"X-Signature": signature, **BEARER})
+        response = client.post(
+            "/segment",
+            data=body,
+            content_type="application/json",
+            headers={"X-Signature": signature, **BEARER},
+        )
         check_answer(response, len(delivery) if isinstance(delivery, list) else 1)
         assert response.status_code != 401, response.get_json()
         reached[shape(delivery), "parsed"] += 1
@@ -214,8 +275,12 @@ def test_mutated_genuine_messages_correctly_signed_reach_the_appliers(make_app, 
         if answer["accepted"]:
             reached[shape(delivery), "accepted"] += 1
         messages = delivery if isinstance(delivery, list) else [delivery]
-        deletes = any(isinstance(m, dict) and isinstance(m.get("type"), str)
-                      and m["type"].strip().lower() == "delete" for m in messages)
+        deletes = any(
+            isinstance(m, dict)
+            and isinstance(m.get("type"), str)
+            and m["type"].strip().lower() == "delete"
+            for m in messages
+        )
         services = current.extensions["segment"]
         assert not any(lag.pending for lag in services.inbox.lag(services.runners).values())
         assert metric(client, "inbox_unreadable_total") == unreadable, answer
@@ -226,12 +291,24 @@ def test_mutated_genuine_messages_correctly_signed_reach_the_appliers(make_app, 
                 reached[shape(delivery), "applied"] += 1
         # Redelivery: what was accepted is now a duplicate; only a message without a
         # usable messageId (a delete may lack one) can be taken again.
-        again = client.post("/segment", data=body, content_type="application/json",
-                            headers={"X-Signature": signature, **BEARER})
+        again = client.post(
+            "/segment",
+            data=body,
+            content_type="application/json",
+            headers={"X-Signature": signature, **BEARER},
+        )
         check_answer(again)
-        without_id = sum(1 for m in messages if not isinstance(m, dict) or not (
-            isinstance(m.get("messageId"), str) and m["messageId"]
-            or isinstance(m.get("messageId"), int) and not isinstance(m["messageId"], bool)))
+        without_id = sum(
+            1
+            for m in messages
+            if not isinstance(m, dict)
+            or not (
+                isinstance(m.get("messageId"), str)
+                and m["messageId"]
+                or isinstance(m.get("messageId"), int)
+                and not isinstance(m["messageId"], bool)
+            )
+        )
         repeated = again.get_json()
         assert again.status_code == 200
         # ("deleted": a mutated delete in the same delivery forgot its sender.)
@@ -246,28 +323,33 @@ def test_mutated_genuine_messages_correctly_signed_reach_the_appliers(make_app, 
 
 # --- mutated signatures -------------------------------------------------------------------
 
+
 @st.composite
 def wrong_signatures(draw, right: str):
     kind = draw(st.sampled_from(["flip", "truncate", "extend", "other", "prefix", "garbage"]))
     if kind == "flip":
         at = draw(st.integers(0, len(right) - 1))
         digit = draw(st.sampled_from([c for c in "0123456789abcdef" if c != right[at]]))
-        return right[:at] + digit + right[at + 1:]
+        return right[:at] + digit + right[at + 1 :]
     if kind == "truncate":
-        return right[:draw(st.integers(0, len(right) - 1))]
+        return right[: draw(st.integers(0, len(right) - 1))]
     if kind == "extend":
         return right + draw(st.text(alphabet="0123456789abcdef", min_size=1, max_size=4))
     if kind == "other":
-        return hmac.new(draw(st.text(min_size=1, max_size=20)).encode(), b"x",
-                        hashlib.sha1).hexdigest()
+        return hmac.new(
+            draw(st.text(min_size=1, max_size=20)).encode(), b"x", hashlib.sha1
+        ).hexdigest()
     if kind == "prefix":
         return draw(st.sampled_from(["sha1=", "sha256=", "v1,"])) + right
     return draw(st.text(alphabet=string.printable.strip() + " ", max_size=60))
 
 
 @FUZZ
-@given(data=st.data(), index=st.integers(0, len(CORPUS) - 1),
-       shape=st.sampled_from(["classic", "actions"]))
+@given(
+    data=st.data(),
+    index=st.integers(0, len(CORPUS) - 1),
+    shape=st.sampled_from(["classic", "actions"]),
+)
 def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape):
     client = signed_app.test_client()
     if shape == "classic":
@@ -280,8 +362,12 @@ def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape)
     presented = data.draw(wrong_signatures(right))
     assume(presented.strip().lower() != right)
     before = stored_ids(signed_app)
-    response = client.post("/segment", data=body, content_type="application/json",
-                           headers={"X-Signature": presented, **BEARER})
+    response = client.post(
+        "/segment",
+        data=body,
+        content_type="application/json",
+        headers={"X-Signature": presented, **BEARER},
+    )
     assert response.status_code == 401, (presented, response.get_json())
     assert stored_ids(signed_app) == before
 
@@ -298,8 +384,9 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
     def deliver(pair):
         before_mutation, delivery = pair
         # The genuine first message (as signed), the rest as delivered.
-        genuine = [before_mutation[0], *delivery[1:]] if isinstance(delivery, list) \
-            else before_mutation
+        genuine = (
+            [before_mutation[0], *delivery[1:]] if isinstance(delivery, list) else before_mutation
+        )
         try:
             signature = signature_for(genuine)
             # What the signature covers must differ, else it is no alteration.
@@ -307,14 +394,20 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
         except RecursionError:
             return
         before = stored_ids(signed_app)
-        response = client.post("/segment", data=json.dumps(delivery).encode(),
-                               content_type="application/json",
-                               headers={"X-Signature": signature, **BEARER})
+        response = client.post(
+            "/segment",
+            data=json.dumps(delivery).encode(),
+            content_type="application/json",
+            headers={"X-Signature": signature, **BEARER},
+        )
         assert response.status_code == 401, response.get_json()
         assert stored_ids(signed_app) == before
-        control = client.post("/segment", data=json.dumps(genuine).encode(),
-                              content_type="application/json",
-                              headers={"X-Signature": signature, **BEARER})
+        control = client.post(
+            "/segment",
+            data=json.dumps(genuine).encode(),
+            content_type="application/json",
+            headers={"X-Signature": signature, **BEARER},
+        )
         assert control.status_code == 200, control.get_json()
         checked[shape(delivery)] += 1
 
@@ -325,30 +418,52 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
 
 # --- under gunicorn: never a dead worker --------------------------------------------------
 
+
 @pytest.mark.slow
 def test_fuzzed_deliveries_under_gunicorn_never_kill_a_worker(tmp_path):
     """A bounded stream of generated hostile bodies into real gunicorn workers: no 5xx,
     the same two worker processes at the end, and they still store a good delivery."""
     bodies: list[bytes] = []
 
-    @settings(max_examples=min(EXAMPLES, 120), deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(body=json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=3000)
-           | mutated_messages().map(lambda v: json.dumps(v).encode()))
+    @settings(
+        max_examples=min(EXAMPLES, 120),
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        body=json_values.map(lambda v: json.dumps(v).encode())
+        | st.binary(max_size=3000)
+        | mutated_messages().map(lambda v: json.dumps(v).encode())
+    )
     def collect(body):
         bodies.append(body)
 
     collect()
-    bodies += [b"[" * 100000, b'{"a":' * 50000, b"\xff\xfe" * 1000, b"[]", b"{}",
-               json.dumps([CORPUS[1]] * 4001).encode(), b'{"type":"track","x":1e999}']
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db", "_LOG_DIR": str(tmp_path),
-           "ENGINE_BACKGROUND_TRAINING": "false"}
+    bodies += [
+        b"[" * 100000,
+        b'{"a":' * 50000,
+        b"\xff\xfe" * 1000,
+        b"[]",
+        b"{}",
+        json.dumps([CORPUS[1]] * 4001).encode(),
+        b'{"type":"track","x":1e999}',
+    ]
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/fuzz.db",
+        "_LOG_DIR": str(tmp_path),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+    }
     with gunicorn(env, workers=2) as (base, process):
         before = wait_for_workers(process.pid, 2)  # the second may still be booting
         statuses = {}
         for body in bodies:
-            response = requests.post(base + "/segment", data=body, timeout=10, headers={
-                "Content-Type": "application/json", "Connection": "close"})
+            response = requests.post(
+                base + "/segment",
+                data=body,
+                timeout=10,
+                headers={"Content-Type": "application/json", "Connection": "close"},
+            )
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, (body[:200], response.text[:300])
         assert worker_pids(process.pid) == before, "a worker died"

@@ -1,4 +1,5 @@
 """The service as deployed: gunicorn with several workers."""
+
 import hashlib
 import hmac
 import json
@@ -10,9 +11,9 @@ import pytest
 import requests
 
 from tests.conftest import sample
-from tests.operator import OPERATOR
 from tests.deliveries import wait_applied
 from tests.gunicorn_server import gunicorn, wait_for_workers
+from tests.operator import OPERATOR
 
 pytestmark = pytest.mark.slow  # each test starts gunicorn
 
@@ -26,9 +27,14 @@ def _signed(message):
 
 
 def _message(n):
-    return {"type": "track", "event": "Product Viewed", "messageId": f"gm-{n}",
-            "anonymousId": f"anon-{n % 7}", "timestamp": "2026-11-27T10:00:00.000Z",
-            "properties": {"product_id": f"p-{n % 13}", "price": 9.5}}
+    return {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": f"gm-{n}",
+        "anonymousId": f"anon-{n % 7}",
+        "timestamp": "2026-11-27T10:00:00.000Z",
+        "properties": {"product_id": f"p-{n % 13}", "price": 9.5},
+    }
 
 
 def _counter(text, kind, outcome):
@@ -38,14 +44,20 @@ def _counter(text, kind, outcome):
 def test_message_counter_is_correct_across_workers(tmp_path):
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
-           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "_LOG_DIR": str(tmp_path)}
+    env = {
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "_LOG_DIR": str(tmp_path),
+    }
     with gunicorn(env, workers=2) as (base, _):
+
         def post(n):
             body, headers = _signed(_message(n))
             # A new connection each time, so both workers take requests.
-            return requests.post(base + "/segment", data=body,
-                                 headers={**headers, "Connection": "close"}, timeout=10)
+            return requests.post(
+                base + "/segment", data=body, headers={**headers, "Connection": "close"}, timeout=10
+            )
 
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(post, range(120)))
@@ -56,14 +68,17 @@ def test_message_counter_is_correct_across_workers(tmp_path):
         assert all(a.json()["duplicates"] == 1 for a in again)
 
         def scrape():
-            return requests.get(base + "/metrics", headers={"Connection": "close", **OPERATOR},
-                                timeout=5).text
+            return requests.get(
+                base + "/metrics", headers={"Connection": "close", **OPERATOR}, timeout=5
+            ).text
 
         def complete(text):
-            return (_counter(text, "track", "accepted") == 120
-                    and _counter(text, "track", "duplicate") == 30
-                    and sample(text, "segment_deliveries_total", status="200") == 150
-                    and sample(text, "segment_delivery_seconds_count") == 150)
+            return (
+                _counter(text, "track", "accepted") == 120
+                and _counter(text, "track", "duplicate") == 30
+                and sample(text, "segment_deliveries_total", status="200") == 150
+                and sample(text, "segment_delivery_seconds_count") == 150
+            )
 
         # Each worker hands its delivery counts over within a second (metrics._Tally):
         # by then every scrape, whichever worker answers it, sees the sum over all.
@@ -88,8 +103,11 @@ def test_message_counter_is_correct_across_workers(tmp_path):
             assert _counter(text, "track", "accepted") == 120
             assert _counter(text, "track", "duplicate") == 30
             assert sample(text, "segment_delivery_seconds_count") == 150
-        writers = {name.rsplit("_", 1)[-1] for name in os.listdir(metrics_dir)
-                   if name.startswith("counter_")}
+        writers = {
+            name.rsplit("_", 1)[-1]
+            for name in os.listdir(metrics_dir)
+            if name.startswith("counter_")
+        }
         assert len(writers) >= 2, "both workers should have counted messages"
 
 
@@ -104,9 +122,8 @@ def test_healthz_under_gunicorn_says_signatures_are_not_enforced(tmp_path):
 
 def test_bad_setting_stops_gunicorn_naming_the_variable(tmp_path):
     env = {"MAX_BODY_BYTES": "eight megabytes", "_LOG_DIR": str(tmp_path)}
-    with pytest.raises(RuntimeError, match="gunicorn exited") as stopped:
-        with gunicorn(env, workers=1):
-            pass
+    with pytest.raises(RuntimeError, match="gunicorn exited") as stopped, gunicorn(env, workers=1):
+        pass
     assert "exited with 0:" not in str(stopped.value)
     assert "configuration error: MAX_BODY_BYTES" in str(stopped.value)
 
@@ -129,12 +146,14 @@ def _nice(pid):
 
 def _post(base, n):
     body, headers = _signed(_message(n))
-    return requests.post(base + "/segment", data=body,
-                         headers={**headers, "Connection": "close"}, timeout=10)
+    return requests.post(
+        base + "/segment", data=body, headers={**headers, "Connection": "close"}, timeout=10
+    )
 
 
 def _interactions(tmp_path, name) -> int:
     import sqlite3
+
     with sqlite3.connect(str(tmp_path / name)) as db:
         return db.execute("SELECT count(*) FROM interactions").fetchone()[0]
 
@@ -143,8 +162,12 @@ def test_the_worker_applies_what_the_web_process_accepted_below_its_priority(tmp
     """The Procfile's two processes: the web workers only accept (nothing is applied
     while the worker is stopped: the lag grows), the worker applies, at WORKER_NICE, and
     a worker started again catches up with what waited."""
-    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/a.db",
-           "WORKER_NICE": "7", "_LOG_DIR": str(tmp_path)}
+    env = {
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/a.db",
+        "WORKER_NICE": "7",
+        "_LOG_DIR": str(tmp_path),
+    }
     with gunicorn(env, workers=2) as (base, process):
         workers = wait_for_workers(process.pid, 2)
         worker = process.worker
@@ -152,16 +175,16 @@ def test_the_worker_applies_what_the_web_process_accepted_below_its_priority(tmp
         for pid in workers:
             assert _nice(pid) == 0  # the web processes keep the server's priority
         with ThreadPoolExecutor(4) as pool:
-            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
-                                                              range(40)))
+            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n), range(40)))
         wait_applied(base, 20)
         assert _interactions(tmp_path, "a.db") == 40
 
         worker.terminate()
         assert worker.wait(20) == 0  # a clean stop: batches finished or given back
         with ThreadPoolExecutor(4) as pool:
-            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
-                                                              range(40, 80)))
+            assert all(
+                a.status_code == 200 for a in pool.map(lambda n: _post(base, n), range(40, 80))
+            )
         time.sleep(1)
         lag = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json()["inbox"]
         assert lag["appliers"]["local"]["pending"] > 0  # nobody applies without a worker
@@ -176,12 +199,15 @@ def test_the_worker_applies_what_the_web_process_accepted_below_its_priority(tmp
 def test_worker_in_web_runs_the_same_loops_in_the_web_process(tmp_path):
     """WORKER_IN_WEB (a host with one process type): no worker process, the web
     processes apply themselves, under the same leases."""
-    env = {"SEGMENT_SHARED_SECRET": SECRET, "DATABASE_URL": f"sqlite:///{tmp_path}/w.db",
-           "WORKER_IN_WEB": "true", "_LOG_DIR": str(tmp_path)}
+    env = {
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/w.db",
+        "WORKER_IN_WEB": "true",
+        "_LOG_DIR": str(tmp_path),
+    }
     with gunicorn(env, workers=2, worker=False) as (base, process):
         with ThreadPoolExecutor(4) as pool:
-            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n),
-                                                              range(30)))
+            assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n), range(30)))
         assert wait_applied(base, 20)["appliers"]["local"]["pending"] == 0
         assert _interactions(tmp_path, "w.db") == 30
     assert "Traceback" not in process.log_path.read_text(errors="replace")

@@ -9,6 +9,7 @@ deadline, until GET /insights counts what it sent; then the page must show the s
 numbers, draw its three charts as inline SVG, and ask nothing of any other origin.
 Playwright's Python package drives Debian's Chromium (tests/prerequisites.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,7 @@ import time
 import urllib.parse
 import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,7 @@ COUNTED = ("impressions", "visitors", "clicks", "addToCarts", "orders", "revenue
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _item_url(item_id: str) -> str:
@@ -60,22 +60,39 @@ class Seeder:
         self.base = base
 
     def send(self, *messages: dict) -> None:
-        send_signed(self.base, SHARED_SECRET,
-                    [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m}
-                     for m in messages])
+        send_signed(
+            self.base,
+            SHARED_SECRET,
+            [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m} for m in messages],
+        )
 
     def catalog(self) -> None:
-        self.send(*[{"type": "track", "event": "Product Viewed", "anonymousId": f"anon-{n}",
-                     "properties": {"product_id": item_id, "name": name, "price": price,
-                                    "url": _item_url(item_id)}}
-                    for rank, (item_id, name, price) in enumerate(PRODUCTS)
-                    for n in range(len(PRODUCTS) - rank)])
+        self.send(
+            *[
+                {
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "anonymousId": f"anon-{n}",
+                    "properties": {
+                        "product_id": item_id,
+                        "name": name,
+                        "price": price,
+                        "url": _item_url(item_id),
+                    },
+                }
+                for rank, (item_id, name, price) in enumerate(PRODUCTS)
+                for n in range(len(PRODUCTS) - rank)
+            ]
+        )
 
 
 def _recommend(base: str, user_id: str) -> dict:
-    response = requests.get(base + "/recommendations", timeout=10,
-                            params={"userId": user_id, "numResults": 4},
-                            headers={"Accept": "application/json"})
+    response = requests.get(
+        base + "/recommendations",
+        timeout=10,
+        params={"userId": user_id, "numResults": 4},
+        headers={"Accept": "application/json"},
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["itemList"] and answer["variant"] in ("local", "popular"), answer
@@ -86,8 +103,7 @@ def _report(base: str, days: int = 7, token: str | None = None) -> requests.Resp
     headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = "Bearer " + token
-    return requests.get(f"{base}/insights?days={days}&format=json", headers=headers,
-                        timeout=10)
+    return requests.get(f"{base}/insights?days={days}&format=json", headers=headers, timeout=10)
 
 
 def _wait_for_counts(base: str, expected: dict[str, dict], token: str | None = None) -> dict:
@@ -102,9 +118,11 @@ def _wait_for_counts(base: str, expected: dict[str, dict], token: str | None = N
         if all(seen.get(name) == counts for name, counts in expected.items()):
             return body
         if time.monotonic() > deadline:
-            raise AssertionError(f"GET /insights did not reach the expected counts in "
-                                 f"{DEADLINE_SECONDS:.0f} s:\n  expected {expected}\n"
-                                 f"  seen     {seen}")
+            raise AssertionError(
+                f"GET /insights did not reach the expected counts in "
+                f"{DEADLINE_SECONDS:.0f} s:\n  expected {expected}\n"
+                f"  seen     {seen}"
+            )
         time.sleep(0.1)
 
 
@@ -126,19 +144,41 @@ def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
         items = [i["itemId"] for i in answer["itemList"]]
         rid = answer["recommendationId"]
         if n % 3 == 0:  # a click on the first item, from the shop's product page
-            events.append({"type": "track", "event": "Product Clicked", "userId": user,
-                           "properties": {"product_id": items[0], "recommendation_id": rid}})
+            events.append(
+                {
+                    "type": "track",
+                    "event": "Product Clicked",
+                    "userId": user,
+                    "properties": {"product_id": items[0], "recommendation_id": rid},
+                }
+            )
             counts["clicks"] += 1
         if n % 5 == 0 and len(items) > 1:  # added to the cart: a product the answer showed
-            events.append({"type": "track", "event": "Product Added", "userId": user,
-                           "properties": {"product_id": items[1], "quantity": 1}})
+            events.append(
+                {
+                    "type": "track",
+                    "event": "Product Added",
+                    "userId": user,
+                    "properties": {"product_id": items[1], "quantity": 1},
+                }
+            )
             counts["addToCarts"] += 1
         if n % 4 == 0:  # an order: one recommended product, one never shown (not counted)
             price = 10.0 + n
-            events.append({"type": "track", "event": "Order Completed", "userId": user,
-                           "properties": {"order_id": f"order-{n}", "products": [
-                               {"product_id": items[0], "price": price, "quantity": 2},
-                               {"product_id": "sku-never-shown", "price": 999.0}]}})
+            events.append(
+                {
+                    "type": "track",
+                    "event": "Order Completed",
+                    "userId": user,
+                    "properties": {
+                        "order_id": f"order-{n}",
+                        "products": [
+                            {"product_id": items[0], "price": price, "quantity": 2},
+                            {"product_id": "sku-never-shown", "price": 999.0},
+                        ],
+                    },
+                }
+            )
             counts["orders"] += 1
             counts["revenue"] = round(counts["revenue"] + 2 * price, 2)
     seeder.send(*events)
@@ -148,10 +188,15 @@ def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
 def _env(tmp: Path, name: str, database_url: str | None = None, **extra) -> dict[str, str]:
     metrics = tmp / f"metrics-{name}"
     metrics.mkdir()
-    return {"DATABASE_URL": database_url or f"sqlite:///{tmp}/{name}.db",
-            "SEGMENT_SHARED_SECRET": SHARED_SECRET,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics), "ENGINE_BACKGROUND_TRAINING": "false",
-            "EXPERIMENT": "local:50,popular:50", "_LOG_DIR": str(tmp), **extra}
+    return {
+        "DATABASE_URL": database_url or f"sqlite:///{tmp}/{name}.db",
+        "SEGMENT_SHARED_SECRET": SHARED_SECRET,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics),
+        "ENGINE_BACKGROUND_TRAINING": "false",
+        "EXPERIMENT": "local:50,popular:50",
+        "_LOG_DIR": str(tmp),
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -164,6 +209,7 @@ def experiment_database(request, tmp_path_factory):
     import sqlalchemy as sa
 
     from tests.conftest import PG_URL
+
     schema = "t_" + uuid.uuid4().hex[:12]
     admin = sa.create_engine(PG_URL)
     with admin.begin() as conn:
@@ -192,8 +238,10 @@ def locked_service(tmp_path_factory):
     """INSIGHTS_TOKEN set; a few answers and clicks recorded. /recommendations stays
     open (no SECRET_KEY): the recommendation page's tests use it too."""
     tmp = tmp_path_factory.mktemp("insights-locked")
-    with gunicorn(_env(tmp, "locked", INSIGHTS_TOKEN=INSIGHTS_TOKEN), workers=1,
-                  timeout=90) as (base, _):
+    with gunicorn(_env(tmp, "locked", INSIGHTS_TOKEN=INSIGHTS_TOKEN), workers=1, timeout=90) as (
+        base,
+        _,
+    ):
         expected = _seed_experiment(base, 8)
         yield base, _wait_for_counts(base, expected, token=INSIGHTS_TOKEN)
 
@@ -231,6 +279,7 @@ def _cell(page, variant: str, field: str):
 
 # --- the insights page --------------------------------------------------------------------
 
+
 def test_insights_page_shows_the_report(experiment_service, browser):
     base, polled, expected = experiment_service
     with _page(browser) as page:
@@ -251,8 +300,9 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         # The verdict, as the report says it (40 visitors: not enough to call).
         verdict = page.locator("#verdict")
         assert verdict.inner_text() == data["verdict"]["text"]
-        assert verdict.get_attribute("data-enough") == \
-            ("true" if data["verdict"]["enough"] else "false")
+        assert verdict.get_attribute("data-enough") == (
+            "true" if data["verdict"]["enough"] else "false"
+        )
         assert verdict.get_attribute("data-leader") == (data["verdict"]["leader"] or "")
         assert data["verdict"]["enough"] is False and "Not enough data" in verdict.inner_text()
         assert page.input_value("#days") == "7"
@@ -286,26 +336,33 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         assert rows.count() == len(compared) == data["analysis"]["comparisons"] == 4
         assert f"{len(compared)} comparisons" in page.inner_text("#comparisons-note")
         for c in compared:
-            row = page.locator(f"#comparisons-body tr[data-variant='{c['variant']}']"
-                               f"[data-metric='{c['metric']}']")
-            for field, value in (("sequentialPValue", c["sequential"]["pValue"]),
-                                 ("fixedPValue", c["fixed"]["pValue"]),
-                                 ("difference", c["difference"])):
-                assert float(row.locator(f"[data-field='{field}']").get_attribute(
-                    "data-value")) == value, (c["metric"], field)
+            row = page.locator(
+                f"#comparisons-body tr[data-variant='{c['variant']}'][data-metric='{c['metric']}']"
+            )
+            for field, value in (
+                ("sequentialPValue", c["sequential"]["pValue"]),
+                ("fixedPValue", c["fixed"]["pValue"]),
+                ("difference", c["difference"]),
+            ):
+                assert (
+                    float(row.locator(f"[data-field='{field}']").get_attribute("data-value"))
+                    == value
+                ), (c["metric"], field)
             for which in ("sequential", "fixed"):
                 interval = row.locator(f"[data-field='{which}Interval']")
                 assert float(interval.get_attribute("data-low")) == c[which]["low"]
                 assert float(interval.get_attribute("data-high")) == c[which]["high"]
-            assert row.locator("[data-field='discovery']").inner_text() == \
-                ("yes" if c["sequential"]["discovery"] else "no")
+            assert row.locator("[data-field='discovery']").inner_text() == (
+                "yes" if c["sequential"]["discovery"] else "no"
+            )
             unit = "points" if c["metric"] != "revenuePerVisitor" else "."
             assert unit in row.locator("[data-field='difference']").inner_text()
         # Each drawn with its two intervals; the split is as configured: no warning.
         marks = page.eval_on_selector_all(
             "svg[data-chart='intervals'] .mark",
             "ms => ms.map(m => [m.dataset.variant, m.dataset.metric, "
-            "m.querySelectorAll('line').length])")
+            "m.querySelectorAll('line').length])",
+        )
         assert sorted(marks) == sorted([c["variant"], c["metric"], 2] for c in compared)
         assert data["sampleRatio"]["mismatch"] is False
         assert page.is_hidden("#sample-ratio")
@@ -321,7 +378,8 @@ def test_insights_page_shows_the_report(experiment_service, browser):
             assert box and box["width"] > 200 and box["height"] > 80
         daily = page.eval_on_selector_all(
             "svg[data-chart='impressions'] .mark",
-            "ms => ms.map(m => [m.dataset.variant, m.dataset.date, Number(m.dataset.value)])")
+            "ms => ms.map(m => [m.dataset.variant, m.dataset.date, Number(m.dataset.value)])",
+        )
         assert len(daily) == 7 * len(names)
         for v in data["variants"]:
             marks = [(date, value) for name, date, value in daily if name == v["variant"]]
@@ -330,15 +388,20 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         ctr_marks = page.eval_on_selector_all(
             "svg[data-chart='ctr'] .mark",
             "ms => ms.map(m => [m.dataset.variant, Number(m.dataset.value), "
-            "Number(m.dataset.low), Number(m.dataset.high), m.querySelectorAll('line').length])")
-        assert ctr_marks == [[v["variant"], v["ctr"]["value"], v["ctr"]["low"],
-                              v["ctr"]["high"], 3] for v in data["variants"]]
+            "Number(m.dataset.low), Number(m.dataset.high), m.querySelectorAll('line').length])",
+        )
+        assert ctr_marks == [
+            [v["variant"], v["ctr"]["value"], v["ctr"]["low"], v["ctr"]["high"], 3]
+            for v in data["variants"]
+        ]
         revenue_marks = page.eval_on_selector_all(
             "svg[data-chart='revenue'] .mark",
             "ms => ms.map(m => [m.dataset.variant, Number(m.dataset.value), "
-            "Number(m.getAttribute('height'))])")
-        assert [m[:2] for m in revenue_marks] == \
-            [[v["variant"], v["revenuePer1000"]] for v in data["variants"]]
+            "Number(m.getAttribute('height'))])",
+        )
+        assert [m[:2] for m in revenue_marks] == [
+            [v["variant"], v["revenuePer1000"]] for v in data["variants"]
+        ]
         assert all(m[2] > 0 for m in revenue_marks)  # every variant earned something
 
         # Another period: the address says so, and the page asks for it.
@@ -350,8 +413,9 @@ def test_insights_page_shows_the_report(experiment_service, browser):
         assert page.inner_text("#range").endswith("30 days")
 
         # Nothing from anywhere else, nothing refused, no script error.
-        assert page.requests and all(url.startswith(base + "/") for url in page.requests), \
+        assert page.requests and all(url.startswith(base + "/") for url in page.requests), (
             page.requests
+        )
         assert page.problems == []
 
 
@@ -362,26 +426,46 @@ def test_insights_page_warns_when_the_split_is_off(experiment_service, browser, 
     names the usual causes and gives no verdict."""
     import json
 
-    given = make_app(experiment=(("local", 20.0), ("popular", 80.0)),
-                     attribution_hold_seconds=0.0)
+    given = make_app(experiment=(("local", 20.0), ("popular", 80.0)), attribution_hold_seconds=0.0)
     client = given.test_client()
-    client.post("/segment", json={"batch": [
-        {"type": "track", "event": "Product Viewed", "anonymousId": f"seed-{n}",
-         "messageId": f"seed-{n}", "timestamp": _now_iso(),
-         "properties": {"product_id": PRODUCTS[n % 3][0]}} for n in range(6)]})
+    client.post(
+        "/segment",
+        json={
+            "batch": [
+                {
+                    "type": "track",
+                    "event": "Product Viewed",
+                    "anonymousId": f"seed-{n}",
+                    "messageId": f"seed-{n}",
+                    "timestamp": _now_iso(),
+                    "properties": {"product_id": PRODUCTS[n % 3][0]},
+                }
+                for n in range(6)
+            ]
+        },
+    )
     for n in range(300):
         assert client.get(f"/recommendations?anonymousId=skew-{n}").status_code == 200
     given.extensions["segment"].impressions.flush()
-    reader = make_app(database_url=given.extensions["segment"].settings.database_url,
-                      experiment=(("local", 50.0), ("popular", 50.0)))
-    skewed = reader.test_client().get("/insights?days=7",
-                                      headers={"Accept": "application/json"}).get_json()
+    reader = make_app(
+        database_url=given.extensions["segment"].settings.database_url,
+        experiment=(("local", 50.0), ("popular", 50.0)),
+    )
+    skewed = (
+        reader.test_client()
+        .get("/insights?days=7", headers={"Accept": "application/json"})
+        .get_json()
+    )
     assert skewed["sampleRatio"]["mismatch"]
 
     base, _, _ = experiment_service
     with _page(browser) as page:
-        page.route("**/insights?days=7&format=json", lambda route: route.fulfill(
-            status=200, content_type="application/json", body=json.dumps(skewed)))
+        page.route(
+            "**/insights?days=7&format=json",
+            lambda route: route.fulfill(
+                status=200, content_type="application/json", body=json.dumps(skewed)
+            ),
+        )
         page.goto(base + "/insights?days=7")
         _wait_state(page, "ready")
         box = page.locator("#sample-ratio")
@@ -416,8 +500,10 @@ def test_insights_page_asks_for_the_token(locked_service, browser):
         assert page.is_hidden("#message") and page.is_hidden("#token-form")
         assert page.inner_text("#verdict") == polled["verdict"]["text"]
         for v in polled["variants"]:
-            assert int(_cell(page, v["variant"], "impressions").get_attribute("data-value")) \
+            assert (
+                int(_cell(page, v["variant"], "impressions").get_attribute("data-value"))
                 == v["impressions"]
+            )
         assert page.locator("svg[data-chart='ctr'] .mark").count() == len(polled["variants"])
         assert not any(INSIGHTS_TOKEN in url for url in page.requests), page.requests
 
@@ -429,8 +515,9 @@ def test_insights_page_asks_for_the_token(locked_service, browser):
         page.click("#token-form button[type=submit]")
         _wait_state(page, "ready")
         assert page.input_value("#days") == "14"
-        assert page.locator("svg[data-chart='impressions'] .mark").count() == \
-            14 * len(polled["variants"])
+        assert page.locator("svg[data-chart='impressions'] .mark").count() == 14 * len(
+            polled["variants"]
+        )
         assert all(url.startswith(base + "/") for url in page.requests), page.requests
         assert not any(INSIGHTS_TOKEN in url for url in page.requests), page.requests
         assert [p for p in page.problems if "401" not in p] == []  # the 401s are logged
@@ -458,23 +545,27 @@ def test_card_links_carry_the_recommendation_id(locked_service, browser):
         rid = answer["recommendationId"]
         assert rid and answer["itemList"]
         hrefs = page.eval_on_selector_all(
-            "#cards .card", "cs => cs.map(c => [c.dataset.itemId, "
-            "c.querySelector('a').getAttribute('href')])")
+            "#cards .card",
+            "cs => cs.map(c => [c.dataset.itemId, c.querySelector('a').getAttribute('href')])",
+        )
         assert [item for item, _ in hrefs] == [i["itemId"] for i in answer["itemList"]]
         for item_id, href in hrefs:
             url = urllib.parse.urlsplit(href)
-            assert f"{url.scheme}://{url.netloc}{url.path}" == \
-                f"https://shop.example/p/{item_id}"
+            assert f"{url.scheme}://{url.netloc}{url.path}" == f"https://shop.example/p/{item_id}"
             query = urllib.parse.parse_qs(url.query)
             assert query == {"colour": ["oak"], "recommendation_id": [rid]}, href
 
         page.locator("#cards .card a").nth(1).click()
         page.locator("#cards .card a").first.click()
         assert page.evaluate("analytics.calls") == [
-            ["Product Clicked", {"product_id": hrefs[1][0], "position": 2,
-                                 "recommendation_id": rid}],
-            ["Product Clicked", {"product_id": hrefs[0][0], "position": 1,
-                                 "recommendation_id": rid}],
+            [
+                "Product Clicked",
+                {"product_id": hrefs[1][0], "position": 2, "recommendation_id": rid},
+            ],
+            [
+                "Product Clicked",
+                {"product_id": hrefs[0][0], "position": 1, "recommendation_id": rid},
+            ],
         ]
         assert all(url.startswith(base + "/") for url in page.requests), page.requests
         assert page.problems == []

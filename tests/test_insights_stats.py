@@ -9,6 +9,7 @@
   looked at daily does so far more often than its 5 %; a real lift is found; a broken
   split is flagged and a correct one seldom is.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,18 @@ import numpy as np
 import pytest
 from scipy import integrate, optimize, stats
 
-from webhook.insights_stats import (ALPHA, SRM_ALPHA, Sample, always_valid_p_value,
-                                    benjamini_hochberg, compare, difference_test,
-                                    mixture_rho, sample_ratio_p_value, sequence_half_width)
+from webhook.insights_stats import (
+    ALPHA,
+    SRM_ALPHA,
+    Sample,
+    always_valid_p_value,
+    benjamini_hochberg,
+    compare,
+    difference_test,
+    mixture_rho,
+    sample_ratio_p_value,
+    sequence_half_width,
+)
 
 # --- the normal mixture, integrated numerically -------------------------------------------
 
@@ -33,20 +43,18 @@ def mixture(z: float, n: float, rho: float) -> float:
 
     def integrand(theta):
         return math.exp(theta * s - theta * theta * n / 2) * stats.norm.pdf(theta, 0, rho)
+
     width = 12 / math.sqrt(n) + 12 * rho
-    value, _ = integrate.quad(integrand, peak - width, peak + width, limit=400,
-                              points=[peak, 0.0])
+    value, _ = integrate.quad(integrand, peak - width, peak + width, limit=400, points=[peak, 0.0])
     return value
 
 
-@pytest.mark.parametrize("z, n", [(0.5, 200), (2.0, 1000), (2.8, 4000), (3.5, 20000),
-                                  (1.0, 5000)])
+@pytest.mark.parametrize("z, n", [(0.5, 200), (2.0, 1000), (2.8, 4000), (3.5, 20000), (1.0, 5000)])
 def test_the_always_valid_p_value_is_one_over_the_integrated_mixture(z, n):
     rho = mixture_rho(5000)
     se = 0.01  # any: the p-value depends on the difference through z alone
     expected = min(1.0, 1.0 / mixture(z, n, rho))
-    assert float(always_valid_p_value(z * se, se, n, rho)) == pytest.approx(expected,
-                                                                            rel=1e-6)
+    assert float(always_valid_p_value(z * se, se, n, rho)) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("n", [100, 2000, 5000, 50000])
@@ -56,8 +64,7 @@ def test_the_confidence_sequence_ends_where_the_mixture_reaches_one_over_alpha(n
     closed-form half-width."""
     rho = mixture_rho(5000)
     se = 0.02
-    z_edge = optimize.brentq(lambda z: mixture(z, n, rho) - 1 / ALPHA, 0.0, 10.0,
-                             xtol=1e-10)
+    z_edge = optimize.brentq(lambda z: mixture(z, n, rho) - 1 / ALPHA, 0.0, 10.0, xtol=1e-10)
     assert float(sequence_half_width(se, n, rho)) == pytest.approx(z_edge * se, rel=1e-6)
     # And it is wider than one planned look's 95 % interval, by more the smaller n is.
     assert z_edge > 1.96
@@ -68,7 +75,9 @@ def test_rho_makes_the_sequence_about_as_narrow_as_it_can_be_at_the_expected_siz
     chosen = float(sequence_half_width(1.0, expected, mixture_rho(expected)))
     best = optimize.minimize_scalar(
         lambda log_rho: float(sequence_half_width(1.0, expected, math.exp(log_rho))),
-        bounds=(-12, 2), method="bounded")
+        bounds=(-12, 2),
+        method="bounded",
+    )
     assert chosen == pytest.approx(best.fun, rel=0.01)
     # Tuned for another size, the sequence is wider at this one.
     assert float(sequence_half_width(1.0, expected, mixture_rho(50 * expected))) > 1.1 * chosen
@@ -78,25 +87,26 @@ def test_an_interval_and_its_p_value_agree():
     """0 is outside the always-valid interval exactly when its p-value is below α."""
     base = Sample(2000, 200, 200)
     for clicks in range(200, 330, 5):
-        result = compare(base, Sample(2000, clicks, clicks), rho=mixture_rho(5000),
-                         binary=True)
+        result = compare(base, Sample(2000, clicks, clicks), rho=mixture_rho(5000), binary=True)
         outside = result["sequential"]["low"] > 0
         assert outside == (result["sequential"]["pValue"] < ALPHA), clicks
 
 
 def test_the_fixed_sample_side_is_the_textbook_z_test():
     # 60/100 vs 40/100: z = 2.83, two-sided p = 0.0047 (pooled standard error).
-    result = compare(Sample(100, 40, 40), Sample(100, 60, 60), rho=mixture_rho(5000),
-                     binary=True)
+    result = compare(Sample(100, 40, 40), Sample(100, 60, 60), rho=mixture_rho(5000), binary=True)
     assert result["fixed"]["z"] == pytest.approx(2.8284, abs=1e-3)
     assert result["fixed"]["pValue"] == pytest.approx(0.00468, abs=1e-4)
     assert result["difference"] == pytest.approx(0.2)
     # Revenue per visitor: Welch's z from the sums, checked against numpy on raw values.
     rng = np.random.default_rng(3)
     a, b = rng.exponential(10, 400), rng.exponential(12, 500)
-    result = compare(Sample(len(a), a.sum(), (a * a).sum()),
-                     Sample(len(b), b.sum(), (b * b).sum()), rho=mixture_rho(5000),
-                     binary=False)
+    result = compare(
+        Sample(len(a), a.sum(), (a * a).sum()),
+        Sample(len(b), b.sum(), (b * b).sum()),
+        rho=mixture_rho(5000),
+        binary=False,
+    )
     se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     assert result["fixed"]["z"] == pytest.approx((b.mean() - a.mean()) / se, rel=1e-9)
 
@@ -109,27 +119,44 @@ def test_nothing_to_compare_without_visitors_or_variation():
 
 # --- several comparisons -----------------------------------------------------------------
 
+
 def test_benjamini_hochberg_on_their_own_example():
     """Benjamini and Hochberg (1995), section 4: fifteen p-values; at q = 0.05 the
     procedure rejects the four smallest (Bonferroni would reject three)."""
-    p = [0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240,
-         0.4262, 0.5719, 0.6528, 0.7590, 1.000]
+    p = [
+        0.0001,
+        0.0004,
+        0.0019,
+        0.0095,
+        0.0201,
+        0.0278,
+        0.0298,
+        0.0344,
+        0.0459,
+        0.3240,
+        0.4262,
+        0.5719,
+        0.6528,
+        0.7590,
+        1.000,
+    ]
     shuffled = np.random.default_rng(1).permutation(len(p))
     rejected = benjamini_hochberg(np.asarray(p)[shuffled], 0.05)
     assert sorted(np.asarray(p)[shuffled][rejected]) == p[:4]
     # Many families at once, row by row.
     rows = benjamini_hochberg([[0.01, 0.04, 0.9], [0.2, 0.3, 0.4], [0.001, 0.002, 0.049]])
-    assert rows.tolist() == [[True, False, False], [False, False, False],
-                             [True, True, True]]
+    assert rows.tolist() == [[True, False, False], [False, False, False], [True, True, True]]
 
 
 # --- the sample-ratio check ---------------------------------------------------------------
+
 
 def test_the_sample_ratio_p_value_is_the_chi_squared_tail():
     # 900 against 1,100 under 50/50: chi² = 2·100²/1000 = 20 on one degree of freedom,
     # whose tail is erfc(√(χ²/2)).
     assert sample_ratio_p_value([900, 1100], [50, 50]) == pytest.approx(
-        math.erfc(math.sqrt(20 / 2)), rel=1e-9)
+        math.erfc(math.sqrt(20 / 2)), rel=1e-9
+    )
     # Weights are shares, whatever their sum: 10/90 with 100 and 900 visitors fits.
     assert sample_ratio_p_value([100, 900], [1, 9]) == pytest.approx(1.0)
     assert sample_ratio_p_value([0, 0], [50, 50]) is None
@@ -184,17 +211,17 @@ def simulate(rng, runs: int, per_day: int, lift: float, expected: float):
         squares = np.bincount(cell, values * values, runs * DAYS).reshape(runs, DAYS)
         n = np.broadcast_to(per_day * np.arange(1, DAYS + 1), (runs, DAYS))
         cumulative = [x.cumsum(axis=1) for x in (clicked, added, ordered)]
-        arms.append([Sample(n, x, x) for x in cumulative] +
-                    [Sample(n, revenue.cumsum(axis=1), squares.cumsum(axis=1))])
+        arms.append(
+            [Sample(n, x, x) for x in cumulative]
+            + [Sample(n, revenue.cumsum(axis=1), squares.cumsum(axis=1))]
+        )
     sequential, fixed, differences = [], [], []
     for metric in range(METRICS):
-        result = difference_test(arms[0][metric], arms[1][metric], rho=rho,
-                                 binary=metric < 3)
+        result = difference_test(arms[0][metric], arms[1][metric], rho=rho, binary=metric < 3)
         sequential.append(result["sequential"]["pValue"])
         fixed.append(result["fixed"]["pValue"])
         differences.append(result["difference"])
-    return (np.stack(sequential, axis=-1), np.stack(fixed, axis=-1),
-            np.stack(differences, axis=-1))
+    return (np.stack(sequential, axis=-1), np.stack(fixed, axis=-1), np.stack(differences, axis=-1))
 
 
 def declares_a_winner(p_values):
@@ -217,8 +244,10 @@ def test_an_a_a_test_looked_at_daily_seldom_names_a_winner_unless_the_test_is_fi
     last_look_fixed = float(declares_a_winner(fixed[:, -1]).mean())
     assert ever_sequential <= ALPHA + SIMULATION_ERROR, ever_sequential
     # The same 30 looks with the fixed-sample test: far more false winners than 5 % ...
-    assert ever_fixed > ALPHA + SIMULATION_ERROR and ever_fixed > 3 * ever_sequential, \
-        (ever_fixed, ever_sequential)
+    assert ever_fixed > ALPHA + SIMULATION_ERROR and ever_fixed > 3 * ever_sequential, (
+        ever_fixed,
+        ever_sequential,
+    )
     # ... though any single look, alone, stays within 5 %: peeking is the problem.
     assert last_look_fixed <= ALPHA + SIMULATION_ERROR, last_look_fixed
 
@@ -243,11 +272,9 @@ def test_a_real_20_percent_lift_is_usually_found_before_the_planned_sample_size(
     per_day = math.ceil(planned / DAYS)
     runs = 2000
     rng = np.random.default_rng(2029)
-    sequential, fixed, differences = simulate(rng, runs, per_day, lift=0.20,
-                                              expected=2 * planned)
+    sequential, fixed, differences = simulate(rng, runs, per_day, lift=0.20, expected=2 * planned)
     found = benjamini_hochberg(sequential, ALPHA) & (differences > 0)
-    first_day = np.where(found.any(axis=(1, 2)), found.any(axis=2).argmax(axis=1) + 1,
-                         DAYS + 1)
+    first_day = np.where(found.any(axis=(1, 2)), found.any(axis=2).argmax(axis=1) + 1, DAYS + 1)
     before_the_plan = float(np.mean(first_day < DAYS))
     assert before_the_plan > 0.5, before_the_plan
     assert np.median(first_day) < DAYS

@@ -1,5 +1,6 @@
 """Log lines: JSON with a request id for machines, short text lines for people
 (LOG_FORMAT), and in either format never a secret or an email address."""
+
 import hashlib
 import hmac
 import json
@@ -24,41 +25,77 @@ TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\S
 def _run_deliveries(env: dict):
     """The service under gunicorn: a stored delivery, refusals that log, a secret in a
     query string and as a request id. Returns the log."""
-    identify = {"type": "identify", "messageId": "log-1", "userId": "jane.doe@example.com",
-                "anonymousId": "anon-log", "timestamp": "2026-11-27T10:00:00Z",
-                "traits": {"email": "jane.doe@example.com", "name": "Jane"}}
+    identify = {
+        "type": "identify",
+        "messageId": "log-1",
+        "userId": "jane.doe@example.com",
+        "anonymousId": "anon-log",
+        "timestamp": "2026-11-27T10:00:00Z",
+        "traits": {"email": "jane.doe@example.com", "name": "Jane"},
+    }
     body = json.dumps(identify).encode()
     good = hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
     with gunicorn(env, workers=1) as (base, process):
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {BEARER}"}
-        ok = requests.post(base + "/segment", data=body,
-                           headers={**headers, "X-Signature": good,
-                                    "X-Request-Id": "req-from-caller-1"}, timeout=5)
+        ok = requests.post(
+            base + "/segment",
+            data=body,
+            headers={**headers, "X-Signature": good, "X-Request-Id": "req-from-caller-1"},
+            timeout=5,
+        )
         assert ok.status_code == 200
         assert ok.headers["X-Request-Id"] == "req-from-caller-1"
         # Failures log too: a wrong signature, a wrong bearer token that is almost the
         # right one, a body that is not JSON but holds an email address.
-        assert requests.post(base + "/segment", data=body,
-                             headers={**headers, "X-Signature": "0" * 40}, timeout=5
-                             ).status_code == 401
-        assert requests.post(base + "/segment", data=body, timeout=5,
-                             headers={"Authorization": f"Bearer {BEARER}x",
-                                      "X-Signature": good}).status_code == 401
+        assert (
+            requests.post(
+                base + "/segment",
+                data=body,
+                headers={**headers, "X-Signature": "0" * 40},
+                timeout=5,
+            ).status_code
+            == 401
+        )
+        assert (
+            requests.post(
+                base + "/segment",
+                data=body,
+                timeout=5,
+                headers={"Authorization": f"Bearer {BEARER}x", "X-Signature": good},
+            ).status_code
+            == 401
+        )
         bad = b'{"userId": "jane.doe@example.com", oops'
-        assert requests.post(base + "/segment", data=bad, timeout=5, headers={
-            **headers, "X-Signature": hmac.new(SECRET.encode(), bad, hashlib.sha1).hexdigest(),
-        }).status_code == 400
+        assert (
+            requests.post(
+                base + "/segment",
+                data=bad,
+                timeout=5,
+                headers={
+                    **headers,
+                    "X-Signature": hmac.new(SECRET.encode(), bad, hashlib.sha1).hexdigest(),
+                },
+            ).status_code
+            == 400
+        )
         assert requests.get(base + "/segment?token=" + SECRET, timeout=5).status_code == 405
         # A caller-chosen request id is logged, but never as a secret value.
-        assert requests.get(base + "/healthz", headers={"X-Request-Id": SECRET},
-                            timeout=5).status_code == 200
+        assert (
+            requests.get(base + "/healthz", headers={"X-Request-Id": SECRET}, timeout=5).status_code
+            == 200
+        )
     return process.log_path.read_text()
 
 
 def _env(tmp_path, **extra) -> dict:
-    return {"SEGMENT_SHARED_SECRET": SECRET, "WEBHOOK_BEARER_TOKEN": BEARER,
-            "DATABASE_URL": f"sqlite:///{tmp_path}/l.db", "_LOG_DIR": str(tmp_path),
-            "LOG_LEVEL": "DEBUG", **extra}
+    return {
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "WEBHOOK_BEARER_TOKEN": BEARER,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/l.db",
+        "_LOG_DIR": str(tmp_path),
+        "LOG_LEVEL": "DEBUG",
+        **extra,
+    }
 
 
 def _assert_no_secret_or_email(log: str) -> None:
@@ -70,11 +107,14 @@ def _assert_no_secret_or_email(log: str) -> None:
 def test_logs_are_json_with_request_ids_and_no_secrets_or_emails(tmp_path):
     # gunicorn's stderr is a file here, so the default (auto) must give JSON.
     log = _run_deliveries(_env(tmp_path))
-    assert "\"delivery\": \"stored\"" in log
+    assert '"delivery": "stored"' in log
     _assert_no_secret_or_email(log)
     app_lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    requests_logged = [line for line in app_lines
-                       if line.get("message") == "request" and line["path"] == "/segment"]
+    requests_logged = [
+        line
+        for line in app_lines
+        if line.get("message") == "request" and line["path"] == "/segment"
+    ]
     assert len(requests_logged) == 5
     assert all(line["request_id"] for line in requests_logged)
     assert any(line["request_id"] == "req-from-caller-1" for line in requests_logged)
@@ -103,17 +143,29 @@ def test_text_lines_are_short_and_redacted_like_json(tmp_path):
 def _output_of_create_app(env: dict, terminal: bool) -> str:
     """stderr of a process that starts the application and serves one request, on a
     terminal (a pseudo-terminal) or on a pipe."""
-    script = ("from webhook import create_app\n"
-              "create_app().test_client().get('/healthz')\n")
+    script = "from webhook import create_app\ncreate_app().test_client().get('/healthz')\n"
     command = [sys.executable, "-c", script]
     if not terminal:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return done.stderr.decode()
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=follower)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
     os.close(follower)
     chunks = []
     deadline = time.monotonic() + 120
@@ -147,12 +199,14 @@ def test_auto_format_is_text_on_a_terminal_and_json_otherwise(tmp_path, terminal
     assert lines
     if terminal:
         assert all(TEXT_LINE.match(line) for line in lines), lines
-        assert any(re.search(r"INFO +started mode=embedded database=sqlite", line)
-                   for line in lines), lines
+        assert any(
+            re.search(r"INFO +started mode=embedded database=sqlite", line) for line in lines
+        ), lines
         assert any("request method=GET path=/healthz status=200" in line for line in lines)
     else:
         records = [json.loads(line) for line in lines]
-        assert any(r["message"] == "started" and r["configured"]["mode"] == "embedded"
-                   for r in records)
+        assert any(
+            r["message"] == "started" and r["configured"]["mode"] == "embedded" for r in records
+        )
         assert any(r["message"] == "request" and r["path"] == "/healthz" for r in records)
     assert SECRET not in "\n".join(lines)

@@ -5,6 +5,7 @@ compares resident memory (VmRSS) before and after. A control run without the tun
 the scenario does hold memory on this allocator; where it does not, there is nothing to
 prove and the test says so.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -16,9 +17,13 @@ import pytest
 from tests.gunicorn_server import ROOT
 from webhook import memory
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not sys.platform.startswith("linux") or memory._glibc() is None,
-    reason="glibc's malloc only")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or memory._glibc() is None,
+        reason="glibc's malloc only",
+    ),
+]
 
 RSS = textwrap.dedent("""
     def rss_mib():
@@ -59,9 +64,15 @@ FRAGMENT_SCENARIO = RSS + textwrap.dedent("""
 
 
 def _run(script: str, mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, check=True,
-                         capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script, mode],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout
     return float(out.strip())
 
 

@@ -1,5 +1,6 @@
 """The per-process tally of webhook deliveries (``metrics._Tally``) hands prometheus_client
 the same counts as counting each delivery on its own would."""
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from webhook.metrics import _Tally
@@ -11,9 +12,12 @@ SECONDS = [0.0001, 0.005, 0.0050001, 0.01, 0.02, 0.3, 0.5, 1.0, 4.99, 5.0, 7.5, 
 
 def _samples(registry) -> dict:
     """Every sample but the creation times: {(name, labels): value}."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in registry.collect() for sample in family.samples
-            if not sample.name.endswith("_created")}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
 
 
 def _metrics(registry):

@@ -6,6 +6,7 @@ is applied, and the schema is exactly the one this version declares.
 The release is the last commit before the Alembic histories (``RELEASE``); its code is
 taken from git and run in a child process of its own, as an operator's old dyno would.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,11 +67,13 @@ print("release done")
 @pytest.fixture(scope="module")
 def release_code(tmp_path_factory) -> Path:
     """The release's ``webhook`` package, from git (CI's clone has the history)."""
-    archive = subprocess.run(["git", "archive", "--format=tar", RELEASE, "webhook"],
-                             cwd=ROOT, capture_output=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", RELEASE, "webhook"], cwd=ROOT, capture_output=True
+    )
     assert archive.returncode == 0, (
         f"git cannot give the release {RELEASE[:7]} (a shallow clone?): "
-        f"{archive.stderr.decode(errors='replace')}")
+        f"{archive.stderr.decode(errors='replace')}"
+    )
     folder = tmp_path_factory.mktemp("release")
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(folder, filter="data")
@@ -78,11 +81,20 @@ def release_code(tmp_path_factory) -> Path:
 
 
 def run_release(release_code: Path, url: str, instance: Path) -> None:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("DATABASE_", "SEGMENT_", "PERSONALIZE_", "PROMETHEUS_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "SEGMENT_", "PERSONALIZE_", "PROMETHEUS_"))
+    }
     env.update(PYTHONPATH=str(release_code), HOME=str(instance))
-    done = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, url], cwd=instance,
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT, url],
+        cwd=instance,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "release done" in done.stdout, done.stdout + done.stderr
 
 
@@ -92,16 +104,24 @@ def schema_differences(parts) -> list:
     store = parts.store
     inbox_names = {table.name for table in INBOX_TABLES}
     every = {table.name for table in metadata.sorted_tables}
-    groups = [(store.inbox_store, inbox_names), (store, every - inbox_names)] \
-        if store.inbox_store is not store else [(store, every)]
+    groups = (
+        [(store.inbox_store, inbox_names), (store, every - inbox_names)]
+        if store.inbox_store is not store
+        else [(store, every)]
+    )
     differences = []
     for target, names in groups:
         with target.engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={
-                "compare_type": True,
-                "include_name": lambda name, kind, _: not (
-                    kind == "table" and name in migrate.HISTORIES.values()),
-                "include_object": _included(names, conn.dialect.name)})
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "include_name": lambda name, kind, _: (
+                        not (kind == "table" and name in migrate.HISTORIES.values())
+                    ),
+                    "include_object": _included(names, conn.dialect.name),
+                },
+            )
             differences += compare_metadata(context, metadata)
     return differences
 
@@ -109,21 +129,23 @@ def schema_differences(parts) -> list:
 def _included(names: set[str], dialect: str):
     """This store's tables, and not what this version creates on the other database only
     (an index's ``ddl_if``)."""
+
     def include(obj, name, kind, reflected, compare_to) -> bool:
         table = name if kind == "table" else getattr(getattr(obj, "table", None), "name", None)
         if table is not None and table not in names:
             return False
         condition = getattr(obj, "_ddl_if", None)
         return condition is None or condition.dialect in (None, dialect)
+
     return include
 
 
-def test_a_release_database_is_upgraded_with_nothing_lost(release_code, database_url, tmp_path,
-                                                           make_app):
+def test_a_release_database_is_upgraded_with_nothing_lost(
+    release_code, database_url, tmp_path, make_app
+):
     run_release(release_code, database_url, tmp_path)
 
-    app = make_app(database_url=database_url, max_message_age_hours=0,
-                   interaction_retention_days=0)
+    app = make_app(database_url=database_url, max_message_age_hours=0, interaction_retention_days=0)
     parts = app.extensions["segment"]
     assert migrate.current(parts.store) == migrate.heads()
     differences = schema_differences(parts)
@@ -132,8 +154,9 @@ def test_a_release_database_is_upgraded_with_nothing_lost(release_code, database
     applied(app)  # the delivery the release acknowledged but never applied
     with parts.store.read() as conn:
         stored = conn.execute(sa.select(interactions.c.item_id)).scalars().all()
-        traits = conn.execute(sa.select(profiles.c.traits)
-                              .where(profiles.c.profile_id == "u-old")).scalar()
+        traits = conn.execute(
+            sa.select(profiles.c.traits).where(profiles.c.profile_id == "u-old")
+        ).scalar()
     assert sorted(stored) == ["sku-1", "sku-2", "sku-3"]
     assert (traits if isinstance(traits, dict) else json.loads(traits))["plan"] == "gold"
 

@@ -9,19 +9,17 @@ reaches the webhook's answer, the dead-letter list, /metrics, the log, and the l
 store. The test client applies the inbox after each request (tests/conftest.py); tests
 that look at what happens before that use ``raw_client``.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
-import signal
 import sqlite3
 import threading
 import time
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -48,18 +46,33 @@ TOKEN = "personalize-bearer-token"  # an Actions batch of several needs it
 SEGMENT_DEADLINE = 5.0  # what Segment gives a webhook
 
 # The story (tests/segment_wire.STORY) by position.
-PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_ORDER, \
-    SCREEN, GROUP, SIGNED_UP = range(13)
+(
+    PAGE,
+    VIEWED,
+    CLICKED,
+    ADDED,
+    IDENTIFY,
+    ALIAS,
+    WISHLIST,
+    ORDER,
+    V1_VIEWED,
+    V1_ORDER,
+    SCREEN,
+    GROUP,
+    SIGNED_UP,
+) = range(13)
 
 # Mappings as an operator writes them in the environment, parsed by the service's own
 # settings reader (so "image_url" becomes the schema field "imageUrl").
-CONFIGURED = Settings.from_env({
-    "EVENT_TYPE_MAP": "Product Viewed=View,Order Completed=Purchase",
-    "EVENT_VALUE_PROPERTY": "price",
-    "EVENT_PROPERTIES": "currency,image_url,quantity",
-    "USER_TRAITS_MAP": "plan,purchased_products,city",
-    "ITEM_PROPERTIES_MAP": "category,price,brand,name",
-})
+CONFIGURED = Settings.from_env(
+    {
+        "EVENT_TYPE_MAP": "Product Viewed=View,Order Completed=Purchase",
+        "EVENT_VALUE_PROPERTY": "price",
+        "EVENT_PROPERTIES": "currency,image_url,quantity",
+        "USER_TRAITS_MAP": "plan,purchased_products,city",
+        "ITEM_PROPERTIES_MAP": "category,price,brand,name",
+    }
+)
 MAPPING = dict(
     event_type_map=CONFIGURED.event_type_map,
     event_value_property=CONFIGURED.event_value_property,
@@ -70,6 +83,7 @@ MAPPING = dict(
 
 
 # --- fixtures ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fake():
@@ -87,12 +101,17 @@ def aws_env(monkeypatch, fake):
 @pytest.fixture
 def personalize_app(make_app, aws_env):
     """make_app in Personalize mode; keyword settings override the defaults here."""
+
     def factory(**settings):
-        values = dict(personalize_tracking_id=TRACKING_ID,
-                      personalize_users_dataset_arn=USERS_ARN,
-                      personalize_items_dataset_arn=ITEMS_ARN, **MAPPING)
+        values = dict(
+            personalize_tracking_id=TRACKING_ID,
+            personalize_users_dataset_arn=USERS_ARN,
+            personalize_items_dataset_arn=ITEMS_ARN,
+            **MAPPING,
+        )
         values.update(settings)
         return make_app(**values)
+
     return factory
 
 
@@ -103,15 +122,35 @@ IMPRESSION_30 = [f"imp-{k}" for k in range(30)]
 
 def _emit_extras(client) -> None:
     """More genuine messages: recommendations attribution, and a profile with list traits."""
-    client.track(anonymous_id="anon-2", event="Product Viewed", properties={
-        "product_id": "sku-7", "price": "12.50", "currency": "USD",
-        "recommendation_id": LONG_RECOMMENDATION_ID, "impression": IMPRESSION_30})
-    client.track(anonymous_id="anon-2", event="Product Clicked", properties={
-        "product_id": "sku-8", "recommendation_id": GOOD_RECOMMENDATION_ID,
-        "impression": "sku-8|sku-9|sku-1"})  # Personalize's own "a|b" notation
-    client.identify(user_id="user-2", anonymous_id="anon-2", traits={
-        "plan": "free", "purchased_products": ["sku-1", "sku-2", "sku-3"],
-        "email": "someone@example.com"})
+    client.track(
+        anonymous_id="anon-2",
+        event="Product Viewed",
+        properties={
+            "product_id": "sku-7",
+            "price": "12.50",
+            "currency": "USD",
+            "recommendation_id": LONG_RECOMMENDATION_ID,
+            "impression": IMPRESSION_30,
+        },
+    )
+    client.track(
+        anonymous_id="anon-2",
+        event="Product Clicked",
+        properties={
+            "product_id": "sku-8",
+            "recommendation_id": GOOD_RECOMMENDATION_ID,
+            "impression": "sku-8|sku-9|sku-1",
+        },
+    )  # Personalize's own "a|b" notation
+    client.identify(
+        user_id="user-2",
+        anonymous_id="anon-2",
+        traits={
+            "plan": "free",
+            "purchased_products": ["sku-1", "sku-2", "sku-3"],
+            "email": "someone@example.com",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +159,22 @@ def extras():
     from segment.analytics import Client
 
     with CaptureServer(status=200, json_body={}) as srv:
-        client = Client(write_key="w", host=srv.url, sync_mode=True,
-                        proxies={"http": None, "https": None})
+        client = Client(
+            write_key="w", host=srv.url, sync_mode=True, proxies={"http": None, "https": None}
+        )
         _emit_extras(client)
         posts = srv.requests
     messages = [m for req in posts for m in req.json()["batch"]]
     assert [m.get("event") or m["type"] for m in messages] == [
-        "Product Viewed", "Product Clicked", "identify"]
+        "Product Viewed",
+        "Product Clicked",
+        "identify",
+    ]
     return messages
 
 
 # --- helpers ----------------------------------------------------------------------------
+
 
 def epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
@@ -140,12 +184,23 @@ def post(app, messages):
     return app.test_client().post("/segment", json=messages)
 
 
-def track(message_id: str, *, anonymous_id: str | None = None, user_id: str | None = None,
-          event: str = "Product Viewed", product: str = "p-1", **properties) -> dict:
+def track(
+    message_id: str,
+    *,
+    anonymous_id: str | None = None,
+    user_id: str | None = None,
+    event: str = "Product Viewed",
+    product: str = "p-1",
+    **properties,
+) -> dict:
     """A track message shaped as Segment delivers it."""
-    message = {"type": "track", "event": event, "messageId": message_id,
-               "timestamp": "2026-11-27T10:00:00.000Z",
-               "properties": {"product_id": product, **properties}}
+    message = {
+        "type": "track",
+        "event": event,
+        "messageId": message_id,
+        "timestamp": "2026-11-27T10:00:00.000Z",
+        "properties": {"product_id": product, **properties},
+    }
     if anonymous_id:
         message["anonymousId"] = anonymous_id
     if user_id:
@@ -161,8 +216,15 @@ def grouped_batch(sizes: dict[tuple[str, str | None], int], prefix: str) -> list
         for (session, user), count in left.items():
             if count:
                 anonymous = None if session == user else session
-                messages.append(track(f"{prefix}-{n}", anonymous_id=anonymous, user_id=user,
-                                      product=f"p-{n % 37}", price=(n % 50) + 0.5))
+                messages.append(
+                    track(
+                        f"{prefix}-{n}",
+                        anonymous_id=anonymous,
+                        user_id=user,
+                        product=f"p-{n % 37}",
+                        price=(n % 50) + 0.5,
+                    )
+                )
                 left[(session, user)] -= 1
                 n += 1
     return messages
@@ -179,21 +241,40 @@ def lag(app, applier: str = "personalize") -> int:
 
 def dead_letters(app) -> dict[tuple[str, str], str]:
     """(kind, record id) -> reason, for every record on the dead-letter list."""
-    return {(d.kind, d.record_id): d.reason
-            for d in app.extensions["segment"].dead_letters.list(limit=1000)}
+    return {
+        (d.kind, d.record_id): d.reason
+        for d in app.extensions["segment"].dead_letters.list(limit=1000)
+    }
 
 
 # --- the genuine corpus -----------------------------------------------------------------
+
 
 def expected_events(corpus, extras) -> dict[str, dict]:
     """Every event Personalize must receive for corpus + extras, by eventId, exactly."""
     mid = [m["messageId"] for m in corpus]
 
-    def ev(index, suffix, event_type, item, session, user, value=None, props=None,
-           source=corpus, **extra):
-        event = {"eventId": source[index]["messageId"] + suffix, "eventType": event_type,
-                 "itemId": item, "sentAt": epoch(source[index]["timestamp"]),
-                 "trackingId": TRACKING_ID, "sessionId": session, "userId": user}
+    def ev(
+        index,
+        suffix,
+        event_type,
+        item,
+        session,
+        user,
+        value=None,
+        props=None,
+        source=corpus,
+        **extra,
+    ):
+        event = {
+            "eventId": source[index]["messageId"] + suffix,
+            "eventType": event_type,
+            "itemId": item,
+            "sentAt": epoch(source[index]["timestamp"]),
+            "trackingId": TRACKING_ID,
+            "sessionId": session,
+            "userId": user,
+        }
         if value is not None:
             event["eventValue"] = value
         if props is not None:
@@ -203,17 +284,41 @@ def expected_events(corpus, extras) -> dict[str, dict]:
 
     events = [
         # Anonymous browsing: the session is the anonymousId, no userId.
-        ev(VIEWED, "", "View", "sku-1", ANON_ID, None, 199.5,
-           {"imageUrl": "https://shop.example/i/sku-1.jpg"}),
+        ev(
+            VIEWED,
+            "",
+            "View",
+            "sku-1",
+            ANON_ID,
+            None,
+            199.5,
+            {"imageUrl": "https://shop.example/i/sku-1.jpg"},
+        ),
         ev(CLICKED, "", "Product Clicked", "sku-2", ANON_ID, None, 35.0),
         ev(ADDED, "", "Product Added", "sku-1", ANON_ID, None, 199.5, {"quantity": 1}),
         # After identify: the userId is set (analytics-python sends no anonymousId here).
         ev(WISHLIST, "", "Product Added to Wishlist", "sku-3", USER_ID, USER_ID),
         # Order Completed fans out: one event a product, ids messageId#i.
-        ev(ORDER, "#0", "Purchase", "sku-1", USER_ID, USER_ID, 199.5,
-           {"currency": "EUR", "quantity": 1}),
-        ev(ORDER, "#1", "Purchase", "sku-2", USER_ID, USER_ID, 35.0,
-           {"currency": "EUR", "quantity": 1}),
+        ev(
+            ORDER,
+            "#0",
+            "Purchase",
+            "sku-1",
+            USER_ID,
+            USER_ID,
+            199.5,
+            {"currency": "EUR", "quantity": 1},
+        ),
+        ev(
+            ORDER,
+            "#1",
+            "Purchase",
+            "sku-2",
+            USER_ID,
+            USER_ID,
+            35.0,
+            {"currency": "EUR", "quantity": 1},
+        ),
         ev(V1_VIEWED, "", "Viewed Product", "SKU-4", USER_ID, USER_ID),
         ev(V1_ORDER, "#0", "Completed Order", "SKU-5", USER_ID, USER_ID),
     ]
@@ -221,11 +326,31 @@ def expected_events(corpus, extras) -> dict[str, dict]:
         events += [
             # Attribution: a 41-character recommendationId is left out, a 30-id impression
             # trimmed to Personalize's 25; a string price still gives a float eventValue.
-            ev(0, "", "View", "sku-7", "anon-2", None, 12.5, {"currency": "USD"},
-               source=extras, impression=IMPRESSION_30[:25]),
-            ev(1, "", "Product Clicked", "sku-8", "anon-2", None, None, None, source=extras,
-               recommendationId=GOOD_RECOMMENDATION_ID,
-               impression=["sku-8", "sku-9", "sku-1"]),
+            ev(
+                0,
+                "",
+                "View",
+                "sku-7",
+                "anon-2",
+                None,
+                12.5,
+                {"currency": "USD"},
+                source=extras,
+                impression=IMPRESSION_30[:25],
+            ),
+            ev(
+                1,
+                "",
+                "Product Clicked",
+                "sku-8",
+                "anon-2",
+                None,
+                None,
+                None,
+                source=extras,
+                recommendationId=GOOD_RECOMMENDATION_ID,
+                impression=["sku-8", "sku-9", "sku-1"],
+            ),
         ]
     assert len({e["eventId"] for e in events}) == len(events) == 8 + 2 * bool(extras)
     assert mid[VIEWED] in {e["eventId"] for e in events}
@@ -237,9 +362,11 @@ def deliver_story(app, corpus, extras):
     messages = corpus + extras
     if have("node"):  # else the same batch, unsigned; CI has node
         wire = node_deliveries(messages, SECRET)
-        return app.test_client().post("/segment", data=wire["batch_body"],
-                                      headers=actions_headers(wire["batch_signature"],
-                                                              bearer=TOKEN))
+        return app.test_client().post(
+            "/segment",
+            data=wire["batch_body"],
+            headers=actions_headers(wire["batch_signature"], bearer=TOKEN),
+        )
     return post(app, messages)
 
 
@@ -268,8 +395,9 @@ def test_corpus_becomes_exactly_the_expected_putevents(personalize_app, fake, co
     for call in fake.calls_for("PutEvents"):
         body = call.body
         assert 1 <= len(body["eventList"]) <= 10
-        assert {expected[e["eventId"]]["sessionId"] for e in body["eventList"]} == \
-            {body["sessionId"]}
+        assert {expected[e["eventId"]]["sessionId"] for e in body["eventList"]} == {
+            body["sessionId"]
+        }
         if body["sessionId"] in (ANON_ID, "anon-2"):
             assert "userId" not in body
     assert len(fake.calls_for("PutEvents")) == 3  # anon-1, user-1, anon-2
@@ -279,8 +407,10 @@ def test_corpus_becomes_exactly_the_expected_putevents(personalize_app, fake, co
     assert "personalize" not in summary  # sent after the answer, from the inbox
     assert dead_letters(app) == {}
     # The two trims of one event (recommendationId over 40, impression over 25) counted.
-    assert metric(app, "personalize_records_total", kind="event",
-                  outcome="trimmed") == trimmed_before + 2
+    assert (
+        metric(app, "personalize_records_total", kind="event", outcome="trimmed")
+        == trimmed_before + 2
+    )
 
 
 def test_order_completed_fans_out_into_one_event_a_product(personalize_app, fake, corpus):
@@ -299,8 +429,7 @@ def test_order_completed_fans_out_into_one_event_a_product(personalize_app, fake
     assert sorted(i["itemId"] for i in fake.items()) == ["sku-1", "sku-2"]
 
 
-def test_identify_becomes_putusers_with_list_traits_joined(personalize_app, fake, corpus,
-                                                           extras):
+def test_identify_becomes_putusers_with_list_traits_joined(personalize_app, fake, corpus, extras):
     app = personalize_app()
     response = post(app, corpus + extras)
     assert response.status_code == 200
@@ -310,10 +439,15 @@ def test_identify_becomes_putusers_with_list_traits_joined(personalize_app, fake
         assert user["datasetArn"] == USERS_ARN
         assert isinstance(user["properties"], str)
     assert json.loads(users[USER_ID]["properties"]) == {
-        "plan": "pro", "purchasedProducts": "sku-9", "city": "Zürich"}
+        "plan": "pro",
+        "purchasedProducts": "sku-9",
+        "city": "Zürich",
+    }
     # A list trait becomes Personalize's categorical "a|b|c"; unmapped traits (email) stay out.
     assert json.loads(users["user-2"]["properties"]) == {
-        "plan": "free", "purchasedProducts": "sku-1|sku-2|sku-3"}
+        "plan": "free",
+        "purchasedProducts": "sku-1|sku-2|sku-3",
+    }
 
 
 def test_no_users_or_items_calls_without_their_dataset_arns(personalize_app, fake, corpus):
@@ -328,12 +462,17 @@ def test_product_properties_become_putitems(personalize_app, fake, corpus):
     assert post(app, corpus).status_code == 200
     items = {i["itemId"]: i for i in fake.items()}
     assert {i["datasetArn"] for i in items.values()} == {ITEMS_ARN}
-    props = {k: json.loads(v["properties"]) if "properties" in v else None
-             for k, v in items.items()}
+    props = {
+        k: json.loads(v["properties"]) if "properties" in v else None for k, v in items.items()
+    }
     assert props == {
         # Everything the delivery said about sku-1 (Product Viewed, Added, the order line).
-        "sku-1": {"category": "Furniture", "price": 199.5, "brand": "Möbel & Co",
-                  "name": "Chaise longue"},
+        "sku-1": {
+            "category": "Furniture",
+            "price": 199.5,
+            "brand": "Möbel & Co",
+            "name": "Chaise longue",
+        },
         "sku-2": {"price": 35, "name": "Lampe 💡"},
         "sku-3": {"name": "Tisch"},
         "SKU-4": {"name": "Hocker"},
@@ -341,22 +480,33 @@ def test_product_properties_become_putitems(personalize_app, fake, corpus):
     assert all(1 <= len(c.body["items"]) <= 10 for c in fake.calls_for("PutItems"))
 
     # A later delivery changing a price updates that item.
-    response = post(app, [track("price-change", anonymous_id="a-9", product="sku-2",
-                                price=29.0, name="Lampe 💡")])
+    response = post(
+        app,
+        [track("price-change", anonymous_id="a-9", product="sku-2", price=29.0, name="Lampe 💡")],
+    )
     assert response.status_code == 200
     last = fake.calls_for("PutItems")[-1].body["items"]
     assert [(i["itemId"], json.loads(i["properties"])) for i in last] == [
-        ("sku-2", {"price": 29.0, "name": "Lampe 💡"})]
+        ("sku-2", {"price": 29.0, "name": "Lampe 💡"})
+    ]
 
 
 def test_many_users_and_items_go_out_ten_a_call(personalize_app, fake):
     app = personalize_app()
-    messages = [{"type": "identify", "userId": f"u-{n}", "messageId": f"id-{n}",
-                 "timestamp": "2026-11-27T10:00:00.000Z",
-                 "traits": {"plan": "pro", "purchased_products": [f"s-{n}", f"s-{n + 1}"]}}
-                for n in range(23)]
-    messages += [track(f"v-{n}", anonymous_id="a-1", product=f"item-{n}", name=f"Item {n}")
-                 for n in range(25)]
+    messages = [
+        {
+            "type": "identify",
+            "userId": f"u-{n}",
+            "messageId": f"id-{n}",
+            "timestamp": "2026-11-27T10:00:00.000Z",
+            "traits": {"plan": "pro", "purchased_products": [f"s-{n}", f"s-{n + 1}"]},
+        }
+        for n in range(23)
+    ]
+    messages += [
+        track(f"v-{n}", anonymous_id="a-1", product=f"item-{n}", name=f"Item {n}")
+        for n in range(25)
+    ]
     response = post(app, messages)
     assert response.status_code == 200
     assert sorted(len(c.body["users"]) for c in fake.calls_for("PutUsers")) == [3, 10, 10]
@@ -366,8 +516,7 @@ def test_many_users_and_items_go_out_ten_a_call(personalize_app, fake):
     assert len(fake.items()) == 25
 
 
-def test_redelivery_of_a_forwarded_delivery_sends_nothing_again(personalize_app, fake,
-                                                                corpus):
+def test_redelivery_of_a_forwarded_delivery_sends_nothing_again(personalize_app, fake, corpus):
     app = personalize_app()
     assert post(app, corpus).status_code == 200
     calls = len(fake.calls)
@@ -379,17 +528,22 @@ def test_redelivery_of_a_forwarded_delivery_sends_nothing_again(personalize_app,
 
 # --- the local store is still kept ------------------------------------------------------
 
+
 def test_local_store_keeps_catalog_and_profiles_in_personalize_mode(
-        personalize_app, fake, corpus, database_url):
+    personalize_app, fake, corpus, database_url
+):
     app = personalize_app(database_url=database_url)
     assert post(app, corpus).status_code == 200
     assert len(fake.events()) == 8
     with store_of(app).engine.connect() as conn:
         items = {r.item_id: r for r in conn.execute(sa.text("SELECT * FROM items"))}
-        profiles = {r.profile_id: r.traits for r in conn.execute(
-            sa.text("SELECT profile_id, traits FROM profiles"))}
-        interactions = {r.event_id for r in conn.execute(
-            sa.text("SELECT event_id FROM interactions"))}
+        profiles = {
+            r.profile_id: r.traits
+            for r in conn.execute(sa.text("SELECT profile_id, traits FROM profiles"))
+        }
+        interactions = {
+            r.event_id for r in conn.execute(sa.text("SELECT event_id FROM interactions"))
+        }
     assert {"sku-1", "sku-2", "sku-3", "SKU-4"} <= set(items)
     assert (items["sku-1"].name, items["sku-1"].price) == ("Chaise longue", 199.5)
     traits = profiles[USER_ID]
@@ -401,11 +555,18 @@ def test_local_store_keeps_catalog_and_profiles_in_personalize_mode(
 
 # --- big batches ------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake):
     app = personalize_app()
-    sizes = {("anon-a", None): 1234, ("anon-b", "user-b"): 997, ("user-c", "user-c"): 805,
-             ("anon-d", None): 9, ("anon-e", "user-e"): 11, ("anon-f", None): 944}
+    sizes = {
+        ("anon-a", None): 1234,
+        ("anon-b", "user-b"): 997,
+        ("user-c", "user-c"): 805,
+        ("anon-d", None): 9,
+        ("anon-e", "user-e"): 11,
+        ("anon-f", None): 944,
+    }
     messages = grouped_batch(sizes, "big")
     assert len(messages) == 4000
     expected_calls = sum(math.ceil(n / 10) for n in sizes.values())
@@ -427,8 +588,11 @@ def test_4000_event_actions_batch_is_sent_in_calls_of_ten(personalize_app, fake)
     # Each session's events arrive in the order Segment sent them.
     sent_order = [e["eventId"] for e in fake.events()]
     for session in sizes:
-        mine = [m["messageId"] for m in messages
-                if (m.get("anonymousId") or m["userId"], m.get("userId")) == session]
+        mine = [
+            m["messageId"]
+            for m in messages
+            if (m.get("anonymousId") or m["userId"], m.get("userId")) == session
+        ]
         assert [i for i in sent_order if i in set(mine)] == mine
 
 
@@ -462,8 +626,9 @@ def wait_claimed(services, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(personalize_app,
-                                                                          fake, tmp_path):
+def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(
+    personalize_app, fake, tmp_path
+):
     """The batch's calls went out, then its commit failed (another writer held the
     database past a writer's wait): the batch is applied again, and what had reached
     Personalize is not sent a second time."""
@@ -506,7 +671,8 @@ def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(persona
 
 
 def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
-        personalize_app, fake, caplog):
+    personalize_app, fake, caplog
+):
     app = personalize_app(personalize_items_dataset_arn="", personalize_users_dataset_arn="")
     services = app.extensions["segment"]
     warm_up(app, fake)
@@ -528,14 +694,17 @@ def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
 
 # --- throttling, server errors, timeouts: absorbed, never passed on to Segment ---------
 
+
 @pytest.mark.parametrize("status", [400, 429])
 def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fake, status):
     """AWS throttles with 400 ThrottlingException or with 429: both are retried."""
     app = personalize_app()
-    messages = grouped_batch({("anon-1", None): 25, ("anon-2", "u-2"): 17,
-                              ("u-3", "u-3"): 8}, "thr")
-    throttled_before = metric(app, "personalize_calls_total", operation="put_events",
-                              outcome="throttled")
+    messages = grouped_batch(
+        {("anon-1", None): 25, ("anon-2", "u-2"): 17, ("u-3", "u-3"): 8}, "thr"
+    )
+    throttled_before = metric(
+        app, "personalize_calls_total", operation="put_events", outcome="throttled"
+    )
     warm_up(app, fake)
     fake.throttle_for(1.0, status=status)
     response = post(app, messages)
@@ -545,23 +714,24 @@ def test_throttling_then_recovery_delivers_every_event_once(personalize_app, fak
     assert set(ids) == {m["messageId"] for m in messages}
     assert set(ids.values()) == {1}, "an event was delivered twice"
     assert {(a.status, a.error_code) for a in fake.attempt_log if a.status != 200} == {
-        (status, "ThrottlingException")}
+        (status, "ThrottlingException")
+    }
     assert dead_letters(app) == {}  # throttled is never refused for good
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="throttled") > throttled_before
+    assert (
+        metric(app, "personalize_calls_total", operation="put_events", outcome="throttled")
+        > throttled_before
+    )
     assert store_of(app).counts()["interactions"] == len(messages) + 1  # and the warm-up's
 
 
 def test_server_errors_then_recovery(personalize_app, fake, corpus):
     app = personalize_app()
-    errors_before = metric(app, "personalize_calls_total", operation="put_events",
-                           outcome="error")
+    errors_before = metric(app, "personalize_calls_total", operation="put_events", outcome="error")
     ok_before = metric(app, "personalize_calls_total", operation="put_events", outcome="ok")
     fake.fail_next(2, status=500)
     response = post(app, corpus)
     assert response.status_code == 200, response.get_json()
-    assert sorted(sent_event_ids(fake).elements()) == sorted(
-        expected_ids_of_corpus(corpus))
+    assert sorted(sent_event_ids(fake).elements()) == sorted(expected_ids_of_corpus(corpus))
     five_xx = [a for a in fake.attempt_log if a.status >= 500]
     assert len(five_xx) == 2
     errors = metric(app, "personalize_calls_total", operation="put_events", outcome="error")
@@ -569,8 +739,10 @@ def test_server_errors_then_recovery(personalize_app, fake, corpus):
     errors += metric(app, "personalize_calls_total", operation="put_users", outcome="error")
     assert errors - errors_before == 2
     # Two PutEvents calls (anon-1, user-1) succeeded in the end.
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="ok") == ok_before + 2
+    assert (
+        metric(app, "personalize_calls_total", operation="put_events", outcome="ok")
+        == ok_before + 2
+    )
 
 
 def test_503_from_the_service_is_retried(personalize_app, fake):
@@ -584,20 +756,34 @@ def test_503_from_the_service_is_retried(personalize_app, fake):
 
 def expected_ids_of_corpus(corpus) -> list[str]:
     mid = [m["messageId"] for m in corpus]
-    return [mid[VIEWED], mid[CLICKED], mid[ADDED], mid[WISHLIST], mid[ORDER] + "#0",
-            mid[ORDER] + "#1", mid[V1_VIEWED], mid[V1_ORDER] + "#0"]
+    return [
+        mid[VIEWED],
+        mid[CLICKED],
+        mid[ADDED],
+        mid[WISHLIST],
+        mid[ORDER] + "#0",
+        mid[ORDER] + "#1",
+        mid[V1_VIEWED],
+        mid[V1_ORDER] + "#0",
+    ]
 
 
 def test_a_call_slower_than_the_call_timeout_is_retried(personalize_app, fake, corpus):
-    app = personalize_app(personalize_call_timeout_seconds=0.3,
-                          personalize_users_dataset_arn="", personalize_items_dataset_arn="")
-    timeouts_before = metric(app, "personalize_calls_total", operation="put_events",
-                             outcome="timeout")
+    app = personalize_app(
+        personalize_call_timeout_seconds=0.3,
+        personalize_users_dataset_arn="",
+        personalize_items_dataset_arn="",
+    )
+    timeouts_before = metric(
+        app, "personalize_calls_total", operation="put_events", outcome="timeout"
+    )
     fake.delay(1.0, n=1)  # the first request hangs past the client's timeout
     response = post(app, corpus)
     assert response.status_code == 200, response.get_json()
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="timeout") == timeouts_before + 1
+    assert (
+        metric(app, "personalize_calls_total", operation="put_events", outcome="timeout")
+        == timeouts_before + 1
+    )
     # The stand-in still takes the timed-out call (like a real service whose answer is
     # lost): its events then arrive twice, under the same eventIds, never under others.
     expected = set(expected_ids_of_corpus(corpus))
@@ -610,7 +796,8 @@ def test_a_call_slower_than_the_call_timeout_is_retried(personalize_app, fake, c
 
 
 def test_throttled_for_long_the_delivery_is_answered_at_once_and_sent_later(
-        personalize_app, fake, database_url):
+    personalize_app, fake, database_url
+):
     app = personalize_app(database_url=database_url)
     client = raw_client(app)
     messages = grouped_batch({("anon-1", None): 15, ("anon-2", "u-2"): 6}, "late")
@@ -650,8 +837,7 @@ def test_throttled_for_long_the_delivery_is_answered_at_once_and_sent_later(
 
 
 @pytest.mark.parametrize("trouble", ["throttled", "hanging", "unreachable"])
-def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app, fake,
-                                                                trouble):
+def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app, fake, trouble):
     app = personalize_app()
     client = raw_client(app)
     messages = grouped_batch({(f"anon-{k}", None): 30 for k in range(10)}, trouble)
@@ -666,7 +852,7 @@ def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app,
     try:
         for part in range(3):
             started = time.perf_counter()
-            response = client.post("/segment", json=messages[part * 100:(part + 1) * 100])
+            response = client.post("/segment", json=messages[part * 100 : (part + 1) * 100])
             assert response.status_code == 200, response.get_json()
             assert time.perf_counter() - started < 1.0
         assert lag(app) == len(messages)
@@ -676,18 +862,21 @@ def test_personalize_trouble_never_delays_or_refuses_a_delivery(personalize_app,
 
 
 def test_an_unknown_tracking_id_holds_the_events_until_the_tracker_exists(
-        personalize_app, fake, caplog):
+    personalize_app, fake, caplog
+):
     """PERSONALIZE_TRACKING_ID names no event tracker (a typo, or one not ACTIVE yet), so
     Personalize answers ResourceNotFoundException. Nothing is dropped or dead-lettered:
     the events wait in the inbox while the operator is told (an error naming the tracking
     id as a suspect, the calls counted as fatal, the lag), and once the tracker exists
     they all go out, once each, under that tracking id."""
-    app = personalize_app(personalize_tracking_id="tracking-not-yet",
-                          personalize_users_dataset_arn="", personalize_items_dataset_arn="")
+    app = personalize_app(
+        personalize_tracking_id="tracking-not-yet",
+        personalize_users_dataset_arn="",
+        personalize_items_dataset_arn="",
+    )
     assert "tracking-not-yet" not in fake.tracking_ids
     messages = grouped_batch({("anon-1", None): 12, ("anon-2", "u-2"): 5}, "trk")
-    fatal_before = metric(app, "personalize_calls_total", operation="put_events",
-                          outcome="fatal")
+    fatal_before = metric(app, "personalize_calls_total", operation="put_events", outcome="fatal")
     assert raw_client(app).post("/segment", json=messages).status_code == 200
     services = app.extensions["segment"]
     assert services.drain(["local"])
@@ -715,13 +904,16 @@ def test_an_unknown_tracking_id_holds_the_events_until_the_tracker_exists(
     assert set(ids) == {m["messageId"] for m in messages} and set(ids.values()) == {1}
     assert {e["trackingId"] for e in fake.events()} == {"tracking-not-yet"}
     assert dead_letters(app) == {}
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="fatal") >= fatal_before + 3
+    assert (
+        metric(app, "personalize_calls_total", operation="put_events", outcome="fatal")
+        >= fatal_before + 3
+    )
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("ResourceNotFoundException" in e and "tracking id" in e for e in errors), errors
 
 
 # --- permanent errors -------------------------------------------------------------------
+
 
 def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, caplog):
     app = personalize_app()
@@ -729,8 +921,9 @@ def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, c
     bad = {messages[0]["messageId"], messages[5]["messageId"]}  # anon-1's 1st, anon-2's 3rd
     fake.reject_event_ids(bad)
     dropped_before = metric(app, "personalize_records_total", kind="event", outcome="dropped")
-    invalid_before = metric(app, "personalize_calls_total", operation="put_events",
-                            outcome="invalid")
+    invalid_before = metric(
+        app, "personalize_calls_total", operation="put_events", outcome="invalid"
+    )
 
     with caplog.at_level(logging.WARNING, logger="webhook.personalize"):
         response = post(app, messages)
@@ -744,10 +937,13 @@ def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, c
     assert set(sent_event_ids(fake)) == {m["messageId"] for m in messages} - bad
     assert summary["accepted"] == len(messages)
     assert store_of(app).counts()["interactions"] == len(messages)
-    assert metric(app, "personalize_records_total", kind="event",
-                  outcome="dropped") == dropped_before + len(bad)
-    assert metric(app, "personalize_calls_total", operation="put_events",
-                  outcome="invalid") > invalid_before
+    assert metric(
+        app, "personalize_records_total", kind="event", outcome="dropped"
+    ) == dropped_before + len(bad)
+    assert (
+        metric(app, "personalize_calls_total", operation="put_events", outcome="invalid")
+        > invalid_before
+    )
     # Permanent: never retried as such. A refused call of n records is split in halves to
     # find the bad ones, so a bad record costs at most 1 + ceil(log2(10)) = 5 refusals.
     refused = [a for a in fake.attempt_log if a.error_code == "InvalidInputException"]
@@ -757,7 +953,8 @@ def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, c
 
 
 def test_invalid_input_for_an_item_is_reported_and_the_rest_goes_through(
-        personalize_app, fake, corpus):
+    personalize_app, fake, corpus
+):
     app = personalize_app()
     fake.reject_items({"sku-3"})
     response = post(app, corpus)
@@ -768,12 +965,11 @@ def test_invalid_input_for_an_item_is_reported_and_the_rest_goes_through(
     assert len(fake.events()) == 8
 
 
-def test_event_properties_over_1024_chars_are_trimmed_and_reported(personalize_app, fake,
-                                                                   caplog):
-    app = personalize_app(event_properties=(("currency", "currency"),
-                                            ("description", "description")))
-    message = track("long-props", anonymous_id="a-1", currency="EUR",
-                    description="Ä" * 1100)
+def test_event_properties_over_1024_chars_are_trimmed_and_reported(personalize_app, fake, caplog):
+    app = personalize_app(
+        event_properties=(("currency", "currency"), ("description", "description"))
+    )
+    message = track("long-props", anonymous_id="a-1", currency="EUR", description="Ä" * 1100)
     with caplog.at_level(logging.WARNING, logger="webhook.personalize"):
         response = post(app, [message])
     assert response.status_code == 200
@@ -787,8 +983,8 @@ def test_event_properties_over_1024_chars_are_trimmed_and_reported(personalize_a
 
 # --- the other mode ---------------------------------------------------------------------
 
-def test_embedded_mode_calls_nothing_even_with_aws_configured(make_app, aws_env, fake,
-                                                              corpus):
+
+def test_embedded_mode_calls_nothing_even_with_aws_configured(make_app, aws_env, fake, corpus):
     app = make_app()
     assert post(app, corpus).status_code == 200
     assert fake.attempts == 0

@@ -1,11 +1,12 @@
 """POST /recommendations/rank: the local engine, Personalize's
 GetPersonalizedRanking (real boto3 against tests/fake_personalize.py), trait checks."""
+
 from __future__ import annotations
 
 import pytest
 
 from tests import pg_server
-from tests.conftest import raw_client, aws_stand_ins
+from tests.conftest import aws_stand_ins, raw_client
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
 
@@ -14,9 +15,14 @@ _counter = iter(range(10**9))
 
 
 def track(user, item, second, event="Product Viewed"):
-    return {"type": "track", "event": event, "messageId": f"r-{next(_counter)}",
-            "userId": user, "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
-            "properties": {"product_id": item}}
+    return {
+        "type": "track",
+        "event": event,
+        "messageId": f"r-{next(_counter)}",
+        "userId": user,
+        "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
+        "properties": {"product_id": item},
+    }
 
 
 def catalogue():
@@ -66,8 +72,9 @@ def test_the_local_engine_ranks_by_the_persons_history(engine_app):
     result = engine_app.test_cli_runner().invoke(args=["train"])
     assert result.exit_code == 0, result.output
     post(engine_app, [track("newcomer", "b1", 900)])
-    answer = rank(engine_app, {"userId": "newcomer",
-                               "itemIds": ["a2", "hot", "b3", "unknown", "b2"]}).get_json()
+    answer = rank(
+        engine_app, {"userId": "newcomer", "itemIds": ["a2", "hot", "b3", "unknown", "b2"]}
+    ).get_json()
     assert answer["source"] == "local"
     assert set(ids(answer)[:2]) == {"b2", "b3"}
     assert ids(answer)[-1] == "unknown"
@@ -78,15 +85,27 @@ def test_trait_checks_exclusions_purchases_and_opt_out(engine_app):
     """Without SECRET_KEY the checks apply, and the answer says nothing of them: which of
     a list of items a person bought is theirs to know (the rank "oracle")."""
     post(engine_app, catalogue())
-    post(engine_app, [track("buyer", "b1", 950, event="Order Completed"),
-                      {"type": "identify", "messageId": "i-1", "userId": "buyer",
-                       "timestamp": "2024-05-01T11:00:00Z",
-                       "traits": {"purchased_products": ["a1"]}},
-                      {"type": "identify", "messageId": "i-2", "userId": "quiet",
-                       "timestamp": "2024-05-01T11:00:00Z",
-                       "traits": {"recommendations_opt_out": True}}])
-    answer = rank(engine_app, {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]}
-                  ).get_json()
+    post(
+        engine_app,
+        [
+            track("buyer", "b1", 950, event="Order Completed"),
+            {
+                "type": "identify",
+                "messageId": "i-1",
+                "userId": "buyer",
+                "timestamp": "2024-05-01T11:00:00Z",
+                "traits": {"purchased_products": ["a1"]},
+            },
+            {
+                "type": "identify",
+                "messageId": "i-2",
+                "userId": "quiet",
+                "timestamp": "2024-05-01T11:00:00Z",
+                "traits": {"recommendations_opt_out": True},
+            },
+        ],
+    )
+    answer = rank(engine_app, {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]}).get_json()
     assert "a1" not in ids(answer) and "b1" not in ids(answer)
     for private in ("filtered", "traitsUsed", "traitValues"):
         assert private not in answer, answer
@@ -98,12 +117,25 @@ def test_trait_checks_exclusions_purchases_and_opt_out(engine_app):
 
 def test_trait_values_and_opt_out_shown_with_the_visitors_token(make_app):
     app = make_app(secret_key="s" * 32)
-    post(app, catalogue() + [{"type": "identify", "messageId": "i-3", "userId": "quiet",
-                              "timestamp": "2024-05-01T11:00:00Z",
-                              "traits": {"recommendations_opt_out": True}}])
+    post(
+        app,
+        catalogue()
+        + [
+            {
+                "type": "identify",
+                "messageId": "i-3",
+                "userId": "quiet",
+                "timestamp": "2024-05-01T11:00:00Z",
+                "traits": {"recommendations_opt_out": True},
+            }
+        ],
+    )
     token = mint_token("s" * 32, user_id="quiet")
-    answer = rank(app, {"userId": "quiet", "itemIds": ["a2", "hot"]},
-                  headers={"Authorization": f"Bearer {token}"}).get_json()
+    answer = rank(
+        app,
+        {"userId": "quiet", "itemIds": ["a2", "hot"]},
+        headers={"Authorization": f"Bearer {token}"},
+    ).get_json()
     assert answer["optedOut"] is True and answer["source"] == "popular"
     assert answer["traitValues"] == {"recommendations_opt_out": True}
     assert ids(answer) == ["hot", "a2"]
@@ -111,13 +143,26 @@ def test_trait_values_and_opt_out_shown_with_the_visitors_token(make_app):
 
 def test_the_buyers_own_token_shows_what_the_checks_removed(make_app):
     app = make_app(secret_key="s" * 32)
-    post(app, catalogue() + [track("buyer", "b1", 950, event="Order Completed"),
-                             {"type": "identify", "messageId": "i-1", "userId": "buyer",
-                              "timestamp": "2024-05-01T11:00:00Z",
-                              "traits": {"purchased_products": ["a1"]}}])
+    post(
+        app,
+        catalogue()
+        + [
+            track("buyer", "b1", 950, event="Order Completed"),
+            {
+                "type": "identify",
+                "messageId": "i-1",
+                "userId": "buyer",
+                "timestamp": "2024-05-01T11:00:00Z",
+                "traits": {"purchased_products": ["a1"]},
+            },
+        ],
+    )
     token = mint_token("s" * 32, user_id="buyer")
-    answer = rank(app, {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]},
-                  headers={"Authorization": f"Bearer {token}"}).get_json()
+    answer = rank(
+        app,
+        {"userId": "buyer", "itemIds": ["a1", "b1", "a2", "hot"]},
+        headers={"Authorization": f"Bearer {token}"},
+    ).get_json()
     assert "a1" not in ids(answer) and "b1" not in ids(answer)
     # The local profile adds local purchases to purchased_products: both count there.
     assert answer["filtered"]["count"] == 2
@@ -126,16 +171,19 @@ def test_the_buyers_own_token_shows_what_the_checks_removed(make_app):
     assert answer["traitValues"]["purchased_products"][:1] == ["a1"]
 
 
-@pytest.mark.parametrize("body,parameter", [
-    ({"itemIds": ["a"]}, "userId"),
-    ({"userId": "u"}, "itemIds"),
-    ({"userId": "u", "itemIds": []}, "itemIds"),
-    ({"userId": "u", "itemIds": ["a", 3.5]}, "itemIds"),
-    ({"userId": "u", "itemIds": [None]}, "itemIds"),  # found by schemathesis: ranked as null
-    ({"userId": "u", "itemIds": ["a", "  "]}, "itemIds"),
-    ({"userId": "u", "itemIds": [f"i{n}" for n in range(501)]}, "itemIds"),
-    ({"userId": "x" * 300, "itemIds": ["a"]}, "userId"),
-])
+@pytest.mark.parametrize(
+    "body,parameter",
+    [
+        ({"itemIds": ["a"]}, "userId"),
+        ({"userId": "u"}, "itemIds"),
+        ({"userId": "u", "itemIds": []}, "itemIds"),
+        ({"userId": "u", "itemIds": ["a", 3.5]}, "itemIds"),
+        ({"userId": "u", "itemIds": [None]}, "itemIds"),  # found by schemathesis: ranked as null
+        ({"userId": "u", "itemIds": ["a", "  "]}, "itemIds"),
+        ({"userId": "u", "itemIds": [f"i{n}" for n in range(501)]}, "itemIds"),
+        ({"userId": "x" * 300, "itemIds": ["a"]}, "userId"),
+    ],
+)
 def test_bad_requests_are_400_naming_the_parameter(app, body, parameter):
     response = rank(app, body)
     assert response.status_code == 400
@@ -144,8 +192,9 @@ def test_bad_requests_are_400_naming_the_parameter(app, body, parameter):
 
 
 def test_not_json_is_400_and_repeated_ids_count_once(app):
-    response = app.test_client().post("/recommendations/rank", data=b"[1,",
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/recommendations/rank", data=b"[1,", content_type="application/json"
+    )
     assert response.status_code == 400
     answer = rank(app, {"anonymousId": "a-1", "itemIds": ["x", "y", "x"]}).get_json()
     assert ids(answer) == ["x", "y"]
@@ -156,14 +205,23 @@ def test_token_required_with_secret_key(make_app):
     response = rank(app, {"userId": "u1", "itemIds": ["a"]})
     assert response.status_code == 401
     other = mint_token("s" * 32, user_id="u2")
-    assert rank(app, {"userId": "u1", "itemIds": ["a"]},
-                headers={"Authorization": f"Bearer {other}"}).status_code == 403
+    assert (
+        rank(
+            app, {"userId": "u1", "itemIds": ["a"]}, headers={"Authorization": f"Bearer {other}"}
+        ).status_code
+        == 403
+    )
     token = mint_token("s" * 32, user_id="u1")
-    assert rank(app, {"userId": "u1", "itemIds": ["a"]},
-                headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        rank(
+            app, {"userId": "u1", "itemIds": ["a"]}, headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+        == 200
+    )
 
 
 # --- Amazon Personalize: GetPersonalizedRanking --------------------------------------------
+
 
 @pytest.fixture
 def runtime(monkeypatch):
@@ -182,13 +240,14 @@ def test_personalize_ranking_campaign(make_app, runtime):
     assert ids(answer) == ["c", "a", "b", "new"]  # unknown last (Personalize's rule)
     assert answer["recommendationId"] == runtime.recommendation_ids[-1]
     call = runtime.calls_for("GetPersonalizedRanking")[-1].body
-    assert call == {"campaignArn": RANKING_ARN, "inputList": ["a", "b", "new", "c"],
-                    "userId": "u1"}
+    assert call == {"campaignArn": RANKING_ARN, "inputList": ["a", "b", "new", "c"], "userId": "u1"}
 
 
 def test_personalize_failure_falls_back_to_popularity(make_app, runtime):
-    app = make_app(personalize_ranking_campaign_arn=RANKING_ARN.replace("ranking", "gone"),
-                   aws_region="us-east-1")
+    app = make_app(
+        personalize_ranking_campaign_arn=RANKING_ARN.replace("ranking", "gone"),
+        aws_region="us-east-1",
+    )
     post(app, catalogue())
     answer = rank(app, {"userId": "u1", "itemIds": ["a1", "hot"]}).get_json()
     assert answer["source"] == "popular"
@@ -224,9 +283,14 @@ def test_rank_during_a_database_outage_answers_503(make_app):
 
 def test_browser_preflight_for_cors_origins(make_app):
     app = make_app(cors_origins=("https://shop.example",))
-    response = app.test_client().options("/recommendations/rank", headers={
-        "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+    response = app.test_client().options(
+        "/recommendations/rank",
+        headers={
+            "Origin": "https://shop.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert response.status_code == 200  # flask-cors answers the preflight
     assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     assert "POST" in response.headers["Access-Control-Allow-Methods"]

@@ -1,5 +1,6 @@
 """The README is the front door: its settings tables are the settings the service reads,
 no more and no fewer, with the defaults the service has."""
+
 import re
 from pathlib import Path
 
@@ -10,8 +11,16 @@ from webhook.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 # Read by gunicorn.conf.py and the Procfile, not by the application.
-SERVER = {"PORT", "HOST", "GUNICORN_BIND", "WEB_CONCURRENCY", "GUNICORN_WORKER_CLASS",
-          "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "PROMETHEUS_MULTIPROC_DIR"}
+SERVER = {
+    "PORT",
+    "HOST",
+    "GUNICORN_BIND",
+    "WEB_CONCURRENCY",
+    "GUNICORN_WORKER_CLASS",
+    "GUNICORN_THREADS",
+    "GUNICORN_TIMEOUT",
+    "PROMETHEUS_MULTIPROC_DIR",
+}
 
 
 def settings_rows() -> dict[str, str]:
@@ -38,8 +47,9 @@ def test_every_setting_is_in_the_readme_and_every_documented_one_exists():
 
 
 def test_every_workshop_alias_is_in_the_readme():
-    aliases = [alias for names in Settings.env_names().values() for alias in names[1:]
-               if alias.islower()]
+    aliases = [
+        alias for names in Settings.env_names().values() for alias in names[1:] if alias.islower()
+    ]
     missing = [alias for alias in aliases if f"`{alias}`" not in README]
     assert not missing, f"aliases missing from README.md: {missing}"
 

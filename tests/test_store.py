@@ -2,19 +2,19 @@
 concurrent redelivery, merge order of traits and catalog fields, deletion, repeated
 records in one batch, and 503 + Retry-After while the database is unreachable.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
+from datetime import UTC
 
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import applied, raw_client, store_of
-
 
 
 @pytest.fixture
@@ -26,10 +26,23 @@ def iso(second: int) -> str:
     return f"2024-05-01T10:00:{second:02d}.000Z"
 
 
-def track(message_id, product_id="p-1", *, user="user-1", anon=None, second=0,
-          event="Product Viewed", **properties):
-    message = {"type": "track", "event": event, "messageId": message_id,
-               "timestamp": iso(second), "properties": {"product_id": product_id, **properties}}
+def track(
+    message_id,
+    product_id="p-1",
+    *,
+    user="user-1",
+    anon=None,
+    second=0,
+    event="Product Viewed",
+    **properties,
+):
+    message = {
+        "type": "track",
+        "event": event,
+        "messageId": message_id,
+        "timestamp": iso(second),
+        "properties": {"product_id": product_id, **properties},
+    }
     if user:
         message["userId"] = user
     if anon:
@@ -38,8 +51,12 @@ def track(message_id, product_id="p-1", *, user="user-1", anon=None, second=0,
 
 
 def identify(message_id, traits, *, user="user-1", anon=None, second=0):
-    message = {"type": "identify", "messageId": message_id, "timestamp": iso(second),
-               "traits": traits}
+    message = {
+        "type": "identify",
+        "messageId": message_id,
+        "timestamp": iso(second),
+        "traits": traits,
+    }
     if user:
         message["userId"] = user
     if anon:
@@ -48,8 +65,7 @@ def identify(message_id, traits, *, user="user-1", anon=None, second=0):
 
 
 def post(client, payload, status=200):
-    response = client.post("/segment", data=json.dumps(payload),
-                           content_type="application/json")
+    response = client.post("/segment", data=json.dumps(payload), content_type="application/json")
     assert response.status_code == status, response.get_data(as_text=True)[:500]
     return response.get_json()
 
@@ -64,13 +80,17 @@ def rows(app, sql):
 
 
 def interactions(app):
-    return {r["event_id"]: (r["user_id"], r["anonymous_id"], r["item_id"])
-            for r in rows(app, "SELECT * FROM interactions")}
+    return {
+        r["event_id"]: (r["user_id"], r["anonymous_id"], r["item_id"])
+        for r in rows(app, "SELECT * FROM interactions")
+    }
 
 
 def profiles(app):
-    return {r["profile_id"]: _json(r["traits"])
-            for r in rows(app, "SELECT profile_id, traits FROM profiles")}
+    return {
+        r["profile_id"]: _json(r["traits"])
+        for r in rows(app, "SELECT profile_id, traits FROM profiles")
+    }
 
 
 def items(app):
@@ -78,24 +98,28 @@ def items(app):
 
 
 def links(app):
-    return {r["anonymous_id"]: r["user_id"]
-            for r in rows(app, "SELECT anonymous_id, user_id FROM identity_links")}
+    return {
+        r["anonymous_id"]: r["user_id"]
+        for r in rows(app, "SELECT anonymous_id, user_id FROM identity_links")
+    }
 
 
 # --- idempotency ----------------------------------------------------------------------------
 
+
 def test_concurrent_redelivery_stores_one_copy(app):
     rounds, size = 4, 40
     for round_number in range(rounds):
-        batch = [track(f"r{round_number}-m{i}", f"p-{i % 7}", second=i % 60,
-                       name=f"Produkt {i % 7}")
-                 for i in range(size)]
+        batch = [
+            track(f"r{round_number}-m{i}", f"p-{i % 7}", second=i % 60, name=f"Produkt {i % 7}")
+            for i in range(size)
+        ]
         batch.append(identify(f"r{round_number}-id", {"round": round_number}))
         body = json.dumps(batch)
         barrier = threading.Barrier(2)
         answers: list = [None, None]
 
-        def deliver(slot):
+        def deliver(slot, barrier=barrier, body=body, answers=answers):
             client = app.test_client()
             barrier.wait()
             response = client.post("/segment", data=body, content_type="application/json")
@@ -149,24 +173,31 @@ def test_redelivery_after_a_change_of_content_keeps_the_first(app):
 
 # --- merge order -------------------------------------------------------------------------------
 
+
 def test_traits_newer_wins_older_fills_gaps(app):
     client = app.test_client()
     post(client, identify("i-2", {"plan": "pro", "city": "Bern"}, second=20))
     post(client, identify("i-1", {"plan": "free", "email": "old@example.com"}, second=10))
-    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Bern",
-                                       "email": "old@example.com"}
+    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Bern", "email": "old@example.com"}
     post(client, identify("i-3", {"city": "Zürich", "name": "José"}, second=30))
-    assert profiles(app)["user-1"] == {"plan": "pro", "city": "Zürich", "name": "José",
-                                       "email": "old@example.com"}
+    assert profiles(app)["user-1"] == {
+        "plan": "pro",
+        "city": "Zürich",
+        "name": "José",
+        "email": "old@example.com",
+    }
 
 
 def test_traits_out_of_order_within_one_batch(app):
     client = app.test_client()
     post(client, identify("i-mid", {"plan": "pro"}, second=20))
-    post(client, [
-        identify("i-new", {"city": "Zürich"}, second=30),
-        identify("i-old", {"plan": "free", "city": "Bern", "lang": "de"}, second=10),
-    ])
+    post(
+        client,
+        [
+            identify("i-new", {"city": "Zürich"}, second=30),
+            identify("i-old", {"plan": "free", "city": "Bern", "lang": "de"}, second=10),
+        ],
+    )
     assert profiles(app)["user-1"] == {"plan": "pro", "city": "Zürich", "lang": "de"}
 
 
@@ -185,33 +216,46 @@ def test_catalog_older_message_in_a_batch_does_not_overwrite_a_newer_stored_valu
     client = app.test_client()
     post(client, track("v-2", "p-1", second=20, name="Stuhl (neu)"))
     # One delivery: an older message naming the item, and a newer one without a name.
-    post(client, [
-        track("v-1", "p-1", second=10, name="Stuhl (alt)", brand="Möbel & Co"),
-        track("v-3", "p-1", second=30, price=25),
-    ])
+    post(
+        client,
+        [
+            track("v-1", "p-1", second=10, name="Stuhl (alt)", brand="Möbel & Co"),
+            track("v-3", "p-1", second=30, price=25),
+        ],
+    )
     item = items(app)["p-1"]
     assert (item["name"], item["brand"], item["price"]) == ("Stuhl (neu)", "Möbel & Co", 25)
 
 
 # --- deletion ---------------------------------------------------------------------------------
 
+
 def _two_users(client):
-    post(client, [
-        # user-1: anonymous history first, then sign-in (identify + alias), then known.
-        track("u1-a1", "p-1", user=None, anon="anon-1", second=1),
-        track("u1-a2", "p-2", user=None, anon="anon-1", second=2),
-        identify("u1-anon-traits", {"seen": "anonymously"}, user=None, anon="anon-1", second=3),
-        identify("u1-id", {"name": "José", "email": "jose@example.com"}, anon="anon-1",
-                 second=4),
-        {"type": "alias", "messageId": "u1-alias", "previousId": "anon-1", "userId": "user-1",
-         "timestamp": iso(5)},
-        track("u1-k1", "p-3", second=6, name="Tisch"),
-        track("u1-k2", "p-1", user="user-1", anon="anon-1b", second=7),
-        # user-2, on another device.
-        track("u2-a1", "p-1", user=None, anon="anon-2", second=8),
-        identify("u2-id", {"name": "Zoë"}, user="user-2", anon="anon-2", second=9),
-        track("u2-k1", "p-2", user="user-2", second=10),
-    ])
+    post(
+        client,
+        [
+            # user-1: anonymous history first, then sign-in (identify + alias), then known.
+            track("u1-a1", "p-1", user=None, anon="anon-1", second=1),
+            track("u1-a2", "p-2", user=None, anon="anon-1", second=2),
+            identify("u1-anon-traits", {"seen": "anonymously"}, user=None, anon="anon-1", second=3),
+            identify(
+                "u1-id", {"name": "José", "email": "jose@example.com"}, anon="anon-1", second=4
+            ),
+            {
+                "type": "alias",
+                "messageId": "u1-alias",
+                "previousId": "anon-1",
+                "userId": "user-1",
+                "timestamp": iso(5),
+            },
+            track("u1-k1", "p-3", second=6, name="Tisch"),
+            track("u1-k2", "p-1", user="user-1", anon="anon-1b", second=7),
+            # user-2, on another device.
+            track("u2-a1", "p-1", user=None, anon="anon-2", second=8),
+            identify("u2-id", {"name": "Zoë"}, user="user-2", anon="anon-2", second=9),
+            track("u2-k1", "p-2", user="user-2", second=10),
+        ],
+    )
 
 
 def test_delete_forgets_the_user_and_their_anonymous_history_only(app):
@@ -239,13 +283,15 @@ def test_delete_forgets_the_user_and_their_anonymous_history_only(app):
 
 def test_delete_in_the_middle_of_a_batch(app):
     client = app.test_client()
-    summary = post(client, [
-        track("before", "p-1"),
-        identify("traits-before", {"plan": "pro"}),
-        {"type": "delete", "userId": "user-1", "messageId": "del-1",
-         "timestamp": iso(1)},
-        track("after", "p-2", second=2),
-    ])
+    summary = post(
+        client,
+        [
+            track("before", "p-1"),
+            identify("traits-before", {"plan": "pro"}),
+            {"type": "delete", "userId": "user-1", "messageId": "del-1", "timestamp": iso(1)},
+            track("after", "p-2", second=2),
+        ],
+    )
     assert summary["accepted"] == 4
     assert interactions(app) == {"after": ("user-1", None, "p-2")}
     assert "user-1" not in profiles(app)
@@ -255,29 +301,56 @@ def test_delete_of_an_unknown_user_changes_nothing_else(app):
     client = app.test_client()
     _two_users(client)
     before = store_of(app).counts()
-    post(client, {"type": "delete", "userId": "nobody", "messageId": "del-x",
-                  "timestamp": iso(0)})
+    post(client, {"type": "delete", "userId": "nobody", "messageId": "del-x", "timestamp": iso(0)})
     after = store_of(app).counts()
     assert after["inbox"] == before["inbox"] + 1
-    assert {k: v for k, v in after.items() if k != "inbox"} == \
-        {k: v for k, v in before.items() if k != "inbox"}
+    assert {k: v for k, v in after.items() if k != "inbox"} == {
+        k: v for k, v in before.items() if k != "inbox"
+    }
 
 
 # --- the same item / user many times in one batch (PostgreSQL upserts) -------------------------
+
 
 def test_one_batch_mentioning_the_same_item_and_user_many_times(app):
     client = app.test_client()
     batch = []
     for i in range(60):
-        batch.append(track(f"t-{i}", "p-same", user="user-1", anon="anon-1", second=i,
-                           name=f"Name {i}", price=i))
-        batch.append(identify(f"i-{i}", {"n": i, f"k{i % 3}": i}, user="user-1",
-                              anon="anon-1", second=i))
-        batch.append({"type": "alias", "messageId": f"a-{i}", "previousId": "anon-1",
-                      "userId": "user-1", "timestamp": iso(i)})
-    batch.append(track("order", event="Order Completed", second=59, user="user-1",
-                       products=[{"product_id": "p-same", "name": "Name 59"},
-                                 {"product_id": "p-same", "quantity": 2}]))
+        batch.append(
+            track(
+                f"t-{i}",
+                "p-same",
+                user="user-1",
+                anon="anon-1",
+                second=i,
+                name=f"Name {i}",
+                price=i,
+            )
+        )
+        batch.append(
+            identify(f"i-{i}", {"n": i, f"k{i % 3}": i}, user="user-1", anon="anon-1", second=i)
+        )
+        batch.append(
+            {
+                "type": "alias",
+                "messageId": f"a-{i}",
+                "previousId": "anon-1",
+                "userId": "user-1",
+                "timestamp": iso(i),
+            }
+        )
+    batch.append(
+        track(
+            "order",
+            event="Order Completed",
+            second=59,
+            user="user-1",
+            products=[
+                {"product_id": "p-same", "name": "Name 59"},
+                {"product_id": "p-same", "quantity": 2},
+            ],
+        )
+    )
     summary = post(client, batch)
     assert summary["accepted"] == len(batch)
     assert summary["interactions"] == 62
@@ -285,11 +358,11 @@ def test_one_batch_mentioning_the_same_item_and_user_many_times(app):
     assert (item["name"], item["price"]) == ("Name 59", 59)
     assert profiles(app) == {"user-1": {"n": 59, "k0": 57, "k1": 58, "k2": 59}}
     assert links(app) == {"anon-1": "user-1"}
-    assert {eid for eid in interactions(app) if eid.startswith("order")} == {"order#0",
-                                                                            "order#1"}
+    assert {eid for eid in interactions(app) if eid.startswith("order")} == {"order#0", "order#1"}
 
 
 # --- the database unreachable -------------------------------------------------------------------
+
 
 def _assert_503(response, retry_after: str):
     assert response.status_code == 503, response.get_data(as_text=True)[:300]
@@ -298,20 +371,23 @@ def _assert_503(response, retry_after: str):
 
 
 def test_postgresql_unreachable_is_503_with_retry_after(make_app):
-    app = make_app(database_url="postgresql+psycopg://postgres@127.0.0.1:1/test",
-                   retry_after_seconds=7)
+    app = make_app(
+        database_url="postgresql+psycopg://postgres@127.0.0.1:1/test", retry_after_seconds=7
+    )
     client = raw_client(app)  # nothing to apply: the store is not there
     for payload in (track("m-1"), [track("m-2"), track("m-3")]):
-        response = client.post("/segment", data=json.dumps(payload),
-                               content_type="application/json")
+        response = client.post(
+            "/segment", data=json.dumps(payload), content_type="application/json"
+        )
         _assert_503(response, "7")
 
 
 def test_sqlite_unreachable_is_503_then_recovers(make_app, tmp_path):
     folder = tmp_path / "not-yet"
     app = make_app(database_url=f"sqlite:///{folder}/segment.db")
-    response = raw_client(app).post("/segment", data=json.dumps(track("m-1")),
-                                    content_type="application/json")
+    response = raw_client(app).post(
+        "/segment", data=json.dumps(track("m-1")), content_type="application/json"
+    )
     _assert_503(response, "30")
 
     folder.mkdir()  # the volume is mounted: the same process recovers by itself
@@ -320,8 +396,7 @@ def test_sqlite_unreachable_is_503_then_recovers(make_app, tmp_path):
     assert store_of(app).counts()["interactions"] == 1
 
 
-def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sqlite_url,
-                                                                   tmp_path):
+def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sqlite_url, tmp_path):
     app = make_app(database_url=sqlite_url)
     client = app.test_client()
     post(client, track("m-0"))
@@ -329,8 +404,9 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     blocker = sqlite3.connect(str(tmp_path / "segment.db-inbox"), isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")
-        response = client.post("/segment", data=json.dumps(track("m-1")),
-                               content_type="application/json")
+        response = client.post(
+            "/segment", data=json.dumps(track("m-1")), content_type="application/json"
+        )
         _assert_503(response, "30")
     finally:
         blocker.execute("ROLLBACK")
@@ -341,8 +417,9 @@ def test_sqlite_locked_by_another_writer_is_503_and_nothing_stored(make_app, sql
     assert store_of(app).counts()["interactions"] == 2
 
 
-def test_sqlite_deliveries_do_not_wait_for_a_writer_holding_the_database(make_app, sqlite_url,
-                                                                         tmp_path):
+def test_sqlite_deliveries_do_not_wait_for_a_writer_holding_the_database(
+    make_app, sqlite_url, tmp_path
+):
     """The inbox has a file of its own: while another writer (an applier's batch, say)
     holds the database, deliveries are still acknowledged, and applied once it lets go."""
     app = make_app(database_url=sqlite_url)
@@ -362,8 +439,9 @@ def test_sqlite_deliveries_do_not_wait_for_a_writer_holding_the_database(make_ap
     assert "m-held" in interactions(app)
 
 
-def test_sqlite_deliveries_after_the_inbox_lost_its_newest_rows_are_applied(make_app, sqlite_url,
-                                                                           tmp_path):
+def test_sqlite_deliveries_after_the_inbox_lost_its_newest_rows_are_applied(
+    make_app, sqlite_url, tmp_path
+):
     """The inbox's file lost its newest rows while the database kept the appliers'
     positions (a power loss at SQLITE_SYNCHRONOUS=NORMAL, or one file restored from a
     backup): after a restart, new deliveries reuse those seqs and must still be applied."""
@@ -386,22 +464,44 @@ def test_sqlite_deliveries_after_the_inbox_lost_its_newest_rows_are_applied(make
 
 # --- a database from before the inbox -------------------------------------------------------
 
-def test_sqlite_inbox_kept_in_the_database_moves_into_its_own_file(make_app, sqlite_url,
-                                                                   tmp_path):
+
+def test_sqlite_inbox_kept_in_the_database_moves_into_its_own_file(make_app, sqlite_url, tmp_path):
     """A SQLite deployment upgraded from the version that kept the inbox inside the
     database: rows already applied stay claims (a redelivery is a duplicate), rows not yet
     applied are applied after the upgrade, and each applier keeps its position."""
     from webhook.ingest import canonical_json
     from webhook.storage.schema import inbox, inbox_consumers, metadata
+
     engine = sa.create_engine(sqlite_url)
     metadata.create_all(engine)  # the old layout: every table, the inbox too, in one file
     with engine.begin() as conn:
-        conn.execute(inbox.insert(), [
-            {"seq": n, "txid": 0, "message_id": f"old-{n}", "type": "track", "received_at": 1.0,
-             "body": canonical_json(track(f"old-{n}", f"p-old-{n}"))} for n in (1, 2, 3)])
-        conn.execute(inbox_consumers.insert(), [
-            {"name": name, "position_txid": 0, "position_seq": 2, "applied": 2,
-             "updated_at": 1.0} for name in ("local", "attribution")])
+        conn.execute(
+            inbox.insert(),
+            [
+                {
+                    "seq": n,
+                    "txid": 0,
+                    "message_id": f"old-{n}",
+                    "type": "track",
+                    "received_at": 1.0,
+                    "body": canonical_json(track(f"old-{n}", f"p-old-{n}")),
+                }
+                for n in (1, 2, 3)
+            ],
+        )
+        conn.execute(
+            inbox_consumers.insert(),
+            [
+                {
+                    "name": name,
+                    "position_txid": 0,
+                    "position_seq": 2,
+                    "applied": 2,
+                    "updated_at": 1.0,
+                }
+                for name in ("local", "attribution")
+            ],
+        )
     engine.dispose()
     app = make_app(database_url=sqlite_url)
     client = app.test_client()
@@ -419,9 +519,13 @@ def test_claims_from_before_the_inbox_still_make_redeliveries_duplicates(make_ap
     a message received before the upgrade and redelivered after it is a duplicate."""
     engine = sa.create_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE segment_messages (message_id VARCHAR(256) "
-                             "PRIMARY KEY, type VARCHAR(16) NOT NULL, received_at FLOAT "
-                             "NOT NULL)"))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE segment_messages (message_id VARCHAR(256) "
+                "PRIMARY KEY, type VARCHAR(16) NOT NULL, received_at FLOAT "
+                "NOT NULL)"
+            )
+        )
         conn.execute(sa.text("INSERT INTO segment_messages VALUES ('old-1', 'track', 1.0)"))
     engine.dispose()
     app = make_app(database_url=database_url)
@@ -436,13 +540,14 @@ def test_claims_from_before_the_inbox_still_make_redeliveries_duplicates(make_ap
 def test_old_interactions_are_pruned_and_newer_ones_kept(make_app, database_url):
     """INTERACTION_RETENTION_DAYS: every interaction older than the window goes (2,500,
     sharing one timestamp: more than one pruning batch), a newer one stays."""
-    from datetime import datetime, timezone
+    from datetime import datetime
+
     app = make_app(database_url=database_url, interaction_retention_days=30.0)
     client = app.test_client()
     today = time.time()
 
     def at(when: float) -> str:
-        return datetime.fromtimestamp(when, timezone.utc).isoformat().replace("+00:00", "Z")
+        return datetime.fromtimestamp(when, UTC).isoformat().replace("+00:00", "Z")
 
     old = [track(f"old-{n}", f"p-{n % 7}", user=f"u-{n}") for n in range(2500)]
     for message in old:
@@ -498,10 +603,9 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
         services.stop()
 
 
-
-
 def test_postgresql_rows_committed_out_of_order_wait_and_are_applied_in_order(
-        make_app, postgresql_url):
+    make_app, postgresql_url
+):
     """The inbox's central guarantee on PostgreSQL, made to happen: a delivery takes a
     lower sequence number and is still committing while a later one (a higher number)
     has committed. An applier must not pass the later one by (it would skip the earlier
@@ -513,10 +617,13 @@ def test_postgresql_rows_committed_out_of_order_wait_and_are_applied_in_order(
     try:
         with engine.connect() as slow:
             slow.begin()
-            slow.execute(sa.text(
-                "INSERT INTO inbox (txid, message_id, type, received_at, body) VALUES "
-                "(pg_current_xact_id()::text::bigint, :id, 'track', :at, :body)"),
-                {"id": early["messageId"], "at": time.time(), "body": json.dumps(early)})
+            slow.execute(
+                sa.text(
+                    "INSERT INTO inbox (txid, message_id, type, received_at, body) VALUES "
+                    "(pg_current_xact_id()::text::bigint, :id, 'track', :at, :body)"
+                ),
+                {"id": early["messageId"], "at": time.time(), "body": json.dumps(early)},
+            )
             assert raw_client(app).post("/segment", json=late).status_code == 200
             with engine.connect() as probe:
                 seqs = dict(probe.execute(sa.text("SELECT message_id, seq FROM inbox")).all())

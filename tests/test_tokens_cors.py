@@ -4,6 +4,7 @@ Tokens are minted the way an operator mints them (``flask --app webhook token``,
 real subprocess) or, for expired and forged ones, with itsdangerous directly (the format
 the service documents: a URL-safe timed serializer with its key and salt).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,13 +34,22 @@ def secured(make_app):
 
 
 def cli_token(tmp_path, *args: str, secret: str | None = SECRET) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("SECRET_KEY", "FLASK_APP") and not k.startswith("PROMETHEUS_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SECRET_KEY", "FLASK_APP") and not k.startswith("PROMETHEUS_")
+    }
     env["DATABASE_URL"] = f"sqlite:///{tmp_path}/cli.db"
     if secret is not None:
         env["SECRET_KEY"] = secret
-    return subprocess.run([sys.executable, "-m", "flask", "--app", "webhook", "token", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "webhook", "token", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def minted(tmp_path, *args: str) -> str:
@@ -54,6 +64,7 @@ def token_from(seconds_ago: int, subject: dict, secret: str = SECRET) -> str:
     class Signer(TimestampSigner):
         def get_timestamp(self) -> int:
             return int(time.time()) - seconds_ago
+
     return URLSafeTimedSerializer(secret, salt=SALT, signer=Signer).dumps(subject)
 
 
@@ -63,7 +74,7 @@ def status(client, query: str, headers: dict | None = None) -> int:
     params, token = [], None
     for part in query.split("&"):
         if part.startswith("token="):
-            token = part[len("token="):]
+            token = part[len("token=") :]
         else:
             params.append(part)
     headers = dict(headers or {})
@@ -74,11 +85,13 @@ def status(client, query: str, headers: dict | None = None) -> int:
 
 # --- without SECRET_KEY ----------------------------------------------------------------------
 
+
 def test_without_secret_key_the_endpoint_is_open_and_start_up_says_so(make_app, caplog):
     with caplog.at_level(logging.WARNING, logger="webhook"):
         app = make_app()
-    assert any("SECRET_KEY" in r.getMessage() and r.levelno >= logging.WARNING
-               for r in caplog.records)
+    assert any(
+        "SECRET_KEY" in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records
+    )
     assert status(app.test_client(), "userId=u-1") == 200
 
 
@@ -95,11 +108,13 @@ def test_short_secret_keys_are_refused():
 
 # --- tokens -------------------------------------------------------------------------------
 
+
 def test_cli_token_opens_the_endpoint_for_that_user(secured, tmp_path):
     client = secured.test_client()
     token = minted(tmp_path, "u-1")
-    response = client.get("/recommendations?userId=u-1",
-                          headers={"Authorization": f"Bearer {token}"})
+    response = client.get(
+        "/recommendations?userId=u-1", headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 200
     assert [i["itemId"] for i in response.get_json()["itemList"]]
     assert status(client, f"userId=u-1&token={token}") == 200
@@ -157,8 +172,10 @@ def test_an_expired_token_is_401(make_app):
     app = make_app(secret_key=SECRET, token_max_age_seconds=600)
     client = app.test_client()
     assert status(client, f"userId=u-1&token={token_from(60, {'u': 'u-1'})}") == 200
-    response = client.get("/recommendations?userId=u-1", headers={
-        "Authorization": f"Bearer {token_from(700, {'u': 'u-1'})}"})
+    response = client.get(
+        "/recommendations?userId=u-1",
+        headers={"Authorization": f"Bearer {token_from(700, {'u': 'u-1'})}"},
+    )
     assert response.status_code == 401
     assert "expired" in response.get_json()["error"]["message"]
 
@@ -172,16 +189,19 @@ def test_the_default_token_lifetime_is_an_hour(secured):
 def test_another_users_token_is_403(secured, tmp_path):
     client = secured.test_client()
     token = minted(tmp_path, "u-1")
-    response = client.get("/recommendations?userId=u-2", headers={"Authorization":
-                                                                 f"Bearer {token}"})
+    response = client.get(
+        "/recommendations?userId=u-2", headers={"Authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 403
     assert status(client, f"anonymousId=u-1&token={token}") == 403
 
 
 def test_the_token_is_checked_before_anything_is_computed(secured, tmp_path):
     """A refused request must not leak the answer, nor the traits used."""
-    response = secured.test_client().get("/recommendations?userId=u-2", headers={
-        "Authorization": "Bearer " + minted(tmp_path, "u-1")})
+    response = secured.test_client().get(
+        "/recommendations?userId=u-2",
+        headers={"Authorization": "Bearer " + minted(tmp_path, "u-1")},
+    )
     assert response.status_code == 403
     assert "itemList" not in response.get_json()
     assert "traitsUsed" not in response.get_json()
@@ -205,6 +225,7 @@ def test_the_token_does_not_appear_in_the_log(secured, tmp_path, caplog):
 
 # --- CORS ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cors_app(make_app):
     return make_app(cors_origins=(ORIGIN, "https://www.shop.example"), secret_key=SECRET)
@@ -213,8 +234,9 @@ def cors_app(make_app):
 def test_allowed_origin_can_read_the_answer(cors_app):
     token = token_from(0, {"u": "u-1"})
     response = cors_app.test_client().get(
-        "/recommendations?userId=u-1", headers={"Origin": ORIGIN,
-                                                "Authorization": f"Bearer {token}"})
+        "/recommendations?userId=u-1",
+        headers={"Origin": ORIGIN, "Authorization": f"Bearer {token}"},
+    )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "Origin" in response.headers.get("Vary", "")
@@ -223,9 +245,12 @@ def test_allowed_origin_can_read_the_answer(cors_app):
 def test_preflight_allows_the_authorization_header_without_a_token(cors_app):
     response = cors_app.test_client().options(
         "/recommendations?userId=u-1",
-        headers={"Origin": "https://www.shop.example",
-                 "Access-Control-Request-Method": "GET",
-                 "Access-Control-Request-Headers": "authorization"})
+        headers={
+            "Origin": "https://www.shop.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
     assert response.status_code == 200  # flask-cors answers the preflight
     assert response.headers["Access-Control-Allow-Origin"] == "https://www.shop.example"
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
@@ -234,8 +259,7 @@ def test_preflight_allows_the_authorization_header_without_a_token(cors_app):
 
 def test_refusals_are_readable_by_an_allowed_origin(cors_app):
     """A page must be able to tell a 401 from a network failure."""
-    response = cors_app.test_client().get("/recommendations?userId=u-1",
-                                          headers={"Origin": ORIGIN})
+    response = cors_app.test_client().get("/recommendations?userId=u-1", headers={"Origin": ORIGIN})
     assert response.status_code == 401
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
 
@@ -243,24 +267,28 @@ def test_refusals_are_readable_by_an_allowed_origin(cors_app):
 def test_other_origins_get_no_cors_headers(cors_app):
     client = cors_app.test_client()
     token = token_from(0, {"u": "u-1"})
-    response = client.get(f"/recommendations?userId=u-1&token={token}",
-                          headers={"Origin": "https://evil.example"})
+    response = client.get(
+        f"/recommendations?userId=u-1&token={token}", headers={"Origin": "https://evil.example"}
+    )
     assert "Access-Control-Allow-Origin" not in response.headers
-    preflight = client.options("/recommendations",
-                               headers={"Origin": "https://evil.example",
-                                        "Access-Control-Request-Method": "GET"})
+    preflight = client.options(
+        "/recommendations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
     assert "Access-Control-Allow-Origin" not in preflight.headers
 
 
 def test_cors_only_covers_recommendations(cors_app):
     response = cors_app.test_client().post(
-        "/segment", data="[]", headers={"Origin": ORIGIN, "Content-Type": "application/json"})
+        "/segment", data="[]", headers={"Origin": ORIGIN, "Content-Type": "application/json"}
+    )
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
 def test_without_cors_origins_no_cors_headers(make_app):
-    response = make_app().test_client().get("/recommendations?userId=u-1",
-                                            headers={"Origin": ORIGIN})
+    response = (
+        make_app().test_client().get("/recommendations?userId=u-1", headers={"Origin": ORIGIN})
+    )
     assert response.status_code == 200
     assert "Access-Control-Allow-Origin" not in response.headers
 

@@ -4,11 +4,12 @@ JSON error and leaves the store exactly as it was; never a 500 or an HTML page.
 Also: what a valid message may look like (timestamp forms, fallbacks, version, unknown
 fields) and how a batch mixing valid and invalid messages is answered.
 """
+
 from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -17,14 +18,16 @@ import sqlalchemy as sa
 from tests.conftest import store_of
 from webhook.storage import inbox_url_for
 
-INSTANT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=timezone.utc).timestamp()
-
+INSTANT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
 def track(message_id="m-1", product_id="p-1", **extra) -> dict:
     message = {
-        "type": "track", "event": "Product Viewed", "messageId": message_id,
-        "userId": "user-1", "timestamp": "2024-05-01T10:00:00.000Z",
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": message_id,
+        "userId": "user-1",
+        "timestamp": "2024-05-01T10:00:00.000Z",
         "properties": {"product_id": product_id, "name": "Stuhl", "price": 10},
     }
     message.update(extra)
@@ -37,12 +40,23 @@ def dumps(value) -> bytes:
 
 def seed(app):
     """One valid delivery already stored, so that 'unchanged' is not 'still empty'."""
-    response = app.test_client().post("/segment", data=dumps([
-        track("seed-1", "seed-item"),
-        {"type": "identify", "messageId": "seed-2", "userId": "seed-user",
-         "anonymousId": "seed-anon", "timestamp": "2024-01-01T00:00:00Z",
-         "traits": {"name": "Zoë"}},
-    ]), content_type="application/json")
+    response = app.test_client().post(
+        "/segment",
+        data=dumps(
+            [
+                track("seed-1", "seed-item"),
+                {
+                    "type": "identify",
+                    "messageId": "seed-2",
+                    "userId": "seed-user",
+                    "anonymousId": "seed-anon",
+                    "timestamp": "2024-01-01T00:00:00Z",
+                    "traits": {"name": "Zoë"},
+                },
+            ]
+        ),
+        content_type="application/json",
+    )
     assert response.status_code == 200, response.get_json()
     counts = store_of(app).counts()
     assert all(counts.values()), counts
@@ -50,8 +64,10 @@ def seed(app):
 
 
 def assert_clean_4xx(app, response, before, status=400):
-    assert response.status_code == status, (response.status_code,
-                                            response.get_data(as_text=True)[:500])
+    assert response.status_code == status, (
+        response.status_code,
+        response.get_data(as_text=True)[:500],
+    )
     assert response.is_json, response.get_data(as_text=True)[:200]
     assert response.get_json()["error"]["message"]
     assert store_of(app).counts() == before
@@ -119,14 +135,16 @@ def test_4001_messages_are_refused_whole(seeded):
 def test_4000_messages_are_accepted(make_app):
     app = make_app()
     messages = [track(f"many-{i}", f"p-{i % 50}") for i in range(4000)]
-    response = app.test_client().post("/segment", data=dumps(messages),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(messages), content_type="application/json"
+    )
     assert response.status_code == 200
     assert (response.get_json()["accepted"], response.get_json()["interactions"]) == (4000, 4000)
     assert store_of(app).counts()["interactions"] == 4000
 
 
 # --- one message that breaks the Spec: rejected, so the delivery holds nothing valid -------
+
 
 def _without(message, *keys):
     return {k: v for k, v in message.items() if k not in keys}
@@ -164,14 +182,31 @@ BAD_MESSAGES = {
     "timestamp out of range after offset": track(timestamp="9999-12-31T23:59:59-01:00"),
     "timestamp out of range before offset": track(timestamp="0001-01-01T00:00:00+01:00"),
     "no time at all": _without(track(), "timestamp"),
-    "identify traits list": {"type": "identify", "messageId": "i-1", "userId": "u",
-                             "timestamp": "2024-05-01T10:00:00Z", "traits": ["a"]},
-    "alias without previousId": {"type": "alias", "messageId": "al-1", "userId": "u",
-                                 "timestamp": "2024-05-01T10:00:00Z"},
-    "alias without userId": {"type": "alias", "messageId": "al-1", "previousId": "a",
-                             "anonymousId": "a", "timestamp": "2024-05-01T10:00:00Z"},
-    "delete without any id": {"type": "delete", "messageId": "d-1",
-                              "timestamp": "2024-05-01T10:00:00Z"},
+    "identify traits list": {
+        "type": "identify",
+        "messageId": "i-1",
+        "userId": "u",
+        "timestamp": "2024-05-01T10:00:00Z",
+        "traits": ["a"],
+    },
+    "alias without previousId": {
+        "type": "alias",
+        "messageId": "al-1",
+        "userId": "u",
+        "timestamp": "2024-05-01T10:00:00Z",
+    },
+    "alias without userId": {
+        "type": "alias",
+        "messageId": "al-1",
+        "previousId": "a",
+        "anonymousId": "a",
+        "timestamp": "2024-05-01T10:00:00Z",
+    },
+    "delete without any id": {
+        "type": "delete",
+        "messageId": "d-1",
+        "timestamp": "2024-05-01T10:00:00Z",
+    },
 }
 
 
@@ -212,8 +247,9 @@ def test_body_at_the_limit_is_accepted(small_app):
     assert response.status_code == 200, response.get_json()
 
 
-@pytest.mark.parametrize("body", [_padded(LIMIT + 1), b"[" + b"1," * 50_000 + b"1]",
-                                  b"x" * 1_000_000])
+@pytest.mark.parametrize(
+    "body", [_padded(LIMIT + 1), b"[" + b"1," * 50_000 + b"1]", b"x" * 1_000_000]
+)
 def test_body_above_the_limit_is_a_413(small_app, body):
     app, client, before = small_app
     response = client.post("/segment", data=body, content_type="application/json")
@@ -224,10 +260,12 @@ def _chunked(client, body: bytes):
     # The test client sends no Content-Length for an input stream; a WSGI server that
     # de-chunks a request (gunicorn, werkzeug's dev server) says so with
     # wsgi.input_terminated. That is the environment a chunked upload arrives in.
-    return client.post("/segment", input_stream=io.BytesIO(body),
-                       headers={"Content-Type": "application/json",
-                                "Transfer-Encoding": "chunked"},
-                       environ_overrides={"wsgi.input_terminated": True})
+    return client.post(
+        "/segment",
+        input_stream=io.BytesIO(body),
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
 
 
 def test_chunked_body_under_the_limit_is_accepted(small_app):
@@ -236,11 +274,15 @@ def test_chunked_body_under_the_limit_is_accepted(small_app):
     assert response.status_code == 200, response.get_json()
 
 
-@pytest.mark.parametrize("body", [
-    b"[" + b"1," * 50_000 + b"1]",
-    # Valid JSON once cut at the limit: must not be stored either.
-    _padded(LIMIT // 2) + b" " * (2 * LIMIT),
-], ids=["invalid-when-cut", "valid-when-cut"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" + b"1," * 50_000 + b"1]",
+        # Valid JSON once cut at the limit: must not be stored either.
+        _padded(LIMIT // 2) + b" " * (2 * LIMIT),
+    ],
+    ids=["invalid-when-cut", "valid-when-cut"],
+)
 def test_chunked_body_above_the_limit_is_a_413(small_app, body):
     app, client, before = small_app
     response = _chunked(client, body)
@@ -251,13 +293,20 @@ def test_chunked_body_above_the_limit_is_a_413(small_app, body):
 def test_chunked_body_above_the_limit_under_gunicorn_is_a_413(tmp_path):
     from tests.gunicorn_server import gunicorn
 
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "MAX_BODY_BYTES": str(LIMIT),
-           "_LOG_DIR": str(tmp_path)}
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+        "MAX_BODY_BYTES": str(LIMIT),
+        "_LOG_DIR": str(tmp_path),
+    }
     body = _padded(LIMIT // 2) + b" " * (2 * LIMIT)
     with gunicorn(env, workers=1) as (base, _process):
         # A generator body: requests sends it with Transfer-Encoding: chunked.
-        response = requests.post(base + "/segment", data=iter([body[:LIMIT], body[LIMIT:]]),
-                                 headers={"Content-Type": "application/json"}, timeout=10)
+        response = requests.post(
+            base + "/segment",
+            data=iter([body[:LIMIT], body[LIMIT:]]),
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
     assert response.status_code == 413, response.text
     engine = sa.create_engine(inbox_url_for(env["DATABASE_URL"]))
     with engine.connect() as conn:
@@ -267,22 +316,34 @@ def test_chunked_body_above_the_limit_under_gunicorn_is_a_413(tmp_path):
 
 # --- a batch mixing valid and invalid messages ---------------------------------------------
 
+
 def test_mixed_batch_keeps_the_valid_and_reports_the_rest(make_app, database_url):
     app = make_app(database_url=database_url)
     batch = [
         track("ok-1", "p-1"),
         _without(track("no-id"), "messageId"),
-        {"type": "identify", "messageId": "ok-2", "userId": "user-1",
-         "timestamp": "2024-05-01T10:00:00Z", "traits": {"city": "Zürich"}},
+        {
+            "type": "identify",
+            "messageId": "ok-2",
+            "userId": "user-1",
+            "timestamp": "2024-05-01T10:00:00Z",
+            "traits": {"city": "Zürich"},
+        },
         42,
         track("bad-time", timestamp="not a time"),
         track("no-product", properties={"name": "no id here"}),
         track("ok-1", "p-1"),  # the same message twice in one delivery
-        {"type": "page", "messageId": "ok-3", "anonymousId": "anon-9",
-         "timestamp": "2024-05-01T10:00:00Z", "name": "Home"},
+        {
+            "type": "page",
+            "messageId": "ok-3",
+            "anonymousId": "anon-9",
+            "timestamp": "2024-05-01T10:00:00Z",
+            "name": "Home",
+        },
     ]
-    response = app.test_client().post("/segment", data=dumps(batch),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(batch), content_type="application/json"
+    )
     assert response.status_code == 200, response.get_json()
     summary = response.get_json()
     assert summary["received"] == 8
@@ -303,6 +364,7 @@ def test_mixed_batch_keeps_the_valid_and_reports_the_rest(make_app, database_url
 
 # --- bad values that reach the database: never a 500 -----------------------------------------
 
+
 def _nested(depth: int) -> bytes:
     """A track whose properties hold `depth` nested arrays, written as text (encoding it
     with json.dumps would itself hit the recursion limit)."""
@@ -314,15 +376,23 @@ STORE_HOSTILE = {
     "NUL in userId": dumps(track("nul-1", userId="user\x00-1")),
     "NUL in messageId": dumps(track("nul\x00-2")),
     "NUL in item name": dumps(track("nul-3", properties={"product_id": "p", "name": "a\x00b"})),
-    "NUL in trait": dumps({"type": "identify", "messageId": "nul-4", "userId": "u",
-                           "timestamp": "2024-05-01T10:00:00Z", "traits": {"n": "a\x00b"}}),
+    "NUL in trait": dumps(
+        {
+            "type": "identify",
+            "messageId": "nul-4",
+            "userId": "u",
+            "timestamp": "2024-05-01T10:00:00Z",
+            "traits": {"n": "a\x00b"},
+        }
+    ),
     "lone surrogate in userId": dumps(track("sur-1", userId="user-\ud800")),
     "lone surrogate in product_id": dumps(track("sur-2", properties={"product_id": "p\udc00"})),
-    "lone surrogate in item name": dumps(track("sur-3", properties={"product_id": "p",
-                                                                   "name": "\ud83d"})),
+    "lone surrogate in item name": dumps(
+        track("sur-3", properties={"product_id": "p", "name": "\ud83d"})
+    ),
     "1e400 in properties": VALID.replace(b'"price": 10', b'"price": 10, "big": 1e400'),
     "1e400 in traits": b'{"type": "identify", "messageId": "inf-2", "userId": "u", '
-                       b'"timestamp": "2024-05-01T10:00:00Z", "traits": {"score": 1e400}}',
+    b'"timestamp": "2024-05-01T10:00:00Z", "traits": {"score": 1e400}}',
     "400-digit price": VALID.replace(b'"price": 10', b'"price": 1' + b"0" * 400),
     "400-digit product_id": VALID.replace(b'"product_id": "p-1"', b'"product_id": 1' + b"0" * 400),
 }
@@ -332,8 +402,9 @@ STORE_HOSTILE = {
 def test_values_the_database_may_refuse_never_give_a_500(make_app, database_url, name):
     app = make_app(database_url=database_url)
     before = seed(app)
-    response = app.test_client().post("/segment", data=STORE_HOSTILE[name],
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=STORE_HOSTILE[name], content_type="application/json"
+    )
     assert response.status_code < 500, response.get_json()
     assert response.is_json
     if response.status_code >= 400:
@@ -350,8 +421,7 @@ def test_nesting_just_below_the_parser_limit_never_gives_a_500(make_app, databas
     statuses = {}
     for depth in range(900, 1001, 2):
         before = store_of(app).counts()
-        response = client.post("/segment", data=_nested(depth),
-                               content_type="application/json")
+        response = client.post("/segment", data=_nested(depth), content_type="application/json")
         statuses[depth] = response.status_code
         assert response.status_code in (200, 400), (depth, response.get_json())
         if response.status_code == 400:
@@ -361,45 +431,69 @@ def test_nesting_just_below_the_parser_limit_never_gives_a_500(make_app, databas
 
 # --- what a valid message may look like ------------------------------------------------------
 
+
 def _times(app) -> dict[str, float]:
     with store_of(app).engine.connect() as conn:
-        return {r[0]: r[1] for r in conn.execute(
-            sa.text("SELECT message_id, timestamp FROM interactions"))}
+        return {
+            r[0]: r[1]
+            for r in conn.execute(sa.text("SELECT message_id, timestamp FROM interactions"))
+        }
 
 
 SAME_INSTANT = [
-    "2024-05-01T10:00:00Z", "2024-05-01T10:00:00z", "2024-05-01T10:00:00.000Z",
-    "2024-05-01T10:00:00.000000Z", "2024-05-01T10:00:00.000000000Z",
-    "2024-05-01T10:00:00+00:00", "2024-05-01T10:00:00.000+00:00", "2024-05-01T10:00:00+0000",
-    "2024-05-01T10:00:00-00:00", "2024-05-01T12:00:00+02:00", "2024-05-01T05:30:00.000-04:30",
-    "2024-05-01T10:00Z", "2024-05-01 10:00:00Z",
+    "2024-05-01T10:00:00Z",
+    "2024-05-01T10:00:00z",
+    "2024-05-01T10:00:00.000Z",
+    "2024-05-01T10:00:00.000000Z",
+    "2024-05-01T10:00:00.000000000Z",
+    "2024-05-01T10:00:00+00:00",
+    "2024-05-01T10:00:00.000+00:00",
+    "2024-05-01T10:00:00+0000",
+    "2024-05-01T10:00:00-00:00",
+    "2024-05-01T12:00:00+02:00",
+    "2024-05-01T05:30:00.000-04:30",
+    "2024-05-01T10:00Z",
+    "2024-05-01 10:00:00Z",
 ]
 
 
 def test_timestamp_forms_give_the_same_instant(make_app):
     app = make_app()
     batch = [track(f"ts-{i}", timestamp=form) for i, form in enumerate(SAME_INSTANT)]
-    response = app.test_client().post("/segment", data=dumps(batch),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(batch), content_type="application/json"
+    )
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["accepted"] == len(SAME_INSTANT), response.get_json()
     times = _times(app)
     assert {f"ts-{i}": times[f"ts-{i}"] for i in range(len(SAME_INSTANT))} == {
-        f"ts-{i}": pytest.approx(INSTANT, abs=1e-6) for i in range(len(SAME_INSTANT))}
+        f"ts-{i}": pytest.approx(INSTANT, abs=1e-6) for i in range(len(SAME_INSTANT))
+    }
 
 
-@pytest.mark.parametrize("forms", [
-    ["2024-05-01T10:00:00.123Z", "2024-05-01T10:00:00.123000Z",
-     "2024-05-01T10:00:00.123000000Z", "2024-05-01T10:00:00.123+00:00",
-     "2024-05-01T11:00:00.123+01:00"],
-    ["2024-05-01T10:00:00.123456Z", "2024-05-01T10:00:00.123456+00:00",
-     "2024-05-01T10:00:00.123456789Z"],  # nanoseconds: the microseconds are kept
-])
+@pytest.mark.parametrize(
+    "forms",
+    [
+        [
+            "2024-05-01T10:00:00.123Z",
+            "2024-05-01T10:00:00.123000Z",
+            "2024-05-01T10:00:00.123000000Z",
+            "2024-05-01T10:00:00.123+00:00",
+            "2024-05-01T11:00:00.123+01:00",
+        ],
+        [
+            "2024-05-01T10:00:00.123456Z",
+            "2024-05-01T10:00:00.123456+00:00",
+            "2024-05-01T10:00:00.123456789Z",
+        ],  # nanoseconds: the microseconds are kept
+    ],
+)
 def test_fractions_of_3_6_9_digits(make_app, forms):
     app = make_app()
     batch = [track(f"fr-{i}", timestamp=form) for i, form in enumerate(forms)]
-    response = app.test_client().post("/segment", data=dumps(batch),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(batch), content_type="application/json"
+    )
     assert response.get_json()["accepted"] == len(forms), response.get_json()
     expected = datetime.fromisoformat(forms[0].replace("Z", "+00:00")).timestamp()
     times = _times(app)
@@ -412,18 +506,37 @@ def test_time_falls_back_to_original_timestamp_sent_at_received_at(make_app):
     app = make_app()
     base = _without(track(), "timestamp")
     batch = [
-        {**base, "messageId": "fb-orig", "originalTimestamp": "2024-05-01T10:00:00Z",
-         "sentAt": "2024-06-01T00:00:00Z", "receivedAt": "2024-07-01T00:00:00Z"},
-        {**base, "messageId": "fb-sent", "sentAt": "2024-05-01T10:00:00Z",
-         "receivedAt": "2024-07-01T00:00:00Z"},
+        {
+            **base,
+            "messageId": "fb-orig",
+            "originalTimestamp": "2024-05-01T10:00:00Z",
+            "sentAt": "2024-06-01T00:00:00Z",
+            "receivedAt": "2024-07-01T00:00:00Z",
+        },
+        {
+            **base,
+            "messageId": "fb-sent",
+            "sentAt": "2024-05-01T10:00:00Z",
+            "receivedAt": "2024-07-01T00:00:00Z",
+        },
         {**base, "messageId": "fb-recv", "receivedAt": "2024-05-01T10:00:00Z"},
-        {**base, "messageId": "fb-ts", "timestamp": "2024-05-01T10:00:00Z",
-         "originalTimestamp": "2023-01-01T00:00:00Z"},
-        {**base, "messageId": "fb-empty", "timestamp": "", "originalTimestamp": None,
-         "sentAt": "2024-05-01T10:00:00Z"},
+        {
+            **base,
+            "messageId": "fb-ts",
+            "timestamp": "2024-05-01T10:00:00Z",
+            "originalTimestamp": "2023-01-01T00:00:00Z",
+        },
+        {
+            **base,
+            "messageId": "fb-empty",
+            "timestamp": "",
+            "originalTimestamp": None,
+            "sentAt": "2024-05-01T10:00:00Z",
+        },
     ]
-    response = app.test_client().post("/segment", data=dumps(batch),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(batch), content_type="application/json"
+    )
     assert response.get_json()["accepted"] == 5, response.get_json()
     assert _times(app) == {m["messageId"]: pytest.approx(INSTANT) for m in batch}
 
@@ -434,19 +547,28 @@ def test_version_as_number_or_string_is_accepted(make_app, version):
     message = track("v-1")
     if version is not None:
         message["version"] = version
-    response = app.test_client().post("/segment", data=dumps(message),
-                                      content_type="application/json")
+    response = app.test_client().post(
+        "/segment", data=dumps(message), content_type="application/json"
+    )
     assert response.status_code == 200
     assert response.get_json()["interactions"] == 1
 
 
 def test_unknown_fields_are_ignored(make_app):
     app = make_app()
-    message = track("unk-1", _metadata={"bundled": ["Segment.io"]}, writeKey="wk",
-                    integrations={"All": False}, projectId="p", channel="server",
-                    newSpecField={"nested": [1, 2, {"x": None}]}, Type="TRACK")
-    response = app.test_client().post("/segment", data=dumps(message),
-                                      content_type="application/json")
+    message = track(
+        "unk-1",
+        _metadata={"bundled": ["Segment.io"]},
+        writeKey="wk",
+        integrations={"All": False},
+        projectId="p",
+        channel="server",
+        newSpecField={"nested": [1, 2, {"x": None}]},
+        Type="TRACK",
+    )
+    response = app.test_client().post(
+        "/segment", data=dumps(message), content_type="application/json"
+    )
     assert response.status_code == 200
     assert response.get_json()["interactions"] == 1
 
@@ -456,15 +578,24 @@ def test_long_integers_and_non_ascii_text_are_kept_exactly(make_app):
     product's id, not a rounded float), text outside ASCII stays as sent, and the inbox
     keeps the message as ASCII JSON."""
     app = make_app()
-    message = track("long-1", product_id=12345678901234567890123,
-                    properties={"product_id": 12345678901234567890123, "name": "Stühl 椅子",
-                                "order_ref": -98765432109876543210987, "price": 1.5})
-    response = app.test_client().post("/segment", data=dumps(message),
-                                      content_type="application/json")
+    message = track(
+        "long-1",
+        product_id=12345678901234567890123,
+        properties={
+            "product_id": 12345678901234567890123,
+            "name": "Stühl 椅子",
+            "order_ref": -98765432109876543210987,
+            "price": 1.5,
+        },
+    )
+    response = app.test_client().post(
+        "/segment", data=dumps(message), content_type="application/json"
+    )
     assert response.status_code == 200 and response.get_json()["interactions"] == 1
     with store_of(app).engine.connect() as conn:
-        item_id, properties = conn.execute(sa.text(
-            "SELECT item_id, properties FROM interactions")).one()
+        item_id, properties = conn.execute(
+            sa.text("SELECT item_id, properties FROM interactions")
+        ).one()
     assert item_id == "12345678901234567890123"
     properties = json.loads(properties) if isinstance(properties, str) else properties
     assert properties["order_ref"] == -98765432109876543210987

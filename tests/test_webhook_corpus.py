@@ -6,6 +6,7 @@ What is asserted is what a user of the service would see in the store: the inter
 (event types, item ids, fan-out of a products array, e-commerce v1 names, sku fallback),
 the item catalog, the profile traits, the identity links, and the answer's counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,21 @@ SECRET = "corpus-shared-secret"
 TOKEN = "corpus-bearer-token"
 
 # The story (tests/segment_wire.STORY) by position.
-PAGE, VIEWED, CLICKED, ADDED, IDENTIFY, ALIAS, WISHLIST, ORDER, V1_VIEWED, V1_ORDER, \
-    SCREEN, GROUP, SIGNED_UP = range(13)
+(
+    PAGE,
+    VIEWED,
+    CLICKED,
+    ADDED,
+    IDENTIFY,
+    ALIAS,
+    WISHLIST,
+    ORDER,
+    V1_VIEWED,
+    V1_ORDER,
+    SCREEN,
+    GROUP,
+    SIGNED_UP,
+) = range(13)
 
 # Interactions each message of the story makes, in story order.
 INTERACTIONS_PER_MESSAGE = [0, 1, 1, 1, 0, 0, 1, 2, 1, 1, 0, 0, 0]
@@ -47,14 +61,15 @@ def wire(corpus):
     return node_deliveries(corpus, SECRET)
 
 
-
 @pytest.fixture
 def app(make_app, database_url):
-    return make_app(database_url=database_url, segment_shared_secrets=(SECRET,),
-                    webhook_bearer_tokens=(TOKEN,))
+    return make_app(
+        database_url=database_url, segment_shared_secrets=(SECRET,), webhook_bearer_tokens=(TOKEN,)
+    )
 
 
 # --- reading the store back (plain SQL, independent of the code's table objects) -------
+
 
 def _json(value):
     return json.loads(value) if isinstance(value, str) else value
@@ -63,20 +78,30 @@ def _json(value):
 def dump(app) -> dict:
     """Everything the store holds, as plain data (for before/after comparisons)."""
     with store_of(app).inbox_store.engine.connect() as conn:
-        messages = {r.message_id: r.type for r in conn.execute(
-            sa.text("SELECT message_id, type FROM inbox"))}
+        messages = {
+            r.message_id: r.type
+            for r in conn.execute(sa.text("SELECT message_id, type FROM inbox"))
+        }
     with store_of(app).engine.connect() as conn:
+
         def rows(sql):
             return [dict(r._mapping) for r in conn.execute(sa.text(sql))]
+
         return {
             "messages": messages,
-            "interactions": {r["event_id"]: {**r, "properties": _json(r["properties"])}
-                             for r in rows("SELECT * FROM interactions")},
+            "interactions": {
+                r["event_id"]: {**r, "properties": _json(r["properties"])}
+                for r in rows("SELECT * FROM interactions")
+            },
             "items": {r["item_id"]: r for r in rows("SELECT * FROM items")},
-            "profiles": {r["profile_id"]: _json(r["traits"]) for r in rows(
-                "SELECT profile_id, traits FROM profiles")},
-            "links": {r["anonymous_id"]: r["user_id"] for r in rows(
-                "SELECT anonymous_id, user_id FROM identity_links")},
+            "profiles": {
+                r["profile_id"]: _json(r["traits"])
+                for r in rows("SELECT profile_id, traits FROM profiles")
+            },
+            "links": {
+                r["anonymous_id"]: r["user_id"]
+                for r in rows("SELECT anonymous_id, user_id FROM identity_links")
+            },
         }
 
 
@@ -91,8 +116,10 @@ def assert_story_stored(app, corpus):
     # Every message id is remembered, page/screen/group included (nothing else of them).
     assert set(state["messages"]) == set(mid)
 
-    got = {eid: (r["event_type"], r["item_id"], r["user_id"], r["anonymous_id"])
-           for eid, r in state["interactions"].items()}
+    got = {
+        eid: (r["event_type"], r["item_id"], r["user_id"], r["anonymous_id"])
+        for eid, r in state["interactions"].items()
+    }
     assert got == {
         mid[VIEWED]: ("Product Viewed", "sku-1", None, ANON_ID),
         mid[CLICKED]: ("Product Clicked", "sku-2", None, ANON_ID),
@@ -108,7 +135,8 @@ def assert_story_stored(app, corpus):
     # The message's own time, not the time of arrival.
     for index, event_id in ((VIEWED, mid[VIEWED]), (ORDER, mid[ORDER] + "#1")):
         assert state["interactions"][event_id]["timestamp"] == pytest.approx(
-            epoch(corpus[index]["timestamp"]), abs=1e-3)
+            epoch(corpus[index]["timestamp"]), abs=1e-3
+        )
     # A product of a fan-out carries the order's properties and its own, not the array.
     order_line = state["interactions"][mid[ORDER] + "#1"]["properties"]
     assert order_line["order_id"] == "o-1"
@@ -117,10 +145,14 @@ def assert_story_stored(app, corpus):
 
     items = state["items"]
     assert set(items) - {"SKU-5"} == {"sku-1", "sku-2", "sku-3", "SKU-4"}
-    assert {k: items["sku-1"][k] for k in ("name", "brand", "category", "price", "url",
-                                             "image_url")} == {
-        "name": "Chaise longue", "brand": "Möbel & Co", "category": "Furniture",
-        "price": 199.5, "url": "https://shop.example/p/sku-1",
+    assert {
+        k: items["sku-1"][k] for k in ("name", "brand", "category", "price", "url", "image_url")
+    } == {
+        "name": "Chaise longue",
+        "brand": "Möbel & Co",
+        "category": "Furniture",
+        "price": 199.5,
+        "url": "https://shop.example/p/sku-1",
         "image_url": "https://shop.example/i/sku-1.jpg",
     }
     # Order Completed's product 2 has no name: the name from Product Clicked stays.
@@ -135,32 +167,50 @@ def assert_story_stored(app, corpus):
 
 # --- Webhooks (Classic): one POST a message -------------------------------------------
 
+
 def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
     client = app.test_client()
-    for index, (message, delivery) in enumerate(zip(corpus, wire["messages"])):
-        response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
+    for index, (_message, delivery) in enumerate(zip(corpus, wire["messages"])):
+        response = client.post(
+            "/segment",
+            data=delivery["body"],
+            headers=classic_headers(delivery["signature"], bearer=TOKEN),
+        )
         assert response.status_code == 200, (index, response.get_json())
         assert response.get_json() == {
-            "received": 1, "accepted": 1, "duplicates": 0, "skipped": [], "rejected": [],
+            "received": 1,
+            "accepted": 1,
+            "duplicates": 0,
+            "skipped": [],
+            "rejected": [],
             "interactions": INTERACTIONS_PER_MESSAGE[index],
         }, STORY[index]
     stored = assert_story_stored(app, corpus)
 
     # Segment redelivers (a timeout on its side): everything is a duplicate, nothing moves.
     for delivery in wire["messages"]:
-        response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
+        response = client.post(
+            "/segment",
+            data=delivery["body"],
+            headers=classic_headers(delivery["signature"], bearer=TOKEN),
+        )
         assert response.status_code == 200
         assert response.get_json() == {
-            "received": 1, "accepted": 0, "duplicates": 1, "skipped": [], "rejected": [],
+            "received": 1,
+            "accepted": 0,
+            "duplicates": 1,
+            "skipped": [],
+            "rejected": [],
             "interactions": 0,
         }
     assert dump(app) == stored
 
     # The same messages arriving through the other destination are duplicates as well.
-    response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
+    response = client.post(
+        "/segment",
+        data=wire["batch_body"],
+        headers=actions_headers(wire["batch_signature"], bearer=TOKEN),
+    )
     assert response.status_code == 200
     assert (response.get_json()["duplicates"], response.get_json()["accepted"]) == (13, 0)
     assert dump(app) == stored
@@ -168,29 +218,47 @@ def test_classic_delivery_of_the_corpus_then_redelivery(app, corpus, wire):
 
 # --- Webhooks (Actions): one POST, a bare array -----------------------------------------
 
+
 def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
     client = app.test_client()
-    response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
+    response = client.post(
+        "/segment",
+        data=wire["batch_body"],
+        headers=actions_headers(wire["batch_signature"], bearer=TOKEN),
+    )
     assert response.status_code == 200, response.get_json()
     assert response.get_json() == {
-        "received": 13, "accepted": 13, "duplicates": 0, "skipped": [], "rejected": [],
+        "received": 13,
+        "accepted": 13,
+        "duplicates": 0,
+        "skipped": [],
+        "rejected": [],
         "interactions": 8,
     }
     stored = assert_story_stored(app, corpus)
 
-    response = client.post("/segment", data=wire["batch_body"],
-                           headers=actions_headers(wire["batch_signature"], bearer=TOKEN))
+    response = client.post(
+        "/segment",
+        data=wire["batch_body"],
+        headers=actions_headers(wire["batch_signature"], bearer=TOKEN),
+    )
     assert response.status_code == 200
     assert response.get_json() == {
-        "received": 13, "accepted": 0, "duplicates": 13, "skipped": [], "rejected": [],
+        "received": 13,
+        "accepted": 0,
+        "duplicates": 13,
+        "skipped": [],
+        "rejected": [],
         "interactions": 0,
     }
     assert dump(app) == stored
 
     for delivery in wire["messages"]:
-        response = client.post("/segment", data=delivery["body"],
-                               headers=classic_headers(delivery["signature"], bearer=TOKEN))
+        response = client.post(
+            "/segment",
+            data=delivery["body"],
+            headers=classic_headers(delivery["signature"], bearer=TOKEN),
+        )
         assert response.get_json()["duplicates"] == 1
     assert dump(app) == stored
 
@@ -198,7 +266,9 @@ def test_actions_batch_of_the_corpus_then_redelivery(app, corpus, wire):
 def test_tracking_api_batch_shape_is_signed_over_the_raw_body(app, corpus):
     body = node_stringify({"batch": corpus, "sentAt": corpus[-1]["timestamp"]})
     client = app.test_client()
-    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN))
+    response = client.post(
+        "/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN)
+    )
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["accepted"] == 13
     assert response.get_json()["interactions"] == 8
@@ -214,15 +284,28 @@ def test_tracking_api_batch_shape_is_signed_over_the_raw_body(app, corpus):
 
 def test_a_later_identify_merges_into_the_profile(app, corpus, wire):
     client = app.test_client()
-    assert client.post("/segment", data=wire["batch_body"],
-                       headers=actions_headers(wire["batch_signature"], bearer=TOKEN)).status_code == 200
+    assert (
+        client.post(
+            "/segment",
+            data=wire["batch_body"],
+            headers=actions_headers(wire["batch_signature"], bearer=TOKEN),
+        ).status_code
+        == 200
+    )
     later = {
-        "type": "identify", "messageId": "identify-later", "userId": USER_ID,
+        "type": "identify",
+        "messageId": "identify-later",
+        "userId": USER_ID,
         "timestamp": "2099-01-01T00:00:00.000Z",
         "traits": {"plan": "enterprise", "language": "Deutsch (Schweiz) 🇨🇭"},
     }
     body = node_stringify(later)
-    response = client.post("/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN))
+    response = client.post(
+        "/segment", data=body, headers=classic_headers(node_sign(body, SECRET), bearer=TOKEN)
+    )
     assert response.status_code == 200
     assert dump(app)["profiles"][USER_ID] == {
-        **IDENTIFY_TRAITS, "plan": "enterprise", "language": "Deutsch (Schweiz) 🇨🇭"}
+        **IDENTIFY_TRAITS,
+        "plan": "enterprise",
+        "language": "Deutsch (Schweiz) 🇨🇭",
+    }

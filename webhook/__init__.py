@@ -5,13 +5,15 @@ gunicorn): settings read once (``settings.py``), every part built by ``wiring.bu
 blueprint per concern (``views/``), CORS from flask-cors, a request id and an access line
 for every request.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import re
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, g, request
 
@@ -32,8 +34,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     environment, for tests; otherwise settings come from the environment."""
     tune_allocator()  # before the server starts its threads; see webhook/memory.py
     app = Flask(__name__, instance_relative_config=True)
-    settings = Settings.from_mapping(test_config) if test_config is not None \
-        else Settings.from_env()
+    settings = (
+        Settings.from_mapping(test_config) if test_config is not None else Settings.from_env()
+    )
     configure_logging(settings.log_level, secret_values(settings), settings.log_format)
     parts = build(settings, app.instance_path)
     for warning in parts.warnings:
@@ -48,8 +51,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         log.warning("store unavailable at start-up, will retry: %s", exc)
 
     from . import cli, deletions, engine
-    from .views import (errors, insights, openapi, ops, page, rank, recommendations,
-                        segment, tracking_api)
+    from .views import (
+        errors,
+        insights,
+        openapi,
+        ops,
+        page,
+        rank,
+        recommendations,
+        segment,
+        tracking_api,
+    )
+
     errors.init_app(app)
     for view in (segment, tracking_api, recommendations, rank, page, insights, ops, openapi):
         app.register_blueprint(view.bp)
@@ -61,8 +74,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     summary = settings.public_summary()
     # A text line shows the three short fields; the whole summary goes to JSON lines only.
-    log.info("started", extra={"mode": summary["mode"], "database": summary["database"],
-                               "recommender": summary["recommender"], "configured": summary})
+    log.info(
+        "started",
+        extra={
+            "mode": summary["mode"],
+            "database": summary["database"],
+            "recommender": summary["recommender"],
+            "configured": summary,
+        },
+    )
     return app
 
 
@@ -71,20 +91,36 @@ def _init_cors(app: Flask, settings: Settings) -> None:
     (``CORS_ORIGINS``) may read recommendations and rankings; any page may post to the
     Segment-compatible Tracking API, as analytics.js does (its write key is public)."""
     from flask_cors import CORS
-    resources: dict[str, dict] = {r"/v1/*": {
-        "origins": "*", "send_wildcard": False, "methods": ["POST", "OPTIONS"],
-        "allow_headers": ["Authorization", "Content-Type", "Content-Encoding"]}}
+
+    resources: dict[str, dict] = {
+        r"/v1/*": {
+            "origins": "*",
+            "send_wildcard": False,
+            "methods": ["POST", "OPTIONS"],
+            "allow_headers": ["Authorization", "Content-Type", "Content-Encoding"],
+        }
+    }
     if settings.cors_origins:  # else only same-origin pages may read the answers
-        resources[r"/recommendations"] = {"origins": list(settings.cors_origins),
-                                          "methods": ["GET", "OPTIONS"]}
-        resources[r"/recommendations/rank"] = {"origins": list(settings.cors_origins),
-                                               "methods": ["POST", "OPTIONS"]}
-    CORS(app, resources=resources, allow_headers=["Authorization", "Content-Type"],
-         max_age=600, vary_header=True)
+        resources[r"/recommendations"] = {
+            "origins": list(settings.cors_origins),
+            "methods": ["GET", "OPTIONS"],
+        }
+        resources[r"/recommendations/rank"] = {
+            "origins": list(settings.cors_origins),
+            "methods": ["POST", "OPTIONS"],
+        }
+    CORS(
+        app,
+        resources=resources,
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=600,
+        vary_header=True,
+    )
 
 
-_NO_SCHEMA_NEEDED = frozenset({"ops.healthz", "ops.prometheus_metrics", "page.index",
-                               "static", "openapi.openapi_document"})
+_NO_SCHEMA_NEEDED = frozenset(
+    {"ops.healthz", "ops.prometheus_metrics", "page.index", "static", "openapi.openapi_document"}
+)
 # Deliveries answered 2xx are counted in /metrics and logged at DEBUG only: at thousands a
 # second a line each is noise. Refused deliveries and every other request are at INFO.
 _QUIET_WHEN_OK = frozenset({"segment.receive", "tracking_api.receive"})
@@ -99,8 +135,9 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
         incoming = req.environ.get("HTTP_X_REQUEST_ID", "")
         context = g._get_current_object()
         # Unique, not secret.
-        context.request_id = (incoming if _REQUEST_ID.match(incoming)
-                              else f"{random.getrandbits(64):016x}")
+        context.request_id = (
+            incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(64):016x}"
+        )
         context.started = time.perf_counter()
         if not app.testing:
             # Once a process (a WSGI host without gunicorn's post_worker_init).
@@ -110,9 +147,13 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
                 parts.ensure_schema()
             except StoreUnavailable:
                 from .views.errors import error_response
-                return error_response(503, "store_unavailable",
-                                      "the store is unavailable; retry later",
-                                      retry_after=parts.settings.retry_after_seconds)
+
+                return error_response(
+                    503,
+                    "store_unavailable",
+                    "the store is unavailable; retry later",
+                    retry_after=parts.settings.retry_after_seconds,
+                )
         return None
 
     @app.after_request
@@ -121,15 +162,21 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
         response.headers["X-Request-Id"] = context.get("request_id", "")
         req = request._get_current_object()
         status = response.status_code
-        level = logging.DEBUG if status < 400 and req.endpoint in _QUIET_WHEN_OK \
-            else logging.INFO
+        level = logging.DEBUG if status < 400 and req.endpoint in _QUIET_WHEN_OK else logging.INFO
         if access.isEnabledFor(level):
             # The path only: a query string may name a visitor.
             started = context.get("started")
-            access.log(level, "request", extra={
-                "method": req.method, "path": req.path, "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)
-                if started is not None else None,
-                **context.get("log_extra", {}),
-            })
+            access.log(
+                level,
+                "request",
+                extra={
+                    "method": req.method,
+                    "path": req.path,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)
+                    if started is not None
+                    else None,
+                    **context.get("log_extra", {}),
+                },
+            )
         return response

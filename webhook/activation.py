@@ -15,6 +15,7 @@ recommendation pipeline (``RecommendationService._write_back``).
   characters) is cut to the best items that fit.
 - ``LocalPublisher``: into the local profile store, when no write key is configured.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,8 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import sqlalchemy as sa
 
@@ -52,6 +54,7 @@ class LocalPublisher:
     def publish(self, user_id: str, traits: dict) -> None:
         # The trait, merged into the profile as an identify's are (newer values win).
         from .appliers.local import Prepared, Statements
+
         if self._statements is None:
             self._statements = Statements(self.store)
         update = Prepared(self._statements, users=[UserTraits(user_id, traits, time.time())])
@@ -71,11 +74,11 @@ class TooLarge(Exception):
     """An identify Segment would not take, even with its lists cut."""
 
 
-def fit_traits(user_id: str, traits: dict,
-               budget: int = MAX_EVENT_BYTES - ENVELOPE_BYTES) -> dict:
+def fit_traits(user_id: str, traits: dict, budget: int = MAX_EVENT_BYTES - ENVELOPE_BYTES) -> dict:
     """``traits``, with the longest list cut from its end (the least recommended items)
     until the userId and traits fit ``budget`` bytes, measured as analytics-python
     measures a message."""
+
     def size(values: dict) -> int:
         return len(json.dumps({"userId": user_id, "traits": values}).encode())
 
@@ -115,24 +118,33 @@ class SegmentPublisher:
             with self._lock:
                 if self._client is None:
                     from segment.analytics import Client
+
                     logging.getLogger("segment").setLevel(logging.WARNING)
                     self._client = Client(
-                        write_key=self._write_key, host=self._host, on_error=self._failed,
-                        max_retries=5, timeout=5, upload_interval=0.5, gzip=True)
+                        write_key=self._write_key,
+                        host=self._host,
+                        on_error=self._failed,
+                        max_retries=5,
+                        timeout=5,
+                        upload_interval=0.5,
+                        gzip=True,
+                    )
         return self._client
 
     @staticmethod
     def _failed(error, batch) -> None:
         metrics.ACTIVATIONS.labels(outcome="failed").inc(len(batch))
-        log.warning("segment tracking api refused %d identify call(s): %s",
-                    len(batch), type(error).__name__)
+        log.warning(
+            "segment tracking api refused %d identify call(s): %s", len(batch), type(error).__name__
+        )
 
     def publish(self, user_id: str, traits: dict) -> None:
         fitted = fit_traits(user_id, traits)
         if fitted is not traits:
-            log.info("write-back cut to fit Segment's 32 KB an event: %d of %d items",
-                     *(sum(len(v) for v in t.values() if isinstance(v, list))
-                       for t in (fitted, traits)))
+            log.info(
+                "write-back cut to fit Segment's 32 KB an event: %d of %d items",
+                *(sum(len(v) for v in t.values() if isinstance(v, list)) for t in (fitted, traits)),
+            )
         client = self.client
         try:
             client.identify(user_id=user_id, traits=fitted)
@@ -148,8 +160,15 @@ class Activation:
     IDLE_SECONDS = 60.0  # the thread ends after this long without work; the next offer
     #                      starts another
 
-    def __init__(self, store: Store, publisher: Publisher, trait: str, interval: float,
-                 queue_max: int = 1000, tombstones=None):
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        trait: str,
+        interval: float,
+        queue_max: int = 1000,
+        tombstones=None,
+    ):
         self.store = store
         # A write-back queued for a person deleted since is never sent.
         self.tombstones = tombstones
@@ -184,8 +203,9 @@ class Activation:
                 metrics.ACTIVATIONS.labels(outcome="dropped").inc()
                 return False
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, args=(self._queue,),
-                                                name="activation", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._work, args=(self._queue,), name="activation", daemon=True
+                )
                 self._thread.start()
         return True
 
@@ -226,8 +246,9 @@ class Activation:
 
     def _run(self, user_id: str, item_ids: list[str], offered_at: float) -> str:
         try:
-            if self.tombstones is not None and \
-                    self.tombstones.deleted_since((user_id,), offered_at):
+            if self.tombstones is not None and self.tombstones.deleted_since(
+                (user_id,), offered_at
+            ):
                 outcome = "deleted"
             else:
                 outcome = self.publish_if_due(user_id, item_ids)
@@ -243,8 +264,11 @@ class Activation:
         digest = hashlib.sha1(json.dumps(item_ids).encode("utf-8")).hexdigest()
         now = time.time()
         with self.store.write() as tx:
-            row = tx.conn.execute(sa.select(activations.c.digest, activations.c.published_at)
-                                  .where(activations.c.user_id == user_id)).first()
+            row = tx.conn.execute(
+                sa.select(activations.c.digest, activations.c.published_at).where(
+                    activations.c.user_id == user_id
+                )
+            ).first()
             if row is not None:
                 if row.digest == digest:
                     return "unchanged"
@@ -253,14 +277,18 @@ class Activation:
                 # Optimistic: if another worker published meanwhile, it wins.
                 done = tx.conn.execute(
                     activations.update()
-                    .where(activations.c.user_id == user_id,
-                           activations.c.published_at == row.published_at)
-                    .values(digest=digest, published_at=now))
+                    .where(
+                        activations.c.user_id == user_id,
+                        activations.c.published_at == row.published_at,
+                    )
+                    .values(digest=digest, published_at=now)
+                )
             else:
                 done = tx.conn.execute(
                     tx.insert(activations)
                     .values(user_id=user_id, digest=digest, published_at=now)
-                    .on_conflict_do_nothing(index_elements=["user_id"]))
+                    .on_conflict_do_nothing(index_elements=["user_id"])
+                )
             if done.rowcount == 0:
                 return "concurrent"
         self.publisher.publish(user_id, {self.trait: item_ids})

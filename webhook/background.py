@@ -7,6 +7,7 @@ after it started), ``wake()`` runs the next round now, ``stop()`` ends it after 
 in flight. A round that fails is logged and the thread goes on: a store that is down
 (``StoreUnavailable``) is a warning, anything else an error with its traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,7 @@ class BackgroundThread:
 
     @property
     def running(self) -> bool:
-        return (self._pid == os.getpid() and self._thread is not None
-                and self._thread.is_alive())
+        return self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
         """Run the next round now. A set flag needs no lock: under load it is set already."""
@@ -60,8 +60,11 @@ class BackgroundThread:
         self._stop.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and self._pid == os.getpid() and \
-                thread is not threading.current_thread():
+        if (
+            thread is not None
+            and self._pid == os.getpid()
+            and thread is not threading.current_thread()
+        ):
             thread.join(timeout)
         self._thread = None
 

@@ -20,6 +20,7 @@ everything else the customer runs, and answers 429 above that.
   the budget divided by the hosts seen in the last minute. Rows older than that are removed,
   so the table stays as small as the fleet.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -47,8 +48,7 @@ _SLOT = struct.Struct("<qdd")  # admission number (0: free), admitted at, comple
 class HostBudget:
     """Admissions shared by the processes of one host (see the module's docstring)."""
 
-    def __init__(self, path: str, capacity: int, window: float = 1.0,
-                 stale_after: float = 30.0):
+    def __init__(self, path: str, capacity: int, window: float = 1.0, stale_after: float = 30.0):
         self.path = path
         self.capacity = max(1, int(capacity))
         self.window = window
@@ -70,8 +70,11 @@ class HostBudget:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 raw = os.pread(fd, _HEADER.size, 0)
-                if len(raw) < _HEADER.size or _HEADER.unpack(raw)[0] != _MAGIC \
-                        or os.fstat(fd).st_size != self._size:
+                if (
+                    len(raw) < _HEADER.size
+                    or _HEADER.unpack(raw)[0] != _MAGIC
+                    or os.fstat(fd).st_size != self._size
+                ):
                     os.ftruncate(fd, 0)  # new, or made with another layout: start afresh
                     os.ftruncate(fd, self._size)
                     header = (0, 0.0)
@@ -98,8 +101,7 @@ class HostBudget:
                 return "paused", 0
             raw = os.pread(fd, self.capacity * _SLOT.size, _HEADER.size)
             counting, free = 0, None
-            for index, (number, admitted_at, completed_at) in enumerate(
-                    _SLOT.iter_unpack(raw)):
+            for index, (number, admitted_at, completed_at) in enumerate(_SLOT.iter_unpack(raw)):
                 if number and self._counts_until(admitted_at, completed_at, now) > now:
                     counting += 1
                 elif free is None:
@@ -110,6 +112,7 @@ class HostBudget:
             os.pwrite(fd, _SLOT.pack(ticket, now, 0.0), _HEADER.size + free * _SLOT.size)
             os.pwrite(fd, _HEADER.pack(_MAGIC, ticket, paused_until), 0)
             return "ok", ticket * self.capacity + free
+
         return self._locked(action)
 
     def complete(self, ticket: int) -> None:
@@ -118,18 +121,20 @@ class HostBudget:
         offset = _HEADER.size + index * _SLOT.size
 
         def action(fd: int, admitted: int, paused_until: float) -> None:
-            slot_number, admitted_at, completed_at = _SLOT.unpack(
-                os.pread(fd, _SLOT.size, offset))
+            slot_number, admitted_at, completed_at = _SLOT.unpack(os.pread(fd, _SLOT.size, offset))
             if slot_number == number and not completed_at:  # not reused meanwhile
                 os.pwrite(fd, _SLOT.pack(number, admitted_at, time.monotonic()), offset)
+
         if number:
             self._locked(action)
 
     def pause(self, seconds: float) -> None:
         """No call from this host for ``seconds`` (extends, never shortens, a pause)."""
+
         def action(fd: int, admitted: int, paused_until: float) -> None:
             until = max(paused_until, time.monotonic() + seconds)
             os.pwrite(fd, _HEADER.pack(_MAGIC, admitted, until), 0)
+
         self._locked(action)
 
     def paused_for(self) -> float:
@@ -160,10 +165,12 @@ class HostShare:
     def share(self) -> int:
         """The calls per second this host may make; starts a heartbeat when one is due
         (in the background: never on the caller's time)."""
-        if time.monotonic() - self._beaten_at >= self.HEARTBEAT_SECONDS \
-                and self._beating.acquire(blocking=False):
-            threading.Thread(target=self._beat_and_release, name="profile-api-heartbeat",
-                             daemon=True).start()
+        if time.monotonic() - self._beaten_at >= self.HEARTBEAT_SECONDS and self._beating.acquire(
+            blocking=False
+        ):
+            threading.Thread(
+                target=self._beat_and_release, name="profile-api-heartbeat", daemon=True
+            ).start()
         return max(1, self.total // max(1, self.hosts))
 
     def _beat_and_release(self) -> None:
@@ -183,11 +190,16 @@ class HostShare:
         self._beaten_at = time.monotonic()
         with self.store.write() as tx:
             statement = tx.insert(service_hosts).values(host_id=self.host_id, seen_at=now)
-            tx.conn.execute(statement.on_conflict_do_update(
-                index_elements=["host_id"], set_={"seen_at": statement.excluded.seen_at}))
-            tx.conn.execute(service_hosts.delete().where(
-                service_hosts.c.seen_at < now - self.EXPIRE_SECONDS))
-            hosts = tx.conn.execute(sa.select(sa.func.count()).select_from(service_hosts)
-                                    ).scalar_one()
+            tx.conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["host_id"], set_={"seen_at": statement.excluded.seen_at}
+                )
+            )
+            tx.conn.execute(
+                service_hosts.delete().where(service_hosts.c.seen_at < now - self.EXPIRE_SECONDS)
+            )
+            hosts = tx.conn.execute(
+                sa.select(sa.func.count()).select_from(service_hosts)
+            ).scalar_one()
         self.hosts = max(1, int(hosts))
         return self.hosts

@@ -1,4 +1,5 @@
 """Command-line tools: ``flask --app webhook <command>``."""
+
 from __future__ import annotations
 
 import click
@@ -24,10 +25,14 @@ def token_command(visitor_id: str, anonymous: bool) -> None:
 
 
 @click.command("export")
-@click.argument("archives", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for interactions.csv, users.csv and items.csv (made if missing).")
+@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for interactions.csv, users.csv and items.csv (made if missing).",
+)
 @with_appcontext
 def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     """Turn Segment archives (JSON lines, optionally gzip) into Amazon Personalize
@@ -37,6 +42,7 @@ def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     import time
 
     from .export import export_archives, terminal_progress
+
     services = current_app.extensions["segment"]
     settings = services.settings
     # People deleted through this service stay deleted in the files (their tombstones).
@@ -47,7 +53,9 @@ def export_command(archives: tuple[str, ...], out_dir: str) -> None:
     def forgotten(message) -> bool:
         return tombstones.deleted_since(
             (message.user_id, message.anonymous_id, message.previous_id),
-            message.timestamp.timestamp(), refresh=False)
+            message.timestamp.timestamp(),
+            refresh=False,
+        )
 
     update, bar = terminal_progress(sum(os.path.getsize(a) for a in archives))
     started = time.perf_counter()
@@ -59,13 +67,13 @@ def export_command(archives: tuple[str, ...], out_dir: str) -> None:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - started
-    click.echo(f"exported {report.files} file(s) in {elapsed:.1f} s "
-               f"({report.messages / elapsed if elapsed else 0:,.0f} messages/s): "
-               f"{report.interactions} interactions, {report.users} users, "
-               f"{report.items} items into {out_dir}")
+    click.echo(
+        f"exported {report.files} file(s) in {elapsed:.1f} s "
+        f"({report.messages / elapsed if elapsed else 0:,.0f} messages/s): "
+        f"{report.interactions} interactions, {report.users} users, "
+        f"{report.items} items into {out_dir}"
+    )
     click.echo(json.dumps(report.as_json()), err=True)
-
-
 
 
 @click.group("dead-letters")
@@ -76,8 +84,12 @@ def dead_letters_group() -> None:
 
 @dead_letters_group.command("list")
 @click.option("--limit", default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object a line, with the "
-              "message (it holds personal data).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object a line, with the message (it holds personal data).",
+)
 @with_appcontext
 def dead_letters_list(limit: int, as_json: bool) -> None:
     """Show the oldest dead letters."""
@@ -91,17 +103,22 @@ def dead_letters_list(limit: int, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(letter.as_json(with_message=True), ensure_ascii=False))
         else:
-            click.echo(f"{letter.id:>6}  {letter.kind:<5}  {letter.record_id[:40]:<40}  "
-                       f"attempts {letter.attempts}  {letter.reason[:100]}")
-    click.echo(f"{total} dead letter(s)" + (f", {len(letters)} shown" if total > len(letters)
-                                            else ""), err=True)
+            click.echo(
+                f"{letter.id:>6}  {letter.kind:<5}  {letter.record_id[:40]:<40}  "
+                f"attempts {letter.attempts}  {letter.reason[:100]}"
+            )
+    click.echo(
+        f"{total} dead letter(s)" + (f", {len(letters)} shown" if total > len(letters) else ""),
+        err=True,
+    )
 
 
 @dead_letters_group.command("retry")
 @click.argument("ids", nargs=-1, type=int)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
-@click.option("--timeout", default=60.0, show_default=True,
-              help="Seconds to wait for Amazon Personalize.")
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Seconds to wait for Amazon Personalize."
+)
 @with_appcontext
 def dead_letters_retry(ids: tuple[int, ...], retry_all: bool, timeout: float) -> None:
     """Route the messages again with today's mapping and send their records; the ones
@@ -109,8 +126,7 @@ def dead_letters_retry(ids: tuple[int, ...], retry_all: bool, timeout: float) ->
     services = current_app.extensions["segment"]
     runner = services.runners.get("personalize")
     if runner is None:
-        raise click.ClickException("Amazon Personalize is not configured "
-                                   "(PERSONALIZE_TRACKING_ID)")
+        raise click.ClickException("Amazon Personalize is not configured (PERSONALIZE_TRACKING_ID)")
     if not ids and not retry_all:
         raise click.ClickException("name dead-letter ids, or --all")
     services.ensure_schema()
@@ -129,7 +145,7 @@ def dead_letters_retry(ids: tuple[int, ...], retry_all: bool, timeout: float) ->
     services.dead_letters.resolve(resolved)
     for letter_id, outcome in outcomes.items():
         if outcome.startswith("refused"):
-            services.dead_letters.refused_again(by_id[letter_id], outcome[len("refused: "):])
+            services.dead_letters.refused_again(by_id[letter_id], outcome[len("refused: ") :])
         click.echo(f"{letter_id:>6}  {outcome[:120]}")
     click.echo(f"{len(resolved)} of {len(outcomes)} resolved", err=True)
 
@@ -141,14 +157,21 @@ def inbox_command() -> None:
     services = current_app.extensions["segment"]
     services.ensure_schema()
     for name, lag in services.inbox.lag(services.runners).items():
-        click.echo(f"{name:<12} {lag.pending:>9} pending  oldest {lag.oldest_seconds:9.1f} s"
-                   + ("  (applying now)" if lag.owner else ""))
+        click.echo(
+            f"{name:<12} {lag.pending:>9} pending  oldest {lag.oldest_seconds:9.1f} s"
+            + ("  (applying now)" if lag.owner else "")
+        )
     click.echo(f"dead letters: {services.dead_letters.count()}")
 
 
 @click.command("insights")
-@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 366),
-              help="The last DAYS days (UTC), today included.")
+@click.option(
+    "--days",
+    default=7,
+    show_default=True,
+    type=click.IntRange(1, 366),
+    help="The last DAYS days (UTC), today included.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print GET /insights' JSON instead.")
 @with_appcontext
 def insights_command(days: int, as_json: bool) -> None:
@@ -158,6 +181,7 @@ def insights_command(days: int, as_json: bool) -> None:
     import json
 
     from .insights import report, report_settings, table
+
     services = current_app.extensions["segment"]
     services.ensure_schema()
     if services.impressions is not None:
@@ -172,10 +196,17 @@ def worker_command() -> None:
     """Run the worker: the inbox's appliers, retention, checkpoints, data deletion jobs,
     training and the write-backs after purchases (the Procfile's worker process)."""
     from .worker import run
+
     run(current_app.extensions["segment"])
 
 
 def init_app(app: Flask) -> None:
-    for command in (token_command, export_command, dead_letters_group, inbox_command,
-                    insights_command, worker_command):
+    for command in (
+        token_command,
+        export_command,
+        dead_letters_group,
+        inbox_command,
+        insights_command,
+        worker_command,
+    ):
         app.cli.add_command(command)

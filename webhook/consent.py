@@ -15,14 +15,16 @@ may be used at all.
   is not opted out, or the profile does not exist (nobody set a trait). A profile that
   could not be read (timeout, error, 429, over budget) is UNKNOWN: never personalized.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # Consent, as far as the opt-out trait tells it.
-GRANTED = "granted"        # the opt-out was read and is not opted out (or no profile exists)
-OPTED_OUT = "opted_out"    # the opt-out was read and is opted out
-UNKNOWN = "unknown"        # the profile could not be read: never personalized
+GRANTED = "granted"  # the opt-out was read and is not opted out (or no profile exists)
+OPTED_OUT = "opted_out"  # the opt-out was read and is opted out
+UNKNOWN = "unknown"  # the profile could not be read: never personalized
 NO_VISITOR = "no_visitor"  # items related to an item: nobody's traits are involved
 
 # The values of the opt-out trait that mean "not opted out", as text (see ``_text``).
@@ -83,6 +85,7 @@ def denied_categories(raw: dict, categories: Iterable[str]) -> list[str]:
     preferences = consent.get("categoryPreferences") if isinstance(consent, dict) else None
     if not isinstance(preferences, dict):
         return []
-    denied = {str(name).strip().lower() for name, allowed in preferences.items()
-              if allowed is False}
+    denied = {
+        str(name).strip().lower() for name, allowed in preferences.items() if allowed is False
+    }
     return [category for category in categories if category.strip().lower() in denied]

@@ -24,6 +24,7 @@ too, and it has no real-time call for that: a *data deletion job* reads a CSV of
 batches (``--run`` runs a cycle now). Tables stay bounded: a user's row lives until their
 job completes, and only the latest ``KEEP_BATCHES`` batches are kept.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,8 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import click
@@ -68,8 +69,10 @@ def record_deletions(tx, user_ids: Iterable[str]) -> int:
     now = time.time()
     result = tx.conn.execute(
         insert(tx.dialect, personalize_deletions).on_conflict_do_nothing(
-            index_elements=["user_id"]),
-        [{"user_id": user_id, "requested_at": now, "batch_id": None} for user_id in ids])
+            index_elements=["user_id"]
+        ),
+        [{"user_id": user_id, "requested_at": now, "batch_id": None} for user_id in ids],
+    )
     added = max(0, result.rowcount or 0)
     metrics.PERSONALIZE_DELETIONS.labels(outcome="recorded").inc(added)
     return added
@@ -98,8 +101,9 @@ class DeletionSync(BackgroundThread):
         self.s3_uri = settings.personalize_deletion_s3_uri
         self.every = settings.personalize_deletion_interval_seconds
         self._s3 = LazyClient("s3", region=settings.aws_region, timeout=10.0, client=s3)
-        self._personalize = LazyClient("personalize", region=settings.aws_region,
-                                       timeout=10.0, client=personalize)
+        self._personalize = LazyClient(
+            "personalize", region=settings.aws_region, timeout=10.0, client=personalize
+        )
         self.holder = holder_name()
         self._run_lock = threading.Lock()
 
@@ -124,21 +128,27 @@ class DeletionSync(BackgroundThread):
 
     def _batches(self, status: str) -> list[str]:
         with self.store.read() as conn:
-            return [row[0] for row in conn.execute(
-                sa.select(personalize_deletion_batches.c.batch_id)
-                .where(personalize_deletion_batches.c.status == status)
-                .order_by(personalize_deletion_batches.c.created_at))]
+            return [
+                row[0]
+                for row in conn.execute(
+                    sa.select(personalize_deletion_batches.c.batch_id)
+                    .where(personalize_deletion_batches.c.status == status)
+                    .order_by(personalize_deletion_batches.c.created_at)
+                )
+            ]
 
     def _follow(self, report: dict) -> None:
         with self.store.read() as conn:
             running = conn.execute(
-                sa.select(personalize_deletion_batches.c.batch_id,
-                          personalize_deletion_batches.c.job_arn)
-                .where(personalize_deletion_batches.c.status == "running")).all()
+                sa.select(
+                    personalize_deletion_batches.c.batch_id, personalize_deletion_batches.c.job_arn
+                ).where(personalize_deletion_batches.c.status == "running")
+            ).all()
         for batch_id, job_arn in running:
             try:
                 job = self._personalize.get().describe_data_deletion_job(
-                    dataDeletionJobArn=job_arn)["dataDeletionJob"]
+                    dataDeletionJobArn=job_arn
+                )["dataDeletionJob"]
                 status, reason = job.get("status", ""), job.get("failureReason", "")
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "error")
@@ -168,20 +178,29 @@ class DeletionSync(BackgroundThread):
             users = personalize_deletions.c
             if outcome == "done":
                 # Done: Personalize has forgotten them; so may this list.
-                count = tx.conn.execute(personalize_deletions.delete()
-                                        .where(users.batch_id == batch_id)).rowcount
+                count = tx.conn.execute(
+                    personalize_deletions.delete().where(users.batch_id == batch_id)
+                ).rowcount
             else:
                 # Failed: back to the pending list, for the next batch.
-                count = tx.conn.execute(personalize_deletions.update()
-                                        .where(users.batch_id == batch_id)
-                                        .values(batch_id=None)).rowcount
-            tx.conn.execute(personalize_deletion_batches.update()
-                            .where(personalize_deletion_batches.c.batch_id == batch_id)
-                            .values(status=outcome, detail=detail[:1000], updated_at=now))
+                count = tx.conn.execute(
+                    personalize_deletions.update()
+                    .where(users.batch_id == batch_id)
+                    .values(batch_id=None)
+                ).rowcount
+            tx.conn.execute(
+                personalize_deletion_batches.update()
+                .where(personalize_deletion_batches.c.batch_id == batch_id)
+                .values(status=outcome, detail=detail[:1000], updated_at=now)
+            )
         metrics.PERSONALIZE_DELETIONS.labels(
-            outcome="done" if outcome == "done" else "retried").inc(max(0, count or 0))
-        log.info("data deletion job %s", outcome,
-                 extra={"batch": batch_id, "users": count, "detail": detail[:200]})
+            outcome="done" if outcome == "done" else "retried"
+        ).inc(max(0, count or 0))
+        log.info(
+            "data deletion job %s",
+            outcome,
+            extra={"batch": batch_id, "users": count, "detail": detail[:200]},
+        )
 
     def _remove_csv(self, batch_id: str) -> None:
         """A finished job's CSV names deleted people: it goes from S3 (best effort: a
@@ -189,48 +208,71 @@ class DeletionSync(BackgroundThread):
         with self.store.read() as conn:
             location = conn.execute(
                 sa.select(personalize_deletion_batches.c.data_location).where(
-                    personalize_deletion_batches.c.batch_id == batch_id)).scalar()
+                    personalize_deletion_batches.c.batch_id == batch_id
+                )
+            ).scalar()
         if not location or not location.startswith("s3://"):
             return
-        bucket, _, key = location[len("s3://"):].partition("/")
+        bucket, _, key = location[len("s3://") :].partition("/")
         try:
             self._s3.get().delete_object(Bucket=bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
-            log.warning("the CSV of a completed data deletion job could not be removed: %s",
-                        type(exc).__name__, extra={"batch": batch_id})
+            log.warning(
+                "the CSV of a completed data deletion job could not be removed: %s",
+                type(exc).__name__,
+                extra={"batch": batch_id},
+            )
 
     def _update(self, batch_id: str, **values) -> None:
         with self.store.write() as tx:
-            tx.conn.execute(personalize_deletion_batches.update()
-                            .where(personalize_deletion_batches.c.batch_id == batch_id)
-                            .values(updated_at=time.time(), **values))
+            tx.conn.execute(
+                personalize_deletion_batches.update()
+                .where(personalize_deletion_batches.c.batch_id == batch_id)
+                .values(updated_at=time.time(), **values)
+            )
 
     def _new_batch(self) -> str | None:
         """The pending users as a new batch (in one transaction), or None if none wait."""
         now = time.time()
-        stamp = datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
         batch_id = f"segment-deletions-{stamp}-{uuid.uuid4().hex[:8]}"
         with self.store.write() as tx:
-            count = tx.conn.execute(personalize_deletions.update()
-                                    .where(personalize_deletions.c.batch_id.is_(None))
-                                    .values(batch_id=batch_id)).rowcount
+            count = tx.conn.execute(
+                personalize_deletions.update()
+                .where(personalize_deletions.c.batch_id.is_(None))
+                .values(batch_id=batch_id)
+            ).rowcount
             if not count:
                 return None
-            tx.conn.execute(personalize_deletion_batches.insert().values(
-                batch_id=batch_id, created_at=now, updated_at=now, users=count, status="new",
-                attempts=0))
+            tx.conn.execute(
+                personalize_deletion_batches.insert().values(
+                    batch_id=batch_id,
+                    created_at=now,
+                    updated_at=now,
+                    users=count,
+                    status="new",
+                    attempts=0,
+                )
+            )
         return batch_id
 
     def _submit(self, batch_id: str) -> bool:
         """Upload the batch's CSV and create its job; False (and tried again on the next
         run) if either fails."""
         with self.store.read() as conn:
-            ids = [row[0] for row in conn.execute(
-                sa.select(personalize_deletions.c.user_id)
-                .where(personalize_deletions.c.batch_id == batch_id)
-                .order_by(personalize_deletions.c.user_id))]
-            attempts = conn.execute(sa.select(personalize_deletion_batches.c.attempts).where(
-                personalize_deletion_batches.c.batch_id == batch_id)).scalar_one()
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    sa.select(personalize_deletions.c.user_id)
+                    .where(personalize_deletions.c.batch_id == batch_id)
+                    .order_by(personalize_deletions.c.user_id)
+                )
+            ]
+            attempts = conn.execute(
+                sa.select(personalize_deletion_batches.c.attempts).where(
+                    personalize_deletion_batches.c.batch_id == batch_id
+                )
+            ).scalar_one()
         if not ids:  # every user of it was deleted meanwhile: nothing to send
             self._update(batch_id, status="done", users=0, detail="no users left")
             return False
@@ -244,22 +286,42 @@ class DeletionSync(BackgroundThread):
         # A retried job needs a new name (names are unique per account).
         job_name = batch_id if attempts == 0 else f"{batch_id[:56]}-r{attempts}"
         try:
-            self._s3.get().put_object(Bucket=bucket, Key=key, Body=body.getvalue().encode(),
-                                      ContentType="text/csv")
+            self._s3.get().put_object(
+                Bucket=bucket, Key=key, Body=body.getvalue().encode(), ContentType="text/csv"
+            )
             answer = self._personalize.get().create_data_deletion_job(
-                jobName=job_name, datasetGroupArn=self.dataset_group_arn,
-                dataSource={"dataLocation": location}, roleArn=self.role_arn)
+                jobName=job_name,
+                datasetGroupArn=self.dataset_group_arn,
+                dataSource={"dataLocation": location},
+                roleArn=self.role_arn,
+            )
         except (ClientError, BotoCoreError) as exc:
-            code = (exc.response.get("Error", {}).get("Code", "error")
-                    if isinstance(exc, ClientError) else type(exc).__name__)
-            log.warning("data deletion job not created (tried again next time): %s", code,
-                        extra={"batch": batch_id, "users": len(ids)})
-            self._update(batch_id, attempts=attempts + 1, detail=f"not submitted: {code}",
-                         data_location=location)
+            code = (
+                exc.response.get("Error", {}).get("Code", "error")
+                if isinstance(exc, ClientError)
+                else type(exc).__name__
+            )
+            log.warning(
+                "data deletion job not created (tried again next time): %s",
+                code,
+                extra={"batch": batch_id, "users": len(ids)},
+            )
+            self._update(
+                batch_id,
+                attempts=attempts + 1,
+                detail=f"not submitted: {code}",
+                data_location=location,
+            )
             return False
-        self._update(batch_id, status="running", attempts=attempts + 1, users=len(ids),
-                     data_location=location, job_arn=answer["dataDeletionJobArn"],
-                     detail="submitted")
+        self._update(
+            batch_id,
+            status="running",
+            attempts=attempts + 1,
+            users=len(ids),
+            data_location=location,
+            job_arn=answer["dataDeletionJobArn"],
+            detail="submitted",
+        )
         metrics.PERSONALIZE_DELETIONS.labels(outcome="submitted").inc(len(ids))
         log.info("data deletion job created", extra={"batch": batch_id, "users": len(ids)})
         return True
@@ -267,21 +329,35 @@ class DeletionSync(BackgroundThread):
     def _prune(self) -> None:
         with self.store.write() as tx:
             table = personalize_deletion_batches
-            keep = sa.select(table.c.batch_id).order_by(table.c.created_at.desc()) \
-                .limit(KEEP_BATCHES).scalar_subquery()
-            tx.conn.execute(table.delete().where(table.c.status.in_(["done", "failed"]),
-                                                 table.c.batch_id.not_in(keep)))
+            keep = (
+                sa.select(table.c.batch_id)
+                .order_by(table.c.created_at.desc())
+                .limit(KEEP_BATCHES)
+                .scalar_subquery()
+            )
+            tx.conn.execute(
+                table.delete().where(
+                    table.c.status.in_(["done", "failed"]), table.c.batch_id.not_in(keep)
+                )
+            )
 
     # -- listing ---------------------------------------------------------------------------
 
     def status(self) -> dict:
         with self.store.read() as conn:
-            pending = conn.execute(sa.select(sa.func.count()).select_from(personalize_deletions)
-                                   .where(personalize_deletions.c.batch_id.is_(None))
-                                   ).scalar_one()
-            batches = [dict(row._mapping) for row in conn.execute(
-                sa.select(personalize_deletion_batches)
-                .order_by(personalize_deletion_batches.c.created_at.desc()))]
+            pending = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(personalize_deletions)
+                .where(personalize_deletions.c.batch_id.is_(None))
+            ).scalar_one()
+            batches = [
+                dict(row._mapping)
+                for row in conn.execute(
+                    sa.select(personalize_deletion_batches).order_by(
+                        personalize_deletion_batches.c.created_at.desc()
+                    )
+                )
+            ]
         return {"pending_users": int(pending), "batches": batches}
 
     # -- the schedule ------------------------------------------------------------------------
@@ -289,8 +365,7 @@ class DeletionSync(BackgroundThread):
     def due(self) -> bool:
         """Take the fleet's turn: True at most once per interval across every process and
         host on this database (a lease left to expire, under a name new each time)."""
-        return Lease(self.store, LEASE_NAME).acquire(f"{self.holder}:{time.time()}",
-                                                      self.every)
+        return Lease(self.store, LEASE_NAME).acquire(f"{self.holder}:{time.time()}", self.every)
 
     @property
     def interval(self) -> float:
@@ -303,40 +378,54 @@ class DeletionSync(BackgroundThread):
 
 # -- the command and the app ---------------------------------------------------------------
 
+
 @click.command("deletions")
-@click.option("--run", "run_now", is_flag=True,
-              help="Run a cycle now: follow running jobs, submit the pending users.")
+@click.option(
+    "--run",
+    "run_now",
+    is_flag=True,
+    help="Run a cycle now: follow running jobs, submit the pending users.",
+)
 @with_appcontext
 def deletions_command(run_now: bool) -> None:
     """List users deleted through Segment that Amazon Personalize must forget: pending
     users, and running, failed and done data deletion jobs."""
     from flask import current_app
+
     services = current_app.extensions["segment"]
     sync: DeletionSync | None = services.deletions
     if sync is None:
-        raise click.ClickException("not in Personalize mode (PERSONALIZE_TRACKING_ID is not "
-                                   "set): deletions are applied to the local store only")
+        raise click.ClickException(
+            "not in Personalize mode (PERSONALIZE_TRACKING_ID is not "
+            "set): deletions are applied to the local store only"
+        )
     services.ensure_schema()
     if run_now:
         if not sync.configured:
-            raise click.ClickException("set PERSONALIZE_DATASET_GROUP_ARN, "
-                                       "PERSONALIZE_DELETION_ROLE_ARN and "
-                                       "PERSONALIZE_DELETION_S3_URI first")
+            raise click.ClickException(
+                "set PERSONALIZE_DATASET_GROUP_ARN, "
+                "PERSONALIZE_DELETION_ROLE_ARN and "
+                "PERSONALIZE_DELETION_S3_URI first"
+            )
         report = sync.run_once()
         click.echo("run: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     status = sync.status()
     click.echo(f"pending: {status['pending_users']} user(s) waiting for the next job")
     if not sync.configured:
         click.echo("(no job is created until the deletion settings are set)")
-    for title, wanted in (("running", ("new", "running")), ("failed (users retried)",
-                                                             ("failed",)), ("done", ("done",))):
+    for title, wanted in (
+        ("running", ("new", "running")),
+        ("failed (users retried)", ("failed",)),
+        ("done", ("done",)),
+    ):
         batches = [b for b in status["batches"] if b["status"] in wanted]
         click.echo(f"{title}: {len(batches)} batch(es)")
         for b in batches:
-            when = datetime.fromtimestamp(b["created_at"], tz=timezone.utc).isoformat(
-                timespec="seconds")
-            click.echo(f"  {b['batch_id']}  {when}  {b['users']} user(s)  {b['status']}"
-                       f"  {b['detail'] or ''}  {b['job_arn'] or ''}".rstrip())
+            when = datetime.fromtimestamp(b["created_at"], tz=UTC).isoformat(timespec="seconds")
+            click.echo(
+                f"  {b['batch_id']}  {when}  {b['users']} user(s)  {b['status']}"
+                f"  {b['detail'] or ''}  {b['job_arn'] or ''}".rstrip()
+            )
 
 
 def init_app(app) -> None:

@@ -13,12 +13,13 @@ every id of the person (``identity.resolve``). Someone who browsed anonymously i
 variant B and then logs in is still in B, which keeps both the experience and the
 statistics honest.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import sqlalchemy as sa
 
@@ -72,8 +73,13 @@ class Experiment:
                 return variant
         return self.variants[-1]
 
-    def choose(self, *, user_id: str | None = None, anonymous_id: str | None = None,
-               item_id: str | None = None) -> Variant:
+    def choose(
+        self,
+        *,
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        item_id: str | None = None,
+    ) -> Variant:
         if len(self.variants) == 1:
             return self.variants[0]
         visitor = user_id or anonymous_id
@@ -95,7 +101,8 @@ class Experiment:
             ids = list(person.ids) or [user_id or anonymous_id]
             name = conn.execute(
                 sa.select(impressions.c.variant)
-                .where(impressions.c.visitor.in_(ids),
-                       impressions.c.variant.in_(self.names))
-                .order_by(impressions.c.shown_at).limit(1)).scalar()
+                .where(impressions.c.visitor.in_(ids), impressions.c.variant.in_(self.names))
+                .order_by(impressions.c.shown_at)
+                .limit(1)
+            ).scalar()
         return self.by_name.get(name) if name else None

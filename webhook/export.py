@@ -33,6 +33,7 @@ page cache. users.csv and items.csv are written from it at the end, ordered by i
 id's records merged in time order (newer wins, as the real-time path merges). Output is
 deterministic: the same archives in the same order give the same bytes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,18 +47,18 @@ import sqlite3
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any
 
-from .settings import Settings
-from .personalize_mapping import MappingConfig, Problem, map_event, map_items, \
-    map_users
+from .personalize_mapping import MappingConfig, Problem, map_event, map_items, map_users
 from .routing import ItemDetails, Router, UserTraits
 from .segment import MessageError, parse_message
+from .settings import Settings
 
 FILES = ("interactions.csv", "users.csv", "items.csv")
 CACHE_KIB = 16 * 1024  # SQLite page cache (and sorter) bound: the bookkeeping's memory
-_LINK_CACHE = 65536    # recent anonymousId → userId links, to skip rewriting the same one
+_LINK_CACHE = 65536  # recent anonymousId → userId links, to skip rewriting the same one
 
 
 def column_name(schema_field: str) -> str:
@@ -85,17 +86,17 @@ def _cell(value: Any) -> str:
 @dataclass
 class ExportReport:
     files: int = 0
-    lines: int = 0            # archive lines read (not blank)
-    messages: int = 0         # Segment messages found in them
+    lines: int = 0  # archive lines read (not blank)
+    messages: int = 0  # Segment messages found in them
     accepted: int = 0
-    duplicates: int = 0       # a messageId seen before
-    rejected: int = 0         # not JSON, or breaks the Segment Spec
-    skipped: int = 0          # a product event without an item id
-    interactions: int = 0     # rows in interactions.csv
-    users: int = 0            # rows in users.csv
-    items: int = 0            # rows in items.csv
-    deletions: int = 0        # delete messages honoured
-    forgotten: int = 0        # messages about people deleted through the service since
+    duplicates: int = 0  # a messageId seen before
+    rejected: int = 0  # not JSON, or breaks the Segment Spec
+    skipped: int = 0  # a product event without an item id
+    interactions: int = 0  # rows in interactions.csv
+    users: int = 0  # rows in users.csv
+    items: int = 0  # rows in items.csv
+    deletions: int = 0  # delete messages honoured
+    forgotten: int = 0  # messages about people deleted through the service since
     deleted_interactions: int = 0
     duplicate_events: int = 0  # an event id written before (another messageId made it)
     problems: Counter = field(default_factory=Counter)  # "kind action" -> count
@@ -114,6 +115,7 @@ class ExportReport:
 
 # -- reading archives -------------------------------------------------------------------
 
+
 class _Archive:
     """One archive file as lines of bytes; ``position`` is how far the file (compressed
     bytes for gzip) has been read, for the progress bar."""
@@ -123,8 +125,9 @@ class _Archive:
         self.raw = open(path, "rb")
         magic = self.raw.read(2)
         self.raw.seek(0)
-        self.stream: IO[bytes] = gzip.GzipFile(fileobj=self.raw, mode="rb") \
-            if magic == b"\x1f\x8b" else self.raw
+        self.stream: IO[bytes] = (
+            gzip.GzipFile(fileobj=self.raw, mode="rb") if magic == b"\x1f\x8b" else self.raw
+        )
 
     @property
     def position(self) -> int:
@@ -166,8 +169,10 @@ def archive_messages(archive: _Archive, report: ExportReport) -> Iterator[Any]:
                 yield from _whole_document(archive.path, report)
                 return
             if first and b"USER_ID" in line.upper() and b"ITEM_ID" in line.upper():
-                raise ValueError(f"{archive.path}: this is a Personalize CSV, not a Segment "
-                                 f"archive (it is already in the bulk-import form)") from None
+                raise ValueError(
+                    f"{archive.path}: this is a Personalize CSV, not a Segment "
+                    f"archive (it is already in the bulk-import form)"
+                ) from None
             yield _NotJSON(f"line {number}: not JSON ({str(exc)[:80]})")
             first = False
             continue
@@ -177,12 +182,14 @@ def archive_messages(archive: _Archive, report: ExportReport) -> Iterator[Any]:
 
 def _whole_document(path: str, report: ExportReport) -> Iterator[Any]:
     from .engine.importer import _open_text, json_messages
+
     with _open_text(path) as handle:
         try:
             yield from json_messages(handle)
         except (ValueError, RecursionError) as exc:
-            raise ValueError(f"{path}: neither JSON lines nor a JSON document: "
-                             f"{str(exc)[:120]}") from None
+            raise ValueError(
+                f"{path}: neither JSON lines nor a JSON document: {str(exc)[:120]}"
+            ) from None
 
 
 # -- bookkeeping ----------------------------------------------------------------------------
@@ -201,8 +208,13 @@ CREATE TABLE items (item_id TEXT, ts REAL, seq INTEGER, properties TEXT);
 class _Book:
     def __init__(self, path: str):
         self.db = sqlite3.connect(path, isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE",
-                       f"cache_size=-{CACHE_KIB}", "locking_mode=EXCLUSIVE"):
+        for pragma in (
+            "journal_mode=OFF",
+            "synchronous=OFF",
+            "temp_store=FILE",
+            f"cache_size=-{CACHE_KIB}",
+            "locking_mode=EXCLUSIVE",
+        ):
             self.db.execute(f"PRAGMA {pragma}")
         self.db.executescript(_SCHEMA)
         self.db.execute("BEGIN")
@@ -226,14 +238,21 @@ class _Book:
         anonymous ids, or an anonymousId alone) as deleted; their links go, as in the
         store."""
         if deletion.user_id:
-            ids = [deletion.user_id] + [row[0] for row in self.db.execute(
-                "SELECT anonymous_id FROM links WHERE user_id = ?", (deletion.user_id,))]
+            ids = [deletion.user_id] + [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT anonymous_id FROM links WHERE user_id = ?", (deletion.user_id,)
+                )
+            ]
         else:
             ids = [deletion.anonymous_id]
-        self.db.executemany("INSERT OR REPLACE INTO purge VALUES (?, ?, ?)",
-                            [(i, message_seq, row_mark) for i in ids])
-        self.db.executemany("DELETE FROM links WHERE user_id = ? OR anonymous_id = ?",
-                            [(i, i) for i in ids])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO purge VALUES (?, ?, ?)",
+            [(i, message_seq, row_mark) for i in ids],
+        )
+        self.db.executemany(
+            "DELETE FROM links WHERE user_id = ? OR anonymous_id = ?", [(i, i) for i in ids]
+        )
         self._links.clear()
 
     def close(self) -> None:
@@ -242,6 +261,7 @@ class _Book:
 
 # -- writing ------------------------------------------------------------------------------
 
+
 def _open_csv(path: str) -> tuple[IO[str], Any]:
     # errors="replace": a lone surrogate (possible from JSON escapes) cannot be UTF-8.
     handle = open(path, "w", encoding="utf-8", errors="replace", newline="")
@@ -249,8 +269,9 @@ def _open_csv(path: str) -> tuple[IO[str], Any]:
 
 
 class Exporter:
-    def __init__(self, settings: Settings, out_dir: str,
-                 forgotten: Callable[[Any], bool] | None = None):
+    def __init__(
+        self, settings: Settings, out_dir: str, forgotten: Callable[[Any], bool] | None = None
+    ):
         self.settings = settings
         # Whether a message is about a person deleted (through the service) after it was
         # sent: such messages are left out of the files (tombstones.py).
@@ -272,8 +293,9 @@ class Exporter:
             header.append("EVENT_VALUE")
         return header + [column_name(f) for f in self.event_fields]
 
-    def run(self, paths: Iterable[str],
-            progress: Callable[[int], None] | None = None) -> ExportReport:
+    def run(
+        self, paths: Iterable[str], progress: Callable[[int], None] | None = None
+    ) -> ExportReport:
         paths = list(paths)
         os.makedirs(self.out_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix=".export-", dir=self.out_dir)
@@ -296,8 +318,9 @@ class Exporter:
             shutil.rmtree(work, ignore_errors=True)
         return self.report
 
-    def _stream(self, paths: list[str], book: _Book, writer,
-                progress: Callable[[int], None] | None) -> None:
+    def _stream(
+        self, paths: list[str], book: _Book, writer, progress: Callable[[int], None] | None
+    ) -> None:
         report = self.report
         problems: list[Problem] = []
         route = self.router.route
@@ -327,12 +350,16 @@ class Exporter:
                         report.rejected += 1
                         report.example(str(exc))
                         continue
-                    if self.forgotten is not None and message.type != "delete" and \
-                            self.forgotten(message):
+                    if (
+                        self.forgotten is not None
+                        and message.type != "delete"
+                        and self.forgotten(message)
+                    ):
                         report.forgotten += 1
                         continue
-                    if message.message_id is not None and \
-                            not book.claim("seen_messages", message.message_id):
+                    if message.message_id is not None and not book.claim(
+                        "seen_messages", message.message_id
+                    ):
                         report.duplicates += 1
                         continue
                     routed = route(message)
@@ -350,14 +377,21 @@ class Exporter:
                         for user in routed.users:
                             traits = {k: v for k, v in user.traits.items() if k in user_sources}
                             if traits:
-                                cur.execute("INSERT INTO users VALUES (?, ?, ?, ?)",
-                                            (user.user_id, user.timestamp, seq,
-                                             json.dumps(traits)))
+                                cur.execute(
+                                    "INSERT INTO users VALUES (?, ?, ?, ?)",
+                                    (user.user_id, user.timestamp, seq, json.dumps(traits)),
+                                )
                     for item in routed.items:
                         props = {k: v for k, v in item.properties.items() if k in item_sources}
-                        cur.execute("INSERT INTO items VALUES (?, ?, ?, ?)",
-                                    (item.item_id, item.timestamp, seq,
-                                     json.dumps(props) if props else None))
+                        cur.execute(
+                            "INSERT INTO items VALUES (?, ?, ?, ?)",
+                            (
+                                item.item_id,
+                                item.timestamp,
+                                seq,
+                                json.dumps(props) if props else None,
+                            ),
+                        )
                     for record in routed.interactions:
                         if not book.claim("seen_events", record.event_id):
                             report.duplicate_events += 1
@@ -368,13 +402,18 @@ class Exporter:
                         if mapped is None:
                             continue
                         _, _, event = mapped
-                        row = [record.user_id or record.anonymous_id, event["itemId"],
-                               event["eventType"], int(math.floor(event["sentAt"]))]
+                        row = [
+                            record.user_id or record.anonymous_id,
+                            event["itemId"],
+                            event["eventType"],
+                            int(math.floor(event["sentAt"])),
+                        ]
                         if value_column:
                             row.append(_cell(event.get("eventValue")))
                         if fields:
-                            values = json.loads(event["properties"]) \
-                                if "properties" in event else {}
+                            values = (
+                                json.loads(event["properties"]) if "properties" in event else {}
+                            )
                             row.extend(_cell(values.get(f)) for f in fields)
                         writer.writerow(row)
                         report.interactions += 1
@@ -403,8 +442,9 @@ class Exporter:
             with out:
                 writer.writerow(next(reader))
                 for number, row in enumerate(reader):
-                    mark = lookup.execute("SELECT row_mark FROM purge WHERE id = ?",
-                                          (row[0],)).fetchone()
+                    mark = lookup.execute(
+                        "SELECT row_mark FROM purge WHERE id = ?", (row[0],)
+                    ).fetchone()
                     if mark is not None and number < mark[0]:
                         self.report.deleted_interactions += 1
                         continue
@@ -421,13 +461,14 @@ class Exporter:
             rows = book.db.execute(
                 "SELECT u.user_id, u.traits FROM users u LEFT JOIN purge p ON p.id = u.user_id "
                 "WHERE p.message_seq IS NULL OR u.seq > p.message_seq "
-                "ORDER BY u.user_id, u.ts, u.seq")
+                "ORDER BY u.user_id, u.ts, u.seq"
+            )
             for user_id, merged in _merged(rows):
-                for record in map_users([UserTraits(user_id, merged, 0.0)], self.config,
-                                        problems):
+                for record in map_users([UserTraits(user_id, merged, 0.0)], self.config, problems):
                     values = json.loads(record["properties"])
-                    writer.writerow([record["userId"]] +
-                                    [_cell(values.get(f)) for f in self.user_fields])
+                    writer.writerow(
+                        [record["userId"]] + [_cell(values.get(f)) for f in self.user_fields]
+                    )
                     self.report.users += 1
                 self._problems(problems)
 
@@ -437,14 +478,16 @@ class Exporter:
         with handle:
             writer.writerow(["ITEM_ID"] + [column_name(f) for f in self.item_fields])
             rows = book.db.execute(
-                "SELECT item_id, properties FROM items ORDER BY item_id, ts, seq")
+                "SELECT item_id, properties FROM items ORDER BY item_id, ts, seq"
+            )
             for item_id, merged in _merged(rows):
-                for record in map_items([ItemDetails(item_id, {}, merged, 0.0)], self.config,
-                                        problems):
-                    values = json.loads(record["properties"]) if "properties" in record \
-                        else {}
-                    writer.writerow([record["itemId"]] +
-                                    [_cell(values.get(f)) for f in self.item_fields])
+                for record in map_items(
+                    [ItemDetails(item_id, {}, merged, 0.0)], self.config, problems
+                ):
+                    values = json.loads(record["properties"]) if "properties" in record else {}
+                    writer.writerow(
+                        [record["itemId"]] + [_cell(values.get(f)) for f in self.item_fields]
+                    )
                     self.report.items += 1
                 self._problems(problems)
 
@@ -464,9 +507,13 @@ def _merged(rows: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, dict]
         yield current, merged
 
 
-def export_archives(paths: Iterable[str], out_dir: str, settings: Settings,
-                    progress: Callable[[int], None] | None = None,
-                    forgotten: Callable[[Any], bool] | None = None) -> ExportReport:
+def export_archives(
+    paths: Iterable[str],
+    out_dir: str,
+    settings: Settings,
+    progress: Callable[[int], None] | None = None,
+    forgotten: Callable[[Any], bool] | None = None,
+) -> ExportReport:
     return Exporter(settings, out_dir, forgotten).run(paths, progress)
 
 
@@ -475,8 +522,15 @@ def terminal_progress(total_bytes: int):
     if not sys.stderr.isatty():
         return None, None
     from tqdm import tqdm
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-               desc="export", file=sys.stderr)
+
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="export",
+        file=sys.stderr,
+    )
 
     def update(done: int) -> None:
         bar.update(max(0, done - bar.n))

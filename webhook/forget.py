@@ -22,10 +22,11 @@ Found by the id's JSON form (``"userId":"…"``, ``"anonymousId":"…"``, ``"pre
 and confirmed on the decoded message, with its time: only what was sent before the
 deletion goes.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -52,8 +53,12 @@ def person_ids(conn, deletion: Deletion, pending: Sequence[IdentityLink] = ()) -
         return [deletion.anonymous_id] if deletion.anonymous_id else []
     user = deletion.user_id
     ids = {user}
-    ids.update(row[0] for row in conn.execute(
-        sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)))
+    ids.update(
+        row[0]
+        for row in conn.execute(
+            sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)
+        )
+    )
     ids.update(link.anonymous_id for link in pending if link.user_id == user)
     if deletion.anonymous_id:
         ids.add(deletion.anonymous_id)
@@ -76,8 +81,9 @@ def _matching(conn, table: sa.Table, key, ids: Sequence[str]) -> list[tuple]:
     if not ids:
         return []
     like = [table.c.body.like(pattern, escape="\\") for pattern in _patterns(ids)]
-    return conn.execute(sa.select(key, table.c.body).where(
-        table.c.body.is_not(None), sa.or_(*like))).all()
+    return conn.execute(
+        sa.select(key, table.c.body).where(table.c.body.is_not(None), sa.or_(*like))
+    ).all()
 
 
 def _names(body: str, ids: set[str], before: float | None) -> bool:
@@ -88,8 +94,8 @@ def _names(body: str, ids: set[str], before: float | None) -> bool:
     except ValueError:
         return False
     if not isinstance(raw, dict) or not any(
-            isinstance(raw.get(field), (str, int)) and str(raw.get(field)) in ids
-            for field in ID_FIELDS):
+        isinstance(raw.get(field), (str, int)) and str(raw.get(field)) in ids for field in ID_FIELDS
+    ):
         return False
     if before is None:
         return True
@@ -99,21 +105,28 @@ def _names(body: str, ids: set[str], before: float | None) -> bool:
         return True  # a deletion request may carry no time: it is theirs all the same
 
 
-def redact_inbox(store: Store, ids: Sequence[str], deleted_at: float,
-                 keep: Iterable[int] = ()) -> int:
+def redact_inbox(
+    store: Store, ids: Sequence[str], deleted_at: float, keep: Iterable[int] = ()
+) -> int:
     """Drop the bodies of the inbox rows about ``ids`` sent at or before ``deleted_at``,
     except the rows ``keep`` (seq); their claims stay. Returns the rows redacted."""
     kept = set(keep)
     wanted = set(ids)
     inbox_store = store.inbox_store
     with inbox_store.read() as conn:
-        found = [seq for seq, body in _matching(conn, inbox, inbox.c.seq, ids)
-                 if seq not in kept and _names(body, wanted, deleted_at)]
+        found = [
+            seq
+            for seq, body in _matching(conn, inbox, inbox.c.seq, ids)
+            if seq not in kept and _names(body, wanted, deleted_at)
+        ]
     if found:
         with inbox_store.write() as tx:
             for start in range(0, len(found), 500):
-                tx.conn.execute(inbox.update().where(inbox.c.seq.in_(found[start:start + 500]))
-                                .values(body=None))
+                tx.conn.execute(
+                    inbox.update()
+                    .where(inbox.c.seq.in_(found[start : start + 500]))
+                    .values(body=None)
+                )
     return len(found)
 
 
@@ -126,25 +139,42 @@ def redact_request(store: Store, seq: int) -> None:
 def dead_letters_of(conn, ids: Sequence[str]) -> list[int]:
     """The dead letters holding a message about ``ids``, or a record of theirs."""
     wanted = set(ids)
-    found = {row_id for row_id, body in _matching(conn, dead_letters, dead_letters.c.id, ids)
-             if _names(body, wanted, None)}
-    found.update(row[0] for row in conn.execute(sa.select(dead_letters.c.id).where(
-        dead_letters.c.record_id.in_(list(ids)))))
+    found = {
+        row_id
+        for row_id, body in _matching(conn, dead_letters, dead_letters.c.id, ids)
+        if _names(body, wanted, None)
+    }
+    found.update(
+        row[0]
+        for row in conn.execute(
+            sa.select(dead_letters.c.id).where(dead_letters.c.record_id.in_(list(ids)))
+        )
+    )
     return sorted(found)
 
 
-def purge(tx: Transaction, ids: Sequence[str], dead: Sequence[int] = (),
-          record_for_personalize: bool = False) -> None:
+def purge(
+    tx: Transaction,
+    ids: Sequence[str],
+    dead: Sequence[int] = (),
+    record_for_personalize: bool = False,
+) -> None:
     """In the applier's transaction: everything the store holds about ``ids``."""
     ids = list(ids)
     if not ids:
         return
     conn = tx.conn
-    conn.execute(interactions.delete().where(sa.or_(interactions.c.user_id.in_(ids),
-                                                    interactions.c.anonymous_id.in_(ids))))
+    conn.execute(
+        interactions.delete().where(
+            sa.or_(interactions.c.user_id.in_(ids), interactions.c.anonymous_id.in_(ids))
+        )
+    )
     conn.execute(profiles.delete().where(profiles.c.profile_id.in_(ids)))
-    conn.execute(identity_links.delete().where(sa.or_(identity_links.c.user_id.in_(ids),
-                                                      identity_links.c.anonymous_id.in_(ids))))
+    conn.execute(
+        identity_links.delete().where(
+            sa.or_(identity_links.c.user_id.in_(ids), identity_links.c.anonymous_id.in_(ids))
+        )
+    )
     conn.execute(activations.delete().where(activations.c.user_id.in_(ids)))
     shown = sa.select(impressions.c.recommendation_id).where(impressions.c.visitor.in_(ids))
     conn.execute(attributions.delete().where(attributions.c.recommendation_id.in_(shown)))
@@ -153,4 +183,5 @@ def purge(tx: Transaction, ids: Sequence[str], dead: Sequence[int] = (),
         conn.execute(dead_letters.delete().where(dead_letters.c.id.in_(list(dead))))
     if record_for_personalize:
         from .deletions import record_deletions
+
         record_deletions(tx, ids)

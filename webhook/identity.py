@@ -19,10 +19,11 @@ Two questions, answered here only:
   anonymous id's own data, never the user it may be linked to: a logged-out browser, or a
   link forged with the public write key, never discloses a user's history or traits.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sqlalchemy as sa
 
@@ -33,19 +34,21 @@ ANONYMOUS_PREFIX = "\x00anon:"  # keeps anonymous people apart from user ids in 
 
 @dataclass(frozen=True)
 class Person:
-    user_id: str | None              # the userId, given or linked; None: anonymous
-    anonymous_ids: tuple[str, ...]   # every anonymousId known to be this person
+    user_id: str | None  # the userId, given or linked; None: anonymous
+    anonymous_ids: tuple[str, ...]  # every anonymousId known to be this person
 
     @property
     def ids(self) -> tuple[str, ...]:
         """Every id the person's records may be stored under (profiles are keyed by the
         userId, or by the anonymousId for an anonymous person)."""
         return ((self.user_id,) if self.user_id else ()) + tuple(
-            a for a in self.anonymous_ids if a != self.user_id)
+            a for a in self.anonymous_ids if a != self.user_id
+        )
 
 
-def owner(user_id: str | None, anonymous_id: str | None,
-          link_of: Callable[[str], str | None]) -> str | None:
+def owner(
+    user_id: str | None, anonymous_id: str | None, link_of: Callable[[str], str | None]
+) -> str | None:
     """The userId a message or a visitor belongs to: its own userId, else the user its
     anonymousId is linked to (``link_of``), else None (an anonymous person)."""
     if user_id:
@@ -55,8 +58,9 @@ def owner(user_id: str | None, anonymous_id: str | None,
     return None
 
 
-def person_key(user_id: str | None, anonymous_id: str | None,
-               link_of: Callable[[str], str | None]) -> str:
+def person_key(
+    user_id: str | None, anonymous_id: str | None, link_of: Callable[[str], str | None]
+) -> str:
     """One string per person (for training data): the owner's userId, else the
     anonymousId, marked so it never equals a userId."""
     return owner(user_id, anonymous_id, link_of) or ANONYMOUS_PREFIX + (anonymous_id or "")
@@ -65,27 +69,41 @@ def person_key(user_id: str | None, anonymous_id: str | None,
 def resolve(conn, *, user_id: str | None = None, anonymous_id: str | None = None) -> Person:
     """The person behind a visitor known by userId and/or anonymousId, with every
     anonymousId linked to them."""
+
     def link_of(anonymous: str) -> str | None:
-        return conn.execute(sa.select(identity_links.c.user_id).where(
-            identity_links.c.anonymous_id == anonymous)).scalar()
+        return conn.execute(
+            sa.select(identity_links.c.user_id).where(identity_links.c.anonymous_id == anonymous)
+        ).scalar()
 
     user = owner(user_id, anonymous_id, link_of)
     anonymous = {anonymous_id} if anonymous_id else set()
     if user:
-        anonymous.update(row[0] for row in conn.execute(
-            sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)))
+        anonymous.update(
+            row[0]
+            for row in conn.execute(
+                sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user)
+            )
+        )
     return Person(user, tuple(sorted(anonymous)))
 
 
 def _linked_to(conn, user_id: str) -> list[str]:
-    return [row[0] for row in conn.execute(
-        sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user_id))]
+    return [
+        row[0]
+        for row in conn.execute(
+            sa.select(identity_links.c.anonymous_id).where(identity_links.c.user_id == user_id)
+        )
+    ]
 
 
 def is_linked(conn, anonymous_id: str, user_id: str) -> bool:
     """Whether the store links ``anonymous_id`` to ``user_id``."""
-    return conn.execute(sa.select(identity_links.c.user_id).where(
-        identity_links.c.anonymous_id == anonymous_id)).scalar() == user_id
+    return (
+        conn.execute(
+            sa.select(identity_links.c.user_id).where(identity_links.c.anonymous_id == anonymous_id)
+        ).scalar()
+        == user_id
+    )
 
 
 def subject(conn, *, user_id: str | None = None, anonymous_id: str | None = None) -> Person:
@@ -127,9 +145,16 @@ def latest_interactions(conn, person: Person, columns, limit: int, first: str | 
     if not ranges:
         return None
     if conn.dialect.name == "postgresql":  # and no JIT for the inflated cost of a sort
-        conn.execute(sa.text("SELECT set_config('enable_sort', 'off', true), "
-                             "set_config('jit', 'off', true)"))
-    parts = [sa.select(*columns).where(column == value)
-             .order_by(interactions.c.timestamp.desc())
-             .limit(max(1, int(limit))).subquery().select() for column, value in ranges]
+        conn.execute(
+            sa.text("SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)")
+        )
+    parts = [
+        sa.select(*columns)
+        .where(column == value)
+        .order_by(interactions.c.timestamp.desc())
+        .limit(max(1, int(limit)))
+        .subquery()
+        .select()
+        for column, value in ranges
+    ]
     return sa.union_all(*parts) if len(parts) > 1 else parts[0]

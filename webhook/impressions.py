@@ -12,13 +12,14 @@ The attribution applier (``appliers/attribution.py``) holds back a click that na
 answer not recorded yet for a little longer than ``flush_seconds``, so a click that
 follows an answer within a second is still matched.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import metrics
 from .storage import Store, StoreUnavailable
@@ -30,9 +31,14 @@ FLUSH_SECONDS = 0.2
 
 
 class ImpressionRecorder:
-    def __init__(self, store: Store, max_pending: int = 10_000,
-                 max_pending_items: int = 100_000, flush_seconds: float = FLUSH_SECONDS,
-                 tombstones=None):
+    def __init__(
+        self,
+        store: Store,
+        max_pending: int = 10_000,
+        max_pending_items: int = 100_000,
+        flush_seconds: float = FLUSH_SECONDS,
+        tombstones=None,
+    ):
         self.store = store
         # An answer for a person deleted while it waited in the buffer is not written.
         self.tombstones = tombstones
@@ -48,15 +54,31 @@ class ImpressionRecorder:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def record(self, *, recommendation_id: str, visitor: str | None, variant: str, source: str,
-               kind: str, items: Sequence[str]) -> bool:
+    def record(
+        self,
+        *,
+        recommendation_id: str,
+        visitor: str | None,
+        variant: str,
+        source: str,
+        kind: str,
+        items: Sequence[str],
+    ) -> bool:
         """Keep an answer for the next write; False if the buffer is full (dropped)."""
-        row = {"recommendation_id": recommendation_id, "visitor": visitor or "",
-               "variant": variant, "source": source, "kind": kind, "items": list(items),
-               "shown_at": time.time()}
+        row = {
+            "recommendation_id": recommendation_id,
+            "visitor": visitor or "",
+            "variant": variant,
+            "source": source,
+            "kind": kind,
+            "items": list(items),
+            "shown_at": time.time(),
+        }
         with self._lock:
-            if len(self._rows) >= self.max_pending or \
-                    self._items + len(row["items"]) > self.max_pending_items:
+            if (
+                len(self._rows) >= self.max_pending
+                or self._items + len(row["items"]) > self.max_pending_items
+            ):
                 metrics.IMPRESSIONS_DROPPED.inc()
                 return False
             self._rows.append(row)
@@ -78,11 +100,20 @@ class ImpressionRecorder:
                 if self.tombstones is not None:
                     self.tombstones.refresh()
                     if not self.tombstones.empty:
-                        rows = [row for row in rows if not self.tombstones.deleted_since(
-                            (row["visitor"],), row["shown_at"], refresh=False)]
+                        rows = [
+                            row
+                            for row in rows
+                            if not self.tombstones.deleted_since(
+                                (row["visitor"],), row["shown_at"], refresh=False
+                            )
+                        ]
                 with self.store.write(durable=False) as tx:
-                    tx.conn.execute(tx.insert(impressions).on_conflict_do_nothing(
-                        index_elements=["recommendation_id"]), rows)
+                    tx.conn.execute(
+                        tx.insert(impressions).on_conflict_do_nothing(
+                            index_elements=["recommendation_id"]
+                        ),
+                        rows,
+                    )
             except BaseException:
                 with self._lock:  # back in front, as far as the bounds allow (newest kept)
                     kept: list[dict] = []
@@ -121,8 +152,9 @@ class ImpressionRecorder:
         try:
             self.flush()
         except StoreUnavailable:
-            log.warning("impressions: store unavailable at shutdown; %d not recorded",
-                        len(self._rows))
+            log.warning(
+                "impressions: store unavailable at shutdown; %d not recorded", len(self._rows)
+            )
 
     def _loop(self) -> None:
         failures = 0

@@ -21,18 +21,20 @@ consuming the inbox in arrival order from a position of its own, in bulk:
   older than every transaction still running (``pg_snapshot_xmin``), in (txid, seq) order,
   so no row can later appear behind its position.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
 from .storage import Store, StoreUnavailable, Transaction
-from .storage.database import describe, insert
-from .storage.leases import holder_is_gone, holder_name
+from .storage.database import insert
+from .storage.leases import holder_is_gone
 from .storage.schema import inbox, inbox_consumers, tombstones
 
 log = logging.getLogger("webhook.inbox")
@@ -46,6 +48,7 @@ Position = tuple[int, int]  # (txid, seq)
 class Entry(NamedTuple):
     """One inbox row, as an applier gets it (a tuple: built straight from the cursor's
     rows, a thousand at a time)."""
+
     seq: int
     txid: int
     message_id: str | None
@@ -90,14 +93,22 @@ class Inbox:
         running them (measured)."""
         c = inbox_consumers
         name = c.c.name == sa.bindparam("applier")
-        columns = (inbox.c.seq, inbox.c.txid, inbox.c.message_id, inbox.c.type,
-                   inbox.c.received_at, inbox.c.body)
+        columns = (
+            inbox.c.seq,
+            inbox.c.txid,
+            inbox.c.message_id,
+            inbox.c.type,
+            inbox.c.received_at,
+            inbox.c.body,
+        )
         if self.postgresql:
             # Only rows of transactions older than every running one (module docstring).
-            horizon = sa.literal_column(
-                "pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            after = sa.and_(inbox.c.txid < horizon, sa.tuple_(inbox.c.txid, inbox.c.seq) >
-                            sa.tuple_(sa.bindparam("txid"), sa.bindparam("seq")))
+            horizon = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            after = sa.and_(
+                inbox.c.txid < horizon,
+                sa.tuple_(inbox.c.txid, inbox.c.seq)
+                > sa.tuple_(sa.bindparam("txid"), sa.bindparam("seq")),
+            )
             order = (inbox.c.txid, inbox.c.seq)
         else:
             after = inbox.c.seq > sa.bindparam("seq")
@@ -107,57 +118,106 @@ class Inbox:
         # The same row, read again inside the lease's write transaction (locked on PostgreSQL).
         self._lock = self._peek.with_for_update() if self.postgresql else self._peek
         self._read = self.rows.compile(
-            sa.select(*columns).where(after).order_by(*order)
-            .limit(sa.bindparam("limit", type_=sa.Integer)))
-        self._take = c.update().where(name).values(
-            owner=sa.bindparam("holder"), lease_until=sa.bindparam("until"),
-            batch_from_seq=sa.bindparam("first"), batch_to_seq=sa.bindparam("last"),
-            batch_size=sa.bindparam("size"), batch_started=sa.bindparam("now"),
-            updated_at=sa.bindparam("now"))
+            sa.select(*columns)
+            .where(after)
+            .order_by(*order)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+        )
+        self._take = (
+            c.update()
+            .where(name)
+            .values(
+                owner=sa.bindparam("holder"),
+                lease_until=sa.bindparam("until"),
+                batch_from_seq=sa.bindparam("first"),
+                batch_to_seq=sa.bindparam("last"),
+                batch_size=sa.bindparam("size"),
+                batch_started=sa.bindparam("now"),
+                updated_at=sa.bindparam("now"),
+            )
+        )
         mine = sa.and_(name, c.c.owner == sa.bindparam("holder"))
-        self._renew = c.update().where(mine).values(lease_until=sa.bindparam("until"),
-                                                   updated_at=sa.bindparam("now"))
-        self._advance = c.update().where(mine).values(
-            position_txid=sa.bindparam("to_txid"), position_seq=sa.bindparam("to_seq"),
-            applied=c.c.applied + sa.bindparam("count", type_=sa.BigInteger), owner=None,
-            lease_until=None, batch_from_seq=None, batch_to_seq=None, batch_size=None,
-            batch_started=None, updated_at=sa.bindparam("now"))
-        self._release = c.update().where(mine).values(
-            owner=None, lease_until=None, batch_from_seq=None, batch_to_seq=None,
-            batch_size=None, batch_started=None, updated_at=sa.bindparam("now"))
+        self._renew = (
+            c.update()
+            .where(mine)
+            .values(lease_until=sa.bindparam("until"), updated_at=sa.bindparam("now"))
+        )
+        self._advance = (
+            c.update()
+            .where(mine)
+            .values(
+                position_txid=sa.bindparam("to_txid"),
+                position_seq=sa.bindparam("to_seq"),
+                applied=c.c.applied + sa.bindparam("count", type_=sa.BigInteger),
+                owner=None,
+                lease_until=None,
+                batch_from_seq=None,
+                batch_to_seq=None,
+                batch_size=None,
+                batch_started=None,
+                updated_at=sa.bindparam("now"),
+            )
+        )
+        self._release = (
+            c.update()
+            .where(mine)
+            .values(
+                owner=None,
+                lease_until=None,
+                batch_from_seq=None,
+                batch_to_seq=None,
+                batch_size=None,
+                batch_started=None,
+                updated_at=sa.bindparam("now"),
+            )
+        )
 
     # -- the request path's one write --------------------------------------------------
 
     def _build_writes(self) -> None:
         rows = self.rows
         # PostgreSQL: each row carries the id of the transaction that wrote it (above).
-        txid = (sa.literal_column("pg_current_xact_id()::text::bigint")
-                if rows.dialect == "postgresql" else sa.literal_column("0"))
+        txid = (
+            sa.literal_column("pg_current_xact_id()::text::bigint")
+            if rows.dialect == "postgresql"
+            else sa.literal_column("0")
+        )
         # A message whose messageId the inbox holds already is left out: a duplicate.
         add = insert(rows.dialect, inbox).on_conflict_do_nothing(index_elements=["message_id"])
         self._txid = txid
         self._add = add
-        self._add_one = rows.compile(add.values(
-            txid=txid, message_id=sa.bindparam("message_id"), type=sa.bindparam("type"),
-            received_at=sa.bindparam("received_at"), body=sa.bindparam("body")))
+        self._add_one = rows.compile(
+            add.values(
+                txid=txid,
+                message_id=sa.bindparam("message_id"),
+                type=sa.bindparam("type"),
+                received_at=sa.bindparam("received_at"),
+                body=sa.bindparam("body"),
+            )
+        )
         self._add_many: dict[int, Any] = {}
         self._add_tombstone = rows.compile(
-            insert(rows.dialect, tombstones).on_conflict_do_nothing(
-                index_elements=["id_hash", "deleted_at"]).values(
-                id_hash=sa.bindparam("id_hash"), deleted_at=sa.bindparam("deleted_at")))
+            insert(rows.dialect, tombstones)
+            .on_conflict_do_nothing(index_elements=["id_hash", "deleted_at"])
+            .values(id_hash=sa.bindparam("id_hash"), deleted_at=sa.bindparam("deleted_at"))
+        )
 
     def _many(self, n: int):
         """``n`` rows in one statement (compiled once per ``n``, at most _CHUNK)."""
         raw = self._add_many.get(n)
         if raw is None:
-            stmt = self._add.values([
-                {"txid": self._txid, **{name: sa.bindparam(f"{name}{i}") for name in _COLUMNS}}
-                for i in range(n)]).returning(inbox.c.message_id)
+            stmt = self._add.values(
+                [
+                    {"txid": self._txid, **{name: sa.bindparam(f"{name}{i}") for name in _COLUMNS}}
+                    for i in range(n)
+                ]
+            ).returning(inbox.c.message_id)
             raw = self._add_many[n] = self.rows.compile(stmt)
         return raw
 
-    def add(self, rows: Sequence[tuple[str | None, str, str]],
-            graves: Sequence[dict] = ()) -> set[str]:
+    def add(
+        self, rows: Sequence[tuple[str | None, str, str]], graves: Sequence[dict] = ()
+    ) -> set[str]:
         """Write (message_id, type, canonical JSON) rows into the inbox, in this order, in
         one transaction; a row whose messageId is there already is left out. ``graves``
         (a delete's tombstones, ``Tombstones.rows``) are written in the same transaction.
@@ -193,12 +253,16 @@ class Inbox:
             # One row: whether it went in is the statement's row count.
             message_id, kind, body = rows[0]
             raw = self._add_one
-            cursor.execute(raw.sql, raw.params({"message_id": message_id, "type": kind,
-                                                "received_at": now, "body": body}))
+            cursor.execute(
+                raw.sql,
+                raw.params(
+                    {"message_id": message_id, "type": kind, "received_at": now, "body": body}
+                ),
+            )
             return {message_id} if cursor.rowcount == 1 else set()
         fresh: set[str] = set()
         for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start:start + _CHUNK]
+            chunk = rows[start : start + _CHUNK]
             values: dict[str, Any] = {}
             for i, (message_id, kind, body) in enumerate(chunk):
                 values[f"message_id{i}"] = message_id
@@ -216,14 +280,27 @@ class Inbox:
         """Create the position rows of these appliers (at the start of the inbox)."""
         names = list(names)
         with self.store.write() as tx:
-            known = {row[0] for row in tx.conn.execute(
-                sa.select(inbox_consumers.c.name).where(inbox_consumers.c.name.in_(names)))}
+            known = {
+                row[0]
+                for row in tx.conn.execute(
+                    sa.select(inbox_consumers.c.name).where(inbox_consumers.c.name.in_(names))
+                )
+            }
             missing = [name for name in names if name not in known]
             if missing:
-                tx.conn.execute(tx.insert(inbox_consumers).on_conflict_do_nothing(
-                    index_elements=["name"]), [
-                    {"name": name, "position_txid": 0, "position_seq": 0, "applied": 0,
-                     "updated_at": time.time()} for name in missing])
+                tx.conn.execute(
+                    tx.insert(inbox_consumers).on_conflict_do_nothing(index_elements=["name"]),
+                    [
+                        {
+                            "name": name,
+                            "position_txid": 0,
+                            "position_seq": 0,
+                            "applied": 0,
+                            "updated_at": time.time(),
+                        }
+                        for name in missing
+                    ],
+                )
         if self.rows is not self.store:
             self._no_position_past_the_inbox()
 
@@ -239,12 +316,17 @@ class Inbox:
         with self.store.write() as tx:
             with self.rows.read() as conn:
                 last = conn.execute(sa.select(sa.func.max(inbox.c.seq))).scalar() or 0
-            moved = tx.conn.execute(inbox_consumers.update().where(
-                inbox_consumers.c.position_seq > last).values(
-                position_seq=last, position_txid=0, updated_at=time.time())).rowcount
+            moved = tx.conn.execute(
+                inbox_consumers.update()
+                .where(inbox_consumers.c.position_seq > last)
+                .values(position_seq=last, position_txid=0, updated_at=time.time())
+            ).rowcount
         if moved:
-            log.warning("inbox: %d applier position(s) were past the inbox's last row "
-                        "(lost from its file?) and were moved back to it", moved)
+            log.warning(
+                "inbox: %d applier position(s) were past the inbox's last row "
+                "(lost from its file?) and were moved back to it",
+                moved,
+            )
 
     # -- leases ------------------------------------------------------------------------
 
@@ -268,8 +350,12 @@ class Inbox:
         with self.rows.read() as conn:  # the batch itself (none: nothing pending)
             cursor = conn.connection.dbapi_connection.cursor()
             try:
-                cursor.execute(self._read.sql, self._read.params(
-                    {**self._read.defaults, "txid": at[0], "seq": at[1], "limit": limit}))
+                cursor.execute(
+                    self._read.sql,
+                    self._read.params(
+                        {**self._read.defaults, "txid": at[0], "seq": at[1], "limit": limit}
+                    ),
+                )
                 entries = list(map(Entry._make, cursor.fetchall()))
             finally:
                 cursor.close()
@@ -284,9 +370,18 @@ class Inbox:
                 return BUSY
             if (row.position_txid, row.position_seq) != at:
                 return BUSY  # another process applied a batch meanwhile: read again later
-            tx.conn.execute(self._take, {
-                "applier": name, "holder": owner, "until": now + ttl, "first": entries[0].seq,
-                "last": entries[-1].seq, "size": len(entries), "now": now})
+            tx.conn.execute(
+                self._take,
+                {
+                    "applier": name,
+                    "holder": owner,
+                    "until": now + ttl,
+                    "first": entries[0].seq,
+                    "last": entries[-1].seq,
+                    "size": len(entries),
+                    "now": now,
+                },
+            )
         return at, entries
 
     @staticmethod
@@ -297,26 +392,36 @@ class Inbox:
         if (row.lease_until or 0) > time.time() and not holder_is_gone(holder):
             return True
         if warn:
-            log.warning("inbox: taking over the lease of a process that is gone or expired",
-                        extra={"applier": name})
+            log.warning(
+                "inbox: taking over the lease of a process that is gone or expired",
+                extra={"applier": name},
+            )
         return False
 
     def renew_lease(self, name: str, owner: str, ttl: float) -> None:
         """Extend the lease; LostLease if another process has it now."""
         now = time.time()
         with self.store.write(durable=False) as tx:
-            result = tx.conn.execute(self._renew, {"applier": name, "holder": owner,
-                                                   "until": now + ttl, "now": now})
+            result = tx.conn.execute(
+                self._renew, {"applier": name, "holder": owner, "until": now + ttl, "now": now}
+            )
             if result.rowcount != 1:
                 raise LostLease(name)
 
-    def advance(self, tx: Transaction, name: str, owner: str, to: Position,
-                count: int) -> None:
+    def advance(self, tx: Transaction, name: str, owner: str, to: Position, count: int) -> None:
         """In the applier's transaction: move the position past the batch and let go of
         the lease. LostLease (the transaction must roll back) if it is not ours."""
-        result = tx.conn.execute(self._advance, {
-            "applier": name, "holder": owner, "to_txid": to[0], "to_seq": to[1], "count": count,
-            "now": time.time()})
+        result = tx.conn.execute(
+            self._advance,
+            {
+                "applier": name,
+                "holder": owner,
+                "to_txid": to[0],
+                "to_seq": to[1],
+                "count": count,
+                "now": time.time(),
+            },
+        )
         if result.rowcount != 1:
             raise LostLease(name)
 
@@ -324,8 +429,9 @@ class Inbox:
         """Give the lease back without moving (a batch that failed); best effort."""
         try:
             with self.store.write(durable=False) as tx:
-                tx.conn.execute(self._release, {"applier": name, "holder": owner,
-                                                "now": time.time()})
+                tx.conn.execute(
+                    self._release, {"applier": name, "holder": owner, "now": time.time()}
+                )
         except StoreUnavailable:
             pass  # it expires, or this process takes it again as its owner
 
@@ -344,8 +450,12 @@ class Inbox:
         now = time.time()
         out: dict[str, Lag] = {}
         with self.store.read() as conn:
-            rows = {row.name: row for row in conn.execute(
-                sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(names)))}
+            rows = {
+                row.name: row
+                for row in conn.execute(
+                    sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(names))
+                )
+            }
         with self.rows.read() as conn:
             latest = conn.execute(sa.select(sa.func.max(inbox.c.seq))).scalar() or 0
             for name in names:
@@ -356,12 +466,15 @@ class Inbox:
                     order: tuple = (inbox.c.txid, inbox.c.seq)
                 else:
                     after, order = inbox.c.seq > at[1], (inbox.c.seq,)
-                first = conn.execute(sa.select(inbox.c.received_at).where(after)
-                                     .order_by(*order).limit(1)).scalar()
-                out[name] = Lag(pending=max(1, latest - at[1]) if first is not None else 0,
-                                oldest_seconds=max(0.0, now - first) if first else 0.0,
-                                owner=row.owner if row else None,
-                                applying_since=row.batch_started if row else None)
+                first = conn.execute(
+                    sa.select(inbox.c.received_at).where(after).order_by(*order).limit(1)
+                ).scalar()
+                out[name] = Lag(
+                    pending=max(1, latest - at[1]) if first is not None else 0,
+                    oldest_seconds=max(0.0, now - first) if first else 0.0,
+                    owner=row.owner if row else None,
+                    applying_since=row.batch_started if row else None,
+                )
         return out
 
     # -- retention -----------------------------------------------------------------------
@@ -372,23 +485,26 @@ class Inbox:
         for it: counted and logged as expired. Returns the rows deleted."""
         consumers = list(consumers)
         with self.store.read() as conn:  # where each applier is (for the expired count)
-            positions = {row.name: (row.position_txid, row.position_seq)
-                         for row in conn.execute(sa.select(inbox_consumers)
-                                                 .where(inbox_consumers.c.name.in_(consumers)))}
-        behind = min(positions.get(name, (0, 0)) for name in consumers) if consumers \
-            else None
+            positions = {
+                row.name: (row.position_txid, row.position_seq)
+                for row in conn.execute(
+                    sa.select(inbox_consumers).where(inbox_consumers.c.name.in_(consumers))
+                )
+            }
+        behind = min(positions.get(name, (0, 0)) for name in consumers) if consumers else None
         with self.rows.write() as tx:
-            head = tx.conn.execute(sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at,
-                                             inbox.c.type)
-                                   .order_by(inbox.c.seq).limit(limit)).all()
+            head = tx.conn.execute(
+                sa.select(inbox.c.seq, inbox.c.txid, inbox.c.received_at, inbox.c.type)
+                .order_by(inbox.c.seq)
+                .limit(limit)
+            ).all()
             doomed = []
             for row in head:  # rows arrive in time order: stop at the first young one
                 if row.received_at >= older_than:
                     break
                 # A deletion request is never pruned before every applier applied it:
                 # the person would stay where it was not applied yet.
-                if row.type == "delete" and behind is not None and \
-                        (row.txid, row.seq) > behind:
+                if row.type == "delete" and behind is not None and (row.txid, row.seq) > behind:
                     break
                 doomed.append(row)
             if not doomed:
@@ -402,10 +518,15 @@ class Inbox:
                 at = positions.get(name, (0, 0))
                 expired = sum(1 for row in doomed if (row.txid, row.seq) > at)
                 if expired:
-                    log.error("inbox: %d message(s) expired before they were applied",
-                              expired, extra={"applier": name})
+                    log.error(
+                        "inbox: %d message(s) expired before they were applied",
+                        expired,
+                        extra={"applier": name},
+                    )
                     from . import metrics
+
                     metrics.INBOX_EXPIRED.labels(applier=name).inc(expired)
-            deleted = tx.conn.execute(inbox.delete().where(
-                inbox.c.seq <= last, inbox.c.received_at < older_than)).rowcount
+            deleted = tx.conn.execute(
+                inbox.delete().where(inbox.c.seq <= last, inbox.c.received_at < older_than)
+            ).rowcount
         return deleted

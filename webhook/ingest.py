@@ -9,23 +9,26 @@ itself. Once the transaction has committed, the caller may acknowledge the deliv
 the messages mean is applied afterwards, in bulk, by the appliers (``appliers/``) of the
 worker process.
 """
+
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .consent import denied_categories
+from .inbox import Inbox
 from .routing import Router
 from .segment import Message, MessageError, encode_json, parse_message
-from .inbox import Inbox
 
 
 @dataclass(slots=True)
 class Summary:
     """What became of each message of a delivery; the webhook's JSON answer."""
+
     received: int = 0
     accepted: int = 0
     duplicates: int = 0
@@ -72,7 +75,14 @@ def _entry(index: int, raw: Any, reason: str) -> dict:
 def _type_label(raw: Any) -> str:
     kind = raw.get("type") if isinstance(raw, dict) else None
     if isinstance(kind, str) and kind.strip().lower() in {
-            "track", "identify", "page", "screen", "group", "alias", "delete"}:
+        "track",
+        "identify",
+        "page",
+        "screen",
+        "group",
+        "alias",
+        "delete",
+    }:
         return kind.strip().lower()
     return "invalid"  # a bounded label set: never echo what the caller sent
 
@@ -103,10 +113,16 @@ class Ingestor:
     without a messageId is claimed by its content, so a replay of it is a duplicate.
     """
 
-    def __init__(self, inbox: Inbox, router: Router,
-                 max_message_age_seconds: float | None = None, *,
-                 interaction_retention_seconds: float | None = None,
-                 consent_categories: Sequence[str] = (), tombstones=None):
+    def __init__(
+        self,
+        inbox: Inbox,
+        router: Router,
+        max_message_age_seconds: float | None = None,
+        *,
+        interaction_retention_seconds: float | None = None,
+        consent_categories: Sequence[str] = (),
+        tombstones=None,
+    ):
         self.inbox = inbox
         self.router = router
         self.max_message_age_seconds = max_message_age_seconds
@@ -123,10 +139,12 @@ class Ingestor:
         summary = Summary(received=len(raw_messages))
         rows: list[tuple[int, Message, str]] = []
         now = time.time()
-        oldest = (now - self.max_message_age_seconds
-                  if live and self.max_message_age_seconds else None)
-        retained = (now - self.interaction_retention_seconds
-                    if self.interaction_retention_seconds else None)
+        oldest = (
+            now - self.max_message_age_seconds if live and self.max_message_age_seconds else None
+        )
+        retained = (
+            now - self.interaction_retention_seconds if self.interaction_retention_seconds else None
+        )
         if self.tombstones is not None:
             self.tombstones.refresh()
         graves: list[dict] = []
@@ -143,13 +161,15 @@ class Ingestor:
                     message.message_id = delete_claim(body)
                 if self.tombstones is not None:
                     graves += self.tombstones.rows(
-                        (message.user_id, message.anonymous_id), message.timestamp.timestamp())
+                        (message.user_id, message.anonymous_id), message.timestamp.timestamp()
+                    )
                 rows.append((index, message, body))
                 continue
             reason = self._skip_reason(message, raw, oldest, retained)
             if reason is not None:
-                summary.skipped.append({"index": index, "messageId": message.message_id,
-                                        "reason": reason})
+                summary.skipped.append(
+                    {"index": index, "messageId": message.message_id, "reason": reason}
+                )
                 summary.count(message.type, "skipped")
                 continue
             rows.append((index, message, canonical_json(raw)))
@@ -173,8 +193,7 @@ class Ingestor:
             for note in notes:
                 summary.notes.append({"index": index, "messageId": message_id, "reason": note})
             if skipped:
-                summary.skipped.append({"index": index, "messageId": message_id,
-                                        "reason": skipped})
+                summary.skipped.append({"index": index, "messageId": message_id, "reason": skipped})
                 summary.count(message.type, "skipped")
             else:
                 summary.accepted += 1
@@ -185,23 +204,32 @@ class Ingestor:
                 listener()
         return summary
 
-    def _skip_reason(self, message: Message, raw: dict, oldest: float | None,
-                     retained: float | None) -> str | None:
+    def _skip_reason(
+        self, message: Message, raw: dict, oldest: float | None, retained: float | None
+    ) -> str | None:
         when = message.timestamp.timestamp()
         if oldest is not None and when < oldest:
             return "too_old"
         if self.consent_categories and denied_categories(raw, self.consent_categories):
             return "no_consent"
-        if retained is not None and when < retained and message.type == "track" \
-                and message.event in self.router.interaction_events:
+        if (
+            retained is not None
+            and when < retained
+            and message.type == "track"
+            and message.event in self.router.interaction_events
+        ):
             return "older_than_retention"
-        if self.tombstones is not None and not self.tombstones.empty and \
-                self.tombstones.deleted_since((message.user_id, message.anonymous_id,
-                                               message.previous_id), when, refresh=False):
+        if (
+            self.tombstones is not None
+            and not self.tombstones.empty
+            and self.tombstones.deleted_since(
+                (message.user_id, message.anonymous_id, message.previous_id), when, refresh=False
+            )
+        ):
             return "deleted"
         return None
 
-    def _write(self, jobs: Sequence["_Job"]) -> None:
+    def _write(self, jobs: Sequence[_Job]) -> None:
         """Write the rows of a group of deliveries in one transaction (``_GroupCommit``):
         a messageId in two of them (or twice in one) is new for its first copy only."""
         rows: list[tuple[str | None, str, str]] = []

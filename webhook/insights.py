@@ -28,17 +28,26 @@ variant do not match the configured split (the sample-ratio check).
 Always-valid results assume the looks share their first day: a growing sample. Choose a
 period that covers the experiment since it started (``days``), and keep it.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Mapping, Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from .insights_stats import (ALPHA, SRM_ALPHA, Sample, benjamini_hochberg, compare,
-                             mixture_rho, sample_ratio_p_value, wilson)
+from .insights_stats import (
+    ALPHA,
+    SRM_ALPHA,
+    Sample,
+    benjamini_hochberg,
+    compare,
+    mixture_rho,
+    sample_ratio_p_value,
+    wilson,
+)
 from .storage import Store
 from .storage.schema import attributions, impressions
 
@@ -53,12 +62,15 @@ METRICS = (
     ("visitorOrderRate", "visitors who ordered", True),
     ("revenuePerVisitor", "revenue per visitor", False),
 )
-SRM_CAUSES = ("bots or crawlers that reach one variant more than another, redirects or "
-              "caching in front of one variant, or visitors whose ids were merged or "
-              "changed (alias, logins) after they were assigned")
+SRM_CAUSES = (
+    "bots or crawlers that reach one variant more than another, redirects or "
+    "caching in front of one variant, or visitors whose ids were merged or "
+    "changed (alias, logins) after they were assigned"
+)
 
 
 # --- the report ------------------------------------------------------------------------
+
 
 @dataclass
 class _Counts:
@@ -83,28 +95,32 @@ class _Counts:
             "addToCarts": self.adds,
             "orders": self.orders,
             "revenue": round(self.revenue, 2),
-            "revenuePer1000": (round(1000 * self.revenue / self.impressions, 2)
-                               if self.impressions else None),
+            "revenuePer1000": (
+                round(1000 * self.revenue / self.impressions, 2) if self.impressions else None
+            ),
             "ctr": wilson(self.clicked_impressions, self.impressions),
             "visitorClickRate": wilson(self.clicking_visitors, self.visitors),
             "visitorAddRate": wilson(self.adding_visitors, self.visitors),
             "visitorOrderRate": wilson(self.ordering_visitors, self.visitors),
-            "revenuePerVisitor": (round(self.visitor_revenue / self.visitors, 4)
-                                  if self.visitors else None),
+            "revenuePerVisitor": (
+                round(self.visitor_revenue / self.visitors, 4) if self.visitors else None
+            ),
         }
 
     def sample(self, metric: str) -> Sample:
         """This variant's visitors for a comparison of ``metric``."""
         if metric == "revenuePerVisitor":
             return Sample(self.visitors, self.visitor_revenue, self.visitor_revenue_squares)
-        yes = {"visitorClickRate": self.clicking_visitors,
-               "visitorAddRate": self.adding_visitors,
-               "visitorOrderRate": self.ordering_visitors}[metric]
+        yes = {
+            "visitorClickRate": self.clicking_visitors,
+            "visitorAddRate": self.adding_visitors,
+            "visitorOrderRate": self.ordering_visitors,
+        }[metric]
         return Sample(self.visitors, yes, yes)
 
 
 def _day(epoch_day: int) -> str:
-    return datetime.fromtimestamp(epoch_day * DAY, timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(epoch_day * DAY, UTC).strftime("%Y-%m-%d")
 
 
 def _epoch_day(column, dialect: str):
@@ -114,9 +130,15 @@ def _epoch_day(column, dialect: str):
     return sa.cast(sa.func.floor(days) if dialect == "postgresql" else days, sa.Integer)
 
 
-def report(store: Store, days: int = 7, *, variants: Sequence[str] = (),
-           shares: Mapping[str, float] | None = None,
-           expected_visitors: float = EXPECTED_VISITORS, now: float | None = None) -> dict:
+def report(
+    store: Store,
+    days: int = 7,
+    *,
+    variants: Sequence[str] = (),
+    shares: Mapping[str, float] | None = None,
+    expected_visitors: float = EXPECTED_VISITORS,
+    now: float | None = None,
+) -> dict:
     """The insights of the last ``days`` days (UTC, today included). ``variants``: the
     experiment's, in order (the first is the baseline); variants seen in the data but no
     longer configured follow. ``shares``: the configured split, for the sample-ratio
@@ -131,13 +153,16 @@ def report(store: Store, days: int = 7, *, variants: Sequence[str] = (),
     body_variants = []
     for name in names:
         counts = total.get(name, _Counts())
-        body_variants.append({
-            "variant": name,
-            "configured": name in variants,
-            **counts.as_json(),
-            "days": [{"date": _day(d), **daily.get((name, d), _Counts()).as_json()}
-                     for d in dates],
-        })
+        body_variants.append(
+            {
+                "variant": name,
+                "configured": name in variants,
+                **counts.as_json(),
+                "days": [
+                    {"date": _day(d), **daily.get((name, d), _Counts()).as_json()} for d in dates
+                ],
+            }
+        )
     rho = mixture_rho(expected_visitors)
     comparisons = _compare(names, total, rho)
     split = _sample_ratio(variants, shares or {}, total)
@@ -145,8 +170,9 @@ def report(store: Store, days: int = 7, *, variants: Sequence[str] = (),
         "days": days,
         "from": _day(first_day),
         "to": _day(first_day + days - 1),
-        "generatedAt": datetime.fromtimestamp(now, timezone.utc).isoformat(
-            timespec="seconds").replace("+00:00", "Z"),
+        "generatedAt": datetime.fromtimestamp(now, UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
         "baseline": names[0] if names else None,
         "variants": body_variants,
         "comparisons": comparisons,
@@ -154,8 +180,9 @@ def report(store: Store, days: int = 7, *, variants: Sequence[str] = (),
             "alpha": ALPHA,
             "expectedVisitors": expected_visitors,
             "comparisons": sum(c["sequential"] is not None for c in comparisons),
-            "discoveries": sum(bool(c["sequential"] and c["sequential"]["discovery"])
-                               for c in comparisons),
+            "discoveries": sum(
+                bool(c["sequential"] and c["sequential"]["discovery"]) for c in comparisons
+            ),
         },
         "sampleRatio": split,
         "verdict": _verdict(names, total, comparisons, split),
@@ -166,23 +193,37 @@ def report_settings(services) -> dict:
     """``report``'s keyword arguments from the running service: the experiment's
     variants and split, and the tuning parameter."""
     experiment = services.recommendations.experiment
-    return {"variants": experiment.names,
-            "shares": {v.name: v.share for v in experiment.variants},
-            "expected_visitors": services.settings.experiment_expected_visitors}
+    return {
+        "variants": experiment.names,
+        "shares": {v.name: v.share for v in experiment.variants},
+        "expected_visitors": services.settings.experiment_expected_visitors,
+    }
 
 
 def visitors_per_variant(store: Store, since: float) -> dict[str, int]:
     """Distinct visitors per variant of the answers shown since ``since``."""
     with store.read() as conn:
-        return {variant: count for variant, count in conn.execute(
-            sa.select(impressions.c.variant,
-                      sa.func.count(sa.distinct(sa.func.nullif(impressions.c.visitor, ""))))
-            .where(impressions.c.shown_at >= since).group_by(impressions.c.variant))}
+        return {
+            variant: count
+            for variant, count in conn.execute(
+                sa.select(
+                    impressions.c.variant,
+                    sa.func.count(sa.distinct(sa.func.nullif(impressions.c.visitor, ""))),
+                )
+                .where(impressions.c.shown_at >= since)
+                .group_by(impressions.c.variant)
+            )
+        }
 
 
-def sample_ratio(store: Store, days: int = 7, *, variants: Sequence[str] = (),
-                 shares: Mapping[str, float] | None = None,
-                 now: float | None = None) -> dict | None:
+def sample_ratio(
+    store: Store,
+    days: int = 7,
+    *,
+    variants: Sequence[str] = (),
+    shares: Mapping[str, float] | None = None,
+    now: float | None = None,
+) -> dict | None:
     """The sample-ratio check alone (for ``/metrics``), over the same days as
     ``report``'s; None without an experiment."""
     now = time.time() if now is None else now
@@ -190,8 +231,9 @@ def sample_ratio(store: Store, days: int = 7, *, variants: Sequence[str] = (),
     if len([name for name in variants if (shares or {}).get(name, 0) > 0]) < 2:
         return None
     counts = visitors_per_variant(store, since)
-    return _sample_ratio(variants, shares or {},
-                         {name: _Counts(visitors=n) for name, n in counts.items()})
+    return _sample_ratio(
+        variants, shares or {}, {name: _Counts(visitors=n) for name, n in counts.items()}
+    )
 
 
 def _read(store: Store, since: float) -> tuple[dict, dict]:
@@ -202,37 +244,50 @@ def _read(store: Store, since: float) -> tuple[dict, dict]:
     daily: dict[tuple[str, int], _Counts] = {}
 
     def put(variant, day, field, value):
-        target = total.setdefault(variant, _Counts()) if day is None else \
-            daily.setdefault((variant, day), _Counts())
+        target = (
+            total.setdefault(variant, _Counts())
+            if day is None
+            else daily.setdefault((variant, day), _Counts())
+        )
         setattr(target, field, getattr(target, field) + value)
 
     shown = impressions.c.shown_at >= since
     happened = attributions.c.at >= since
     joined = attributions.join(
-        impressions, impressions.c.recommendation_id == attributions.c.recommendation_id,
-        isouter=True)
+        impressions,
+        impressions.c.recommendation_id == attributions.c.recommendation_id,
+        isouter=True,
+    )
     with store.read() as conn:
         for by_day in (False, True):
             group = [impressions.c.variant] + ([imp_day] if by_day else [])
             for row in conn.execute(
-                    sa.select(*group, sa.func.count(),
-                              sa.func.count(sa.distinct(sa.func.nullif(impressions.c.visitor,
-                                                                       ""))))
-                    .where(shown).group_by(*group)):
+                sa.select(
+                    *group,
+                    sa.func.count(),
+                    sa.func.count(sa.distinct(sa.func.nullif(impressions.c.visitor, ""))),
+                )
+                .where(shown)
+                .group_by(*group)
+            ):
                 day = row[1] if by_day else None
                 put(row[0], day, "impressions", row[-2])
                 put(row[0], day, "visitors", row[-1])
             # Attributions by the day of the event, with the visitor of their answer.
-            group = [attributions.c.variant, attributions.c.kind] + (
-                [att_day] if by_day else [])
+            group = [attributions.c.variant, attributions.c.kind] + ([att_day] if by_day else [])
             for row in conn.execute(
-                    sa.select(*group, sa.func.count(),
-                              sa.func.count(sa.distinct(attributions.c.recommendation_id)),
-                              sa.func.count(sa.distinct(attributions.c.message_id)),
-                              sa.func.count(sa.distinct(
-                                  sa.func.nullif(impressions.c.visitor, ""))),
-                              sa.func.coalesce(sa.func.sum(attributions.c.revenue), 0.0))
-                    .select_from(joined).where(happened).group_by(*group)):
+                sa.select(
+                    *group,
+                    sa.func.count(),
+                    sa.func.count(sa.distinct(attributions.c.recommendation_id)),
+                    sa.func.count(sa.distinct(attributions.c.message_id)),
+                    sa.func.count(sa.distinct(sa.func.nullif(impressions.c.visitor, ""))),
+                    sa.func.coalesce(sa.func.sum(attributions.c.revenue), 0.0),
+                )
+                .select_from(joined)
+                .where(happened)
+                .group_by(*group)
+            ):
                 variant, kind = row[0], row[1]
                 day = row[2] if by_day else None
                 events, answers, messages, visitors, revenue = row[-5:]
@@ -253,25 +308,33 @@ def _read(store: Store, since: float) -> tuple[dict, dict]:
         # In total, per visitor: what each visitor of the period did with the answers
         # they were shown in it (the visitors of the comparisons, and no others).
         per_visitor = (
-            sa.select(impressions.c.variant.label("variant"),
-                      sa.func.max(_is(attributions.c.kind == "click")).label("clicked"),
-                      sa.func.max(_is(attributions.c.kind == "add")).label("added"),
-                      sa.func.max(_is(attributions.c.kind == "order")).label("ordered"),
-                      sa.func.sum(sa.case((attributions.c.kind == "order",
-                                           attributions.c.revenue), else_=0.0))
-                      .label("revenue"))
-            .select_from(attributions.join(
-                impressions,
-                impressions.c.recommendation_id == attributions.c.recommendation_id))
+            sa.select(
+                impressions.c.variant.label("variant"),
+                sa.func.max(_is(attributions.c.kind == "click")).label("clicked"),
+                sa.func.max(_is(attributions.c.kind == "add")).label("added"),
+                sa.func.max(_is(attributions.c.kind == "order")).label("ordered"),
+                sa.func.sum(
+                    sa.case((attributions.c.kind == "order", attributions.c.revenue), else_=0.0)
+                ).label("revenue"),
+            )
+            .select_from(
+                attributions.join(
+                    impressions, impressions.c.recommendation_id == attributions.c.recommendation_id
+                )
+            )
             .where(shown, impressions.c.visitor != "")
-            .group_by(impressions.c.variant, impressions.c.visitor)).subquery()
+            .group_by(impressions.c.variant, impressions.c.visitor)
+        ).subquery()
         for row in conn.execute(
-                sa.select(per_visitor.c.variant, sa.func.sum(per_visitor.c.clicked),
-                          sa.func.sum(per_visitor.c.added),
-                          sa.func.sum(per_visitor.c.ordered),
-                          sa.func.sum(per_visitor.c.revenue),
-                          sa.func.sum(per_visitor.c.revenue * per_visitor.c.revenue))
-                .group_by(per_visitor.c.variant)):
+            sa.select(
+                per_visitor.c.variant,
+                sa.func.sum(per_visitor.c.clicked),
+                sa.func.sum(per_visitor.c.added),
+                sa.func.sum(per_visitor.c.ordered),
+                sa.func.sum(per_visitor.c.revenue),
+                sa.func.sum(per_visitor.c.revenue * per_visitor.c.revenue),
+            ).group_by(per_visitor.c.variant)
+        ):
             variant, clicked, added, ordered, revenue, squares = row
             put(variant, None, "clicking_visitors", int(clicked or 0))
             put(variant, None, "adding_visitors", int(added or 0))
@@ -295,10 +358,10 @@ def _compare(names: Sequence[str], total: dict[str, _Counts], rho: float) -> lis
     for name in names[1:]:
         other = total.get(name, _Counts())
         for metric, _, binary in METRICS:
-            result = compare(base.sample(metric), other.sample(metric), rho=rho,
-                             binary=binary)
-            out.append({"variant": name, "baseline": names[0], "metric": metric,
-                        **_rounded(result)})
+            result = compare(base.sample(metric), other.sample(metric), rho=rho, binary=binary)
+            out.append(
+                {"variant": name, "baseline": names[0], "metric": metric, **_rounded(result)}
+            )
     tested = [c for c in out if c["sequential"] is not None]
     found = benjamini_hochberg([c["sequential"]["pValue"] for c in tested], ALPHA)
     for c, discovery in zip(tested, found):
@@ -309,13 +372,21 @@ def _compare(names: Sequence[str], total: dict[str, _Counts], rho: float) -> lis
 
 def _rounded(result: dict | None) -> dict:
     if result is None:
-        return {"baselineValue": None, "value": None, "difference": None,
-                "relativeDifference": None, "sequential": None, "fixed": None}
+        return {
+            "baselineValue": None,
+            "value": None,
+            "difference": None,
+            "relativeDifference": None,
+            "sequential": None,
+            "fixed": None,
+        }
 
     def r(x):
         return None if x is None else float(f"{x:.6g}")
+
     return {
-        "baselineValue": r(result["baselineValue"]), "value": r(result["value"]),
+        "baselineValue": r(result["baselineValue"]),
+        "value": r(result["value"]),
         "difference": r(result["difference"]),
         "relativeDifference": r(result["relativeDifference"]),
         "sequential": {k: r(v) for k, v in result["sequential"].items()},
@@ -323,8 +394,9 @@ def _rounded(result: dict | None) -> dict:
     }
 
 
-def _sample_ratio(variants: Sequence[str], shares: Mapping[str, float],
-                  total: dict[str, _Counts]) -> dict | None:
+def _sample_ratio(
+    variants: Sequence[str], shares: Mapping[str, float], total: dict[str, _Counts]
+) -> dict | None:
     """The visitors per configured variant against the configured split."""
     configured = [name for name in variants if shares.get(name, 0) > 0]
     if len(configured) < 2:
@@ -338,19 +410,28 @@ def _sample_ratio(variants: Sequence[str], shares: Mapping[str, float],
         "pValue": None if p is None else float(f"{p:.4g}"),
         "threshold": SRM_ALPHA,
         "mismatch": mismatch,
-        "variants": [{"variant": name, "visitors": n, "expectedShare": round(w / whole, 6),
-                      "observedShare": round(n / sum(observed), 6) if sum(observed) else None}
-                     for name, n, w in zip(configured, observed, weights)],
+        "variants": [
+            {
+                "variant": name,
+                "visitors": n,
+                "expectedShare": round(w / whole, 6),
+                "observedShare": round(n / sum(observed), 6) if sum(observed) else None,
+            }
+            for name, n, w in zip(configured, observed, weights)
+        ],
         "warning": None,
     }
     if mismatch:
-        seen = ", ".join(f"{v['variant']} {v['visitors']:,} ({100 * v['observedShare']:.1f} %"
-                         f" where {100 * v['expectedShare']:.0f} % is configured)"
-                         for v in out["variants"])
+        seen = ", ".join(
+            f"{v['variant']} {v['visitors']:,} ({100 * v['observedShare']:.1f} %"
+            f" where {100 * v['expectedShare']:.0f} % is configured)"
+            for v in out["variants"]
+        )
         out["warning"] = (
             f"Sample-ratio mismatch: the visitors per variant do not match the configured "
             f"split ({seen}; chi-squared p = {p:.2g}, below {SRM_ALPHA}). The comparison "
-            f"cannot be trusted until the cause is found. Usual causes: {SRM_CAUSES}.")
+            f"cannot be trusted until the cause is found. Usual causes: {SRM_CAUSES}."
+        )
     return out
 
 
@@ -378,41 +459,65 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
 
 
-def _verdict(names: Sequence[str], total: dict[str, _Counts], comparisons: list[dict],
-             split: dict | None) -> dict:
+def _verdict(
+    names: Sequence[str], total: dict[str, _Counts], comparisons: list[dict], split: dict | None
+) -> dict:
     """Which variant is ahead, in plain words, from the always-valid results after
     Benjamini–Hochberg; and whether the data are enough to tell."""
     if len(names) < 2:
         only = names[0] if names else None
-        return {"leader": None, "enough": False, "text": (
-            "No experiment: every visitor gets the same recommender. Set EXPERIMENT (e.g. "
-            "local:50,popular:50) to compare two." if only else
-            "No recommendations were shown in this period yet.")}
+        return {
+            "leader": None,
+            "enough": False,
+            "text": (
+                "No experiment: every visitor gets the same recommender. Set EXPERIMENT (e.g. "
+                "local:50,popular:50) to compare two."
+                if only
+                else "No recommendations were shown in this period yet."
+            ),
+        }
     if split is not None and split["mismatch"]:
-        return {"leader": None, "enough": False, "text": (
-            "No verdict: the visitors per variant do not match the configured split "
-            f"(sample-ratio mismatch, {_p(split['pValue'])}), so the comparison cannot be "
-            "trusted. Look for bots, redirects, caching or identity merges that reach one "
-            "variant more than another.")}
+        return {
+            "leader": None,
+            "enough": False,
+            "text": (
+                "No verdict: the visitors per variant do not match the configured split "
+                f"(sample-ratio mismatch, {_p(split['pValue'])}), so the comparison cannot be "
+                "trusted. Look for bots, redirects, caching or identity merges that reach one "
+                "variant more than another."
+            ),
+        }
     small = [n for n in names if total.get(n, _Counts()).visitors < MIN_VISITORS]
     if small:
-        return {"leader": None, "enough": False, "text": (
-            f"Not enough data yet to tell: {', '.join(small)} had fewer than {MIN_VISITORS} "
-            "visitors in this period. Keep the experiment running.")}
+        return {
+            "leader": None,
+            "enough": False,
+            "text": (
+                f"Not enough data yet to tell: {', '.join(small)} had fewer than {MIN_VISITORS} "
+                "visitors in this period. Keep the experiment running."
+            ),
+        }
     tested = [c for c in comparisons if c["sequential"] is not None]
     found = [c for c in tested if c["sequential"]["discovery"]]
     words = {key: text for key, text, _ in METRICS}
-    how = (f"{len(found)} of {len(tested)} comparisons "
-           f"{'is a discovery' if len(found) == 1 else 'are discoveries'} at a "
-           f"false-discovery rate of {100 * ALPHA:.0f} % (always-valid p-values, "
-           "Benjamini–Hochberg): this holds however often the page is looked at.")
+    how = (
+        f"{len(found)} of {len(tested)} comparisons "
+        f"{'is a discovery' if len(found) == 1 else 'are discoveries'} at a "
+        f"false-discovery rate of {100 * ALPHA:.0f} % (always-valid p-values, "
+        "Benjamini–Hochberg): this holds however often the page is looked at."
+    )
     if not found:
         smallest = min((c["sequential"]["pValue"] for c in tested), default=1.0)
-        return {"leader": None, "enough": False, "text": (
-            f"Too close to call: none of the {len(tested)} comparisons is a discovery yet "
-            f"(smallest always-valid p = {smallest:.3g}; Benjamini–Hochberg at "
-            f"{100 * ALPHA:.0f} %). The differences could be chance. Keep the experiment "
-            "running: this result stays valid however often you look.")}
+        return {
+            "leader": None,
+            "enough": False,
+            "text": (
+                f"Too close to call: none of the {len(tested)} comparisons is a discovery yet "
+                f"(smallest always-valid p = {smallest:.3g}; Benjamini–Hochberg at "
+                f"{100 * ALPHA:.0f} %). The differences could be chance. Keep the experiment "
+                "running: this result stays valid however often you look."
+            ),
+        }
     base = names[0]
     wins: dict[str, list] = {}
     losses: dict[str, list] = {}
@@ -424,58 +529,93 @@ def _verdict(names: Sequence[str], total: dict[str, _Counts], comparisons: list[
     def listed(cs: list[dict], leader_is_variant: bool) -> str:
         parts = []
         for c in cs:
-            first, second = ((c["value"], c["baselineValue"]) if leader_is_variant
-                             else (c["baselineValue"], c["value"]))
-            parts.append(f"{words[c['metric']]} {_metric_value(c['metric'], first)} against "
-                         f"{_metric_value(c['metric'], second)} "
-                         f"({_change(c) if leader_is_variant else _change(_negated(c))}, "
-                         f"always-valid {_p(c['sequential']['pValue'])})")
+            first, second = (
+                (c["value"], c["baselineValue"])
+                if leader_is_variant
+                else (c["baselineValue"], c["value"])
+            )
+            parts.append(
+                f"{words[c['metric']]} {_metric_value(c['metric'], first)} against "
+                f"{_metric_value(c['metric'], second)} "
+                f"({_change(c) if leader_is_variant else _change(_negated(c))}, "
+                f"always-valid {_p(c['sequential']['pValue'])})"
+            )
         return "; ".join(parts)
 
     if clean_winners:
-        leader = max(clean_winners, key=lambda n: (len(wins[n]), total[n].clicking_visitors
-                                                   / max(1, total[n].visitors)))
-        text = (f"{leader} is ahead of {base}: {listed(wins[leader], True)}. {how}")
+        leader = max(
+            clean_winners,
+            key=lambda n: (len(wins[n]), total[n].clicking_visitors / max(1, total[n].visitors)),
+        )
+        text = f"{leader} is ahead of {base}: {listed(wins[leader], True)}. {how}"
         return {"leader": leader, "enough": True, "text": text}
     if losses and not mixed:
         behind = [c for n in losses for c in losses[n]]
         others = ", ".join(dict.fromkeys(c["variant"] for c in behind))
-        text = (f"{base} is ahead of {others}: {listed(behind, False)}. {how}")
+        text = f"{base} is ahead of {others}: {listed(behind, False)}. {how}"
         return {"leader": base, "enough": True, "text": text}
-    text = ("Mixed results: " + "; ".join(
-        f"{n} is ahead on {', '.join(words[c['metric']] for c in wins[n])} but behind on "
-        f"{', '.join(words[c['metric']] for c in losses[n])}" for n in mixed) +
-        f". {how}")
+    text = (
+        "Mixed results: "
+        + "; ".join(
+            f"{n} is ahead on {', '.join(words[c['metric']] for c in wins[n])} but behind on "
+            f"{', '.join(words[c['metric']] for c in losses[n])}"
+            for n in mixed
+        )
+        + f". {how}"
+    )
     return {"leader": None, "enough": True, "text": text}
 
 
 def _negated(c: dict) -> dict:
     """The comparison seen from the baseline's side (for "baseline is ahead")."""
     flipped = dict(c, difference=-c["difference"])
-    flipped["relativeDifference"] = (c["baselineValue"] / c["value"] - 1
-                                     if c["value"] else None)
+    flipped["relativeDifference"] = c["baselineValue"] / c["value"] - 1 if c["value"] else None
     return flipped
 
 
 def table(body: dict) -> str:
     """The report as a plain-text table (``flask --app webhook insights``)."""
-    head = ("variant", "impressions", "visitors", "clicks", "CTR (95 % CI)", "add-to-carts",
-            "orders", "revenue", "per 1,000")
+    head = (
+        "variant",
+        "impressions",
+        "visitors",
+        "clicks",
+        "CTR (95 % CI)",
+        "add-to-carts",
+        "orders",
+        "revenue",
+        "per 1,000",
+    )
     rows = [head]
     for v in body["variants"]:
         ctr = v["ctr"]
-        ctr_text = ("–" if ctr["value"] is None else
-                    f"{100 * ctr['value']:.1f} % ({100 * ctr['low']:.1f}–"
-                    f"{100 * ctr['high']:.1f})")
-        rows.append((v["variant"], str(v["impressions"]), str(v["visitors"]),
-                     str(v["clicks"]), ctr_text, str(v["addToCarts"]), str(v["orders"]),
-                     f"{v['revenue']:.2f}",
-                     "–" if v["revenuePer1000"] is None else f"{v['revenuePer1000']:.2f}"))
+        ctr_text = (
+            "–"
+            if ctr["value"] is None
+            else f"{100 * ctr['value']:.1f} % ({100 * ctr['low']:.1f}–{100 * ctr['high']:.1f})"
+        )
+        rows.append(
+            (
+                v["variant"],
+                str(v["impressions"]),
+                str(v["visitors"]),
+                str(v["clicks"]),
+                ctr_text,
+                str(v["addToCarts"]),
+                str(v["orders"]),
+                f"{v['revenue']:.2f}",
+                "–" if v["revenuePer1000"] is None else f"{v['revenuePer1000']:.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"Insights {body['from']} to {body['to']} (UTC), {body['days']} days"]
     for n, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            )
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     words = {key: text for key, text, _ in METRICS}
@@ -483,22 +623,27 @@ def table(body: dict) -> str:
     if comparisons:
         analysis = body["analysis"]
         lines.append("")
-        lines.append(f"Compared with {body['baseline']}: {analysis['comparisons']} "
-                     f"comparisons, {analysis['discoveries']} discoveries (always-valid "
-                     f"p-values, Benjamini-Hochberg at {100 * analysis['alpha']:.0f} %; "
-                     f"EXPERIMENT_EXPECTED_VISITORS {analysis['expectedVisitors']:g})")
+        lines.append(
+            f"Compared with {body['baseline']}: {analysis['comparisons']} "
+            f"comparisons, {analysis['discoveries']} discoveries (always-valid "
+            f"p-values, Benjamini-Hochberg at {100 * analysis['alpha']:.0f} %; "
+            f"EXPERIMENT_EXPECTED_VISITORS {analysis['expectedVisitors']:g})"
+        )
     for c in comparisons:
         seq, fixed = c["sequential"], c["fixed"]
         lines.append(
             f"  {c['variant']}, {words.get(c['metric'], c['metric'])}: "
             f"{_metric_value(c['metric'], c['value'])} against "
-            f"{_metric_value(c['metric'], c['baselineValue'])} ({_change(c)})")
+            f"{_metric_value(c['metric'], c['baselineValue'])} ({_change(c)})"
+        )
         lines.append(
             f"    always valid: {_interval(c['metric'], seq)}, {_p(seq['pValue'])}"
-            f"{', a discovery' if seq['discovery'] else ''}")
+            f"{', a discovery' if seq['discovery'] else ''}"
+        )
         lines.append(
             f"    fixed sample (valid for one planned look only): "
-            f"{_interval(c['metric'], fixed)}, {_p(fixed['pValue'])}")
+            f"{_interval(c['metric'], fixed)}, {_p(fixed['pValue'])}"
+        )
     split = body.get("sampleRatio")
     if split and split["mismatch"]:
         lines.append("")

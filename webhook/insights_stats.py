@@ -49,11 +49,12 @@ the configured shares; p < 0.001 is a mismatch (GrowthBook's and Eppo's threshol
 **Several comparisons**: Benjamini and Hochberg (1995, J. R. Statist. Soc. B 57:289) over
 the always-valid p-values of every variant and metric, at a false-discovery rate of α.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -65,6 +66,7 @@ SRM_ALPHA = 0.001
 
 # --- fixed-sample ---------------------------------------------------------------------------
 
+
 def wilson(successes: int, trials: int, z: float = Z95) -> dict:
     """The rate and its Wilson score interval (95 % by default)."""
     if trials <= 0:
@@ -73,8 +75,11 @@ def wilson(successes: int, trials: int, z: float = Z95) -> dict:
     denominator = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return {"value": round(p, 6), "low": round(max(0.0, centre - half), 6),
-            "high": round(min(1.0, centre + half), 6)}
+    return {
+        "value": round(p, 6),
+        "low": round(max(0.0, centre - half), 6),
+        "high": round(min(1.0, centre + half), 6),
+    }
 
 
 def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict:
@@ -87,8 +92,11 @@ def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict:
     if se == 0:
         return {"difference": round(p2 - p1, 6), "z": 0.0, "pValue": 1.0}
     z = (p2 - p1) / se
-    return {"difference": round(p2 - p1, 6), "z": round(z, 4),
-            "pValue": float(f"{math.erfc(abs(z) / math.sqrt(2)):.6g}")}
+    return {
+        "difference": round(p2 - p1, 6),
+        "z": round(z, 4),
+        "pValue": float(f"{math.erfc(abs(z) / math.sqrt(2)):.6g}"),
+    }
 
 
 def fixed_p_value(z):
@@ -97,6 +105,7 @@ def fixed_p_value(z):
 
 
 # --- always valid ---------------------------------------------------------------------------
+
 
 def mixture_rho(expected: float, alpha: float = ALPHA) -> float:
     """ρ that makes the confidence sequence about as narrow as it can be at ``expected``
@@ -113,7 +122,8 @@ def sequence_half_width(se, n, rho: float, alpha: float = ALPHA):
     v = np.asarray(n, dtype=float) * rho * rho
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.asarray(se, dtype=float) * np.sqrt(
-            (v + 1) / v * (np.log1p(v) - 2 * math.log(alpha)))
+            (v + 1) / v * (np.log1p(v) - 2 * math.log(alpha))
+        )
 
 
 def always_valid_p_value(difference, se, n, rho: float):
@@ -127,11 +137,13 @@ def always_valid_p_value(difference, se, n, rho: float):
 
 # --- one comparison ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Sample:
     """One arm's visitors: ``n`` of them, the sum of a per-visitor value and the sum of its
     squares (for a yes/no metric both sums are the count of yeses). Numbers, or numpy
     arrays of many arms at once."""
+
     n: int
     total: float
     squares: float
@@ -148,8 +160,9 @@ class Sample:
             return mean, spread / (n - 1) / n
 
 
-def difference_test(base: Sample, other: Sample, *, rho: float, binary: bool,
-                    alpha: float = ALPHA) -> dict:
+def difference_test(
+    base: Sample, other: Sample, *, rho: float, binary: bool, alpha: float = ALPHA
+) -> dict:
     """``other`` against ``base``: the difference of the means, its always-valid interval
     and p-value, and the fixed-sample ones beside them (the z-test with the pooled
     standard error for a yes/no metric, as ``two_proportion_test``). Arrays in, arrays
@@ -163,20 +176,32 @@ def difference_test(base: Sample, other: Sample, *, rho: float, binary: bool,
     with np.errstate(divide="ignore", invalid="ignore"):
         if binary:
             pooled = (np.asarray(base.total, dtype=float) + other.total) / n
-            z = difference / np.sqrt(pooled * (1 - pooled) * (1 / np.asarray(base.n) +
-                                                               1 / np.asarray(other.n)))
+            z = difference / np.sqrt(
+                pooled * (1 - pooled) * (1 / np.asarray(base.n) + 1 / np.asarray(other.n))
+            )
         else:
             z = difference / se
     z_alpha = stats.norm.isf(alpha / 2)
-    return {"difference": difference, "se": se,
-            "sequential": {"low": difference - half, "high": difference + half,
-                           "pValue": always_valid_p_value(difference, se, n, rho)},
-            "fixed": {"low": difference - z_alpha * se, "high": difference + z_alpha * se,
-                      "z": z, "pValue": fixed_p_value(z)}}
+    return {
+        "difference": difference,
+        "se": se,
+        "sequential": {
+            "low": difference - half,
+            "high": difference + half,
+            "pValue": always_valid_p_value(difference, se, n, rho),
+        },
+        "fixed": {
+            "low": difference - z_alpha * se,
+            "high": difference + z_alpha * se,
+            "z": z,
+            "pValue": fixed_p_value(z),
+        },
+    }
 
 
-def compare(base: Sample, other: Sample, *, rho: float, binary: bool,
-            alpha: float = ALPHA) -> dict | None:
+def compare(
+    base: Sample, other: Sample, *, rho: float, binary: bool, alpha: float = ALPHA
+) -> dict | None:
     """``difference_test`` of one pair of arms, as plain numbers, with the means and the
     relative difference. None when either arm has fewer than two visitors or neither
     varies: there is nothing to test."""
@@ -198,6 +223,7 @@ def compare(base: Sample, other: Sample, *, rho: float, binary: bool,
 
 # --- the split ------------------------------------------------------------------------------
 
+
 def sample_ratio_p_value(observed: Sequence[int], shares: Sequence[float]) -> float | None:
     """Pearson's chi-squared test of the visitors per variant against the configured
     shares (any positive weights). None with fewer than two variants or no visitors."""
@@ -210,6 +236,7 @@ def sample_ratio_p_value(observed: Sequence[int], shares: Sequence[float]) -> fl
 
 
 # --- several comparisons ----------------------------------------------------------------
+
 
 def benjamini_hochberg(p_values, q: float = ALPHA):
     """Which hypotheses Benjamini–Hochberg rejects at false-discovery rate ``q``: the k
@@ -228,4 +255,3 @@ def benjamini_hochberg(p_values, q: float = ALPHA):
     rejected = np.empty_like(rejected_ranked)
     np.put_along_axis(rejected, order, rejected_ranked, axis=-1)
     return rejected
-

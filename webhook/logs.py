@@ -8,15 +8,15 @@ addresses and the values of every secret setting, whatever code wrote the record
 service's own log lines carry counts and reasons, never Segment ids or traits (a userId may
 be an email).
 """
+
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
-from typing import Iterable
-
-import json
 import time
+from collections.abc import Iterable
 
 from flask import g, has_request_context
 
@@ -33,7 +33,10 @@ class RequestIdFilter(logging.Filter):
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "request_id"}
+    "message",
+    "asctime",
+    "request_id",
+}
 
 
 _PLAIN = frozenset({int, float, bool})
@@ -128,8 +131,10 @@ class TextLineFormatter(logging.Formatter):
     LONGEST_FIELD = 100
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [time.strftime("%H:%M:%S", time.localtime(record.created)),
-                 f"{record.levelname:<7}"]
+        parts = [
+            time.strftime("%H:%M:%S", time.localtime(record.created)),
+            f"{record.levelname:<7}",
+        ]
         if record.name != "webhook" and not record.name.startswith("webhook."):
             parts.append(f"[{record.name}]")
         parts.append(_printable(record.getMessage()))
@@ -144,16 +149,16 @@ class TextLineFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "".join("\n    " + _printable(part)
-                            for part in record.exc_text.splitlines())
+            line += "".join("\n    " + _printable(part) for part in record.exc_text.splitlines())
         return line
 
 
 def _printable(text: str) -> str:
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                   for ch in text)
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 def _text_value(value) -> str | None:
@@ -161,12 +166,15 @@ def _text_value(value) -> str | None:
         return None
     if isinstance(value, (bool, int, float)):
         return str(value)
-    if isinstance(value, str) and value.isprintable() and value \
-            and not any(ch in value for ch in ' ="\\'):
+    if (
+        isinstance(value, str)
+        and value.isprintable()
+        and value
+        and not any(ch in value for ch in ' ="\\')
+    ):
         return value
     # Quoted (strings with spaces) or compact (lists, objects) JSON.
-    return _printable(json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                                 default=str))
+    return _printable(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
 
 
 def uses_json(log_format: str, stream=None) -> bool:
@@ -182,8 +190,9 @@ def uses_json(log_format: str, stream=None) -> bool:
         return True
 
 
-def configure_logging(level: str, secrets: Iterable[str],
-                      log_format: str = "auto") -> RedactingFilter:
+def configure_logging(
+    level: str, secrets: Iterable[str], log_format: str = "auto"
+) -> RedactingFilter:
     """Install one handler on the root logger (once per process; a later call updates its
     level, secrets and format)."""
     root = logging.getLogger()

@@ -15,6 +15,7 @@ the engine's thread calls after each periodic check. Settings given in the envir
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_ARENA_MAX``) win. Elsewhere than glibc both do
 nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,8 +38,7 @@ def _glibc():
     if _libc is None:
         try:
             libc = ctypes.CDLL(None)
-            _libc = libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") \
-                else False
+            _libc = libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else False
         except OSError:
             _libc = False
     return _libc or None

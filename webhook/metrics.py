@@ -4,6 +4,7 @@ Under gunicorn, ``gunicorn.conf.py`` sets ``PROMETHEUS_MULTIPROC_DIR`` before an
 imports this module, and prometheus_client keeps each worker's counts in files there;
 ``/metrics`` adds them up. Without it (flask run, tests) the counts live in the process.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -129,8 +130,7 @@ ATTRIBUTIONS = Counter(
 )
 ATTRIBUTED_REVENUE = Counter(
     "recommendation_attributed_revenue",
-    "Revenue (price x quantity) of ordered products attributed to a recommendation, by "
-    "variant.",
+    "Revenue (price x quantity) of ordered products attributed to a recommendation, by variant.",
     ["variant"],
 )
 

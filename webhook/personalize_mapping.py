@@ -7,12 +7,14 @@ Limits (botocore's personalize-events model): ids ≤ 256 characters; an event's
 ``properties`` ≤ 1024 characters; ``recommendationId`` ≤ 40; ``impression`` 1–25 ids of ≤ 256;
 a user's ``properties`` ≤ 24000, an item's ≤ 32000; 1–10 records a call.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .routing import Interaction, ItemDetails, UserTraits
 
@@ -35,7 +37,7 @@ class MappingConfig:
     item_properties_map: Sequence[tuple[str, str]] = ()
 
     @classmethod
-    def from_settings(cls, settings) -> "MappingConfig":
+    def from_settings(cls, settings) -> MappingConfig:
         """The mapping the settings describe (real-time forwarding and export alike)."""
         return cls(
             tracking_id=settings.personalize_tracking_id,
@@ -50,6 +52,7 @@ class MappingConfig:
 @dataclass
 class Problem:
     """A record dropped, or a field trimmed, before sending; reported, never silent."""
+
     kind: str  # "event", "user", "item"
     id: str
     action: str  # "dropped" or "trimmed"
@@ -62,6 +65,7 @@ class Problem:
 @dataclass(frozen=True)
 class EventCall:
     """One PutEvents call: events of one session and user, at most 10."""
+
     session_id: str
     user_id: str | None
     events: tuple[dict, ...]
@@ -85,16 +89,18 @@ def _number(value: Any) -> float | None:
 def _scalar(value: Any) -> Any:
     """A metadata value: lists joined with '|' (Personalize's categorical form)."""
     if isinstance(value, list):
-        parts = [str(v) for v in value if isinstance(v, (str, int, float)) and
-                 not isinstance(v, bool)]
+        parts = [
+            str(v) for v in value if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+        ]
         return "|".join(parts) if parts else None
     if isinstance(value, (str, int, float, bool)):
         return value
     return None
 
 
-def _properties_json(source: Mapping[str, Any], mapping: Iterable[tuple[str, str]],
-                     limit: int) -> tuple[str | None, list[str]]:
+def _properties_json(
+    source: Mapping[str, Any], mapping: Iterable[tuple[str, str]], limit: int
+) -> tuple[str | None, list[str]]:
     """Mapped fields as a compact JSON string within ``limit`` characters; fields that do
     not fit are left out, last ones first. Returns (json or None, names left out)."""
     fields: dict[str, Any] = {}
@@ -112,9 +118,11 @@ def _properties_json(source: Mapping[str, Any], mapping: Iterable[tuple[str, str
     return None, left_out
 
 
-def map_event(record: Interaction, config: MappingConfig,
-              problems: list[Problem]) -> tuple[str, str | None, dict] | None:
+def map_event(
+    record: Interaction, config: MappingConfig, problems: list[Problem]
+) -> tuple[str, str | None, dict] | None:
     """(sessionId, userId, event) for PutEvents, or None when it cannot be sent."""
+
     def drop(reason: str) -> None:
         problems.append(Problem("event", record.event_id, "dropped", reason))
 
@@ -124,9 +132,13 @@ def map_event(record: Interaction, config: MappingConfig,
     session_id = record.session_id
     user_id = record.user_id
     event_type = config.event_type_map.get(record.event_type, record.event_type)
-    for name, value in (("sessionId", session_id), ("userId", user_id or ""),
-                        ("eventType", event_type), ("itemId", record.item_id),
-                        ("eventId", record.event_id)):
+    for name, value in (
+        ("sessionId", session_id),
+        ("userId", user_id or ""),
+        ("eventType", event_type),
+        ("itemId", record.item_id),
+        ("eventId", record.event_id),
+    ):
         if len(value) > MAX_ID:
             drop(f"{name} is longer than {MAX_ID} characters")
             return None
@@ -152,8 +164,10 @@ def map_event(record: Interaction, config: MappingConfig,
     if config.event_properties:
         text, left_out = _properties_json(props, config.event_properties, MAX_EVENT_PROPERTIES)
         if left_out:
-            trim(f"properties over {MAX_EVENT_PROPERTIES} characters: left out "
-                 + ", ".join(left_out))
+            trim(
+                f"properties over {MAX_EVENT_PROPERTIES} characters: left out "
+                + ", ".join(left_out)
+            )
         if text:
             event["properties"] = text
     recommendation_id = props.get("recommendation_id")
@@ -161,16 +175,22 @@ def map_event(record: Interaction, config: MappingConfig,
         if isinstance(recommendation_id, str) and len(recommendation_id) <= MAX_RECOMMENDATION_ID:
             event["recommendationId"] = recommendation_id
         else:
-            trim(f"recommendationId left out: not a string of at most "
-                 f"{MAX_RECOMMENDATION_ID} characters")
+            trim(
+                f"recommendationId left out: not a string of at most "
+                f"{MAX_RECOMMENDATION_ID} characters"
+            )
     impression = props.get("impression")
     if impression not in (None, "", []):
         if isinstance(impression, str):
             impression = impression.split("|")  # Personalize's own notation
         if isinstance(impression, list):
-            ids = [str(i) for i in impression
-                   if isinstance(i, (str, int)) and not isinstance(i, bool)
-                   and 0 < len(str(i)) <= MAX_ID]
+            ids = [
+                str(i)
+                for i in impression
+                if isinstance(i, (str, int))
+                and not isinstance(i, bool)
+                and 0 < len(str(i)) <= MAX_ID
+            ]
             if len(ids) != len(impression):
                 trim("impression: ids that are not strings of 1-256 characters left out")
             if len(ids) > MAX_IMPRESSION:
@@ -183,8 +203,9 @@ def map_event(record: Interaction, config: MappingConfig,
     return session_id, user_id, event
 
 
-def event_calls(records: Sequence[Interaction], config: MappingConfig,
-                problems: list[Problem]) -> list[EventCall]:
+def event_calls(
+    records: Sequence[Interaction], config: MappingConfig, problems: list[Problem]
+) -> list[EventCall]:
     """Each session's events in arrival order, cut into calls of at most 10, and where
     the userId changes (one call has one userId): sent one after the other, a session's
     calls keep its order."""
@@ -209,8 +230,9 @@ def event_calls(records: Sequence[Interaction], config: MappingConfig,
     return calls
 
 
-def map_users(records: Sequence[UserTraits], config: MappingConfig,
-              problems: list[Problem]) -> list[dict]:
+def map_users(
+    records: Sequence[UserTraits], config: MappingConfig, problems: list[Problem]
+) -> list[dict]:
     """One PutUsers record per profile (its traits merged in time order)."""
     merged: dict[str, dict] = {}
     for record in sorted(records, key=lambda r: r.timestamp):
@@ -218,34 +240,50 @@ def map_users(records: Sequence[UserTraits], config: MappingConfig,
     users = []
     for user_id, traits in merged.items():
         if len(user_id) > MAX_ID:
-            problems.append(Problem("user", user_id[:64], "dropped",
-                                    f"userId is longer than {MAX_ID} characters"))
+            problems.append(
+                Problem(
+                    "user", user_id[:64], "dropped", f"userId is longer than {MAX_ID} characters"
+                )
+            )
             continue
         text, left_out = _properties_json(traits, config.user_traits_map, MAX_USER_PROPERTIES)
         if left_out:
-            problems.append(Problem("user", user_id, "trimmed",
-                                    "properties too long: left out " + ", ".join(left_out)))
+            problems.append(
+                Problem(
+                    "user",
+                    user_id,
+                    "trimmed",
+                    "properties too long: left out " + ", ".join(left_out),
+                )
+            )
         if text is None:
             continue  # no mapped trait: nothing to tell Personalize
         users.append({"userId": user_id, "properties": text})
     return users
 
 
-def map_items(records: Sequence[ItemDetails], config: MappingConfig,
-              problems: list[Problem]) -> list[dict]:
+def map_items(
+    records: Sequence[ItemDetails], config: MappingConfig, problems: list[Problem]
+) -> list[dict]:
     merged: dict[str, dict] = {}
     for record in sorted(records, key=lambda r: r.timestamp):
         merged.setdefault(record.item_id, {}).update(record.properties)
     items = []
     for item_id, properties in merged.items():
-        text, left_out = _properties_json(properties, config.item_properties_map,
-                                          MAX_ITEM_PROPERTIES)
+        text, left_out = _properties_json(
+            properties, config.item_properties_map, MAX_ITEM_PROPERTIES
+        )
         if left_out:
-            problems.append(Problem("item", item_id, "trimmed",
-                                    "properties too long: left out " + ", ".join(left_out)))
+            problems.append(
+                Problem(
+                    "item",
+                    item_id,
+                    "trimmed",
+                    "properties too long: left out " + ", ".join(left_out),
+                )
+            )
         record: dict[str, Any] = {"itemId": item_id}
         if text:
             record["properties"] = text
         items.append(record)
     return items
-

@@ -15,19 +15,26 @@ holds enough interactions to mean something. Ages are capped at ``MAX_AGE_HALF_L
 scores stay in a sane range (the oldest count 2**-20 of the newest, never 1e-116), and
 scores are scaled so the best item has 1.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 DEFAULT_HALF_LIFE_DAYS = 30.0
-DEFAULT_WINDOW = 1000      # interactions the decay window must hold
+DEFAULT_WINDOW = 1000  # interactions the decay window must hold
 MAX_AGE_HALF_LIVES = 20.0  # older counts as this old: 2**-20 ≈ 1e-6 of a new event
 
 
-def decayed_popularity(items: np.ndarray, weights: np.ndarray, times: np.ndarray,
-                       n_items: int, counts: np.ndarray | None = None, *,
-                       half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
-                       window: int = DEFAULT_WINDOW) -> np.ndarray:
+def decayed_popularity(
+    items: np.ndarray,
+    weights: np.ndarray,
+    times: np.ndarray,
+    n_items: int,
+    counts: np.ndarray | None = None,
+    *,
+    half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
+    window: int = DEFAULT_WINDOW,
+) -> np.ndarray:
     """Scores in [0, 1] per item number (float64), from interactions given as item
     numbers, event weights and times (epoch seconds). ``counts``: how many interactions
     each row stands for (rows may be aggregates sharing one time); default one each."""
@@ -44,8 +51,11 @@ def decayed_popularity(items: np.ndarray, weights: np.ndarray, times: np.ndarray
     span = newest - float(times[order[last]])
     half_life = max(half_life_days * 86400.0, span, 1.0)
     age = np.minimum((newest - times) / half_life, MAX_AGE_HALF_LIVES)
-    np.add.at(scores, np.asarray(items, dtype=np.int64),
-              np.asarray(weights, dtype=np.float64) * counts * np.exp2(-age))
+    np.add.at(
+        scores,
+        np.asarray(items, dtype=np.int64),
+        np.asarray(weights, dtype=np.float64) * counts * np.exp2(-age),
+    )
     top = scores.max()
     if top > 0:
         scores /= top

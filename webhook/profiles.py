@@ -7,12 +7,14 @@ with a short timeout, pooled connections, a TTL cache, one call per visitor at a
 (``webhook/budget.py``: at most ``PROFILE_API_MAX_RPS`` per space, shared by the workers
 and hosts; a 429 pauses every call of the host for its ``Retry-After``, a second without
 one). ``LocalProfiles`` reads the local profile store (identify traits) and adds
-``purchased_products`` from the purchases this service received. Neither ever raises: a failure is a ``Profile`` with ``status`` saying so.
+``purchased_products`` from the purchases this service received. Neither ever raises: a
+failure is a ``Profile`` with ``status`` saying so.
 
 A profile is *known* when it was read (``ok``) or does not exist (``not_found``: nobody
 has set a trait, so nobody has opted out). Every other status (timeout, error, throttled,
 paused, over_budget, unavailable) means the traits, the opt-out among them, are unknown.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -20,8 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 from urllib.parse import quote
 
 import requests
@@ -70,22 +73,27 @@ class Profile:
 class ProfileSource(Protocol):
     name: str
 
-    def traits(self, *, user_id: str | None, anonymous_id: str | None,
-               names: Sequence[str]) -> Profile: ...
+    def traits(
+        self, *, user_id: str | None, anonymous_id: str | None, names: Sequence[str]
+    ) -> Profile: ...
 
 
 PURCHASES_READ = 500  # a visitor's latest interactions (per id) searched for purchases
 
 
-def _purchases_of(conn, person: Person, purchase_events: Sequence[str],
-                  first: str | None = None) -> list[str]:
+def _purchases_of(
+    conn, person: Person, purchase_events: Sequence[str], first: str | None = None
+) -> list[str]:
     """Items bought among the person's latest ``PURCHASES_READ`` interactions, newest
     first: a bounded read (``identity.latest_interactions``), so a visitor with 100,000
     interactions costs an answer no more than one with a few hundred."""
-    latest = latest_interactions(conn, person, (interactions.c.item_id,
-                                                interactions.c.event_type,
-                                                interactions.c.timestamp),
-                                 PURCHASES_READ, first=first)
+    latest = latest_interactions(
+        conn,
+        person,
+        (interactions.c.item_id, interactions.c.event_type, interactions.c.timestamp),
+        PURCHASES_READ,
+        first=first,
+    )
     if latest is None:
         return []
     recent = latest.subquery()
@@ -93,43 +101,57 @@ def _purchases_of(conn, person: Person, purchase_events: Sequence[str],
         sa.select(recent.c.item_id, sa.func.max(recent.c.timestamp))
         .where(recent.c.event_type.in_(list(purchase_events)))
         .group_by(recent.c.item_id)
-        .order_by(sa.func.max(recent.c.timestamp).desc()))
+        .order_by(sa.func.max(recent.c.timestamp).desc())
+    )
     return [row[0] for row in rows]
 
 
-def local_purchases(store: Store, purchase_events: Sequence[str], *, user_id: str | None,
-                    anonymous_id: str | None) -> list[str]:
+def local_purchases(
+    store: Store, purchase_events: Sequence[str], *, user_id: str | None, anonymous_id: str | None
+) -> list[str]:
     """Items this service has seen the visitor buy (Order Completed) among their latest
     interactions (``_purchases_of``), newest first: of the data a request for them may
     read (``identity.subject``)."""
     with store.read() as conn:
-        return _purchases_of(conn, subject(conn, user_id=user_id, anonymous_id=anonymous_id),
-                             purchase_events, first=anonymous_id)
+        return _purchases_of(
+            conn,
+            subject(conn, user_id=user_id, anonymous_id=anonymous_id),
+            purchase_events,
+            first=anonymous_id,
+        )
 
 
 class LocalProfiles:
     """The local profile store: identify traits, plus purchases as ``purchased_products``."""
+
     name = "local"
 
-    def __init__(self, store: Store, purchase_events: Sequence[str],
-                 purchases_trait: str = "purchased_products"):
+    def __init__(
+        self,
+        store: Store,
+        purchase_events: Sequence[str],
+        purchases_trait: str = "purchased_products",
+    ):
         self.store = store
         self.purchase_events = tuple(purchase_events)
         self.purchases_trait = purchases_trait
 
-    def traits(self, *, user_id: str | None, anonymous_id: str | None,
-               names: Sequence[str]) -> Profile:
+    def traits(
+        self, *, user_id: str | None, anonymous_id: str | None, names: Sequence[str]
+    ) -> Profile:
         try:
             with self.store.read() as conn:
                 person = subject(conn, user_id=user_id, anonymous_id=anonymous_id)
                 merged: dict = {}
                 # Anonymous traits first, so the user's own traits win.
-                rows = conn.execute(sa.select(profiles.c.profile_id, profiles.c.traits)
-                                    .where(profiles.c.profile_id.in_(person.ids))).all()
+                rows = conn.execute(
+                    sa.select(profiles.c.profile_id, profiles.c.traits).where(
+                        profiles.c.profile_id.in_(person.ids)
+                    )
+                ).all()
                 for row in sorted(rows, key=lambda r: r.profile_id == person.user_id):
                     merged.update(row.traits or {})
-                purchases = _purchases_of(conn, person, self.purchase_events,
-                                          first=anonymous_id)
+                purchases = _purchases_of(conn, person, self.purchase_events, first=anonymous_id)
         except StoreUnavailable as exc:
             return Profile({}, "unavailable", self.name, detail=str(exc))
         if purchases:
@@ -151,16 +173,28 @@ class _Flight:
 
 class SegmentProfiles:
     """The Segment Profile API: GET …/collections/users/profiles/<id>/traits?include=…"""
+
     name = "segment"
 
-    def __init__(self, base_url: str, space_id: str, token: str, *, timeout: float = 0.25,
-                 cache_seconds: float = 60.0, cache_size: int = 50000, pool_size: int = 16,
-                 budget=None, share=None, tombstones=None):
+    def __init__(
+        self,
+        base_url: str,
+        space_id: str,
+        token: str,
+        *,
+        timeout: float = 0.25,
+        cache_seconds: float = 60.0,
+        cache_size: int = 50000,
+        pool_size: int = 16,
+        budget=None,
+        share=None,
+        tombstones=None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.space_id = space_id
         self.timeout = timeout
         self.budget = budget  # webhook.budget.HostBudget, or None: no budget
-        self.share = share    # webhook.budget.HostShare: this host's calls per second
+        self.share = share  # webhook.budget.HostShare: this host's calls per second
         # A cached profile of a person deleted since it was read is not served: every
         # worker's cache lets go of them within the tombstones' refresh (a second).
         self.tombstones = tombstones
@@ -171,18 +205,22 @@ class SegmentProfiles:
         self._session.mount("http://", adapter)
         self._session.headers["Accept"] = "application/json"
         self._cache: TTLCache | None = (
-            TTLCache(maxsize=cache_size, ttl=cache_seconds) if cache_seconds > 0 else None)
+            TTLCache(maxsize=cache_size, ttl=cache_seconds) if cache_seconds > 0 else None
+        )
         self._lock = threading.Lock()
         self._flights: dict[tuple, _Flight] = {}
         # The outcome of each call that reached the Profile API, for the 404 warning.
         self._answers: deque[tuple[float, str]] = deque(maxlen=10_000)
 
     def _url(self, identifier: str) -> str:
-        return (f"{self.base_url}/v1/spaces/{quote(self.space_id, safe='')}/collections/users/"
-                f"profiles/{quote(identifier, safe=':')}/traits")
+        return (
+            f"{self.base_url}/v1/spaces/{quote(self.space_id, safe='')}/collections/users/"
+            f"profiles/{quote(identifier, safe=':')}/traits"
+        )
 
-    def traits(self, *, user_id: str | None, anonymous_id: str | None,
-               names: Sequence[str]) -> Profile:
+    def traits(
+        self, *, user_id: str | None, anonymous_id: str | None, names: Sequence[str]
+    ) -> Profile:
         identifier = f"user_id:{user_id}" if user_id else f"anonymous_id:{anonymous_id}"
         key = (identifier, tuple(sorted(names)))
         with self._lock:
@@ -199,8 +237,7 @@ class SegmentProfiles:
             return self.traits(user_id=user_id, anonymous_id=anonymous_id, names=names)
         if hit is not None:
             metrics.PROFILE_LOOKUPS.labels(outcome="cached").inc()
-            return Profile(hit.traits, hit.status, self.name, cached=True,
-                           read_at=hit.read_at)
+            return Profile(hit.traits, hit.status, self.name, cached=True, read_at=hit.read_at)
         if not leader:
             # Single-flight: another request is asking for this visitor right now.
             metrics.PROFILE_LOOKUPS.labels(outcome="shared").inc()
@@ -231,18 +268,21 @@ class SegmentProfiles:
         deadline = time.monotonic() + self.timeout
         traits: dict = {}
         after = ""  # the cursor of the next page
-        profile = Profile({}, "error", self.name,
-                          detail=f"traits incomplete after {MAX_PAGES} pages")
-        for page in range(MAX_PAGES):
+        profile = Profile(
+            {}, "error", self.name, detail=f"traits incomplete after {MAX_PAGES} pages"
+        )
+        for _page in range(MAX_PAGES):
             ticket = 0
             if self.budget is not None:  # every page is a call within the budget
-                share = (self.share.share() if self.share is not None
-                         else self.budget.capacity)
+                share = self.share.share() if self.share is not None else self.budget.capacity
                 admitted, ticket = self.budget.acquire(share)
                 if admitted != "ok":
                     metrics.PROFILE_LOOKUPS.labels(outcome=admitted).inc()
-                    detail = ("calls paused after a 429 (Retry-After)" if admitted == "paused"
-                              else "PROFILE_API_MAX_RPS reached")
+                    detail = (
+                        "calls paused after a 429 (Retry-After)"
+                        if admitted == "paused"
+                        else "PROFILE_API_MAX_RPS reached"
+                    )
                     return Profile({}, admitted, self.name, detail=detail)
             try:
                 answer, after = self._fetch(identifier, names, after, deadline)
@@ -269,8 +309,9 @@ class SegmentProfiles:
             return 0.0, 0
         return sum(status == "not_found" for status in recent) / len(recent), len(recent)
 
-    def _fetch(self, identifier: str, names: Sequence[str], after: str,
-               deadline: float) -> tuple[Profile, str]:
+    def _fetch(
+        self, identifier: str, names: Sequence[str], after: str, deadline: float
+    ) -> tuple[Profile, str]:
         """One page of traits, from the cursor ``after`` (""): the page, and the cursor
         of the next one ("" when there is none)."""
         timed_out = Profile({}, "timeout", self.name, detail=f"no answer in {self.timeout}s")
@@ -283,8 +324,7 @@ class SegmentProfiles:
         if remaining <= 0:
             return timed_out, ""
         try:
-            response = self._session.get(self._url(identifier), params=params,
-                                         timeout=remaining)
+            response = self._session.get(self._url(identifier), params=params, timeout=remaining)
         except requests.Timeout:
             return timed_out, ""
         except requests.RequestException as exc:
@@ -296,12 +336,12 @@ class SegmentProfiles:
             if self.budget is not None:
                 self.budget.pause(seconds)
             log.warning("profile api answered 429: calls paused for %.1f s", seconds)
-            return Profile({}, "throttled", self.name,
-                           detail=f"HTTP 429, calls paused for {seconds:g} s"), ""
+            return Profile(
+                {}, "throttled", self.name, detail=f"HTTP 429, calls paused for {seconds:g} s"
+            ), ""
         if response.status_code != 200:
             log.warning("profile api answered %s", response.status_code)
-            return Profile({}, "error", self.name,
-                           detail=f"HTTP {response.status_code}"), ""
+            return Profile({}, "error", self.name, detail=f"HTTP {response.status_code}"), ""
         try:
             body = response.json()
         except ValueError:
@@ -314,8 +354,9 @@ class SegmentProfiles:
         if isinstance(cursor, dict) and cursor.get("has_more") is True:
             following = cursor.get("next")
             if not isinstance(following, str) or not following:
-                return Profile({}, "error", self.name,
-                               detail="more traits, but no cursor to them"), ""
+                return Profile(
+                    {}, "error", self.name, detail="more traits, but no cursor to them"
+                ), ""
         return Profile(traits, "ok", self.name), following
 
 

@@ -23,19 +23,21 @@ Which recommender answers is the visitor's experiment variant (``experiments.py`
 variant without ``EXPERIMENT``); every step above applies to every variant alike. Every
 answer is recorded for the insights (``impressions.py``), off the request path.
 """
+
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
 from . import metrics
-from .experiments import Experiment, Variant
 from .consent import GRANTED, OPTED_OUT, UNKNOWN, OptOut, consent_of
+from .experiments import Experiment, Variant
 from .profiles import Profile, ProfileSource, local_purchases, trait_items
 from .recommenders import Recommendation, RecommenderUnavailable, ScoredItem
 from .recommenders.personalize import filter_values_from_traits
@@ -47,6 +49,7 @@ log = logging.getLogger("webhook.recommend")
 
 MAX_RESULTS = 500
 ITEM_DETAILS = ("name", "url", "image_url", "price")
+
 
 class NoRecommendations(Exception):
     """Neither the recommender nor the popular fallback can answer."""
@@ -112,21 +115,31 @@ class Answer:
 @dataclass
 class _Question:
     """What differs between recommending and ranking; everything else is shared."""
-    ask: Callable[[dict | None], Recommendation]   # the recommender, with filter values
-    popular: Callable[[int], Recommendation]       # the popular fallback, for n items
+
+    ask: Callable[[dict | None], Recommendation]  # the recommender, with filter values
+    popular: Callable[[int], Recommendation]  # the popular fallback, for n items
     wanted: int
-    count: int                                     # asked for (over-fetch)
+    count: int  # asked for (over-fetch)
     seed_item: str | None = None
     ask_more: Callable[[dict | None], Recommendation] | None = None  # a larger 2nd fetch
 
 
 class RecommendationService:
-    def __init__(self, *, store: Store, experiment: Experiment,
-                 profiles: ProfileSource, popular: PopularItems, activation=None,
-                 recorder=None,
-                 exclusion_traits: Sequence[str], opt_out: OptOut,
-                 purchase_events: Sequence[str], filter_values_map: Sequence[tuple[str, str]],
-                 pool_size: int = 16):
+    def __init__(
+        self,
+        *,
+        store: Store,
+        experiment: Experiment,
+        profiles: ProfileSource,
+        popular: PopularItems,
+        activation=None,
+        recorder=None,
+        exclusion_traits: Sequence[str],
+        opt_out: OptOut,
+        purchase_events: Sequence[str],
+        filter_values_map: Sequence[tuple[str, str]],
+        pool_size: int = 16,
+    ):
         self.store = store
         self.experiment = experiment
         self.recorder = recorder  # impressions.ImpressionRecorder, or None: not recorded
@@ -137,9 +150,15 @@ class RecommendationService:
         self.opt_out = opt_out
         self.purchase_events = tuple(purchase_events)
         self.filter_values_map = tuple(filter_values_map)
-        self.trait_names = tuple(dict.fromkeys(
-            [*self.exclusion_traits, *([opt_out.trait] if opt_out.trait else []),
-             *(trait for _, trait in self.filter_values_map)]))
+        self.trait_names = tuple(
+            dict.fromkeys(
+                [
+                    *self.exclusion_traits,
+                    *([opt_out.trait] if opt_out.trait else []),
+                    *(trait for _, trait in self.filter_values_map),
+                ]
+            )
+        )
         self._pool_size = pool_size
         self._pool: ThreadPoolExecutor | None = None
 
@@ -160,15 +179,27 @@ class RecommendationService:
 
         def ask(values, n=count):
             return variant.recommender.recommend(
-                user_id=request.visitor, item_id=request.item_id, num_results=n,
-                filter_values=values)
+                user_id=request.visitor,
+                item_id=request.item_id,
+                num_results=n,
+                filter_values=values,
+            )
 
         def popular(n):
             return self.popular.recommend(item_id=request.item_id, num_results=n)
 
-        answer = self._answer(request, _Question(
-            ask=ask, popular=popular, wanted=wanted, count=count, seed_item=request.item_id,
-            ask_more=lambda values: ask(values, MAX_RESULTS)), variant)
+        answer = self._answer(
+            request,
+            _Question(
+                ask=ask,
+                popular=popular,
+                wanted=wanted,
+                count=count,
+                seed_item=request.item_id,
+                ask_more=lambda values: ask(values, MAX_RESULTS),
+            ),
+            variant,
+        )
         self._record(request, answer, "recommend")
         self._write_back(request, answer)
         return answer
@@ -180,41 +211,56 @@ class RecommendationService:
         variant = self._variant(request)
 
         def ask(values):
-            ranking = variant.ranker.rank(user_id=request.visitor, item_ids=ids,
-                                          filter_values=values)
+            ranking = variant.ranker.rank(
+                user_id=request.visitor, item_ids=ids, filter_values=values
+            )
             # A ranker may leave out ids it cannot rank; they follow, in the caller's order.
             returned = {s.item_id for s in ranking.items}
             missing = [ScoredItem(i, 0.0) for i in ids if i not in returned]
             if not missing:
                 return ranking
-            return Recommendation(list(ranking.items) + missing, ranking.source,
-                                  ranking.recommendation_id, ranking.details)
+            return Recommendation(
+                list(ranking.items) + missing,
+                ranking.source,
+                ranking.recommendation_id,
+                ranking.details,
+            )
 
-        answer = self._answer(request, _Question(
-            ask=ask, popular=lambda n: self.popular.rank(item_ids=ids), wanted=len(ids),
-            count=len(ids)), variant)
+        answer = self._answer(
+            request,
+            _Question(
+                ask=ask,
+                popular=lambda n: self.popular.rank(item_ids=ids),
+                wanted=len(ids),
+                count=len(ids),
+            ),
+            variant,
+        )
         self._record(request, answer, "rank")
         return answer
 
     # --- the steps, shared ---------------------------------------------------------------
 
     def _variant(self, request: Request) -> Variant:
-        return self.experiment.choose(user_id=request.user_id,
-                                      anonymous_id=request.anonymous_id,
-                                      item_id=request.item_id)
+        return self.experiment.choose(
+            user_id=request.user_id, anonymous_id=request.anonymous_id, item_id=request.item_id
+        )
 
     def _record(self, request: Request, answer: Answer, kind: str) -> None:
         if self.recorder is not None and request.record:
-            self.recorder.record(recommendation_id=answer.recommendation_id,
-                                 visitor=request.visitor, variant=answer.variant,
-                                 source=answer.source, kind=kind,
-                                 items=[i["itemId"] for i in answer.item_list])
+            self.recorder.record(
+                recommendation_id=answer.recommendation_id,
+                visitor=request.visitor,
+                variant=answer.variant,
+                source=answer.source,
+                kind=kind,
+                items=[i["itemId"] for i in answer.item_list],
+            )
 
     def _answer(self, request: Request, question: _Question, variant: Variant) -> Answer:
         degraded: dict[str, str] = {}
         purchases_future = self.pool.submit(self._purchases, request)
-        profile, recommendation, filter_values = self._profile_and_ask(
-            request, question, degraded)
+        profile, recommendation, filter_values = self._profile_and_ask(request, question, degraded)
         consent = consent_of(profile, self.opt_out)
         purchases = purchases_future.result()
         if purchases is None:
@@ -248,48 +294,63 @@ class RecommendationService:
             exclusions.setdefault(question.seed_item, "seed_item")
 
         chosen, filtered = self._apply(recommendation, exclusions, question.wanted)
-        if (len(chosen) < question.wanted and len(recommendation.items) >= question.count
-                and question.count < MAX_RESULTS and question.ask_more is not None):
+        if (
+            len(chosen) < question.wanted
+            and len(recommendation.items) >= question.count
+            and question.count < MAX_RESULTS
+            and question.ask_more is not None
+        ):
             # Too many were excluded: ask once more, for as many as allowed.
             try:
-                again = (question.ask_more(filter_values)
-                         if recommendation.source != "popular"
-                         else question.popular(MAX_RESULTS))
+                again = (
+                    question.ask_more(filter_values)
+                    if recommendation.source != "popular"
+                    else question.popular(MAX_RESULTS)
+                )
                 chosen, filtered = self._apply(again, exclusions, question.wanted)
-                recommendation = Recommendation(again.items, recommendation.source,
-                                                recommendation.recommendation_id)
+                recommendation = Recommendation(
+                    again.items, recommendation.source, recommendation.recommendation_id
+                )
             except (RecommenderUnavailable, StoreUnavailable):
                 pass
 
         item_list = self._with_details(chosen, degraded)
-        metrics.RECOMMENDATIONS.labels(source=recommendation.source,
-                                       degraded=str(bool(degraded)).lower()).inc()
+        metrics.RECOMMENDATIONS.labels(
+            source=recommendation.source, degraded=str(bool(degraded)).lower()
+        ).inc()
         return Answer(
             item_list=item_list,
-            recommendation_id=recommendation.recommendation_id or
-            "rid-" + uuid.uuid4().hex[:32],
+            recommendation_id=recommendation.recommendation_id or "rid-" + uuid.uuid4().hex[:32],
             source=recommendation.source,
             filtered=filtered,
             consent=consent,
             variant=variant.name,
             degraded=degraded,
             traits={name: traits[name] for name in self.trait_names if name in traits},
-            unknown_to_segment=(profile is not None and profile.source == "segment"
-                                and profile.status == "not_found"),
+            unknown_to_segment=(
+                profile is not None
+                and profile.source == "segment"
+                and profile.status == "not_found"
+            ),
         )
 
     def _profile(self, request: Request) -> Profile | None:
         if not request.visitor:
             return None
-        return self.profiles.traits(user_id=request.user_id, anonymous_id=request.anonymous_id,
-                                    names=self.trait_names)
+        return self.profiles.traits(
+            user_id=request.user_id, anonymous_id=request.anonymous_id, names=self.trait_names
+        )
 
     def _purchases(self, request: Request) -> list[str] | None:
         if not request.visitor:
             return []
         try:
-            return local_purchases(self.store, self.purchase_events,
-                                   user_id=request.user_id, anonymous_id=request.anonymous_id)
+            return local_purchases(
+                self.store,
+                self.purchase_events,
+                user_id=request.user_id,
+                anonymous_id=request.anonymous_id,
+            )
         except StoreUnavailable:
             return None
 
@@ -304,8 +365,9 @@ class RecommendationService:
             if consent_of(profile, self.opt_out) in (OPTED_OUT, UNKNOWN):
                 future = None
             else:
-                filter_values, notes = filter_values_from_traits(profile.traits,
-                                                                 self.filter_values_map)
+                filter_values, notes = filter_values_from_traits(
+                    profile.traits, self.filter_values_map
+                )
                 filter_values = filter_values or None
                 if notes:
                     degraded["filter"] = "; ".join(notes)
@@ -315,7 +377,8 @@ class RecommendationService:
             profile = self._profile(request)  # meanwhile, on this thread
         if profile is not None and not profile.known:
             degraded["profile"] = f"{profile.source}: {profile.status}" + (
-                f" ({profile.detail})" if profile.detail else "")
+                f" ({profile.detail})" if profile.detail else ""
+            )
         recommendation = None
         if future is not None:
             try:
@@ -333,13 +396,13 @@ class RecommendationService:
         consent) an empty list is the answer. A store outage is always a 503."""
         popular = question.popular(count)  # StoreUnavailable: the store is the cause
         if not popular.items and required:
-            raise NoRecommendations("the recommender is unavailable and no popular items "
-                                    "are known")
+            raise NoRecommendations("the recommender is unavailable and no popular items are known")
         return Recommendation(popular.items, "popular")
 
     @staticmethod
-    def _apply(recommendation: Recommendation, exclusions: dict[str, str],
-               wanted: int) -> tuple[list, dict]:
+    def _apply(
+        recommendation: Recommendation, exclusions: dict[str, str], wanted: int
+    ) -> tuple[list, dict]:
         reasons: dict[str, int] = {}
         chosen = []
         for scored in recommendation.items:
@@ -358,12 +421,14 @@ class RecommendationService:
             try:
                 with self.store.read() as conn:
                     for row in conn.execute(sa.select(items).where(items.c.item_id.in_(ids))):
-                        catalog[row.item_id] = {k: getattr(row, k) for k in ITEM_DETAILS
-                                                if getattr(row, k) is not None}
+                        catalog[row.item_id] = {
+                            k: getattr(row, k) for k in ITEM_DETAILS if getattr(row, k) is not None
+                        }
             except StoreUnavailable:
                 degraded["catalog"] = "local store unavailable"
-        return [{"itemId": s.item_id, "score": s.score, **catalog.get(s.item_id, {})}
-                for s in chosen]
+        return [
+            {"itemId": s.item_id, "score": s.score, **catalog.get(s.item_id, {})} for s in chosen
+        ]
 
     # --- write-back: the one place that decides --------------------------------------------
 
@@ -372,9 +437,14 @@ class RecommendationService:
         """Only a personalized, complete answer, for an identified visitor whose opt-out
         was read and is not opted out, and whom Segment knows (a Profile API 404 would
         have the write-back create a profile there)."""
-        return (bool(request.user_id) and answer.consent == GRANTED and answer.personalized
-                and not answer.degraded and bool(answer.item_list)
-                and not answer.unknown_to_segment)
+        return (
+            bool(request.user_id)
+            and answer.consent == GRANTED
+            and answer.personalized
+            and not answer.degraded
+            and bool(answer.item_list)
+            and not answer.unknown_to_segment
+        )
 
     def _write_back(self, request: Request, answer: Answer) -> None:
         if self.activation is not None and self.may_write_back(request, answer):

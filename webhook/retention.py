@@ -12,19 +12,19 @@
 The worker runs the loop; batches are small (one short transaction each) so pruning never
 holds the write lock for long, and two workers pruning at once only share the work.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 
 from . import metrics
-from .inbox import Inbox
-from .storage import StoreUnavailable
 from .background import BackgroundThread
+from .inbox import Inbox
 from .storage.schema import attributions, impressions, interactions
 
 log = logging.getLogger("webhook.retention")
@@ -36,9 +36,15 @@ MAX_BATCHES = 50  # batches a run, per table: a large backlog is worked off over
 class Retention(BackgroundThread):
     name = "retention"
 
-    def __init__(self, inbox: Inbox, consumers: Iterable[str], message_retention_hours: float,
-                 interaction_retention_days: float, interval_seconds: float = 60.0,
-                 insights_retention_days: float = 0.0):
+    def __init__(
+        self,
+        inbox: Inbox,
+        consumers: Iterable[str],
+        message_retention_hours: float,
+        interaction_retention_days: float,
+        interval_seconds: float = 60.0,
+        insights_retention_days: float = 0.0,
+    ):
         super().__init__()
         self.inbox = inbox
         self.store = inbox.store
@@ -60,11 +66,12 @@ class Retention(BackgroundThread):
                 break
         due = []  # (table, its time column, the cutoff)
         if self.interaction_seconds:
-            due.append((interactions, interactions.c.timestamp,
-                        now - self.interaction_seconds))
+            due.append((interactions, interactions.c.timestamp, now - self.interaction_seconds))
         if self.insights_seconds:
-            due += [(impressions, impressions.c.shown_at, now - self.insights_seconds),
-                    (attributions, attributions.c.at, now - self.insights_seconds)]
+            due += [
+                (impressions, impressions.c.shown_at, now - self.insights_seconds),
+                (attributions, attributions.c.at, now - self.insights_seconds),
+            ]
         for table, column, cutoff in due:
             for _ in range(MAX_BATCHES):
                 n = self._prune_before(table, column, cutoff)

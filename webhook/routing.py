@@ -3,11 +3,13 @@
 ``route`` turns one validated ``Message`` into records — interactions, user traits, item
 details, identity links, a user deletion — without touching storage or the network.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from .segment import MAX_ID_LENGTH, Message, clean_text
 
@@ -20,6 +22,7 @@ class Interaction(NamedTuple):
 
     The records are NamedTuples: an applier builds several a message, thousands a batch,
     and a frozen dataclass's __init__ cost several times a tuple's (measured)."""
+
     event_id: str  # stable across redeliveries: derived from messageId
     message_id: str
     user_id: str | None
@@ -36,6 +39,7 @@ class Interaction(NamedTuple):
 
 class UserTraits(NamedTuple):
     """An identify's traits for one profile (Personalize's user; PutUsers)."""
+
     user_id: str
     traits: dict
     timestamp: float
@@ -43,6 +47,7 @@ class UserTraits(NamedTuple):
 
 class ItemDetails(NamedTuple):
     """What a message says about a product (Personalize's item; PutItems)."""
+
     item_id: str
     details: dict  # only ITEM_FIELDS that were present
     properties: dict  # every product property, for mappings to an items schema
@@ -52,6 +57,7 @@ class ItemDetails(NamedTuple):
 class Deletion(NamedTuple):
     """A Segment deletion request: forget this person (userId, with the ids linked to it;
     or an anonymousId alone), as of ``deleted_at``."""
+
     user_id: str | None
     anonymous_id: str | None
     deleted_at: float
@@ -59,6 +65,7 @@ class Deletion(NamedTuple):
 
 class IdentityLink(NamedTuple):
     """anonymous_id belongs to user_id (from alias, identify or any message with both)."""
+
     anonymous_id: str
     user_id: str
 
@@ -226,9 +233,11 @@ class Router:
             if details:
                 routed.items.append(details)
             if is_interaction:
-                routed.interactions.append(self._interaction(
-                    message, stable_event_id(message.message_id, index), item_id, when,
-                    merged))
+                routed.interactions.append(
+                    self._interaction(
+                        message, stable_event_id(message.message_id, index), item_id, when, merged
+                    )
+                )
         if is_interaction and not routed.interactions:
             routed.skipped = self._skip_reason(message)
 
@@ -236,9 +245,18 @@ class Router:
         return " or ".join(self.item_id_properties)
 
     @staticmethod
-    def _interaction(message: Message, event_id: str, item_id: str, when: float,
-                     properties: dict) -> Interaction:
+    def _interaction(
+        message: Message, event_id: str, item_id: str, when: float, properties: dict
+    ) -> Interaction:
         assert message.message_id is not None and message.event is not None
         # Positional, in the record's field order (keywords cost twice as much here).
-        return Interaction(event_id, message.message_id, message.user_id,
-                           message.anonymous_id, item_id, message.event, when, properties)
+        return Interaction(
+            event_id,
+            message.message_id,
+            message.user_id,
+            message.anonymous_id,
+            item_id,
+            message.event,
+            when,
+            properties,
+        )

@@ -4,12 +4,13 @@
 Webhooks (Actions), or the Tracking API's ``{"batch": [...]}``); ``parse_message`` checks one
 message against the Spec and returns a ``Message``. Neither touches storage.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -124,7 +125,7 @@ def _too_deep(data: Any, limit: int = MAX_DEPTH) -> bool:
             return True
         deeper = []
         for value in level:
-            for child in (value.values() if isinstance(value, dict) else value):
+            for child in value.values() if isinstance(value, dict) else value:
                 if isinstance(child, (dict, list)):
                     deeper.append(child)
         level = deeper
@@ -199,8 +200,14 @@ _TIMESTAMP = re.compile(
 def parse_timestamp(value: Any) -> datetime:
     if not isinstance(value, str):
         raise MessageError("timestamp must be an ISO-8601 string")
-    if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[10] == "T" \
-            and value[4] == value[7] == "-" and value[13] == value[16] == ":":
+    if (
+        len(value) == 24
+        and value[23] == "Z"
+        and value[19] == "."
+        and value[10] == "T"
+        and value[4] == value[7] == "-"
+        and value[13] == value[16] == ":"
+    ):
         # The form Segment's libraries write (2026-11-27T12:00:00.000Z), parsed in C;
         # anything else, or anything this refuses, takes the general path below.
         try:
@@ -213,8 +220,16 @@ def parse_timestamp(value: Any) -> datetime:
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     micro = int((fraction or "0")[:6].ljust(6, "0"))
     try:
-        moment = datetime(int(year), int(month), int(day), int(hour), int(minute),
-                          int(second or 0), micro, tzinfo=timezone.utc)
+        moment = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second or 0),
+            micro,
+            tzinfo=UTC,
+        )
     except ValueError as exc:
         raise MessageError(f"timestamp is not a real date: {exc}") from None
     if zone and zone not in ("Z", "z"):
@@ -294,9 +309,14 @@ def parse_message(raw: Any) -> Message:
         try:
             timestamp = message_time(raw)
         except MessageError:
-            timestamp = datetime.now(timezone.utc)
-        return Message(type=kind, message_id=message_id, user_id=user_id,
-                       anonymous_id=anonymous_id, timestamp=timestamp)
+            timestamp = datetime.now(UTC)
+        return Message(
+            type=kind,
+            message_id=message_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            timestamp=timestamp,
+        )
 
     if not message_id:
         raise MessageError("missing messageId")
@@ -309,32 +329,61 @@ def parse_message(raw: Any) -> Message:
         if not isinstance(event, str) or not event.strip():
             raise MessageError("a track needs an event name")
         if len(event) > MAX_ID_LENGTH or not clean_text(event):
-            raise MessageError("the event name is longer than 256 characters or holds a NUL "
-                               "character or a lone surrogate")
-        return Message(type=kind, message_id=message_id, user_id=user_id,
-                       anonymous_id=anonymous_id, timestamp=timestamp, event=event.strip(),
-                       properties=_optional_dict(raw, "properties"))
+            raise MessageError(
+                "the event name is longer than 256 characters or holds a NUL "
+                "character or a lone surrogate"
+            )
+        return Message(
+            type=kind,
+            message_id=message_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            timestamp=timestamp,
+            event=event.strip(),
+            properties=_optional_dict(raw, "properties"),
+        )
     if kind == "identify":
-        return Message(type=kind, message_id=message_id, user_id=user_id,
-                       anonymous_id=anonymous_id, timestamp=timestamp,
-                       traits=_identify_traits(raw))
+        return Message(
+            type=kind,
+            message_id=message_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            timestamp=timestamp,
+            traits=_identify_traits(raw),
+        )
     if kind in ("page", "screen"):
         name = raw.get("name")
-        return Message(type=kind, message_id=message_id, user_id=user_id,
-                       anonymous_id=anonymous_id, timestamp=timestamp,
-                       name=name if isinstance(name, str) else None,
-                       properties=_optional_dict(raw, "properties"))
+        return Message(
+            type=kind,
+            message_id=message_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            timestamp=timestamp,
+            name=name if isinstance(name, str) else None,
+            properties=_optional_dict(raw, "properties"),
+        )
     if kind == "group":
-        return Message(type=kind, message_id=message_id, user_id=user_id,
-                       anonymous_id=anonymous_id, timestamp=timestamp,
-                       group_id=_optional_id(raw, "groupId"),
-                       traits=_optional_dict(raw, "traits"))
+        return Message(
+            type=kind,
+            message_id=message_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            timestamp=timestamp,
+            group_id=_optional_id(raw, "groupId"),
+            traits=_optional_dict(raw, "traits"),
+        )
     # alias: previousId becomes (is the same person as) userId
     previous_id = _optional_id(raw, "previousId")
     if not previous_id or not user_id:
         raise MessageError("an alias needs previousId and userId")
-    return Message(type=kind, message_id=message_id, user_id=user_id,
-                   anonymous_id=anonymous_id, timestamp=timestamp, previous_id=previous_id)
+    return Message(
+        type=kind,
+        message_id=message_id,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        timestamp=timestamp,
+        previous_id=previous_id,
+    )
 
 
 def _identify_traits(raw: dict) -> dict:

@@ -13,13 +13,15 @@ about the others.
 
 This module knows nothing about Flask or Segment messages beyond that.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "SignatureError",
@@ -74,8 +76,14 @@ def verify_bearer(header: str | None, tokens: Iterable[str]) -> None:
 _ARRAY = re.compile(rb"\s*\[")  # a Webhooks (Actions) batch: a bare JSON array
 
 
-def verify_delivery(headers: Mapping[str, str], raw: bytes, *, secrets: Iterable[str],
-                    bearer_tokens: Iterable[str], decode: Callable[[bytes], Any]) -> Any:
+def verify_delivery(
+    headers: Mapping[str, str],
+    raw: bytes,
+    *,
+    secrets: Iterable[str],
+    bearer_tokens: Iterable[str],
+    decode: Callable[[bytes], Any],
+) -> Any:
     """Raise ``SignatureError`` unless the delivery's credentials cover all of ``raw``.
 
     * ``bearer_tokens`` set: ``Authorization: Bearer`` must name one (whole body).
@@ -108,7 +116,8 @@ def verify_delivery(headers: Mapping[str, str], raw: bytes, *, secrets: Iterable
             f"an array of {len(data)} messages needs a whole-body credential: Segment's "
             "X-Signature covers only the first message of a Webhooks (Actions) batch. Add "
             "the header 'Authorization: Bearer <token>' to the destination's mapping and "
-            "set WEBHOOK_BEARER_TOKEN to the same token (or turn batching off)")
+            "set WEBHOOK_BEARER_TOKEN to the same token (or turn batching off)"
+        )
     try:
         first = js_stringify(data[0]).encode("utf-8", "surrogatepass")
     except RecursionError:
@@ -120,15 +129,19 @@ def verify_delivery(headers: Mapping[str, str], raw: bytes, *, secrets: Iterable
 def accepted_shapes(*, secrets: bool, bearer: bool) -> dict[str, str]:
     """What each delivery shape needs under a configuration (for /healthz and the docs)."""
     if not secrets and not bearer:
-        return {"single": "accepted unsigned", "array": "accepted unsigned",
-                "batch": "accepted unsigned"}
+        return {
+            "single": "accepted unsigned",
+            "array": "accepted unsigned",
+            "batch": "accepted unsigned",
+        }
     need = []
     if bearer:
         need.append("Authorization: Bearer")
     single = " and ".join(need + (["X-Signature of the body"] if secrets else []))
     if secrets and not bearer:
-        array = ("one message: X-Signature of it; several: refused (401), they need "
-                 "WEBHOOK_BEARER_TOKEN")
+        array = (
+            "one message: X-Signature of it; several: refused (401), they need WEBHOOK_BEARER_TOKEN"
+        )
     elif secrets:
         array = "Authorization: Bearer and X-Signature of the first message"
     else:
@@ -139,7 +152,13 @@ def accepted_shapes(*, secrets: bool, bearer: bool) -> dict[str, str]:
 # --- JavaScript's JSON.stringify ---------------------------------------------------------
 
 _ESCAPES = {
-    '"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
 }
 
 
@@ -201,7 +220,12 @@ def _digits_and_exponent(mantissa: str, exponent: int) -> tuple[str, int]:
 
 def _is_array_index(key: str) -> bool:
     # JavaScript objects list integer-like keys first, in ascending order.
-    return key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")) and int(key) < 2**32 - 1
+    return (
+        key.isascii()
+        and key.isdigit()
+        and (key == "0" or not key.startswith("0"))
+        and int(key) < 2**32 - 1
+    )
 
 
 def _js_keys(obj: dict) -> list[str]:
@@ -227,7 +251,9 @@ def js_stringify(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ",".join(js_stringify(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(
-            _js_string(key) + ":" + js_stringify(value[key]) for key in _js_keys(value)
-        ) + "}"
+        return (
+            "{"
+            + ",".join(_js_string(key) + ":" + js_stringify(value[key]) for key in _js_keys(value))
+            + "}"
+        )
     raise TypeError(f"not a JSON value: {type(value).__name__}")

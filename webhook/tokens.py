@@ -5,6 +5,7 @@ A shop's backend mints a token for the visitor it knows (``flask --app webhook t
 the page sends it back as ``Authorization: Bearer <token>`` (never in the address: it
 would end up in logs and browser history). A token is bound to one userId or anonymousId.
 """
+
 from __future__ import annotations
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -22,20 +23,28 @@ def _serializer(secret_key: str) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(secret_key, salt=SALT)
 
 
-def mint_token(secret_key: str, *, user_id: str | None = None,
-               anonymous_id: str | None = None) -> str:
+def mint_token(
+    secret_key: str, *, user_id: str | None = None, anonymous_id: str | None = None
+) -> str:
     if bool(user_id) == bool(anonymous_id):
         raise ValueError("a token is for a userId or for an anonymousId")
     subject = {"u": user_id} if user_id else {"a": anonymous_id}
     return _serializer(secret_key).dumps(subject)
 
 
-def check_token(secret_key: str, token: str | None, max_age: int, *,
-                user_id: str | None, anonymous_id: str | None) -> None:
+def check_token(
+    secret_key: str,
+    token: str | None,
+    max_age: int,
+    *,
+    user_id: str | None,
+    anonymous_id: str | None,
+) -> None:
     """Raise ``TokenError`` (401 missing/invalid/expired, 403 someone else's)."""
     if not token:
-        raise TokenError(401, "token_required",
-                         "a token is required: Authorization: Bearer <token>")
+        raise TokenError(
+            401, "token_required", "a token is required: Authorization: Bearer <token>"
+        )
     try:
         subject = _serializer(secret_key).loads(token, max_age=max_age)
     except SignatureExpired:

@@ -15,6 +15,7 @@ database at most every ``REFRESH_SECONDS`` (only the rows added since): a proces
 of a deletion made by another within that time, and the appliers check again, authoritatively,
 before they apply. With no tombstone at all, checking a message costs nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,12 +23,11 @@ import hmac
 import secrets
 import threading
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
 from .storage import Store
-
 from .storage.schema import service_keys, tombstones
 
 REFRESH_SECONDS = 1.0
@@ -51,17 +51,21 @@ class Tombstones:
     def _load_key(self) -> bytes:
         if self._key is None:
             with self.store.write() as tx:
-                tx.conn.execute(tx.insert(service_keys).on_conflict_do_nothing(
-                    index_elements=["name"]).values(name=KEY_NAME,
-                                                    value=secrets.token_hex(32)))
-                value = tx.conn.execute(sa.select(service_keys.c.value).where(
-                    service_keys.c.name == KEY_NAME)).scalar_one()
+                tx.conn.execute(
+                    tx.insert(service_keys)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .values(name=KEY_NAME, value=secrets.token_hex(32))
+                )
+                value = tx.conn.execute(
+                    sa.select(service_keys.c.value).where(service_keys.c.name == KEY_NAME)
+                ).scalar_one()
             self._key = bytes.fromhex(value)
         return self._key
 
     def digest(self, identifier: str) -> str:
-        return hmac.new(self._load_key(), identifier.encode("utf-8", "surrogatepass"),
-                        hashlib.sha256).hexdigest()
+        return hmac.new(
+            self._load_key(), identifier.encode("utf-8", "surrogatepass"), hashlib.sha256
+        ).hexdigest()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -75,18 +79,20 @@ class Tombstones:
             if not force and now - self._checked < self.refresh_seconds:
                 return
             with self.store.read() as conn:
-                rows = conn.execute(sa.select(tombstones.c.seq, tombstones.c.id_hash,
-                                              tombstones.c.deleted_at)
-                                    .where(tombstones.c.seq > self._seq)
-                                    .order_by(tombstones.c.seq)).all()
+                rows = conn.execute(
+                    sa.select(tombstones.c.seq, tombstones.c.id_hash, tombstones.c.deleted_at)
+                    .where(tombstones.c.seq > self._seq)
+                    .order_by(tombstones.c.seq)
+                ).all()
             for seq, digest, deleted_at in rows:
                 if deleted_at > self._deleted.get(digest, float("-inf")):
                     self._deleted[digest] = deleted_at
                 self._seq = seq
             self._checked = now
 
-    def deleted_since(self, identifiers: Iterable[str | None], when: float,
-                      refresh: bool = True) -> bool:
+    def deleted_since(
+        self, identifiers: Iterable[str | None], when: float, refresh: bool = True
+    ) -> bool:
         """Whether one of these ids was deleted after ``when`` (epoch seconds): a message
         of that time, about them, must not bring them back."""
         if refresh:
@@ -108,8 +114,10 @@ class Tombstones:
 
     def rows(self, identifiers: Iterable[str], deleted_at: float) -> list[dict]:
         """The rows that record these ids as deleted at ``deleted_at``."""
-        return [{"id_hash": self.digest(identifier), "deleted_at": deleted_at}
-                for identifier in sorted(set(filter(None, identifiers)))]
+        return [
+            {"id_hash": self.digest(identifier), "deleted_at": deleted_at}
+            for identifier in sorted(set(filter(None, identifiers)))
+        ]
 
     def record(self, identifiers: Sequence[str], deleted_at: float) -> None:
         """Record these ids as deleted (one transaction of the inbox's store); known to
@@ -118,8 +126,12 @@ class Tombstones:
         if not rows:
             return
         with self.store.write() as tx:
-            tx.conn.execute(tx.insert(tombstones).on_conflict_do_nothing(
-                index_elements=["id_hash", "deleted_at"]), rows)
+            tx.conn.execute(
+                tx.insert(tombstones).on_conflict_do_nothing(
+                    index_elements=["id_hash", "deleted_at"]
+                ),
+                rows,
+            )
         for row in rows:
             if row["deleted_at"] > self._deleted.get(row["id_hash"], float("-inf")):
                 self._deleted[row["id_hash"]] = row["deleted_at"]

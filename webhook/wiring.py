@@ -6,7 +6,7 @@ training child all call it, so no part is ever built from settings a second way.
 
 | role | embedded default | production |
 |---|---|---|
-| appliers of the inbox | local store | local store + Amazon Personalize (PutEvents/PutUsers/PutItems) |
+| appliers of the inbox | local store | local store + Personalize (PutEvents, PutUsers, PutItems) |
 | recommender | local engine (popular items until a model exists) | Personalize GetRecommendations |
 | profile source | local profile store | Segment Profile API |
 | activation | local profile store | Segment Tracking API (identify) |
@@ -16,12 +16,13 @@ Which process runs what: the web process answers requests and reloads models
 retention, WAL checkpoints, data deletion jobs, training, and the write-backs that follow
 a purchase. ``WORKER_IN_WEB`` runs the worker's part in the web process too.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .activation import Activation, LocalPublisher, SegmentPublisher
 from .appliers import Runner
@@ -114,8 +115,11 @@ class Parts:
 
     def web_threads(self) -> list[BackgroundThread]:
         """The web process's own loop: reloading the engine's newer models."""
-        return [self.engine.refresher] if self.settings.mode == "embedded" or \
-            self.settings.experiment else []
+        return (
+            [self.engine.refresher]
+            if self.settings.mode == "embedded" or self.settings.experiment
+            else []
+        )
 
     def start_worker(self) -> None:
         self.ensure_schema()
@@ -160,8 +164,10 @@ class Parts:
         self.ensure_schema()
         if self.impressions is not None:
             self.impressions.flush()
-        return all(self.runners[name].drain(timeout)
-                   for name in (names if names is not None else self.runners))
+        return all(
+            self.runners[name].drain(timeout)
+            for name in (names if names is not None else self.runners)
+        )
 
     # -- write-back after a purchase (the local store applier reports them) -----------------
 
@@ -193,9 +199,12 @@ def _personalize(settings: Settings, arn: str = "", *, ranking: bool = False):
         campaign = settings.personalize_campaign_arn
         recommender = settings.personalize_recommender_arn
     return PersonalizeRecommender(
-        campaign_arn=campaign, recommender_arn=recommender,
-        filter_arn=settings.personalize_filter_arn, region=settings.aws_region,
-        timeout=settings.recommender_timeout_seconds)
+        campaign_arn=campaign,
+        recommender_arn=recommender,
+        filter_arn=settings.personalize_filter_arn,
+        region=settings.aws_region,
+        timeout=settings.recommender_timeout_seconds,
+    )
 
 
 def _variants(settings: Settings, engine: Engine, popular: PopularItems) -> list[Variant]:
@@ -203,15 +212,23 @@ def _variants(settings: Settings, engine: Engine, popular: PopularItems) -> list
     (POST /recommendations/rank) uses PERSONALIZE_RANKING_CAMPAIGN_ARN when it is set,
     else the local engine; in an experiment, the ``local`` variant always ranks with the
     local engine and ``popular`` by popularity."""
-    ranker = (_personalize(settings, ranking=True)
-              if settings.personalize_ranking_campaign_arn else engine.recommender)
+    ranker = (
+        _personalize(settings, ranking=True)
+        if settings.personalize_ranking_campaign_arn
+        else engine.recommender
+    )
     chosen = settings.experiment or ((settings.recommender_mode, 1.0),)
     variants = []
     for name, share in chosen:
         if name == "local":
-            variants.append(Variant(name, engine.recommender,
-                                    engine.recommender if settings.experiment else ranker,
-                                    share))
+            variants.append(
+                Variant(
+                    name,
+                    engine.recommender,
+                    engine.recommender if settings.experiment else ranker,
+                    share,
+                )
+            )
         elif name == "popular":
             variants.append(Variant(name, popular, popular, share))
         else:  # personalize, or personalize:<ARN>
@@ -220,50 +237,85 @@ def _variants(settings: Settings, engine: Engine, popular: PopularItems) -> list
     return variants
 
 
-def _appliers(settings: Settings, store: Store, router: Router, dead_letters: DeadLetters,
-              tombstones: Tombstones, parts: Parts) -> list:
+def _appliers(
+    settings: Settings,
+    store: Store,
+    router: Router,
+    dead_letters: DeadLetters,
+    tombstones: Tombstones,
+    parts: Parts,
+) -> list:
     """The inbox's appliers: the local store's, Personalize's when it is configured, the
     attribution's when insights are kept."""
-    appliers: list = [LocalStoreApplier(
-        router, settings.purchase_events, store, on_purchases=parts.after_purchases,
-        tombstones=tombstones, record_for_personalize=bool(settings.personalize_tracking_id))]
+    appliers: list = [
+        LocalStoreApplier(
+            router,
+            settings.purchase_events,
+            store,
+            on_purchases=parts.after_purchases,
+            tombstones=tombstones,
+            record_for_personalize=bool(settings.personalize_tracking_id),
+        )
+    ]
     if settings.personalize_tracking_id:
         from .appliers.personalize import PersonalizeApplier, Sender
         from .personalize_mapping import MappingConfig
-        sender = Sender(region=settings.aws_region,
-                        call_timeout=settings.personalize_call_timeout_seconds,
-                        max_concurrency=settings.personalize_max_concurrency,
-                        events_per_second=settings.personalize_put_events_per_second,
-                        records_per_second=settings.personalize_put_records_per_second)
-        appliers.append(PersonalizeApplier(
-            router, MappingConfig.from_settings(settings), sender,
-            users_dataset_arn=settings.personalize_users_dataset_arn,
-            items_dataset_arn=settings.personalize_items_dataset_arn,
-            dead_letters=dead_letters, tombstones=tombstones))
+
+        sender = Sender(
+            region=settings.aws_region,
+            call_timeout=settings.personalize_call_timeout_seconds,
+            max_concurrency=settings.personalize_max_concurrency,
+            events_per_second=settings.personalize_put_events_per_second,
+            records_per_second=settings.personalize_put_records_per_second,
+        )
+        appliers.append(
+            PersonalizeApplier(
+                router,
+                MappingConfig.from_settings(settings),
+                sender,
+                users_dataset_arn=settings.personalize_users_dataset_arn,
+                items_dataset_arn=settings.personalize_items_dataset_arn,
+                dead_letters=dead_letters,
+                tombstones=tombstones,
+            )
+        )
     if settings.insights_retention_days:
-        appliers.append(AttributionApplier(
-            store, router, settings.purchase_events,
-            window_hours=settings.attribution_window_hours,
-            hold_seconds=settings.attribution_hold_seconds,
-            before_apply=parts.impressions.flush if parts.impressions else None,
-            tombstones=tombstones))
+        appliers.append(
+            AttributionApplier(
+                store,
+                router,
+                settings.purchase_events,
+                window_hours=settings.attribution_window_hours,
+                hold_seconds=settings.attribution_hold_seconds,
+                before_apply=parts.impressions.flush if parts.impressions else None,
+                tombstones=tombstones,
+            )
+        )
     return appliers
 
 
 def build(settings: Settings, instance_path: str) -> Parts:
     """Every part of the service for these settings (see the module's docstring)."""
-    store = Store(settings.database or sqlite_url_for(instance_path),
-                  synchronous=settings.sqlite_synchronous)
+    store = Store(
+        settings.database or sqlite_url_for(instance_path), synchronous=settings.sqlite_synchronous
+    )
     router = Router(settings.interaction_events, settings.item_id_properties)
     tombstones = Tombstones(store)
     inbox = Inbox(store)
     ingestor = Ingestor(
-        inbox, router, max_message_age_seconds=settings.max_message_age_seconds or None,
+        inbox,
+        router,
+        max_message_age_seconds=settings.max_message_age_seconds or None,
         interaction_retention_seconds=settings.interaction_retention_days * 86400.0 or None,
-        consent_categories=settings.consent_categories, tombstones=tombstones)
+        consent_categories=settings.consent_categories,
+        tombstones=tombstones,
+    )
     dead_letters = DeadLetters(store, settings.dead_letters_max)
-    impressions = (ImpressionRecorder(store, tombstones=tombstones)
-                   if settings.insights_retention_days else None)
+    impressions = (
+        ImpressionRecorder(store, tombstones=tombstones)
+        if settings.insights_retention_days
+        else None
+    )
 
     popular = PopularItems(store, weights=event_weights(settings.engine_event_weights))
     engine = make_engine(store, settings, popular, instance_path)
@@ -271,41 +323,76 @@ def build(settings: Settings, instance_path: str) -> Parts:
     if settings.profile_api_enabled:
         # A call in flight longer than its connect and read timeouts has reached Segment
         # or failed: counting it until then, and one second more, is enough.
-        budget = HostBudget(budget_path(store.url, settings.segment_space_id),
-                            capacity=settings.profile_api_max_rps,
-                            stale_after=2 * settings.profile_api_timeout_seconds + 1)
+        budget = HostBudget(
+            budget_path(store.url, settings.segment_space_id),
+            capacity=settings.profile_api_max_rps,
+            stale_after=2 * settings.profile_api_timeout_seconds + 1,
+        )
         profile_source = SegmentProfiles(
-            settings.segment_profile_api_url, settings.segment_space_id,
+            settings.segment_profile_api_url,
+            settings.segment_space_id,
             reveal(settings.segment_profile_api_token),
             timeout=settings.profile_api_timeout_seconds,
-            cache_seconds=settings.profile_cache_seconds, budget=budget,
-            share=HostShare(store, settings.profile_api_max_rps), tombstones=tombstones)
+            cache_seconds=settings.profile_cache_seconds,
+            budget=budget,
+            share=HostShare(store, settings.profile_api_max_rps),
+            tombstones=tombstones,
+        )
     else:
         profile_source = LocalProfiles(store, settings.purchase_events)
-    publisher = (SegmentPublisher(reveal(settings.segment_write_key), settings.segment_api_host)
-                 if settings.segment_write_key else LocalPublisher(store))
-    activation = Activation(store, publisher, settings.activation_trait,
-                            settings.activation_interval_seconds,
-                            queue_max=settings.activation_queue_max, tombstones=tombstones)
+    publisher = (
+        SegmentPublisher(reveal(settings.segment_write_key), settings.segment_api_host)
+        if settings.segment_write_key
+        else LocalPublisher(store)
+    )
+    activation = Activation(
+        store,
+        publisher,
+        settings.activation_trait,
+        settings.activation_interval_seconds,
+        queue_max=settings.activation_queue_max,
+        tombstones=tombstones,
+    )
     recommendations = RecommendationService(
-        store=store, experiment=experiment, profiles=profile_source, popular=popular,
-        activation=activation, recorder=impressions,
+        store=store,
+        experiment=experiment,
+        profiles=profile_source,
+        popular=popular,
+        activation=activation,
+        recorder=impressions,
         exclusion_traits=settings.exclusion_traits,
         opt_out=OptOut(settings.opt_out_trait, settings.opt_out_values),
         purchase_events=settings.purchase_events,
-        filter_values_map=settings.filter_values_map)
+        filter_values_map=settings.filter_values_map,
+    )
 
-    parts = Parts(settings=settings, instance_path=instance_path, store=store, router=router,
-                  tombstones=tombstones, inbox=inbox, ingestor=ingestor,
-                  dead_letters=dead_letters, impressions=impressions, popular=popular,
-                  engine=engine, recommendations=recommendations, activation=activation)
-    parts.runners = {applier.name: Runner(inbox, applier)
-                     for applier in _appliers(settings, store, router, dead_letters,
-                                              tombstones, parts)}
-    parts.retention = Retention(inbox, parts.runners, settings.message_retention_hours,
-                                settings.interaction_retention_days,
-                                settings.retention_interval_seconds,
-                                settings.insights_retention_days)
+    parts = Parts(
+        settings=settings,
+        instance_path=instance_path,
+        store=store,
+        router=router,
+        tombstones=tombstones,
+        inbox=inbox,
+        ingestor=ingestor,
+        dead_letters=dead_letters,
+        impressions=impressions,
+        popular=popular,
+        engine=engine,
+        recommendations=recommendations,
+        activation=activation,
+    )
+    parts.runners = {
+        applier.name: Runner(inbox, applier)
+        for applier in _appliers(settings, store, router, dead_letters, tombstones, parts)
+    }
+    parts.retention = Retention(
+        inbox,
+        parts.runners,
+        settings.message_retention_hours,
+        settings.interaction_retention_days,
+        settings.retention_interval_seconds,
+        settings.insights_retention_days,
+    )
     if store.dialect == "sqlite":
         parts.checkpointer = WalCheckpointer(store)
     if settings.mode == "personalize":
@@ -335,5 +422,4 @@ def secret_values(settings: Settings) -> list[str]:
 def instance_folder() -> str:
     """The Flask instance folder of the ``webhook`` package (``instance/`` beside it):
     where SQLite lives without DATABASE_URL."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "instance")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "instance")

@@ -13,6 +13,7 @@ Segment comes first, and what is not applied yet waits in the inbox (its lag is 
 ``/metrics``). SIGTERM or SIGINT (Heroku's shutdown, Ctrl-C) stop it: the batches in flight
 are finished or given back first.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ It lets the demo's service live through the 14 days of an experiment in a minute
 each answer is recorded at the time the service believes it gave it, as it would be on
 any day. Nothing of the service is changed, and nothing outside the demo loads this.
 """
+
 import os
 import threading
 import time

@@ -11,22 +11,24 @@ accepted something and otherwise polling for what other workers and hosts accept
 * ``personalize.PersonalizeApplier``: PutEvents, PutUsers, PutItems.
 * ``attribution.AttributionApplier``: clicks, add-to-carts and orders of recommended items.
 """
+
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from .. import metrics
 from ..background import BackgroundThread
-from ..inbox import BUSY as CLAIMED_ELSEWHERE, Entry, Inbox, LostLease
-from ..storage.leases import holder_name
+from ..inbox import BUSY as CLAIMED_ELSEWHERE
+from ..inbox import Entry, Inbox, LostLease
 from ..segment import Message, MessageError, decode_json, parse_message
 from ..storage import StoreUnavailable, Transaction
+from ..storage.leases import holder_name
 
 log = logging.getLogger("webhook.appliers")
 
@@ -66,14 +68,19 @@ def decode(entry: Entry, tombstones=None) -> Message | None:
     try:
         message = parse_message(decode_json(entry.body.encode()))
     except (ValueError, RecursionError, MessageError) as exc:
-        log.error("inbox: an entry no longer validates and is left out: %s",
-                  type(exc).__name__)
+        log.error("inbox: an entry no longer validates and is left out: %s", type(exc).__name__)
         metrics.INBOX_UNREADABLE.inc()
         return None
-    if tombstones is not None and message.type != "delete" and not tombstones.empty and \
-            tombstones.deleted_since((message.user_id, message.anonymous_id,
-                                      message.previous_id),
-                                     message.timestamp.timestamp(), refresh=False):
+    if (
+        tombstones is not None
+        and message.type != "delete"
+        and not tombstones.empty
+        and tombstones.deleted_since(
+            (message.user_id, message.anonymous_id, message.previous_id),
+            message.timestamp.timestamp(),
+            refresh=False,
+        )
+    ):
         return None
     return message
 
@@ -147,7 +154,7 @@ class Runner(BackgroundThread):
                 if applied.consumed <= 0:  # nothing ready yet: let go, look again later
                     self.inbox.release_lease(self.name, owner)
                     return NOT_READY
-                entries = entries[:applied.consumed]
+                entries = entries[: applied.consumed]
             # Not durable (no fsync of its own at SQLITE_SYNCHRONOUS=FULL): what an applier
             # writes is derived from inbox rows that were durable before their 2xx. A
             # power loss can only take this commit with everything after it in the WAL,
@@ -161,8 +168,7 @@ class Runner(BackgroundThread):
             self.inbox.release_lease(self.name, owner)
             raise
         metrics.INBOX_APPLIED.labels(applier=self.name).inc(len(entries))
-        metrics.INBOX_APPLY_SECONDS.labels(applier=self.name).observe(
-            time.perf_counter() - started)
+        metrics.INBOX_APPLY_SECONDS.labels(applier=self.name).observe(time.perf_counter() - started)
         if applied.after is not None:
             try:
                 applied.after()
@@ -191,19 +197,26 @@ class Runner(BackgroundThread):
             done = self.run_once()
             self._backoff, self._failures = 0.0, 0
         except Stopping:
-            log.info("inbox: shutting down mid-batch; the batch will be applied again",
-                     extra={"applier": self.name})
+            log.info(
+                "inbox: shutting down mid-batch; the batch will be applied again",
+                extra={"applier": self.name},
+            )
             self._stop.set()
             return 0.0
         except LostLease:
-            log.warning("inbox: the lease was taken over mid-batch; the batch will be "
-                        "applied again", extra={"applier": self.name})
+            log.warning(
+                "inbox: the lease was taken over mid-batch; the batch will be applied again",
+                extra={"applier": self.name},
+            )
             return self.poll_seconds
         except StoreUnavailable as exc:
             self._failures += 1
             if self._failures == 1 or self._failures % 60 == 0:
-                log.warning("inbox: store unavailable, applying later: %s", exc,
-                            extra={"applier": self.name})
+                log.warning(
+                    "inbox: store unavailable, applying later: %s",
+                    exc,
+                    extra={"applier": self.name},
+                )
             self._backoff = min(5.0, max(0.25, self._backoff * 2))
             return self._backoff
         except Exception:

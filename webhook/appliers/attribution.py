@@ -20,13 +20,14 @@ Answers are recorded by each worker a fraction of a second after they are given
 ``hold_seconds`` ago, is held back (the batch stops before it) until another worker's
 record has had time to land; this worker's own records are written first.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -69,9 +70,16 @@ class AttributionApplier:
     lease_seconds = 30.0
     settle_seconds = 1.0
 
-    def __init__(self, store: Store, router: Router, purchase_events: Iterable[str],
-                 window_hours: float = 24.0, hold_seconds: float = 1.0,
-                 before_apply: Callable[[], object] | None = None, tombstones=None):
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        purchase_events: Iterable[str],
+        window_hours: float = 24.0,
+        hold_seconds: float = 1.0,
+        before_apply: Callable[[], object] | None = None,
+        tombstones=None,
+    ):
         self.store = store
         self.tombstones = tombstones  # a deleted person's old events attribute nothing
         self.router = router
@@ -79,8 +87,9 @@ class AttributionApplier:
         self.add_events = frozenset(ADD_TO_CART_EVENTS)
         # As they appear in canonical JSON (ASCII escapes; no quotes: a name with spaces
         # around it is still that event).
-        self._names = tuple(json.dumps(name)[1:-1]
-                            for name in sorted(self.purchase_events | self.add_events))
+        self._names = tuple(
+            json.dumps(name)[1:-1] for name in sorted(self.purchase_events | self.add_events)
+        )
         self.window = window_hours * 3600.0
         self.hold_seconds = hold_seconds
         self.before_apply = before_apply  # this worker's impressions, written first
@@ -115,12 +124,22 @@ class AttributionApplier:
         added: list[Attribution] = []
 
         def write(tx: Transaction) -> None:
-            statement = tx.insert(attributions).on_conflict_do_nothing(
-                index_elements=["event_id", "kind"]).returning(attributions.c.event_id)
+            statement = (
+                tx.insert(attributions)
+                .on_conflict_do_nothing(index_elements=["event_id", "kind"])
+                .returning(attributions.c.event_id)
+            )
             for a in found:
-                row = {"event_id": a.event_id, "message_id": a.message_id, "kind": a.kind,
-                       "recommendation_id": a.recommendation_id, "variant": a.variant,
-                       "item_id": a.item_id, "revenue": a.revenue, "at": a.at}
+                row = {
+                    "event_id": a.event_id,
+                    "message_id": a.message_id,
+                    "kind": a.kind,
+                    "recommendation_id": a.recommendation_id,
+                    "variant": a.variant,
+                    "item_id": a.item_id,
+                    "revenue": a.revenue,
+                    "at": a.at,
+                }
                 if tx.conn.execute(statement.values(**row)).first() is not None:
                     added.append(a)
 
@@ -130,8 +149,11 @@ class AttributionApplier:
                 if a.revenue:
                     metrics.count(metrics.ATTRIBUTED_REVENUE, a.variant, by=a.revenue)
 
-        return Applied(write=write if found else None, after=after,
-                       consumed=None if consumed == len(entries) else consumed)
+        return Applied(
+            write=write if found else None,
+            after=after,
+            consumed=None if consumed == len(entries) else consumed,
+        )
 
     def _may_attribute(self, entry: Entry) -> bool:
         """A look at the raw JSON before parsing it: most messages (views without a
@@ -144,8 +166,9 @@ class AttributionApplier:
             return False
         return "recommendation_id" in body or any(name in body for name in self._names)
 
-    def _attribute(self, interactions: Sequence[Interaction],
-                   answers: "_Answers") -> tuple[list[Attribution], bool]:
+    def _attribute(
+        self, interactions: Sequence[Interaction], answers: _Answers
+    ) -> tuple[list[Attribution], bool]:
         """The attributions of one message's interactions, and whether one of them could
         have been attributed had its answer been recorded (it is then held back)."""
         found: list[Attribution] = []
@@ -159,8 +182,13 @@ class AttributionApplier:
                 shown = None  # an answer that did not hold this product
             if shown is not None:
                 found.append(self._record(interaction, "click", shown))
-            kind = ("order" if interaction.event_type in self.purchase_events else
-                    "add" if interaction.event_type in self.add_events else None)
+            kind = (
+                "order"
+                if interaction.event_type in self.purchase_events
+                else "add"
+                if interaction.event_type in self.add_events
+                else None
+            )
             if kind is None:
                 continue
             if shown is None:
@@ -179,9 +207,16 @@ class AttributionApplier:
             quantity = _number(interaction.properties.get("quantity"))
             if price is not None and price > 0:
                 revenue = round(price * (quantity if quantity and quantity > 0 else 1.0), 6)
-        return Attribution(interaction.event_id, interaction.message_id, kind,
-                           shown.recommendation_id, shown.variant,
-                           interaction.item_id, revenue, interaction.timestamp)
+        return Attribution(
+            interaction.event_id,
+            interaction.message_id,
+            kind,
+            shown.recommendation_id,
+            shown.variant,
+            interaction.item_id,
+            revenue,
+            interaction.timestamp,
+        )
 
 
 class _Answers:
@@ -193,26 +228,31 @@ class _Answers:
 
     def by_id(self, recommendation_id: str) -> _Shown | None:
         if recommendation_id not in self._by_id:
-            row = self.conn.execute(sa.select(impressions).where(
-                impressions.c.recommendation_id == recommendation_id)).first()
+            row = self.conn.execute(
+                sa.select(impressions).where(impressions.c.recommendation_id == recommendation_id)
+            ).first()
             self._by_id[recommendation_id] = _shown(row) if row is not None else None
         return self._by_id[recommendation_id]
 
     def last_showing(self, interaction: Interaction, window: float) -> _Shown | None:
         """The person's last answer that held the product, within the window before the
         event."""
-        person = resolve(self.conn, user_id=interaction.user_id,
-                         anonymous_id=interaction.anonymous_id)
+        person = resolve(
+            self.conn, user_id=interaction.user_id, anonymous_id=interaction.anonymous_id
+        )
         ids = list(person.ids)
         if not ids:
             return None
         rows = self.conn.execute(
             sa.select(impressions)
-            .where(impressions.c.visitor.in_(ids),
-                   impressions.c.shown_at >= interaction.timestamp - window,
-                   impressions.c.shown_at <= interaction.timestamp + CLOCK_SLACK_SECONDS)
+            .where(
+                impressions.c.visitor.in_(ids),
+                impressions.c.shown_at >= interaction.timestamp - window,
+                impressions.c.shown_at <= interaction.timestamp + CLOCK_SLACK_SECONDS,
+            )
             .order_by(impressions.c.shown_at.desc(), impressions.c.recommendation_id.desc())
-            .limit(200))
+            .limit(200)
+        )
         for row in rows:
             shown = _shown(row)
             if interaction.item_id in shown.items:
@@ -223,8 +263,9 @@ class _Answers:
 def _shown(row) -> _Shown:
     items = row._mapping["items"]
     items = items if isinstance(items, list) else []
-    return _Shown(row.recommendation_id, row.visitor, row.variant,
-                  tuple(str(i) for i in items), row.shown_at)
+    return _Shown(
+        row.recommendation_id, row.visitor, row.variant, tuple(str(i) for i in items), row.shown_at
+    )
 
 
 def _text(value) -> str | None:

@@ -6,6 +6,7 @@ a process of its own, so boto3's CPU (validating, signing, parsing: a few millis
 call) never holds a web process's GIL, and the worker runs below the web processes' CPU
 priority (``WORKER_NICE``).
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -21,8 +22,12 @@ from botocore.exceptions import (
 
 from ..aws import LazyClient
 
-TRANSIENT_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError,
-                    ConnectionClosedError)
+TRANSIENT_ERRORS = (
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+)
 
 
 class Outcome(NamedTuple):
@@ -43,8 +48,12 @@ def invoke(client: Any, operation: str, kwargs: dict) -> Outcome:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return Outcome("client_error", str(error.get("Code", "")), int(status or 0),
-                       str(error.get("Message", "")))
+        return Outcome(
+            "client_error",
+            str(error.get("Code", "")),
+            int(status or 0),
+            str(error.get("Message", "")),
+        )
     except TRANSIENT_ERRORS as exc:
         return Outcome("transient", type(exc).__name__)
     except BotoCoreError as exc:

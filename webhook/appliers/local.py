@@ -8,16 +8,25 @@ transaction that also moves the applier's position, so each entry takes effect e
 once; within it, a deletion is a barrier (what came before it is written before, what came
 after, after). A message about a person deleted after it was sent is left out.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
 from .. import forget
 from ..inbox import Entry
-from ..routing import (ITEM_FIELDS, Deletion, IdentityLink, Interaction, ItemDetails, Routed,
-                       Router, UserTraits)
+from ..routing import (
+    ITEM_FIELDS,
+    Deletion,
+    IdentityLink,
+    Interaction,
+    ItemDetails,
+    Routed,
+    Router,
+    UserTraits,
+)
 from ..segment import encode_json
 from ..storage import Store, Transaction, insert
 from ..storage.schema import identity_links, interactions, items, profiles
@@ -41,9 +50,16 @@ class LocalStoreApplier:
     lease_seconds = 30.0
     settle_seconds = 0.2
 
-    def __init__(self, router: Router, purchase_events: Iterable[str], store: Store,
-                 on_purchases: Callable[[list[str]], None] | None = None, *,
-                 tombstones=None, record_for_personalize: bool = False):
+    def __init__(
+        self,
+        router: Router,
+        purchase_events: Iterable[str],
+        store: Store,
+        on_purchases: Callable[[list[str]], None] | None = None,
+        *,
+        tombstones=None,
+        record_for_personalize: bool = False,
+    ):
         self.router = router
         self.store = store
         self.statements = Statements(store)
@@ -78,8 +94,9 @@ class LocalStoreApplier:
             pending.users.extend(routed.users)
             pending.items.extend(routed.items)
             pending.interactions.extend(routed.interactions)
-            if message.user_id and any(i.event_type in self.purchase_events
-                                       for i in routed.interactions):
+            if message.user_id and any(
+                i.event_type in self.purchase_events for i in routed.interactions
+            ):
                 purchasers.append(message.user_id)
         steps.append(_prepare(statements, pending))
         forgets = [step for step in steps if isinstance(step, _Forget)]
@@ -89,8 +106,12 @@ class LocalStoreApplier:
         def write(tx: Transaction) -> None:
             for step in steps:
                 if isinstance(step, _Forget):
-                    forget.purge(tx, step.ids, step.dead_letters,
-                                 record_for_personalize=self.record_for_personalize)
+                    forget.purge(
+                        tx,
+                        step.ids,
+                        step.dead_letters,
+                        record_for_personalize=self.record_for_personalize,
+                    )
                 elif step:
                     step.write(tx)
 
@@ -112,16 +133,21 @@ class LocalStoreApplier:
         for step in forgets:
             if self.tombstones is not None:
                 self.tombstones.record(step.ids, step.deletion.deleted_at)
-            forget.redact_inbox(self.store, step.ids, step.deletion.deleted_at,
-                                keep=[step.seq])
+            forget.redact_inbox(self.store, step.ids, step.deletion.deleted_at, keep=[step.seq])
 
 
-def _prepare(statements: "Statements", routed: Routed) -> "Prepared":
-    return Prepared(statements, links=routed.links, users=routed.users, items=routed.items,
-                    interactions=routed.interactions)
+def _prepare(statements: Statements, routed: Routed) -> Prepared:
+    return Prepared(
+        statements,
+        links=routed.links,
+        users=routed.users,
+        items=routed.items,
+        interactions=routed.interactions,
+    )
 
 
 # -- the local store's writes ------------------------------------------------------------
+
 
 class Statements:
     """The local store's write statements for one store, compiled once (building them per
@@ -130,37 +156,48 @@ class Statements:
     def __init__(self, store: Store):
         dialect = store.dialect
         add_interaction = insert(dialect, interactions).on_conflict_do_nothing(
-            index_elements=["event_id"])
+            index_elements=["event_id"]
+        )
         link = insert(dialect, identity_links)
         link = link.on_conflict_do_update(
-            index_elements=["anonymous_id"], set_={"user_id": link.excluded.user_id},
-            where=identity_links.c.user_id != link.excluded.user_id)
+            index_elements=["anonymous_id"],
+            set_={"user_id": link.excluded.user_id},
+            where=identity_links.c.user_id != link.excluded.user_id,
+        )
         item = insert(dialect, items)
         newer = item.excluded.updated_at >= items.c.updated_at
         # A newer record overwrites the fields it carries; an older one only fills gaps.
         merge = {
-            name: sa.case((newer, sa.func.coalesce(item.excluded[name], items.c[name])),
-                          else_=sa.func.coalesce(items.c[name], item.excluded[name]))
+            name: sa.case(
+                (newer, sa.func.coalesce(item.excluded[name], items.c[name])),
+                else_=sa.func.coalesce(items.c[name], item.excluded[name]),
+            )
             for name in ITEM_FIELDS
         }
-        merge["updated_at"] = sa.case((newer, item.excluded.updated_at),
-                                      else_=items.c.updated_at)
+        merge["updated_at"] = sa.case((newer, item.excluded.updated_at), else_=items.c.updated_at)
         upsert_item = item.on_conflict_do_update(index_elements=["item_id"], set_=merge)
         self.ensure_profile = insert(dialect, profiles).on_conflict_do_nothing(
-            index_elements=["profile_id"])
+            index_elements=["profile_id"]
+        )
         self.select_profiles = sa.select(profiles).where(
-            profiles.c.profile_id.in_(sa.bindparam("ids", expanding=True)))
+            profiles.c.profile_id.in_(sa.bindparam("ids", expanding=True))
+        )
         if dialect == "postgresql":
             self.select_profiles = self.select_profiles.with_for_update()
         self.update_profile = (
-            profiles.update().where(profiles.c.profile_id == sa.bindparam("pid"))
-            .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at")))
-        self.interaction = store.compile(add_interaction.values(
-            **{c.name: sa.bindparam(c.name) for c in interactions.c}))
-        self.link = store.compile(link.values(
-            anonymous_id=sa.bindparam("anonymous_id"), user_id=sa.bindparam("user_id")))
-        self.item = store.compile(upsert_item.values(
-            **{c.name: sa.bindparam(c.name) for c in items.c}))
+            profiles.update()
+            .where(profiles.c.profile_id == sa.bindparam("pid"))
+            .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at"))
+        )
+        self.interaction = store.compile(
+            add_interaction.values(**{c.name: sa.bindparam(c.name) for c in interactions.c})
+        )
+        self.link = store.compile(
+            link.values(anonymous_id=sa.bindparam("anonymous_id"), user_id=sa.bindparam("user_id"))
+        )
+        self.item = store.compile(
+            upsert_item.values(**{c.name: sa.bindparam(c.name) for c in items.c})
+        )
 
 
 class Prepared:
@@ -169,20 +206,33 @@ class Prepared:
     Python work of a write, and doing it before the transaction keeps it out of the write
     lock, which every process waits for."""
 
-    def __init__(self, statements: Statements, *, links: Sequence[IdentityLink] = (),
-                 users: Sequence[UserTraits] = (), items: Sequence[ItemDetails] = (),
-                 interactions: Sequence[Interaction] = ()):
+    def __init__(
+        self,
+        statements: Statements,
+        *,
+        links: Sequence[IdentityLink] = (),
+        users: Sequence[UserTraits] = (),
+        items: Sequence[ItemDetails] = (),
+        interactions: Sequence[Interaction] = (),
+    ):
         self.sql = statements
         self.users = list(users)  # merged in the transaction (read-modify-write)
         latest = {link.anonymous_id: link.user_id for link in links}
         self.links = statements.link.rows(sorted(latest.items()), _LINK_COLUMNS)
-        self.item_rounds = [statements.item.rows(
-            [(record.item_id, *map(record.details.get, ITEM_FIELDS), record.timestamp)
-             for record in round_records], _ITEM_COLUMNS)
-            for round_records in _item_rounds(items)]
+        self.item_rounds = [
+            statements.item.rows(
+                [
+                    (record.item_id, *map(record.details.get, ITEM_FIELDS), record.timestamp)
+                    for record in round_records
+                ],
+                _ITEM_COLUMNS,
+            )
+            for round_records in _item_rounds(items)
+        ]
         # An interaction record is its row, in the same order, with its properties as JSON.
         self.interactions = statements.interaction.rows(
-            [r[:7] + (encode_json(r[7]),) for r in interactions], _INTERACTION_COLUMNS)
+            [r[:7] + (encode_json(r[7]),) for r in interactions], _INTERACTION_COLUMNS
+        )
 
     def __bool__(self) -> bool:
         return bool(self.users or self.links or self.item_rounds or self.interactions)
@@ -206,10 +256,13 @@ class Prepared:
             by_profile.setdefault(record.user_id, []).append(record)
         ids = sorted(by_profile)  # a fixed order: no deadlock between two writers
         sql = self.sql
-        tx.conn.execute(sql.ensure_profile,
-                        [{"profile_id": pid, "traits": {}, "traits_at": 0.0} for pid in ids])
-        current = {row.profile_id: (dict(row.traits or {}), row.traits_at)
-                   for row in tx.conn.execute(sql.select_profiles, {"ids": ids})}
+        tx.conn.execute(
+            sql.ensure_profile, [{"profile_id": pid, "traits": {}, "traits_at": 0.0} for pid in ids]
+        )
+        current = {
+            row.profile_id: (dict(row.traits or {}), row.traits_at)
+            for row in tx.conn.execute(sql.select_profiles, {"ids": ids})
+        }
         updates = []
         for pid in ids:
             traits, traits_at = current.get(pid, ({}, 0.0))

@@ -19,6 +19,7 @@ applier's lease, the limit holds for all workers and hosts together.
   mapping could not fit within the service's limits. ``flask --app webhook dead-letters
   retry`` sends them again, e.g. after a mapping change.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,15 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from .. import metrics
 from ..aws import LazyClient
+from ..inbox import Entry
 from ..personalize_mapping import (
     MAX_RECORDS_PER_CALL,
     MappingConfig,
@@ -42,7 +45,6 @@ from ..personalize_mapping import (
     map_items,
     map_users,
 )
-from ..inbox import Entry
 from ..routing import Routed, Router
 from ..storage import Transaction
 from . import Applied, Stopping, decode
@@ -50,15 +52,20 @@ from .calls import Calls
 
 log = logging.getLogger("webhook.personalize")
 
-THROTTLING_CODES = frozenset({
-    "ThrottlingException", "Throttling", "TooManyRequestsException",
-    "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-})
+THROTTLING_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+    }
+)
 _MEMBER = {"put_events": "eventList", "put_users": "users", "put_items": "items"}
 _KIND = {"put_events": "event", "put_users": "user", "put_items": "item"}
 # sentAt as an aware datetime: boto3 converts an epoch number through the local time zone
 # first, a fifth of a PutEvents call's CPU.
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BACKOFF_CAP = 5.0  # seconds between attempts at most, for transient errors
 FATAL_BACKOFF_CAP = 60.0  # for configuration errors
 
@@ -138,6 +145,7 @@ class Call:
 @dataclass
 class Refusal:
     """A record that will not reach Personalize as it is: for the dead-letter list."""
+
     kind: str  # event, user, item
     record_id: str
     reason: str
@@ -156,16 +164,31 @@ class Sender:
     out, ``max_concurrency`` calls at a time from threads of this process. Used by the
     applier and by ``dead-letters retry``."""
 
-    def __init__(self, *, region: str = "", call_timeout: float = 1.0,
-                 max_concurrency: int = 8, events_per_second: float = 500.0,
-                 records_per_second: float = 10.0, client: Any = None):
+    def __init__(
+        self,
+        *,
+        region: str = "",
+        call_timeout: float = 1.0,
+        max_concurrency: int = 8,
+        events_per_second: float = 500.0,
+        records_per_second: float = 10.0,
+        client: Any = None,
+    ):
         self.max_concurrency = max_concurrency
-        self._calls = Calls(LazyClient("personalize-events", region=region,
-                                       timeout=call_timeout, pool_size=max_concurrency,
-                                       client=client))
-        self.limits = {"put_events": RateLimiter(events_per_second),
-                       "put_users": RateLimiter(records_per_second),
-                       "put_items": RateLimiter(records_per_second)}
+        self._calls = Calls(
+            LazyClient(
+                "personalize-events",
+                region=region,
+                timeout=call_timeout,
+                pool_size=max_concurrency,
+                client=client,
+            )
+        )
+        self.limits = {
+            "put_events": RateLimiter(events_per_second),
+            "put_users": RateLimiter(records_per_second),
+            "put_items": RateLimiter(records_per_second),
+        }
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._shutdown = False
@@ -183,12 +206,17 @@ class Sender:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.max_concurrency,
-                                                    thread_name_prefix="personalize")
+                    self._pool = ThreadPoolExecutor(
+                        self.max_concurrency, thread_name_prefix="personalize"
+                    )
         return self._pool
 
-    def send_chains(self, chains: Sequence[Sequence[Call]], keep_lease: Callable[[], None],
-                    on_sent: Callable[[Call], None] | None = None) -> SendReport:
+    def send_chains(
+        self,
+        chains: Sequence[Sequence[Call]],
+        keep_lease: Callable[[], None],
+        on_sent: Callable[[Call], None] | None = None,
+    ) -> SendReport:
         """Send each chain's calls in order, the chains concurrently; returns when every
         call succeeded or was refused. Raises LostLease or _Stopped."""
         report = SendReport()
@@ -223,8 +251,15 @@ class Sender:
             with self._lock:
                 self._aborts.discard(abort)
 
-    def _send(self, call: Call, keep_lease, report: SendReport, lock: threading.Lock,
-              on_sent, abort: threading.Event) -> None:
+    def _send(
+        self,
+        call: Call,
+        keep_lease,
+        report: SendReport,
+        lock: threading.Lock,
+        on_sent,
+        abort: threading.Event,
+    ) -> None:
         """One call; a refused call of several records is split in halves, down to single
         records, so one bad record costs only itself."""
         member = _MEMBER[call.operation]
@@ -238,13 +273,19 @@ class Sender:
                 if len(records) == 1:
                     with lock:
                         report.calls += 1
-                        report.refused.append(Refusal(_KIND[part.operation],
-                                                      _record_id(part), str(exc)[:500]))
+                        report.refused.append(
+                            Refusal(_KIND[part.operation], _record_id(part), str(exc)[:500])
+                        )
                     continue
                 half = len(records) // 2
                 for piece in (slice(half, None), slice(0, half)):
-                    pending.append(Call(part.operation, {**part.kwargs, member: records[piece]},
-                                        part.keys[piece]))
+                    pending.append(
+                        Call(
+                            part.operation,
+                            {**part.kwargs, member: records[piece]},
+                            part.keys[piece],
+                        )
+                    )
                 continue
             with lock:
                 report.calls += 1
@@ -267,8 +308,11 @@ class Sender:
             if result.kind == "ok":
                 metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "ok")
                 if attempt >= 3:
-                    log.info("personalize: a call went through after %d attempts",
-                             attempt + 1, extra={"operation": call.operation})
+                    log.info(
+                        "personalize: a call went through after %d attempts",
+                        attempt + 1,
+                        extra={"operation": call.operation},
+                    )
                 return attempt
             if result.kind == "client_error":
                 if result.code == "InvalidInputException":
@@ -281,24 +325,30 @@ class Sender:
                 else:
                     outcome, cap = "fatal", FATAL_BACKOFF_CAP
                     if failures_logged < 1 or attempt % 20 == 0:
-                        log.error("personalize refused the call (%s): check the tracking id, "
-                                  "dataset ARNs and credentials; retrying",
-                                  result.code or result.status,
-                                  extra={"operation": call.operation})
+                        log.error(
+                            "personalize refused the call (%s): check the tracking id, "
+                            "dataset ARNs and credentials; retrying",
+                            result.code or result.status,
+                            extra={"operation": call.operation},
+                        )
                         failures_logged += 1
             elif result.kind == "transient":
                 outcome = "timeout"
             else:
                 outcome, cap = "fatal", FATAL_BACKOFF_CAP
                 if failures_logged < 1 or attempt % 20 == 0:
-                    log.error("personalize call failed (%s); retrying", result.code,
-                              extra={"operation": call.operation})
+                    log.error(
+                        "personalize call failed (%s); retrying",
+                        result.code,
+                        extra={"operation": call.operation},
+                    )
                     failures_logged += 1
             metrics.count(metrics.PERSONALIZE_CALLS, call.operation, outcome)
             attempt += 1
             if attempt == 5:
-                log.warning("personalize: retrying (%s)", outcome,
-                            extra={"operation": call.operation})
+                log.warning(
+                    "personalize: retrying (%s)", outcome, extra={"operation": call.operation}
+                )
             # Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter").
             pause = random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 16)))
             if abort.wait(pause):
@@ -313,10 +363,15 @@ def _record_id(call: Call) -> str:
     return str(call.kwargs["items"][0]["itemId"])
 
 
-def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
-               items_dataset_arn: str, sent: _SentCache | None,
-               problems: list[Problem],
-               sent_events: _SentCache | None = None) -> list[list[Call]]:
+def plan_calls(
+    routed: Routed,
+    mapping: MappingConfig,
+    users_dataset_arn: str,
+    items_dataset_arn: str,
+    sent: _SentCache | None,
+    problems: list[Problem],
+    sent_events: _SentCache | None = None,
+) -> list[list[Call]]:
     """The calls for a batch's records, as chains: one chain per sessionId of events, in
     order; users and items in chains of their own. Records in ``sent`` (users, items) and
     ``sent_events`` are left out."""
@@ -328,27 +383,49 @@ def plan_calls(routed: Routed, mapping: MappingConfig, users_dataset_arn: str,
         # leaving it out keeps the rest in order.
         interactions = [r for r in interactions if r.event_id not in sent_events]
     for call in event_calls(interactions, mapping, problems):
-        events = [{**event, "sentAt": _EPOCH + timedelta(seconds=event["sentAt"])}
-                  for event in call.events]
-        kwargs: dict[str, Any] = {"trackingId": mapping.tracking_id,
-                                  "sessionId": call.session_id, "eventList": events}
+        events = [
+            {**event, "sentAt": _EPOCH + timedelta(seconds=event["sentAt"])}
+            for event in call.events
+        ]
+        kwargs: dict[str, Any] = {
+            "trackingId": mapping.tracking_id,
+            "sessionId": call.session_id,
+            "eventList": events,
+        }
         if call.user_id:
             kwargs["userId"] = call.user_id
         by_session.setdefault(call.session_id, []).append(
-            Call("put_events", kwargs, [e["eventId"] for e in call.events]))
+            Call("put_events", kwargs, [e["eventId"] for e in call.events])
+        )
     chains.extend(by_session.values())
     for operation, member, arn, records in (
-            ("put_users", "users", users_dataset_arn,
-             map_users(routed.users, mapping, problems) if users_dataset_arn else []),
-            ("put_items", "items", items_dataset_arn,
-             map_items(routed.items, mapping, problems) if items_dataset_arn else [])):
+        (
+            "put_users",
+            "users",
+            users_dataset_arn,
+            map_users(routed.users, mapping, problems) if users_dataset_arn else [],
+        ),
+        (
+            "put_items",
+            "items",
+            items_dataset_arn,
+            map_items(routed.items, mapping, problems) if items_dataset_arn else [],
+        ),
+    ):
         fresh = [(r, _SentCache.key(member, r)) for r in records]
         if sent is not None:
             fresh = [(r, k) for r, k in fresh if k not in sent]
         for start in range(0, len(fresh), MAX_RECORDS_PER_CALL):
-            part = fresh[start:start + MAX_RECORDS_PER_CALL]
-            chains.append([Call(operation, {"datasetArn": arn, member: [r for r, _ in part]},
-                                [k for _, k in part])])
+            part = fresh[start : start + MAX_RECORDS_PER_CALL]
+            chains.append(
+                [
+                    Call(
+                        operation,
+                        {"datasetArn": arn, member: [r for r, _ in part]},
+                        [k for _, k in part],
+                    )
+                ]
+            )
     return chains
 
 
@@ -358,9 +435,17 @@ class PersonalizeApplier:
     lease_seconds = 30.0
     settle_seconds = 0.1
 
-    def __init__(self, router: Router, mapping: MappingConfig, sender: Sender, *,
-                 users_dataset_arn: str = "", items_dataset_arn: str = "",
-                 dead_letters=None, tombstones=None):
+    def __init__(
+        self,
+        router: Router,
+        mapping: MappingConfig,
+        sender: Sender,
+        *,
+        users_dataset_arn: str = "",
+        items_dataset_arn: str = "",
+        dead_letters=None,
+        tombstones=None,
+    ):
         self.router = router
         self.mapping = mapping
         self.sender = sender
@@ -396,9 +481,15 @@ class PersonalizeApplier:
                 origin[("item", record.item_id)] = entry
 
         problems: list[Problem] = []
-        chains = plan_calls(routed, self.mapping, self.users_dataset_arn,
-                            self.items_dataset_arn, self._sent, problems,
-                            self._sent_events)
+        chains = plan_calls(
+            routed,
+            self.mapping,
+            self.users_dataset_arn,
+            self.items_dataset_arn,
+            self._sent,
+            problems,
+            self._sent_events,
+        )
         report = self.sender.send_chains(chains, keep_lease, on_sent=self._remember)
 
         refusals = [Refusal(p.kind, p.id, p.reason) for p in problems if p.action == "dropped"]
@@ -414,15 +505,23 @@ class PersonalizeApplier:
         if refusals or trimmed:
             # Our own reasons only (they name fields and limits, never values); the
             # service's refusal messages may quote record contents, so they are not logged.
-            log.warning("personalize: %d record(s) to the dead-letter list, %d trimmed",
-                        len(refusals), sum(1 for p in problems if p.action == "trimmed"),
-                        extra={"trimmed": trimmed[:20]})
+            log.warning(
+                "personalize: %d record(s) to the dead-letter list, %d trimmed",
+                len(refusals),
+                sum(1 for p in problems if p.action == "trimmed"),
+                extra={"trimmed": trimmed[:20]},
+            )
 
         def write(tx: Transaction) -> None:
             if refusals and self.dead_letters is not None:
-                self.dead_letters.add(tx, self.name, [
-                    (r.kind, r.record_id, origin.get((r.kind, r.record_id)), r.reason)
-                    for r in refusals])
+                self.dead_letters.add(
+                    tx,
+                    self.name,
+                    [
+                        (r.kind, r.record_id, origin.get((r.kind, r.record_id)), r.reason)
+                        for r in refusals
+                    ],
+                )
 
         return Applied(write=write)
 
@@ -457,15 +556,26 @@ class PersonalizeApplier:
                 continue
             every = self.router.route(message)
             routed = Routed(
-                interactions=[r for r in every.interactions
-                              if letter.kind == "event" and r.event_id == letter.record_id],
-                users=[r for r in every.users
-                       if letter.kind == "user" and r.user_id == letter.record_id],
-                items=[r for r in every.items
-                       if letter.kind == "item" and r.item_id == letter.record_id])
+                interactions=[
+                    r
+                    for r in every.interactions
+                    if letter.kind == "event" and r.event_id == letter.record_id
+                ],
+                users=[
+                    r
+                    for r in every.users
+                    if letter.kind == "user" and r.user_id == letter.record_id
+                ],
+                items=[
+                    r
+                    for r in every.items
+                    if letter.kind == "item" and r.item_id == letter.record_id
+                ],
+            )
             problems: list[Problem] = []
-            chains = plan_calls(routed, self.mapping, self.users_dataset_arn,
-                                self.items_dataset_arn, None, problems)
+            chains = plan_calls(
+                routed, self.mapping, self.users_dataset_arn, self.items_dataset_arn, None, problems
+            )
             dropped = [p for p in problems if p.action == "dropped"]
             if dropped:
                 outcomes[letter.id] = "refused: " + dropped[0].reason
@@ -474,6 +584,7 @@ class PersonalizeApplier:
                 outcomes[letter.id] = "gone"
                 continue
             report = self.sender.send_chains(chains, keep_going)
-            outcomes[letter.id] = ("refused: " + report.refused[0].reason
-                                   if report.refused else "sent")
+            outcomes[letter.id] = (
+                "refused: " + report.refused[0].reason if report.refused else "sent"
+            )
         return outcomes

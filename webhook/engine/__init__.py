@@ -3,25 +3,30 @@
 ``make_engine`` builds the parts (``wiring.build`` calls it, the one place that wires the
 service); ``init_app(app)`` registers the engine's CLI commands (``train``, ``import``,
 ``evaluate``). The web process reloads newer models (``refresher``); the worker trains when
-training is due (``training``, in a child process). ``recommender_for(app)`` gives the ``LocalRecommender``
-(the ``webhook.recommenders.Recommender`` protocol).
+training is due (``training``, in a child process). ``recommender_for(app)`` gives the
+``LocalRecommender`` (the ``webhook.recommenders.Recommender`` protocol).
 How the model works and how good it is: docs/engine.md.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .service import LocalRecommender, ModelHolder, ModelRefresher, Trainer, TrainingLoop
 
 log = logging.getLogger("webhook.engine")
 
 
 @dataclass
 class Engine:
-    holder: "ModelHolder"
-    recommender: "LocalRecommender"
-    trainer: "Trainer"
-    refresher: "ModelRefresher"  # the web process: newer models swapped in
-    training: "TrainingLoop"  # the worker: trains when due
+    holder: ModelHolder
+    recommender: LocalRecommender
+    trainer: Trainer
+    refresher: ModelRefresher  # the web process: newer models swapped in
+    training: TrainingLoop  # the worker: trains when due
 
 
 def make_engine(store, settings, popular, instance_path: str) -> Engine:
@@ -31,9 +36,13 @@ def make_engine(store, settings, popular, instance_path: str) -> Engine:
 
     holder = ModelHolder(store, settings.engine_model_refresh_seconds)
     trainer = Trainer(store, settings, holder, instance_path=instance_path)
-    return Engine(holder=holder, recommender=LocalRecommender(store, settings, holder, popular),
-                  trainer=trainer, refresher=ModelRefresher(holder),
-                  training=TrainingLoop(trainer))
+    return Engine(
+        holder=holder,
+        recommender=LocalRecommender(store, settings, holder, popular),
+        trainer=trainer,
+        refresher=ModelRefresher(holder),
+        training=TrainingLoop(trainer),
+    )
 
 
 def init_app(app) -> None:

@@ -11,6 +11,7 @@ Hyper-parameters (the engine's and the baselines') are chosen on a validation sp
 out of the training part alone: the last ``holdout`` share of each user's *training*
 interactions. The test hold-out is looked at once, for the final figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,19 +19,22 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Sequence
+from datetime import UTC
 
 import numpy as np
 import scipy.sparse as sp
 
-from .model import Interactions, Params, top_n, train as train_model
+from .model import Interactions, Params, top_n
+from .model import train as train_model
 
 ML100K_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
 
 
 # -- data -------------------------------------------------------------------------------
+
 
 @dataclass
 class Ratings:
@@ -41,7 +45,8 @@ class Ratings:
 
 def cache_dir() -> str:
     path = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "segment-webhook")
+        os.path.expanduser("~"), ".cache", "segment-webhook"
+    )
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -54,9 +59,22 @@ def ml100k_path() -> str:
         return target
     import subprocess
     import sys
+
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                        ML100K_WHEEL, "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                ML100K_WHEEL,
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
         with zipfile.ZipFile(wheel) as z:
             data = z.read(ML100K_MEMBER)
@@ -80,8 +98,9 @@ def read_ml100k(path: str) -> Ratings:
     return Ratings(users, items, times)
 
 
-def temporal_split(users: Sequence, times: Sequence[float], holdout: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def temporal_split(
+    users: Sequence, times: Sequence[float], holdout: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Row masks (train, test): each user's latest ``holdout`` share (at least one, and at
     least one left for training) is test. Ties in time keep the input order."""
     users_arr = np.asarray(users)
@@ -94,11 +113,12 @@ def temporal_split(users: Sequence, times: Sequence[float], holdout: float
         if n < 2:
             continue
         k = min(n - 1, max(1, int(math.ceil(holdout * n))))
-        test[chunk[n - k:]] = True
+        test[chunk[n - k :]] = True
     return ~test, test
 
 
 # -- metrics ----------------------------------------------------------------------------
+
 
 def recall_ndcg(ranked: Sequence, relevant: set, k: int) -> tuple[float, float]:
     """recall@k = hits / min(k, |relevant|) (so 1.0 is reachable); NDCG@k, binary gains."""
@@ -121,26 +141,39 @@ def popularity_scorer(x: sp.csr_matrix) -> Scorer:
     return lambda u: counts
 
 
-def als_scorer(x: sp.csr_matrix, factors: int = 64, regularization: float = 0.05,
-               alpha: float = 1.0, iterations: int = 15) -> Scorer:
+def als_scorer(
+    x: sp.csr_matrix,
+    factors: int = 64,
+    regularization: float = 0.05,
+    alpha: float = 1.0,
+    iterations: int = 15,
+) -> Scorer:
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, not BLAS's
         return _als(x, factors, regularization, alpha, iterations, AlternatingLeastSquares)
 
 
 def _als(x, factors, regularization, alpha, iterations, AlternatingLeastSquares) -> Scorer:
-    model = AlternatingLeastSquares(factors=factors, regularization=regularization,
-                                    alpha=alpha, iterations=iterations, random_state=42,
-                                    num_threads=0)
+    model = AlternatingLeastSquares(
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
+        random_state=42,
+        num_threads=0,
+    )
     model.fit(x, show_progress=False)
     users, items = np.asarray(model.user_factors), np.asarray(model.item_factors)
     return lambda u: items @ users[u]
 
 
 def knn_scorer(x: sp.csr_matrix, k: int = 100) -> Scorer:
-    from implicit.nearest_neighbours import CosineRecommender
     import warnings
+
+    from implicit.nearest_neighbours import CosineRecommender
+
     model = CosineRecommender(K=k, num_threads=0)
     with warnings.catch_warnings():  # implicit passes itself a COO matrix and warns
         warnings.simplefilter("ignore")
@@ -162,9 +195,11 @@ def ease_scorer(x: sp.csr_matrix, lam: float = 500.0) -> Scorer:
 
 # -- the evaluation ---------------------------------------------------------------------
 
+
 @dataclass
 class Split:
     """Numbered interactions (sorted by user, time) and who holds what out."""
+
     users: np.ndarray
     items: np.ndarray
     times: np.ndarray
@@ -175,20 +210,30 @@ class Split:
 def number(ratings: Ratings) -> Split:
     user_ids, users = np.unique(np.asarray(ratings.users), return_inverse=True)
     item_ids, items = np.unique(np.asarray(ratings.items), return_inverse=True)
-    return Split(users, items, np.asarray(ratings.times, dtype=float), item_ids.astype(object),
-                 user_ids.astype(object))
+    return Split(
+        users,
+        items,
+        np.asarray(ratings.times, dtype=float),
+        item_ids.astype(object),
+        user_ids.astype(object),
+    )
 
 
 def _matrix(users, items, n_users, n_items) -> sp.csr_matrix:
-    x = sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, items)),
-                      shape=(n_users, n_items))
+    x = sp.csr_matrix(
+        (np.ones(len(users), dtype=np.float32), (users, items)), shape=(n_users, n_items)
+    )
     x.data[:] = 1.0
     return x
 
 
-def evaluate_scorers(scorers: dict[str, Scorer], train_x: sp.csr_matrix,
-                     test_users: np.ndarray, test_items: np.ndarray, k: int = 10
-                     ) -> dict[str, tuple[float, float]]:
+def evaluate_scorers(
+    scorers: dict[str, Scorer],
+    train_x: sp.csr_matrix,
+    test_users: np.ndarray,
+    test_items: np.ndarray,
+    k: int = 10,
+) -> dict[str, tuple[float, float]]:
     relevant: dict[int, set] = {}
     for u, i in zip(test_users.tolist(), test_items.tolist()):
         relevant.setdefault(u, set()).add(i)
@@ -196,7 +241,7 @@ def evaluate_scorers(scorers: dict[str, Scorer], train_x: sp.csr_matrix,
     for name, scorer in scorers.items():
         recalls, ndcgs = [], []
         for u, rel in relevant.items():
-            seen = train_x.indices[train_x.indptr[u]:train_x.indptr[u + 1]]
+            seen = train_x.indices[train_x.indptr[u] : train_x.indptr[u + 1]]
             ranked = top_n(np.asarray(scorer(u), dtype=np.float64), k, seen)
             r, n = recall_ndcg(ranked.tolist(), rel, k)
             recalls.append(r)
@@ -205,27 +250,38 @@ def evaluate_scorers(scorers: dict[str, Scorer], train_x: sp.csr_matrix,
     return results
 
 
-def engine_scorer_in_memory(users, items, times, n_users, n_items, item_ids,
-                            params: Params) -> Scorer:
+def engine_scorer_in_memory(
+    users, items, times, n_users, n_items, item_ids, params: Params
+) -> Scorer:
     """The engine without the store (for tuning): same model, histories from arrays."""
-    data = Interactions(users=users, items=items,
-                        weights=np.ones(len(users), dtype=np.float32), times=times,
-                        item_ids=item_ids, n_users=n_users)
+    data = Interactions(
+        users=users,
+        items=items,
+        weights=np.ones(len(users), dtype=np.float32),
+        times=times,
+        item_ids=item_ids,
+        n_users=n_users,
+    )
     model = train_model(data, params)
     order = np.lexsort((np.arange(len(times)), times, users))
     su, si = users[order], items[order]
     starts = np.searchsorted(su, np.arange(n_users + 1))
 
     def score(u: int) -> np.ndarray:
-        hist = si[starts[u]:starts[u + 1]]
+        hist = si[starts[u] : starts[u + 1]]
         return model.score_history([(int(i), 1.0) for i in hist])
+
     return score
 
 
 def baseline_grid() -> dict[str, list[dict]]:
     return {
-        "ALS": [dict(factors=f, regularization=r, alpha=a)
-                for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)],
+        "ALS": [
+            dict(factors=f, regularization=r, alpha=a)
+            for f in (32, 64, 128)
+            for r in (0.01, 0.1)
+            for a in (1.0, 10.0)
+        ],
         "item-kNN": [dict(k=k) for k in (20, 50, 100, 200, 400)],
         "EASE": [dict(lam=lam) for lam in (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)],
     }
@@ -233,15 +289,23 @@ def baseline_grid() -> dict[str, list[dict]]:
 
 ENGINE_GRID: list[dict] = [
     dict(recency=r, following_recency=fr, following_weight=fw, window=w)
-    for r in (0.7, 0.8, 0.9) for fr in (0.6, 0.8) for fw in (1.0, 2.0, 4.0) for w in (8,)
+    for r in (0.7, 0.8, 0.9)
+    for fr in (0.6, 0.8)
+    for fw in (1.0, 2.0, 4.0)
+    for w in (8,)
 ]
 
 
-def tune(split: Split, train_mask: np.ndarray, holdout: float, k: int = 10,
-         log: Callable[[str], None] = print, quick: bool = False) -> dict[str, dict]:
+def tune(
+    split: Split,
+    train_mask: np.ndarray,
+    holdout: float,
+    k: int = 10,
+    log: Callable[[str], None] = print,
+    quick: bool = False,
+) -> dict[str, dict]:
     """Pick every method's hyper-parameters on a validation split of the training part."""
-    users, items, times = split.users[train_mask], split.items[train_mask], \
-        split.times[train_mask]
+    users, items, times = split.users[train_mask], split.items[train_mask], split.times[train_mask]
     fit_mask, val_mask = temporal_split(users, times, holdout)
     n_users, n_items = len(split.user_ids), len(split.item_ids)
     x_fit = _matrix(users[fit_mask], items[fit_mask], n_users, n_items)
@@ -252,19 +316,28 @@ def tune(split: Split, train_mask: np.ndarray, holdout: float, k: int = 10,
         grid = grids[name][:2] if quick else grids[name]
         best = None
         for params in grid:
-            res = evaluate_scorers({name: factory(x_fit, **params)}, x_fit,
-                                   users[val_mask], items[val_mask], k)[name]
+            res = evaluate_scorers(
+                {name: factory(x_fit, **params)}, x_fit, users[val_mask], items[val_mask], k
+            )[name]
             if best is None or res[0] > best[0]:
                 best = (res[0], params)
         chosen[name] = best[1]
         log(f"  validation {name}: {best[1]} recall@{k}={best[0]:.4f}")
     best = None
-    for overrides in (ENGINE_GRID[:2] if quick else ENGINE_GRID):
+    for overrides in ENGINE_GRID[:2] if quick else ENGINE_GRID:
         params = replace(Params(), **overrides)
-        scorer = engine_scorer_in_memory(users[fit_mask], items[fit_mask], times[fit_mask],
-                                         n_users, n_items, split.item_ids, params)
-        res = evaluate_scorers({"engine": scorer}, x_fit, users[val_mask], items[val_mask],
-                               k)["engine"]
+        scorer = engine_scorer_in_memory(
+            users[fit_mask],
+            items[fit_mask],
+            times[fit_mask],
+            n_users,
+            n_items,
+            split.item_ids,
+            params,
+        )
+        res = evaluate_scorers({"engine": scorer}, x_fit, users[val_mask], items[val_mask], k)[
+            "engine"
+        ]
         if best is None or res[0] > best[0]:
             best = (res[0], overrides)
     chosen["engine"] = best[1]
@@ -272,68 +345,96 @@ def tune(split: Split, train_mask: np.ndarray, holdout: float, k: int = 10,
     return chosen
 
 
-def rating_messages(users: Sequence, items: Sequence, times: Sequence[float],
-                    item_property: str = "product_id") -> Iterable[dict]:
+def rating_messages(
+    users: Sequence, items: Sequence, times: Sequence[float], item_property: str = "product_id"
+) -> Iterable[dict]:
     """Ratings as Segment track messages (every rating one implicit interaction)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
+
     for n, (user, item, when) in enumerate(zip(users, items, times)):
-        yield {"type": "track", "event": "Product Viewed", "userId": str(user),
-               "messageId": f"eval-{n}",
-               "timestamp": datetime.fromtimestamp(float(when), tz=timezone.utc).isoformat(),
-               "properties": {item_property: str(item)}}
+        yield {
+            "type": "track",
+            "event": "Product Viewed",
+            "userId": str(user),
+            "messageId": f"eval-{n}",
+            "timestamp": datetime.fromtimestamp(float(when), tz=UTC).isoformat(),
+            "properties": {item_property: str(item)},
+        }
 
 
-def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_params: bool = True,
-                   log: Callable[[str], None] = print, workdir: str | None = None,
-                   quick: bool = False, history_max: int | None = None
-                   ) -> dict[str, tuple[float, float]]:
+def run_evaluation(
+    ratings: Ratings,
+    holdout: float = 0.2,
+    k: int = 10,
+    tune_params: bool = True,
+    log: Callable[[str], None] = print,
+    workdir: str | None = None,
+    quick: bool = False,
+    history_max: int | None = None,
+) -> dict[str, tuple[float, float]]:
     """The whole evaluation; returns {method: (recall@k, NDCG@k)} on the test hold-out.
     ``history_max``: the engine's ENGINE_HISTORY_MAX (default: the setting's default)."""
     from .. import create_app
+    from . import recommender_for
     from .importer import ImportReport, import_messages
     from .persistence import load_training_data
     from .service import train_once
-    from . import recommender_for
 
     split = number(ratings)
     train_mask, test_mask = temporal_split(split.users, split.times, holdout)
-    log(f"{len(split.users)} interactions, {len(split.user_ids)} users, "
+    log(
+        f"{len(split.users)} interactions, {len(split.user_ids)} users, "
         f"{len(split.item_ids)} items; held out (latest {holdout:.0%} of each user's): "
-        f"{int(test_mask.sum())}")
+        f"{int(test_mask.sum())}"
+    )
     chosen: dict[str, dict] = {}
     if tune_params:
         log("choosing hyper-parameters on a validation split of the training part:")
         chosen = tune(split, train_mask, holdout, k, log, quick)
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        app = create_app({"database_url": f"sqlite:///{tmp}/evaluate.db",
-                          # MovieLens is from 1998: keep it, whatever its age.
-                          "interaction_retention_days": 0.0,
-                          "engine_background_training": False,
-                          "engine_model_refresh_seconds": 0.001,
-                          **({"engine_history_max": history_max} if history_max else {})})
+        app = create_app(
+            {
+                "database_url": f"sqlite:///{tmp}/evaluate.db",
+                # MovieLens is from 1998: keep it, whatever its age.
+                "interaction_retention_days": 0.0,
+                "engine_background_training": False,
+                "engine_model_refresh_seconds": 0.001,
+                **({"engine_history_max": history_max} if history_max else {}),
+            }
+        )
         services = app.extensions["segment"]
         try:
             started = time.perf_counter()
-            report = import_messages(services.ingestor, rating_messages(
-                split.user_ids[split.users[train_mask]], split.item_ids[split.items[train_mask]],
-                split.times[train_mask], services.settings.item_id_properties[0]),
-                ImportReport())
+            report = import_messages(
+                services.ingestor,
+                rating_messages(
+                    split.user_ids[split.users[train_mask]],
+                    split.item_ids[split.items[train_mask]],
+                    split.times[train_mask],
+                    services.settings.item_id_properties[0],
+                ),
+                ImportReport(),
+            )
             services.drain(["local"], timeout=600)
-            log(f"ingested {report.interactions} training interactions through "
-                f"Ingestor.ingest in {time.perf_counter() - started:.1f} s")
+            log(
+                f"ingested {report.interactions} training interactions through "
+                f"Ingestor.ingest in {time.perf_counter() - started:.1f} s"
+            )
 
             # Baselines: the same stored interactions, as a binary user×item matrix.
             data, people = load_training_data(services.store, {"Product Viewed": 1.0})
             x = _matrix(data.users, data.items, data.n_users, data.n_items)
             item_number = {item: i for i, item in enumerate(data.item_ids.tolist())}
-            test_users = np.array([people[str(u)] for u in
-                                   split.user_ids[split.users[test_mask]]], dtype=np.int64)
+            test_users = np.array(
+                [people[str(u)] for u in split.user_ids[split.users[test_mask]]], dtype=np.int64
+            )
             test_items_ids = split.item_ids[split.items[test_mask]]
             # An item never seen in training cannot be recommended by anyone: it still
             # counts as relevant (number -1 never matches), so recall is not flattered.
-            test_items = np.array([item_number.get(str(i), -1) for i in test_items_ids],
-                                  dtype=np.int64)
+            test_items = np.array(
+                [item_number.get(str(i), -1) for i in test_items_ids], dtype=np.int64
+            )
             scorers: dict[str, Scorer] = {
                 "popularity": popularity_scorer(x),
                 "ALS (implicit)": als_scorer(x, **chosen.get("ALS", {})),
@@ -351,12 +452,14 @@ def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_par
             n_items = data.n_items
 
             def engine(u: int) -> np.ndarray:
-                answer = recommender.recommend(user_id=person_ids[u], num_results=k,
-                                               exclude_seen=True)
+                answer = recommender.recommend(
+                    user_id=person_ids[u], num_results=k, exclude_seen=True
+                )
                 scores = np.full(n_items, -np.inf)
                 for rank, scored in enumerate(answer.items):
                     scores[item_number[scored.item_id]] = k - rank
                 return scores
+
             scorers["engine"] = engine
             results = evaluate_scorers(scorers, x, test_users, test_items, k)
         finally:
@@ -367,6 +470,8 @@ def run_evaluation(ratings: Ratings, holdout: float = 0.2, k: int = 10, tune_par
         log(f"{name:<30} {recall:>10.4f} {ndcg:>10.4f}")
     best = max((v[0] for n, v in results.items() if n != "engine"), default=0.0)
     if best > 0:
-        log(f"\nengine vs best baseline on recall@{k}: "
-            f"{(results['engine'][0] / best - 1) * 100:+.1f} %")
+        log(
+            f"\nengine vs best baseline on recall@{k}: "
+            f"{(results['engine'][0] / best - 1) * 100:+.1f} %"
+        )
     return results

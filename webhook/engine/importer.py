@@ -11,6 +11,7 @@ MAX_MESSAGE_AGE_HOURS check of live deliveries is left out: history is old by na
 CSV rows get a messageId derived from their content, so importing a file twice stores
 its interactions once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,9 +20,10 @@ import hashlib
 import io
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from ..ingest import Ingestor, NoMessages
 
@@ -67,7 +69,7 @@ def _looks_like_csv(first_line: str) -> bool:
 
 
 def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def csv_messages(lines: Iterable[str], item_property: str) -> Iterator[dict[str, Any]]:
@@ -78,11 +80,15 @@ def csv_messages(lines: Iterable[str], item_property: str) -> Iterator[dict[str,
         user_col, item_col = header.index("USER_ID"), header.index("ITEM_ID")
         time_col = header.index("TIMESTAMP")
     except ValueError:
-        raise ValueError("a Personalize interactions CSV needs USER_ID, ITEM_ID and "
-                         "TIMESTAMP columns") from None
+        raise ValueError(
+            "a Personalize interactions CSV needs USER_ID, ITEM_ID and TIMESTAMP columns"
+        ) from None
     event_col = header.index("EVENT_TYPE") if "EVENT_TYPE" in header else None
-    extra = [(i, name) for i, name in enumerate(header)
-             if i not in (user_col, item_col, time_col, event_col)]
+    extra = [
+        (i, name)
+        for i, name in enumerate(header)
+        if i not in (user_col, item_col, time_col, event_col)
+    ]
     for row in reader:
         if not row or not any(cell.strip() for cell in row):
             continue
@@ -92,14 +98,14 @@ def csv_messages(lines: Iterable[str], item_property: str) -> Iterator[dict[str,
             message["timestamp"] = _iso(float(row[time_col]))
         except (ValueError, IndexError, OverflowError, OSError):
             message["timestamp"] = row[time_col] if len(row) > time_col else None
-        properties: dict[str, Any] = {item_property: row[item_col] if len(row) > item_col
-                                      else None}
+        properties: dict[str, Any] = {item_property: row[item_col] if len(row) > item_col else None}
         for i, name in extra:
             if i < len(row) and row[i] != "":
                 properties[name.lower()] = row[i]
         message["userId"] = row[user_col] if len(row) > user_col else None
-        message["event"] = row[event_col] if event_col is not None and len(row) > event_col \
-            else "Product Viewed"
+        message["event"] = (
+            row[event_col] if event_col is not None and len(row) > event_col else "Product Viewed"
+        )
         message["properties"] = properties
         yield message
 
@@ -117,8 +123,7 @@ def json_messages(text: IO[str]) -> Iterator[Any]:
     for unit in units:
         if isinstance(unit, list):
             yield from unit
-        elif isinstance(unit, dict) and isinstance(unit.get("batch"), list) \
-                and "type" not in unit:
+        elif isinstance(unit, dict) and isinstance(unit.get("batch"), list) and "type" not in unit:
             yield from unit["batch"]
         else:
             yield unit
@@ -159,9 +164,13 @@ class _Joined:
         return self.first + self.rest.read()
 
 
-def import_messages(ingestor: Ingestor, messages: Iterable[Any], report: ImportReport,
-                    progress: Callable[[ImportReport], None] | None = None,
-                    chunk: int = CHUNK) -> ImportReport:
+def import_messages(
+    ingestor: Ingestor,
+    messages: Iterable[Any],
+    report: ImportReport,
+    progress: Callable[[ImportReport], None] | None = None,
+    chunk: int = CHUNK,
+) -> ImportReport:
     for part in _chunks(messages, chunk):
         try:
             summary = ingestor.ingest(part, live=False)
@@ -173,8 +182,12 @@ def import_messages(ingestor: Ingestor, messages: Iterable[Any], report: ImportR
     return report
 
 
-def import_files(ingestor: Ingestor, paths: Iterable[str], item_property: str,
-                 progress: Callable[[ImportReport], None] | None = None) -> ImportReport:
+def import_files(
+    ingestor: Ingestor,
+    paths: Iterable[str],
+    item_property: str,
+    progress: Callable[[ImportReport], None] | None = None,
+) -> ImportReport:
     report = ImportReport()
     for path in paths:
         report.files += 1

@@ -17,11 +17,12 @@ contribute their ``following`` rows. Popularity (recency-decayed) breaks ties an
 list. No dense item×item matrix is ever built, so memory grows with the number of
 neighbours kept, not with the square of the catalogue.
 """
+
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field, asdict
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,11 +32,16 @@ from ..popularity import decayed_popularity
 # The one event-weight table of the service (popularity, the engine, its training);
 # ENGINE_EVENT_WEIGHTS overrides and extends it.
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
-    "Product Viewed": 1.0, "Viewed Product": 1.0,
-    "Product Clicked": 2.0, "Clicked Product": 2.0,
-    "Product Added": 3.0, "Added Product": 3.0,
-    "Product Added to Wishlist": 3.0, "Added Product to Wishlist": 3.0,
-    "Order Completed": 5.0, "Completed Order": 5.0,
+    "Product Viewed": 1.0,
+    "Viewed Product": 1.0,
+    "Product Clicked": 2.0,
+    "Clicked Product": 2.0,
+    "Product Added": 3.0,
+    "Added Product": 3.0,
+    "Product Added to Wishlist": 3.0,
+    "Added Product to Wishlist": 3.0,
+    "Order Completed": 5.0,
+    "Completed Order": 5.0,
 }
 UNKNOWN_EVENT_WEIGHT = 1.0
 
@@ -51,13 +57,14 @@ def event_weights(configured: Sequence[tuple[str, float]] = ()) -> dict[str, flo
 class Params:
     """Hyper-parameters; the defaults were chosen on a validation split carved from the
     training part of MovieLens-100k (see docs/engine.md)."""
-    neighbours: int = 100          # kept per item in `similar`
+
+    neighbours: int = 100  # kept per item in `similar`
     following_neighbours: int = 100  # kept per item in `following`
-    window: int = 8                # how many later items an item "leads to"
-    window_decay: float = 0.8      # weight of the d-th later item: decay**(d-1)
+    window: int = 8  # how many later items an item "leads to"
+    window_decay: float = 0.8  # weight of the d-th later item: decay**(d-1)
     following_damping: float = 0.5  # row normalisation: count(a) ** damping
-    history: int = 100             # of those an answer reads, the latest this many score
-    recency: float = 0.8           # weight of the j-th most recent item: recency**j
+    history: int = 100  # of those an answer reads, the latest this many score
+    recency: float = 0.8  # weight of the j-th most recent item: recency**j
     following_recency: float = 0.8  # the same, for `following` (the very latest matters)
     following_weight: float = 2.0  # mix of `following` into the score
     popularity_weight: float = 1e-3  # tie-breaker; fills the list
@@ -67,10 +74,10 @@ class Params:
 
 @dataclass
 class Model:
-    item_ids: np.ndarray            # object array of item id strings, index = item number
-    similar: sp.csr_matrix          # items × items, top-k per row
-    following: sp.csr_matrix        # items × items, top-k per row
-    popularity: np.ndarray          # float32 per item, max 1
+    item_ids: np.ndarray  # object array of item id strings, index = item number
+    similar: sp.csr_matrix  # items × items, top-k per row
+    following: sp.csr_matrix  # items × items, top-k per row
+    popularity: np.ndarray  # float32 per item, max 1
     params: Params = field(default_factory=Params)
     stats: dict = field(default_factory=dict)
     _index: dict | None = field(default=None, repr=False)
@@ -94,7 +101,7 @@ class Model:
         scores = p.popularity_weight * self.popularity.astype(np.float32, copy=True)
         if not history:
             return scores
-        history = list(history)[-p.history:]
+        history = list(history)[-p.history :]
         n = len(history)
         items = np.fromiter((h[0] for h in history), dtype=np.int64, count=n)
         weights = np.fromiter((h[1] for h in history), dtype=np.float32, count=n)
@@ -103,8 +110,9 @@ class Model:
         a_fol = weights * np.power(np.float32(p.following_recency), age)
         scores += _weighted_rows(self.similar, items, a_sim, self.n_items)
         if p.following_weight:
-            scores += p.following_weight * _weighted_rows(self.following, items, a_fol,
-                                                          self.n_items)
+            scores += p.following_weight * _weighted_rows(
+                self.following, items, a_fol, self.n_items
+            )
         return scores
 
     def score_item(self, item: int) -> np.ndarray:
@@ -131,14 +139,16 @@ class Model:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "Model":
+    def from_bytes(cls, blob: bytes) -> Model:
         import json
+
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             item_ids = data["item_ids"].astype(object)
             n = len(item_ids)
             known = {f for f in Params.__dataclass_fields__}
-            params = Params(**{k: v for k, v in json.loads(str(data["params"])).items()
-                               if k in known})
+            params = Params(
+                **{k: v for k, v in json.loads(str(data["params"])).items() if k in known}
+            )
             return cls(
                 item_ids=item_ids,
                 similar=_csr_from(data, "similar", n),
@@ -151,22 +161,25 @@ class Model:
 
 def _json(value) -> str:
     import json
+
     return json.dumps(value, sort_keys=True, default=float)
 
 
 def _csr_arrays(name: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
-    return {f"{name}_indptr": m.indptr.astype(np.int64),
-            f"{name}_indices": m.indices.astype(np.int32),
-            f"{name}_data": m.data.astype(np.float32)}
+    return {
+        f"{name}_indptr": m.indptr.astype(np.int64),
+        f"{name}_indices": m.indices.astype(np.int32),
+        f"{name}_data": m.data.astype(np.float32),
+    }
 
 
 def _csr_from(data, name: str, n: int) -> sp.csr_matrix:
-    return sp.csr_matrix((data[f"{name}_data"], data[f"{name}_indices"],
-                          data[f"{name}_indptr"]), shape=(n, n))
+    return sp.csr_matrix(
+        (data[f"{name}_data"], data[f"{name}_indices"], data[f"{name}_indptr"]), shape=(n, n)
+    )
 
 
-def _weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray,
-                   n: int) -> np.ndarray:
+def _weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     """sum_j weights[j] * m[rows[j]] as a dense vector, touching only those rows."""
     out = np.zeros(n, dtype=np.float32)
     indptr, indices, data = m.indptr, m.indices, m.data
@@ -184,14 +197,16 @@ def _weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray,
 
 # -- training ---------------------------------------------------------------------------
 
+
 @dataclass
 class Interactions:
     """Training input: one row per interaction, already resolved to a person."""
-    users: np.ndarray      # int per row (person number)
-    items: np.ndarray      # int per row (item number)
-    weights: np.ndarray    # float32 per row (event weight)
-    times: np.ndarray      # float64 per row (epoch seconds)
-    item_ids: np.ndarray   # object array: item number → item id
+
+    users: np.ndarray  # int per row (person number)
+    items: np.ndarray  # int per row (item number)
+    weights: np.ndarray  # float32 per row (event weight)
+    times: np.ndarray  # float64 per row (epoch seconds)
+    item_ids: np.ndarray  # object array: item number → item id
     n_users: int
 
     @property
@@ -228,8 +243,8 @@ def _top_k_rows(m: sp.csr_matrix, k: int, block: int = TOP_K_BLOCK) -> sp.csr_ma
         order = np.lexsort((-values, rows))  # by row, then by value descending
         rank = np.arange(b - a) - np.repeat(m.indptr[row:end] - a, block_lengths)
         chosen = np.sort(order[rank < k])  # row by row, columns ascending
-        indices[indptr[row]:indptr[end]] = m.indices[a:b][chosen]
-        data[indptr[row]:indptr[end]] = values[chosen]
+        indices[indptr[row] : indptr[end]] = m.indices[a:b][chosen]
+        data[indptr[row] : indptr[end]] = values[chosen]
         row = end
     pruned = sp.csr_matrix((data, indices, indptr), shape=m.shape)
     pruned.eliminate_zeros()
@@ -251,16 +266,22 @@ def train(data: Interactions, params: Params = Params(), now: float | None = Non
     # Popularity: the service's one algorithm (webhook/popularity.py), decayed with age
     # relative to the newest interaction.
     latest = float(times.max()) if len(times) else 0.0
-    popularity = decayed_popularity(items, weights, times, n_items,
-                                    half_life_days=p.popularity_half_life_days
-                                    ).astype(np.float32)
+    popularity = decayed_popularity(
+        items, weights, times, n_items, half_life_days=p.popularity_half_life_days
+    ).astype(np.float32)
     similar = _similar(users, items, weights, n_users, n_items, p)
     following = _following(users, items, weights, times, n_items, p)
-    stats.update(similar_nnz=int(similar.nnz), following_nnz=int(following.nnz),
-                 latest_interaction=latest)
-    return Model(item_ids=np.asarray(data.item_ids, dtype=object),
-                 similar=similar.astype(np.float32), following=following.astype(np.float32),
-                 popularity=popularity, params=p, stats=stats)
+    stats.update(
+        similar_nnz=int(similar.nnz), following_nnz=int(following.nnz), latest_interaction=latest
+    )
+    return Model(
+        item_ids=np.asarray(data.item_ids, dtype=object),
+        similar=similar.astype(np.float32),
+        following=following.astype(np.float32),
+        popularity=popularity,
+        params=p,
+        stats=stats,
+    )
 
 
 def _similar(users, items, weights, n_users: int, n_items: int, p: Params) -> sp.csr_matrix:
@@ -310,8 +331,9 @@ def _following(users, items, weights, times, n_items: int, p: Params) -> sp.csr_
         r, c = items[:-distance][same], items[distance:][same]
         v = weights[distance:][same] * np.float32(p.window_decay ** (distance - 1))
         keep = r != c
-        following = following + sp.csr_matrix((v[keep], (r[keep], c[keep])),
-                                              shape=(n_items, n_items))
+        following = following + sp.csr_matrix(
+            (v[keep], (r[keep], c[keep])), shape=(n_items, n_items)
+        )
         del same, r, c, v, keep
     following.sum_duplicates()
     counts = np.bincount(items, minlength=n_items).astype(np.float32)

@@ -9,27 +9,29 @@
   subprocess for background runs, so requests in this worker never compete with it) and
   saves the model where every worker picks it up.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
 import uuid
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..background import BackgroundThread
-from ..storage.leases import Lease, holder_name
 from ..memory import release_free_memory
 from ..recommenders.base import Recommendation, ScoredItem
 from ..storage import StoreUnavailable
+from ..storage.leases import Lease, holder_name
 from . import persistence as db
-from .model import Model, Params, event_weights, top_n, train as train_model
+from .model import Model, Params, event_weights, top_n
+from .model import train as train_model
 
 log = logging.getLogger("webhook.engine")
 
-LEASE_TTL = 180.0        # seconds; renewed every LEASE_TTL / 6 while training
+LEASE_TTL = 180.0  # seconds; renewed every LEASE_TTL / 6 while training
 
 
 class ModelHolder:
@@ -60,10 +62,9 @@ class ModelHolder:
             model = db.load_model(self.store, info.version)
             if model is None:
                 return False
-            model.index  # build the id → number map before anyone uses it
+            _ = model.index  # build the id → number map before anyone uses it
             self.model, self.version = model, info.version  # readers take .current()
-            log.info("model loaded", extra={"model_version": info.version,
-                                            "items": model.n_items})
+            log.info("model loaded", extra={"model_version": info.version, "items": model.n_items})
             return True
         finally:
             self._lock.release()
@@ -73,10 +74,10 @@ class LocalRecommender:
     """``webhook.recommenders.Recommender`` on the local engine. Before the first model,
     and for people it knows nothing about, it answers with ``popular`` (the service's one
     popularity list, ``recommenders/popular.py``)."""
+
     name = "local"
 
-    def __init__(self, store, settings, holder: ModelHolder, popular,
-                 inline_refresh: bool = True):
+    def __init__(self, store, settings, holder: ModelHolder, popular, inline_refresh: bool = True):
         self.store = store
         self.holder = holder
         self.popular = popular
@@ -89,9 +90,15 @@ class LocalRecommender:
 
     # -- the protocol --------------------------------------------------------------------
 
-    def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
-                  num_results: int = 25, filter_values: Mapping[str, str] | None = None,
-                  exclude_seen: bool | None = None) -> Recommendation:
+    def recommend(
+        self,
+        *,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        num_results: int = 25,
+        filter_values: Mapping[str, str] | None = None,
+        exclude_seen: bool | None = None,
+    ) -> Recommendation:
         """Items for a person (userId or anonymousId) or related to an item, best first.
         ``exclude_seen``: leave out items the person already interacted with (default:
         the ENGINE_EXCLUDE_SEEN setting). ``filter_values`` is not supported locally and
@@ -106,19 +113,24 @@ class LocalRecommender:
             banned_ids.add(item_id)
             if model is not None and item_id in model.index:
                 scores = model.score_item(model.index[item_id])
-                return self._answer(model, scores, banned_ids, num_results, "local",
-                                    details, related=True)
+                return self._answer(
+                    model, scores, banned_ids, num_results, "local", details, related=True
+                )
             return self._popular_answer(banned_ids, num_results, details)
 
-        history, seen = db.read_history(self.store, user_id, self.history_max) \
-            if user_id else ([], set())
+        history, seen = (
+            db.read_history(self.store, user_id, self.history_max) if user_id else ([], set())
+        )
         details["history"] = len(history)
         if exclude_seen:
             banned_ids.update(seen)
         if model is not None:
             index = model.index
-            known = [(index[item], self.weights.get(event, 1.0))
-                     for item, event, _ in history if item in index]
+            known = [
+                (index[item], self.weights.get(event, 1.0))
+                for item, event, _ in history
+                if item in index
+            ]
             if item_id is not None and item_id in index:  # a user looking at an item
                 known.append((index[item_id], max(self.weights.values(), default=1.0)))
             if known:
@@ -136,8 +148,13 @@ class LocalRecommender:
                 pass
         return self.holder.current()
 
-    def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
-             filter_values: Mapping[str, str] | None = None) -> Recommendation:
+    def rank(
+        self,
+        *,
+        user_id: str | None = None,
+        item_ids: Sequence[str] = (),
+        filter_values: Mapping[str, str] | None = None,
+    ) -> Recommendation:
         """``item_ids`` re-ordered for a person: by the model's scores for their current
         history; without a model or history, by popularity. Items neither knows come last,
         in the caller's order (as Personalize's GetPersonalizedRanking does).
@@ -147,12 +164,19 @@ class LocalRecommender:
         ids = list(item_ids)
         history = []
         if model is not None and user_id:
-            history, _ = db.read_history(self.store, user_id,
-                                         min(self.history_max, model.params.history))
+            history, _ = db.read_history(
+                self.store, user_id, min(self.history_max, model.params.history)
+            )
         details["history"] = len(history)
-        known_history = [(model.index[item], self.weights.get(event, 1.0))
-                         for item, event, _ in history if item in model.index] \
-            if model is not None else []
+        known_history = (
+            [
+                (model.index[item], self.weights.get(event, 1.0))
+                for item, event, _ in history
+                if item in model.index
+            ]
+            if model is not None
+            else []
+        )
         if not known_history:
             popular = self.popular.rank(item_ids=ids)
             return Recommendation(popular.items, "popular", uuid.uuid4().hex, details)
@@ -162,33 +186,48 @@ class LocalRecommender:
         known.sort(key=lambda i: -float(scores[index[i]]))
         rest = [i for i in ids if i not in index]
         return Recommendation(
-            items=[ScoredItem(i, float(scores[index[i]])) for i in known] +
-            [ScoredItem(i, 0.0) for i in rest],
-            source="local", recommendation_id=uuid.uuid4().hex, details=details)
+            items=[ScoredItem(i, float(scores[index[i]])) for i in known]
+            + [ScoredItem(i, 0.0) for i in rest],
+            source="local",
+            recommendation_id=uuid.uuid4().hex,
+            details=details,
+        )
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _answer(self, model: Model, scores: np.ndarray, banned_ids: set, n: int, source: str,
-                details: dict, related: bool = False) -> Recommendation:
+    def _answer(
+        self,
+        model: Model,
+        scores: np.ndarray,
+        banned_ids: set,
+        n: int,
+        source: str,
+        details: dict,
+        related: bool = False,
+    ) -> Recommendation:
         index = model.index
         banned = np.fromiter((index[i] for i in banned_ids if i in index), dtype=np.int64)
         best = top_n(scores, n, banned)
         ids = model.item_ids
         items = [ScoredItem(ids[i], float(scores[i])) for i in best.tolist()]
-        return Recommendation(items=items, source=source,
-                              recommendation_id=uuid.uuid4().hex, details=details)
+        return Recommendation(
+            items=items, source=source, recommendation_id=uuid.uuid4().hex, details=details
+        )
 
     def _popular_answer(self, banned_ids: set, n: int, details: dict) -> Recommendation:
         """The service's popular items (one algorithm: webhook/popularity.py), without the
         banned ones; those with interactions only (a list of everything would not be a
         recommendation)."""
-        ranked = [s for s in self.popular.ranking() if s.score > 0 and
-                  s.item_id not in banned_ids][:n]
-        return Recommendation(items=ranked, source="popular",
-                              recommendation_id=uuid.uuid4().hex, details=details)
+        ranked = [s for s in self.popular.ranking() if s.score > 0 and s.item_id not in banned_ids][
+            :n
+        ]
+        return Recommendation(
+            items=ranked, source="popular", recommendation_id=uuid.uuid4().hex, details=details
+        )
 
 
 # -- training ------------------------------------------------------------------------------
+
 
 def train_once(store, settings, params: Params | None = None) -> tuple[int, dict]:
     """Read the store, fit, save; returns (version, stats). The caller holds the lease."""
@@ -196,16 +235,23 @@ def train_once(store, settings, params: Params | None = None) -> tuple[int, dict
     count = db.count_interactions(store)
     limit = settings.engine_train_max_interactions
     if count > limit:
-        log.info("training on the most recent %d of %d interactions "
-                 "(ENGINE_TRAIN_MAX_INTERACTIONS)", limit, count,
-                 extra={"stored_interactions": count, "train_max_interactions": limit})
-    data, _ = db.load_training_data(store, event_weights(settings.engine_event_weights),
-                                    limit if count > limit else None)
+        log.info(
+            "training on the most recent %d of %d interactions (ENGINE_TRAIN_MAX_INTERACTIONS)",
+            limit,
+            count,
+            extra={"stored_interactions": count, "train_max_interactions": limit},
+        )
+    data, _ = db.load_training_data(
+        store, event_weights(settings.engine_event_weights), limit if count > limit else None
+    )
     loaded = time.perf_counter()
     model = train_model(data, params or Params())
     fitted = time.perf_counter()
-    model.stats.update(load_seconds=round(loaded - started, 3),
-                       fit_seconds=round(fitted - loaded, 3), stored_interactions=count)
+    model.stats.update(
+        load_seconds=round(loaded - started, 3),
+        fit_seconds=round(fitted - loaded, 3),
+        stored_interactions=count,
+    )
     version = db.save_model(store, model, count)
     model.stats["save_seconds"] = round(time.perf_counter() - fitted, 3)
     log.info("model trained", extra={"model_version": version, **model.stats})
@@ -216,6 +262,7 @@ def _train_in_child(settings, instance_path: str, params) -> None:
     """Entry point of the background training subprocess (spawned: a fresh interpreter):
     the service's parts as every process builds them (``wiring.build``)."""
     from ..wiring import build
+
     parts = build(settings, instance_path)
     try:
         train_once(parts.store, settings, params)
@@ -226,8 +273,14 @@ def _train_in_child(settings, instance_path: str, params) -> None:
 class Trainer:
     """When to train, and making sure one process does it."""
 
-    def __init__(self, store, settings, holder: ModelHolder, params: Params | None = None,
-                 instance_path: str = ""):
+    def __init__(
+        self,
+        store,
+        settings,
+        holder: ModelHolder,
+        params: Params | None = None,
+        instance_path: str = "",
+    ):
         self.store = store
         self.instance_path = instance_path
         self.settings = settings
@@ -263,10 +316,13 @@ class Trainer:
                 return None
             if subprocess:
                 import multiprocessing
+
                 ctx = multiprocessing.get_context("spawn")
-                child = ctx.Process(target=_train_in_child,
-                                    args=(self.settings, self.instance_path, self.params),
-                                    daemon=True)
+                child = ctx.Process(
+                    target=_train_in_child,
+                    args=(self.settings, self.instance_path, self.params),
+                    daemon=True,
+                )
                 child.start()
                 child.join()
                 if child.exitcode != 0:
@@ -289,7 +345,6 @@ class Trainer:
                 self.lease.acquire(self.name, LEASE_TTL)
             except StoreUnavailable:
                 pass
-
 
 
 class ModelRefresher(BackgroundThread):

@@ -1,8 +1,10 @@
 """Amazon Personalize as the recommender: personalize-runtime GetRecommendations."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -16,8 +18,9 @@ MAX_FILTER_KEYS = 25
 MAX_FILTER_VALUE = 1000
 
 
-def filter_values_from_traits(traits: Mapping[str, Any],
-                              mapping: Sequence[tuple[str, str]]) -> tuple[dict, list[str]]:
+def filter_values_from_traits(
+    traits: Mapping[str, Any], mapping: Sequence[tuple[str, str]]
+) -> tuple[dict, list[str]]:
     """Personalize ``filterValues`` from traits: ``{placeholder: '"a","b"'}``.
 
     A list trait becomes several quoted values; a value that would pass 1000 characters is
@@ -51,22 +54,40 @@ def filter_values_from_traits(traits: Mapping[str, Any],
 class PersonalizeRecommender:
     name = "personalize"
 
-    def __init__(self, *, campaign_arn: str = "", recommender_arn: str = "",
-                 filter_arn: str = "", region: str = "", timeout: float = 1.0,
-                 pool_size: int = 16, client: Any = None):
+    def __init__(
+        self,
+        *,
+        campaign_arn: str = "",
+        recommender_arn: str = "",
+        filter_arn: str = "",
+        region: str = "",
+        timeout: float = 1.0,
+        pool_size: int = 16,
+        client: Any = None,
+    ):
         self.campaign_arn = campaign_arn
         self.recommender_arn = recommender_arn
         self.filter_arn = filter_arn
-        self._client = LazyClient("personalize-runtime", region=region, timeout=timeout,
-                                  pool_size=pool_size, client=client)
+        self._client = LazyClient(
+            "personalize-runtime",
+            region=region,
+            timeout=timeout,
+            pool_size=pool_size,
+            client=client,
+        )
 
     @property
     def client(self):
         return self._client.get()
 
-    def recommend(self, *, user_id: str | None = None, item_id: str | None = None,
-                  num_results: int = 25,
-                  filter_values: Mapping[str, str] | None = None) -> Recommendation:
+    def recommend(
+        self,
+        *,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        num_results: int = 25,
+        filter_values: Mapping[str, str] | None = None,
+    ) -> Recommendation:
         request: dict[str, Any] = {"numResults": max(1, min(MAX_RESULTS, num_results))}
         if self.campaign_arn:
             request["campaignArn"] = self.campaign_arn
@@ -81,15 +102,23 @@ class PersonalizeRecommender:
             request["filterValues"] = dict(filter_values)
         return self._call("get_recommendations", request, "itemList")
 
-    def rank(self, *, user_id: str | None = None, item_ids: Sequence[str] = (),
-             filter_values: Mapping[str, str] | None = None) -> Recommendation:
+    def rank(
+        self,
+        *,
+        user_id: str | None = None,
+        item_ids: Sequence[str] = (),
+        filter_values: Mapping[str, str] | None = None,
+    ) -> Recommendation:
         """``item_ids`` re-ordered for ``user_id`` by a personalized-ranking campaign
         (GetPersonalizedRanking). Items the campaign does not know come last, in the
         caller's order (Personalize's own rule)."""
         if not self.campaign_arn:
             raise RecommenderUnavailable("Amazon Personalize: no ranking campaign configured")
-        request: dict[str, Any] = {"campaignArn": self.campaign_arn,
-                                   "inputList": list(item_ids), "userId": user_id}
+        request: dict[str, Any] = {
+            "campaignArn": self.campaign_arn,
+            "inputList": list(item_ids),
+            "userId": user_id,
+        }
         if self.filter_arn and filter_values:
             request["filterArn"] = self.filter_arn
             request["filterValues"] = dict(filter_values)
@@ -106,7 +135,11 @@ class PersonalizeRecommender:
         except BotoCoreError as exc:
             log.warning("personalize-runtime unreachable: %s", type(exc).__name__)
             raise RecommenderUnavailable(f"Amazon Personalize: {type(exc).__name__}") from None
-        items = [ScoredItem(str(entry["itemId"]), float(entry.get("score") or 0.0))
-                 for entry in answer.get(list_member, []) if entry.get("itemId")]
-        return Recommendation(items=items, source="personalize",
-                              recommendation_id=answer.get("recommendationId"))
+        items = [
+            ScoredItem(str(entry["itemId"]), float(entry.get("score") or 0.0))
+            for entry in answer.get(list_member, [])
+            if entry.get("itemId")
+        ]
+        return Recommendation(
+            items=items, source="personalize", recommendation_id=answer.get("recommendationId")
+        )

@@ -10,6 +10,7 @@ PostgreSQL the inbox's tables are tables like the others.
 
 This package knows the tables and how to reach them, nothing of what the rows mean.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,8 +18,9 @@ import logging
 import operator
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -57,8 +59,7 @@ def inbox_url_for(url: str) -> str:
     database = parsed.database
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return url
-    return parsed.set(database=database + INBOX_FILE_SUFFIX).render_as_string(
-        hide_password=False)
+    return parsed.set(database=database + INBOX_FILE_SUFFIX).render_as_string(hide_password=False)
 
 
 def insert(dialect: str, table: sa.Table):
@@ -185,8 +186,9 @@ class Raw:
         self.sql = compiled.string
         self.names = compiled.positiontup  # positional paramstyles (SQLite's qmark)
         # Parameters the statement fills itself (SQLite's OFFSET of a LIMIT, say).
-        self.defaults = {name: value for name, value in compiled.params.items()
-                         if value is not None}
+        self.defaults = {
+            name: value for name, value in compiled.params.items() if value is not None
+        }
         self._values = operator.itemgetter(*self.names) if self.names else None
 
     def params(self, row: dict):
@@ -244,8 +246,9 @@ class Store:
         self.engine = _make_engine(url, synchronous)
         self.dialect = self.engine.dialect.name
         database = self.engine.url.database if self.dialect == "sqlite" else None
-        self._write_lock = (_SqliteWriteLock(database)
-                            if database and database != ":memory:" else None)
+        self._write_lock = (
+            _SqliteWriteLock(database) if database and database != ":memory:" else None
+        )
         self._writer: Connection | None = None  # SQLite: this process's write connection
         self._writer_pid = 0
         dbapi = self.engine.dialect.dbapi
@@ -264,7 +267,7 @@ class Store:
         return self.dialect == "sqlite" and self.engine.url.database in (None, "", ":memory:")
 
     @property
-    def stores(self) -> list["Store"]:
+    def stores(self) -> list[Store]:
         """This store and, on SQLite, the inbox's file: each with its own WAL and lock."""
         return [self] if self.inbox_store is self else [self, self.inbox_store]
 
@@ -282,6 +285,7 @@ class Store:
             if self._schema_ready:
                 return
             from .migrate import upgrade
+
             try:
                 upgrade(self)
             except UNAVAILABLE as exc:
@@ -399,15 +403,25 @@ class Store:
     def counts(self) -> dict[str, int]:
         """Rows of the main tables (for the CLI and tests)."""
         with self.inbox_store.read() as conn:
-            out = {"inbox": conn.execute(
-                sa.select(sa.func.count()).select_from(schema.inbox)).scalar_one()}
+            out = {
+                "inbox": conn.execute(
+                    sa.select(sa.func.count()).select_from(schema.inbox)
+                ).scalar_one()
+            }
         with self.read() as conn:
-            out.update({
-                table.name: conn.execute(sa.select(sa.func.count()).select_from(table))
-                .scalar_one()
-                for table in (schema.interactions, schema.items, schema.profiles,
-                              schema.identity_links)
-            })
+            out.update(
+                {
+                    table.name: conn.execute(
+                        sa.select(sa.func.count()).select_from(table)
+                    ).scalar_one()
+                    for table in (
+                        schema.interactions,
+                        schema.items,
+                        schema.profiles,
+                        schema.identity_links,
+                    )
+                }
+            )
         return out
 
 

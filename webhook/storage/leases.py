@@ -11,6 +11,7 @@ local engine, whose turn it is to run the data deletion jobs.
 can be taken over at once; the inbox's appliers use both for the leases they keep with
 their positions.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,24 +62,31 @@ class Lease:
         """Take (or extend) the lease for ``ttl`` seconds; False when another has it."""
         now = time.time()
         with self.store.write() as tx:
-            tx.conn.execute(insert(self.store.dialect, leases).on_conflict_do_nothing(
-                index_elements=["name"]).values(name=self.name, holder="", expires_at=0.0))
+            tx.conn.execute(
+                insert(self.store.dialect, leases)
+                .on_conflict_do_nothing(index_elements=["name"])
+                .values(name=self.name, holder="", expires_at=0.0)
+            )
             result = tx.conn.execute(
                 leases.update()
                 .where(leases.c.name == self.name)
                 .where(sa.or_(leases.c.expires_at < now, leases.c.holder == holder))
-                .values(holder=holder, expires_at=now + ttl))
+                .values(holder=holder, expires_at=now + ttl)
+            )
             return result.rowcount == 1
 
     def release(self, holder: str) -> None:
         with self.store.write() as tx:
-            tx.conn.execute(leases.update()
-                            .where(leases.c.name == self.name, leases.c.holder == holder)
-                            .values(holder="", expires_at=0.0))
+            tx.conn.execute(
+                leases.update()
+                .where(leases.c.name == self.name, leases.c.holder == holder)
+                .values(holder="", expires_at=0.0)
+            )
 
     def holder(self) -> str | None:
         """Who holds it now, if anyone."""
         with self.store.read() as conn:
-            row = conn.execute(sa.select(leases.c.holder, leases.c.expires_at)
-                               .where(leases.c.name == self.name)).first()
+            row = conn.execute(
+                sa.select(leases.c.holder, leases.c.expires_at).where(leases.c.name == self.name)
+            ).first()
         return row[0] if row and row[1] > time.time() and row[0] else None

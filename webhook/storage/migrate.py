@@ -12,6 +12,7 @@ makes processes starting together wait for each other (PostgreSQL: an advisory l
 SQLite: BEGIN IMMEDIATE). A new revision: ``alembic -c`` is not needed; write a file in
 ``versions/`` with ``revision``/``down_revision`` and an ``upgrade()`` (see the others).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,14 +31,15 @@ _LOCK = 74201901  # pg_advisory_xact_lock key
 def config(history: str, connection=None, **attributes) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE / history))
-    cfg.attributes.update(connection=connection, version_table=HISTORIES[history],
-                          **attributes)
+    cfg.attributes.update(connection=connection, version_table=HISTORIES[history], **attributes)
     return cfg
 
 
 def heads() -> dict[str, str]:
-    return {history: ScriptDirectory.from_config(config(history)).get_current_head()
-            for history in HISTORIES}
+    return {
+        history: ScriptDirectory.from_config(config(history)).get_current_head()
+        for history in HISTORIES
+    }
 
 
 def current(store) -> dict[str, str | None]:
@@ -47,7 +49,8 @@ def current(store) -> dict[str, str | None]:
         target = store.inbox_store if history == "inbox" else store
         with target.engine.connect() as conn:
             out[history] = MigrationContext.configure(
-                conn, opts={"version_table": table}).get_current_revision()
+                conn, opts={"version_table": table}
+            ).get_current_revision()
     return out
 
 
@@ -60,14 +63,14 @@ def upgrade(store) -> None:
             attached = history == "inbox" and separate
             if attached:  # the database file, for what older versions kept there
                 conn.connection.driver_connection.execute(
-                    "ATTACH DATABASE ? AS main_file", (store.engine.url.database,))
+                    "ATTACH DATABASE ? AS main_file", (store.engine.url.database,)
+                )
             try:
                 conn = conn.execution_options(write=True)
                 with conn.begin():
                     if target.dialect == "postgresql":
                         conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({_LOCK})"))
-                    command.upgrade(config(history, conn, main_file_attached=attached),
-                                    "head")
+                    command.upgrade(config(history, conn, main_file_attached=attached), "head")
             finally:
                 if attached:
                     conn.connection.driver_connection.execute("DETACH DATABASE main_file")

@@ -3,6 +3,7 @@
 The inbox's tables (``INBOX_TABLES``) live, on SQLite, in a file of their own beside the
 database (``storage.database.Store``); everything else in the database.
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -16,9 +17,14 @@ ID = sa.String(256)
 # ``txid`` orders rows on PostgreSQL, where concurrent transactions commit out of ``seq``
 # order (see inbox.py); SQLite has one writer at a time and leaves it 0.
 inbox = sa.Table(
-    "inbox", metadata,
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    "inbox",
+    metadata,
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("txid", sa.BigInteger, nullable=False, default=0),
     sa.Column("message_id", ID, unique=True),  # NULL: a delete sent without one
     sa.Column("type", sa.String(16), nullable=False),
@@ -34,9 +40,14 @@ sa.Index("inbox_order", inbox.c.txid, inbox.c.seq).ddl_if(dialect="postgresql")
 # a later message for one of them, older than the deletion, is skipped. Kept with the
 # inbox (on SQLite its file), so a delete's tombstone commits with its claim.
 tombstones = sa.Table(
-    "tombstones", metadata,
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    "tombstones",
+    metadata,
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("id_hash", sa.String(64), nullable=False),
     sa.Column("deleted_at", sa.Float, nullable=False),
     sa.UniqueConstraint("id_hash", "deleted_at", name="tombstones_once"),  # a replay adds none
@@ -44,7 +55,8 @@ tombstones = sa.Table(
 
 # Random keys the service makes for itself, once (the tombstones' HMAC key).
 service_keys = sa.Table(
-    "service_keys", metadata,
+    "service_keys",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
@@ -54,7 +66,8 @@ INBOX_TABLES = (inbox, tombstones, service_keys)
 
 # Each applier's position in the inbox and its lease (who applies, until when, what).
 inbox_consumers = sa.Table(
-    "inbox_consumers", metadata,
+    "inbox_consumers",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position_txid", sa.BigInteger, nullable=False, default=0),
     sa.Column("position_seq", sa.BigInteger, nullable=False, default=0),
@@ -71,9 +84,14 @@ inbox_consumers = sa.Table(
 # Records an applier's destination refused for good (Personalize: InvalidInputException),
 # with the message they came from, so they can be retried after a mapping change.
 dead_letters = sa.Table(
-    "dead_letters", metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    "dead_letters",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("applier", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),  # event, user, item
     sa.Column("record_id", sa.String(512), nullable=False),
@@ -85,7 +103,8 @@ dead_letters = sa.Table(
 )
 
 interactions = sa.Table(
-    "interactions", metadata,
+    "interactions",
+    metadata,
     sa.Column("event_id", ID, primary_key=True),
     sa.Column("message_id", ID, nullable=False),
     sa.Column("user_id", ID),
@@ -101,7 +120,8 @@ interactions = sa.Table(
 )
 
 items = sa.Table(
-    "items", metadata,
+    "items",
+    metadata,
     sa.Column("item_id", ID, primary_key=True),
     # The catalog fields (Segment e-commerce spec names; routing.ITEM_FIELDS).
     sa.Column("name", sa.Text),
@@ -114,21 +134,24 @@ items = sa.Table(
 )
 
 profiles = sa.Table(
-    "profiles", metadata,
+    "profiles",
+    metadata,
     sa.Column("profile_id", ID, primary_key=True),  # userId, or anonymousId when anonymous
     sa.Column("traits", sa.JSON, nullable=False),
     sa.Column("traits_at", sa.Float, nullable=False),  # time of the newest identify applied
 )
 
 identity_links = sa.Table(
-    "identity_links", metadata,
+    "identity_links",
+    metadata,
     sa.Column("anonymous_id", ID, primary_key=True),
     sa.Column("user_id", ID, nullable=False, index=True),
 )
 
 
 activations = sa.Table(
-    "activations", metadata,
+    "activations",
+    metadata,
     sa.Column("user_id", ID, primary_key=True),
     sa.Column("digest", sa.String(64), nullable=False),  # of the list last published
     sa.Column("published_at", sa.Float, nullable=False),
@@ -138,7 +161,8 @@ activations = sa.Table(
 # Every answer of GET /recommendations and POST /recommendations/rank, recorded off the
 # request path (impressions.py): who saw which items, from which variant and source.
 impressions = sa.Table(
-    "impressions", metadata,
+    "impressions",
+    metadata,
     sa.Column("recommendation_id", sa.String(64), primary_key=True),
     sa.Column("visitor", ID, nullable=False),  # the userId, else the anonymousId asked for
     sa.Column("variant", sa.String(300), nullable=False),
@@ -153,7 +177,8 @@ sa.Index("impressions_visitor", impressions.c.visitor, impressions.c.shown_at)
 # recommended item, an add-to-cart or an order of one. One row per event and kind, so a
 # redelivered event counts once.
 attributions = sa.Table(
-    "attributions", metadata,
+    "attributions",
+    metadata,
     sa.Column("event_id", ID, primary_key=True),
     sa.Column("kind", sa.String(16), primary_key=True),  # click, add, order
     sa.Column("message_id", ID, nullable=False),  # an order of several products: one
@@ -167,14 +192,16 @@ attributions = sa.Table(
 # Deleted people awaiting Amazon Personalize's next data deletion job (deletions.py): a
 # person's ids live here until their job completed.
 personalize_deletions = sa.Table(
-    "personalize_deletions", metadata,
+    "personalize_deletions",
+    metadata,
     sa.Column("user_id", ID, primary_key=True),
     sa.Column("requested_at", sa.Float, nullable=False),
     sa.Column("batch_id", sa.String(64), index=True),  # NULL: waiting for the next batch
 )
 
 personalize_deletion_batches = sa.Table(
-    "personalize_deletion_batches", metadata,
+    "personalize_deletion_batches",
+    metadata,
     sa.Column("batch_id", sa.String(64), primary_key=True),  # also the job's name
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
@@ -189,14 +216,16 @@ personalize_deletion_batches = sa.Table(
 
 # Hosts using the Profile API, with a heartbeat: the budget's share (budget.py).
 service_hosts = sa.Table(
-    "service_hosts", metadata,
+    "service_hosts",
+    metadata,
     sa.Column("host_id", sa.String(256), primary_key=True),
     sa.Column("seen_at", sa.Float, nullable=False),
 )
 
 # The local engine's models (engine/persistence.py): the latest versions, as blobs.
 engine_models = sa.Table(
-    "engine_models", metadata,
+    "engine_models",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("interactions", sa.Integer, nullable=False),  # rows in the store when trained
@@ -207,7 +236,8 @@ engine_models = sa.Table(
 # Named leases (storage/leases.py): who trains the engine, whose turn it is to run the
 # data deletion jobs. (The inbox's appliers keep theirs with their positions.)
 leases = sa.Table(
-    "engine_leases", metadata,
+    "engine_leases",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("holder", sa.String(256), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),

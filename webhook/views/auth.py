@@ -2,6 +2,7 @@
 browser's visitor tokens and the operator's tokens (``METRICS_TOKEN``,
 ``INSIGHTS_TOKEN``). Tokens come from that header only, never from the address: an
 address ends up in logs, proxies and browser history."""
+
 from __future__ import annotations
 
 import hmac
@@ -21,8 +22,9 @@ def bearer() -> str | None:
 
 def matches(given: str | None, expected: str) -> bool:
     """``given`` is ``expected``, compared in constant time."""
-    return bool(given) and hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                               expected.encode("utf-8"))
+    return bool(given) and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")
+    )
 
 
 def operator_refusal(expected: str, setting: str, realm: str):
@@ -33,8 +35,10 @@ def operator_refusal(expected: str, setting: str, realm: str):
     given = bearer()
     if matches(given, expected):
         return None
-    response = error_response(401, "token_required" if not given else "token_invalid",
-                              f"this needs {setting} as a bearer token "
-                              f"(Authorization: Bearer <token>)")
+    response = error_response(
+        401,
+        "token_required" if not given else "token_invalid",
+        f"this needs {setting} as a bearer token (Authorization: Bearer <token>)",
+    )
     response.headers["WWW-Authenticate"] = f'Bearer realm="{realm}"'
     return response

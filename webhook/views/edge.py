@@ -8,6 +8,7 @@ each endpoint answers its own way (413 on the webhook, 400 as Segment's Tracking
 ``visitor_id`` and ``BadParameter``: an id given by a caller (a query parameter, a JSON
 field), checked as the Spec checks a message's ids (``segment.clean_id``).
 """
+
 from __future__ import annotations
 
 import zlib

@@ -1,4 +1,5 @@
 """JSON errors for every failure: never an HTML page or a stack trace to the caller."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,15 @@ def json_response(body, status: int = 200):
     return current_app.response_class(text, status=status, content_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, *, retry_after: int | None = None,
-                   details: dict | None = None, segment_style: bool = False):
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    retry_after: int | None = None,
+    details: dict | None = None,
+    segment_style: bool = False,
+):
     """The one error format: ``{"error": {"code", "message", "requestId"?}, "details"?}``.
     ``segment_style`` (the Tracking API, ``/v1``) adds Segment's own fields at the top
     level, ``success``, ``code`` and ``message``: what its libraries log."""
@@ -50,8 +58,9 @@ def init_app(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         if exc.code == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
-            return error_response(413, "body_too_large",
-                                  f"the body is larger than {limit} bytes (MAX_BODY_BYTES)")
+            return error_response(
+                413, "body_too_large", f"the body is larger than {limit} bytes (MAX_BODY_BYTES)"
+            )
         response = error_response(exc.code or 500, code, exc.description or exc.name)
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)

@@ -1,5 +1,6 @@
 """GET /openapi.yaml: the API description (``openapi.yaml`` at the project root), served
 as it is in the repository, so what is checked in the tests is what callers read."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ served at all (``flask --app webhook inbox`` shows the lag on the host).
 ``GET /metrics`` needs ``METRICS_TOKEN`` when it is set (Prometheus sends it with
 ``authorization: {credentials: ...}``).
 """
+
 from __future__ import annotations
 
 import time
@@ -33,7 +34,8 @@ NOT_FOUND_WARNING_MIN_CALLS = 20
 NOT_FOUND_WARNING = (
     "MOST PROFILE API LOOKUPS OF THE LAST MINUTE WERE 404s ({share:.0%} of {calls}): is "
     "SEGMENT_SPACE_ID the space of this source's profiles? Visitors without a profile get "
-    "personalized answers but no write-back")
+    "personalized answers but no write-back"
+)
 
 
 @bp.get("/healthz")
@@ -44,9 +46,11 @@ def healthz():
     wants_details = token is not None
     if wants_details and not matches(token, reveal(settings.metrics_token)):
         response = error_response(
-            401, "token_invalid",
-            "the details of /healthz need METRICS_TOKEN as a bearer token" +
-            ("" if settings.metrics_token else " (METRICS_TOKEN is not set)"))
+            401,
+            "token_invalid",
+            "the details of /healthz need METRICS_TOKEN as a bearer token"
+            + ("" if settings.metrics_token else " (METRICS_TOKEN is not set)"),
+        )
         response.headers["WWW-Authenticate"] = 'Bearer realm="operations"'
         return response
     store_ok = services.store.ping()
@@ -54,17 +58,21 @@ def healthz():
     if not store_ok:
         body["reason"] = "the database is unavailable"
     if wants_details:
-        body.update({
-            "mode": settings.mode,
-            "store": "ok" if store_ok else "unavailable",
-            "inbox": _inbox(services) if store_ok else None,
-            "signatures_enforced": bool(settings.segment_shared_secrets),
-            "bearer_token_enforced": bool(settings.webhook_bearer_tokens),
-            "deliveries": accepted_shapes(secrets=bool(settings.segment_shared_secrets),
-                                          bearer=bool(settings.webhook_bearer_tokens)),
-            "configured": settings.public_summary(),
-            "warnings": services.warnings + _live_warnings(services),
-        })
+        body.update(
+            {
+                "mode": settings.mode,
+                "store": "ok" if store_ok else "unavailable",
+                "inbox": _inbox(services) if store_ok else None,
+                "signatures_enforced": bool(settings.segment_shared_secrets),
+                "bearer_token_enforced": bool(settings.webhook_bearer_tokens),
+                "deliveries": accepted_shapes(
+                    secrets=bool(settings.segment_shared_secrets),
+                    bearer=bool(settings.webhook_bearer_tokens),
+                ),
+                "configured": settings.public_summary(),
+                "warnings": services.warnings + _live_warnings(services),
+            }
+        )
     response = jsonify(body)
     response.status_code = 200 if store_ok else 503
     response.headers["Cache-Control"] = "no-store"
@@ -91,13 +99,17 @@ def _inbox(services) -> dict | None:
         return None
     now = time.time()
     return {
-        "appliers": {name: {
-            "pending": info.pending,
-            "oldest_seconds": round(info.oldest_seconds, 3),
-            "applying": info.owner is not None,
-            "applying_for_seconds": round(now - info.applying_since, 3)
-            if info.applying_since else None,
-        } for name, info in lag.items()},
+        "appliers": {
+            name: {
+                "pending": info.pending,
+                "oldest_seconds": round(info.oldest_seconds, 3),
+                "applying": info.owner is not None,
+                "applying_for_seconds": round(now - info.applying_since, 3)
+                if info.applying_since
+                else None,
+            }
+            for name, info in lag.items()
+        },
         "dead_letters": dead,
     }
 
@@ -109,12 +121,17 @@ def _gauges(services):
             dead = services.dead_letters.count()
         except StoreUnavailable:
             return
-        pending = GaugeMetricFamily("inbox_pending", "Inbox rows not yet applied, by applier "
-                                    "(latest sequence number minus the applier's position).",
-                                    labels=["applier"])
-        oldest = GaugeMetricFamily("inbox_oldest_seconds",
-                                   "Age of the oldest inbox row not yet applied, by applier.",
-                                   labels=["applier"])
+        pending = GaugeMetricFamily(
+            "inbox_pending",
+            "Inbox rows not yet applied, by applier "
+            "(latest sequence number minus the applier's position).",
+            labels=["applier"],
+        )
+        oldest = GaugeMetricFamily(
+            "inbox_oldest_seconds",
+            "Age of the oldest inbox row not yet applied, by applier.",
+            labels=["applier"],
+        )
         for name, info in lag.items():
             pending.add_metric([name], info.pending)
             oldest.add_metric([name], info.oldest_seconds)
@@ -122,11 +139,12 @@ def _gauges(services):
         yield oldest
         yield GaugeMetricFamily("dead_letters", "Records on the dead-letter list.", value=dead)
         yield from _sample_ratio_gauge(services)
+
     return collect
 
 
 _SRM_CACHE_SECONDS = 60.0
-_srm_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store: (when, split)
+_srm_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store: (when, split)
 
 
 def _sample_ratio_gauge(services):
@@ -139,8 +157,12 @@ def _sample_ratio_gauge(services):
     cached = _srm_cache.get(services.store)
     if cached is None or now - cached[0] > _SRM_CACHE_SECONDS:
         try:
-            cached = _srm_cache[services.store] = (now, sample_ratio(
-                services.store, variants=settings["variants"], shares=settings["shares"]))
+            cached = _srm_cache[services.store] = (
+                now,
+                sample_ratio(
+                    services.store, variants=settings["variants"], shares=settings["shares"]
+                ),
+            )
         except StoreUnavailable:
             return
     split = cached[1]
@@ -151,16 +173,15 @@ def _sample_ratio_gauge(services):
         "Chi-squared p-value of the visitors per experiment variant against the "
         "configured split, over the last 7 days (as GET /insights); below 0.001 the "
         "comparison cannot be trusted (sample-ratio mismatch).",
-        value=split["pValue"])
+        value=split["pValue"],
+    )
 
 
 @bp.get("/metrics")
 def prometheus_metrics():
     services = current_app.extensions["segment"]
-    refusal = operator_refusal(reveal(services.settings.metrics_token), "METRICS_TOKEN",
-                               "metrics")
+    refusal = operator_refusal(reveal(services.settings.metrics_token), "METRICS_TOKEN", "metrics")
     if refusal is not None:
         return refusal
     payload, content_type = metrics.exposition(_gauges(services))
     return Response(payload, content_type=content_type)
-

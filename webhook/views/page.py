@@ -5,9 +5,10 @@ are required); ``static/page.js`` reads the visitor from the address (``/?userId
 ``/?anonymousId=…``) or from Segment's ``ajs_anonymous_id`` cookie, and the visitor's token
 from the form or the fragment (``#token=…``: never sent in a request; kept in the tab's
 sessionStorage), then fetch()es ``/healthz`` (the public status) and ``/recommendations``
-and renders with ``textContent`` only. The page and the static files get security headers (below); the
-JSON endpoints are left as they are.
+and renders with ``textContent`` only. The page and the static files get security headers
+(below); the JSON endpoints are left as they are.
 """
+
 from __future__ import annotations
 
 from flask import Blueprint, current_app, make_response, render_template, request
@@ -16,16 +17,18 @@ bp = Blueprint("page", __name__)
 
 # No inline script or style anywhere: everything comes from /static. Images may come from
 # the shop's CDN (https:) or be data: URLs; fetch() only to this service.
-CONTENT_SECURITY_POLICY = "; ".join((
-    "default-src 'none'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' https: data:",
-    "connect-src 'self'",
-    "base-uri 'none'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-))
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' https: data:",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -45,9 +48,14 @@ _PAGE_ENDPOINTS = frozenset({"page.index", "static", "insights.insights"})
 @bp.get("/")
 def index():
     settings = current_app.extensions["segment"].settings
-    response = make_response(render_template(
-        "index.html", tokens_required=bool(settings.secret_key), mode=settings.mode,
-        recommender=settings.recommender_mode))
+    response = make_response(
+        render_template(
+            "index.html",
+            tokens_required=bool(settings.secret_key),
+            mode=settings.mode,
+            recommender=settings.recommender_mode,
+        )
+    )
     # The page itself holds no data; revalidate so a new deployment's script is picked up.
     response.headers["Cache-Control"] = "no-cache"
     return response

@@ -10,6 +10,7 @@ opt-out cannot be read gets the list in popularity order, the same token when
 ``SECRET_KEY`` is set, 503 while the store is down. The answer has
 ``GET /recommendations``' shape.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from .recommendations import answer_response, check_access, unavailable
 bp = Blueprint("rank", __name__)
 
 MAX_ITEMS = MAX_RESULTS  # GetPersonalizedRanking takes at most 500 ids
-MAX_BODY = 256 * 1024    # 500 ids of 256 characters, escaped, fit
+MAX_BODY = 256 * 1024  # 500 ids of 256 characters, escaped, fit
 
 
 def _id(body: dict, name: str) -> str | None:
@@ -45,8 +46,7 @@ def _item_ids(body: dict) -> list[str]:
         ids.append(checked)
     ids = list(dict.fromkeys(ids))
     if len(ids) > MAX_ITEMS:
-        raise BadParameter("itemIds",
-                           f"itemIds holds {len(ids)} distinct ids; at most {MAX_ITEMS}")
+        raise BadParameter("itemIds", f"itemIds holds {len(ids)} distinct ids; at most {MAX_ITEMS}")
     return ids
 
 
@@ -73,8 +73,9 @@ def rank():
         parameter = "itemIds" if exc.name.startswith("itemIds") else exc.name
         return error_response(400, "bad_parameter", str(exc), details={"parameter": parameter})
     if not wanted.visitor:
-        return error_response(400, "bad_parameter", "give userId or anonymousId",
-                              details={"parameter": "userId"})
+        return error_response(
+            400, "bad_parameter", "give userId or anonymousId", details={"parameter": "userId"}
+        )
 
     refusal, verified = check_access(services, wanted)
     if refusal is not None:

@@ -1,4 +1,5 @@
 """GET /recommendations: what a shop page fetch()es."""
+
 from __future__ import annotations
 
 import logging
@@ -49,15 +50,23 @@ def check_access(services, wanted: Request):
     if not settings.secret_key:
         return None, False
     try:
-        check_token(reveal(settings.secret_key), bearer(), settings.token_max_age_seconds,
-                    user_id=wanted.user_id, anonymous_id=wanted.anonymous_id)
+        check_token(
+            reveal(settings.secret_key),
+            bearer(),
+            settings.token_max_age_seconds,
+            user_id=wanted.user_id,
+            anonymous_id=wanted.anonymous_id,
+        )
         if wanted.user_id and wanted.anonymous_id:
             with services.store.read() as conn:
                 linked = is_linked(conn, wanted.anonymous_id, wanted.user_id)
             if not linked:
-                raise TokenError(403, "token_forbidden",
-                                 "anonymousId is not linked to this userId: a token reads "
-                                 "its own visitor's data only")
+                raise TokenError(
+                    403,
+                    "token_forbidden",
+                    "anonymousId is not linked to this userId: a token reads "
+                    "its own visitor's data only",
+                )
     except TokenError as exc:
         response = error_response(exc.status, exc.code, exc.message)
         if exc.status == 401:
@@ -78,10 +87,15 @@ def unavailable(exc: Exception, settings):
     """503 for what the pipeline cannot answer: no recommender and no popular items, or
     the store down."""
     if isinstance(exc, NoRecommendations):
-        return error_response(503, "recommender_unavailable", str(exc),
-                              retry_after=settings.retry_after_seconds)
-    return error_response(503, "store_unavailable", "the store is unavailable; retry later",
-                          retry_after=settings.retry_after_seconds)
+        return error_response(
+            503, "recommender_unavailable", str(exc), retry_after=settings.retry_after_seconds
+        )
+    return error_response(
+        503,
+        "store_unavailable",
+        "the store is unavailable; retry later",
+        retry_after=settings.retry_after_seconds,
+    )
 
 
 @bp.get("/recommendations")
@@ -89,14 +103,21 @@ def recommendations():
     services = current_app.extensions["segment"]
     settings = services.settings
     try:
-        wanted = Request(user_id=_id("userId"), anonymous_id=_id("anonymousId"),
-                         item_id=_id("itemId"), num_results=_num_results())
+        wanted = Request(
+            user_id=_id("userId"),
+            anonymous_id=_id("anonymousId"),
+            item_id=_id("itemId"),
+            num_results=_num_results(),
+        )
     except BadParameter as exc:
         return error_response(400, "bad_parameter", str(exc), details={"parameter": exc.name})
     if not (wanted.user_id or wanted.anonymous_id or wanted.item_id):
-        return error_response(400, "bad_parameter",
-                              "give userId, anonymousId or itemId",
-                              details={"parameter": "userId"})
+        return error_response(
+            400,
+            "bad_parameter",
+            "give userId, anonymousId or itemId",
+            details={"parameter": "userId"},
+        )
 
     refusal, verified = check_access(services, wanted)
     if refusal is not None:

@@ -1,4 +1,5 @@
 """POST /segment: the Segment Webhooks destination's endpoint."""
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,13 @@ def _receive(outcomes: dict):
         return error_response(400, "invalid_body", str(exc))
 
     try:
-        data = verify_delivery(req.headers, raw, secrets=reveal(settings.segment_shared_secrets),
-                               bearer_tokens=reveal(settings.webhook_bearer_tokens),
-                               decode=decode_body)
+        data = verify_delivery(
+            req.headers,
+            raw,
+            secrets=reveal(settings.segment_shared_secrets),
+            bearer_tokens=reveal(settings.webhook_bearer_tokens),
+            decode=decode_body,
+        )
         body = parse_body(raw, data)
     except SignatureError as exc:
         return _unauthorized(str(exc))
@@ -56,24 +61,36 @@ def _receive(outcomes: dict):
         summary = services.ingestor.ingest(body.raw_messages)
     except NoMessages as exc:
         outcomes.update(exc.summary.outcomes)
-        log.info("delivery refused: no valid message",
-                 extra={"status": 400, "received": exc.summary.received})
-        return error_response(400, "no_valid_messages",
-                              "the delivery holds no valid Segment message",
-                              details=exc.summary.as_json())
+        log.info(
+            "delivery refused: no valid message",
+            extra={"status": 400, "received": exc.summary.received},
+        )
+        return error_response(
+            400,
+            "no_valid_messages",
+            "the delivery holds no valid Segment message",
+            details=exc.summary.as_json(),
+        )
     except StoreUnavailable as exc:
         log.warning("store unavailable: %s", exc, extra={"status": 503})
-        return error_response(503, "store_unavailable",
-                              "the store is unavailable; retry later",
-                              retry_after=settings.retry_after_seconds)
+        return error_response(
+            503,
+            "store_unavailable",
+            "the store is unavailable; retry later",
+            retry_after=settings.retry_after_seconds,
+        )
 
     outcomes.update(summary.outcomes)
     if _access.isEnabledFor(logging.DEBUG):  # a 2xx delivery's line is DEBUG (__init__.py)
         # Logged on the request's own line (one line a delivery): counts, never contents.
         g.log_extra = {
-            "delivery": "stored", "shape": body.shape, "received": summary.received,
-            "accepted": summary.accepted, "duplicates": summary.duplicates,
-            "skipped": len(summary.skipped), "rejected": len(summary.rejected),
+            "delivery": "stored",
+            "shape": body.shape,
+            "received": summary.received,
+            "accepted": summary.accepted,
+            "duplicates": summary.duplicates,
+            "skipped": len(summary.skipped),
+            "rejected": len(summary.rejected),
             "interactions": summary.interactions,
         }
     return json_response(summary.as_json())

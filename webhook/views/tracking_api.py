@@ -37,6 +37,7 @@ de-duplication by messageId, the same inbox and appliers.
   (the libraries retry 5xx); Amazon Personalize being slow or down never delays or
   refuses a call (its applier catches up from the inbox).
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,7 +46,7 @@ import hmac
 import json
 import logging
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask import Blueprint, current_app, g, jsonify, request
 
@@ -60,12 +61,23 @@ from .errors import error_response
 bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
 log = logging.getLogger("webhook.tracking_api")
 
-MAX_MESSAGE_BYTES = 32 * 1024   # Segment: 32 KB a call
-MAX_BATCH_BYTES = 500 * 1024    # Segment: 500 KB a batch request
+MAX_MESSAGE_BYTES = 32 * 1024  # Segment: 32 KB a call
+MAX_BATCH_BYTES = 500 * 1024  # Segment: 500 KB a batch request
 
-SINGLE = {"track": "track", "t": "track", "identify": "identify", "i": "identify",
-          "page": "page", "p": "page", "screen": "screen", "s": "screen",
-          "group": "group", "g": "group", "alias": "alias", "a": "alias"}
+SINGLE = {
+    "track": "track",
+    "t": "track",
+    "identify": "identify",
+    "i": "identify",
+    "page": "page",
+    "p": "page",
+    "screen": "screen",
+    "s": "screen",
+    "group": "group",
+    "g": "group",
+    "alias": "alias",
+    "a": "alias",
+}
 BATCH = ("batch", "b", "import")
 
 
@@ -75,10 +87,17 @@ class _Refused(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
-def _error(status: int, code: str, message: str, *, details: dict | None = None,
-           retry_after: int | None = None):
-    response = error_response(status, code, message, details=details,
-                              retry_after=retry_after, segment_style=True)
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: dict | None = None,
+    retry_after: int | None = None,
+):
+    response = error_response(
+        status, code, message, details=details, retry_after=retry_after, segment_style=True
+    )
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Basic realm="tracking-api"'
     return response
@@ -91,8 +110,11 @@ def receive(kind: str):
     services = current_app.extensions["segment"]
     settings = services.settings
     if not settings.ingest_write_keys:
-        return _error(404, "tracking_api_disabled",
-                      "the Tracking API (/v1) is off: set INGEST_WRITE_KEYS to enable it")
+        return _error(
+            404,
+            "tracking_api_disabled",
+            "the Tracking API (/v1) is off: set INGEST_WRITE_KEYS to enable it",
+        )
     try:
         return _receive(kind, services)
     except _Refused as exc:
@@ -116,16 +138,18 @@ def _receive(kind: str, services):
         raise _Refused(400, "invalid_body", str(exc)) from None
     if batch:
         if body.shape == "single":
-            raise _Refused(400, "invalid_body",
-                           'expected {"batch": [...]} (or an array of messages)')
+            raise _Refused(
+                400, "invalid_body", 'expected {"batch": [...]} (or an array of messages)'
+            )
         envelope = json.loads(raw) if body.shape == "batch" else {}
         body_key = envelope.get("writeKey")
         messages = list(body.raw_messages)
         context = envelope.get("context")
     else:
         if body.shape != "single":
-            raise _Refused(400, "invalid_body",
-                           f"/v1/{kind} takes one message; send batches to /v1/batch")
+            raise _Refused(
+                400, "invalid_body", f"/v1/{kind} takes one message; send batches to /v1/batch"
+            )
         message = body.raw_messages[0]
         body_key = message.get("writeKey")
         expected = SINGLE[kind]
@@ -133,19 +157,23 @@ def _receive(kind: str, services):
         if sent in (None, ""):
             message["type"] = expected
         elif not isinstance(sent, str) or sent.strip().lower() != expected:
-            raise _Refused(400, "invalid_body",
-                           f"a {str(sent)[:20]!r} message sent to /v1/{kind}; "
-                           f"it takes {expected} messages")
+            raise _Refused(
+                400,
+                "invalid_body",
+                f"a {str(sent)[:20]!r} message sent to /v1/{kind}; it takes {expected} messages",
+            )
         messages, context = [message], None
     if header_key is None:
         if not isinstance(body_key, str) or not body_key:
-            raise _Refused(401, "unauthorized", "no write key: send it as the Basic auth user "
-                                                "name or as writeKey in the body")
+            raise _Refused(
+                401,
+                "unauthorized",
+                "no write key: send it as the Basic auth user name or as writeKey in the body",
+            )
         if not _known(body_key, reveal(settings.ingest_write_keys)):
             raise _Refused(401, "unauthorized", "the write key is not valid")
 
-    received_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
+    received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     opt_out = services.recommendations.opt_out
     kept, positions, refused, notes = [], [], [], []
     for index, message in enumerate(messages):
@@ -160,42 +188,73 @@ def _receive(kind: str, services):
                 message["messageId"] = "api-" + str(uuid.uuid4())
             if isinstance(context, dict):
                 own = message.get("context")
-                message["context"] = {**context, **own} if isinstance(own, dict) else \
-                    (own if own is not None else dict(context))
+                message["context"] = (
+                    {**context, **own}
+                    if isinstance(own, dict)
+                    else (own if own is not None else dict(context))
+                )
             if _keep_opt_out(message, opt_out):
-                notes.append(_entry(index, message, f"{opt_out.trait} can only be set to "
-                                                    "opted out through the Tracking API: "
-                                                    "the value that clears it was left out"))
+                notes.append(
+                    _entry(
+                        index,
+                        message,
+                        f"{opt_out.trait} can only be set to "
+                        "opted out through the Tracking API: "
+                        "the value that clears it was left out",
+                    )
+                )
         kept.append(message)
         positions.append(index)
 
     if not kept:
-        raise _Refused(400, "no_valid_messages", "the batch holds no valid Segment message",
-                       details={"received": len(messages), "accepted": 0, "duplicates": 0,
-                                "skipped": [], "rejected": refused, "interactions": 0})
+        raise _Refused(
+            400,
+            "no_valid_messages",
+            "the batch holds no valid Segment message",
+            details={
+                "received": len(messages),
+                "accepted": 0,
+                "duplicates": 0,
+                "skipped": [],
+                "rejected": refused,
+                "interactions": 0,
+            },
+        )
     try:
         summary = services.ingestor.ingest(kept)
     except NoMessages as exc:
         metrics.record_outcomes(exc.summary.outcomes)
         details = _renumber(exc.summary.as_json(), positions, refused, notes, len(messages))
-        raise _Refused(400, "no_valid_messages",
-                       "the request holds no valid Segment message", details=details) from None
+        raise _Refused(
+            400, "no_valid_messages", "the request holds no valid Segment message", details=details
+        ) from None
     except StoreUnavailable as exc:
         log.warning("store unavailable: %s", exc, extra={"status": 503})
-        return _error(503, "store_unavailable", "the store is unavailable; retry later",
-                      retry_after=settings.retry_after_seconds)
+        return _error(
+            503,
+            "store_unavailable",
+            "the store is unavailable; retry later",
+            retry_after=settings.retry_after_seconds,
+        )
 
     metrics.record_outcomes(summary.outcomes)
     answer = _renumber(summary.as_json(), positions, refused, notes, len(messages))
-    g.log_extra = {"delivery": "stored", "shape": "tracking-api", "received": len(messages),
-                   "accepted": summary.accepted, "duplicates": summary.duplicates,
-                   "skipped": len(summary.skipped), "rejected": len(answer["rejected"]),
-                   "interactions": summary.interactions}
+    g.log_extra = {
+        "delivery": "stored",
+        "shape": "tracking-api",
+        "received": len(messages),
+        "accepted": summary.accepted,
+        "duplicates": summary.duplicates,
+        "skipped": len(summary.skipped),
+        "rejected": len(answer["rejected"]),
+        "interactions": summary.interactions,
+    }
     return jsonify({"success": True, **answer})
 
 
-def _renumber(answer: dict, positions: list[int], refused: list[dict], notes: list[dict],
-              total: int) -> dict:
+def _renumber(
+    answer: dict, positions: list[int], refused: list[dict], notes: list[dict], total: int
+) -> dict:
     """The summary's indexes are into the messages passed on; give them back the request's
     own, and add the messages refused here and the notes made here."""
     for key in ("skipped", "rejected", "notes"):
@@ -203,8 +262,7 @@ def _renumber(answer: dict, positions: list[int], refused: list[dict], notes: li
             if isinstance(entry.get("index"), int):
                 entry["index"] = positions[entry["index"]]
     if refused:
-        answer["rejected"] = sorted(answer.get("rejected", []) + refused,
-                                    key=lambda e: e["index"])
+        answer["rejected"] = sorted(answer.get("rejected", []) + refused, key=lambda e: e["index"])
     if notes:
         answer["notes"] = sorted(answer.get("notes", []) + notes, key=lambda e: e["index"])
     answer["received"] = total
@@ -221,14 +279,18 @@ def _entry(index: int, message: dict, reason: str) -> dict:
 def _refusal(message: dict, batch: bool) -> str | None:
     """Why this endpoint refuses a message that the webhook would take, if it does."""
     if batch and _size(message) > MAX_MESSAGE_BYTES:
-        return (f"the message is larger than 32 KB ({MAX_MESSAGE_BYTES} bytes), Segment's "
-                f"limit for one message")
+        return (
+            f"the message is larger than 32 KB ({MAX_MESSAGE_BYTES} bytes), Segment's "
+            f"limit for one message"
+        )
     kind = message.get("type")
     if isinstance(kind, str) and kind.strip().lower() == "delete":
         # The write key is public (every page carries it): a deletion request comes from
         # Segment's deletion API, in a signed webhook delivery, never from a browser.
-        return ("the Tracking API takes no delete: deletion requests come from Segment, "
-                "through POST /segment")
+        return (
+            "the Tracking API takes no delete: deletion requests come from Segment, "
+            "through POST /segment"
+        )
     return None
 
 
@@ -241,10 +303,15 @@ def _keep_opt_out(message: dict, opt_out) -> bool:
         return False
     removed = False
     context = message.get("context")
-    for traits in (message.get("traits"), context.get("traits")
-                   if isinstance(context, dict) else None):
-        if isinstance(traits, dict) and opt_out.trait in traits \
-                and not opt_out.opted_out(traits[opt_out.trait]):
+    for traits in (
+        message.get("traits"),
+        context.get("traits") if isinstance(context, dict) else None,
+    ):
+        if (
+            isinstance(traits, dict)
+            and opt_out.trait in traits
+            and not opt_out.opted_out(traits[opt_out.trait])
+        ):
             del traits[opt_out.trait]
             removed = True
     return removed
@@ -252,8 +319,11 @@ def _keep_opt_out(message: dict, opt_out) -> bool:
 
 def _size(message: dict) -> int:
     try:
-        return len(json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-                   .encode("utf-8", "surrogatepass"))
+        return len(
+            json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8", "surrogatepass"
+            )
+        )
     except (TypeError, ValueError, RecursionError):
         return 0  # parse_message will say what is wrong with it
 
@@ -264,13 +334,13 @@ def _basic_user(header: str | None) -> str | None:
         return None
     scheme, _, value = header.strip().partition(" ")
     if scheme.lower() != "basic":
-        raise _Refused(401, "unauthorized",
-                       "use HTTP Basic auth with the write key as the user name")
+        raise _Refused(
+            401, "unauthorized", "use HTTP Basic auth with the write key as the user name"
+        )
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
-        raise _Refused(401, "unauthorized", "the Basic auth header is not valid base64") \
-            from None
+        raise _Refused(401, "unauthorized", "the Basic auth header is not valid base64") from None
     return decoded.partition(":")[0]
 
 
@@ -289,8 +359,10 @@ def _read_body(limit: int, batch: bool) -> bytes:
     try:
         return read_body(limit, gzip=True)
     except TooLarge:
-        raise _Refused(400, "request_too_large",
-                       f"the request is larger than Segment's Tracking API limit: {what} "
-                       f"({limit} bytes)") from None
+        raise _Refused(
+            400,
+            "request_too_large",
+            f"the request is larger than Segment's Tracking API limit: {what} ({limit} bytes)",
+        ) from None
     except BadBody as exc:
         raise _Refused(400, "invalid_body", str(exc)) from None

@@ -7,6 +7,7 @@ even older versions kept elsewhere, carried over once:
   is copied into this file, seq (and so every applier's position) kept; the database
   file's copy is dropped once this committed (``storage/migrate.py``).
 """
+
 import sqlalchemy as sa
 from alembic import context, op
 
@@ -21,9 +22,14 @@ ID = sa.String(256)
 # ``txid`` orders rows on PostgreSQL, where concurrent transactions commit out of ``seq``
 # order (see inbox.py); SQLite has one writer at a time and leaves it 0.
 inbox = sa.Table(
-    "inbox", metadata,
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    "inbox",
+    metadata,
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("txid", sa.BigInteger, nullable=False, default=0),
     sa.Column("message_id", ID, unique=True),  # NULL: a delete sent without one
     sa.Column("type", sa.String(16), nullable=False),
@@ -39,7 +45,8 @@ sa.Index("inbox_order", inbox.c.txid, inbox.c.seq).ddl_if(dialect="postgresql")
 CARRY_OVER_CLAIMS = (
     "INSERT INTO {inbox} (txid, message_id, type, received_at, body) "
     "SELECT 0, message_id, type, received_at, NULL FROM {claims} "
-    "WHERE message_id NOT IN (SELECT message_id FROM {inbox} WHERE message_id IS NOT NULL)")
+    "WHERE message_id NOT IN (SELECT message_id FROM {inbox} WHERE message_id IS NOT NULL)"
+)
 
 
 def upgrade() -> None:
@@ -50,17 +57,22 @@ def upgrade() -> None:
     if context.config.attributes.get("main_file_attached"):
         # SQLite: the database file (attached as main_file) may hold what older versions
         # kept there; its copies are dropped once this has committed (migrate.py).
-        present = {row[0] for row in bind.exec_driver_sql(
-            "SELECT name FROM main_file.sqlite_master WHERE type = 'table'")}
+        present = {
+            row[0]
+            for row in bind.exec_driver_sql(
+                "SELECT name FROM main_file.sqlite_master WHERE type = 'table'"
+            )
+        }
         if "inbox" in present:
             bind.exec_driver_sql(
                 "INSERT OR IGNORE INTO main.inbox (seq, txid, message_id, type, received_at, "
                 "body) SELECT seq, txid, message_id, type, received_at, body "
-                "FROM main_file.inbox")
+                "FROM main_file.inbox"
+            )
         if "segment_messages" in present:
-            bind.exec_driver_sql(CARRY_OVER_CLAIMS.format(
-                inbox="main.inbox", claims="main_file.segment_messages"))
+            bind.exec_driver_sql(
+                CARRY_OVER_CLAIMS.format(inbox="main.inbox", claims="main_file.segment_messages")
+            )
     elif sa.inspect(bind).has_table("segment_messages"):
-        bind.execute(sa.text(CARRY_OVER_CLAIMS.format(inbox="inbox",
-                                                      claims="segment_messages")))
+        bind.execute(sa.text(CARRY_OVER_CLAIMS.format(inbox="inbox", claims="segment_messages")))
         bind.execute(sa.text("DROP TABLE segment_messages"))

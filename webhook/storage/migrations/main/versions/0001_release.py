@@ -2,6 +2,7 @@
 import the live models). A database that release made already has these tables and is
 only marked; an empty one gets them. On PostgreSQL the inbox's tables come from the inbox
 history."""
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -14,7 +15,8 @@ ID = sa.String(256)
 
 # Each applier's position in the inbox and its lease (who applies, until when, what).
 inbox_consumers = sa.Table(
-    "inbox_consumers", metadata,
+    "inbox_consumers",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position_txid", sa.BigInteger, nullable=False, default=0),
     sa.Column("position_seq", sa.BigInteger, nullable=False, default=0),
@@ -31,9 +33,14 @@ inbox_consumers = sa.Table(
 # Records an applier's destination refused for good (Personalize: InvalidInputException),
 # with the message they came from, so they can be retried after a mapping change.
 dead_letters = sa.Table(
-    "dead_letters", metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    "dead_letters",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("applier", sa.String(64), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),  # event, user, item
     sa.Column("record_id", sa.String(512), nullable=False),
@@ -45,7 +52,8 @@ dead_letters = sa.Table(
 )
 
 interactions = sa.Table(
-    "interactions", metadata,
+    "interactions",
+    metadata,
     sa.Column("event_id", ID, primary_key=True),
     sa.Column("message_id", ID, nullable=False),
     sa.Column("user_id", ID, index=True),
@@ -57,7 +65,8 @@ interactions = sa.Table(
 )
 
 items = sa.Table(
-    "items", metadata,
+    "items",
+    metadata,
     sa.Column("item_id", ID, primary_key=True),
     sa.Column("name", sa.Text),
     sa.Column("price", sa.Float),
@@ -69,21 +78,24 @@ items = sa.Table(
 )
 
 profiles = sa.Table(
-    "profiles", metadata,
+    "profiles",
+    metadata,
     sa.Column("profile_id", ID, primary_key=True),  # userId, or anonymousId when anonymous
     sa.Column("traits", sa.JSON, nullable=False),
     sa.Column("traits_at", sa.Float, nullable=False),  # time of the newest identify applied
 )
 
 identity_links = sa.Table(
-    "identity_links", metadata,
+    "identity_links",
+    metadata,
     sa.Column("anonymous_id", ID, primary_key=True),
     sa.Column("user_id", ID, nullable=False, index=True),
 )
 
 
 activations = sa.Table(
-    "activations", metadata,
+    "activations",
+    metadata,
     sa.Column("user_id", ID, primary_key=True),
     sa.Column("digest", sa.String(64), nullable=False),  # of the list last published
     sa.Column("published_at", sa.Float, nullable=False),
@@ -93,7 +105,8 @@ activations = sa.Table(
 # Every answer of GET /recommendations and POST /recommendations/rank, recorded off the
 # request path (impressions.py): who saw which items, from which variant and source.
 impressions = sa.Table(
-    "impressions", metadata,
+    "impressions",
+    metadata,
     sa.Column("recommendation_id", sa.String(64), primary_key=True),
     sa.Column("visitor", ID, nullable=False),  # the userId, else the anonymousId asked for
     sa.Column("variant", sa.String(300), nullable=False),
@@ -108,7 +121,8 @@ sa.Index("impressions_visitor", impressions.c.visitor, impressions.c.shown_at)
 # recommended item, an add-to-cart or an order of one. One row per event and kind, so a
 # redelivered event counts once.
 attributions = sa.Table(
-    "attributions", metadata,
+    "attributions",
+    metadata,
     sa.Column("event_id", ID, primary_key=True),
     sa.Column("kind", sa.String(16), primary_key=True),  # click, add, order
     sa.Column("message_id", ID, nullable=False),  # an order of several products: one
@@ -120,14 +134,16 @@ attributions = sa.Table(
 )
 
 personalize_deletions = sa.Table(
-    "personalize_deletions", metadata,
+    "personalize_deletions",
+    metadata,
     sa.Column("user_id", ID, primary_key=True),
     sa.Column("requested_at", sa.Float, nullable=False),
     sa.Column("batch_id", sa.String(64), index=True),
 )
 
 personalize_deletion_batches = sa.Table(
-    "personalize_deletion_batches", metadata,
+    "personalize_deletion_batches",
+    metadata,
     sa.Column("batch_id", sa.String(64), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
@@ -140,13 +156,15 @@ personalize_deletion_batches = sa.Table(
 )
 
 service_hosts = sa.Table(
-    "service_hosts", metadata,
+    "service_hosts",
+    metadata,
     sa.Column("host_id", sa.String(256), primary_key=True),
     sa.Column("seen_at", sa.Float, nullable=False),
 )
 
 engine_models = sa.Table(
-    "engine_models", metadata,
+    "engine_models",
+    metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("interactions", sa.Integer, nullable=False),
@@ -155,7 +173,8 @@ engine_models = sa.Table(
 )
 
 engine_leases = sa.Table(
-    "engine_leases", metadata,
+    "engine_leases",
+    metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("holder", sa.String(256), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),

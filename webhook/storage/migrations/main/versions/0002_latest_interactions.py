@@ -6,6 +6,7 @@ excludes read them (identity.latest_interactions).
 
 On PostgreSQL, building them locks the interactions table against writes for as long as
 it takes; deliveries wait in the inbox meanwhile."""
+
 from alembic import op
 
 revision = "0002_latest_interactions"
@@ -13,9 +14,14 @@ down_revision = "0001_release"
 
 
 def upgrade() -> None:
-    op.create_index("interactions_user_time", "interactions", ["user_id", "timestamp"],
-                    if_not_exists=True)
-    op.create_index("interactions_anonymous_time", "interactions",
-                    ["anonymous_id", "timestamp"], if_not_exists=True)
+    op.create_index(
+        "interactions_user_time", "interactions", ["user_id", "timestamp"], if_not_exists=True
+    )
+    op.create_index(
+        "interactions_anonymous_time",
+        "interactions",
+        ["anonymous_id", "timestamp"],
+        if_not_exists=True,
+    )
     op.drop_index("ix_interactions_user_id", table_name="interactions", if_exists=True)
     op.drop_index("ix_interactions_anonymous_id", table_name="interactions", if_exists=True)
