@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from cachetools import LRUCache
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from .. import metrics
 from ..aws import LazyClient
@@ -64,7 +65,7 @@ THROTTLING_CODES = frozenset(
 _MEMBER = {"put_events": "eventList", "put_users": "users", "put_items": "items"}
 _KIND = {"put_events": "event", "put_users": "user", "put_items": "item"}
 # sentAt as an aware datetime: boto3 converts an epoch number through the local time zone
-# first, a fifth of a PutEvents call's CPU.
+# first, at a cost on every event.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BACKOFF_CAP = 5.0  # seconds between attempts at most, for transient errors
 FATAL_BACKOFF_CAP = 60.0  # for configuration errors
@@ -106,14 +107,14 @@ class _Refused(Exception):
 
 
 class _SentCache:
-    """Records this process sent recently, by key. Users and items by content, so a
-    catalog that does not change is not re-sent on every product view (PutUsers/PutItems
-    allow about 10 calls a second). Events by eventId, so a batch applied again in this
-    process (its commit failed: the database was busy) sends only what it had not sent."""
+    """Records this process sent recently, by key (the last ``size``). Users and items by
+    content, so a catalog that does not change is not re-sent on every product view
+    (PutUsers/PutItems allow about 10 calls a second). Events by eventId, so a batch
+    applied again in this process (its commit failed: the database was busy) sends only
+    what it had not sent."""
 
     def __init__(self, size: int = 20000):
-        self.size = size
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: LRUCache[str, bool] = LRUCache(maxsize=size)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -122,17 +123,11 @@ class _SentCache:
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
-            if key in self._seen:
-                self._seen.move_to_end(key)
-                return True
-            return False
+            return self._seen.get(key, False)  # a hit counts as recent use
 
     def add(self, key: str) -> None:
         with self._lock:
-            self._seen[key] = None
-            self._seen.move_to_end(key)
-            while len(self._seen) > self.size:
-                self._seen.popitem(last=False)
+            self._seen[key] = True
 
 
 @dataclass
@@ -295,64 +290,93 @@ class Sender:
                 on_sent(part)
 
     def _call(self, call: Call, keep_lease, abort: threading.Event) -> int:
-        """One API call, retried until it succeeds or is refused; the retries it took."""
-        attempt = 0
-        failures_logged = 0
-        while True:
+        """One API call, retried until it succeeds or is refused; the retries it took.
+        Between attempts: exponential backoff with full jitter (AWS Architecture Blog,
+        "Exponential Backoff And Jitter"), capped at ``BACKOFF_CAP`` seconds, or
+        ``FATAL_BACKOFF_CAP`` after a configuration error; ``abort`` cuts a wait short."""
+        logged = [0]  # configuration errors logged: the first, then every 20th attempt
+
+        def attempt() -> None:
             if abort.is_set():
                 raise _Stopped()
             keep_lease()
             self.limits[call.operation].acquire(abort)
-            cap = BACKOFF_CAP
             result = self._calls.call(call.operation, call.kwargs)
             if result.kind == "ok":
                 metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "ok")
-                if attempt >= 3:
-                    log.info(
-                        "personalize: a call went through after %d attempts",
-                        attempt + 1,
-                        extra={"operation": call.operation},
-                    )
-                return attempt
-            if result.kind == "client_error":
-                if result.code == "InvalidInputException":
-                    metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "invalid")
-                    raise _Refused(f"InvalidInputException: {result.message}")
-                if result.code in THROTTLING_CODES or result.status == 429:
-                    outcome = "throttled"
-                elif result.status >= 500:
-                    outcome = "error"
-                else:
-                    outcome, cap = "fatal", FATAL_BACKOFF_CAP
-                    if failures_logged < 1 or attempt % 20 == 0:
-                        log.error(
-                            "personalize refused the call (%s): check the tracking id, "
-                            "dataset ARNs and credentials; retrying",
-                            result.code or result.status,
-                            extra={"operation": call.operation},
-                        )
-                        failures_logged += 1
-            elif result.kind == "transient":
-                outcome = "timeout"
-            else:
-                outcome, cap = "fatal", FATAL_BACKOFF_CAP
-                if failures_logged < 1 or attempt % 20 == 0:
-                    log.error(
-                        "personalize call failed (%s); retrying",
-                        result.code,
-                        extra={"operation": call.operation},
-                    )
-                    failures_logged += 1
-            metrics.count(metrics.PERSONALIZE_CALLS, call.operation, outcome)
-            attempt += 1
-            if attempt == 5:
-                log.warning(
-                    "personalize: retrying (%s)", outcome, extra={"operation": call.operation}
+                return
+            if result.kind == "client_error" and result.code == "InvalidInputException":
+                metrics.count(metrics.PERSONALIZE_CALLS, call.operation, "invalid")
+                raise _Refused(f"InvalidInputException: {result.message}")
+            failure = _failure(result)
+            metrics.count(metrics.PERSONALIZE_CALLS, call.operation, failure.outcome)
+            if failure.fatal and (logged[0] < 1 or retrying.statistics["attempt_number"] % 20 == 1):
+                logged[0] += 1
+                log.error(
+                    "personalize %s (%s): check the tracking id, dataset ARNs and "
+                    "credentials; retrying",
+                    "refused the call" if result.kind == "client_error" else "call failed",
+                    result.code or result.status,
+                    extra={"operation": call.operation},
                 )
-            # Full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter").
-            pause = random.uniform(0, min(cap, 0.05 * 2 ** min(attempt, 16)))
-            if abort.wait(pause):
+            raise failure
+
+        def pause(seconds: float) -> None:
+            if abort.wait(seconds):
                 raise _Stopped()
+
+        def wait(state: RetryCallState) -> float:
+            failure = state.outcome.exception() if state.outcome else None
+            cap = FATAL_BACKOFF_CAP if getattr(failure, "fatal", False) else BACKOFF_CAP
+            return wait_random_exponential(multiplier=0.05, max=cap, exp_base=2)(state)
+
+        def before_sleep(state: RetryCallState) -> None:
+            if state.attempt_number == 5:
+                failure = state.outcome.exception() if state.outcome else None
+                log.warning(
+                    "personalize: retrying (%s)",
+                    getattr(failure, "outcome", "?"),
+                    extra={"operation": call.operation},
+                )
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Failed),
+            wait=wait,
+            sleep=pause,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        retrying(attempt)
+        retries = retrying.statistics["attempt_number"] - 1
+        if retries >= 3:
+            log.info(
+                "personalize: a call went through after %d attempts",
+                retries + 1,
+                extra={"operation": call.operation},
+            )
+        return retries
+
+
+class _Failed(Exception):
+    """An attempt that failed and is tried again: why (the metric's outcome), and whether
+    it was a configuration error (the longer backoff)."""
+
+    def __init__(self, outcome: str, fatal: bool = False):
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.fatal = fatal
+
+
+def _failure(result) -> _Failed:
+    if result.kind == "client_error":
+        if result.code in THROTTLING_CODES or result.status == 429:
+            return _Failed("throttled")
+        if result.status >= 500:
+            return _Failed("error")
+        return _Failed("fatal", fatal=True)
+    if result.kind == "transient":
+        return _Failed("timeout")
+    return _Failed("fatal", fatal=True)
 
 
 def _record_id(call: Call) -> str:
@@ -473,12 +497,12 @@ class PersonalizeApplier:
             routed.interactions.extend(one.interactions)
             routed.users.extend(one.users)
             routed.items.extend(one.items)
-            for record in one.interactions:
-                origin[("event", record.event_id)] = entry
-            for record in one.users:
-                origin[("user", record.user_id)] = entry
-            for record in one.items:
-                origin[("item", record.item_id)] = entry
+            for event in one.interactions:
+                origin[("event", event.event_id)] = entry
+            for user in one.users:
+                origin[("user", user.user_id)] = entry
+            for item in one.items:
+                origin[("item", item.item_id)] = entry
 
         problems: list[Problem] = []
         chains = plan_calls(
