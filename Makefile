@@ -1,14 +1,15 @@
 # Two commands: `make run` (install and start on the embedded default: the Procfile's web
 # and worker processes, through honcho; Ctrl-C stops both) and `make test`;
 # `make demo` starts on a generated shop instead (its own database, instance/demo/);
-# `make test-fast` leaves out the slow, chaos and browser tests (pytest.ini's markers).
+# `make test-fast` leaves out the slow, chaos and browser tests (pytest.ini's markers);
+# `make test` runs `make lint` (ruff, mypy) first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: run demo test test-fast install install-dev clean
+.PHONY: run demo test test-fast lint install install-dev clean
 
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" HOST=$(HOST) $(BIN)/honcho start --port $(PORT)
@@ -16,8 +17,14 @@ run: install
 demo: install
 	$(BIN)/python demo/run.py --port $(PORT)
 
-test: install-dev
+test: install-dev lint
 	$(BIN)/python -m pytest
+
+# ruff (lint and format check) over the repository, mypy over webhook/ (pyproject.toml).
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow and not chaos and not browser"

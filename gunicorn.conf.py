@@ -63,10 +63,6 @@ def _parts(worker):
 
 
 def post_worker_init(worker):
-    # The app is loaded: keep its objects out of later garbage collections.
-    from webhook.memory import freeze_startup_heap
-
-    freeze_startup_heap()
     # This web process's own background work (model reloads; with WORKER_IN_WEB the
     # worker's loops too), from the start rather than at a first request.
     parts = _parts(worker)

@@ -92,7 +92,7 @@ def _init_cors(app: Flask, settings: Settings) -> None:
     Segment-compatible Tracking API, as analytics.js does (its write key is public)."""
     from flask_cors import CORS
 
-    resources: dict[str, dict] = {
+    resources: dict[str | re.Pattern[str], dict[str, Any]] = {
         r"/v1/*": {
             "origins": "*",
             "send_wildcard": False,
@@ -131,9 +131,9 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
 
     @app.before_request
     def _begin():
-        req = request._get_current_object()
+        req = request
         incoming = req.environ.get("HTTP_X_REQUEST_ID", "")
-        context = g._get_current_object()
+        context = g
         # Unique, not secret.
         context.request_id = (
             incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(64):016x}"
@@ -158,9 +158,9 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
 
     @app.after_request
     def _finish(response):
-        context = g._get_current_object()
+        context = g
         response.headers["X-Request-Id"] = context.get("request_id", "")
-        req = request._get_current_object()
+        req = request
         status = response.status_code
         level = logging.DEBUG if status < 400 and req.endpoint in _QUIET_WHEN_OK else logging.INFO
         if access.isEnabledFor(level):

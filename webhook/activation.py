@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import sqlalchemy as sa
 
@@ -34,6 +34,9 @@ from . import metrics
 from .routing import UserTraits
 from .storage import Store, StoreUnavailable
 from .storage.schema import activations
+
+if TYPE_CHECKING:
+    from .appliers.local import Statements
 
 log = logging.getLogger("webhook.activation")
 
@@ -49,7 +52,7 @@ class LocalPublisher:
 
     def __init__(self, store: Store):
         self.store = store
-        self._statements = None
+        self._statements: Statements | None = None
 
     def publish(self, user_id: str, traits: dict) -> None:
         # The trait, merged into the profile as an identify's are (newer values win).

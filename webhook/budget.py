@@ -14,7 +14,7 @@ everything else the customer runs, and answers 429 above that.
   admitted saw all the others counted. The price is one second per call beyond its
   duration (at 20 ms a call, 98 % of the budget, sustained). A call still in flight after
   ``stale_after`` seconds (its process was killed) counts as completed then, so a killed
-  worker holds its slots for a bounded time. About 10 µs a call.
+  worker holds its slots for a bounded time.
 * ``HostShare``: this host's share of ``PROFILE_API_MAX_RPS``. Each host records a
   heartbeat row in the store (``service_hosts``) while it uses the Profile API; the share is
   the budget divided by the hosts seen in the last minute. Rows older than that are removed,

@@ -100,6 +100,7 @@ class DeletionSync(BackgroundThread):
         self.role_arn = settings.personalize_deletion_role_arn
         self.s3_uri = settings.personalize_deletion_s3_uri
         self.every = settings.personalize_deletion_interval_seconds
+        self.interval = min(self.every, 30.0)  # how often to look whether it is this host's turn
         self._s3 = LazyClient("s3", region=settings.aws_region, timeout=10.0, client=s3)
         self._personalize = LazyClient(
             "personalize", region=settings.aws_region, timeout=10.0, client=personalize
@@ -366,10 +367,6 @@ class DeletionSync(BackgroundThread):
         """Take the fleet's turn: True at most once per interval across every process and
         host on this database (a lease left to expire, under a name new each time)."""
         return Lease(self.store, LEASE_NAME).acquire(f"{self.holder}:{time.time()}", self.every)
-
-    @property
-    def interval(self) -> float:
-        return min(self.every, 30.0)  # how often to look whether it is this process's turn
 
     def step(self) -> None:
         if self.configured and self.due():

@@ -98,7 +98,7 @@ class Experiment:
         """The variant of the person's first recorded answer, if it is still one of ours."""
         with self.store.read() as conn:
             person = resolve(conn, user_id=user_id, anonymous_id=anonymous_id)
-            ids = list(person.ids) or [user_id or anonymous_id]
+            ids = list(person.ids) or [user_id or anonymous_id or ""]
             name = conn.execute(
                 sa.select(impressions.c.variant)
                 .where(impressions.c.visitor.in_(ids), impressions.c.variant.in_(self.names))

@@ -49,7 +49,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .personalize_mapping import MappingConfig, Problem, map_event, map_items, map_users
 from .routing import ItemDetails, Router, UserTraits
@@ -126,7 +126,9 @@ class _Archive:
         magic = self.raw.read(2)
         self.raw.seek(0)
         self.stream: IO[bytes] = (
-            gzip.GzipFile(fileobj=self.raw, mode="rb") if magic == b"\x1f\x8b" else self.raw
+            cast(IO[bytes], gzip.GzipFile(fileobj=self.raw, mode="rb"))
+            if magic == b"\x1f\x8b"
+            else self.raw
         )
 
     @property

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import metrics
 from .storage import Store, StoreUnavailable
@@ -65,24 +66,25 @@ class ImpressionRecorder:
         items: Sequence[str],
     ) -> bool:
         """Keep an answer for the next write; False if the buffer is full (dropped)."""
-        row = {
+        shown = list(items)
+        row: dict[str, Any] = {
             "recommendation_id": recommendation_id,
             "visitor": visitor or "",
             "variant": variant,
             "source": source,
             "kind": kind,
-            "items": list(items),
+            "items": shown,
             "shown_at": time.time(),
         }
         with self._lock:
             if (
                 len(self._rows) >= self.max_pending
-                or self._items + len(row["items"]) > self.max_pending_items
+                or self._items + len(shown) > self.max_pending_items
             ):
                 metrics.IMPRESSIONS_DROPPED.inc()
                 return False
             self._rows.append(row)
-            self._items += len(row["items"])
+            self._items += len(shown)
             if self._pid != os.getpid() or self._thread is None:
                 self._start()
         metrics.IMPRESSIONS.labels(variant=variant).inc()

@@ -28,12 +28,12 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import sqlalchemy as sa
 
 from .storage import Store, StoreUnavailable, Transaction
-from .storage.database import insert
+from .storage.database import dbapi_connection, insert
 from .storage.leases import holder_is_gone
 from .storage.schema import inbox, inbox_consumers, tombstones
 
@@ -73,7 +73,7 @@ class LostLease(Exception):
     """Another process took this applier's lease: the batch must not be committed."""
 
 
-BUSY = "busy"  # claim(): another process holds the applier's lease
+BUSY: Final = "busy"  # claim(): another process holds the applier's lease
 
 
 class Inbox:
@@ -89,8 +89,7 @@ class Inbox:
         self._build_writes()
 
     def _build_statements(self) -> None:
-        """The applier's statements, built once: building them per batch cost more than
-        running them (measured)."""
+        """The applier's statements, built once, not per batch."""
         c = inbox_consumers
         name = c.c.name == sa.bindparam("applier")
         columns = (
@@ -103,13 +102,15 @@ class Inbox:
         )
         if self.postgresql:
             # Only rows of transactions older than every running one (module docstring).
-            horizon = sa.literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            horizon: sa.ColumnElement = sa.literal_column(
+                "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            )
             after = sa.and_(
                 inbox.c.txid < horizon,
                 sa.tuple_(inbox.c.txid, inbox.c.seq)
                 > sa.tuple_(sa.bindparam("txid"), sa.bindparam("seq")),
             )
-            order = (inbox.c.txid, inbox.c.seq)
+            order: tuple[sa.Column, ...] = (inbox.c.txid, inbox.c.seq)
         else:
             after = inbox.c.seq > sa.bindparam("seq")
             order = (inbox.c.seq,)
@@ -177,7 +178,7 @@ class Inbox:
     def _build_writes(self) -> None:
         rows = self.rows
         # PostgreSQL: each row carries the id of the transaction that wrote it (above).
-        txid = (
+        txid: sa.ColumnElement = (
             sa.literal_column("pg_current_xact_id()::text::bigint")
             if rows.dialect == "postgresql"
             else sa.literal_column("0")
@@ -330,7 +331,9 @@ class Inbox:
 
     # -- leases ------------------------------------------------------------------------
 
-    def claim(self, name: str, owner: str, limit: int, ttl: float):
+    def claim(
+        self, name: str, owner: str, limit: int, ttl: float
+    ) -> tuple[tuple[int, int], list[Entry]] | Literal["busy"] | None:
         """The next batch of ``name``, with its lease: ``(position, entries)``; None when
         nothing is pending; BUSY when another live process holds the lease. The lease is
         committed at once: while the batch is applied, the row says who applies what,
@@ -348,7 +351,7 @@ class Inbox:
         if self._held_by_another(row, owner, name, warn=False):
             return BUSY
         with self.rows.read() as conn:  # the batch itself (none: nothing pending)
-            cursor = conn.connection.dbapi_connection.cursor()
+            cursor = dbapi_connection(conn).cursor()
             try:
                 cursor.execute(
                     self._read.sql,

@@ -35,6 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -325,7 +326,7 @@ def _read(store: Store, since: float) -> tuple[dict, dict]:
             .where(shown, impressions.c.visitor != "")
             .group_by(impressions.c.variant, impressions.c.visitor)
         ).subquery()
-        for row in conn.execute(
+        for totals in conn.execute(
             sa.select(
                 per_visitor.c.variant,
                 sa.func.sum(per_visitor.c.clicked),
@@ -335,7 +336,7 @@ def _read(store: Store, since: float) -> tuple[dict, dict]:
                 sa.func.sum(per_visitor.c.revenue * per_visitor.c.revenue),
             ).group_by(per_visitor.c.variant)
         ):
-            variant, clicked, added, ordered, revenue, squares = row
+            variant, clicked, added, ordered, revenue, squares = totals
             put(variant, None, "clicking_visitors", int(clicked or 0))
             put(variant, None, "adding_visitors", int(added or 0))
             put(variant, None, "ordering_visitors", int(ordered or 0))
@@ -406,7 +407,7 @@ def _sample_ratio(
     p = sample_ratio_p_value(observed, weights)
     mismatch = p is not None and p < SRM_ALPHA
     whole = sum(weights)
-    out = {
+    out: dict[str, Any] = {
         "pValue": None if p is None else float(f"{p:.4g}"),
         "threshold": SRM_ALPHA,
         "mismatch": mismatch,

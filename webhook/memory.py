@@ -1,7 +1,7 @@
 """Native memory: keep glibc's allocator from holding on to memory the service freed.
 
 A worker's Python objects stay flat under steady traffic, but its resident size kept
-rising (bench/soak.py: +28–34 % in 10 minutes), all of it in glibc's per-thread malloc
+rising (bench/soak.py; figures in bench/README.md), all of it in glibc's per-thread malloc
 arenas (found by diffing /proc/<pid>/smaps). Two glibc behaviours cause it:
 
 - The mmap threshold is dynamic: freeing a large block that was mmap()ed (a model blob,
@@ -58,7 +58,7 @@ def tune_allocator() -> bool:
 
 
 def release_free_memory() -> None:
-    """Give the free memory inside malloc's arenas back to the system (~0.2 ms)."""
+    """Give the free memory inside malloc's arenas back to the system."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -69,11 +69,9 @@ def freeze_startup_heap() -> None:
     the modules) out of every later garbage collection: ``gc.freeze()``.
 
     The applier builds a dozen containers a message, so the cyclic collector runs every
-    few dozen messages, and its older generations walked those ~130,000 startup objects
-    each time. Measured in-process (bench/profile_service.py's drain): the local store
-    applier spent 38 µs a message with the collector as is, 31 µs with the startup heap
-    frozen, 30 µs with no collector at all. Nothing is lost: the frozen objects live as
-    long as the worker anyway, and collection goes on for everything made afterwards.
-    Called by gunicorn.conf.py once a worker has loaded the app (not in the app factory:
-    a test run builds many apps, which must stay collectable)."""
+    few dozen messages, and its older generations walked every startup object each time
+    (bench/README.md has the applier's cost with and without). Nothing is lost: the frozen
+    objects live as long as the process anyway, and collection goes on for everything made
+    afterwards. Called by the worker process once it has built its parts (not in the app
+    factory: a test run builds many apps, which must stay collectable)."""
     gc.freeze()

@@ -7,11 +7,7 @@ imports this module, and prometheus_client keeps each worker's counts in files t
 
 from __future__ import annotations
 
-import atexit
-import bisect
 import os
-import threading
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -153,105 +149,18 @@ def count(metric, *labels: str, by: float = 1) -> None:
     _child(metric, *labels).inc(by)
 
 
-class _Tally:
-    """The counts of every delivery (its status, its time, its messages' outcomes), added
-    up in the process and handed to prometheus_client at most ``FLUSH_SECONDS`` later by
-    a thread of the process, and at once before this process answers ``/metrics``.
-
-    Under gunicorn each prometheus_client count is a write to the worker's mmap file
-    under a lock, after a getpid() system call: four a delivery were about 5 % of the
-    instructions of a single message's request and apply (measured under valgrind). Here
-    a delivery costs two dict updates under a plain lock. What it gives up: a scrape
-    answered by another worker may miss this worker's last second; a worker killed with
-    SIGKILL loses its last second of counts (a worker that exits hands them over)."""
-
-    FLUSH_SECONDS = 1.0
-
-    def __init__(self, histogram: Histogram):
-        self._histogram = histogram
-        self._bounds = tuple(histogram._upper_bounds)
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # a worker counts for itself
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._statuses: dict = {}  # DELIVERIES child -> deliveries not yet handed over
-        self._outcomes: dict = {}  # (type, outcome) -> messages not yet handed over
-        self._buckets = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._observed = 0
-        self._running = False  # this process's flushing thread
-
-    def delivery(self, child, seconds: float, outcomes: dict) -> None:
-        index = bisect.bisect_left(self._bounds, seconds)  # the first bound >= seconds
-        with self._lock:
-            self._statuses[child] = self._statuses.get(child, 0) + 1
-            counts = self._outcomes
-            for key, amount in outcomes.items():
-                counts[key] = counts.get(key, 0) + amount
-            self._buckets[index] += 1
-            self._sum += seconds
-            self._observed += 1
-        if not self._running:
-            self._start()
-
-    def flush(self) -> None:
-        with self._lock:
-            statuses, self._statuses = self._statuses, {}
-            outcomes, self._outcomes = self._outcomes, {}
-            buckets, self._buckets = self._buckets, [0] * len(self._bounds)
-            total, self._sum = self._sum, 0.0
-            observed, self._observed = self._observed, 0
-        for child, amount in statuses.items():
-            child.inc(amount)
-        for (kind, outcome), amount in outcomes.items():
-            _child(MESSAGES, kind, outcome).inc(amount)
-        if observed:
-            # prometheus_client has no call to add many observations at once; its
-            # Histogram keeps the sum and one value a bucket (not cumulative: the
-            # exposition adds them up). tests/test_gunicorn.py checks what this gives.
-            self._histogram._sum.inc(total)
-            for index, number in enumerate(buckets):
-                if number:
-                    self._histogram._buckets[index].inc(number)
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._running:
-                return
-            self._running = True
-        threading.Thread(target=self._loop, name="metrics-flush", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.FLUSH_SECONDS)
-            try:
-                self.flush()
-            except Exception:  # a metrics file that cannot be written: the next round
-                pass
-
-
-_tally = _Tally(DELIVERY_SECONDS)
-atexit.register(_tally.flush)  # a worker that exits hands over its last counts
-
-
 def record_outcomes(outcomes) -> None:
-    """The outcomes of a delivery's messages, ``{(type, outcome): count}``, counted now
-    (the Tracking API's endpoints; a webhook delivery counts them with ``delivery``)."""
-    for (kind, outcome), count in outcomes.items():
-        _child(MESSAGES, kind, outcome).inc(count)
+    """The outcomes of a delivery's messages, ``{(type, outcome): count}``."""
+    for (kind, outcome), amount in outcomes.items():
+        _child(MESSAGES, kind, outcome).inc(amount)
 
 
 def delivery(status: int, seconds: float, outcomes: dict | None = None) -> None:
     """One webhook delivery answered with ``status`` after ``seconds``, and the outcomes
     of its messages, ``{(type, outcome): count}``."""
-    child = _by_status.get(status)
-    if child is None:
-        child = _by_status[status] = DELIVERIES.labels(str(status))
-    _tally.delivery(child, seconds, outcomes or {})
-
-
-_by_status: dict = {}
+    _child(DELIVERIES, str(status)).inc()
+    DELIVERY_SECONDS.observe(seconds)
+    record_outcomes(outcomes or {})
 
 
 class _Collected:
@@ -264,7 +173,6 @@ class _Collected:
 
 def exposition(collect=None) -> tuple[bytes, str]:
     """The text format of every counter; ``collect`` adds scrape-time gauges."""
-    _tally.flush()  # this process's last deliveries are in the answer
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

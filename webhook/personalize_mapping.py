@@ -156,11 +156,11 @@ def map_event(
     if config.event_value_property:
         raw = props.get(config.event_value_property)
         if raw is not None:
-            value = _number(raw)
-            if value is None:
+            number = _number(raw)
+            if number is None:
                 trim(f"eventValue: {config.event_value_property} is not a number")
             else:
-                event["eventValue"] = value
+                event["eventValue"] = number
     if config.event_properties:
         text, left_out = _properties_json(props, config.event_properties, MAX_EVENT_PROPERTIES)
         if left_out:
@@ -282,8 +282,8 @@ def map_items(
                     "properties too long: left out " + ", ".join(left_out),
                 )
             )
-        record: dict[str, Any] = {"itemId": item_id}
+        item: dict[str, Any] = {"itemId": item_id}
         if text:
-            record["properties"] = text
-        items.append(record)
+            item["properties"] = text
+        items.append(item)
     return items

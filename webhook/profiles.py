@@ -238,6 +238,7 @@ class SegmentProfiles:
         if hit is not None:
             metrics.PROFILE_LOOKUPS.labels(outcome="cached").inc()
             return Profile(hit.traits, hit.status, self.name, cached=True, read_at=hit.read_at)
+        assert flight is not None  # hit is None: this request leads, or another does
         if not leader:
             # Single-flight: another request is asking for this visitor right now.
             metrics.PROFILE_LOOKUPS.labels(outcome="shared").inc()
@@ -352,7 +353,7 @@ class SegmentProfiles:
         cursor = body.get("cursor")
         following = ""
         if isinstance(cursor, dict) and cursor.get("has_more") is True:
-            following = cursor.get("next")
+            following = cursor.get("next") or ""
             if not isinstance(following, str) or not following:
                 return Profile(
                     {}, "error", self.name, detail="more traits, but no cursor to them"

@@ -362,7 +362,7 @@ class RecommendationService:
         filter_values: dict | None = None
         if self.filter_values_map and request.visitor:
             profile = self._profile(request)
-            if consent_of(profile, self.opt_out) in (OPTED_OUT, UNKNOWN):
+            if profile is None or consent_of(profile, self.opt_out) in (OPTED_OUT, UNKNOWN):
                 future = None
             else:
                 filter_values, notes = filter_values_from_traits(
@@ -404,7 +404,7 @@ class RecommendationService:
         recommendation: Recommendation, exclusions: dict[str, str], wanted: int
     ) -> tuple[list, dict]:
         reasons: dict[str, int] = {}
-        chosen = []
+        chosen: list = []
         for scored in recommendation.items:
             reason = exclusions.get(scored.item_id)
             if reason:

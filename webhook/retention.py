@@ -78,9 +78,9 @@ class Retention(BackgroundThread):
                 deleted[table.name] += n
                 if n < BATCH:
                     break
-        for table, n in deleted.items():
+        for name, n in deleted.items():
             if n:
-                metrics.INBOX_PRUNED.labels(table=table).inc(n)
+                metrics.INBOX_PRUNED.labels(table=name).inc(n)
         if any(deleted.values()):
             log.info("retention: rows pruned", extra={"pruned": deleted})
         return deleted

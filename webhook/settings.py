@@ -242,6 +242,12 @@ def env(*names: str) -> Any:
     return AliasChoices(*names)
 
 
+def _choices(alias: object) -> list:
+    """A field's environment names: every field is declared with ``env(...)``."""
+    assert isinstance(alias, AliasChoices)
+    return list(alias.choices)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         frozen=True,
@@ -510,7 +516,7 @@ class Settings(BaseSettings):
     def env_names(cls) -> dict[str, tuple[str, ...]]:
         """Each field's environment names, canonical first."""
         return {
-            name: tuple(str(choice) for choice in field.validation_alias.choices)
+            name: tuple(str(choice) for choice in _choices(field.validation_alias))
             for name, field in cls.model_fields.items()
         }
 

@@ -20,8 +20,8 @@ import hashlib
 import hmac
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 __all__ = [
     "SignatureError",
@@ -76,8 +76,14 @@ def verify_bearer(header: str | None, tokens: Iterable[str]) -> None:
 _ARRAY = re.compile(rb"\s*\[")  # a Webhooks (Actions) batch: a bare JSON array
 
 
+class HeaderLookup(Protocol):
+    """What ``verify_delivery`` reads of a request's headers (a dict, werkzeug's)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 def verify_delivery(
-    headers: Mapping[str, str],
+    headers: HeaderLookup,
     raw: bytes,
     *,
     secrets: Iterable[str],

@@ -339,7 +339,7 @@ def build(settings: Settings, instance_path: str) -> Parts:
             tombstones=tombstones,
         )
     else:
-        profile_source = LocalProfiles(store, settings.purchase_events)
+        profile_source = LocalProfiles(store, settings.purchase_events)  # type: ignore[assignment]
     publisher = (
         SegmentPublisher(reveal(settings.segment_write_key), settings.segment_api_host)
         if settings.segment_write_key

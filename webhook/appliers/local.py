@@ -77,7 +77,8 @@ class LocalStoreApplier:
         statements = self.statements
         steps: list[Prepared | _Forget] = []
         pending = Routed()
-        links_so_far = []  # this batch's links, written before any deletion step
+        # This batch's links, written before any deletion step.
+        links_so_far: list[IdentityLink] = []
         purchasers: list[str] = []
         for entry in entries:
             message = decode(entry, self.tombstones)

@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -99,7 +100,7 @@ def read_ml100k(path: str) -> Ratings:
 
 
 def temporal_split(
-    users: Sequence, times: Sequence[float], holdout: float
+    users: np.ndarray, times: np.ndarray, holdout: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row masks (train, test): each user's latest ``holdout`` share (at least one, and at
     least one left for training) is test. Ties in time keep the input order."""
@@ -310,22 +311,27 @@ def tune(
     n_users, n_items = len(split.user_ids), len(split.item_ids)
     x_fit = _matrix(users[fit_mask], items[fit_mask], n_users, n_items)
     chosen: dict[str, dict] = {}
-    factories = {"ALS": als_scorer, "item-kNN": knn_scorer, "EASE": ease_scorer}
+    factories: dict[str, Callable[..., Any]] = {
+        "ALS": als_scorer,
+        "item-kNN": knn_scorer,
+        "EASE": ease_scorer,
+    }
     grids = baseline_grid()
     for name, factory in factories.items():
         grid = grids[name][:2] if quick else grids[name]
-        best = None
+        best: tuple[float, dict] | None = None
         for params in grid:
             res = evaluate_scorers(
                 {name: factory(x_fit, **params)}, x_fit, users[val_mask], items[val_mask], k
             )[name]
             if best is None or res[0] > best[0]:
                 best = (res[0], params)
+        assert best is not None  # every grid has an entry
         chosen[name] = best[1]
         log(f"  validation {name}: {best[1]} recall@{k}={best[0]:.4f}")
     best = None
     for overrides in ENGINE_GRID[:2] if quick else ENGINE_GRID:
-        params = replace(Params(), **overrides)
+        engine_params = replace(Params(), **overrides)
         scorer = engine_scorer_in_memory(
             users[fit_mask],
             items[fit_mask],
@@ -333,13 +339,14 @@ def tune(
             n_users,
             n_items,
             split.item_ids,
-            params,
+            engine_params,
         )
         res = evaluate_scorers({"engine": scorer}, x_fit, users[val_mask], items[val_mask], k)[
             "engine"
         ]
         if best is None or res[0] > best[0]:
             best = (res[0], overrides)
+    assert best is not None
     chosen["engine"] = best[1]
     log(f"  validation engine: {best[1]} recall@{k}={best[0]:.4f}")
     return chosen

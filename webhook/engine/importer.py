@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ..ingest import Ingestor, NoMessages
 
@@ -110,7 +110,11 @@ def csv_messages(lines: Iterable[str], item_property: str) -> Iterator[dict[str,
         yield message
 
 
-def json_messages(text: IO[str]) -> Iterator[Any]:
+class Readable(Protocol):
+    def read(self) -> str: ...
+
+
+def json_messages(text: Readable) -> Iterator[Any]:
     """Messages from a JSON document or JSON lines; each unit may be a message, an array
     of messages or a ``{"batch": [...]}`` object."""
     content = text.read()

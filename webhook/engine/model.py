@@ -127,15 +127,15 @@ class Model:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            item_ids=np.array(self.item_ids.tolist(), dtype=np.str_),
-            popularity=self.popularity,
+        arrays: dict[str, np.ndarray] = {
+            "item_ids": np.array(self.item_ids.tolist(), dtype=np.str_),
+            "popularity": self.popularity,
             **_csr_arrays("similar", self.similar),
             **_csr_arrays("following", self.following),
-            params=np.array(_json(asdict(self.params))),
-            stats=np.array(_json(self.stats)),
-        )
+            "params": np.array(_json(asdict(self.params))),
+            "stats": np.array(_json(self.stats)),
+        }
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
         return buffer.getvalue()
 
     @classmethod
@@ -261,7 +261,11 @@ def train(data: Interactions, params: Params = Params(), now: float | None = Non
     items = np.asarray(data.items, dtype=np.int32)
     weights = np.asarray(data.weights, dtype=np.float32)
     times = np.asarray(data.times, dtype=np.float64)
-    stats = {"interactions": int(len(items)), "users": int(n_users), "items": int(n_items)}
+    stats: dict[str, float] = {
+        "interactions": int(len(items)),
+        "users": int(n_users),
+        "items": int(n_items),
+    }
 
     # Popularity: the service's one algorithm (webhook/popularity.py), decayed with age
     # relative to the newest interaction.

@@ -155,14 +155,14 @@ def load_training_data(
         [weights.get(name, UNKNOWN_EVENT_WEIGHT) for name in event_numbers] or [0.0],
         dtype=np.float32,
     )
-    item_ids = np.empty(len(items), dtype=object)
-    item_ids[:] = list(items)
+    known_items = np.empty(len(items), dtype=object)
+    known_items[:] = list(items)
     data = Interactions(
         users=users,
         items=item_numbers,
         weights=by_event[events],
         times=times,
-        item_ids=item_ids,
+        item_ids=known_items,
         n_users=len(people),
     )
     return data, people

@@ -162,7 +162,7 @@ class LocalRecommender:
         version, model = self._model()
         details: dict = {"model_version": version}
         ids = list(item_ids)
-        history = []
+        history: list[tuple[str, str, float]] = []
         if model is not None and user_id:
             history, _ = db.read_history(
                 self.store, user_id, min(self.history_max, model.params.history)

@@ -117,9 +117,16 @@ class _SqliteWriteLock:
 
     def release(self) -> None:
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
+
+
+def dbapi_connection(conn: Connection) -> Any:
+    """The DBAPI connection under a SQLAlchemy connection that is open."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    return raw
 
 
 def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
@@ -223,8 +230,9 @@ class Transaction:
         if not params:
             return []
         if self._cursor is None:
-            self._cursor = self.conn.connection.dbapi_connection.cursor()
+            self._cursor = dbapi_connection(self.conn).cursor()
         dbapi = self.conn.dialect.dbapi
+        assert dbapi is not None
         try:
             if len(params) == 1:
                 self._cursor.execute(raw.sql, params[0])
@@ -232,7 +240,7 @@ class Transaction:
             self._cursor.executemany(raw.sql, params)
             return []
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
-            if self.dialect == "postgresql" and self.conn.connection.dbapi_connection.closed:
+            if self.dialect == "postgresql" and dbapi_connection(self.conn).closed:
                 self.conn.invalidate()
             raise StoreUnavailable(describe(exc)) from exc
 
@@ -252,6 +260,7 @@ class Store:
         self._writer: Connection | None = None  # SQLite: this process's write connection
         self._writer_pid = 0
         dbapi = self.engine.dialect.dbapi
+        assert dbapi is not None
         self.dbapi_unavailable = (dbapi.OperationalError, dbapi.InterfaceError)
         self.inbox_only = inbox_only
         # The store that holds the inbox's tables: this one, or the inbox's own file.
@@ -323,13 +332,13 @@ class Store:
             try:
                 conn = self._writer_connection()
                 if relaxed:
-                    conn.connection.dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+                    dbapi_connection(conn).execute("PRAGMA synchronous=NORMAL")
                 try:
                     with conn.begin():
                         yield Transaction(conn, self.dialect)
                 finally:
                     if relaxed:
-                        conn.connection.dbapi_connection.execute("PRAGMA synchronous=FULL")
+                        dbapi_connection(conn).execute("PRAGMA synchronous=FULL")
             except UNAVAILABLE + self.dbapi_unavailable as exc:  # BEGIN runs on the DBAPI
                 self._close_writer()  # whatever state it is in, the next write starts fresh
                 raise StoreUnavailable(describe(exc)) from exc
@@ -449,7 +458,9 @@ class WalCheckpointer(BackgroundThread):
             try:
                 raw = store.engine.raw_connection()  # autocommit: no transaction around it
                 try:
-                    raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    driver = raw.driver_connection
+                    assert driver is not None
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 finally:
                     raw.close()
             except Exception as exc:  # busy or unavailable: the next round tries again

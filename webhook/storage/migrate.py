@@ -35,7 +35,7 @@ def config(history: str, connection=None, **attributes) -> Config:
     return cfg
 
 
-def heads() -> dict[str, str]:
+def heads() -> dict[str, str | None]:
     return {
         history: ScriptDirectory.from_config(config(history)).get_current_head()
         for history in HISTORIES

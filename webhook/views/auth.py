@@ -22,8 +22,10 @@ def bearer() -> str | None:
 
 def matches(given: str | None, expected: str) -> bool:
     """``given`` is ``expected``, compared in constant time."""
-    return bool(given) and hmac.compare_digest(
-        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")
+    return (
+        given is not None
+        and given != ""
+        and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
     )
 
 

@@ -34,7 +34,7 @@ def receive():
 def _receive(outcomes: dict):
     services = current_app.extensions["segment"]
     settings = services.settings
-    req = request._get_current_object()  # this request (one proxy lookup, not one a use)
+    req = request
     try:
         raw = read_body(settings.max_body_bytes)
     except TooLarge:
