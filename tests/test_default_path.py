@@ -174,5 +174,25 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
         text = log.read_text(errors="replace")
         assert "background training failed" not in text
         assert "Traceback" not in text
+        # Both of the Procfile's processes run (honcho prefixes each line with its name).
+        assert "web.1" in text and "worker.1" in text, text[-4000:]
+        running = processes_in(project)
+        assert len(running) >= 3, running  # honcho, gunicorn's master and workers, the worker
     finally:
         stop(process)
+    # One Ctrl-C stops both processes: nothing started from the project is left.
+    wait_until(lambda: not processes_in(project), 30, "every process stops on Ctrl-C", log)
+
+
+def processes_in(folder: Path) -> list[str]:
+    """The command lines of the processes running in ``folder`` (their working directory)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cwd", "cmdline", "status"]):
+        info = proc.info
+        if info["status"] == psutil.STATUS_ZOMBIE or not info["cwd"]:
+            continue
+        if Path(info["cwd"]) == folder:
+            found.append(" ".join(info["cmdline"] or []))
+    return found

@@ -22,6 +22,8 @@ import signal
 import threading
 import time
 
+import psutil
+
 from .memory import freeze_startup_heap
 from .storage import StoreUnavailable
 from .wiring import Parts
@@ -35,15 +37,45 @@ def lower_priority(nice: int) -> None:
     """Run at this nice value. On a kernel with autogroup scheduling
     (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in many distributions,
     for processes outside a CPU cgroup) the CPU is first shared between sessions, and a
-    nice value ranks a process only against the others of its session; a worker started in
-    the web process's session (``make run``) would yield only to itself. So it starts a
-    session of its own and gives that session the same nice value."""
+    nice value ranks a process only against the others of its session. A worker in the web
+    process's session (both started from one shell) is ranked against it by its nice value
+    alone. A worker in a session of its own (honcho and Foreman start each process in one)
+    would yield only to itself, so that session's autogroup gets the same nice value.
+
+    The worker never leaves the session or process group it was started in: a process
+    manager stops a process by signalling its group (honcho: SIGTERM, then SIGKILL), and
+    a terminal's Ctrl-C reaches the foreground group."""
     if nice <= 0:
         return
     try:
         os.nice(nice)
     except OSError:
         return
+    if _session_is_ours():
+        _set_autogroup_nice(nice)
+
+
+def _session_is_ours() -> bool:
+    """Whether every process of this session is this one, an ancestor of it (a shell that
+    started it) or a descendant: then the session's autogroup holds no one else's work."""
+    try:
+        me = psutil.Process()
+        session = os.getsid(0)
+        ours = {me.pid, *(p.pid for p in me.parents()), *(p.pid for p in me.children(True))}
+        for pid in psutil.pids():
+            if pid in ours:
+                continue
+            try:
+                if os.getsid(pid) == session:
+                    return False
+            except OSError:
+                continue  # gone meanwhile
+        return True
+    except (OSError, psutil.Error):
+        return False
+
+
+def _set_autogroup_nice(nice: int) -> None:
     autogroup = "/proc/self/autogroup"
     try:
         with open(autogroup) as handle:
@@ -52,10 +84,6 @@ def lower_priority(nice: int) -> None:
         return
     if not grouped:
         return  # not in an autogroup (a cgroup of its own): the nice value already counts
-    try:
-        os.setsid()
-    except OSError:
-        return  # already a session leader
     for _ in range(20):  # the kernel takes such a write at most every 100 ms, machine-wide
         try:
             with open(autogroup, "w") as handle:
