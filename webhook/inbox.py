@@ -513,7 +513,9 @@ class Inbox:
             if not doomed:
                 return 0
             newest = tx.conn.execute(sa.select(sa.func.max(inbox.c.seq))).scalar()
-            doomed = [row for row in doomed if row.seq != newest]  # see store.inbox
+            # The newest row stays: without it SQLite would give its seq to the next row,
+            # behind the appliers' positions.
+            doomed = [row for row in doomed if row.seq != newest]
             if not doomed:
                 return 0
             last = doomed[-1].seq
