@@ -1,4 +1,4 @@
-"""``make demo``'s experiment, end to end: ``demo/run.py`` itself (the shop generated,
+"""``make demo``'s experiment, end to end, as the README runs it (the shop generated,
 imported and trained; the service started with EXPERIMENT=local:50,popular:50; 14 days of
 visitors replayed through GET /recommendations and POST /segment), then GET /insights
 and the insights page in headless Chromium.
@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -37,31 +36,44 @@ document.addEventListener('securitypolicyviolation',
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """``python demo/run.py --port N`` (what ``make demo`` runs), until it prints the
-    insights' address; stopped with SIGTERM, as ``kill`` would."""
+    """``make demo PORT=N``, as the README gives it, in an environment with no
+    ``DATABASE_URL`` and no secret, until it prints the insights' address; stopped with
+    Ctrl-C (SIGINT to its process group), after which none of its processes is left."""
+    import psutil
+
     port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    folder = tmp_path_factory.mktemp("demo")
+    log = folder / "demo.log"
+    env = {"PATH": os.environ["PATH"], "HOME": str(folder), "LANG": "C.UTF-8"}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "demo/run.py", "--port", str(port)],
+            ["make", "demo", f"PORT={port}"],
             cwd=ROOT,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+    started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + READY_SECONDS
         while f"/insights?days={DAYS}" not in log.read_text(errors="replace"):
             assert process.poll() is None, log.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, "the demo was not ready in time"
             time.sleep(0.5)
+        started = psutil.Process(process.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "gunicorn" in names and "worker" in names, names  # the Procfile's two
         yield f"http://127.0.0.1:{port}", log.read_text(errors="replace")
     finally:
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"still running after Ctrl-C: {[p.cmdline() for p in alive]}"
 
 
 def _report(base: str) -> dict:
