@@ -13,7 +13,6 @@ the stand-in servers (tests/fake_*.py) and the machine's prerequisites
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import prerequisites
 from tests.operator import OPERATOR, OPERATOR_TOKEN
 from tests.segment_wire import STORY, capture_corpus
+from tests.waiting import wait_until
 from webhook import create_app
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -165,16 +165,18 @@ def applied(app, timeout: float = 30.0) -> None:
     too), so one drain can stop short of rows already committed: drained again until no
     applier has a row pending."""
     services = app.extensions["segment"]
-    deadline = time.monotonic() + timeout
-    while True:
-        assert services.drain(timeout=max(0.1, deadline - time.monotonic())), (
-            "the inbox was not applied"
-        )
-        lag = services.inbox.lag(services.runners)
-        if not any(each.pending for each in lag.values()):
-            return
-        assert time.monotonic() < deadline, f"the inbox was not applied: {lag}"
-        time.sleep(0.01)
+
+    def drained() -> bool:
+        assert services.drain(timeout=timeout), "the inbox was not applied"
+        return not any(each.pending for each in services.inbox.lag(services.runners).values())
+
+    wait_until(
+        drained,
+        timeout,
+        "the inbox applied",
+        interval=0.01,
+        detail=lambda: services.inbox.lag(services.runners),
+    )
 
 
 def raw_client(app) -> FlaskClient:

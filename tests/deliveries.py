@@ -13,15 +13,27 @@ import hmac
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import requests
 import sqlalchemy as sa
 
 from tests.operator import OPERATOR
+from tests.waiting import wait_until
 from webhook.storage import inbox_url_for
+
+
+def sign(body: bytes, secret: str | bytes) -> str:
+    """The X-Signature Segment sends: hex HMAC-SHA1 of the exact body bytes with the shared
+    secret. The tests' one Python signer; an attack test signs with the wrong secret or
+    over other bytes through it too. (tests/segment_wire.py's Node.js signer is the
+    independent one, and tests/test_segment_wire_selfcheck.py holds the two together.)"""
+    key = secret if isinstance(secret, bytes) else secret.encode("utf-8")
+    return hmac.new(key, body, hashlib.sha1).hexdigest()
 
 
 def make_message(n: int, prefix: str) -> dict:
@@ -190,12 +202,11 @@ def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
     signed with ``secret``; asserts every one was accepted and returns the summary."""
     payload = messages[0] if len(messages) == 1 else {"batch": messages}
     body = json.dumps(payload, separators=(",", ":")).encode()
-    signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
     response = requests.post(
         base + "/segment",
         data=body,
         timeout=10,
-        headers={"Content-Type": "application/json", "X-Signature": signature},
+        headers={"Content-Type": "application/json", "X-Signature": sign(body, secret)},
     )
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == len(messages), response.text
@@ -204,17 +215,20 @@ def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
 
 def wait_applied(base: str, timeout: float = 120.0) -> dict:
     """Poll GET /healthz until no applier has an inbox row left to apply; its inbox part."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json().get("inbox")
-        except (requests.RequestException, ValueError):
-            last = None
-        if last and not any(a["pending"] for a in last["appliers"].values()):
-            return last
-        time.sleep(0.02)
-    raise AssertionError(f"the inbox was not applied within {timeout:.0f} s: {last}")
+
+    def applied() -> dict | None:
+        inbox = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json().get("inbox")
+        if inbox and not any(a["pending"] for a in inbox["appliers"].values()):
+            return inbox
+        return None
+
+    return wait_until(
+        applied,
+        timeout,
+        "the inbox applied",
+        interval=0.02,
+        ignoring=(requests.RequestException, ValueError),
+    )
 
 
 def inbox_order(url: str) -> list[str]:
@@ -246,3 +260,70 @@ def assert_in_order_per_session(events: list[dict], order: list[str]) -> None:
             f"session {session}: {event_id} after {last[session][1]}"
         )
         last[session] = position
+
+
+# --------------------------------------------------------------------------------------
+# Segment messages as the Webhooks destination delivers them (for POST /segment).
+# --------------------------------------------------------------------------------------
+
+
+def message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fields) -> dict:
+    """A message of ``kind`` sent now, with a fresh messageId; ``fields`` as given."""
+    built = {
+        "type": kind,
+        "messageId": f"m-{uuid.uuid4().hex}",
+        "timestamp": datetime.now(UTC).isoformat(),
+        **fields,
+    }
+    if user_id:
+        built["userId"] = user_id
+    if anonymous_id:
+        built["anonymousId"] = anonymous_id
+    return built
+
+
+def product_viewed(
+    product_id: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = "anon-catalog",
+    **details,
+) -> dict:
+    return message(
+        "track",
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event="Product Viewed",
+        properties={"product_id": product_id, **details},
+    )
+
+
+def order_completed(
+    product_ids: list[str], *, user_id: str | None = None, anonymous_id: str | None = None
+) -> dict:
+    return message(
+        "track",
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        event="Order Completed",
+        properties={
+            "order_id": "o-" + "-".join(product_ids),
+            "products": [{"product_id": p, "quantity": 1} for p in product_ids],
+        },
+    )
+
+
+def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dict:
+    return message("identify", user_id=user_id, anonymous_id=anonymous_id, traits=traits)
+
+
+def deliver(client, *messages: dict) -> dict:
+    """POST the messages to the service's webhook (an open one) as a Webhooks (Actions)
+    batch; assert it was stored; return the summary."""
+    response = client.post(
+        "/segment",
+        data=json.dumps(list(messages)),
+        headers={"Content-Type": "application/json", "User-Agent": "Segment (Actions)"},
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()

@@ -385,14 +385,17 @@ class _FakeService(LoopbackServer):
             return list(self._attempts)
 
     def wait_for_calls(self, n: int, timeout: float = 5.0) -> list[Call]:
-        """Block until at least ``n`` calls were accepted; return them.
+        """Wait until at least ``n`` calls were accepted (for code that sends in the
+        background); return them."""
+        from tests.waiting import wait_until
 
-        Raises TimeoutError otherwise (for code that sends in the background).
-        """
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self._calls) >= n, timeout):
-                raise TimeoutError(f"{len(self._calls)} of {n} calls after {timeout}s")
-            return list(self._calls)
+        wait_until(
+            lambda: len(self.calls) >= n,
+            timeout,
+            f"{n} accepted call(s)",
+            detail=lambda: f"{len(self.calls)} arrived",
+        )
+        return self.calls
 
     # -- failure injection (all thread-safe, effective immediately) --------
 

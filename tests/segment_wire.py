@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
-import hashlib
-import hmac
 import json
 import shutil
 import subprocess
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -242,15 +239,14 @@ class CaptureServer(LoopbackServer):
             self._requests.clear()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[CapturedRequest]:
-        """Block until at least ``count`` requests arrived (for async clients)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self._requests) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"got {len(self._requests)} requests, wanted {count}")
-                self._cond.wait(remaining)
-            return list(self._requests)
+        """Wait until at least ``count`` requests arrived (for async clients)."""
+        from tests.waiting import wait_until
+
+        def arrived() -> list[CapturedRequest] | None:
+            with self._cond:
+                return list(self._requests) if len(self._requests) >= count else None
+
+        return wait_until(arrived, timeout, f"{count} request(s) captured")
 
     def _response_for(self, req: CapturedRequest) -> tuple[int, dict[str, str], bytes]:
         if self.respond is not None:
@@ -392,12 +388,6 @@ def node_deliveries(messages: list[dict], secret: str | bytes) -> dict:
         "batch_body": base64.b64decode(out["batch_body"]),
         "batch_signature": out["batch_signature"],
     }
-
-
-def py_sign(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA1 of ``body`` with Python's hmac (node_sign's counterpart, for tests
-    that sign raw bodies and need no JavaScript)."""
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
 
 
 def node_sign(body: bytes, secret: str | bytes) -> str:

@@ -20,13 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import raw_client, store_of
-from tests.fake_segment_apis import (
-    MAX_EVENT_BYTES,
-    FakeTrackingAPI,
-    deliver,
-    order_completed,
-    product_viewed,
-)
+from tests.deliveries import deliver, order_completed, product_viewed
+from tests.fake_segment_apis import MAX_EVENT_BYTES, FakeTrackingAPI
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     get,
     ids,
@@ -273,7 +268,7 @@ def test_without_a_write_key_the_trait_goes_into_the_local_profile_store(
 def test_local_activation_keeps_other_traits_and_deduplicates(
     personalize_app, runtime, database_url
 ):
-    from tests.fake_segment_apis import identify
+    from tests.deliveries import identify
 
     app = personalize_app(database_url=database_url, activation_interval_seconds=3600)
     client = app.test_client()

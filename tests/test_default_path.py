@@ -9,10 +9,8 @@ README's first command does (background training once failed there for ever).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import time
 from datetime import UTC
 from pathlib import Path
 
@@ -20,44 +18,10 @@ import pytest
 import requests
 
 from tests.gunicorn_server import free_port
+from tests.project import newcomer_environment, project_copy
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def project_copy(destination: Path) -> Path:
-    """The project's files as a clone would have them (tracked and new, not ignored), with
-    their modification times, and the project's virtual environment linked in: ``make``
-    then finds it up to date and installs nothing."""
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = ROOT / name
-        if not source.is_file():
-            continue  # deleted in the working tree
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-    venv = ROOT / ".venv"
-    assert venv.is_dir(), "the tests run from the project's .venv (make test)"
-    (destination / ".venv").symlink_to(venv)
-    return destination
-
-
-def newcomer_environment(home: Path, **extra: str) -> dict[str, str]:
-    """What a fresh shell has: no DATABASE_URL, no secret, no AWS or Segment account."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8"}
-    env.update(extra)
-    return env
 
 
 def start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -77,20 +41,16 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def wait_until(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(
-        f"{what} within {timeout:.0f} s (last: {last!r}):\n"
-        + log.read_text(errors="replace")[-4000:]
+def wait_logged(predicate, timeout: float, what: str, log: Path):
+    """``wait_until`` for a server started here: a refused connection is waited out, and
+    a timeout shows the tail of its log."""
+    return wait_until(
+        predicate,
+        timeout,
+        what,
+        interval=0.25,
+        ignoring=(requests.RequestException,),
+        detail=lambda: log.read_text(errors="replace")[-4000:],
     )
 
 
@@ -139,7 +99,7 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
     process = start(["make", "run"], project, env, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        health = wait_until(
+        health = wait_logged(
             lambda: requests.get(base + "/healthz", timeout=2),
             120,
             "make run answers /healthz",
@@ -165,7 +125,7 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
             ).json()
             return body if body.get("source") == "local" else None
 
-        body = wait_until(local_answer, 90, "answers come from the local engine", log)
+        body = wait_logged(local_answer, 90, "answers come from the local engine", log)
         assert body["itemList"], body
         # Visitor 0 viewed group 0's products: the engine recommends the rest of group 0.
         assert all(item["itemId"].startswith("sku-0-") for item in body["itemList"]), body

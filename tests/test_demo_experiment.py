@@ -16,13 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 
 from tests.gunicorn_server import ROOT, free_port
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
 
@@ -49,11 +49,12 @@ def demo(tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + READY_SECONDS
-        while f"/insights?days={DAYS}" not in log.read_text(errors="replace"):
+
+        def ready() -> bool:
             assert process.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "the demo was not ready in time"
-            time.sleep(0.5)
+            return f"/insights?days={DAYS}" in log.read_text(errors="replace")
+
+        wait_until(ready, READY_SECONDS, "the demo ready", interval=0.5)
         yield f"http://127.0.0.1:{port}", log.read_text(errors="replace")
     finally:
         process.send_signal(signal.SIGTERM)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 import urllib.parse
 import uuid
 from collections import defaultdict
@@ -26,6 +25,7 @@ import requests
 
 from tests.deliveries import send_signed, wait_applied
 from tests.gunicorn_server import gunicorn
+from tests.waiting import wait_until
 
 SHARED_SECRET = "insights-browser-shared-secret"
 INSIGHTS_TOKEN = "insights-browser-token-0123456789"
@@ -109,21 +109,22 @@ def _report(base: str, days: int = 7, token: str | None = None) -> requests.Resp
 def _wait_for_counts(base: str, expected: dict[str, dict], token: str | None = None) -> dict:
     """Poll GET /insights until every variant's counts are the expected ones: attribution
     runs in the workers' background appliers, after the answers are recorded."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:
+    seen: dict = {}
+
+    def reached() -> dict | None:
         response = _report(base, token=token)
         assert response.status_code == 200, response.text
         body = response.json()
-        seen = {v["variant"]: {k: v[k] for k in COUNTED} for v in body["variants"]}
-        if all(seen.get(name) == counts for name, counts in expected.items()):
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"GET /insights did not reach the expected counts in "
-                f"{DEADLINE_SECONDS:.0f} s:\n  expected {expected}\n"
-                f"  seen     {seen}"
-            )
-        time.sleep(0.1)
+        seen.update({v["variant"]: {k: v[k] for k in COUNTED} for v in body["variants"]})
+        return body if all(seen.get(n) == c for n, c in expected.items()) else None
+
+    return wait_until(
+        reached,
+        DEADLINE_SECONDS,
+        "GET /insights showing the expected counts",
+        interval=0.1,
+        detail=lambda: f"  expected {expected}\n  seen     {seen}",
+    )
 
 
 def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:

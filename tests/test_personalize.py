@@ -34,6 +34,7 @@ from tests.segment_wire import (
     actions_headers,
     node_deliveries,
 )
+from tests.waiting import wait_until
 from webhook.appliers.personalize import PersonalizeApplier
 from webhook.settings import Settings
 from webhook.storage import StoreUnavailable
@@ -232,6 +233,11 @@ def grouped_batch(sizes: dict[tuple[str, str | None], int], prefix: str) -> list
 
 def sent_event_ids(fake) -> Counter:
     return Counter(e["eventId"] for e in fake.events())
+
+
+def throttled(fake) -> bool:
+    """The stand-in has answered a ThrottlingException."""
+    return any(a.error_code == "ThrottlingException" for a in fake.attempt_log)
 
 
 def lag(app, applier: str = "personalize") -> int:
@@ -620,10 +626,12 @@ def test_calls_run_concurrently_within_the_configured_bound(personalize_app, fak
 
 def wait_claimed(services, timeout: float = 10.0) -> None:
     """Until the Personalize applier holds a batch (its calls are then on their way)."""
-    deadline = time.monotonic() + timeout
-    while services.inbox.lag(["personalize"])["personalize"].owner is None:
-        assert time.monotonic() < deadline, "the batch was never claimed"
-        time.sleep(0.01)
+    wait_until(
+        lambda: services.inbox.lag(["personalize"])["personalize"].owner is not None,
+        timeout,
+        "the Personalize applier claimed a batch",
+        interval=0.01,
+    )
 
 
 def test_a_batch_applied_again_after_a_failed_commit_sends_nothing_twice(
@@ -681,10 +689,7 @@ def test_a_shutdown_mid_batch_leaves_the_batch_for_later_without_an_error(
     assert raw_client(app).post("/segment", json=messages).status_code == 200
     services.start_worker()  # as the worker process does
     wait_claimed(services)
-    deadline = time.monotonic() + 10
-    while not any(a.error_code == "ThrottlingException" for a in fake.attempt_log):
-        assert time.monotonic() < deadline, "the applier did not try"
-        time.sleep(0.02)
+    wait_until(lambda: throttled(fake), 10, "the applier tried", interval=0.02)
     with caplog.at_level(logging.INFO, logger="webhook"):
         services.stop()  # the worker told to stop, calls in flight
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -787,9 +792,11 @@ def test_a_call_slower_than_the_call_timeout_is_retried(personalize_app, fake, c
     # The stand-in still takes the timed-out call (like a real service whose answer is
     # lost): its events then arrive twice, under the same eventIds, never under others.
     expected = set(expected_ids_of_corpus(corpus))
-    deadline = time.monotonic() + 5
-    while sum(sent_event_ids(fake).values()) == len(expected) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: sum(sent_event_ids(fake).values()) > len(expected),
+        5,
+        "the timed-out call's events arrived a second time",
+    )
     ids = sent_event_ids(fake)
     assert set(ids) == expected
     assert max(ids.values()) == 2
@@ -817,10 +824,7 @@ def test_throttled_for_long_the_delivery_is_answered_at_once_and_sent_later(
     applier = threading.Thread(target=services.drain, args=(["personalize"], 30.0))
     applier.start()
     try:
-        deadline = time.monotonic() + 5
-        while not any(a.error_code == "ThrottlingException" for a in fake.attempt_log):
-            assert time.monotonic() < deadline, "the applier did not try"
-            time.sleep(0.02)
+        wait_until(lambda: throttled(fake), 5, "the applier tried", interval=0.02)
         assert fake.events() == [] and lag(app) == len(messages)
         fake.reset()  # Personalize recovers
         applier.join(30)
@@ -889,10 +893,13 @@ def test_an_unknown_tracking_id_holds_the_events_until_the_tracker_exists(
         applier = threading.Thread(target=services.drain, args=(["personalize"], 60.0))
         applier.start()
         try:
-            deadline = time.monotonic() + 10
-            while len(not_found()) < 3:  # tried, refused, and tried again
-                assert time.monotonic() < deadline, fake.attempt_log
-                time.sleep(0.02)
+            wait_until(  # tried, refused, and tried again
+                lambda: len(not_found()) >= 3,
+                10,
+                "three ResourceNotFoundException answers",
+                interval=0.02,
+                detail=lambda: fake.attempt_log,
+            )
             assert fake.events() == [] and lag(app) == len(messages)
             assert {a.status for a in not_found()} == {404}
             fake.add_tracking_ids(["tracking-not-yet"])  # the tracker is ACTIVE now

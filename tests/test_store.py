@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import applied, raw_client, store_of
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -595,10 +596,12 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
     services = app.extensions["segment"]
     services.start_worker()
     try:
-        deadline = time.monotonic() + 10
-        while copied() != (20, 20) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert copied() == (20, 20)
+        wait_until(
+            lambda: copied() == (20, 20),
+            10,
+            "every row checkpointed into the database files",
+            detail=copied,
+        )
     finally:
         services.stop()
 
