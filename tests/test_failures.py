@@ -44,7 +44,7 @@ from tests.fake_personalize import FakePersonalizeEvents
 from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
 from tests.operator import OPERATOR
 from tests.prerequisites import require
-from tests.waiting import wait_until
+from tests.waiting import process_gone, wait_until
 from webhook.storage import inbox_url_for
 
 SEGMENT_DEADLINE = 5.0
@@ -360,6 +360,7 @@ def test_web_workers_killed_mid_request_lose_nothing_acknowledged(tmp_path):
                 workers = sorted(wait_for_workers(process.pid, 2))
                 victim = workers[len(kills) % len(workers)]
                 os.kill(victim, signal.SIGKILL)
+                wait_until(lambda v=victim: process_gone(v), 10, f"the killed worker {victim} gone")
                 kills.append(victim)
 
         thread = threading.Thread(target=killer)
