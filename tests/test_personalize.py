@@ -968,6 +968,37 @@ def test_invalid_input_for_some_events_drops_only_those(personalize_app, fake, c
     assert lag(app) == 0  # refused records do not hold the applier back
 
 
+def test_dead_letters_past_the_cap_drop_the_oldest_and_say_so(personalize_app, fake, caplog):
+    """DEAD_LETTERS_MAX: the list never holds more; the oldest letters go first, counted
+    in dead_letters_dropped_total and logged (without the letters' contents)."""
+    app = personalize_app(dead_letters_max=3)
+    services = app.extensions["segment"]
+    dropped_before = metric(app, "dead_letters_dropped_total")
+    one_by_one = [track(f"cap-{n}", anonymous_id="anon-cap", product=f"p-{n}") for n in range(5)]
+    batch = [track(f"cap-b{n}", anonymous_id="anon-cap", product=f"p-{n}") for n in range(4)]
+    fake.reject_event_ids(m["messageId"] for m in one_by_one + batch)
+
+    with caplog.at_level(logging.ERROR, logger="webhook.deadletters"):
+        for n, message in enumerate(one_by_one):  # one refusal a delivery, oldest first
+            assert post(app, [message]).status_code == 200
+            assert services.dead_letters.count() == min(n + 1, 3)
+        assert [d.record_id for d in services.dead_letters.list()] == ["cap-2", "cap-3", "cap-4"]
+        assert metric(app, "dead_letters_dropped_total") == dropped_before + 2
+        full = [r.getMessage() for r in caplog.records if "the list is full" in r.getMessage()]
+        assert (
+            full
+            == ["dead letters: the list is full (DEAD_LETTERS_MAX=3); the 1 oldest were dropped"]
+            * 2
+        )
+
+        assert post(app, batch).status_code == 200  # four refusals in one delivery
+    kept = [d.record_id for d in services.dead_letters.list()]
+    assert len(kept) == 3 and set(kept) <= {m["messageId"] for m in batch}
+    assert metric(app, "dead_letters_dropped_total") == dropped_before + 2 + 4
+    assert not [r for r in caplog.records if "anon-cap" in str(r.__dict__)]
+    assert fake.events() == []
+
+
 def test_invalid_input_for_an_item_is_reported_and_the_rest_goes_through(
     personalize_app, fake, corpus
 ):
