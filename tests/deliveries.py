@@ -38,16 +38,16 @@ def sign(body: bytes, secret: str | bytes) -> str:
 
 def make_message(n: int, prefix: str) -> dict:
     """A product event; every fifth an Order Completed of two products (two interactions)."""
-    message = {
-        "type": "track",
-        "messageId": f"{prefix}-{n}",
-        "anonymousId": f"anon-{n % 17}",
+    at = {
+        "message_id": f"{prefix}-{n}",
+        "anonymous_id": f"anon-{n % 17}",
         "timestamp": "2026-11-27T10:00:00.000Z",
     }
     if n % 5 == 4:
-        message.update(
-            userId=f"user-{n % 11}",
-            event="Order Completed",
+        return track(
+            "Order Completed",
+            None,
+            user_id=f"user-{n % 11}",
             properties={
                 "order_id": f"o-{n}",
                 "products": [
@@ -55,12 +55,9 @@ def make_message(n: int, prefix: str) -> dict:
                     {"product_id": f"p-{(n + 1) % 23}"},
                 ],
             },
+            **at,
         )
-    else:
-        message.update(
-            event="Product Viewed", properties={"product_id": f"p-{n % 23}", "price": 9.5}
-        )
-    return message
+    return track(product_id=f"p-{n % 23}", properties={"price": 9.5}, **at)
 
 
 def expected_event_ids(message: dict) -> list[str]:
@@ -267,19 +264,43 @@ def assert_in_order_per_session(events: list[dict], order: list[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fields) -> dict:
-    """A message of ``kind`` sent now, with a fresh messageId; ``fields`` as given."""
+def message(
+    kind: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = None,
+    message_id: str | None = None,
+    timestamp: str | None = None,
+    **fields,
+) -> dict:
+    """A message of ``kind`` as Segment delivers it: ``message_id`` (default a fresh one),
+    ``timestamp`` (default now), the ids given, and ``fields`` as they are (Segment's
+    own camelCase names: ``event``, ``properties``, ``traits``, ``context``...). The tests'
+    one message builder: every other one fills these in."""
     built = {
         "type": kind,
-        "messageId": f"m-{uuid.uuid4().hex}",
-        "timestamp": datetime.now(UTC).isoformat(),
-        **fields,
+        "messageId": message_id or f"m-{uuid.uuid4().hex}",
+        "timestamp": timestamp or datetime.now(UTC).isoformat(),
     }
     if user_id:
         built["userId"] = user_id
     if anonymous_id:
         built["anonymousId"] = anonymous_id
+    built.update(fields)
     return built
+
+
+def track(
+    event: str = "Product Viewed",
+    product_id: str | None = "p-1",
+    *,
+    properties: dict | None = None,
+    **given,
+) -> dict:
+    """A track message of ``event`` about ``product_id`` (None: no product_id), with
+    ``properties`` beside it; the rest as ``message`` takes it."""
+    product = {} if product_id is None else {"product_id": product_id}
+    return message("track", event=event, properties={**product, **(properties or {})}, **given)
 
 
 def product_viewed(
@@ -289,23 +310,21 @@ def product_viewed(
     anonymous_id: str | None = "anon-catalog",
     **details,
 ) -> dict:
-    return message(
-        "track",
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        event="Product Viewed",
-        properties={"product_id": product_id, **details},
+    """A Product Viewed sent now (by ``anon-catalog`` unless said otherwise)."""
+    return track(
+        product_id=product_id, user_id=user_id, anonymous_id=anonymous_id, properties=details
     )
 
 
 def order_completed(
     product_ids: list[str], *, user_id: str | None = None, anonymous_id: str | None = None
 ) -> dict:
-    return message(
-        "track",
+    """An Order Completed sent now, one of each product."""
+    return track(
+        "Order Completed",
+        None,
         user_id=user_id,
         anonymous_id=anonymous_id,
-        event="Order Completed",
         properties={
             "order_id": "o-" + "-".join(product_ids),
             "products": [{"product_id": p, "quantity": 1} for p in product_ids],
@@ -327,3 +346,52 @@ def deliver(client, *messages: dict) -> dict:
     )
     assert response.status_code == 200, response.get_data(as_text=True)
     return response.get_json()
+
+
+class Seeder:
+    """Seeds a running service through its POST /segment, signed with ``secret``, as the
+    Webhooks destination delivers: every message gets a fresh messageId and ``timestamp``
+    (None: now) unless it has its own. ``settle``: after each send, wait until the
+    appliers applied it, so that a test starts from the state it seeded."""
+
+    def __init__(self, base: str, secret: str, *, timestamp: str | None = None, settle=False):
+        self.base, self.secret, self.timestamp, self.settle = base, secret, timestamp, settle
+
+    def send(self, *messages: dict) -> dict:
+        """One delivery of ``messages`` (a batch when several); the summary."""
+        filled = [
+            {
+                "messageId": f"m-{uuid.uuid4().hex}",
+                "timestamp": self.timestamp or datetime.now(UTC).isoformat(),
+                **m,
+            }
+            for m in messages
+        ]
+        summary = send_signed(self.base, self.secret, filled)
+        if self.settle:
+            wait_applied(self.base, 10)
+        return summary
+
+    def view(self, anonymous_id: str, item_id: str, **properties) -> dict:
+        return self.send(
+            track(
+                product_id=item_id,
+                anonymous_id=anonymous_id,
+                properties=properties,
+                timestamp=self.timestamp,
+            )
+        )
+
+    def order(self, user_id: str, item_ids: list[str], **properties) -> dict:
+        products = [{"product_id": item} for item in item_ids]
+        order = {"order_id": f"o-{uuid.uuid4().hex[:8]}", "products": products, **properties}
+        return self.send(
+            track(
+                "Order Completed", None, user_id=user_id, properties=order, timestamp=self.timestamp
+            )
+        )
+
+    def identify(self, user_id: str, traits: dict) -> dict:
+        return self.send(
+            message("identify", user_id=user_id, traits=traits, timestamp=self.timestamp)
+        )

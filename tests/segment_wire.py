@@ -99,6 +99,22 @@ STORY: list[tuple[str, str | None]] = [
     ("group", None),
     ("track", "Signed Up"),
 ]
+# The story's messages by position.
+(
+    PAGE,
+    VIEWED,
+    CLICKED,
+    ADDED,
+    IDENTIFY,
+    ALIAS,
+    WISHLIST,
+    ORDER,
+    V1_VIEWED,
+    V1_ORDER,
+    SCREEN,
+    GROUP,
+    SIGNED_UP,
+) = range(len(STORY))
 
 
 def emit_story(client) -> None:
@@ -406,22 +422,21 @@ def node_stringify(obj: Any) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def classic_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
-    """Headers of a Webhooks (Classic) delivery (``bearer``: a configured Authorization
-    token, where the destination adds one)."""
-    headers = {"Content-Type": "application/json", "User-Agent": "Segment.io/1.0"}
+def _headers(user_agent: str, signature: str | None, bearer: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "User-Agent": user_agent}
     if signature is not None:
         headers["X-Signature"] = signature
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
     return headers
+
+
+def classic_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
+    """Headers of a Webhooks (Classic) delivery (``bearer``: a configured Authorization
+    token, where the destination adds one)."""
+    return _headers("Segment.io/1.0", signature, bearer)
 
 
 def actions_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
     """Headers of a Webhooks (Actions) delivery (``bearer``: a configured Authorization token)."""
-    headers = {"Content-Type": "application/json", "User-Agent": "Segment (Actions)"}
-    if signature is not None:
-        headers["X-Signature"] = signature
-    if bearer is not None:
-        headers["Authorization"] = f"Bearer {bearer}"
-    return headers
+    return _headers("Segment (Actions)", signature, bearer)

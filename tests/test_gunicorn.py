@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import sample
-from tests.deliveries import sign, wait_applied
+from tests.deliveries import sign, track, wait_applied
 from tests.gunicorn_server import gunicorn, wait_for_workers
 from tests.operator import OPERATOR
 from tests.waiting import niceness, wait_until
@@ -25,14 +25,13 @@ def _signed(message):
 
 
 def _message(n):
-    return {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": f"gm-{n}",
-        "anonymousId": f"anon-{n % 7}",
-        "timestamp": "2026-11-27T10:00:00.000Z",
-        "properties": {"product_id": f"p-{n % 13}", "price": 9.5},
-    }
+    return track(
+        product_id=f"p-{n % 13}",
+        message_id=f"gm-{n}",
+        anonymous_id=f"anon-{n % 7}",
+        timestamp="2026-11-27T10:00:00.000Z",
+        properties={"price": 9.5},
+    )
 
 
 def _counter(text, kind, outcome):

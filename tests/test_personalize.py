@@ -24,13 +24,21 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import aws_stand_ins, metric, raw_client, store_of
 from tests.deliveries import sign
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.prerequisites import have
 from tests.segment_wire import (
+    ADDED,
     ANON_ID,
+    CLICKED,
+    ORDER,
     USER_ID,
+    V1_ORDER,
+    V1_VIEWED,
+    VIEWED,
+    WISHLIST,
     CaptureServer,
     actions_headers,
     node_deliveries,
@@ -47,22 +55,6 @@ SECRET = "personalize-shared-secret"
 TOKEN = "personalize-bearer-token"  # an Actions batch of several needs it
 SEGMENT_DEADLINE = 5.0  # what Segment gives a webhook
 
-# The story (tests/segment_wire.STORY) by position.
-(
-    PAGE,
-    VIEWED,
-    CLICKED,
-    ADDED,
-    IDENTIFY,
-    ALIAS,
-    WISHLIST,
-    ORDER,
-    V1_VIEWED,
-    V1_ORDER,
-    SCREEN,
-    GROUP,
-    SIGNED_UP,
-) = range(13)
 
 # Mappings as an operator writes them in the environment, parsed by the service's own
 # settings reader (so "image_url" becomes the schema field "imageUrl").
@@ -195,19 +187,16 @@ def track(
     product: str = "p-1",
     **properties,
 ) -> dict:
-    """A track message shaped as Segment delivers it."""
-    message = {
-        "type": "track",
-        "event": event,
-        "messageId": message_id,
-        "timestamp": "2026-11-27T10:00:00.000Z",
-        "properties": {"product_id": product, **properties},
-    }
-    if anonymous_id:
-        message["anonymousId"] = anonymous_id
-    if user_id:
-        message["userId"] = user_id
-    return message
+    """A track message shaped as Segment delivers it, at a fixed time."""
+    return deliveries.track(
+        event,
+        product,
+        message_id=message_id,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        timestamp="2026-11-27T10:00:00.000Z",
+        properties=properties,
+    )
 
 
 def grouped_batch(sizes: dict[tuple[str, str | None], int], prefix: str) -> list[dict]:

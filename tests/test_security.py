@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from tests import pg_server
+from tests import deliveries, pg_server
 from tests.deliveries import sign, wait_applied
 from tests.fake_personalize import FakePersonalizeEvents, FakePersonalizeRuntime
 from tests.fake_segment_apis import FakeProfileAPI, FakeTrackingAPI
@@ -267,13 +267,13 @@ def test_a_signed_delivery_replayed_for_another_user_is_refused(make_app):
     """The signature covers the user: the same signature with another userId is a 401."""
     app = make_app(segment_shared_secrets=(SECRET,), engine_background_training=False)
     client = app.test_client()
-    message = {
-        "type": "identify",
-        "messageId": "m-replay",
-        "userId": "alice",
-        "timestamp": "2026-11-27T10:00:00Z",
-        "traits": {"plan": "pro"},
-    }
+    message = deliveries.message(
+        "identify",
+        message_id="m-replay",
+        user_id="alice",
+        timestamp="2026-11-27T10:00:00Z",
+        traits={"plan": "pro"},
+    )
     body = json.dumps(message).encode()
     good = sign(body, SECRET)
     assert (

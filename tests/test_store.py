@@ -14,6 +14,7 @@ from datetime import UTC
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import applied, raw_client, store_of
 from tests.waiting import wait_until
 
@@ -37,32 +38,26 @@ def track(
     event="Product Viewed",
     **properties,
 ):
-    message = {
-        "type": "track",
-        "event": event,
-        "messageId": message_id,
-        "timestamp": iso(second),
-        "properties": {"product_id": product_id, **properties},
-    }
-    if user:
-        message["userId"] = user
-    if anon:
-        message["anonymousId"] = anon
-    return message
+    return deliveries.track(
+        event,
+        product_id,
+        message_id=message_id,
+        user_id=user,
+        anonymous_id=anon,
+        timestamp=iso(second),
+        properties=properties,
+    )
 
 
 def identify(message_id, traits, *, user="user-1", anon=None, second=0):
-    message = {
-        "type": "identify",
-        "messageId": message_id,
-        "timestamp": iso(second),
-        "traits": traits,
-    }
-    if user:
-        message["userId"] = user
-    if anon:
-        message["anonymousId"] = anon
-    return message
+    return deliveries.message(
+        "identify",
+        message_id=message_id,
+        user_id=user,
+        anonymous_id=anon,
+        timestamp=iso(second),
+        traits=traits,
+    )
 
 
 def post(client, payload, status=200):

@@ -17,6 +17,7 @@ from datetime import UTC
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import OPERATOR, health, metric
 from tests.deliveries import deliver, identify, sign
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
@@ -261,13 +262,13 @@ def test_the_public_write_key_cannot_clear_an_opt_out(make_app, where, value):
 
     # A browser may opt out, on the other hand: the positive control.
     deliver(client, identify("other", {"recommendations_opt_out": False}))
-    message = {
-        "type": "identify",
-        "userId": "other",
-        "messageId": "v1-out",
-        "timestamp": "2099-01-01T00:00:00Z",
-        "traits": {"recommendations_opt_out": "yes"},
-    }
+    message = deliveries.message(
+        "identify",
+        user_id="other",
+        message_id="v1-out",
+        timestamp="2099-01-01T00:00:00Z",
+        traits={"recommendations_opt_out": "yes"},
+    )
     response = client.post("/v1/identify", json=message, headers=_basic(WRITE_KEY))
     assert response.status_code == 200 and "notes" not in response.get_json()
     assert _traits(app, "other") == {"recommendations_opt_out": "yes"}

@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from tests import deliveries
 from tests.conftest import AppliedClient, health, store_of
 from tests.deliveries import sign
 from tests.operator import TIMELESS_ENV
@@ -34,14 +35,14 @@ def compact(value) -> bytes:
 
 
 def track(message_id: str, product_id: str = "p-1", **extra) -> dict:
-    message = {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": message_id,
-        "userId": "user-1",
-        "timestamp": "2024-05-01T10:00:00.000Z",
-        "properties": {"product_id": product_id, "name": "Stuhl"},
-    }
+    """user-1's view at a fixed time; ``extra``: top-level fields, as they are."""
+    message = deliveries.track(
+        product_id=product_id,
+        message_id=message_id,
+        user_id="user-1",
+        timestamp="2024-05-01T10:00:00.000Z",
+        properties={"name": "Stuhl"},
+    )
     message.update(extra)
     return message
 
