@@ -22,6 +22,8 @@ from tests.deliveries import product_viewed
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.project import flask, newcomer_environment, project_copy
 from webhook import create_app
+from webhook.deadletters import DeadLetters
+from webhook.inbox import Entry
 from webhook.storage.database import sqlite_url_for
 
 # Each command is a process of its own (the app's imports take a second or two of it).
@@ -261,6 +263,8 @@ def test_dead_letters_of_a_deleted_person_are_never_sent(project, shell, service
     env = personalize_shell(shell, personalize)
     assert "1 dead letter(s)" in flask(project, env, "dead-letters", "list").stderr
 
+    # A message of hers from before the deletion, still in another applier's hands.
+    late = product_viewed("sku-late", user_id="u-deleted", anonymous_id=None)
     deletion = {"type": "delete", "userId": "u-deleted", "messageId": "del-cli-1"}
     deletion["timestamp"] = product_viewed("x")["timestamp"]
     assert app.test_client().post("/segment", json=[deletion]).status_code == 200
@@ -271,7 +275,29 @@ def test_dead_letters_of_a_deleted_person_are_never_sent(project, shell, service
     assert listed.stdout == "" and "0 dead letter(s)" in listed.stderr
     retried = flask(project, env, "dead-letters", "retry", "--all")
     assert retried.returncode == 0 and "no such dead letter" in retried.stdout
+
+    # That applier refused her message after the deletion: its letter is on the list,
+    # and retrying resolves it without sending it.
+    def letter_of(message: dict) -> None:
+        store = app.extensions["segment"].store
+        entry = Entry(0, 0, message["messageId"], "track", 0.0, json.dumps(message))
+        with store.write() as tx:
+            DeadLetters(store).add(
+                tx, "personalize", [("event", message["messageId"], entry, "refused")]
+            )
+
+    letter_of(late)
+    resolved = flask(project, env, "dead-letters", "retry", "--all")
+    assert resolved.returncode == 0, resolved.stderr
+    assert "deleted" in resolved.stdout and "1 of 1 resolved" in resolved.stderr
     assert personalize.events() == []
+
+    # The control: she came back after the deletion; what she did since is hers to send.
+    since = product_viewed("sku-since", user_id="u-deleted", anonymous_id=None)
+    letter_of(since)
+    sent = flask(project, env, "dead-letters", "retry", "--all")
+    assert sent.returncode == 0 and " sent" in sent.stdout, sent.stderr
+    assert [e["eventId"] for e in personalize.events()] == [since["messageId"]]
 
 
 def test_dead_letters_retry_without_personalize_or_ids_says_why(project, shell, personalize):
