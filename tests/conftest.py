@@ -4,10 +4,12 @@ SQLite lives in the test's temporary folder; PostgreSQL is the server on this ma
 (TEST_DATABASE_URL, default the local `test` database), one fresh schema per test.
 Also here: the genuine ``corpus``, ``aws_stand_ins`` (boto3 pointed at local stand-ins)
 and ``metric`` (a sample from GET /metrics). Elsewhere, once each: the gunicorn launcher
-and ``free_port`` (tests/gunicorn_server.py), Segment-style deliveries and their ledger
-(tests/deliveries.py), the wire-level corpus and Node.js signing (tests/segment_wire.py),
-the stand-in servers (tests/fake_*.py) and the machine's prerequisites
-(tests/prerequisites.py).
+and ``free_port`` (tests/gunicorn_server.py); building messages, signing them (the Python
+signer), Segment-style deliveries, their ledger and the Seeder of a running service
+(tests/deliveries.py); waiting with a deadline and the process checks (tests/waiting.py);
+the wire-level corpus and Node.js's independent signing (tests/segment_wire.py); a copy
+of the project and its commands as a user runs them (tests/project.py); the stand-in
+servers (tests/fake_*.py) and the machine's prerequisites (tests/prerequisites.py).
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 __all__ = [
     "Attempt",
@@ -387,8 +388,6 @@ class _FakeService(LoopbackServer):
     def wait_for_calls(self, n: int, timeout: float = 5.0) -> list[Call]:
         """Wait until at least ``n`` calls were accepted (for code that sends in the
         background); return them."""
-        from tests.waiting import wait_until
-
         wait_until(
             lambda: len(self.calls) >= n,
             timeout,

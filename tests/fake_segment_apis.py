@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 
 def _basic_user(header: str | None) -> str | None:
@@ -425,8 +426,6 @@ class FakeTrackingAPI(_Server):
     def wait_for_identifies(
         self, n: int, user_id: str | None = None, timeout: float = 10.0
     ) -> list[dict]:
-        from tests.waiting import wait_until
-
         wait_until(
             lambda: len(self.identifies(user_id)) >= n,
             timeout,

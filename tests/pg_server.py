@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from tests.gunicorn_server import free_port
+from tests.waiting import wait_until
 
 
 @functools.cache
@@ -188,8 +189,6 @@ class ThrowawayPostgres:
         return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
 
     def wait_ready(self, timeout: float = 30) -> None:
-        from tests.waiting import wait_until
-
         def accepts() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True

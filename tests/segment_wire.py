@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from requests.structures import CaseInsensitiveDict
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 # --------------------------------------------------------------------------
 # Fixed ids used by the scripted story (tests may assert on these).
@@ -256,7 +257,6 @@ class CaptureServer(LoopbackServer):
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[CapturedRequest]:
         """Wait until at least ``count`` requests arrived (for async clients)."""
-        from tests.waiting import wait_until
 
         def arrived() -> list[CapturedRequest] | None:
             with self._cond:
