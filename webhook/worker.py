@@ -52,10 +52,15 @@ def lower_priority(nice: int) -> None:
         return
     if not grouped:
         return  # not in an autogroup (a cgroup of its own): the nice value already counts
-    try:
-        os.setsid()
-    except OSError:
-        return  # already a session leader
+    if os.getsid(0) != os.getpid():
+        # Started as the Procfile does (``exec``: honcho and Heroku start each process in
+        # a session of its own) the worker already leads its session, and stays in the
+        # process group its launcher signals. Only otherwise does it leave for a session
+        # of its own (a worker started in another process's session).
+        try:
+            os.setsid()
+        except OSError:
+            return
     for _ in range(20):  # the kernel takes such a write at most every 100 ms, machine-wide
         try:
             with open(autogroup, "w") as handle:
