@@ -8,18 +8,20 @@ README's first command does (background training once failed there for ever).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 from datetime import UTC
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
 from tests.gunicorn_server import free_port
 from tests.project import newcomer_environment, project_copy
-from tests.waiting import wait_until
+from tests.waiting import descendants, niceness, process_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,7 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
     env = newcomer_environment(tmp_path, PORT=str(port))
     process = start(["make", "run"], project, env, log)
     base = f"http://127.0.0.1:{port}"
+    family: list[int] = []  # make's processes: honcho, the web's and the worker's
     try:
         health = wait_logged(
             lambda: requests.get(base + "/healthz", timeout=2),
@@ -134,5 +137,26 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
         text = log.read_text(errors="replace")
         assert "background training failed" not in text
         assert "Traceback" not in text
+        family = descendants(process.pid)
+        (worker,) = [p for p in family if psutil.Process(p).cmdline()[-1:] == ["worker"]]
+        # Below the web's priority (WORKER_NICE), in a session, and so an autogroup, of
+        # its own where the kernel has them, yet in the process group honcho signals.
+        assert niceness(worker) == 10
+        assert os.getsid(worker) == worker != os.getsid(process.pid)
+        autogroup = Path(f"/proc/{worker}/autogroup")
+        if autogroup.exists() and autogroup.read_text().strip():
+            assert autogroup.read_text().split()[-1] == "10", autogroup.read_text()
     finally:
         stop(process)
+    # Ctrl-C stops all of it: the worker too, though it runs in a session of its own.
+    try:
+        wait_until(
+            lambda: all(process_gone(p) for p in family),
+            30,
+            "every process of make run gone after Ctrl-C",
+            detail=lambda: [psutil.Process(p).cmdline() for p in family if not process_gone(p)],
+        )
+    finally:
+        for pid in family:  # whatever outlived it: this test started it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

@@ -71,6 +71,14 @@ def child_pids(pid: int) -> set[int]:
     return alive
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs, and so on)."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def niceness(pid: int) -> int:
     """The process's nice value."""
     return psutil.Process(pid).nice()
