@@ -36,8 +36,9 @@ def lower_priority(nice: int) -> None:
     (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in many distributions,
     for processes outside a CPU cgroup) the CPU is first shared between sessions, and a
     nice value ranks a process only against the others of its session; a worker started in
-    the web process's session (``make run``) would yield only to itself. So it starts a
-    session of its own and gives that session the same nice value."""
+    the web process's session would yield only to itself. So it runs in a session of its
+    own (it starts one unless it leads one already) and gives that session the same nice
+    value."""
     if nice <= 0:
         return
     try:
@@ -53,10 +54,10 @@ def lower_priority(nice: int) -> None:
     if not grouped:
         return  # not in an autogroup (a cgroup of its own): the nice value already counts
     if os.getsid(0) != os.getpid():
-        # Started as the Procfile does (``exec``: honcho and Heroku start each process in
-        # a session of its own) the worker already leads its session, and stays in the
-        # process group its launcher signals. Only otherwise does it leave for a session
-        # of its own (a worker started in another process's session).
+        # Started as the Procfile does under honcho (``make run``: each process in a
+        # session of its own, which ``exec`` makes the worker's) it already leads its
+        # session and stays in the process group its launcher signals. Only a worker
+        # started in another process's session leaves it for one of its own.
         try:
             os.setsid()
         except OSError:
