@@ -4,16 +4,17 @@ SQLite lives in the test's temporary folder; PostgreSQL is the server on this ma
 (TEST_DATABASE_URL, default the local `test` database), one fresh schema per test.
 Also here: the genuine ``corpus``, ``aws_stand_ins`` (boto3 pointed at local stand-ins)
 and ``metric`` (a sample from GET /metrics). Elsewhere, once each: the gunicorn launcher
-and ``free_port`` (tests/gunicorn_server.py), Segment-style deliveries and their ledger
-(tests/deliveries.py), the wire-level corpus and Node.js signing (tests/segment_wire.py),
-the stand-in servers (tests/fake_*.py) and the machine's prerequisites
-(tests/prerequisites.py).
+and ``free_port`` (tests/gunicorn_server.py); building messages, signing them (the Python
+signer), Segment-style deliveries, their ledger and the Seeder of a running service
+(tests/deliveries.py); waiting with a deadline and the process checks (tests/waiting.py);
+the wire-level corpus and Node.js's independent signing (tests/segment_wire.py); a copy
+of the project and its commands as a user runs them (tests/project.py); the stand-in
+servers (tests/fake_*.py) and the machine's prerequisites (tests/prerequisites.py).
 """
 
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import prerequisites
 from tests.operator import OPERATOR, OPERATOR_TOKEN
 from tests.segment_wire import STORY, capture_corpus
+from tests.waiting import wait_until
 from webhook import create_app
 
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -165,16 +167,18 @@ def applied(app, timeout: float = 30.0) -> None:
     too), so one drain can stop short of rows already committed: drained again until no
     applier has a row pending."""
     services = app.extensions["segment"]
-    deadline = time.monotonic() + timeout
-    while True:
-        assert services.drain(timeout=max(0.1, deadline - time.monotonic())), (
-            "the inbox was not applied"
-        )
-        lag = services.inbox.lag(services.runners)
-        if not any(each.pending for each in lag.values()):
-            return
-        assert time.monotonic() < deadline, f"the inbox was not applied: {lag}"
-        time.sleep(0.01)
+
+    def drained() -> bool:
+        assert services.drain(timeout=timeout), "the inbox was not applied"
+        return not any(each.pending for each in services.inbox.lag(services.runners).values())
+
+    wait_until(
+        drained,
+        timeout,
+        "the inbox applied",
+        interval=0.01,
+        detail=lambda: services.inbox.lag(services.runners),
+    )
 
 
 def raw_client(app) -> FlaskClient:

@@ -13,29 +13,41 @@ import hmac
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import requests
 import sqlalchemy as sa
 
 from tests.operator import OPERATOR
+from tests.waiting import wait_until
 from webhook.storage import inbox_url_for
+
+
+def sign(body: bytes, secret: str | bytes) -> str:
+    """The X-Signature Segment sends: hex HMAC-SHA1 of the exact body bytes with the shared
+    secret. The tests' one Python signer; an attack test signs with the wrong secret or
+    over other bytes through it too. (tests/segment_wire.py's Node.js signer is the
+    independent one, and tests/test_segment_wire_selfcheck.py holds the two together.)"""
+    key = secret if isinstance(secret, bytes) else secret.encode("utf-8")
+    return hmac.new(key, body, hashlib.sha1).hexdigest()
 
 
 def make_message(n: int, prefix: str) -> dict:
     """A product event; every fifth an Order Completed of two products (two interactions)."""
-    message = {
-        "type": "track",
-        "messageId": f"{prefix}-{n}",
-        "anonymousId": f"anon-{n % 17}",
+    at = {
+        "message_id": f"{prefix}-{n}",
+        "anonymous_id": f"anon-{n % 17}",
         "timestamp": "2026-11-27T10:00:00.000Z",
     }
     if n % 5 == 4:
-        message.update(
-            userId=f"user-{n % 11}",
-            event="Order Completed",
+        return track(
+            "Order Completed",
+            None,
+            user_id=f"user-{n % 11}",
             properties={
                 "order_id": f"o-{n}",
                 "products": [
@@ -43,12 +55,9 @@ def make_message(n: int, prefix: str) -> dict:
                     {"product_id": f"p-{(n + 1) % 23}"},
                 ],
             },
+            **at,
         )
-    else:
-        message.update(
-            event="Product Viewed", properties={"product_id": f"p-{n % 23}", "price": 9.5}
-        )
-    return message
+    return track(product_id=f"p-{n % 23}", properties={"price": 9.5}, **at)
 
 
 def expected_event_ids(message: dict) -> list[str]:
@@ -190,12 +199,11 @@ def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
     signed with ``secret``; asserts every one was accepted and returns the summary."""
     payload = messages[0] if len(messages) == 1 else {"batch": messages}
     body = json.dumps(payload, separators=(",", ":")).encode()
-    signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
     response = requests.post(
         base + "/segment",
         data=body,
         timeout=10,
-        headers={"Content-Type": "application/json", "X-Signature": signature},
+        headers={"Content-Type": "application/json", "X-Signature": sign(body, secret)},
     )
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == len(messages), response.text
@@ -204,17 +212,20 @@ def send_signed(base: str, secret: str, messages: list[dict]) -> dict:
 
 def wait_applied(base: str, timeout: float = 120.0) -> dict:
     """Poll GET /healthz until no applier has an inbox row left to apply; its inbox part."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json().get("inbox")
-        except (requests.RequestException, ValueError):
-            last = None
-        if last and not any(a["pending"] for a in last["appliers"].values()):
-            return last
-        time.sleep(0.02)
-    raise AssertionError(f"the inbox was not applied within {timeout:.0f} s: {last}")
+
+    def applied() -> dict | None:
+        inbox = requests.get(base + "/healthz", headers=OPERATOR, timeout=5).json().get("inbox")
+        if inbox and not any(a["pending"] for a in inbox["appliers"].values()):
+            return inbox
+        return None
+
+    return wait_until(
+        applied,
+        timeout,
+        "the inbox applied",
+        interval=0.02,
+        ignoring=(requests.RequestException, ValueError),
+    )
 
 
 def inbox_order(url: str) -> list[str]:
@@ -246,3 +257,141 @@ def assert_in_order_per_session(events: list[dict], order: list[str]) -> None:
             f"session {session}: {event_id} after {last[session][1]}"
         )
         last[session] = position
+
+
+# --------------------------------------------------------------------------------------
+# Segment messages as the Webhooks destination delivers them (for POST /segment).
+# --------------------------------------------------------------------------------------
+
+
+def message(
+    kind: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = None,
+    message_id: str | None = None,
+    timestamp: str | None = None,
+    **fields,
+) -> dict:
+    """A message of ``kind`` as Segment delivers it: ``message_id`` (default a fresh one),
+    ``timestamp`` (default now), the ids given, and ``fields`` as they are (Segment's
+    own camelCase names: ``event``, ``properties``, ``traits``, ``context``...). The tests'
+    one message builder: every other one fills these in."""
+    built = {
+        "type": kind,
+        "messageId": message_id or f"m-{uuid.uuid4().hex}",
+        "timestamp": timestamp or datetime.now(UTC).isoformat(),
+    }
+    if user_id:
+        built["userId"] = user_id
+    if anonymous_id:
+        built["anonymousId"] = anonymous_id
+    built.update(fields)
+    return built
+
+
+def track(
+    event: str = "Product Viewed",
+    product_id: str | None = "p-1",
+    *,
+    properties: dict | None = None,
+    **given,
+) -> dict:
+    """A track message of ``event`` about ``product_id`` (None: no product_id), with
+    ``properties`` beside it; the rest as ``message`` takes it."""
+    product = {} if product_id is None else {"product_id": product_id}
+    return message("track", event=event, properties={**product, **(properties or {})}, **given)
+
+
+def product_viewed(
+    product_id: str,
+    *,
+    user_id: str | None = None,
+    anonymous_id: str | None = "anon-catalog",
+    **details,
+) -> dict:
+    """A Product Viewed sent now (by ``anon-catalog`` unless said otherwise)."""
+    return track(
+        product_id=product_id, user_id=user_id, anonymous_id=anonymous_id, properties=details
+    )
+
+
+def order_completed(
+    product_ids: list[str], *, user_id: str | None = None, anonymous_id: str | None = None
+) -> dict:
+    """An Order Completed sent now, one of each product."""
+    return track(
+        "Order Completed",
+        None,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        properties={
+            "order_id": "o-" + "-".join(product_ids),
+            "products": [{"product_id": p, "quantity": 1} for p in product_ids],
+        },
+    )
+
+
+def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dict:
+    return message("identify", user_id=user_id, anonymous_id=anonymous_id, traits=traits)
+
+
+def deliver(client, *messages: dict) -> dict:
+    """POST the messages to the service's webhook (an open one) as a Webhooks (Actions)
+    batch; assert it was stored; return the summary."""
+    response = client.post(
+        "/segment",
+        data=json.dumps(list(messages)),
+        headers={"Content-Type": "application/json", "User-Agent": "Segment (Actions)"},
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_json()
+
+
+class Seeder:
+    """Seeds a running service through its POST /segment, signed with ``secret``, as the
+    Webhooks destination delivers: every message gets a fresh messageId and ``timestamp``
+    (None: now) unless it has its own. ``settle``: after each send, wait until the
+    appliers applied it, so that a test starts from the state it seeded."""
+
+    def __init__(self, base: str, secret: str, *, timestamp: str | None = None, settle=False):
+        self.base, self.secret, self.timestamp, self.settle = base, secret, timestamp, settle
+
+    def send(self, *messages: dict) -> dict:
+        """One delivery of ``messages`` (a batch when several); the summary."""
+        filled = [
+            {
+                "messageId": f"m-{uuid.uuid4().hex}",
+                "timestamp": self.timestamp or datetime.now(UTC).isoformat(),
+                **m,
+            }
+            for m in messages
+        ]
+        summary = send_signed(self.base, self.secret, filled)
+        if self.settle:
+            wait_applied(self.base, 10)
+        return summary
+
+    def view(self, anonymous_id: str, item_id: str, **properties) -> dict:
+        return self.send(
+            track(
+                product_id=item_id,
+                anonymous_id=anonymous_id,
+                properties=properties,
+                timestamp=self.timestamp,
+            )
+        )
+
+    def order(self, user_id: str, item_ids: list[str], **properties) -> dict:
+        products = [{"product_id": item} for item in item_ids]
+        order = {"order_id": f"o-{uuid.uuid4().hex[:8]}", "products": products, **properties}
+        return self.send(
+            track(
+                "Order Completed", None, user_id=user_id, properties=order, timestamp=self.timestamp
+            )
+        )
+
+    def identify(self, user_id: str, traits: dict) -> dict:
+        return self.send(
+            message("identify", user_id=user_id, traits=traits, timestamp=self.timestamp)
+        )

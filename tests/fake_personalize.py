@@ -70,6 +70,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 __all__ = [
     "Attempt",
@@ -149,6 +150,35 @@ def _required(obj: dict, key: str, path: str) -> Any:
     return obj[key]
 
 
+def _check_sized(
+    obj: dict,
+    key: str,
+    path: str,
+    kind: type,
+    kind_name: str,
+    required: bool,
+    min_len: int | None,
+    max_len: int | None,
+) -> Any:
+    """``obj[key]``, checked as the model's string or list: present when required, of
+    ``kind``, within its lengths; None when absent."""
+    if required:
+        _required(obj, key, path)
+    value = obj.get(key)
+    if value is None:
+        return None
+    where = f"{path}{key}"
+    if not isinstance(value, kind):
+        raise _type_error(where, kind_name)
+    if min_len is not None and len(value) < min_len:
+        raise _constraint(
+            where, value, f"Member must have length greater than or equal to {min_len}"
+        )
+    if max_len is not None and len(value) > max_len:
+        raise _constraint(where, value, f"Member must have length less than or equal to {max_len}")
+    return value
+
+
 def _check_str(
     obj: dict,
     key: str,
@@ -160,23 +190,10 @@ def _check_str(
     pattern: str | None = None,
 ) -> str | None:
     """Validate ``obj[key]`` as a modeled string; return it (None if absent)."""
-    if required:
-        _required(obj, key, path)
-    value = obj.get(key)
-    if value is None:
-        return None
-    where = f"{path}{key}"
-    if not isinstance(value, str):
-        raise _type_error(where, "a string")
-    if min_len is not None and len(value) < min_len:
+    value = _check_sized(obj, key, path, str, "a string", required, min_len, max_len)
+    if value is not None and pattern is not None and not re.search(pattern, value):
         raise _constraint(
-            where, value, f"Member must have length greater than or equal to {min_len}"
-        )
-    if max_len is not None and len(value) > max_len:
-        raise _constraint(where, value, f"Member must have length less than or equal to {max_len}")
-    if pattern is not None and not re.search(pattern, value):
-        raise _constraint(
-            where, value, f"Member must satisfy regular expression pattern: {pattern}"
+            f"{path}{key}", value, f"Member must satisfy regular expression pattern: {pattern}"
         )
     return value
 
@@ -190,21 +207,7 @@ def _check_list(
     min_len: int | None = None,
     max_len: int | None = None,
 ) -> list | None:
-    if required:
-        _required(obj, key, path)
-    value = obj.get(key)
-    if value is None:
-        return None
-    where = f"{path}{key}"
-    if not isinstance(value, list):
-        raise _type_error(where, "a list")
-    if min_len is not None and len(value) < min_len:
-        raise _constraint(
-            where, value, f"Member must have length greater than or equal to {min_len}"
-        )
-    if max_len is not None and len(value) > max_len:
-        raise _constraint(where, value, f"Member must have length less than or equal to {max_len}")
-    return value
+    return _check_sized(obj, key, path, list, "a list", required, min_len, max_len)
 
 
 def _check_str_items(values: list, where: str, *, min_len=None, max_len=None, pattern=None):
@@ -385,14 +388,15 @@ class _FakeService(LoopbackServer):
             return list(self._attempts)
 
     def wait_for_calls(self, n: int, timeout: float = 5.0) -> list[Call]:
-        """Block until at least ``n`` calls were accepted; return them.
-
-        Raises TimeoutError otherwise (for code that sends in the background).
-        """
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self._calls) >= n, timeout):
-                raise TimeoutError(f"{len(self._calls)} of {n} calls after {timeout}s")
-            return list(self._calls)
+        """Wait until at least ``n`` calls were accepted (for code that sends in the
+        background); return them."""
+        wait_until(
+            lambda: len(self.calls) >= n,
+            timeout,
+            f"{n} accepted call(s)",
+            detail=lambda: f"{len(self.calls)} arrived",
+        )
+        return self.calls
 
     # -- failure injection (all thread-safe, effective immediately) --------
 

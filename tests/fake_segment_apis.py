@@ -45,11 +45,11 @@ import gzip
 import json
 import threading
 import time
-from datetime import UTC
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 
 def _basic_user(header: str | None) -> str | None:
@@ -426,16 +426,13 @@ class FakeTrackingAPI(_Server):
     def wait_for_identifies(
         self, n: int, user_id: str | None = None, timeout: float = 10.0
     ) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.identifies(user_id)) < n:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"{len(self.identifies(user_id))} of {n} identify calls after {timeout}s"
-                    )
-                self._cond.wait(min(remaining, 0.05))
-            return self.identifies(user_id)
+        wait_until(
+            lambda: len(self.identifies(user_id)) >= n,
+            timeout,
+            f"{n} identify call(s) for {user_id or 'anyone'}",
+            detail=lambda: f"{len(self.identifies(user_id))} arrived",
+        )
+        return self.identifies(user_id)
 
     def _refuse(self, reason: str) -> tuple[int, dict, bytes]:
         with self._cond:
@@ -492,72 +489,3 @@ class FakeTrackingAPI(_Server):
                 )
             self._cond.notify_all()
         return _json(200, {"success": True})
-
-
-# --------------------------------------------------------------------------------------
-# Segment messages as the Webhooks destination delivers them (for POST /segment).
-# --------------------------------------------------------------------------------------
-
-
-def _message(kind: str, *, user_id: str | None, anonymous_id: str | None, **fields) -> dict:
-    import uuid
-    from datetime import datetime
-
-    message = {
-        "type": kind,
-        "messageId": f"m-{uuid.uuid4().hex}",
-        "timestamp": datetime.now(UTC).isoformat(),
-        **fields,
-    }
-    if user_id:
-        message["userId"] = user_id
-    if anonymous_id:
-        message["anonymousId"] = anonymous_id
-    return message
-
-
-def product_viewed(
-    product_id: str,
-    *,
-    user_id: str | None = None,
-    anonymous_id: str | None = "anon-catalog",
-    **details,
-) -> dict:
-    return _message(
-        "track",
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        event="Product Viewed",
-        properties={"product_id": product_id, **details},
-    )
-
-
-def order_completed(
-    product_ids: list[str], *, user_id: str | None = None, anonymous_id: str | None = None
-) -> dict:
-    return _message(
-        "track",
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        event="Order Completed",
-        properties={
-            "order_id": "o-" + "-".join(product_ids),
-            "products": [{"product_id": p, "quantity": 1} for p in product_ids],
-        },
-    )
-
-
-def identify(user_id: str, traits: dict, anonymous_id: str | None = None) -> dict:
-    return _message("identify", user_id=user_id, anonymous_id=anonymous_id, traits=traits)
-
-
-def deliver(client, *messages: dict) -> dict:
-    """POST the messages to the service's webhook (an open one) as a Webhooks (Actions)
-    batch; assert it was stored; return the summary."""
-    response = client.post(
-        "/segment",
-        data=json.dumps(list(messages)),
-        headers={"Content-Type": "application/json", "User-Agent": "Segment (Actions)"},
-    )
-    assert response.status_code == 200, response.get_data(as_text=True)
-    return response.get_json()

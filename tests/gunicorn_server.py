@@ -13,12 +13,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import requests
 
 from tests.operator import OPERATOR_TOKEN, TIMELESS_ENV
+from tests.waiting import child_pids, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,21 +92,23 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
         process.restart_worker = restart_worker  # type: ignore[attr-defined]
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout
-            while True:
+
+            def answers() -> bool:
                 if process.poll() is not None:
                     raise RuntimeError(
                         f"gunicorn exited with {process.returncode}:\n"
                         + log_path.read_text(errors="replace")
                     )
-                try:
-                    if requests.get(base + "/healthz", timeout=2).status_code in (200, 503):
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gunicorn did not answer in time")
-                time.sleep(0.1)
+                return requests.get(base + "/healthz", timeout=2).status_code in (200, 503)
+
+            wait_until(
+                answers,
+                timeout,
+                "gunicorn answering /healthz",
+                interval=0.1,
+                ignoring=(requests.RequestException,),
+                detail=lambda: log_path.read_text(errors="replace")[-3000:],
+            )
             yield base, process
         finally:
             stop(process)
@@ -115,37 +117,31 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
 
 
 def worker_pids(master_pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master_pid:
-            children.add(int(entry))
-    return children
+    """The gunicorn master's live workers."""
+    return child_pids(master_pid)
 
 
 def wait_for_workers(master_pid: int, count: int, timeout: float = 30.0) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = worker_pids(master_pid)
-        if len(pids) >= count:
-            return pids
-        time.sleep(0.1)
-    raise AssertionError(f"gunicorn has {worker_pids(master_pid)} workers, wanted {count}")
+    return wait_until(
+        lambda: (lambda pids: pids if len(pids) >= count else None)(worker_pids(master_pid)),
+        timeout,
+        f"gunicorn running {count} workers",
+        interval=0.1,
+        detail=lambda: f"workers now: {worker_pids(master_pid)}",
+    )
 
 
 def wait_for_log(process, text: str, timeout: float = 30.0) -> str:
     """Poll the server's output until it contains ``text``; the output so far."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def logged() -> str | None:
         log = process.log_path.read_text(errors="replace")
-        if text in log:
-            return log
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not logged within {timeout:.0f} s:\n{log[-3000:]}")
-        time.sleep(0.1)
+        return log if text in log else None
+
+    return wait_until(
+        logged,
+        timeout,
+        f"{text!r} logged",
+        interval=0.1,
+        detail=lambda: process.log_path.read_text(errors="replace")[-3000:],
+    )

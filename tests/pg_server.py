@@ -27,10 +27,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from tests.gunicorn_server import free_port
+from tests.waiting import wait_until
 
 
 @functools.cache
@@ -189,14 +189,17 @@ class ThrowawayPostgres:
         return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError(f"throwaway PostgreSQL on {self.port} not ready")
+        def accepts() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_until(
+            accepts,
+            timeout,
+            f"the throwaway PostgreSQL on {self.port} accepting connections",
+            interval=0.1,
+            ignoring=(OSError,),
+        )
 
     def cleanup(self) -> None:
         try:

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
-import hashlib
-import hmac
 import json
 import shutil
 import subprocess
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,6 +32,7 @@ from typing import Any, NamedTuple
 from requests.structures import CaseInsensitiveDict
 
 from tests.loopback import LoopbackServer
+from tests.waiting import wait_until
 
 # --------------------------------------------------------------------------
 # Fixed ids used by the scripted story (tests may assert on these).
@@ -102,6 +100,22 @@ STORY: list[tuple[str, str | None]] = [
     ("group", None),
     ("track", "Signed Up"),
 ]
+# The story's messages by position.
+(
+    PAGE,
+    VIEWED,
+    CLICKED,
+    ADDED,
+    IDENTIFY,
+    ALIAS,
+    WISHLIST,
+    ORDER,
+    V1_VIEWED,
+    V1_ORDER,
+    SCREEN,
+    GROUP,
+    SIGNED_UP,
+) = range(len(STORY))
 
 
 def emit_story(client) -> None:
@@ -242,15 +256,13 @@ class CaptureServer(LoopbackServer):
             self._requests.clear()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[CapturedRequest]:
-        """Block until at least ``count`` requests arrived (for async clients)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self._requests) < count:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"got {len(self._requests)} requests, wanted {count}")
-                self._cond.wait(remaining)
-            return list(self._requests)
+        """Wait until at least ``count`` requests arrived (for async clients)."""
+
+        def arrived() -> list[CapturedRequest] | None:
+            with self._cond:
+                return list(self._requests) if len(self._requests) >= count else None
+
+        return wait_until(arrived, timeout, f"{count} request(s) captured")
 
     def _response_for(self, req: CapturedRequest) -> tuple[int, dict[str, str], bytes]:
         if self.respond is not None:
@@ -394,12 +406,6 @@ def node_deliveries(messages: list[dict], secret: str | bytes) -> dict:
     }
 
 
-def py_sign(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA1 of ``body`` with Python's hmac (node_sign's counterpart, for tests
-    that sign raw bodies and need no JavaScript)."""
-    return hmac.new(secret.encode("utf-8"), body, hashlib.sha1).hexdigest()
-
-
 def node_sign(body: bytes, secret: str | bytes) -> str:
     """Hex HMAC-SHA1 of the exact ``body`` bytes, computed by node's crypto."""
     out = _run_node({"op": "sign", "body_b64": base64.b64encode(body).decode("ascii")}, secret)
@@ -416,22 +422,21 @@ def node_stringify(obj: Any) -> bytes:
 # --------------------------------------------------------------------------
 
 
-def classic_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
-    """Headers of a Webhooks (Classic) delivery (``bearer``: a configured Authorization
-    token, where the destination adds one)."""
-    headers = {"Content-Type": "application/json", "User-Agent": "Segment.io/1.0"}
+def _headers(user_agent: str, signature: str | None, bearer: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "User-Agent": user_agent}
     if signature is not None:
         headers["X-Signature"] = signature
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
     return headers
+
+
+def classic_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
+    """Headers of a Webhooks (Classic) delivery (``bearer``: a configured Authorization
+    token, where the destination adds one)."""
+    return _headers("Segment.io/1.0", signature, bearer)
 
 
 def actions_headers(signature: str | None = None, bearer: str | None = None) -> dict[str, str]:
     """Headers of a Webhooks (Actions) delivery (``bearer``: a configured Authorization token)."""
-    headers = {"Content-Type": "application/json", "User-Agent": "Segment (Actions)"}
-    if signature is not None:
-        headers["X-Signature"] = signature
-    if bearer is not None:
-        headers["Authorization"] = f"Bearer {bearer}"
-    return headers
+    return _headers("Segment (Actions)", signature, bearer)

@@ -20,13 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import raw_client, store_of
-from tests.fake_segment_apis import (
-    MAX_EVENT_BYTES,
-    FakeTrackingAPI,
-    deliver,
-    order_completed,
-    product_viewed,
-)
+from tests.deliveries import deliver, order_completed, product_viewed
+from tests.fake_segment_apis import MAX_EVENT_BYTES, FakeTrackingAPI
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     get,
     ids,
@@ -35,6 +30,7 @@ from tests.test_recommendations import (  # noqa: F401  (fixtures)
     profile_api,
     runtime,
 )
+from tests.waiting import wait_until
 from webhook.storage.schema import activations, profiles
 
 WRITE_KEY = "wk-shop-0123"
@@ -196,6 +192,10 @@ def test_anonymous_visitors_and_related_items_are_not_activated(activating_app, 
     get(client, "itemId=item-9&numResults=3")
     settle(app)
     assert tracking.identifies() == []
+    # The positive control: a known user's answer from the same app is written back.
+    get(client, "userId=u-1&numResults=3")
+    settle(app)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-1"]
 
 
 def test_popular_fallbacks_and_opt_outs_are_not_activated(
@@ -210,6 +210,10 @@ def test_popular_fallbacks_and_opt_outs_are_not_activated(
     assert get(client, "userId=u-down&numResults=2")["source"] == "popular"
     settle(app)
     assert tracking.identifies() == []
+    # The positive control: Personalize's answer for a user who did not opt out is.
+    assert get(client, "userId=u-in&numResults=2")["source"] == "personalize"
+    settle(app)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-in"]
 
 
 def test_an_opted_out_user_is_not_activated_even_without_popular_items(
@@ -220,6 +224,10 @@ def test_an_opted_out_user_is_not_activated_even_without_popular_items(
     app.test_client().get("/recommendations?userId=u-out&numResults=2")
     settle(app)
     assert tracking.identifies("u-out") == []
+    # The positive control: the same app writes back for a user who did not opt out.
+    get(app.test_client(), "userId=u-in&numResults=2")
+    settle(app)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-in"]
 
 
 # --- after an Order Completed -------------------------------------------------------------
@@ -251,6 +259,10 @@ def test_an_anonymous_order_is_not_activated(activating_app, tracking):
     deliver(app.test_client(), order_completed(["item-1"], anonymous_id="anon-3"))
     settle(app)
     assert tracking.identifies() == []
+    # The positive control: the same order by a known user is followed by a write-back.
+    deliver(app.test_client(), order_completed(["item-1"], user_id="u-3"))
+    settle(app)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-3"]
 
 
 # --- without a write key: the local profile store -----------------------------------------
@@ -273,7 +285,7 @@ def test_without_a_write_key_the_trait_goes_into_the_local_profile_store(
 def test_local_activation_keeps_other_traits_and_deduplicates(
     personalize_app, runtime, database_url
 ):
-    from tests.fake_segment_apis import identify
+    from tests.deliveries import identify
 
     app = personalize_app(database_url=database_url, activation_interval_seconds=3600)
     client = app.test_client()
@@ -418,6 +430,17 @@ def test_profile_api_down_or_429_with_opt_out_true_gets_popular_items_and_no_wri
     assert tracking.identifies() == []
     with store_of(app).read() as conn:  # nothing was even considered for write-back
         assert conn.execute(sa.select(sa.func.count()).select_from(activations)).scalar() == 0
+    # The positive control: the same setup with the Profile API answering writes back
+    # for a user who did not opt out (once a 429's pause, shared by the hosts, is over).
+    answering = activating_app(profile_api_timeout_seconds=0.3)
+    wait_until(
+        lambda: get(answering.test_client(), "userId=u-in&numResults=5")["source"] == "personalize",
+        5,
+        "a personalized answer with the Profile API answering",
+        interval=0.2,
+    )
+    settle(answering)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-in"]
 
 
 def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(
@@ -430,6 +453,13 @@ def test_a_purchase_while_the_profile_api_is_down_writes_nothing_back(
     deliver(app.test_client(), order_completed(["item-1"], user_id="u-7"))
     settle(app)
     assert tracking.identifies() == []
+    # The positive control: with the Profile API answering again, a purchase by a user
+    # who did not opt out is written back, and still nothing for the one who did.
+    profile_api.fail(None)
+    deliver(app.test_client(), order_completed(["item-1"], user_id="u-8"))
+    deliver(app.test_client(), order_completed(["item-2"], user_id="u-7"))
+    settle(app)
+    assert [m["userId"] for m in tracking.identifies()] == ["u-8"]
 
 
 # --- bounded activation ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.deliveries import send_signed, wait_applied
+from tests.deliveries import Seeder, wait_applied
 from tests.gunicorn_server import ROOT, gunicorn
 from webhook.tokens import mint_token
 
@@ -55,88 +55,39 @@ PRODUCTS = [
 ]
 
 
-class Seeder:
-    """Sends signed Segment messages to POST /segment, as the Webhooks destination would."""
+def seeder_for(base: str) -> Seeder:
+    """The shop's messages, at a fixed time, each applied before the next is sent."""
+    return Seeder(base, SHARED_SECRET, timestamp="2026-11-27T12:00:00.000Z", settle=True)
 
-    def __init__(self, base: str):
-        self.base = base
-        self.n = 0
 
-    def send(self, message: dict) -> dict:
-        self.n += 1
-        message = {
-            "messageId": f"browser-{self.n}-{os.urandom(4).hex()}",
-            "timestamp": "2026-11-27T12:00:00.000Z",
-            **message,
-        }
-        summary = send_signed(self.base, SHARED_SECRET, [message])
-        # The appliers write it behind the 200 (within a second): the tests start from
-        # the state they seeded.
-        wait_applied(self.base, 10)
-        return summary
+def view(seeder: Seeder, anonymous_id: str, product: tuple) -> None:
+    item_id, name, price, colour = product
+    seeder.view(
+        anonymous_id,
+        item_id,
+        name=name,
+        price=price,
+        url=f"https://shop.example/p/{item_id}",
+        image_url=_image(colour, name.split()[-1]),
+    )
 
-    def view(self, anonymous_id: str, product: tuple, **extra) -> None:
-        item_id, name, price, colour = product
-        self.send(
-            {
-                "type": "track",
-                "event": "Product Viewed",
-                "anonymousId": anonymous_id,
-                "properties": {
-                    "product_id": item_id,
-                    "name": name,
-                    "price": price,
-                    "url": f"https://shop.example/p/{item_id}",
-                    "image_url": _image(colour, name.split()[-1]),
-                    **extra,
-                },
-            }
-        )
 
-    def order(self, user_id: str, item_ids: list[str]) -> None:
-        self.send(
-            {
-                "type": "track",
-                "event": "Order Completed",
-                "userId": user_id,
-                "properties": {
-                    "order_id": f"o-{self.n}",
-                    "products": [{"product_id": i} for i in item_ids],
-                },
-            }
-        )
+def catalog(seeder: Seeder) -> None:
+    for rank, product in enumerate(PRODUCTS):
+        for viewer in range(len(PRODUCTS) - rank):
+            view(seeder, f"anon-{viewer}", product)
+    # An item the catalog knows nothing about: only its id.
+    seeder.view("anon-x", "sku-bare")
 
-    def identify(self, user_id: str, traits: dict) -> None:
-        self.send({"type": "identify", "userId": user_id, "traits": traits})
 
-    def catalog(self) -> None:
-        for rank, product in enumerate(PRODUCTS):
-            for viewer in range(len(PRODUCTS) - rank):
-                self.view(f"anon-{viewer}", product)
-        # An item the catalog knows nothing about: only its id.
-        self.send(
-            {
-                "type": "track",
-                "event": "Product Viewed",
-                "anonymousId": "anon-x",
-                "properties": {"product_id": "sku-bare"},
-            }
-        )
-
-    def hostile_item(self) -> None:
-        self.send(
-            {
-                "type": "track",
-                "event": "Product Viewed",
-                "anonymousId": "anon-x",
-                "properties": {
-                    "product_id": "sku-evil",
-                    "name": "<img src=x onerror=\"document.title='pwned'\">",
-                    "url": "javascript:document.title='pwned'",
-                    "image_url": "javascript:alert(1)",
-                },
-            }
-        )
+def hostile_item(seeder: Seeder) -> None:
+    seeder.view(
+        "anon-x",
+        "sku-evil",
+        name="<img src=x onerror=\"document.title='pwned'\">",
+        url="javascript:document.title='pwned'",
+        image_url="javascript:alert(1)",
+    )
 
 
 @contextlib.contextmanager
@@ -198,8 +149,8 @@ def open_service(tmp_path_factory, origins):
     """No SECRET_KEY: anyone may ask. CORS allows one other origin."""
     tmp = tmp_path_factory.mktemp("open")
     with _service(_service_env(tmp, "open", CORS_ORIGINS=origins["allowed"])) as (base, _):
-        seeder = Seeder(base)
-        seeder.catalog()
+        seeder = seeder_for(base)
+        catalog(seeder)
         seeder.identify("u-shopper", {"name": "Ada", "purchased_products": ["sku-2"]})
         seeder.order("u-shopper", ["sku-5"])
         yield base, seeder
@@ -218,9 +169,9 @@ def locked_service(tmp_path_factory, origins):
         ENGINE_EXCLUDE_SEEN="false",
     )
     with _service(env) as (base, _):
-        seeder = Seeder(base)
-        seeder.catalog()
-        seeder.hostile_item()
+        seeder = seeder_for(base)
+        catalog(seeder)
+        hostile_item(seeder)
         yield base, seeder
 
 

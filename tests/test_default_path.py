@@ -8,56 +8,22 @@ README's first command does (background training once failed there for ever).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import time
 from datetime import UTC
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
 from tests.gunicorn_server import free_port
+from tests.project import newcomer_environment, project_copy
+from tests.waiting import descendants, niceness, process_gone, wait_until
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def project_copy(destination: Path) -> Path:
-    """The project's files as a clone would have them (tracked and new, not ignored), with
-    their modification times, and the project's virtual environment linked in: ``make``
-    then finds it up to date and installs nothing."""
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = ROOT / name
-        if not source.is_file():
-            continue  # deleted in the working tree
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-    venv = ROOT / ".venv"
-    assert venv.is_dir(), "the tests run from the project's .venv (make test)"
-    (destination / ".venv").symlink_to(venv)
-    return destination
-
-
-def newcomer_environment(home: Path, **extra: str) -> dict[str, str]:
-    """What a fresh shell has: no DATABASE_URL, no secret, no AWS or Segment account."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8"}
-    env.update(extra)
-    return env
 
 
 def start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -77,20 +43,16 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def wait_until(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(
-        f"{what} within {timeout:.0f} s (last: {last!r}):\n"
-        + log.read_text(errors="replace")[-4000:]
+def wait_logged(predicate, timeout: float, what: str, log: Path):
+    """``wait_until`` for a server started here: a refused connection is waited out, and
+    a timeout shows the tail of its log."""
+    return wait_until(
+        predicate,
+        timeout,
+        what,
+        interval=0.25,
+        ignoring=(requests.RequestException,),
+        detail=lambda: log.read_text(errors="replace")[-4000:],
     )
 
 
@@ -138,8 +100,9 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
     env = newcomer_environment(tmp_path, PORT=str(port))
     process = start(["make", "run"], project, env, log)
     base = f"http://127.0.0.1:{port}"
+    family: list[int] = []  # make's processes: honcho, the web's and the worker's
     try:
-        health = wait_until(
+        health = wait_logged(
             lambda: requests.get(base + "/healthz", timeout=2),
             120,
             "make run answers /healthz",
@@ -165,7 +128,7 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
             ).json()
             return body if body.get("source") == "local" else None
 
-        body = wait_until(local_answer, 90, "answers come from the local engine", log)
+        body = wait_logged(local_answer, 90, "answers come from the local engine", log)
         assert body["itemList"], body
         # Visitor 0 viewed group 0's products: the engine recommends the rest of group 0.
         assert all(item["itemId"].startswith("sku-0-") for item in body["itemList"]), body
@@ -174,25 +137,29 @@ def test_make_run_serves_and_trains_by_itself_with_no_configuration(tmp_path):
         text = log.read_text(errors="replace")
         assert "background training failed" not in text
         assert "Traceback" not in text
+        family = descendants(process.pid)
+        (worker,) = [p for p in family if psutil.Process(p).cmdline()[-1:] == ["worker"]]
         # Both of the Procfile's processes run (honcho prefixes each line with its name).
         assert "web.1" in text and "worker.1" in text, text[-4000:]
-        running = processes_in(project)
-        assert len(running) >= 3, running  # honcho, gunicorn's master and workers, the worker
+        # Below the web's priority (WORKER_NICE), in the session honcho started it in (so
+        # in the process group honcho signals), whose autogroup, where the kernel has
+        # them, gets the same nice value: the session holds the worker alone.
+        assert niceness(worker) == 10
+        assert os.getsid(worker) != os.getsid(process.pid)
+        autogroup = Path(f"/proc/{worker}/autogroup")
+        if autogroup.exists() and autogroup.read_text().strip():
+            assert autogroup.read_text().split()[-1] == "10", autogroup.read_text()
     finally:
         stop(process)
-    # One Ctrl-C stops both processes: nothing started from the project is left.
-    wait_until(lambda: not processes_in(project), 30, "every process stops on Ctrl-C", log)
-
-
-def processes_in(folder: Path) -> list[str]:
-    """The command lines of the processes running in ``folder`` (their working directory)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cwd", "cmdline", "status"]):
-        info = proc.info
-        if info["status"] == psutil.STATUS_ZOMBIE or not info["cwd"]:
-            continue
-        if Path(info["cwd"]) == folder:
-            found.append(" ".join(info["cmdline"] or []))
-    return found
+    # Ctrl-C stops all of it: the worker too, though it runs in a session of its own.
+    try:
+        wait_until(
+            lambda: all(process_gone(p) for p in family),
+            30,
+            "every process of make run gone after Ctrl-C",
+            detail=lambda: [psutil.Process(p).cmdline() for p in family if not process_gone(p)],
+        )
+    finally:
+        for pid in family:  # whatever outlived it: this test started it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

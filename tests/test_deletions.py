@@ -22,9 +22,10 @@ import sqlalchemy as sa
 
 from tests.conftest import aws_stand_ins, store_of
 from tests.conftest import health as health_of
+from tests.deliveries import deliver, product_viewed
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.fake_personalize_control import FakePersonalizeControl
-from tests.fake_segment_apis import deliver, product_viewed
+from tests.waiting import wait_until
 from webhook.deletions import personalize_deletions
 from webhook.storage.schema import interactions
 
@@ -226,11 +227,11 @@ def test_the_background_loop_sends_them_every_interval(personalize_app, aws, s3)
     deliver(app.test_client(), delete("u-bg"))
     sync.start()  # what the worker does
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not any(
-            j["status"] == "COMPLETED" for j in control.jobs()
-        ):
-            time.sleep(0.05)
+        wait_until(
+            lambda: any(j["status"] == "COMPLETED" for j in control.jobs()),
+            15,
+            "a completed data deletion job",
+        )
     finally:
         sync.stop()
     (job,) = control.jobs()
@@ -316,7 +317,7 @@ def test_a_deletion_leaves_nothing_of_the_person_anywhere(personalize_app, aws, 
     letter). After her deletion no table, no inbox body and, on SQLite, no byte of the
     files holds any of it; Bob, beside her, keeps everything. The data deletion job names
     every id of hers, and its CSV is gone from S3 once it completed."""
-    from tests.fake_segment_apis import identify, order_completed
+    from tests.deliveries import identify, order_completed
 
     control, events = aws
     app = personalize_app(insights_retention_days=90.0, attribution_hold_seconds=0.0)
@@ -446,7 +447,7 @@ def test_a_delete_without_message_id_is_applied_once(make_app):
 
 
 def test_an_anonymous_only_delete_forgets_that_anonymous_id(make_app):
-    from tests.fake_segment_apis import identify
+    from tests.deliveries import identify
 
     app = make_app()
     client = app.test_client()

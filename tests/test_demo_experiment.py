@@ -15,13 +15,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 
 from tests.gunicorn_server import ROOT, free_port
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.requires("chromium"), pytest.mark.browser, pytest.mark.slow]
 
@@ -56,11 +56,12 @@ def demo(tmp_path_factory):
         )
     started: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + READY_SECONDS
-        while f"/insights?days={DAYS}" not in log.read_text(errors="replace"):
+
+        def ready() -> bool:
             assert process.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "the demo was not ready in time"
-            time.sleep(0.5)
+            return f"/insights?days={DAYS}" in log.read_text(errors="replace")
+
+        wait_until(ready, READY_SECONDS, "the demo ready", interval=0.5)
         started = psutil.Process(process.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
         assert "gunicorn" in names and "worker" in names, names  # the Procfile's two

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests import deliveries
 from webhook.engine import engine_for, recommender_for, service
 from webhook.engine import persistence as db
 from webhook.storage.schema import engine_models
@@ -20,18 +21,14 @@ _counter = iter(range(10**9))
 
 
 def track(user, item, second, event="Product Viewed", anon=None):
-    message = {
-        "type": "track",
-        "event": event,
-        "messageId": f"m-{next(_counter)}",
-        "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
-        "properties": {"product_id": item},
-    }
-    if user:
-        message["userId"] = user
-    if anon:
-        message["anonymousId"] = anon
-    return message
+    return deliveries.track(
+        event,
+        item,
+        message_id=f"m-{next(_counter)}",
+        user_id=user,
+        anonymous_id=anon,
+        timestamp=f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
+    )
 
 
 def post(app, messages):

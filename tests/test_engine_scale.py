@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import raw_client
+from tests.waiting import wait_until
 from webhook.engine import engine_for, recommender_for
 from webhook.engine.importer import ImportReport, import_messages
 
@@ -81,9 +82,9 @@ def test_a_visitor_with_50000_interactions_is_answered_as_fast_as_one_with_50(
         assert response.status_code == 200
         return response.get_json()["source"], time.perf_counter() - started
 
-    deadline = time.monotonic() + 30
-    while answer("crawler")[0] != "local":  # until this process has loaded the model
-        assert time.monotonic() < deadline, "the model was not loaded"
+    wait_until(  # until this process has loaded the model
+        lambda: answer("crawler")[0] == "local", 30, "the model loaded", interval=0
+    )
     timings: dict[str, list[float]] = {"typical": [], "crawler": []}
     for round_ in range(320):  # alternately, so that the machine's noise hits both alike
         for user in ("typical", "crawler") if round_ % 2 else ("crawler", "typical"):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import deliveries
 from tests.conftest import aws_stand_ins
 from tests.fake_personalize import FakePersonalizeEvents
 from tests.segment_wire import USER_ID
@@ -147,14 +148,13 @@ def test_export_matches_the_real_time_path(corpus, realtime, tmp_path):
 
 
 def _message(n: int, **extra) -> dict:
-    base = {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": f"m-{n}",
-        "userId": f"u-{n % 3}",
-        "timestamp": f"2024-05-01T10:00:{n:02d}Z",
-        "properties": {"product_id": f"sku-{n % 4}", "price": 10 + n, "currency": "EUR"},
-    }
+    base = deliveries.track(
+        product_id=f"sku-{n % 4}",
+        message_id=f"m-{n}",
+        user_id=f"u-{n % 3}",
+        timestamp=f"2024-05-01T10:00:{n:02d}Z",
+        properties={"price": 10 + n, "currency": "EUR"},
+    )
     base.update(extra)
     return base
 
@@ -215,13 +215,13 @@ def test_duplicates_bad_lines_and_line_shapes(tmp_path):
 
 
 def test_latest_traits_win_by_message_time_not_file_order(tmp_path):
-    later = {
-        "type": "identify",
-        "messageId": "i-2",
-        "userId": "u1",
-        "timestamp": "2024-05-02T00:00:00Z",
-        "traits": {"plan": "pro"},
-    }
+    later = deliveries.message(
+        "identify",
+        message_id="i-2",
+        user_id="u1",
+        timestamp="2024-05-02T00:00:00Z",
+        traits={"plan": "pro"},
+    )
     earlier = {
         "type": "identify",
         "messageId": "i-1",

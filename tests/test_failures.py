@@ -44,6 +44,7 @@ from tests.fake_personalize import FakePersonalizeEvents
 from tests.gunicorn_server import free_port, gunicorn, wait_for_workers
 from tests.operator import OPERATOR
 from tests.prerequisites import require
+from tests.waiting import process_gone, wait_until
 from webhook.storage import inbox_url_for
 
 SEGMENT_DEADLINE = 5.0
@@ -190,13 +191,20 @@ def test_recommendations_while_postgres_is_down_are_a_503_or_degraded_never_a_50
             )
         pg.start()
         back: dict = {}
-        deadline = time.monotonic() + 15  # the pools reconnect on their next checkout
-        while set(back.values()) != {200} and time.monotonic() < deadline:
-            back = {
-                q: requests.get(f"{base}/recommendations?{q}", timeout=5).status_code
-                for q in queries
-            }
-            time.sleep(0.1)
+
+        def recovered() -> bool:
+            back.update(
+                {
+                    q: requests.get(f"{base}/recommendations?{q}", timeout=5).status_code
+                    for q in queries
+                }
+            )
+            return set(back.values()) == {200}
+
+        # The pools reconnect on their next checkout.
+        wait_until(
+            recovered, 15, "answers after PostgreSQL came back", interval=0.1, detail=lambda: back
+        )
     print(f"\nwhile down: {down}; back: {back}")
     for query, (status, retry_after, _) in down.items():
         assert status in (200, 503), (query, down)
@@ -226,14 +234,6 @@ def _lease(engine, name: str):
             ),
             {"n": name},
         ).first()
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.slow
@@ -360,6 +360,7 @@ def test_web_workers_killed_mid_request_lose_nothing_acknowledged(tmp_path):
                 workers = sorted(wait_for_workers(process.pid, 2))
                 victim = workers[len(kills) % len(workers)]
                 os.kill(victim, signal.SIGKILL)
+                wait_until(lambda v=victim: process_gone(v), 10, f"the killed worker {victim} gone")
                 kills.append(victim)
 
         thread = threading.Thread(target=killer)
@@ -534,7 +535,7 @@ def test_retention_prunes_while_deliveries_go_on_and_a_redelivery_in_the_window_
 
 
 def _seeded_profile_app(make_app, profile_url: str):
-    from tests.fake_segment_apis import deliver, order_completed, product_viewed
+    from tests.deliveries import deliver, order_completed, product_viewed
 
     app = make_app(
         segment_profile_api_token="profile-token",

@@ -8,8 +8,6 @@ wrong; under gunicorn, never a dead worker.
 from __future__ import annotations
 
 import copy
-import hashlib
-import hmac
 import json
 import os
 import string
@@ -22,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import store_of
+from tests.deliveries import sign
 from tests.gunicorn_server import gunicorn, wait_for_workers, worker_pids
 from tests.segment_wire import capture_corpus
 from webhook.signature import js_stringify
@@ -78,10 +77,6 @@ mangled = json_values | odd_text
 query_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
     ["", " ", "\x00", "a" * 257, "0", "-1", "501", "1e3", "25 ", "\u00a0"]
 )
-
-
-def sign(body: bytes) -> str:
-    return hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
 
 
 def stored_ids(app) -> set[str]:
@@ -218,8 +213,8 @@ def signature_for(delivery: dict | list) -> str:
     rules) for a Webhooks (Actions) array. ``js_stringify`` is checked byte for byte
     against Node's JSON.stringify in tests/test_js_stringify.py."""
     if isinstance(delivery, list):
-        return sign(js_stringify(delivery[0]).encode("utf-8", "surrogatepass"))
-    return sign(json.dumps(delivery).encode())
+        return sign(js_stringify(delivery[0]).encode("utf-8", "surrogatepass"), SECRET)
+    return sign(json.dumps(delivery).encode(), SECRET)
 
 
 def shape(delivery) -> str:
@@ -336,9 +331,7 @@ def wrong_signatures(draw, right: str):
     if kind == "extend":
         return right + draw(st.text(alphabet="0123456789abcdef", min_size=1, max_size=4))
     if kind == "other":
-        return hmac.new(
-            draw(st.text(min_size=1, max_size=20)).encode(), b"x", hashlib.sha1
-        ).hexdigest()
+        return sign(b"x", draw(st.text(min_size=1, max_size=20)))
     if kind == "prefix":
         return draw(st.sampled_from(["sha1=", "sha256=", "v1,"])) + right
     return draw(st.text(alphabet=string.printable.strip() + " ", max_size=60))
@@ -354,11 +347,11 @@ def test_a_wrong_signature_never_stores_anything(signed_app, data, index, shape)
     client = signed_app.test_client()
     if shape == "classic":
         body = json.dumps(CORPUS[index]).encode()
-        right = sign(body)
+        right = sign(body, SECRET)
     else:
         batch = CORPUS[index:] + CORPUS[:index]
         body = json.dumps(batch).encode()
-        right = sign(js_stringify(batch[0]).encode())
+        right = sign(js_stringify(batch[0]).encode(), SECRET)
     presented = data.draw(wrong_signatures(right))
     assume(presented.strip().lower() != right)
     before = stored_ids(signed_app)

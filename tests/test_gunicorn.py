@@ -1,7 +1,5 @@
 """The service as deployed: gunicorn with several workers."""
 
-import hashlib
-import hmac
 import json
 import os
 import time
@@ -11,9 +9,10 @@ import pytest
 import requests
 
 from tests.conftest import sample
-from tests.deliveries import wait_applied
+from tests.deliveries import sign, track, wait_applied
 from tests.gunicorn_server import gunicorn, wait_for_workers
 from tests.operator import OPERATOR
+from tests.waiting import niceness, wait_until
 
 pytestmark = pytest.mark.slow  # each test starts gunicorn
 
@@ -22,19 +21,17 @@ SECRET = "gunicorn-test-secret"
 
 def _signed(message):
     body = json.dumps(message, separators=(",", ":")).encode()
-    signature = hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
-    return body, {"Content-Type": "application/json", "X-Signature": signature}
+    return body, {"Content-Type": "application/json", "X-Signature": sign(body, SECRET)}
 
 
 def _message(n):
-    return {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": f"gm-{n}",
-        "anonymousId": f"anon-{n % 7}",
-        "timestamp": "2026-11-27T10:00:00.000Z",
-        "properties": {"product_id": f"p-{n % 13}", "price": 9.5},
-    }
+    return track(
+        product_id=f"p-{n % 13}",
+        message_id=f"gm-{n}",
+        anonymous_id=f"anon-{n % 7}",
+        timestamp="2026-11-27T10:00:00.000Z",
+        properties={"price": 9.5},
+    )
 
 
 def _counter(text, kind, outcome):
@@ -82,11 +79,12 @@ def test_message_counter_is_correct_across_workers(tmp_path):
 
         # Each worker hands its delivery counts over within a second (metrics._Tally):
         # by then every scrape, whichever worker answers it, sees the sum over all.
-        deadline = time.monotonic() + 10
-        text = scrape()
-        while not complete(text) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            text = scrape()
+        text = wait_until(
+            lambda: (lambda text: text if complete(text) else None)(scrape()),
+            10,
+            "every worker's delivery counts in the scrape",
+            interval=0.1,
+        )
         assert _counter(text, "track", "accepted") == 120
         assert _counter(text, "track", "duplicate") == 30
         assert sample(text, "segment_deliveries_total", status="200") == 150
@@ -128,22 +126,6 @@ def test_bad_setting_stops_gunicorn_naming_the_variable(tmp_path):
     assert "configuration error: MAX_BODY_BYTES" in str(stopped.value)
 
 
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def _nice(pid):
-    with open(f"/proc/{pid}/stat") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[16])
-
-
 def _post(base, n):
     body, headers = _signed(_message(n))
     return requests.post(
@@ -171,9 +153,9 @@ def test_the_worker_applies_what_the_web_process_accepted_below_its_priority(tmp
     with gunicorn(env, workers=2) as (base, process):
         workers = wait_for_workers(process.pid, 2)
         worker = process.worker
-        _wait(lambda: _nice(worker.pid) == 7, 10, "the worker's priority lowered")
+        wait_until(lambda: niceness(worker.pid) == 7, 10, "the worker's priority lowered")
         for pid in workers:
-            assert _nice(pid) == 0  # the web processes keep the server's priority
+            assert niceness(pid) == 0  # the web processes keep the server's priority
         with ThreadPoolExecutor(4) as pool:
             assert all(a.status_code == 200 for a in pool.map(lambda n: _post(base, n), range(40)))
         wait_applied(base, 20)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import applied, metric, raw_client
 from tests.conftest import health as health_of
 from webhook.appliers import NOT_READY
@@ -42,18 +42,15 @@ def track(
     message_id: str | None = None,
     timestamp: str | None = None,
 ) -> dict:
-    message = {
-        "type": "track",
-        "event": event,
-        "properties": properties,
-        "messageId": message_id or uuid.uuid4().hex,
-        "timestamp": timestamp or now_iso(),
-    }
-    if user_id:
-        message["userId"] = user_id
-    if anonymous_id:
-        message["anonymousId"] = anonymous_id
-    return message
+    return deliveries.track(
+        event,
+        None,
+        properties=properties,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        message_id=message_id,
+        timestamp=timestamp or now_iso(),
+    )
 
 
 def deliver(client, *messages) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 import urllib.parse
 import uuid
 from collections import defaultdict
@@ -24,8 +23,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.deliveries import send_signed, wait_applied
+from tests.deliveries import Seeder, track, wait_applied
 from tests.gunicorn_server import gunicorn
+from tests.waiting import wait_until
 
 SHARED_SECRET = "insights-browser-shared-secret"
 INSIGHTS_TOKEN = "insights-browser-token-0123456789"
@@ -52,38 +52,19 @@ def _item_url(item_id: str) -> str:
     return f"https://shop.example/p/{item_id}?colour=oak"
 
 
-class Seeder:
-    """Signed Segment messages to POST /segment, as the Webhooks destination sends them,
-    timed now (attribution looks back from the event's own time)."""
-
-    def __init__(self, base: str):
-        self.base = base
-
-    def send(self, *messages: dict) -> None:
-        send_signed(
-            self.base,
-            SHARED_SECRET,
-            [{"messageId": uuid.uuid4().hex, "timestamp": _now_iso(), **m} for m in messages],
-        )
-
-    def catalog(self) -> None:
-        self.send(
-            *[
-                {
-                    "type": "track",
-                    "event": "Product Viewed",
-                    "anonymousId": f"anon-{n}",
-                    "properties": {
-                        "product_id": item_id,
-                        "name": name,
-                        "price": price,
-                        "url": _item_url(item_id),
-                    },
-                }
-                for rank, (item_id, name, price) in enumerate(PRODUCTS)
-                for n in range(len(PRODUCTS) - rank)
-            ]
-        )
+def catalog(seeder: Seeder) -> None:
+    """Every product viewed, the first by the most visitors: one delivery."""
+    seeder.send(
+        *[
+            track(
+                product_id=item_id,
+                anonymous_id=f"anon-{n}",
+                properties={"name": name, "price": price, "url": _item_url(item_id)},
+            )
+            for rank, (item_id, name, price) in enumerate(PRODUCTS)
+            for n in range(len(PRODUCTS) - rank)
+        ]
+    )
 
 
 def _recommend(base: str, user_id: str) -> dict:
@@ -109,28 +90,30 @@ def _report(base: str, days: int = 7, token: str | None = None) -> requests.Resp
 def _wait_for_counts(base: str, expected: dict[str, dict], token: str | None = None) -> dict:
     """Poll GET /insights until every variant's counts are the expected ones: attribution
     runs in the workers' background appliers, after the answers are recorded."""
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while True:
+    seen: dict = {}
+
+    def reached() -> dict | None:
         response = _report(base, token=token)
         assert response.status_code == 200, response.text
         body = response.json()
-        seen = {v["variant"]: {k: v[k] for k in COUNTED} for v in body["variants"]}
-        if all(seen.get(name) == counts for name, counts in expected.items()):
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"GET /insights did not reach the expected counts in "
-                f"{DEADLINE_SECONDS:.0f} s:\n  expected {expected}\n"
-                f"  seen     {seen}"
-            )
-        time.sleep(0.1)
+        seen.update({v["variant"]: {k: v[k] for k in COUNTED} for v in body["variants"]})
+        return body if all(seen.get(n) == c for n, c in expected.items()) else None
+
+    return wait_until(
+        reached,
+        DEADLINE_SECONDS,
+        "GET /insights showing the expected counts",
+        interval=0.1,
+        detail=lambda: f"  expected {expected}\n  seen     {seen}",
+    )
 
 
 def _seed_experiment(base: str, visitors: int) -> dict[str, dict]:
     """Visitors ask for recommendations; some click, add to the cart and order. Returns
     the counts GET /insights must show per variant."""
-    seeder = Seeder(base)
-    seeder.catalog()
+    # Timed now: attribution looks back from the event's own time.
+    seeder = Seeder(base, SHARED_SECRET)
+    catalog(seeder)
     # The catalog must be known before the first visitor asks, or the answer is empty.
     wait_applied(base, DEADLINE_SECONDS)
     expected: dict[str, dict] = defaultdict(lambda: dict.fromkeys(COUNTED, 0))

@@ -1,8 +1,6 @@
 """Log lines: JSON with a request id for machines, short text lines for people
 (LOG_FORMAT), and in either format never a secret or an email address."""
 
-import hashlib
-import hmac
 import json
 import os
 import pty
@@ -15,6 +13,7 @@ import time
 import pytest
 import requests
 
+from tests.deliveries import sign
 from tests.gunicorn_server import ROOT, gunicorn
 
 SECRET = "log-test-shared-secret-0000"
@@ -34,7 +33,7 @@ def _run_deliveries(env: dict):
         "traits": {"email": "jane.doe@example.com", "name": "Jane"},
     }
     body = json.dumps(identify).encode()
-    good = hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()
+    good = sign(body, SECRET)
     with gunicorn(env, workers=1) as (base, process):
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {BEARER}"}
         ok = requests.post(
@@ -73,7 +72,7 @@ def _run_deliveries(env: dict):
                 timeout=5,
                 headers={
                     **headers,
-                    "X-Signature": hmac.new(SECRET.encode(), bad, hashlib.sha1).hexdigest(),
+                    "X-Signature": sign(bad, SECRET),
                 },
             ).status_code
             == 400

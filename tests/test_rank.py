@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests import pg_server
+from tests import deliveries, pg_server
 from tests.conftest import aws_stand_ins, raw_client
 from tests.fake_personalize import FakePersonalizeRuntime
 from webhook.tokens import mint_token
@@ -15,14 +15,13 @@ _counter = iter(range(10**9))
 
 
 def track(user, item, second, event="Product Viewed"):
-    return {
-        "type": "track",
-        "event": event,
-        "messageId": f"r-{next(_counter)}",
-        "userId": user,
-        "timestamp": f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
-        "properties": {"product_id": item},
-    }
+    return deliveries.track(
+        event,
+        item,
+        message_id=f"r-{next(_counter)}",
+        user_id=user,
+        timestamp=f"2024-05-01T10:{second // 60:02d}:{second % 60:02d}Z",
+    )
 
 
 def catalogue():

@@ -20,16 +20,12 @@ import time
 import pytest
 
 from tests.conftest import aws_stand_ins, metric  # noqa: F401  (metric: also for other modules)
+from tests.deliveries import deliver, identify, order_completed, product_viewed
 from tests.fake_personalize import FakePersonalizeRuntime
-from tests.fake_segment_apis import (
-    FakeProfileAPI,
-    deliver,
-    identify,
-    order_completed,
-    product_viewed,
-)
+from tests.fake_segment_apis import FakeProfileAPI
 from tests.gunicorn_server import free_port
 from tests.operator import OPERATOR
+from tests.waiting import wait_until
 from webhook.settings import Settings
 from webhook.tokens import mint_token
 
@@ -124,17 +120,6 @@ def ids(body: dict) -> list[str]:
 
 def items(first: int, last: int) -> list[str]:
     return [f"item-{i}" for i in range(first, last + 1)]
-
-
-def eventually(probe, expected, timeout: float = 5.0):
-    """Poll ``probe()`` until it returns ``expected`` or the deadline passes; the last
-    value either way (compare it with ``expected``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value == expected or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def recommendation_calls(runtime, **match) -> list[dict]:
@@ -628,9 +613,11 @@ def test_profile_api_errors_give_popular_items(personalize_app, profile_api, sta
     assert ids(body) == ["pop-a", "pop-b"] and body["source"] == "popular"
     assert str(status) in body["degraded"]["profile"]
     profile_api.fail(None)  # an error is not cached (a 429 pauses calls for 1 s first)
-    assert eventually(
-        lambda: ids(get(client, "userId=u-1&numResults=2")), ["item-2", "item-3"]
-    ) == ["item-2", "item-3"]
+    wait_until(
+        lambda: ids(get(client, "userId=u-1&numResults=2")) == ["item-2", "item-3"],
+        5,
+        "personalized answers again",
+    )
 
 
 def test_no_profile_means_not_opted_out(personalize_app, profile_api):
@@ -998,9 +985,10 @@ def test_a_429_pauses_every_call_for_its_retry_after_and_is_counted(
     assert len(profile_api.requests) == 1
     assert metric(client, "profile_lookups_total", outcome="paused") > paused_before
     # Then the calls resume.
-    assert (
-        eventually(lambda: get(client, "userId=u-2&numResults=2")["source"], "personalize")
-        == "personalize"
+    wait_until(
+        lambda: get(client, "userId=u-2&numResults=2")["source"] == "personalize",
+        5,
+        "personalized answers again",
     )
     assert time.monotonic() - started >= pause
 
@@ -1021,7 +1009,7 @@ def test_each_host_takes_its_share_of_the_budget(personalize_app, profile_api, d
         )
     get(app.test_client(), "userId=warm-up&numResults=1")  # the first call beats
     share = app.extensions["segment"].recommendations.profiles.share
-    assert eventually(lambda: share.hosts, 2) == 2
+    wait_until(lambda: share.hosts == 2, 5, "two hosts sharing the budget")
     profile_api.clear()
     for n in range(60):
         profile_api.set_traits(f"user_id:v-{n}", {"recommendations_opt_out": False})

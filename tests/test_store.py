@@ -14,7 +14,9 @@ from datetime import UTC
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import applied, raw_client, store_of
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -36,32 +38,26 @@ def track(
     event="Product Viewed",
     **properties,
 ):
-    message = {
-        "type": "track",
-        "event": event,
-        "messageId": message_id,
-        "timestamp": iso(second),
-        "properties": {"product_id": product_id, **properties},
-    }
-    if user:
-        message["userId"] = user
-    if anon:
-        message["anonymousId"] = anon
-    return message
+    return deliveries.track(
+        event,
+        product_id,
+        message_id=message_id,
+        user_id=user,
+        anonymous_id=anon,
+        timestamp=iso(second),
+        properties=properties,
+    )
 
 
 def identify(message_id, traits, *, user="user-1", anon=None, second=0):
-    message = {
-        "type": "identify",
-        "messageId": message_id,
-        "timestamp": iso(second),
-        "traits": traits,
-    }
-    if user:
-        message["userId"] = user
-    if anon:
-        message["anonymousId"] = anon
-    return message
+    return deliveries.message(
+        "identify",
+        message_id=message_id,
+        user_id=user,
+        anonymous_id=anon,
+        timestamp=iso(second),
+        traits=traits,
+    )
 
 
 def post(client, payload, status=200):
@@ -595,10 +591,12 @@ def test_sqlite_wal_is_copied_into_the_database_file_in_the_background(make_app,
     services = app.extensions["segment"]
     services.start_worker()
     try:
-        deadline = time.monotonic() + 10
-        while copied() != (20, 20) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert copied() == (20, 20)
+        wait_until(
+            lambda: copied() == (20, 20),
+            10,
+            "every row checkpointed into the database files",
+            detail=copied,
+        )
     finally:
         services.stop()
 
@@ -644,3 +642,45 @@ def test_postgresql_rows_committed_out_of_order_wait_and_are_applied_in_order(
         assert sorted(interactions(app)) == ["early-1", "late-1"]
     finally:
         engine.dispose()
+
+
+def test_an_inbox_row_pruned_before_it_was_applied_is_counted_as_expired(
+    make_app, database_url, caplog
+):
+    """MESSAGE_RETENTION_HOURS prunes the inbox. Rows the appliers have applied go
+    silently (they are only pruned); a row no applier reached yet is lost to it: counted
+    in inbox_expired_total{applier} and logged. (The newest row is always kept.)"""
+    import logging
+
+    from tests.conftest import metric
+
+    app = make_app(database_url=database_url, message_retention_hours=1.0)
+    services = app.extensions["segment"]
+    reader = raw_client(app)  # reading /metrics applies nothing
+
+    def expired() -> float:
+        return metric(reader, "inbox_expired_total", applier="local")
+
+    before = expired()
+    applied_ones = [track(f"applied-{n}", f"p-{n}") for n in range(3)]
+    assert app.test_client().post("/segment", json=applied_ones).status_code == 200
+    later = time.time() + 7200  # two hours on: every row is older than the hour
+    with caplog.at_level(logging.ERROR, logger="webhook.inbox"):
+        assert services.retention.run_once(now=later)["inbox"] == 2  # all but the newest
+        assert expired() == before  # applied, then pruned: nothing expired
+        assert not [r for r in caplog.records if "expired" in r.getMessage()]
+
+        waiting = [track(f"waiting-{n}", f"q-{n}") for n in range(3)]
+        assert raw_client(app).post("/segment", json=waiting).status_code == 200
+        assert services.retention.run_once(now=later)["inbox"] == 3  # the kept one, two new
+    assert expired() == before + 2  # the two unapplied ones; the newest waits still
+    logged = {
+        r.applier: r.getMessage()
+        for r in caplog.records
+        if "expired before they were applied" in r.getMessage()
+    }
+    assert "2 message(s)" in logged["local"]  # (and for each other applier behind)
+    applied(app)
+    with store_of(app).read() as conn:
+        stored = {r[0] for r in conn.execute(sa.text("SELECT event_id FROM interactions"))}
+    assert stored == {"applied-0", "applied-1", "applied-2", "waiting-2"}  # two were lost

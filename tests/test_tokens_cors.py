@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from tests.fake_segment_apis import deliver, product_viewed
+from tests.deliveries import deliver, product_viewed
 from webhook.settings import ConfigError, Settings
 from webhook.tokens import SALT
 

@@ -13,6 +13,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import store_of
 from tests.gunicorn_server import gunicorn
 from tests.segment_wire import ANON_ID, USER_ID, emit_story
@@ -28,14 +29,12 @@ def basic(key: str) -> dict:
 
 
 def track(n: int = 1, **extra) -> dict:
-    message = {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": f"m-{n}",
-        "anonymousId": "anon-9",
-        "timestamp": "2024-05-01T10:00:00Z",
-        "properties": {"product_id": f"sku-{n}"},
-    }
+    message = deliveries.track(
+        product_id=f"sku-{n}",
+        message_id=f"m-{n}",
+        anonymous_id="anon-9",
+        timestamp="2024-05-01T10:00:00Z",
+    )
     message.update(extra)
     return message
 

@@ -17,8 +17,9 @@ from datetime import UTC
 import pytest
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import OPERATOR, health, metric
-from tests.fake_segment_apis import deliver, identify
+from tests.deliveries import deliver, identify, sign
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     get,
     personalize_app,
@@ -195,7 +196,7 @@ def _interactions_of(app, user_id: str) -> int:
 
 def test_the_public_write_key_cannot_delete_anyone(make_app):
     """The attack: POST /v1/batch with the page's write key and a delete for a victim."""
-    from tests.fake_segment_apis import product_viewed
+    from tests.deliveries import product_viewed
 
     app = make_app(ingest_write_keys=(WRITE_KEY,))
     client = app.test_client()
@@ -261,13 +262,13 @@ def test_the_public_write_key_cannot_clear_an_opt_out(make_app, where, value):
 
     # A browser may opt out, on the other hand: the positive control.
     deliver(client, identify("other", {"recommendations_opt_out": False}))
-    message = {
-        "type": "identify",
-        "userId": "other",
-        "messageId": "v1-out",
-        "timestamp": "2099-01-01T00:00:00Z",
-        "traits": {"recommendations_opt_out": "yes"},
-    }
+    message = deliveries.message(
+        "identify",
+        user_id="other",
+        message_id="v1-out",
+        timestamp="2099-01-01T00:00:00Z",
+        traits={"recommendations_opt_out": "yes"},
+    )
     response = client.post("/v1/identify", json=message, headers=_basic(WRITE_KEY))
     assert response.status_code == 200 and "notes" not in response.get_json()
     assert _traits(app, "other") == {"recommendations_opt_out": "yes"}
@@ -287,7 +288,7 @@ def _bearer(**subject) -> dict:
 def _shop(make_app):
     """The embedded default with tokens required and the public write key on; alice and a
     victim with purchases and traits, catalogue items seen by others."""
-    from tests.fake_segment_apis import order_completed, product_viewed
+    from tests.deliveries import order_completed, product_viewed
 
     app = make_app(secret_key=SECRET_KEY, ingest_write_keys=(WRITE_KEY,))
     client = app.test_client()
@@ -374,7 +375,7 @@ def test_an_alias_forged_with_the_write_key_discloses_nothing_to_an_anonymous_to
 def test_without_secret_key_rank_is_no_oracle_of_purchases_or_opt_out(make_app):
     """The attack: POST /recommendations/rank for a victim with candidate items, reading
     which were filtered and why, and whether traitsUsed names the opt-out."""
-    from tests.fake_segment_apis import order_completed, product_viewed
+    from tests.deliveries import order_completed, product_viewed
 
     app = make_app()
     client = app.test_client()
@@ -425,8 +426,6 @@ def test_an_eight_day_old_signed_message_is_too_old_with_the_defaults(make_app):
     """The attack: a signed delivery captured (or Replayed) after its claim was pruned
     (MESSAGE_RETENTION_HOURS, 168 h) would be taken again. By default
     MAX_MESSAGE_AGE_HOURS is the retention: it is either a duplicate or too old."""
-    import hashlib
-    import hmac
     import json
 
     secret = "replay-shared-secret"
@@ -435,7 +434,7 @@ def test_an_eight_day_old_signed_message_is_too_old_with_the_defaults(make_app):
     client = app.test_client()
     for message_id, days, outcome in (("week-old", 6.9, "accepted"), ("old", 8, "skipped")):
         body = json.dumps(_view(message_id, days)).encode()
-        signature = hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+        signature = sign(body, secret)
         answer = client.post(
             "/segment",
             data=body,

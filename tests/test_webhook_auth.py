@@ -11,14 +11,15 @@ import json
 
 import pytest
 
+from tests import deliveries
 from tests.conftest import AppliedClient, health, store_of
+from tests.deliveries import sign
 from tests.operator import TIMELESS_ENV
 from tests.segment_wire import (
     actions_headers,
     classic_headers,
     node_sign,
     node_stringify,
-    py_sign,
 )
 
 needs_node = pytest.mark.requires("node")  # computes the signatures
@@ -34,14 +35,14 @@ def compact(value) -> bytes:
 
 
 def track(message_id: str, product_id: str = "p-1", **extra) -> dict:
-    message = {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": message_id,
-        "userId": "user-1",
-        "timestamp": "2024-05-01T10:00:00.000Z",
-        "properties": {"product_id": product_id, "name": "Stuhl"},
-    }
+    """user-1's view at a fixed time; ``extra``: top-level fields, as they are."""
+    message = deliveries.track(
+        product_id=product_id,
+        message_id=message_id,
+        user_id="user-1",
+        timestamp="2024-05-01T10:00:00.000Z",
+        properties={"name": "Stuhl"},
+    )
     message.update(extra)
     return message
 
@@ -83,7 +84,7 @@ def test_classic_signature_over_the_raw_body_is_accepted(signed_app):
     # Not compact, keys in any order: the raw bytes are what is signed.
     body = json.dumps(track("c-1"), indent=2).encode()
     assert_stored(
-        client.post("/segment", data=body, headers=classic_headers(py_sign(body, SECRET))), 1
+        client.post("/segment", data=body, headers=classic_headers(sign(body, SECRET))), 1
     )
     assert store_of(signed_app).counts()["interactions"] == 1
 
@@ -91,7 +92,7 @@ def test_classic_signature_over_the_raw_body_is_accepted(signed_app):
 def test_classic_wrong_secret_is_refused(signed_app):
     body = compact(track("c-1"))
     assert_refused(
-        signed_app, signed_app.test_client(), body, classic_headers(py_sign(body, "not-the-secret"))
+        signed_app, signed_app.test_client(), body, classic_headers(sign(body, "not-the-secret"))
     )
 
 
@@ -109,7 +110,7 @@ def test_classic_garbage_signature_is_refused(signed_app, signature):
 
 def test_classic_tampered_body_is_refused(signed_app):
     original = compact(track("c-1", product_id="p-1"))
-    signature = py_sign(original, SECRET)
+    signature = sign(original, SECRET)
     tampered = original.replace(b'"p-1"', b'"p-2"')
     assert tampered != original
     assert_refused(signed_app, signed_app.test_client(), tampered, classic_headers(signature))
@@ -123,10 +124,10 @@ def test_signature_of_another_message_is_refused(signed_app):
     client = signed_app.test_client()
     first = compact(track("c-1"))
     assert_stored(
-        client.post("/segment", data=first, headers=classic_headers(py_sign(first, SECRET))), 1
+        client.post("/segment", data=first, headers=classic_headers(sign(first, SECRET))), 1
     )
     second = compact(track("c-2"))
-    assert_refused(signed_app, client, second, classic_headers(py_sign(first, SECRET)))
+    assert_refused(signed_app, client, second, classic_headers(sign(first, SECRET)))
 
 
 @pytest.mark.parametrize("shape", ["classic", "actions"])
@@ -140,13 +141,13 @@ def test_rotation_either_secret_works(make_app, shape):
         else:
             body, signed = compact([message]), compact(message)
         assert_stored(
-            client.post("/segment", data=body, headers=classic_headers(py_sign(signed, secret))), 1
+            client.post("/segment", data=body, headers=classic_headers(sign(signed, secret))), 1
         )
     message = track(f"rot-{shape}-other")
     body, signed = (
         (compact(message),) * 2 if shape == "classic" else (compact([message]), compact(message))
     )
-    assert_refused(app, client, body, classic_headers(py_sign(signed, "a-third-secret")))
+    assert_refused(app, client, body, classic_headers(sign(signed, "a-third-secret")))
     assert store_of(app).counts()["interactions"] == 2
 
 
@@ -165,13 +166,11 @@ def test_rotation_from_the_environment_comma_separated(monkeypatch, sqlite_url):
         for number, secret in enumerate((OLD_SECRET, NEW_SECRET)):
             body = compact(track(f"env-{number}"))
             assert_stored(
-                client.post("/segment", data=body, headers=classic_headers(py_sign(body, secret))),
+                client.post("/segment", data=body, headers=classic_headers(sign(body, secret))),
                 1,
             )
         body = compact(track("env-x"))
-        assert_refused(
-            app, client, body, classic_headers(py_sign(body, f"{OLD_SECRET},{NEW_SECRET}"))
-        )
+        assert_refused(app, client, body, classic_headers(sign(body, f"{OLD_SECRET},{NEW_SECRET}")))
     finally:
         store_of(app).dispose()
 
@@ -225,11 +224,11 @@ def test_one_captured_signature_does_not_authorize_a_forged_array(signed_app):
     client = signed_app.test_client()
     alice = compact(track("alice-1", "p-alice", userId="alice"))
     assert_stored(
-        client.post("/segment", data=alice, headers=classic_headers(py_sign(alice, SECRET))), 1
+        client.post("/segment", data=alice, headers=classic_headers(sign(alice, SECRET))), 1
     )
     captured = track("c-1", "p-1")
     captured_body = compact(captured)
-    signature = py_sign(captured_body, SECRET)
+    signature = sign(captured_body, SECRET)
     assert_stored(
         client.post("/segment", data=captured_body, headers=classic_headers(signature)), 1
     )
@@ -350,11 +349,11 @@ def test_bearer_scheme_is_case_insensitive(bearer_app):
 def test_both_configured_each_alone_is_refused(both_app):
     client = both_app.test_client()
     body = compact(track("both-1"))
-    good_signature = py_sign(body, SECRET)
+    good_signature = sign(body, SECRET)
     assert_refused(both_app, client, body, actions_headers(good_signature))
     assert_refused(both_app, client, body, actions_headers(bearer=TOKEN))
     assert_refused(both_app, client, body, actions_headers(good_signature, bearer="nope"))
-    assert_refused(both_app, client, body, actions_headers(py_sign(body, "nope"), bearer=TOKEN))
+    assert_refused(both_app, client, body, actions_headers(sign(body, "nope"), bearer=TOKEN))
     assert_refused(both_app, client, body, actions_headers())
     assert_stored(
         client.post("/segment", data=body, headers=actions_headers(good_signature, bearer=TOKEN)), 1

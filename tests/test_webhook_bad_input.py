@@ -15,6 +15,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from tests import deliveries
 from tests.conftest import store_of
 from webhook.storage import inbox_url_for
 
@@ -22,14 +23,15 @@ INSTANT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
 def track(message_id="m-1", product_id="p-1", **extra) -> dict:
-    message = {
-        "type": "track",
-        "event": "Product Viewed",
-        "messageId": message_id,
-        "userId": "user-1",
-        "timestamp": "2024-05-01T10:00:00.000Z",
-        "properties": {"product_id": product_id, "name": "Stuhl", "price": 10},
-    }
+    """user-1's view at a fixed time; ``extra``: top-level fields, as they are (wrong ones
+    included)."""
+    message = deliveries.track(
+        product_id=product_id,
+        message_id=message_id,
+        user_id="user-1",
+        timestamp="2024-05-01T10:00:00.000Z",
+        properties={"name": "Stuhl", "price": 10},
+    )
     message.update(extra)
     return message
 
@@ -45,14 +47,14 @@ def seed(app):
         data=dumps(
             [
                 track("seed-1", "seed-item"),
-                {
-                    "type": "identify",
-                    "messageId": "seed-2",
-                    "userId": "seed-user",
-                    "anonymousId": "seed-anon",
-                    "timestamp": "2024-01-01T00:00:00Z",
-                    "traits": {"name": "Zoë"},
-                },
+                deliveries.message(
+                    "identify",
+                    message_id="seed-2",
+                    user_id="seed-user",
+                    anonymous_id="seed-anon",
+                    timestamp="2024-01-01T00:00:00Z",
+                    traits={"name": "Zoë"},
+                ),
             ]
         ),
         content_type="application/json",

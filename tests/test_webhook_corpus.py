@@ -17,10 +17,17 @@ import sqlalchemy as sa
 
 from tests.conftest import store_of
 from tests.segment_wire import (
+    ADDED,
     ANON_ID,
+    CLICKED,
     IDENTIFY_TRAITS,
+    ORDER,
     STORY,
     USER_ID,
+    V1_ORDER,
+    V1_VIEWED,
+    VIEWED,
+    WISHLIST,
     actions_headers,
     classic_headers,
     node_deliveries,
@@ -35,22 +42,6 @@ SECRET = "corpus-shared-secret"
 # carries it (the destination adds the header).
 TOKEN = "corpus-bearer-token"
 
-# The story (tests/segment_wire.STORY) by position.
-(
-    PAGE,
-    VIEWED,
-    CLICKED,
-    ADDED,
-    IDENTIFY,
-    ALIAS,
-    WISHLIST,
-    ORDER,
-    V1_VIEWED,
-    V1_ORDER,
-    SCREEN,
-    GROUP,
-    SIGNED_UP,
-) = range(13)
 
 # Interactions each message of the story makes, in story order.
 INTERACTIONS_PER_MESSAGE = [0, 1, 1, 1, 0, 0, 1, 2, 1, 1, 0, 0, 0]

@@ -127,16 +127,28 @@ def import_command(files: tuple[str, ...]) -> None:
     "--holdout",
     default=0.2,
     show_default=True,
-    help="Share of each user's latest interactions held out.",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of each user's latest interactions held out (between 0 and 1).",
 )
-@click.option("--k", default=10, show_default=True)
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-tune", is_flag=True, help="Use the default hyper-parameters.")
 @with_appcontext
 def evaluate_command(data_path: str | None, holdout: float, k: int, no_tune: bool) -> None:
     """Offline evaluation on MovieLens-100k: popularity, ALS, item-kNN, EASE, the engine."""
     from .evaluate import ml100k_path, read_ml100k, run_evaluation
 
-    ratings = read_ml100k(data_path or ml100k_path())
+    path = data_path or ml100k_path()
+    try:
+        ratings = read_ml100k(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    if len(set(ratings.users)) < 2:
+        # Nothing to hold out and learn from: every figure would be NaN or meaningless.
+        raise click.ClickException(
+            f"{path}: {len(ratings.users)} interaction(s) of {len(set(ratings.users))} "
+            f"user(s) read; evaluate needs an ml-100k.inter file (tab-separated user, item, "
+            f"rating, timestamp, after a header line) with interactions of several users"
+        )
     # The engine answers with this app's ENGINE_HISTORY_MAX, the cap it serves with.
     run_evaluation(
         ratings,

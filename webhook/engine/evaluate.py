@@ -86,16 +86,22 @@ def ml100k_path() -> str:
 
 
 def read_ml100k(path: str) -> Ratings:
+    """The interactions of an ml-100k.inter file: a header line, then tab-separated user,
+    item, rating and timestamp; lines of fewer fields are passed over. A timestamp that is
+    not a number is a ValueError naming its line."""
     users, items, times = [], [], []
     with open(path, encoding="utf-8") as f:
-        next(f)  # header
-        for line in f:
+        next(f, None)  # header
+        for number, line in enumerate(f, start=2):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 4:
                 continue
+            try:
+                times.append(float(parts[3]))
+            except ValueError:
+                raise ValueError(f"line {number}: the timestamp is not a number") from None
             users.append(parts[0])
             items.append(parts[1])
-            times.append(float(parts[3]))
     return Ratings(users, items, times)
 
 
