@@ -56,7 +56,8 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
     environment, and (``worker``) `flask --app webhook worker` beside it; yield
     (base_url, process) once GET /healthz answers; stop both afterwards. ``process`` is
     gunicorn's master; ``process.worker`` the worker process (None without one), which a
-    test may stop and start again with ``process.restart_worker()``. Their output is
+    test may stop and start again with ``process.restart_worker()``, and
+    ``process.add_worker()`` starts one more. Their output is
     collected in ``process.log_path`` (in ``env["_LOG_DIR"]`` if given). Any request
     error while starting means "not yet", until ``timeout`` seconds."""
     port = free_port()
@@ -90,6 +91,14 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
             return process.worker  # type: ignore[attr-defined]
 
         process.restart_worker = restart_worker  # type: ignore[attr-defined]
+        extra_workers: list[subprocess.Popen] = []
+
+        def add_worker() -> subprocess.Popen:
+            """One more worker process on the same database (stopped with the rest)."""
+            extra_workers.append(start_worker(full_env, log_file))
+            return extra_workers[-1]
+
+        process.add_worker = add_worker  # type: ignore[attr-defined]
         base = f"http://127.0.0.1:{port}"
         try:
 
@@ -112,6 +121,8 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
             yield base, process
         finally:
             stop(process)
+            for extra in extra_workers:
+                stop(extra)
             if process.worker is not None:  # type: ignore[attr-defined]
                 stop(process.worker)  # type: ignore[attr-defined]
 
