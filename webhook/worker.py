@@ -35,9 +35,10 @@ def lower_priority(nice: int) -> None:
     """Run at this nice value. On a kernel with autogroup scheduling
     (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in many distributions,
     for processes outside a CPU cgroup) the CPU is first shared between sessions, and a
-    nice value ranks a process only against the others of its session; a worker started in
-    the web process's session (``make run``) would yield only to itself. So it starts a
-    session of its own and gives that session the same nice value."""
+    nice value ranks a process only against the others of its session: a worker in the web
+    process's session would yield only to itself, and one in a session of its own (honcho
+    starts each process so under ``make run``) to nobody. So it starts a session of its
+    own unless it leads one already, and gives that session the same nice value."""
     if nice <= 0:
         return
     try:
@@ -52,10 +53,13 @@ def lower_priority(nice: int) -> None:
         return
     if not grouped:
         return  # not in an autogroup (a cgroup of its own): the nice value already counts
-    try:
-        os.setsid()
-    except OSError:
-        return  # already a session leader
+    if os.getsid(0) != os.getpid():
+        try:
+            os.setsid()
+        except OSError:
+            return  # a process group leader cannot start a session: keep the nice value
+    # else a session leader already (honcho, under `make run`, starts each process so): the
+    # session's autogroup is its own, and it still needs the nice value.
     for _ in range(20):  # the kernel takes such a write at most every 100 ms, machine-wide
         try:
             with open(autogroup, "w") as handle:
