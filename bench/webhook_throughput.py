@@ -534,7 +534,7 @@ class Server:
         )
         if self.worker_cmd:
             # Not a session of its own from here: the worker starts one itself to lower
-            # its priority (webhook/worker.py), as it does under `make run`.
+            # its priority (webhook/worker.py; under `make run` honcho gives it one).
             self.worker = subprocess.Popen(
                 self.worker_cmd,
                 cwd=REPO,
