@@ -1,8 +1,11 @@
-"""The anchor for bench/webhook_throughput.py: the smallest honest receiver on our stack.
+"""The anchors for bench/webhook_throughput.py: the smallest honest receiver on our stack.
 
-``POST /segment``: HMAC-SHA1 check of the raw body, ``json.loads``, a messageId check, one
-``INSERT OR IGNORE`` of (messageId, body) into SQLite (WAL), committed before the 200.
-Nothing else: no Spec validation, no summary, no log line, no metrics. It is what the
+``POST /segment``: the bearer token (when ``WEBHOOK_BEARER_TOKEN`` is set, as the service
+checks it), HMAC-SHA1 check of the raw body, ``json.loads``, a messageId and type check,
+one insert of (messageId, body) committed before the 200: ``INSERT OR IGNORE`` into SQLite
+(WAL), or on PostgreSQL ``INSERT … ON CONFLICT DO NOTHING`` in autocommit
+(``synchronous_commit`` on, the server's default) on a connection of the server thread's
+own. Nothing else: no Spec validation, no summary, no log line, no metrics. It is what the
 service's request path cannot go below on the same stack, served by the same gunicorn.
 
 An Actions batch (a JSON array) is the same job for many messages: the HMAC is checked
@@ -13,11 +16,13 @@ message is one row, all inserted in one transaction committed before the 200.
 Environment:
 
 * ``SEGMENT_SHARED_SECRET``: the HMAC key.
-* ``DATABASE_URL``: ``sqlite:///<path>``.
+* ``WEBHOOK_BEARER_TOKEN``: if set, ``Authorization: Bearer`` must name it.
+* ``DATABASE_URL``: ``sqlite:///<path>`` or ``postgresql://…``.
 * ``SQLITE_SYNCHRONOUS``: ``FULL`` (default, an fsync per commit) or ``NORMAL``.
 * ``ANCHOR_COMMIT``: ``request`` (default: each request commits its own insert, one SQLite
   connection per server thread) or ``group`` (one writer thread per process takes every
-  insert waiting and commits them together; the request waits for that commit).
+  insert waiting and commits them together; the request waits for that commit). SQLite
+  only: on PostgreSQL each request commits its own insert.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ import threading
 from flask import Flask, request
 
 SECRET = os.environ.get("SEGMENT_SHARED_SECRET", "").encode()
-PATH = os.environ.get("DATABASE_URL", "sqlite:///anchor.db").removeprefix("sqlite:///")
+BEARER = os.environ.get("WEBHOOK_BEARER_TOKEN", "").encode()
+URL = os.environ.get("DATABASE_URL", "sqlite:///anchor.db")
+POSTGRES = URL.startswith(("postgresql://", "postgres://"))
+PATH = URL.removeprefix("sqlite:///")
 SYNCHRONOUS = os.environ.get("SQLITE_SYNCHRONOUS", "FULL").upper()
 COMMIT = os.environ.get("ANCHOR_COMMIT", "request")
+TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+TABLE = "CREATE TABLE IF NOT EXISTS inbox (message_id TEXT PRIMARY KEY, body TEXT)"
 INSERT = "INSERT OR IGNORE INTO inbox (message_id, body) VALUES (?, ?)"
 
 app = Flask(__name__)
@@ -48,10 +58,31 @@ def _connect() -> sqlite3.Connection:
     return conn
 
 
-_setup = _connect()
-_setup.execute("CREATE TABLE IF NOT EXISTS inbox (message_id TEXT PRIMARY KEY, body TEXT)")
-_setup.close()
 _local = threading.local()
+if POSTGRES:
+    import psycopg
+
+    PG_INSERT = "INSERT INTO inbox (message_id, body) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+    with psycopg.connect(URL, autocommit=True) as _setup_pg:
+        try:
+            _setup_pg.execute(TABLE)
+        except psycopg.errors.UniqueViolation:
+            pass  # the other worker, importing the app at the same moment, created it
+else:
+    _setup = _connect()
+    _setup.execute(TABLE)
+    _setup.close()
+
+
+def _store_pg(rows: list[tuple[str, str]]) -> None:
+    conn = getattr(_local, "pg", None)
+    if conn is None or conn.closed:
+        conn = _local.pg = psycopg.connect(URL, autocommit=True)
+    if len(rows) == 1:
+        conn.execute(PG_INSERT, rows[0])  # autocommit: its own transaction
+        return
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(PG_INSERT, rows)
 
 
 def _store_own(rows: list[tuple[str, str]]) -> None:
@@ -114,12 +145,17 @@ class _GroupWriter:
 
 
 _group = _GroupWriter()
-_store = _group.store if COMMIT == "group" else _store_own
+_store = _store_pg if POSTGRES else _group.store if COMMIT == "group" else _store_own
+_STORE_ERRORS: tuple[type[Exception], ...] = (
+    (sqlite3.Error, psycopg.Error) if POSTGRES else (sqlite3.Error,)
+)
 
 
 @app.post("/segment")
 def segment():
     raw = request.get_data()
+    if BEARER and not _bearer():
+        return "bad bearer token", 401
     batch = raw[:1] == b"["
     if not batch and not _signed(raw):
         return "bad signature", 401
@@ -137,12 +173,19 @@ def segment():
         message_id = message.get("messageId") if isinstance(message, dict) else None
         if not isinstance(message_id, str) or not message_id:
             return "no messageId", 400
+        if message.get("type") not in TYPES:
+            return "unknown type", 400
         rows.append((message_id, json.dumps(message) if batch else raw.decode()))
     try:
         _store(rows)
-    except sqlite3.Error:
+    except _STORE_ERRORS:
         return "store unavailable", 503
     return "ok"
+
+
+def _bearer() -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), BEARER)
 
 
 def _signed(signed_bytes: bytes) -> bool:

@@ -17,11 +17,16 @@ Usage (from the repo root)::
   a nice value counts only within one). It stands for a service on other machines: checking
   every call costs it about as much CPU as making the call costs the service, and at the
   default priority that work would be taken from the ingestion being measured.
-* The service runs twice under gunicorn (``-c gunicorn.conf.py --workers 2``), with the
-  same flags and environment except the Personalize settings: once embedded (no
+* The service runs twice as the Procfile runs it: gunicorn (``-c gunicorn.conf.py
+  --workers 2``) and, beside it with the same environment, the worker process (``flask
+  --app webhook worker``, at its default WORKER_NICE), which applies the inbox (local store,
+  attribution, Personalize) behind the answers. The two launches have the same flags and
+  environment except the Personalize settings: once embedded (no
   PERSONALIZE_TRACKING_ID), once in Personalize mode (PERSONALIZE_TRACKING_ID,
   EVENT_VALUE_PROPERTY=price, AWS_ENDPOINT_URL_PERSONALIZE_EVENTS = the stand-in).
-  Each launch gets a fresh SQLite database.
+  Each launch gets a fresh SQLite database. Every request carries the credentials a
+  deployment asks for (the bearer token WEBHOOK_BEARER_TOKEN and the X-Signature of
+  SEGMENT_SHARED_SECRET); /healthz's details and /metrics are read with METRICS_TOKEN.
 * Signed Segment messages are generated beforehand, each with its own messageId (the
   service de-duplicates by messageId): single messages (Webhooks Classic, signed over the
   body) and Actions batches of 100 (a JSON array signed over JSON.stringify(body[0])).
@@ -36,11 +41,11 @@ Usage (from the repo root)::
   ``--duration`` seconds after a short warm-up; cells are interleaved: single, then
   batch, each for both services, the service going first alternating from round to round
   (x ``--rounds``). The ratio is the median of the rounds' paired ratios.
-* While one service is measured, the other is paused (SIGSTOP to its processes: its
-  process group and the sending processes, which have sessions of their own; SIGCONT
-  after): each cell has the machine to itself, apart from the stand-in and the
-  load generator. Otherwise the service measured second pays for the first one's
-  appliers catching up (both apply behind their answers).
+* While one service is measured, the other is paused (SIGSTOP to its processes: gunicorn's
+  process group and the worker process, which has a session of its own; SIGCONT after):
+  each cell has the machine to itself, apart from the stand-in and the load generator.
+  Otherwise the service measured second pays for the first one's appliers catching up
+  (both apply behind their answers).
 * Before each cell the service's local appliers are given up to ``--settle`` seconds to
   catch up (both services alike; nothing is measured meanwhile). A batch cell leaves
   ~450,000 events for the local store to apply, 15-25 s of work; without the wait that
@@ -84,15 +89,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from webhook.appliers.calls_child import lower_priority  # noqa: E402
-
 from bench.webhook_throughput import ensure_wrk  # noqa: E402
 from tests.fake_personalize import FakePersonalizeEvents  # noqa: E402
+from webhook.worker import lower_priority  # noqa: E402
 
 HOST = "127.0.0.1"
 SECRET = "bench-personalize-secret"
 TRACKING_ID = "bench-tracking"
-TIMESTAMP = "2026-11-27T12:00:00.000Z"
+BEARER = "bench-personalize-bearer-0123456789"
+METRICS_TOKEN = "bench-personalize-metrics-0123456789"
+OPERATOR = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+# Now, as Segment's are: the service skips messages older than MAX_MESSAGE_AGE_HOURS.
+TIMESTAMP = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
 BATCH = 100
 SESSION_RUN = 10  # consecutive events sharing an anonymousId
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -149,6 +157,7 @@ LUA = r"""
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args)
+  authorization = "Bearer " .. args[3]
   sigs, bodies = {}, {}
   for line in io.lines(args[1]) do
     local tab = line:find("\t", 1, true)
@@ -164,7 +173,8 @@ function request()
   sent = sent + 1
   if idx > #bodies then idx = 1; wrapped = wrapped + 1 end
   return wrk.format("POST", "/segment",
-    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx]}, bodies[idx])
+    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx],
+     ["Authorization"] = authorization}, bodies[idx])
 end
 function response(status, headers, body)
   if status == 200 then ok = ok + 1 else
@@ -211,6 +221,7 @@ def run_wrk(
         "--",
         str(pool),
         str(start),
+        BEARER,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout + 60)
     for line in out.stdout.splitlines():
@@ -256,7 +267,11 @@ def run_python(
                     url,
                     data=body.encode(),
                     timeout=timeout,
-                    headers={"Content-Type": "application/json", "X-Signature": sig},
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Signature": sig,
+                        "Authorization": f"Bearer {BEARER}",
+                    },
                 )
             except requests.RequestException as exc:
                 with lock:
@@ -307,15 +322,16 @@ class Service:
     proc: subprocess.Popen
     log_file: object
     log_path: Path
+    worker: subprocess.Popen  # the Procfile's worker: flask --app webhook worker
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def _processes(self) -> dict[int, int]:
-        """pid -> CPU ticks of the service's processes: its process group (the master, the
-        workers) and their descendants (the sending processes run in sessions of their
-        own, see webhook/appliers/calls_child.py)."""
+        """pid -> CPU ticks of the service's processes: gunicorn's process group (the
+        master, the web workers), the worker process (a session of its own, see
+        webhook/worker.py), and their descendants."""
         stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgid, ticks)
         for d in os.listdir("/proc"):
             if not d.isdigit():
@@ -327,6 +343,8 @@ class Service:
             fields = stat[stat.rfind(")") + 2 :].split()
             stats[int(d)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
         ours = {pid for pid, (_, pgid, _) in stats.items() if pgid == self.proc.pid}
+        if self.worker.pid in stats:
+            ours.add(self.worker.pid)
         while True:
             more = {pid for pid, (ppid, _, _) in stats.items() if ppid in ours and pid not in ours}
             if not more:
@@ -351,6 +369,13 @@ class Service:
 
     def stop(self) -> None:
         self._signal_all(signal.SIGCONT)  # a paused service cannot stop
+        if self.worker.poll() is None:
+            self.worker.terminate()  # it gives its batches in flight back, then exits
+            try:
+                self.worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
                 try:
@@ -375,7 +400,6 @@ def launch(
     fake_url: str,
     database_url: str,
     synchronous: str = "FULL",
-    sender_nice: str | None = None,
 ) -> Service:
     run_dir = tmp / mode
     (run_dir / "metrics").mkdir(parents=True)
@@ -394,6 +418,8 @@ def launch(
             # This measures ingestion: the local engine's training has its own benchmark.
             "ENGINE_BACKGROUND_TRAINING": "false",
             "SEGMENT_SHARED_SECRET": SECRET,
+            "WEBHOOK_BEARER_TOKEN": BEARER,
+            "METRICS_TOKEN": METRICS_TOKEN,
             "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "metrics"),
             "PYTHONUNBUFFERED": "1",
             # A paused service's workers miss their heartbeats: not a reason to replace them.
@@ -408,8 +434,6 @@ def launch(
     )
     if mode == "personalize":
         env.update({"PERSONALIZE_TRACKING_ID": TRACKING_ID, "EVENT_VALUE_PROPERTY": "price"})
-        if sender_nice is not None:
-            env["PERSONALIZE_SENDER_NICE"] = sender_nice
     port = free_port()
     flags = [
         "-c",
@@ -431,36 +455,49 @@ def launch(
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    service = Service(mode, port, proc, log_file, log_path)
+    # Not a session of its own from here: the worker starts one to lower its priority.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "webhook", "worker"],
+        cwd=REPO,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    service = Service(mode, port, proc, log_file, log_path, worker)
     deadline = time.monotonic() + 30
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{mode}: gunicorn exited\n{log_path.read_text()[-2000:]}")
+        if proc.poll() is not None or worker.poll() is not None:
+            raise RuntimeError(f"{mode}: a process exited\n{log_path.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(service.url + "/healthz", timeout=2) as r:
+            request = urllib.request.Request(service.url + "/healthz", headers=OPERATOR)
+            with urllib.request.urlopen(request, timeout=2) as r:
                 health = json.load(r)
                 if health.get("mode") != mode:
                     raise RuntimeError(f"{mode}: /healthz says mode {health.get('mode')!r}")
-                break
+                if '"worker: running"' in log_path.read_text(errors="replace"):
+                    break
         except (OSError, urllib.error.URLError):
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"{mode}: not ready in 30s\n{log_path.read_text()[-2000:]}")
         time.sleep(0.2)
-    log(f"{mode}: gunicorn up on :{port} (pid {proc.pid})")
+    log(f"{mode}: gunicorn up on :{port} (pid {proc.pid}), the worker process pid {worker.pid}")
     return service
 
 
 def lags(service: Service) -> dict:
     """Rows each of the service's appliers has not applied yet (GET /healthz)."""
-    with urllib.request.urlopen(service.url + "/healthz", timeout=10) as r:
+    request = urllib.request.Request(service.url + "/healthz", headers=OPERATOR)
+    with urllib.request.urlopen(request, timeout=10) as r:
         return {name: lag["pending"] for name, lag in json.load(r)["inbox"]["appliers"].items()}
 
 
 def call_outcomes(service: Service) -> dict[str, int]:
     """The service's PutEvents calls by outcome (GET /metrics): a call that timed out is
     made again, so its events may reach the stand-in twice (at least once, by eventId)."""
-    with urllib.request.urlopen(service.url + "/metrics", timeout=10) as r:
+    request = urllib.request.Request(service.url + "/metrics", headers=OPERATOR)
+    with urllib.request.urlopen(request, timeout=10) as r:
         text = r.read().decode()
     found: dict[str, int] = {}
     for line in text.splitlines():
@@ -590,7 +627,7 @@ class StandIn:
     def _serve(conn, delay: float, nice: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if nice:
-            lower_priority(nice)  # as the service's sending process: its own session too
+            lower_priority(nice)  # as the worker process does: its own session too
         fake = KeepAliveFake(tracking_ids=[TRACKING_ID]).start()
         fake.delay(delay)
         conn.send(fake.url)
@@ -693,13 +730,6 @@ def main() -> int:
         help="the stand-in process's nice value (default 10)",
     )
     p.add_argument(
-        "--sender-nice",
-        choices=["idle"] + [str(n) for n in range(20)],
-        metavar="idle|0-19",
-        help="PERSONALIZE_SENDER_NICE of the Personalize launch (default: the "
-        "service's default, idle)",
-    )
-    p.add_argument(
         "--settle",
         type=int,
         default=120,
@@ -766,9 +796,7 @@ def main() -> int:
         }
         embedded = launch("embedded", tmp, fake.url, urls["embedded"], a.synchronous)
         services.append(embedded)
-        personalize = launch(
-            "personalize", tmp, fake.url, urls["personalize"], a.synchronous, a.sender_nice
-        )
+        personalize = launch("personalize", tmp, fake.url, urls["personalize"], a.synchronous)
         services.append(personalize)
 
         acknowledged = 0  # events the Personalize service answered 200 for
@@ -892,8 +920,7 @@ def main() -> int:
         print(
             f"CPU: stand-in {got['cpu']:.1f} s at nice {a.stand_in_nice}, bench process "
             f"{usage.ru_utime + usage.ru_stime:.1f} s (writing the pools included); the "
-            f"service's sending process at PERSONALIZE_SENDER_NICE="
-            f"{a.sender_nice or 'idle (the default)'}"
+            "service's worker process at its default WORKER_NICE"
         )
         # wrk stops counting at the end of a cell while requests are still in flight: those
         # events reach the stand-in unacknowledged, so it may hold more, never fewer. Every

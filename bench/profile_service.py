@@ -11,17 +11,24 @@ each, with nothing else running in the process:
 * the local store applier on what those requests left in the inbox (``drain``),
   per message;
 
-then profiles the request path and the applier with cProfile. Logs go to a temp file, as
+then profiles the request path and the applier with cProfile. With ``--gc-modes`` it also
+times the local store applier per message three ways, on deliveries of their own: as is,
+with the startup heap frozen (``webhook.memory.freeze_startup_heap``, what the worker
+process does), and with the cyclic collector off (the floor). Logs go to a temp file, as
 they would to gunicorn's stderr.
 
     .venv/bin/python bench/profile_service.py [--count 3000] [--batch] [--top 30]
-        [--synchronous FULL|NORMAL] [--no-profile]
+        [--synchronous FULL|NORMAL] [--postgresql] [--no-profile] [--gc-modes]
+
+``--postgresql``: the anchor and the service each on a fresh database of the PostgreSQL
+on 127.0.0.1:5432 (dropped at the end) instead of SQLite files.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import importlib
 import io
 import os
@@ -86,9 +93,14 @@ def timed(app, items) -> float:
     """CPU time of this thread per delivery, in ms: steadier than wall time on a machine
     doing other work, and what the throughput under gunicorn is made of (waits for an
     fsync are not; FULL's cost shows in the benchmark, not here)."""
-    started = time.thread_time()
+    started, wall = time.thread_time(), time.perf_counter()
     call(app, items)
+    WALL[app] = (time.perf_counter() - wall) / len(items) * 1e3
     return (time.thread_time() - started) / len(items) * 1e3
+
+
+WALL: dict = {}  # app -> wall time per delivery of its last timed run, ms (PostgreSQL's
+# round trips are waits, not CPU)
 
 
 def main() -> int:
@@ -97,11 +109,29 @@ def main() -> int:
     p.add_argument("--batch", action="store_true", help=f"Actions batches of {BATCH_SIZE}")
     p.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--postgresql", action="store_true", help="PostgreSQL on 127.0.0.1:5432")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--gc-modes",
+        action="store_true",
+        help="time the applier as is, with the startup heap frozen, and with no collector",
+    )
     args = p.parse_args()
     count = max(1, min(args.count, 100_000))
 
     tmp = Path(tempfile.mkdtemp(prefix="webhook-profile-"))
+    databases: list[str] = []
+
+    def database_url(name: str) -> str:
+        if not args.postgresql:
+            return f"sqlite:///{tmp}/{name}.db"
+        from webhook_throughput import pg_execute
+
+        database = f"profile_{os.getpid()}_{name}"
+        pg_execute(f'CREATE DATABASE "{database}"')
+        databases.append(database)
+        return f"postgresql://postgres@127.0.0.1:5432/{database}"
+
     (tmp / "metrics").mkdir()
     os.environ.update(
         SEGMENT_SHARED_SECRET=SECRET,
@@ -117,9 +147,9 @@ def main() -> int:
         os.dup2(log_file.fileno(), 2)  # logging handlers bound to fd 2 / sys.stderr
         from bare_app import app as bare
 
-        os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/anchor.db"
+        os.environ["DATABASE_URL"] = database_url("anchor")
         anchor = importlib.import_module("anchor_app").app
-        os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/service.db"
+        os.environ["DATABASE_URL"] = database_url("service")
         from webhook import create_app
 
         service = create_app()
@@ -141,6 +171,23 @@ def main() -> int:
         messages = count * (BATCH_SIZE if args.batch else 1)
         apply_ms = (time.thread_time() - started) / messages * 1e3
 
+        gc_modes: dict[str, float] = {}
+        if args.gc_modes:
+            from webhook.memory import freeze_startup_heap
+
+            for mode in ("as is", "startup heap frozen", "no cyclic collector"):
+                call(service, deliveries(count, f"gc{len(gc_modes)}", args.batch))
+                if mode == "startup heap frozen":
+                    freeze_startup_heap()
+                elif mode == "no cyclic collector":
+                    gc.unfreeze()
+                    gc.disable()
+                started = time.thread_time()
+                services.drain()
+                gc_modes[mode] = (time.thread_time() - started) / messages * 1e6
+                gc.unfreeze()
+                gc.enable()
+
         if not args.no_profile:
             items = deliveries(count, "profiled", args.batch)
             for name, run in (
@@ -156,6 +203,11 @@ def main() -> int:
                 st.sort_stats("cumulative").print_stats(args.top)
                 st.sort_stats("tottime").print_stats(args.top)
     finally:
+        if databases:
+            from webhook_throughput import pg_execute
+
+            for database in databases:
+                pg_execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         sys.stderr = real_stderr
         os.dup2(saved_fd2, 2)
         os.close(saved_fd2)
@@ -164,11 +216,12 @@ def main() -> int:
     print(out.getvalue())
     print(
         f"in-process WSGI calls, {count} {kind} deliveries, one thread, "
-        f"SQLITE_SYNCHRONOUS={args.synchronous}; CPU time of the calling thread:"
+        + ("PostgreSQL; " if args.postgresql else f"SQLITE_SYNCHRONOUS={args.synchronous}; ")
+        + "CPU time of the calling thread:"
     )
-    print(f"  bare app            : {bare_ms:.3f} ms/delivery")
-    print(f"  anchor (per request): {anchor_ms:.3f} ms/delivery")
-    print(f"  service request path: {request_ms:.3f} ms/delivery")
+    print(f"  bare app            : {bare_ms:.3f} ms/delivery (wall {WALL[bare]:.3f})")
+    print(f"  anchor (per request): {anchor_ms:.3f} ms/delivery (wall {WALL.get(anchor, 0):.3f})")
+    print(f"  service request path: {request_ms:.3f} ms/delivery (wall {WALL[service]:.3f})")
     print(
         f"  local store applier : {apply_ms:.3f} ms/message "
         f"({apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms/delivery)"
@@ -178,6 +231,8 @@ def main() -> int:
         f"{apply_ms * (BATCH_SIZE if args.batch else 1):.3f} ms; anchor beyond bare "
         f"{anchor_ms - bare_ms:.3f} ms"
     )
+    for mode, us in gc_modes.items():
+        print(f"  local store applier, {mode:<20}: {us:.1f} µs/message")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -1,17 +1,28 @@
 #!/usr/bin/env python3
 """Side-by-side throughput benchmark: the webhook service vs. its anchors and bare Flask.
 
-Targets checked here (one run, same machine, same load, same gunicorn settings), at each
-SQLite synchronous setting (``FULL``, the default, and ``NORMAL``):
+Targets checked here (one run, same machine, same load, same gunicorn settings), for each
+variant: PostgreSQL (``PG``, the production database) and SQLite at each synchronous
+setting (``FULL``, the default, and ``NORMAL``):
 
-* signed single-message deliveries reach >= 0.80x the requests/s of the faster *anchor*
-  at that setting. The anchor (``bench/anchor_app.py``) is the smallest honest receiver on
-  the same stack: HMAC-SHA1 check of the raw body, ``json.loads``, a messageId check, one
-  ``INSERT OR IGNORE`` into SQLite committed before the 200; in two variants, each request
-  committing its own insert, and group commit (one writer thread per process);
+* signed single-message deliveries reach a share of the requests/s of an *anchor*
+  (``bench/anchor_app.py``), the smallest honest receiver on the same stack: bearer token
+  and HMAC-SHA1 check of the raw body, ``json.loads``, a messageId and type check, one
+  insert committed before the 200. On PostgreSQL: ``INSERT … ON CONFLICT DO NOTHING`` in
+  autocommit (``synchronous_commit`` on) on a connection per server thread, target 0.80x.
+  On SQLite, ``INSERT OR IGNORE`` in two variants: group commit (one writer thread per
+  process), target 1.0x at FULL; each request committing its own insert, target 0.80x at
+  NORMAL (the other anchor is shown for scale);
 * Segment Actions batches of 100 events reach >= 15x the single-message events/s. The
   anchors get the same batches (the same job for each message, one transaction a
   delivery), so the report also shows what the stack itself gives for batches.
+
+The service runs as users run it (the Procfile): ``gunicorn wsgi:app`` and, beside it with
+the same environment, the worker process ``flask --app webhook worker``, which applies the
+inbox behind the answers. Its CPU counts as the service's. Every request carries the
+credentials a deployment asks for (``WEBHOOK_BEARER_TOKEN`` as a bearer token, and the
+X-Signature of ``SEGMENT_SHARED_SECRET``); the bench reads the inbox's lag from
+``/healthz`` with ``METRICS_TOKEN``.
 
 A bare Flask endpoint that answers "ok" (``bench/bare_app.py``) is measured beside them for
 scale.
@@ -19,7 +30,7 @@ scale.
 Usage (from the repo root)::
 
     .venv/bin/python bench/webhook_throughput.py [--duration 10] [--connections 8]
-        [--synchronous FULL,NORMAL]
+        [--variants PG,FULL,NORMAL]
 
 How it works:
 
@@ -29,11 +40,13 @@ How it works:
    carries a distinct ``messageId`` (the service de-duplicates by messageId,
    so repeated bodies would only measure the duplicate path): each wrk run
    starts where the previous run against that server launch stopped.  Every
-   server launch gets a fresh SQLite database.  A run that exhausts its pool
+   server launch gets a fresh database (a SQLite file, or a PostgreSQL database
+   dropped at the end).  A run that exhausts its pool
    (wraps around) is reported and fails.
 2. gunicorn is launched for each app with *identical* command-line flags and
    environment (``-c gunicorn.conf.py``, ``--workers 2 --no-control-socket``,
-   ``--bind 127.0.0.1:<free port>``, ``SQLITE_SYNCHRONOUS``), cwd = repo root.
+   ``--bind 127.0.0.1:<free port>``, ``SQLITE_SYNCHRONOUS``, a fresh ``DATABASE_URL``),
+   cwd = repo root.
    The resolved gunicorn settings (worker class, threads, ...) are printed for
    every app and must match.
 3. Load is generated with ``wrk`` (C, leaves CPU to the server) and a Lua
@@ -41,15 +54,15 @@ How it works:
    responses.  Any non-200 response or socket error fails the run.  If wrk
    cannot be had, a multi-process Python generator (requests.Session,
    keep-alive) is used instead and the output says so.
-4. All servers of a setting stay up (an idle one costs nothing) and the
+4. All servers of a variant stay up (an idle one costs nothing) and the
    measurements are interleaved: after a warm-up, ``--rounds`` rounds of (bare,
-   anchor per request, anchor group commit, service single, anchor per request batch,
-   anchor group commit batch, service batch), each
+   the anchors, service single, the anchors with batches, service batch) (on PG one
+   anchor), each
    ``--duration`` seconds with ``--connections`` connections; ratios use the
    medians, so a burst of other work on the machine skews one round, not the
    verdict.  Server, load-generator and whole-machine CPU are sampled per run
    (``other%`` shows interference).
-5. After each service batch cell the service is given time to apply its inbox
+5. After each service cell the service is given time to apply its inbox
    (it acknowledges after the durable insert and applies in the background)
    before the next cell starts, so no other app is measured while the service's
    backlog holds the cores; the report shows how long each catch-up took, and
@@ -66,6 +79,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -83,10 +97,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
-TIMESTAMP = "2026-11-27T12:00:00.000Z"
+# The service's credentials, as a deployment sets them: Segment's batches need the bearer
+# token besides the X-Signature (every request carries both; the anchors check both too),
+# and /healthz's details (the inbox's lag) need the operator's token.
+BEARER = "bench-bearer-token-0123456789"
+METRICS_TOKEN = "bench-metrics-token-0123456789"
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+WORKER_CMD = [sys.executable, "-m", "flask", "--app", "webhook", "worker"]
+# The messages' time: now, as Segment's are (the service skips messages older than
+# MAX_MESSAGE_AGE_HOURS, and its answer for those is a 200 too).
+TIMESTAMP = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
 HOST = "127.0.0.1"
 BATCH_SIZE = 100
-TARGET_SINGLE_VS_ANCHOR = 0.80
+# Each variant's anchor and the share of its req/s the service's single deliveries must
+# reach (issue 27): the group-commit anchor at FULL, the per-request anchor at NORMAL, the
+# PostgreSQL anchor on PostgreSQL.
+TARGETS = {"FULL": ("anchor-grp", 1.0), "NORMAL": ("anchor-req", 0.80), "PG": ("anchor-pg", 0.80)}
 TARGET_BATCH_VS_SINGLE = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -185,7 +211,8 @@ def self_check() -> None:
 # --------------------------------------------------------------------------
 
 LUA_SCRIPT = r"""
--- Generated by bench/webhook_throughput.py.  args: <pool prefix> <start line, 0-based>
+-- Generated by bench/webhook_throughput.py.
+-- args: <pool prefix> <start line, 0-based> <bearer token>
 -- Each thread reads <prefix>-t<id>.tsv (signature<TAB>body per line) and sends the
 -- lines in order from <start>; wrapping around (pool exhausted) is counted.
 local threads = {}
@@ -207,6 +234,7 @@ function init(args)
   end
   pool = #bodies
   idx = tonumber(args[2] or "0")
+  authorization = "Bearer " .. (args[3] or "")
   sent = 0
   wrapped = 0
   ok = 0
@@ -223,7 +251,8 @@ function request()
     wrapped = wrapped + 1
   end
   return wrk.format("POST", "/segment",
-    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx]},
+    {["Content-Type"] = "application/json", ["X-Signature"] = sigs[idx],
+     ["Authorization"] = authorization},
     bodies[idx])
 end
 
@@ -328,7 +357,11 @@ def _py_worker(url: str, pool_file: str, start: int, duration: float, timeout: f
                 url,
                 data=body.encode(),
                 timeout=timeout,
-                headers={"Content-Type": "application/json", "X-Signature": sig},
+                headers={
+                    "Content-Type": "application/json",
+                    "X-Signature": sig,
+                    "Authorization": f"Bearer {BEARER}",
+                },
             )
         except requests.RequestException as exc:
             errors += 1
@@ -478,6 +511,11 @@ class Server:
     log_path: Path
     proc: subprocess.Popen | None = None
     config: dict = field(default_factory=dict)
+    # The service's worker process (`flask --app webhook worker`, the Procfile's worker),
+    # started beside gunicorn with the same environment; None for the other apps.
+    worker_cmd: list[str] | None = None
+    worker: subprocess.Popen | None = None
+    db_url: str = ""
 
     @property
     def url(self) -> str:
@@ -494,6 +532,17 @@ class Server:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        if self.worker_cmd:
+            # Not a session of its own from here: the worker starts one itself to lower
+            # its priority (webhook/worker.py; under `make run` honcho gives it one).
+            self.worker = subprocess.Popen(
+                self.worker_cmd,
+                cwd=REPO,
+                env=env,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def log_tail(self, n: int = 8) -> str:
         """Last lines of the server log that are not routine INFO lines (per-request logs)."""
@@ -515,9 +564,17 @@ class Server:
                 raise RuntimeError(
                     f"{self.label}: gunicorn exited with {self.proc.returncode}\n{self.log_tail()}"
                 )
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(
+                    f"{self.label}: the worker exited with {self.worker.returncode}\n"
+                    + self.log_tail()
+                )
             try:
                 if health == "GET /healthz":
-                    req = urllib.request.Request(self.url + "/healthz")
+                    req = urllib.request.Request(
+                        self.url + "/healthz",
+                        headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                    )
                 else:  # bare app has a single route
                     req = urllib.request.Request(
                         self.url + "/segment",
@@ -526,9 +583,13 @@ class Server:
                         headers={"Content-Type": "application/json"},
                     )
                 with urllib.request.urlopen(req, timeout=2) as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and not self.worker:
                         return
-                    last = f"status {resp.status}"
+                    if resp.status == 200 and self.worker_running():
+                        return
+                    last = f"status {resp.status}" + (
+                        "" if resp.status != 200 else ", the worker not running yet"
+                    )
             except urllib.error.HTTPError as exc:
                 if health != "GET /healthz":
                     return  # an anchor answers an unsigned probe with 401: it is up
@@ -540,17 +601,41 @@ class Server:
             f"{self.label}: {health} not 200 within {timeout:.0f}s ({last})\n{self.log_tail()}"
         )
 
+    def worker_running(self) -> bool:
+        """The worker process said it runs its loops (its log line, in the shared log)."""
+        try:
+            return '"worker: running"' in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+
     def cpu_seconds(self) -> float:
-        """utime+stime of the server's processes: its process group (master + workers) and
-        their descendants in other sessions (the appliers' process and the Personalize
-        sender start sessions of their own to lower their priority)."""
+        """utime+stime of the server's processes: gunicorn's process group (master + web
+        workers) and, for the service, the worker process (which starts a session of its
+        own to lower its priority) with its children."""
         if not self.proc:
             return 0.0
-        return tree_cpu_seconds(self.proc.pid)
+        total = tree_cpu_seconds(self.proc.pid)
+        if self.worker is not None:
+            total += tree_cpu_seconds(self.worker.pid, root=self.worker.pid)
+        return total
 
     def stop(self) -> None:
         if not self.proc:
             return
+        if self.worker is not None:
+            # SIGTERM: it finishes or gives back its batches in flight, then exits.
+            if self.worker.poll() is None:
+                self.worker.terminate()
+                try:
+                    self.worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.worker.kill()
+                    self.worker.wait()
+            try:  # its own session (see start): a child it left behind
+                os.killpg(self.worker.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.worker = None
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
                 try:
@@ -571,8 +656,9 @@ class Server:
         self.proc = None
 
 
-def tree_cpu_seconds(pgid: int) -> float:
-    """utime+stime of every process in process group ``pgid`` or descended from one."""
+def tree_cpu_seconds(pgid: int, root: int = 0) -> float:
+    """utime+stime of every process in process group ``pgid`` or descended from one (or
+    from process ``root``)."""
     stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgrp, ticks)
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -586,12 +672,13 @@ def tree_cpu_seconds(pgid: int) -> float:
         # fields[0] = state (field 3); ppid, pgrp = fields 4, 5; utime/stime = 14/15
         stats[int(d)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
     total = 0
-    for _pid, (ppid, pgrp, ticks) in stats.items():
+    for pid, (ppid, pgrp, ticks) in stats.items():
         seen = 0
-        while pgrp != pgid and ppid in stats and seen < 64:  # up to an ancestor in the group
-            ppid, pgrp = stats[ppid][0], stats[ppid][1]
+        # up to an ancestor in the group (or the root)
+        while pgrp != pgid and pid != root and ppid in stats and seen < 64:
+            pid, ppid, pgrp = ppid, stats[ppid][0], stats[ppid][1]
             seen += 1
-        if pgrp == pgid:
+        if pgrp == pgid or pid == root:
             total += ticks
     return total / CLK_TCK
 
@@ -656,16 +743,36 @@ def median(xs: list[float]) -> float:
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
-# The apps of one setting, in the order of a round: (label, WSGI app, extra environment).
-APPS = (
+# The apps of one variant, in the order of a round: (label, WSGI app, extra environment).
+# A variant is a SQLite synchronous setting (FULL, NORMAL) or PG (PostgreSQL).
+SQLITE_APPS = (
     ("bare", "bench.bare_app:app", {}),
     ("anchor-req", "bench.anchor_app:app", {"ANCHOR_COMMIT": "request"}),
     ("anchor-grp", "bench.anchor_app:app", {"ANCHOR_COMMIT": "group"}),
     ("service", "wsgi:app", {}),
 )
-# The anchor each setting is held to: the faster one there (measured; the issue names
-# group commit for FULL and per-request commits for NORMAL).
-ANCHORS = ("anchor-req", "anchor-grp")
+PG_APPS = (
+    ("bare", "bench.bare_app:app", {}),
+    ("anchor-pg", "bench.anchor_app:app", {}),
+    ("service", "wsgi:app", {}),
+)
+VARIANTS = ("PG", "FULL", "NORMAL")
+
+
+def apps_of(variant: str) -> tuple:
+    return PG_APPS if variant == "PG" else SQLITE_APPS
+
+
+def anchors_of(variant: str) -> tuple[str, ...]:
+    return tuple(label for label, _, _ in apps_of(variant) if label.startswith("anchor"))
+
+
+def pg_execute(sql: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        cur = conn.execute(sql)
+        return cur.fetchall() if cur.description else []
 
 
 class Bench:
@@ -683,6 +790,7 @@ class Bench:
         self.lua = tmp / "segment.lua"
         self.lua.write_text(LUA_SCRIPT)
         self.pools: dict[str, Path] = {}
+        self.pg_databases: list[str] = []
 
     # pools ---------------------------------------------------------------
     def make_pools(self) -> None:
@@ -724,6 +832,7 @@ class Bench:
                 "--",
                 str(prefix),
                 str(start),
+                BEARER,
             ]
             self.last_cmd = shlex.join(cmd)
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
@@ -769,12 +878,22 @@ class Bench:
     def launch(self, variant: str, label: str, app: str, extra_env: dict) -> Server:
         run_dir = self.tmp / f"{variant}-{label}"
         run_dir.mkdir()
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+        if variant == "PG":
+            # A fresh database per server launch, dropped when the run ends.
+            name = f"bench_{os.getpid()}_{int(time.time())}_{label.replace('-', '_')}"
+            pg_execute(f'CREATE DATABASE "{name}"')
+            self.pg_databases.append(name)
+            db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        else:
+            # Fresh database per server launch (pools are reused across settings).
+            db_url = f"sqlite:///{run_dir}/bench.db"
         env.update(
             SEGMENT_SHARED_SECRET=SECRET,
-            # Fresh database per server launch (pools are reused across settings).
-            DATABASE_URL=f"sqlite:///{run_dir}/bench.db",
-            SQLITE_SYNCHRONOUS=variant,
+            WEBHOOK_BEARER_TOKEN=BEARER,
+            METRICS_TOKEN=METRICS_TOKEN,
+            DATABASE_URL=db_url,
+            SQLITE_SYNCHRONOUS="FULL" if variant == "PG" else variant,
             # This measures ingestion: the local engine's periodic training (its own
             # benchmark is bench/engine_scale.py) would otherwise land in random rounds.
             ENGINE_BACKGROUND_TRAINING="false",
@@ -789,29 +908,40 @@ class Bench:
         flags = gunicorn_flags([])
         port = free_port()
         cmd = [sys.executable, "-m", "gunicorn", *flags, "--bind", f"{HOST}:{port}", app]
-        srv = Server(label, app, cmd, port, run_dir / "gunicorn.log")
+        # The service runs as users run it: gunicorn wsgi:app and the worker process.
+        worker_cmd = WORKER_CMD if app == "wsgi:app" else None
+        srv = Server(label, app, cmd, port, run_dir / "gunicorn.log", worker_cmd=worker_cmd)
         srv.config = resolve_config([*flags, "--bind", f"{HOST}:{port}", app], env)
         srv.db_path = run_dir / "bench.db"
-        self.commands.append(
-            "(repo root) "
-            + " ".join(
-                f"{k}={shlex.quote(env[k])}"
-                for k in (
-                    "SEGMENT_SHARED_SECRET",
-                    "SQLITE_SYNCHRONOUS",
-                    "ENGINE_BACKGROUND_TRAINING",
-                    *extra_env,
-                )
+        srv.db_url = db_url
+        shown_env = " ".join(
+            f"{k}={shlex.quote(env[k])}"
+            for k in (
+                "SEGMENT_SHARED_SECRET",
+                "WEBHOOK_BEARER_TOKEN",
+                "METRICS_TOKEN",
+                "SQLITE_SYNCHRONOUS",
+                "ENGINE_BACKGROUND_TRAINING",
+                *extra_env,
             )
-            + " DATABASE_URL=sqlite:///<fresh>/bench.db "
-            + shlex.join(cmd)
         )
+        shown_db = (
+            "postgresql://postgres@127.0.0.1:5432/<fresh>"
+            if variant == "PG"
+            else "sqlite:///<fresh>/bench.db"
+        )
+        self.commands.append(f"(repo root) {shown_env} DATABASE_URL={shown_db} {shlex.join(cmd)}")
+        if worker_cmd:
+            self.commands.append(
+                f"  and beside it, the same environment: {shlex.join(['python', *worker_cmd[1:]])}"
+            )
         self.servers.append(srv)
         srv.start(env)
         srv.wait_ready("GET /healthz" if app == "wsgi:app" else "POST /segment")
         log(
             f"{variant}: {label} ({app}) up on :{port}; worker_class={srv.config['worker_class']} "
             f"threads={srv.config['threads']} workers={srv.config['workers']}"
+            + (f"; worker process pid {srv.worker.pid}" if srv.worker else "")
         )
         return srv
 
@@ -827,13 +957,20 @@ class Bench:
             except Exception as exc:  # keep cleaning up the rest
                 print(f"cleanup of {srv.label} failed: {exc!r}", file=sys.stderr)
         self.servers.clear()
+        for name in self.pg_databases:
+            try:
+                pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except Exception as exc:  # keep cleaning up the rest
+                print(f"dropping database {name} failed: {exc!r}", file=sys.stderr)
+        self.pg_databases.clear()
 
     # one setting = every app, same flags, interleaved rounds ----------------
     def run_variant(self, vname: str) -> None:
         a = self.args
+        apps, anchors = apps_of(vname), anchors_of(vname)
         servers = {
             label: self.launch(vname, label, app, env)
-            for label, app, env in APPS
+            for label, app, env in apps
             if app != "wsgi:app" or a.service_app == "wsgi:app"
         }
         if "service" not in servers:
@@ -844,8 +981,8 @@ class Bench:
         # Cursors: every line is sent to a server at most once per launch (the bare app
         # ignores bodies; it gets fresh lines anyway, like the others).
         cursor = {(label, kind): 0 for label in servers for kind in ("single", "batch")}
-        plan = [(servers[label], "single") for label, _, _ in APPS] + [
-            (servers[label], "batch") for label in (*ANCHORS, "service") if label in servers
+        plan = [(servers[label], "single") for label, _, _ in apps] + [
+            (servers[label], "batch") for label in (*anchors, "service") if label in servers
         ]
         catch_up: list[str] = []
         for rnd in range(0 if a.warmup else 1, a.rounds + 1):
@@ -862,15 +999,19 @@ class Bench:
                 if rnd:
                     self.results.append(res)
                 if srv is servers["service"]:
-                    # The appliers apply behind the answers, below the workers' CPU
-                    # priority (APPLIER_NICE): what a cell leaves them is applied here,
-                    # before the next cell, so that the next cells (bare, anchors) never
-                    # share the cores with the service's backlog.
+                    # The worker process applies behind the answers, below the web
+                    # workers' CPU priority (WORKER_NICE): what a cell leaves it is applied
+                    # here, before the next cell, so that the next cells (bare, anchors)
+                    # never share the cores with the service's backlog.
                     catch_up.append(f"{kind} r{rnd}: " + wait_applied(servers["service"]))
         self.drain_notes.append(f"{vname}: after each service cell: " + "; ".join(catch_up))
         for srv in servers.values():
             self.stop(srv)
-        self.db_notes.append(f"{vname}: {db_summary(servers['service'].db_path)}")
+        service = servers["service"]
+        self.db_notes.append(
+            f"{vname}: "
+            + (pg_summary(service.db_url) if vname == "PG" else db_summary(service.db_path))
+        )
 
 
 def wait_applied(service: Server, limit: float = 300.0) -> str:
@@ -879,7 +1020,10 @@ def wait_applied(service: Server, limit: float = 300.0) -> str:
     last = first = ""
     while time.monotonic() - started < limit:
         try:
-            with urllib.request.urlopen(service.url + "/healthz", timeout=5) as resp:
+            req = urllib.request.Request(
+                service.url + "/healthz", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
                 body = json.loads(resp.read())
         except (OSError, ValueError, urllib.error.URLError) as exc:
             last = repr(exc)
@@ -896,6 +1040,25 @@ def wait_applied(service: Server, limit: float = 300.0) -> str:
         last = f"pending {pending}"
         time.sleep(0.2)
     return f"inbox NOT applied within {limit:.0f} s ({last})"
+
+
+def pg_summary(url: str) -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            names = [
+                r[0]
+                for r in conn.execute(
+                    "select tablename from pg_tables where schemaname = 'public' order by 1"
+                )
+            ]
+            counts = [
+                f"{n}={conn.execute(f'select count(*) from {n}').fetchone()[0]}" for n in names
+            ]
+        return ", ".join(counts) or "no tables"
+    except psycopg.Error as exc:
+        return f"unreadable ({exc})"
 
 
 def db_summary(db: Path) -> str:
@@ -962,10 +1125,10 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
         return 100 * max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds
 
     med: dict[tuple[str, str, str], float] = {}
-    rows = [(label, "single") for label, _, _ in APPS] + [
-        (label, "batch") for label in (*ANCHORS, "service")
-    ]
     for v in variants:
+        rows = [(label, "single") for label, _, _ in apps_of(v)] + [
+            (label, "batch") for label in (*anchors_of(v), "service")
+        ]
         for label, kind in rows:
             rs = [r for r in results if (r.variant, r.label, r.kind) == (v, label, kind)]
             if not rs:
@@ -1023,28 +1186,36 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
         bare = med.get((v, "bare", "single"))
         single, batch = med.get((v, "service", "single")), med.get((v, "service", "batch"))
         anchors = {
-            label: med[(v, label, "single")] for label in ANCHORS if (v, label, "single") in med
+            label: med[(v, label, "single")]
+            for label in anchors_of(v)
+            if (v, label, "single") in med
         }
         if bare:
-            for label in (*ANCHORS, "service"):
+            for label in (*anchors_of(v), "service"):
                 if (v, label, "single") in med:
                     print(
                         f"[{v}] {label:<10} single / bare req/s = "
                         f"{med[(v, label, 'single')]:8.1f} / {bare:8.1f} = "
                         f"{med[(v, label, 'single')] / bare:6.3f}"
                     )
-        if anchors and single:
-            best = max(anchors, key=anchors.get)
-            ratio = single / anchors[best]
-            ok = ratio >= TARGET_SINGLE_VS_ANCHOR
+        target_anchor, target = TARGETS[v]
+        for label in anchors if single else ():
+            ratio = single / anchors[label]
+            held = label == target_anchor
+            ok = ratio >= target
             print(
-                f"[{v}] service single / {best} (the faster anchor) = {single:8.1f} / "
-                f"{anchors[best]:8.1f} = {ratio:6.3f}  (target >= "
-                f"{TARGET_SINGLE_VS_ANCHOR:.2f})  {'PASS' if ok else 'FAIL'}   per round: "
-                f"{per_round(('service', 'single'), (best, 'single'), v)}"
+                f"[{v}] service single / {label} = {single:8.1f} / "
+                f"{anchors[label]:8.1f} = {ratio:6.3f}  "
+                + (
+                    f"(target >= {target:.2f})  {'PASS' if ok else 'FAIL'}"
+                    if held
+                    else "(for scale)"
+                )
+                + f"   per round: {per_round(('service', 'single'), (label, 'single'), v)}"
             )
-            ok_all &= ok
-        for label in ANCHORS:  # what the stack gives for batches: no target, for scale
+            if held:
+                ok_all &= ok
+        for label in anchors_of(v):  # what the stack gives for batches: no target, for scale
             a_single, a_batch = med.get((v, label, "single")), med.get((v, label, "batch"))
             if a_single and a_batch:
                 print(
@@ -1100,6 +1271,12 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
             )
     if bench.db_notes:
         print("Service DB row counts after each launch: " + "; ".join(bench.db_notes))
+        for note in bench.db_notes:
+            if re.search(r"\binteractions=0\b", note):
+                # A 200 that stored nothing (a message skipped as too old, say) is no
+                # delivery: the run measured the wrong path.
+                print(f"ERROR: the service stored no interaction ({note.split(':')[0]})")
+                ok_all = False
     print()
     print("Command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
     for c in bench.commands:
@@ -1131,9 +1308,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--timeout", type=int, default=10, help="per-request timeout, s (default 10)")
     p.add_argument(
+        "--variants",
         "--synchronous",
-        default="FULL,NORMAL",
-        help="SQLite synchronous settings to measure, comma-separated (default FULL,NORMAL)",
+        dest="variants",
+        default=",".join(VARIANTS),
+        help="what to measure, comma-separated: PG (PostgreSQL on 127.0.0.1:5432, a fresh "
+        "database per launch), FULL and NORMAL (SQLite's synchronous settings) "
+        "(default PG,FULL,NORMAL)",
     )
     p.add_argument(
         "--service-app",
@@ -1176,9 +1357,9 @@ def main() -> int:
         p.error("--rounds must be in [1, 20]")
     if not 0 <= args.warmup <= 60:
         p.error("--warmup must be in [0, 60]")
-    settings = [s.strip().upper() for s in args.synchronous.split(",") if s.strip()]
-    if not settings or any(s not in ("FULL", "NORMAL") for s in settings):
-        p.error("--synchronous takes FULL, NORMAL or both")
+    settings = [s.strip().upper() for s in args.variants.split(",") if s.strip()]
+    if not settings or any(s not in VARIANTS for s in settings):
+        p.error("--variants takes PG, FULL, NORMAL or several of them")
 
     # Turn SIGTERM into KeyboardInterrupt so the finally block cleans up.
     def _term(signum, frame):

@@ -193,3 +193,38 @@ def test_worker_in_web_runs_the_same_loops_in_the_web_process(tmp_path):
         assert wait_applied(base, 20)["appliers"]["local"]["pending"] == 0
         assert _interactions(tmp_path, "w.db") == 30
     assert "Traceback" not in process.log_path.read_text(errors="replace")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/autogroup"), reason="the kernel has no autogroup scheduling"
+)
+def test_a_worker_started_as_a_session_leader_lowers_its_sessions_priority(tmp_path):
+    """honcho (`make run`) starts each process in a session of its own. With autogroup
+    scheduling the CPU is shared between sessions first, so the worker's nice value only
+    counts against the web process once its session's group carries it too."""
+    import subprocess
+    import sys
+
+    from tests.gunicorn_server import ROOT, stop
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path}/w.db", WORKER_NICE="7")
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "flask", "--app", "webhook", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+
+        def group_nice() -> str:
+            with open(f"/proc/{worker.pid}/autogroup") as handle:
+                return handle.read().split()[-1]
+
+        wait_until(lambda: group_nice() == "7", 15, "the worker's session group at nice 7")
+        assert niceness(worker.pid) == 7
+    finally:
+        stop(worker)

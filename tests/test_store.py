@@ -684,3 +684,26 @@ def test_an_inbox_row_pruned_before_it_was_applied_is_counted_as_expired(
     with store_of(app).read() as conn:
         stored = {r[0] for r in conn.execute(sa.text("SELECT event_id FROM interactions"))}
     assert stored == {"applied-0", "applied-1", "applied-2", "waiting-2"}  # two were lost
+
+
+def test_postgresql_a_transaction_after_deliveries_still_rolls_back(make_app, postgresql_url):
+    """A delivery's insert runs in autocommit on a pooled connection; the connection must
+    go back to the pool as it came, or a later transaction there would commit each of its
+    statements at once and a rollback would leave half of it written."""
+    app = make_app(database_url=postgresql_url)
+    parts = app.extensions["segment"]
+    for n in range(3):
+        assert raw_client(app).post("/segment", json=track(f"ac-{n}")).status_code == 200
+
+    class Abort(Exception):
+        pass
+
+    with pytest.raises(Abort), parts.store.write() as tx:
+        tx.conn.execute(sa.text("INSERT INTO items (item_id, updated_at) VALUES ('half', 0)"))
+        raise Abort()
+    with parts.store.read() as conn:
+        kept = conn.execute(sa.text("SELECT count(*) FROM items WHERE item_id = 'half'"))
+        assert kept.scalar_one() == 0
+    with parts.store.inbox_store.read() as conn:
+        stored = conn.execute(sa.text("SELECT count(*) FROM inbox WHERE message_id LIKE 'ac-%'"))
+        assert stored.scalar_one() == 3

@@ -231,6 +231,15 @@ class Inbox:
             return set()
         with self.rows.raw_write() as dbapi:
             if self.rows.dialect != "sqlite":
+                if len(rows) <= _CHUNK and not graves:
+                    # One statement is atomic on its own: run it in autocommit, one round
+                    # trip to the server instead of three (BEGIN, INSERT, COMMIT).
+                    dbapi.autocommit = True
+                    try:
+                        return self._insert(dbapi.cursor(), rows, graves)
+                    finally:
+                        if not dbapi.broken:  # a broken one is thrown away (raw_write)
+                            dbapi.autocommit = False
                 return self._insert(dbapi.cursor(), rows, graves)
             if len(rows) <= _CHUNK and not graves:
                 # One statement: SQLite runs it as its own transaction (autocommit).
