@@ -13,8 +13,8 @@ each, with nothing else running in the process:
 
 then profiles the request path and the applier with cProfile. With ``--gc-modes`` it also
 times the local store applier per message three ways, on deliveries of their own: as is,
-with the startup heap frozen (``webhook.memory.freeze_startup_heap``, what the worker
-process does), and with the cyclic collector off (the floor). Logs go to a temp file, as
+with the startup heap frozen (``gc.freeze()``, which the worker
+process once did), and with the cyclic collector off (the floor). Logs go to a temp file, as
 they would to gunicorn's stderr.
 
     .venv/bin/python bench/profile_service.py [--count 3000] [--batch] [--top 30]
@@ -173,12 +173,10 @@ def main() -> int:
 
         gc_modes: dict[str, float] = {}
         if args.gc_modes:
-            from webhook.memory import freeze_startup_heap
-
             for mode in ("as is", "startup heap frozen", "no cyclic collector"):
                 call(service, deliveries(count, f"gc{len(gc_modes)}", args.batch))
                 if mode == "startup heap frozen":
-                    freeze_startup_heap()
+                    gc.freeze()
                 elif mode == "no cyclic collector":
                     gc.unfreeze()
                     gc.disable()

@@ -19,7 +19,6 @@ nothing.
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import os
 
@@ -62,16 +61,3 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-def freeze_startup_heap() -> None:
-    """Leave the objects of a started worker (Flask, SQLAlchemy, the compiled statements,
-    the modules) out of every later garbage collection: ``gc.freeze()``.
-
-    The applier builds a dozen containers a message, so the cyclic collector runs every
-    few dozen messages, and its older generations walked every startup object each time
-    (bench/README.md has the applier's cost with and without). Nothing is lost: the frozen
-    objects live as long as the process anyway, and collection goes on for everything made
-    afterwards. Called by the worker process once it has built its parts (not in the app
-    factory: a test run builds many apps, which must stay collectable)."""
-    gc.freeze()

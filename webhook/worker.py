@@ -24,7 +24,6 @@ import time
 
 import psutil
 
-from .memory import freeze_startup_heap
 from .storage import StoreUnavailable
 from .wiring import Parts
 
@@ -102,7 +101,6 @@ def run(parts: Parts, stop: threading.Event | None = None) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     lower_priority(parts.settings.worker_nice)
-    freeze_startup_heap()  # the appliers' garbage collections skip the startup objects
     while not stop.is_set():
         try:
             parts.start_worker()
