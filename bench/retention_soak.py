@@ -5,13 +5,14 @@ The service runs as the Procfile runs it, gunicorn ``wsgi:app`` (2 workers, as d
 and the worker process ``flask --app webhook worker`` (it applies the inbox and prunes), on
 SQLite with short retention windows, so that what a week of traffic does to a production
 database happens in minutes: inbox rows (and their messageId claims) are kept
-``--message-retention`` seconds, interactions ``INTERACTION_RETENTION_DAYS=1`` (the
-generated messages are dated three days ago, so every interaction is due once applied;
-``MAX_MESSAGE_AGE_HOURS=0`` lets them in), and the worker process prunes every
-``RETENTION_INTERVAL_SECONDS=5``. ``wrk`` sends ``--deliveries`` distinct signed single
-messages (500 products, 5,000 anonymous visitors: the catalog and the identity links stay
-bounded, as in a shop) while the size of the database and inbox files with their WALs, and
-the row counts, are sampled every ``--sample-every`` seconds.
+``--message-retention`` seconds, interactions ``--interaction-retention`` seconds (each
+message is dated the moment wrk sends it, so it is stored on arrival and due for pruning
+that long after), and the worker process prunes every ``RETENTION_INTERVAL_SECONDS=5``.
+Deliveries carry the bearer token only (``WEBHOOK_BEARER_TOKEN``, a whole-body credential),
+so wrk may write the time into each body as it sends it. ``wrk`` sends ``--deliveries``
+distinct single messages (500 products, 5,000 anonymous visitors: the catalog and the
+identity links stay bounded, as in a shop) while the size of the database and inbox
+files with their WALs, and the row counts, are sampled every ``--sample-every`` seconds.
 
 Pass: every answer was 200, and the size over the last third of the run grew by less than
 10 % (it levels off: pruning keeps up, freed pages are reused).
@@ -42,10 +43,11 @@ from webhook_throughput import (  # noqa: E402
     BEARER,
     LUA_SCRIPT,
     METRICS_TOKEN,
-    SECRET,
     free_port,
     write_pool,
 )
+
+NOW = "SENTATSENTATSENTAT"  # replaced by the time of sending (no Lua pattern characters)
 
 
 def size_mib(db: Path) -> float:
@@ -82,6 +84,12 @@ def main() -> int:
         default=60.0,
         help="seconds inbox rows are kept (MESSAGE_RETENTION_HOURS in seconds)",
     )
+    p.add_argument(
+        "--interaction-retention",
+        type=float,
+        default=120.0,
+        help="seconds interactions are kept (INTERACTION_RETENTION_DAYS in seconds)",
+    )
     p.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--sample-every", type=float, default=15.0)
@@ -94,29 +102,31 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="retention-soak-"))
     db = tmp / "soak.db"
     started = time.monotonic()
-    # Dated three days ago: every interaction is past INTERACTION_RETENTION_DAYS=1.
-    webhook_throughput.TIMESTAMP = time.strftime(
-        "%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 3 * 86400)
-    )
+    # A placeholder, which the Lua script replaces by the time of
+    # sending (the bodies are not signed: the bearer token covers them whole).
+    webhook_throughput.TIMESTAMP = NOW
     write_pool(tmp / "pool", f"rs{os.getpid()}", "single", a.deliveries, 1)
     print(
         f"[soak] pool of {a.deliveries} deliveries written in {time.monotonic() - started:.0f} s",
         flush=True,
     )
-    (tmp / "segment.lua").write_text(LUA_SCRIPT)
+    (tmp / "segment.lua").write_text(
+        LUA_SCRIPT.replace(
+            "    bodies[idx])",
+            f'    (bodies[idx]:gsub("{NOW}", os.date("!%Y-%m-%dT%H:%M:%S.000Z"), 1)))',
+        )
+    )
     (tmp / "metrics").mkdir()
     port = free_port()
     env = dict(
         os.environ,
-        SEGMENT_SHARED_SECRET=SECRET,
         WEBHOOK_BEARER_TOKEN=BEARER,
         METRICS_TOKEN=METRICS_TOKEN,
-        MAX_MESSAGE_AGE_HOURS="0",
         DATABASE_URL=f"sqlite:///{db}",
         SQLITE_SYNCHRONOUS=a.synchronous,
         ENGINE_BACKGROUND_TRAINING="false",
         MESSAGE_RETENTION_HOURS=str(a.message_retention / 3600),
-        INTERACTION_RETENTION_DAYS="1",
+        INTERACTION_RETENTION_DAYS=str(a.interaction_retention / 86400),
         RETENTION_INTERVAL_SECONDS="5",
         PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
     )
