@@ -1,25 +1,12 @@
-"""boto3 clients for Amazon Personalize, as both directions of the service use them."""
+"""boto3 clients for Amazon Personalize, as both directions of the service use them.
+
+boto3 and botocore's client machinery are imported on a client's first use: in the
+embedded default no process pays for them (bench/README.md has the memory figures)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
-
-import boto3
-from botocore.config import Config
-
-
-def client_options(region: str, timeout: float, pool_size: int) -> dict:
-    """A client's options as plain values (a child process makes its client from them)."""
-    return {
-        "region_name": region or None,
-        "config": {
-            "connect_timeout": timeout,
-            "read_timeout": timeout,
-            "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "max_pool_connections": pool_size,
-        },
-    }
 
 
 class LazyClient:
@@ -38,13 +25,23 @@ class LazyClient:
     ):
         self.service = service
         self._client = client
-        options = client_options(region, timeout, pool_size)
-        self._args = {"region_name": options["region_name"], "config": Config(**options["config"])}
+        self._region = region or None
+        self._config = {
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "max_pool_connections": pool_size,
+        }
         self._lock = threading.Lock()
 
     def get(self):
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = boto3.session.Session().client(self.service, **self._args)
+                    import boto3
+                    from botocore.config import Config
+
+                    self._client = boto3.session.Session().client(
+                        self.service, region_name=self._region, config=Config(**self._config)
+                    )
         return self._client
