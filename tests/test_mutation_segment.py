@@ -285,21 +285,41 @@ def test_json_that_is_not_plain_json_is_a_400(app, body, start):
 def test_nesting_beyond_64_levels_is_refused_and_64_are_accepted(app):
     client = app.test_client()
 
-    def nested(depth: int) -> dict:
-        """A message ``depth`` objects deep: itself, its properties, then the rest."""
+    def nested(depth: int, siblings: int = 0) -> dict:
+        """A message ``depth`` objects deep (itself, its properties, then the rest), with
+        ``siblings`` more shallow objects beside them (more brackets, no more depth)."""
         value: object = "leaf"
         for _ in range(depth - 2):
             value = {"k": value}
-        return track("deep", properties={"product_id": "p-1", "extra": value})
+        shallow = [{"n": n} for n in range(siblings)]
+        return track("deep", properties={"product_id": "p-1", "extra": value, "more": shallow})
 
     assert body_error(post(client, nested(65))) == "the body is nested more than 64 levels deep"
     assert post(client, nested(64)).status_code == 200
+    assert post(client, nested(64, siblings=40)).status_code == 200
+    assert body_error(post(client, nested(65, siblings=40))) == (
+        "the body is nested more than 64 levels deep"
+    )
     # Arrays count as levels too.
     deep_list = track(
         "deep-list", properties={"product_id": "p-2", "x": json.loads("[" * 63 + "]" * 63)}
     )
     assert body_error(post(client, deep_list)) == "the body is nested more than 64 levels deep"
     assert body_error(post(client, b"[" * 5000 + b"]" * 5000)) == "the body is nested too deeply"
+    # Brackets inside text are not nesting.
+    text = track("brackets", properties={"product_id": "p-3", "note": "[{" * 100})
+    assert post(client, text).status_code == 200
+
+
+def test_a_number_too_large_for_a_float_is_named_in_the_refusal(app):
+    long_number = b"1234567890.1234567890e400"
+    body = b'{"type": "track", "price": ' + long_number + b"}"
+    assert body_error(post(app.test_client(), body)) == (
+        "the body is not valid JSON: the number 1234567890.123456789... is out of range"
+    )
+    assert body_error(post(app.test_client(), b'{"price": -1e999}')) == (
+        "the body is not valid JSON: the number -1e999... is out of range"
+    )
 
 
 def test_a_batch_of_more_than_4000_messages_is_refused(app):

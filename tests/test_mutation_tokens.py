@@ -115,7 +115,7 @@ def test_mint_token_makes_a_token_for_exactly_one_visitor(client):
     "ids", [{}, {"user_id": "u-1", "anonymous_id": "a-1"}, {"user_id": "", "anonymous_id": ""}]
 )
 def test_mint_token_refuses_anything_but_one_id(ids):
-    with pytest.raises(ValueError, match="a token is for a userId or for an anonymousId"):
+    with pytest.raises(ValueError, match="^a token is for a userId or for an anonymousId$"):
         mint_token(SECRET, **ids)
 
 
