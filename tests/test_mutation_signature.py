@@ -172,8 +172,12 @@ def test_an_array_of_several_under_a_secret_alone_is_refused_naming_the_fix(make
     message = refused(
         post(app.test_client(), compact(messages), **{"X-Signature": sign(compact(messages[0]))})
     )
-    assert message.startswith("an array of 2 messages needs a whole-body credential")
-    assert "WEBHOOK_BEARER_TOKEN" in message
+    assert message == (
+        "an array of 2 messages needs a whole-body credential: Segment's X-Signature covers "
+        "only the first message of a Webhooks (Actions) batch. Add the header "
+        "'Authorization: Bearer <token>' to the destination's mapping and set "
+        "WEBHOOK_BEARER_TOKEN to the same token (or turn batching off)"
+    )
     assert store_of(app).counts()["interactions"] == 0
 
 
@@ -261,3 +265,27 @@ def test_an_array_of_several_with_the_token_needs_the_first_messages_signature(m
 )
 def test_healthz_tells_the_operator_what_each_delivery_shape_needs(make_app, settings, deliveries):
     assert health(make_app(**settings))["deliveries"] == deliveries
+
+
+# --- JSON.stringify of the first message: the bytes Segment signs --------------------------
+
+
+def test_an_actions_message_is_verified_as_javascript_serializes_it(make_app):
+    """Integer-like keys first, in ascending order ("0" included, "01" not); lone
+    surrogates escaped (lower-case \\u, well-formed JSON.stringify), every other character
+    as it is, up to and including U+DFFF / from U+E000."""
+    app = make_app(segment_shared_secrets=(SECRET,))
+    client = app.test_client()
+    # As the sender's JSON encoder wrote it: keys in this order, surrogates escaped.
+    raw = (
+        '[{"type":"track","event":"Product Viewed","messageId":"m-1","userId":"user-1",'
+        '"timestamp":"2024-05-01T10:00:00.000Z","properties":{"product_id":"p-1",'
+        '"b":1,"10":2,"01":3,"0":4,"2":5,"low":"\\udfff","high":"\\ud800","private":"\ue000"}}]'
+    ).encode("utf-8")
+    # What JSON.stringify(body[0]) gives for it.
+    javascript = (
+        '{"type":"track","event":"Product Viewed","messageId":"m-1","userId":"user-1",'
+        '"timestamp":"2024-05-01T10:00:00.000Z","properties":{"0":4,"2":5,"10":2,'
+        '"product_id":"p-1","b":1,"01":3,"low":"\\udfff","high":"\\ud800","private":"\ue000"}}'
+    ).encode("utf-8")
+    stored(post(client, raw, **{"X-Signature": sign(javascript)}))
