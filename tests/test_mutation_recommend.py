@@ -9,6 +9,9 @@ Personalize (whose answer each test sets) and Segment's Profile API.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
+
+from tests.conftest import store_of
 from tests.fake_segment_apis import deliver, order_completed, product_viewed
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     FILTER,
@@ -20,6 +23,7 @@ from tests.test_recommendations import (  # noqa: F401  (fixtures)
     recommendation_calls,
     runtime,
 )
+from webhook.storage.schema import profiles
 
 UNREAD = "the opt-out could not be read: popular items"
 # Timeouts no busy machine reaches: here a slow answer must not pass for a failure.
@@ -280,3 +284,51 @@ def test_too_many_excluded_from_popular_items_asks_for_more_popular_ones(
     )
     body = get(client, "userId=u-1&numResults=1")
     assert (ids(body), body["source"]) == (["pop-11"], "popular")
+
+
+# --- write-back -------------------------------------------------------------------------
+
+
+def test_only_a_complete_personal_answer_for_a_consenting_known_user_is_written_back(
+    personalize_app, runtime, profile_api
+):
+    """Without a write key the write-back lands in the local profile store: there it is
+    seen whom it was written for. Each visitor below misses one condition; ``u-ok``
+    meets them all (the positive control)."""
+    app = personalize_app(
+        activation_interval_seconds=0,
+        personalize_filter_arn=FILTER,
+        filter_values_map=(("LONG", "long"),),
+        **PATIENT,
+    )
+    client = app.test_client()
+    popular(client)
+    profile_api.know_everyone({})
+    profile_api.set_traits("user_id:u-out", {"recommendations_opt_out": True})
+    # Personalize filter values are at most 1000 characters: the rest is left out, said
+    # in ``degraded``.
+    profile_api.set_traits("user_id:u-degraded", {"long": [f"value-{i:04d}" for i in range(300)]})
+    runtime.set_ranking("u-empty", ["x-1", "x-2"])
+    profile_api.set_traits("user_id:u-empty", {"purchased_products": ["x-1", "x-2"]})
+
+    ok = get(client, "userId=u-ok&numResults=2")
+    assert (ok["source"], "degraded" in ok) == ("personalize", False)
+    assert get(client, "userId=u-out&numResults=2")["source"] == "popular"
+    assert "filter" in get(client, "userId=u-degraded&numResults=2")["degraded"]
+    assert get(client, "userId=u-empty&numResults=2")["itemList"] == []
+    assert get(client, "anonymousId=a-1&numResults=2")["source"] == "personalize"
+    profile_api.fail(500)
+    assert get(client, "userId=u-unread&numResults=2")["source"] == "popular"
+    profile_api.fail(None)
+    profile_api.know_everyone(None)  # a Profile API 404: Segment does not know them
+    assert get(client, "userId=u-stranger&numResults=2")["source"] == "personalize"
+
+    services = app.extensions["segment"]
+    assert services.activation.wait_idle(10)
+    with store_of(app).read() as conn:
+        written = {
+            row.profile_id: row.traits["recommended_products"]
+            for row in conn.execute(sa.select(profiles.c.profile_id, profiles.c.traits))
+            if "recommended_products" in row.traits
+        }
+    assert written == {"u-ok": ids(ok)}
