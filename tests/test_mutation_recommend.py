@@ -13,6 +13,9 @@ import sqlalchemy as sa
 
 from tests.conftest import store_of
 from tests.fake_segment_apis import deliver, order_completed, product_viewed
+from tests.test_rank import catalogue
+from tests.test_rank import post as post_messages
+from tests.test_rank import track as view
 from tests.test_recommendations import (  # noqa: F401  (fixtures)
     FILTER,
     get,
@@ -24,7 +27,9 @@ from tests.test_recommendations import (  # noqa: F401  (fixtures)
     runtime,
 )
 from webhook.storage.schema import profiles
+from webhook.tokens import mint_token
 
+ENGINE_KEY = "engine-secret-key-0123456789"
 UNREAD = "the opt-out could not be read: popular items"
 # Timeouts no busy machine reaches: here a slow answer must not pass for a failure.
 PATIENT = {"profile_api_timeout_seconds": 10.0, "recommender_timeout_seconds": 10.0}
@@ -332,3 +337,22 @@ def test_only_a_complete_personal_answer_for_a_consenting_known_user_is_written_
             if "recommended_products" in row.traits
         }
     assert written == {"u-ok": ids(ok)}
+
+
+def test_a_visitor_looking_at_an_item_is_not_recommended_that_item(make_app):
+    """The local engine scores the item a signed-in visitor is looking at with their
+    history, so the item itself comes back from it: the answer leaves it out, and tells
+    the visitor why."""
+    app = make_app(engine_model_refresh_seconds=0.001, secret_key=ENGINE_KEY)
+    post_messages(app, catalogue())
+    assert app.test_cli_runner().invoke(args=["train"]).exit_code == 0
+    post_messages(app, [view("newcomer", "b1", 900)])
+    token = mint_token(ENGINE_KEY, user_id="newcomer")
+    response = app.test_client().get(
+        "/recommendations?userId=newcomer&itemId=b2&numResults=3",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    body = response.get_json()
+    assert body["source"] == "local"
+    assert "b2" not in ids(body) and len(ids(body)) == 3
+    assert body["filtered"] == {"count": 1, "reasons": {"seed_item": 1}}
