@@ -76,6 +76,7 @@ def test_a_consenting_visitor_is_personalized_and_not_told_of_an_opt_out(
     profile_api.set_traits("user_id:u-1", {"recommendations_opt_out": "no"})
     body = get(client, "userId=u-1&numResults=2")
     assert (ids(body), body["source"]) == (items(1, 2), "personalize")
+    assert body["variant"] == "personalize"
     assert "optedOut" not in body
 
 
@@ -146,6 +147,10 @@ def test_with_a_filter_an_opted_out_or_unread_visitor_is_not_sent_to_personalize
     assert get(client, "userId=in&numResults=2")["source"] == "personalize"
     (call,) = recommendation_calls(runtime)
     assert (call["userId"], call["filterValues"]) == ("in", {"PLAN": '"gold"'})
+    # Related items: nobody's traits, so no filter values, and Personalize answers.
+    runtime.set_ranking("sku-1", ["sku-2", "sku-3"])
+    body = get(client, "itemId=sku-1&numResults=2")
+    assert (ids(body), body["source"]) == (["sku-2", "sku-3"], "personalize")
 
 
 # --- the recommender failing or having nothing to say -----------------------------------
@@ -252,6 +257,19 @@ def test_too_many_excluded_asks_once_more_for_as_many_as_allowed(
     assert body["filtered"] == {"count": 12, "reasons": {"purchased_products": 12}}
     first, second = recommendation_calls(runtime, userId="u-1")
     assert (first["numResults"], second["numResults"]) == (15, 500)
+    # Still Personalize's answer, under the first request's id.
+    assert body["source"] == "personalize"
+    assert body["recommendationId"] == runtime.recommendation_ids[0]
+
+
+def test_the_second_fetch_keeps_the_filter_values(personalize_app, runtime, profile_api):
+    client = personalize_app(
+        personalize_filter_arn=FILTER, filter_values_map=(("PLAN", "plan"),), **PATIENT
+    ).test_client()
+    profile_api.set_traits("user_id:u-1", {"plan": "gold", "purchased_products": items(1, 12)})
+    assert ids(get(client, "userId=u-1&numResults=5")) == items(13, 17)
+    calls = recommendation_calls(runtime, userId="u-1")
+    assert [call["filterValues"] for call in calls] == [{"PLAN": '"gold"'}] * 2
 
 
 def test_no_second_fetch_when_enough_are_left_or_the_first_answer_was_short(
@@ -280,15 +298,16 @@ def test_too_many_excluded_from_popular_items_asks_for_more_popular_ones(
             for i in range(20 - n)
         ],
     )
+    # numResults=1: 11 popular items are asked for, and all 11 were bought.
+    bought = [f"pop-{n:02d}" for n in range(1, 12)]
     profile_api.set_traits(
-        "user_id:u-1",
-        {
-            "recommendations_opt_out": True,
-            "purchased_products": [f"pop-{n:02d}" for n in range(1, 11)],
-        },
+        "user_id:u-1", {"recommendations_opt_out": True, "purchased_products": bought}
     )
     body = get(client, "userId=u-1&numResults=1")
-    assert (ids(body), body["source"]) == (["pop-11"], "popular")
+    assert (ids(body), body["source"]) == (["pop-12"], "popular")
+    # The larger second fetch is of popular items: Personalize was asked once (at first,
+    # beside the traits), never for more.
+    assert len(runtime.calls_for("GetRecommendations")) == 1
 
 
 # --- write-back -------------------------------------------------------------------------
