@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from tests.conftest import store_of
+from tests.conftest import metric, store_of
 from tests.fake_segment_apis import deliver, order_completed, product_viewed
 from tests.test_rank import catalogue
 from tests.test_rank import post as post_messages
@@ -375,3 +375,23 @@ def test_a_visitor_looking_at_an_item_is_not_recommended_that_item(make_app):
     assert body["source"] == "local"
     assert "b2" not in ids(body) and len(ids(body)) == 3
     assert body["filtered"] == {"count": 1, "reasons": {"seed_item": 1}}
+
+
+def test_every_answer_is_counted_by_source_and_whether_it_was_degraded(
+    personalize_app, runtime, profile_api
+):
+    client = personalize_app(**PATIENT).test_client()
+    popular(client)
+
+    def count(source: str, degraded: str) -> float:
+        return metric(client, "recommendations_total", source=source, degraded=degraded)
+
+    before = {key: count(*key) for key in (("personalize", "false"), ("popular", "true"))}
+    get(client, "userId=u-1&numResults=2")
+    profile_api.fail(500)
+    get(client, "userId=u-2&numResults=2")
+    after = {key: count(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("personalize", "false"): 1,
+        ("popular", "true"): 1,
+    }
