@@ -9,6 +9,7 @@ webhook/segment.py.
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 
 import pytest
@@ -171,6 +172,9 @@ def test_a_delivery_of_only_malformed_messages_is_a_400_that_lists_them(app):
     [
         ("2024-05-01T10:00:00.000Z", "2024-05-01T10:00:00+00:00"),
         ("2024-05-01T10:00:00.000z", "2024-05-01T10:00:00+00:00"),
+        ("2024-05-01T10:00:00.123z", "2024-05-01T10:00:00.123+00:00"),
+        ("2024-05-01T10:00:00z", "2024-05-01T10:00:00+00:00"),
+        ("2024-05-01T10:00", "2024-05-01T10:00:00+00:00"),  # the shortest accepted
         ("2024-05-01T10:00Z", "2024-05-01T10:00:00+00:00"),
         ("2024-05-01 10:00:00.123456Z", "2024-05-01T10:00:00.123456+00:00"),
         ("2024-05-01T12:00:00+02:00", "2024-05-01T10:00:00+00:00"),
@@ -183,6 +187,24 @@ def test_an_iso_timestamp_is_stored_as_the_moment_it_names(app, timestamp, meant
     response = post(app.test_client(), track("m-1", timestamp=timestamp))
     assert response.status_code == 200, response.get_data(as_text=True)
     assert stored_times(app) == {"m-1": epoch(meant)}
+
+
+def test_a_timestamp_without_an_offset_is_utc_whatever_the_servers_time_zone(app, monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        post(app.test_client(), track("m-1", timestamp="2024-05-01T10:00:00"))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert stored_times(app) == {"m-1": epoch("2024-05-01T10:00:00+00:00")}
+
+
+def test_a_long_malformed_timestamp_is_quoted_up_to_40_characters(app):
+    bad = "2024-05-01T10:00:00.000Z and then a long tail of text"
+    response = post(app.test_client(), track("m-1", timestamp=bad))
+    (entry,) = response.get_json()["details"]["rejected"]
+    assert entry["reason"] == f"timestamp: timestamp is not ISO-8601: {bad[:40]!r}"
 
 
 def test_the_first_time_field_present_gives_the_time(app):
