@@ -381,3 +381,18 @@ def test_non_ascii_text_is_stored_as_sent(app):
     with store_of(app).read() as conn:
         row = conn.execute(sa.select(interactions)).one()
     assert (row.item_id, row.properties) == ("stühl-1", properties)
+
+
+def test_a_delete_by_anonymous_id_forgets_that_visitor(app):
+    client = app.test_client()
+    post(client, [track("m-1", userId=None, anonymousId="a-1"), track("m-2", userId="u-2")])
+    response = post(client, {"type": "delete", "messageId": "d-1", "anonymousId": "a-1"})
+    assert response.get_json()["accepted"] == 1
+    assert set(stored_times(app)) == {"m-2"}
+
+
+def test_an_event_name_of_exactly_256_characters_is_accepted(app):
+    event = "E" * 256
+    app_client = app.test_client()
+    response = post(app_client, track("m-1", event=event))
+    assert response.get_json()["accepted"] == 1, response.get_data(as_text=True)
