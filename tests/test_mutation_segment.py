@@ -396,3 +396,11 @@ def test_an_event_name_of_exactly_256_characters_is_accepted(app):
     app_client = app.test_client()
     response = post(app_client, track("m-1", event=event))
     assert response.get_json()["accepted"] == 1, response.get_data(as_text=True)
+
+
+def test_a_redelivered_identify_is_answered_as_a_duplicate(app):
+    client = app.test_client()
+    identify = {"type": "identify", "messageId": "i-1", "userId": "u-1", "timestamp": WHEN}
+    assert post(client, {**identify, "traits": {"plan": "pro"}}).get_json()["accepted"] == 1
+    answer = post(client, {**identify, "traits": {"plan": "pro"}}).get_json()
+    assert (answer["accepted"], answer["duplicates"]) == (0, 1)
