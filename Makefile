@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: run demo test test-fast lint install install-dev clean
+.PHONY: run demo test test-fast lint mutation install install-dev clean
 
 run: install
 	PATH="$(abspath $(BIN)):$$PATH" HOST=$(HOST) $(BIN)/honcho start --port $(PORT)
@@ -28,6 +28,24 @@ lint: install-dev
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -m "not slow and not chaos and not browser"
+
+# Mutation testing (mutmut; pyproject.toml's [tool.mutmut] says which files and tests):
+# signature, segment, routing and tokens whole, and recommend.py's consent and exclusion
+# steps. Results stay in mutants/ (`$(BIN)/mutmut show <name>`); docs/mutation.md lists
+# the survivors. MUTATION_JOBS: mutants tested at once.
+MUTATION_JOBS ?= 2
+MUTATED := "webhook.signature.*" "webhook.segment.*" "webhook.routing.*" "webhook.tokens.*" \
+	"webhook.recommend.*_answer__mutmut_*" "webhook.recommend.*_profile_and_ask__mutmut_*" \
+	"webhook.recommend.*_apply__mutmut_*" "webhook.recommend.*_popular__mutmut_*" \
+	"webhook.recommend.*may_write_back__mutmut_*"
+
+mutation: install-dev
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(MUTATED)
+	@$(BIN)/mutmut results --all true | awk -F': ' '$$2 != "not checked" { \
+		split($$1, part, "."); module = part[2]; total[module]++; \
+		if ($$2 == "killed") killed[module]++; } \
+		END { for (m in total) printf "%-10s %4d/%-4d killed (%.1f %%)\n", m, killed[m], total[m], \
+		100 * killed[m] / total[m] }'
 
 install: $(VENV)/.requirements
 install-dev: $(VENV)/.requirements-dev
