@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from tests.conftest import metric, store_of
-from tests.fake_segment_apis import deliver, order_completed, product_viewed
+from tests.deliveries import deliver, order_completed, product_viewed
 from tests.test_rank import catalogue
 from tests.test_rank import post as post_messages
 from tests.test_rank import track as view

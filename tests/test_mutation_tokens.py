@@ -14,7 +14,7 @@ import time
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from tests.fake_segment_apis import deliver, product_viewed
+from tests.deliveries import deliver, product_viewed
 from webhook.tokens import mint_token
 
 SECRET = "mutation-secret-key-0123456789abcdef"
