@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -267,6 +268,10 @@ def parse_message(raw: Any) -> Message:
     message_id = _optional_id(raw, "messageId")
     user_id = _optional_id(raw, "userId")
     anonymous_id = _optional_id(raw, "anonymousId")
+    # Every type carries these; each branch adds its own fields.
+    make = partial(
+        Message, type=kind, message_id=message_id, user_id=user_id, anonymous_id=anonymous_id
+    )
 
     if kind == "delete":
         if not (user_id or anonymous_id):
@@ -276,11 +281,7 @@ def parse_message(raw: Any) -> Message:
             timestamp = message_time(raw)
         except MessageError:
             timestamp = datetime.now(UTC)
-        return Message(
-            type=kind,
-            message_id=message_id,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
+        return make(
             timestamp=timestamp,
         )
 
@@ -299,41 +300,25 @@ def parse_message(raw: Any) -> Message:
                 "the event name is longer than 256 characters or holds a NUL "
                 "character or a lone surrogate"
             )
-        return Message(
-            type=kind,
-            message_id=message_id,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
+        return make(
             timestamp=timestamp,
             event=event.strip(),
             properties=_optional_dict(raw, "properties"),
         )
     if kind == "identify":
-        return Message(
-            type=kind,
-            message_id=message_id,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
+        return make(
             timestamp=timestamp,
             traits=_identify_traits(raw),
         )
     if kind in ("page", "screen"):
         name = raw.get("name")
-        return Message(
-            type=kind,
-            message_id=message_id,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
+        return make(
             timestamp=timestamp,
             name=name if isinstance(name, str) else None,
             properties=_optional_dict(raw, "properties"),
         )
     if kind == "group":
-        return Message(
-            type=kind,
-            message_id=message_id,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
+        return make(
             timestamp=timestamp,
             group_id=_optional_id(raw, "groupId"),
             traits=_optional_dict(raw, "traits"),
@@ -342,14 +327,7 @@ def parse_message(raw: Any) -> Message:
     previous_id = _optional_id(raw, "previousId")
     if not previous_id or not user_id:
         raise MessageError("an alias needs previousId and userId")
-    return Message(
-        type=kind,
-        message_id=message_id,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        timestamp=timestamp,
-        previous_id=previous_id,
-    )
+    return make(timestamp=timestamp, previous_id=previous_id)
 
 
 def _identify_traits(raw: dict) -> dict:

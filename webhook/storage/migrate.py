@@ -35,6 +35,25 @@ def config(history: str, connection=None, **attributes) -> Config:
     return cfg
 
 
+def run_environment() -> None:
+    """What each history's ``env.py`` does when Alembic runs it: the revisions, on the
+    connection and version table ``config`` handed over."""
+    from alembic import context
+
+    from .schema import metadata
+
+    attributes = context.config.attributes
+    context.configure(
+        connection=attributes["connection"],
+        target_metadata=metadata,
+        version_table=attributes["version_table"],
+        render_as_batch=True,
+        transactional_ddl=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def heads() -> dict[str, str | None]:
     return {
         history: ScriptDirectory.from_config(config(history)).get_current_head()

@@ -1,16 +1,5 @@
-"""Alembic's environment: the connection comes from ``storage/migrate.py``."""
+"""Alembic's environment: the one in ``storage/migrate.py`` (both histories share it)."""
 
-from alembic import context
+from webhook.storage.migrate import run_environment
 
-from webhook.storage.schema import metadata
-
-config = context.config
-context.configure(
-    connection=config.attributes["connection"],
-    target_metadata=metadata,
-    version_table=config.attributes["version_table"],
-    render_as_batch=True,
-    transactional_ddl=True,
-)
-with context.begin_transaction():
-    context.run_migrations()
+run_environment()
