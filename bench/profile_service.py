@@ -2,7 +2,7 @@
 """Where does a signed delivery spend its time?  (helper for the throughput benchmark)
 
 Runs the service in-process (no gunicorn, no sockets) with the benchmark's settings
-(SEGMENT_SHARED_SECRET=bench-secret, a fresh SQLite file, its own prometheus folder) and
+(SEGMENT_SHARED_SECRET and WEBHOOK_BEARER_TOKEN as there, a fresh SQLite file, its own prometheus folder) and
 calls it through WSGI with ``--count`` distinct signed deliveries. It times, one thread
 each, with nothing else running in the process:
 
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from webhook_throughput import BATCH_SIZE, SECRET, event_json, sign  # noqa: E402
+from webhook_throughput import BATCH_SIZE, BEARER, SECRET, event_json, sign  # noqa: E402
 
 
 def deliveries(count: int, tag: str, batch: bool) -> list[tuple[bytes, str]]:
@@ -79,6 +79,7 @@ def call(app, items) -> None:
             "CONTENT_LENGTH": str(len(body)),
             "CONTENT_TYPE": "application/json",
             "HTTP_X_SIGNATURE": signature,
+            "HTTP_AUTHORIZATION": f"Bearer {BEARER}",
             "HTTP_HOST": "127.0.0.1:8000",
         }
         status = []
@@ -135,6 +136,7 @@ def main() -> int:
     (tmp / "metrics").mkdir()
     os.environ.update(
         SEGMENT_SHARED_SECRET=SECRET,
+        WEBHOOK_BEARER_TOKEN=BEARER,  # as the throughput benchmark: batches need it
         SQLITE_SYNCHRONOUS=args.synchronous,
         PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
         ENGINE_BACKGROUND_TRAINING="false",
