@@ -116,6 +116,16 @@ def _init_cors(app: Flask, settings: Settings) -> None:
         max_age=600,
         vary_header=True,
     )
+    # Its headers go on the answers of the blueprints browsers call, and only there: moved
+    # from every request's after_request functions (Flask's scope None) to theirs. A
+    # webhook delivery (server to server) no longer pays for matching its path against
+    # the resources (bench/README.md). Error answers still get them: flask-cors wraps the
+    # app's exception handlers as well.
+    cors_headers = app.after_request_funcs[None].pop()
+    if cors_headers.__name__ != "cors_after_request":  # flask-cors changed how it hooks in
+        raise RuntimeError(f"unexpected after_request function {cors_headers!r}")
+    for scope in ("tracking_api", "recommendations", "rank"):
+        app.after_request_funcs.setdefault(scope, []).append(cors_headers)
 
 
 _NO_SCHEMA_NEEDED = frozenset(
