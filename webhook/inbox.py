@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, NamedTuple
 import sqlalchemy as sa
 
 from .storage import Store, StoreUnavailable, Transaction
-from .storage.database import dbapi_connection, insert
+from .storage.database import arrays, dbapi_connection, insert, insert_unnested
 from .storage.leases import holder_is_gone
 from .storage.schema import inbox, inbox_consumers, tombstones
 
@@ -196,7 +196,17 @@ class Inbox:
                 body=sa.bindparam("body"),
             )
         )
-        self._add_many: dict[int, Any] = {}
+        self._add_many: dict[int, Any] = {}  # SQLite: a VALUES list of n rows
+        if rows.dialect == "postgresql":  # any number of rows, one statement
+            self._add_arrays = rows.compile(
+                insert_unnested(
+                    inbox,
+                    ["message_id", "type", "body"],
+                    {"txid": txid, "received_at": sa.bindparam("received_at", type_=sa.Float)},
+                )
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(inbox.c.message_id)
+            )
         self._add_tombstone = rows.compile(
             insert(rows.dialect, tombstones)
             .on_conflict_do_nothing(index_elements=["id_hash", "deleted_at"])
@@ -230,17 +240,13 @@ class Inbox:
         if not rows:
             return set()
         with self.rows.raw_write() as dbapi:
-            if self.rows.dialect != "sqlite":
-                if len(rows) <= _CHUNK and not graves:
-                    # One statement is atomic on its own: run it in autocommit, one round
-                    # trip to the server instead of three (BEGIN, INSERT, COMMIT).
-                    dbapi.autocommit = True
-                    try:
-                        return self._insert(dbapi.cursor(), rows, graves)
-                    finally:
-                        if not dbapi.broken:  # a broken one is thrown away (raw_write)
-                            dbapi.autocommit = False
-                return self._insert(dbapi.cursor(), rows, graves)
+            if self.postgresql:
+                if not graves:
+                    # Any number of rows is one statement (_add_arrays), atomic on its
+                    # own: one round trip in autocommit, no BEGIN and COMMIT.
+                    return self._insert(dbapi.cursor(), rows, graves)
+                with dbapi.transaction():
+                    return self._insert(dbapi.cursor(), rows, graves)
             if len(rows) <= _CHUNK and not graves:
                 # One statement: SQLite runs it as its own transaction (autocommit).
                 return self._insert(dbapi.cursor(), rows, graves)
@@ -270,6 +276,12 @@ class Inbox:
                 ),
             )
             return {message_id} if cursor.rowcount == 1 else set()
+        if self.postgresql:
+            raw = self._add_arrays
+            params: dict[str, Any] = {"received_at": now}
+            params.update(arrays(rows, ("message_id", "type", "body")))
+            cursor.execute(raw.sql, params)
+            return {row[0] for row in cursor.fetchall()}
         fresh: set[str] = set()
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start : start + _CHUNK]

@@ -130,7 +130,12 @@ class Ingestor:
         self.consent_categories = tuple(consent_categories)
         self.tombstones = tombstones  # tombstones.Tombstones, or None: no check
         self.listeners: list[Callable[[], None]] = []  # told when new rows are committed
-        self._group = _GroupCommit(self._write)
+        # SQLite takes one writer at a time and an fsync a commit: deliveries that arrive
+        # together share one transaction. PostgreSQL takes concurrent inserts and flushes
+        # their commits together itself; a delivery writes at once, on its own connection.
+        self._submit = (
+            _GroupCommit(self._write).submit if inbox.rows.dialect == "sqlite" else self._alone
+        )
 
     def ingest(self, raw_messages: Sequence[Any], *, live: bool = True) -> Summary:
         """Validate a delivery and write it into the inbox. Raises ``NoMessages`` (nothing
@@ -179,7 +184,7 @@ class Ingestor:
             return summary  # every message skipped: nothing to keep
 
         job = _Job(rows, graves)
-        self._group.submit(job)
+        self._submit(job)
         fresh = job.fresh
         for index, message, _ in rows:
             message_id = message.message_id
@@ -258,6 +263,9 @@ class Ingestor:
                     job.added = True
             job.fresh = mine
 
+    def _alone(self, job: _Job) -> None:
+        self._write([job])
+
 
 def delete_claim(body: str) -> str:
     """The claim of a deletion request sent without a messageId: its content (the same
@@ -276,7 +284,7 @@ class _Job:
 
 
 class _GroupCommit:
-    """Deliveries that arrive while a transaction is running share the next one.
+    """Deliveries that arrive while a transaction is running share the next one (SQLite).
 
     The first request thread to find no transaction in progress becomes the leader: it
     takes every job waiting and writes them together, one statement and one commit for

@@ -28,7 +28,7 @@ from ..routing import (
     UserTraits,
 )
 from ..segment import encode_json
-from ..storage import Store, Transaction, insert
+from ..storage import Bulk, Store, Transaction, insert
 from ..storage.schema import identity_links, interactions, items, profiles
 from . import Applied, decode
 
@@ -156,27 +156,37 @@ class Statements:
 
     def __init__(self, store: Store):
         dialect = store.dialect
-        add_interaction = insert(dialect, interactions).on_conflict_do_nothing(
-            index_elements=["event_id"]
-        )
-        link = insert(dialect, identity_links)
-        link = link.on_conflict_do_update(
-            index_elements=["anonymous_id"],
-            set_={"user_id": link.excluded.user_id},
-            where=identity_links.c.user_id != link.excluded.user_id,
-        )
-        item = insert(dialect, items)
-        newer = item.excluded.updated_at >= items.c.updated_at
-        # A newer record overwrites the fields it carries; an older one only fills gaps.
-        merge = {
-            name: sa.case(
-                (newer, sa.func.coalesce(item.excluded[name], items.c[name])),
-                else_=sa.func.coalesce(items.c[name], item.excluded[name]),
+
+        def link_upsert(link):
+            return link.on_conflict_do_update(
+                index_elements=["anonymous_id"],
+                set_={"user_id": link.excluded.user_id},
+                where=identity_links.c.user_id != link.excluded.user_id,
             )
-            for name in ITEM_FIELDS
-        }
-        merge["updated_at"] = sa.case((newer, item.excluded.updated_at), else_=items.c.updated_at)
-        upsert_item = item.on_conflict_do_update(index_elements=["item_id"], set_=merge)
+
+        def item_upsert(item):
+            newer = item.excluded.updated_at >= items.c.updated_at
+            # A newer record overwrites the fields it carries; an older one only fills gaps.
+            merge = {
+                name: sa.case(
+                    (newer, sa.func.coalesce(item.excluded[name], items.c[name])),
+                    else_=sa.func.coalesce(items.c[name], item.excluded[name]),
+                )
+                for name in ITEM_FIELDS
+            }
+            merge["updated_at"] = sa.case(
+                (newer, item.excluded.updated_at), else_=items.c.updated_at
+            )
+            return item.on_conflict_do_update(index_elements=["item_id"], set_=merge)
+
+        self.interaction = Bulk(
+            store,
+            interactions,
+            _INTERACTION_COLUMNS,
+            lambda add: add.on_conflict_do_nothing(index_elements=["event_id"]),
+        )
+        self.link = Bulk(store, identity_links, _LINK_COLUMNS, link_upsert)
+        self.item = Bulk(store, items, _ITEM_COLUMNS, item_upsert)
         self.ensure_profile = insert(dialect, profiles).on_conflict_do_nothing(
             index_elements=["profile_id"]
         )
@@ -189,15 +199,6 @@ class Statements:
             profiles.update()
             .where(profiles.c.profile_id == sa.bindparam("pid"))
             .values(traits=sa.bindparam("traits"), traits_at=sa.bindparam("traits_at"))
-        )
-        self.interaction = store.compile(
-            add_interaction.values(**{c.name: sa.bindparam(c.name) for c in interactions.c})
-        )
-        self.link = store.compile(
-            link.values(anonymous_id=sa.bindparam("anonymous_id"), user_id=sa.bindparam("user_id"))
-        )
-        self.item = store.compile(
-            upsert_item.values(**{c.name: sa.bindparam(c.name) for c in items.c})
         )
 
 
@@ -219,36 +220,40 @@ class Prepared:
         self.sql = statements
         self.users = list(users)  # merged in the transaction (read-modify-write)
         latest = {link.anonymous_id: link.user_id for link in links}
-        self.links = statements.link.rows(sorted(latest.items()), _LINK_COLUMNS)
+        self.links = statements.link.params(sorted(latest.items()))
         self.item_rounds = [
-            statements.item.rows(
+            statements.item.params(
                 [
                     (record.item_id, *map(record.details.get, ITEM_FIELDS), record.timestamp)
                     for record in round_records
-                ],
-                _ITEM_COLUMNS,
+                ]
             )
             for round_records in _item_rounds(items)
         ]
         # An interaction record is its row, in the same order, with its properties as JSON.
-        self.interactions = statements.interaction.rows(
-            [r[:7] + (encode_json(r[7]),) for r in interactions], _INTERACTION_COLUMNS
+        self.interactions = statements.interaction.params(
+            [r[:7] + (encode_json(r[7]),) for r in interactions]
         )
 
     def __bool__(self) -> bool:
-        return bool(self.users or self.links or self.item_rounds or self.interactions)
+        return bool(
+            self.users
+            or self.links is not None
+            or self.item_rounds
+            or self.interactions is not None
+        )
 
     def write(self, tx: Transaction) -> None:
         """Identity links, traits, catalog rows, interactions, in this order (a record
         written later may rely on an earlier kind). Catalog rows: each record applied in
         time order over the stored row, in SQL; a newer record overwrites the fields it
         carries, an older one only fills gaps. Interactions: once per event id."""
-        tx.run(self.sql.link, self.links)
+        tx.bulk(self.sql.link, self.links)
         if self.users:
             self._merge_traits(tx)
         for round_params in self.item_rounds:
-            tx.run(self.sql.item, round_params)
-        tx.run(self.sql.interaction, self.interactions)
+            tx.bulk(self.sql.item, round_params)
+        tx.bulk(self.sql.interaction, self.interactions)
 
     def _merge_traits(self, tx: Transaction) -> None:
         """Merge identify traits into profiles: newer values win, older ones fill gaps."""

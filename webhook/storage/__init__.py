@@ -3,6 +3,7 @@ named leases (``leases``) and the migrations that keep a database up to date
 (``migrate``). Nothing here knows what the rows mean."""
 
 from .database import (
+    Bulk,
     Raw,
     Store,
     StoreUnavailable,
@@ -14,6 +15,7 @@ from .database import (
 )
 
 __all__ = [
+    "Bulk",
     "Raw",
     "Store",
     "StoreUnavailable",

@@ -17,8 +17,10 @@ import fcntl
 import logging
 import operator
 import os
+import re
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,7 +46,10 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 # SQLite's default is 1,000 pages (4 MiB). The WalCheckpointer keeps the WAL far below this
 # many; it is the fallback where that thread does not run (CLI commands, tests).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
-INBOX_FILE_SUFFIX = "-inbox"  # SQLite: the inbox's file is the database's, plus this
+INBOX_FILE_SUFFIX = "-inbox"
+# PostgreSQL: idle connections a process keeps for the request path's write (one a
+# request thread: gunicorn's GUNICORN_THREADS, 4 by default).
+AUTOCOMMIT_IDLE_MAX = 8  # SQLite: the inbox's file is the database's, plus this
 
 
 def sqlite_url_for(instance_path: str) -> str:
@@ -65,6 +70,31 @@ def inbox_url_for(url: str) -> str:
 def insert(dialect: str, table: sa.Table):
     """An INSERT that knows ON CONFLICT, for this dialect (the one dialect switch)."""
     return (postgresql if dialect == "postgresql" else sqlite).insert(table)
+
+
+def insert_unnested(
+    table: sa.Table, columns: Sequence[str], values: dict[str, Any] | None = None
+) -> postgresql.Insert:
+    """PostgreSQL: an INSERT of rows given as one array a column (bind parameters named
+    after the columns; ``arrays`` builds them), in the arrays' order, plus ``values``
+    (expressions, the same for every row). Its text is the same for any number of rows,
+    so psycopg parses it once and the server plans it once; a VALUES list of n rows is a
+    statement of its own for every n, which psycopg parses again at each call once it is
+    long."""
+    typed = [sa.cast(sa.bindparam(name), postgresql.ARRAY(table.c[name].type)) for name in columns]
+    rows = (
+        sa.func.unnest(*typed)
+        .table_valued(*columns, with_ordinality="ord")
+        .render_derived(name="given")
+    )
+    extra = values or {}
+    source = sa.select(*(rows.c[name] for name in columns), *extra.values()).order_by(rows.c.ord)
+    return postgresql.insert(table).from_select([*columns, *extra], source)
+
+
+def arrays(rows: Sequence[Sequence], columns: Sequence[str]) -> dict[str, list]:
+    """The parameters of an ``insert_unnested`` statement: one list a column."""
+    return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
 
 
 def describe(exc: BaseException) -> str:
@@ -174,12 +204,60 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
         # is thrown away (``Raw``/``write``) and the request is answered 503 (Segment
         # retries it). A ping would cost a round trip on every delivery.
         pool_pre_ping=False,
-        pool_recycle=1800,
+        pool_recycle=POOL_RECYCLE_SECONDS,
         pool_size=5,
         max_overflow=5,
         pool_timeout=2.0,
         connect_args={"connect_timeout": 2},
     )
+
+
+POOL_RECYCLE_SECONDS = 1800  # a connection this old is closed, not used again
+
+
+class _AutocommitConnections:
+    """PostgreSQL: the connections of the request path's one write, kept in autocommit
+    (one statement, atomic on its own: one round trip, no BEGIN or COMMIT). Idle ones wait
+    in a list: taking one and giving it back are a pop and an append, where checking one
+    out of SQLAlchemy's pool and switching it to autocommit and back cost a tenth of a
+    delivery's CPU (bench/README.md). At most ``keep`` idle ones stay open; one older
+    than POOL_RECYCLE_SECONDS is closed; a forked process starts with none of its
+    parent's (and never closes them: they are the parent's)."""
+
+    def __init__(self, engine: Engine, keep: int):
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        self._connect = lambda: engine.dialect.loaded_dbapi.connect(
+            *cargs, **cparams, connect_timeout=2, autocommit=True
+        )
+        self._keep = keep
+        self._idle: list[tuple[Any, float]] = []
+        self._pid = os.getpid()
+
+    def take(self) -> tuple[Any, float]:
+        if self._pid != os.getpid():
+            self._idle, self._pid = [], os.getpid()
+        while True:
+            try:
+                conn, born = self._idle.pop()  # atomic: no lock
+            except IndexError:
+                return self._connect(), time.monotonic()
+            if time.monotonic() - born < POOL_RECYCLE_SECONDS and not conn.closed:
+                return conn, born
+            conn.close()
+
+    def give_back(self, conn: Any, born: float) -> None:
+        if conn.closed or conn.info.transaction_status != 0 or len(self._idle) >= self._keep:
+            conn.close()  # broken, left in a transaction, or more than are needed
+        else:
+            self._idle.append((conn, born))
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+
+_ARRAY_PARAMETER = re.compile(r"CAST\(%\((\w+)\)s AS (?=[^()]*(?:\(\d+\))?\[\])")
 
 
 class Raw:
@@ -191,6 +269,10 @@ class Raw:
     def __init__(self, stmt, dialect):
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
+        if dialect.name == "postgresql":
+            # Arrays (insert_unnested) go in psycopg's binary format: its text format
+            # quotes and escapes every element in Python, several times the cost.
+            self.sql = _ARRAY_PARAMETER.sub(r"CAST(%(\1)b AS ", self.sql)
         self.names = compiled.positiontup  # positional paramstyles (SQLite's qmark)
         # Parameters the statement fills itself (SQLite's OFFSET of a LIMIT, say).
         self.defaults = {
@@ -205,12 +287,44 @@ class Raw:
             return values if len(self.names) > 1 else (values,)
         return row
 
-    def rows(self, rows: Sequence[tuple], columns: Sequence[str]) -> list:
-        """The DBAPI parameters of many rows given as tuples in ``columns``' order: where
-        the statement takes exactly those columns positionally, the tuples as they are."""
-        if self.names == list(columns):
-            return list(rows)
-        return [self.params(dict(zip(columns, row))) for row in rows]
+
+class Bulk:
+    """An INSERT of many rows, each a tuple in ``columns``' order, compiled once for a
+    store's dialect; ``finish`` adds the ON CONFLICT clause. SQLite: the VALUES of one
+    row, run by executemany (a loop in C). PostgreSQL: ``insert_unnested``, one statement
+    with one array a column whatever the number of rows, where executemany would send,
+    bind and execute every row on its own."""
+
+    def __init__(
+        self,
+        store: Store,
+        table: sa.Table,
+        columns: Sequence[str],
+        finish: Callable[[Any], Any] = lambda stmt: stmt,
+    ):
+        self.columns = list(columns)
+        self.arrays = store.dialect == "postgresql"
+        if self.arrays:
+            stmt = insert_unnested(table, self.columns)
+        else:
+            stmt = insert(store.dialect, table).values({c: sa.bindparam(c) for c in columns})
+        self.raw = store.compile(finish(stmt))
+        # A float column's array must hold floats only (psycopg refuses a list of ints and
+        # floats mixed, as JSON numbers come).
+        self._floats = [c for c in self.columns if isinstance(table.c[c].type, sa.Float)]
+
+    def params(self, rows: Sequence[tuple]) -> Any:
+        """The DBAPI parameters of these rows (None for none)."""
+        if not rows:
+            return None
+        if not self.arrays:
+            if self.raw.names == self.columns:
+                return list(rows)
+            return [self.raw.params(dict(zip(self.columns, row))) for row in rows]
+        params = arrays(rows, self.columns)
+        for name in self._floats:
+            params[name] = [None if value is None else float(value) for value in params[name]]
+        return params
 
 
 class Transaction:
@@ -225,20 +339,19 @@ class Transaction:
     def insert(self, table: sa.Table):
         return insert(self.dialect, table)
 
-    def run(self, raw: Raw, params: Sequence, fetch: bool = False) -> list:
-        """Run a compiled statement for one row's parameters or many."""
-        if not params:
-            return []
+    def bulk(self, statement: Bulk, params: Any) -> None:
+        """Run a ``Bulk`` insert with the parameters its ``params`` gave."""
+        if params is None:
+            return
         if self._cursor is None:
             self._cursor = dbapi_connection(self.conn).cursor()
         dbapi = self.conn.dialect.dbapi
         assert dbapi is not None
         try:
-            if len(params) == 1:
-                self._cursor.execute(raw.sql, params[0])
-                return self._cursor.fetchall() if fetch else []
-            self._cursor.executemany(raw.sql, params)
-            return []
+            if statement.arrays:
+                self._cursor.execute(statement.raw.sql, params)
+            else:
+                self._cursor.executemany(statement.raw.sql, params)
         except (dbapi.OperationalError, dbapi.InterfaceError) as exc:
             if self.dialect == "postgresql" and dbapi_connection(self.conn).closed:
                 self.conn.invalidate()
@@ -269,6 +382,11 @@ class Store:
             self.inbox_store = Store(inbox_url_for(url), synchronous, inbox_only=True)
         self._schema_ready = False
         self._schema_lock = threading.Lock()
+        self._autocommit = (
+            _AutocommitConnections(self.engine, keep=AUTOCOMMIT_IDLE_MAX)
+            if self.dialect == "postgresql"
+            else None
+        )
 
     @property
     def in_memory(self) -> bool:
@@ -302,6 +420,8 @@ class Store:
             self._schema_ready = True
 
     def dispose(self) -> None:
+        if self._autocommit is not None:
+            self._autocommit.close()
         if self.inbox_store is not self:
             self.inbox_store.dispose()
         if self._write_lock is not None:
@@ -345,11 +465,25 @@ class Store:
 
     @contextmanager
     def raw_write(self) -> Iterator[Any]:
-        """The DBAPI connection for the request path's one write, transaction control
-        included (SQLite: this process's write connection, under the write lock, in
-        autocommit; PostgreSQL: a pooled connection, committed on success). Errors of an
-        unavailable database become StoreUnavailable, and the connection is dropped."""
-        if self._write_lock is None:
+        """The DBAPI connection for the request path's one write, in autocommit (SQLite:
+        this process's write connection, under the write lock; PostgreSQL: an idle one of
+        ``_AutocommitConnections``; several statements take ``transaction()``, psycopg's
+        block). Errors of an unavailable database become StoreUnavailable, and the
+        connection is dropped."""
+        if self._autocommit is not None:
+            try:
+                conn, born = self._autocommit.take()
+            except self.dbapi_unavailable as exc:
+                raise StoreUnavailable(describe(exc)) from exc
+            try:
+                yield conn
+            except self.dbapi_unavailable as exc:
+                conn.close()
+                raise StoreUnavailable(describe(exc)) from exc
+            finally:
+                self._autocommit.give_back(conn, born)
+            return
+        if self._write_lock is None:  # SQLite in memory: its one pooled connection
             try:
                 raw = self.engine.raw_connection()
             except UNAVAILABLE + self.dbapi_unavailable as exc:
@@ -361,7 +495,7 @@ class Store:
                 raw.invalidate()
                 raise StoreUnavailable(describe(exc)) from exc
             finally:
-                raw.close()  # back to the pool (rolled back there if not committed)
+                raw.close()
             return
         self._write_lock.acquire()
         try:
