@@ -2,9 +2,9 @@
 """Where does a signed delivery spend its time?  (helper for the throughput benchmark)
 
 Runs the service in-process (no gunicorn, no sockets) with the benchmark's settings
-(SEGMENT_SHARED_SECRET and WEBHOOK_BEARER_TOKEN as there, a fresh SQLite file, its own prometheus folder) and
-calls it through WSGI with ``--count`` distinct signed deliveries. It times, one thread
-each, with nothing else running in the process:
+(SEGMENT_SHARED_SECRET and WEBHOOK_BEARER_TOKEN as there, a fresh SQLite file, its own
+prometheus folder) and calls it through WSGI with ``--count`` distinct signed
+deliveries. It times, one thread each, with nothing else running in the process:
 
 * the bare app and the anchor (bench/anchor_app.py) with the same deliveries;
 * the service's request path alone (its background appliers are not started);

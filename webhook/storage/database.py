@@ -46,10 +46,11 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 # SQLite's default is 1,000 pages (4 MiB). The WalCheckpointer keeps the WAL far below this
 # many; it is the fallback where that thread does not run (CLI commands, tests).
 WAL_AUTOCHECKPOINT_PAGES = 10_000
-INBOX_FILE_SUFFIX = "-inbox"
+INBOX_FILE_SUFFIX = "-inbox"  # SQLite: the inbox's file is the database's, plus this
 # PostgreSQL: idle connections a process keeps for the request path's write (one a
 # request thread: gunicorn's GUNICORN_THREADS, 4 by default).
-AUTOCOMMIT_IDLE_MAX = 8  # SQLite: the inbox's file is the database's, plus this
+AUTOCOMMIT_IDLE_MAX = 8
+CONNECT_TIMEOUT_SECONDS = 2  # PostgreSQL: a server that does not answer is unavailable
 
 
 def sqlite_url_for(instance_path: str) -> str:
@@ -208,7 +209,7 @@ def _make_engine(url: str, synchronous: str = "FULL") -> Engine:
         pool_size=5,
         max_overflow=5,
         pool_timeout=2.0,
-        connect_args={"connect_timeout": 2},
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
     )
 
 
@@ -227,7 +228,7 @@ class _AutocommitConnections:
     def __init__(self, engine: Engine, keep: int):
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         self._connect = lambda: engine.dialect.loaded_dbapi.connect(
-            *cargs, **cparams, connect_timeout=2, autocommit=True
+            *cargs, **cparams, connect_timeout=CONNECT_TIMEOUT_SECONDS, autocommit=True
         )
         self._keep = keep
         self._idle: list[tuple[Any, float]] = []
