@@ -687,9 +687,10 @@ def test_an_inbox_row_pruned_before_it_was_applied_is_counted_as_expired(
 
 
 def test_postgresql_a_transaction_after_deliveries_still_rolls_back(make_app, postgresql_url):
-    """A delivery's insert runs in autocommit on a pooled connection; the connection must
-    go back to the pool as it came, or a later transaction there would commit each of its
-    statements at once and a rollback would leave half of it written."""
+    """A delivery's insert runs in autocommit (on a connection kept apart from the pool);
+    the pool's connections must never be left in autocommit, or a later transaction there
+    would commit each of its statements at once and a rollback would leave half of it
+    written."""
     app = make_app(database_url=postgresql_url)
     parts = app.extensions["segment"]
     for n in range(3):
