@@ -139,7 +139,9 @@ def latest_interactions(conn, person: Person, columns, limit: int, first: str | 
     after an import, or a bot grown since the last ANALYZE), it would otherwise fetch
     their whole history and sort it. SQLite's planner reads the index in order by itself."""
     anonymous = sorted(person.anonymous_ids, key=lambda a: a != first)[:ANONYMOUS_IDS_READ]
-    ranges = [(interactions.c.anonymous_id, a) for a in anonymous]
+    ranges: list[tuple[sa.Column, str | None]] = [
+        (interactions.c.anonymous_id, a) for a in anonymous
+    ]
     if person.user_id:
         ranges.insert(0, (interactions.c.user_id, person.user_id))
     if not ranges:
@@ -148,9 +150,16 @@ def latest_interactions(conn, person: Person, columns, limit: int, first: str | 
         conn.execute(
             sa.text("SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)")
         )
+    # The number of parts is rounded up to a power of two (at most the largest count), the
+    # extra parts matching nothing (NULL equals no id). SQLAlchemy compiles each shape of
+    # statement once and keeps it, per process: a shape for every count of ids, filled
+    # as visitors gathered ids, made a web process's memory grow for minutes
+    # (bench/README.md, the soak).
+    size = min(1 << (len(ranges) - 1).bit_length(), ANONYMOUS_IDS_READ + 1)
+    ranges += [(interactions.c.anonymous_id, None)] * (size - len(ranges))
     parts = [
         sa.select(*columns)
-        .where(column == value)
+        .where(column == sa.bindparam(None, value, type_=column.type))
         .order_by(interactions.c.timestamp.desc())
         .limit(max(1, int(limit)))
         .subquery()
