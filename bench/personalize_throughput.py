@@ -354,6 +354,15 @@ class Service:
     def cpu_seconds(self) -> float:
         return sum(self._processes().values()) / CLK_TCK
 
+    def worker_cpu_seconds(self) -> float:
+        """CPU of the worker process alone (its threads: every applier, Personalize's
+        sending included)."""
+        try:
+            fields = Path(f"/proc/{self.worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
     def _signal_all(self, sig: int) -> None:
         for pid in self._processes():
             try:
@@ -570,7 +579,9 @@ class Cell:
     kind: str
     round: int
     stats: dict
-    server_cpu: float
+    server_cpu: float  # the service's processes: web and worker
+    worker_cpu: float = 0.0  # of which the worker process
+    stand_in_cpu: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -810,6 +821,8 @@ def main() -> int:
                 if a.settle:
                     settle(service, a.settle)
                 cpu0 = service.cpu_seconds()
+                worker0 = service.worker_cpu_seconds()
+                stand_in0 = fake.summary()["cpu"]
                 other.pause()
                 try:
                     if wrk:
@@ -834,14 +847,25 @@ def main() -> int:
                         )
                 finally:
                     other.resume()
-                cell = Cell(service.mode, kind, rnd, stats, service.cpu_seconds() - cpu0)
+                cell = Cell(
+                    service.mode,
+                    kind,
+                    rnd,
+                    stats,
+                    service.cpu_seconds() - cpu0,
+                    service.worker_cpu_seconds() - worker0,
+                    fake.summary()["cpu"] - stand_in0,
+                )
                 if service is personalize:
                     acknowledged += stats["ok"] * (BATCH if kind == "batch" else 1)
                 label = "warm-up" if rnd == 0 else f"round {rnd}"
                 log(
                     f"{label}: {service.mode:<11} {kind:<6} {cell.rps:9.1f} req/s "
                     f"{cell.eps:10.1f} events/s  p50 {stats['p50_us'] / 1e3:.1f} ms  "
-                    f"p99 {stats['p99_us'] / 1e3:.1f} ms"
+                    f"p99 {stats['p99_us'] / 1e3:.1f} ms; CPU s/s: web "
+                    f"{(cell.server_cpu - cell.worker_cpu) / cell.seconds:.2f}, worker "
+                    f"{cell.worker_cpu / cell.seconds:.2f}, stand-in "
+                    f"{cell.stand_in_cpu / cell.seconds:.2f}"
                 )
                 if cell.problems():
                     problems.append(f"{service.mode} {kind} {label}: " + "; ".join(cell.problems()))
