@@ -18,8 +18,9 @@ import json
 import time
 
 import pytest
+import sqlalchemy as sa
 
-from tests.conftest import aws_stand_ins, metric  # noqa: F401  (metric: also for other modules)
+from tests.conftest import aws_stand_ins, metric, store_of  # noqa: F401  (metric: also for other modules)
 from tests.deliveries import deliver, identify, order_completed, product_viewed
 from tests.fake_personalize import FakePersonalizeRuntime
 from tests.fake_segment_apis import FakeProfileAPI
@@ -883,10 +884,6 @@ def test_purchases_under_each_of_many_anonymous_ids_are_excluded(personalize_app
     is excluded, however many anonymousIds they gathered. The read takes one statement
     per power of two of ids, not one per count: each statement SQLAlchemy compiles stays
     in a process's memory (the soak's growth, bench/README.md)."""
-    import sqlalchemy as sa
-
-    from tests.conftest import store_of
-
     app = personalize_app(database_url=database_url)
     client = app.test_client()
     unions: set[str] = set()
