@@ -83,8 +83,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -354,6 +356,20 @@ class Service:
     def cpu_seconds(self) -> float:
         return sum(self._processes().values()) / CLK_TCK
 
+    def connection_split(self) -> list[int]:
+        """The load generator's connections held by each web worker, most first: the
+        web processes share the load only as evenly as the connections are spread."""
+        counts = []
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                conns = child.net_connections("tcp")
+            except psutil.Error:
+                continue
+            counts.append(
+                sum(1 for c in conns if c.laddr.port == self.port and c.status == "ESTABLISHED")
+            )
+        return sorted(counts, reverse=True)
+
     def worker_cpu_seconds(self) -> float:
         """CPU of the worker process alone (its threads: every applier, Personalize's
         sending included)."""
@@ -578,6 +594,7 @@ class Cell:
     server_cpu: float  # the service's processes: web and worker
     worker_cpu: float = 0.0  # of which the worker process
     stand_in_cpu: float = 0.0
+    split: list[int] = field(default_factory=list)  # connections per web worker, mid-cell
 
     @property
     def seconds(self) -> float:
@@ -798,6 +815,9 @@ def main() -> int:
             }
             for kind, count in sizes.items():
                 write_pool(pools[kind], kind, count, f"{tag}r{rnd}", rnd * count)
+            # Written back now, not during the cells: hundreds of MB of dirty pages flushed
+            # behind the service's fsyncs stalled them (one cell's p99 650 ms).
+            os.sync()
             log(
                 f"round {rnd}'s pools: {sizes['single']} single, {sizes['batch']} batches "
                 f"of {BATCH} ({time.monotonic() - t0:.1f}s)"
@@ -828,6 +848,11 @@ def main() -> int:
                 worker0 = service.worker_cpu_seconds()
                 stand_in0 = fake.cpu_seconds()
                 other.pause()
+                split: list[int] = []
+                timer = threading.Timer(
+                    duration / 2, lambda s=service, out=split: out.extend(s.connection_split())
+                )
+                timer.start()
                 try:
                     if wrk:
                         stats = run_wrk(
@@ -850,6 +875,7 @@ def main() -> int:
                             a.timeout,
                         )
                 finally:
+                    timer.cancel()
                     other.resume()
                 cell = Cell(
                     service.mode,
@@ -859,6 +885,7 @@ def main() -> int:
                     service.cpu_seconds() - cpu0,
                     service.worker_cpu_seconds() - worker0,
                     fake.cpu_seconds() - stand_in0,
+                    split,
                 )
                 if service is personalize:
                     acknowledged += stats["ok"] * (BATCH if kind == "batch" else 1)
@@ -869,7 +896,8 @@ def main() -> int:
                     f"p99 {stats['p99_us'] / 1e3:.1f} ms; CPU s/s: web "
                     f"{(cell.server_cpu - cell.worker_cpu) / cell.seconds:.2f}, worker "
                     f"{cell.worker_cpu / cell.seconds:.2f}, stand-in "
-                    f"{cell.stand_in_cpu / cell.seconds:.2f}"
+                    f"{cell.stand_in_cpu / cell.seconds:.2f}; connections per web worker "
+                    f"{'/'.join(map(str, cell.split)) or '?'}"
                 )
                 if cell.problems():
                     problems.append(f"{service.mode} {kind} {label}: " + "; ".join(cell.problems()))

@@ -810,6 +810,9 @@ class Bench:
                 f"pool {kind}: {count} requests ({count * (BATCH_SIZE if kind == 'batch' else 1)}"
                 f" distinct messageIds), {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s"
             )
+        # Written back before any cell: their dirty pages flushed behind the servers'
+        # fsyncs would stall whichever cell came first.
+        os.sync()
 
     # load ------------------------------------------------------------------
     def load(self, server: Server, kind: str, start: int, duration: int) -> dict:

@@ -19,6 +19,7 @@ SERVER = {
     "GUNICORN_WORKER_CLASS",
     "GUNICORN_THREADS",
     "GUNICORN_TIMEOUT",
+    "GUNICORN_REUSE_PORT",
     "PROMETHEUS_MULTIPROC_DIR",
 }
 
@@ -44,6 +45,17 @@ def test_every_setting_is_in_the_readme_and_every_documented_one_exists():
     documented = set(settings_rows())
     assert canonical - documented == set(), "settings missing from README.md"
     assert documented - every - SERVER == set(), "README.md documents settings that do not exist"
+
+
+def test_every_variable_the_server_reads_is_in_the_readme():
+    read = set(
+        re.findall(
+            r"environ(?:\.get\(|\[)\"([A-Z][A-Z0-9_]+)\"", (ROOT / "gunicorn.conf.py").read_text()
+        )
+    )
+    read |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", (ROOT / "Procfile").read_text()))
+    assert read <= SERVER, f"read by gunicorn.conf.py or the Procfile, not listed: {read - SERVER}"
+    assert set(settings_rows()) >= SERVER, "server variables missing from README.md"
 
 
 def test_every_workshop_alias_is_in_the_readme():
