@@ -57,6 +57,9 @@ Usage (from the repo root)::
   what the inbox still holds (its lag, from /healthz); its rate is reported, and the time
   it took if it caught up (at ~800 events/s, 8 calls of 10 in flight answered after 100 ms,
   a full run leaves far more than a few minutes' worth).
+* Each cell prints how the load generator's connections were split between the web
+  workers (read mid-cell from their sockets): with one shared listening socket a burst
+  of connections could all land on one worker, which then ran the cell alone.
 * Checks: every measured answer is 200, no pool wrap-around (no messageId reused), the
   stand-in received no event twice, and every event the Personalize service acknowledged
   was either received by the stand-in or is still in the inbox waiting to be sent.
