@@ -401,7 +401,16 @@ def test_a_body_altered_after_signing_is_never_stored(signed_app):
             content_type="application/json",
             headers={"X-Signature": signature, **BEARER},
         )
-        assert control.status_code == 200, control.get_json()
+        if control.status_code != 200:
+            # The corpus's people recur across examples: a genuine delete of an earlier
+            # example forgot the genuine first message's sender, so it (older than the
+            # delete) is skipped, and the rest of the array is as mutated. No message
+            # left to accept, but the signature was accepted all the same (not a 401).
+            answer = control.get_json()
+            assert control.status_code == 400, answer
+            assert answer["error"]["code"] == "no_valid_messages", answer
+            first = [s for s in answer["details"]["skipped"] if s["index"] == 0]
+            assert [s["reason"] for s in first] == ["deleted"], answer
         checked[shape(delivery)] += 1
 
     deliver()
