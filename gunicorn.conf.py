@@ -25,16 +25,23 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # Segment gives a webhook 5 seconds; a worker stuck far longer than that is replaced.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+
+
+def _switch(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    sys.stderr.write(f"configuration error: {name} must be true or false, not {value[:20]!r}\n")
+    raise SystemExit(3)
+
+
 # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
 # connections across them. On one shared socket, whichever worker is idle takes every
 # connection of a burst: a client that keeps a few connections alive (Segment's webhook
 # deliveries, a load balancer) can end up on one worker while the other idles.
-reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "true").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
+reuse_port = _switch("GUNICORN_REUSE_PORT", "true")
 graceful_timeout = 20
 keepalive = 5
 # No access log from gunicorn: its lines would carry query strings (tokens); the service

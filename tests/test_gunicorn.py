@@ -150,6 +150,13 @@ def test_a_burst_of_keep_alive_connections_is_shared_by_both_workers(tmp_path):
     assert all(fewer >= 6 for fewer in splits), f"the less busy worker held {splits} of 32"
 
 
+def test_a_mistyped_reuse_port_stops_gunicorn_naming_the_variable(tmp_path):
+    env = {"GUNICORN_REUSE_PORT": "sometimes", "_LOG_DIR": str(tmp_path)}
+    with pytest.raises(RuntimeError, match="gunicorn exited") as stopped, gunicorn(env, workers=1):
+        pass
+    assert "GUNICORN_REUSE_PORT must be true or false" in str(stopped.value)
+
+
 def test_healthz_under_gunicorn_says_signatures_are_not_enforced(tmp_path):
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
     with gunicorn(env, workers=1) as (base, process):
