@@ -117,12 +117,22 @@ def test_a_burst_of_keep_alive_connections_is_shared_by_both_workers(tmp_path):
     the whole burst, and the other idled while one process, one GIL, did all the work
     (GUNICORN_REUSE_PORT=false brings that back: this test then fails nearly always)."""
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
-    env.update({k: v for k, v in os.environ.items() if k == "GUNICORN_REUSE_PORT"})
     with gunicorn(env, workers=2, worker=False) as (base, process):
         workers = wait_for_workers(process.pid, 2)
         port = int(base.rsplit(":", 1)[1])
         # Both workers listen before the burst (each binds its socket as it boots).
-        time.sleep(1.0)
+        wait_until(
+            lambda: all(
+                any(
+                    c.laddr.port == port and c.status == "LISTEN"
+                    for c in psutil.Process(pid).net_connections("tcp")
+                )
+                for pid in workers
+            ),
+            30,
+            "both workers listening",
+            interval=0.1,
+        )
         splits = []
         for _ in range(3):
             # Every connection made before any request: the whole burst waits to be accepted.
