@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a single delivery's CPU goes, by process: the web processes (gunicorn), the
-worker process and the PostgreSQL server's backends, for the service beside the
-PostgreSQL anchor (``bench/anchor_app.py``). A helper for the throughput benchmark,
+worker process and the PostgreSQL server's backends, for the service beside its target
+anchor (``bench/anchor_app.py``): on PostgreSQL (``--variant PG``, the default) or on
+SQLite at ``FULL`` or ``NORMAL``. A helper for the throughput benchmark,
 whose report gives only the sum (``srv ms/req``) and the rest of the machine (``other%``).
 
 It starts both as ``webhook_throughput.py`` does (the same gunicorn flags, environment,
@@ -12,7 +13,8 @@ processes), and the busy CPU of the whole machine a request. After each service 
 waits until the worker has applied the inbox, so no round shares the cores with a
 backlog.
 
-    .venv/bin/python bench/cpu_split.py [--rounds 3] [--duration 10] [--connections 8]
+    .venv/bin/python bench/cpu_split.py [--variant PG|FULL|NORMAL] [--rounds 3]
+        [--duration 10] [--connections 8]
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--variant", choices=sorted(wt.TARGETS), default="PG")
     a = p.parse_args()
     args = argparse.Namespace(
         duration=a.duration,
@@ -99,9 +102,13 @@ def main() -> int:
     bench = wt.Bench(args, tmp)
     try:
         bench.make_pools()
+        anchor = wt.TARGETS[a.variant][0]
+        anchor_env = {
+            label: env for label, _, env in wt.SQLITE_APPS + wt.PG_APPS if label == anchor
+        }.get(anchor, {})
         servers = {
-            "anchor-pg": bench.launch("PG", "anchor-pg", "bench.anchor_app:app", {}),
-            "service": bench.launch("PG", "service", "wsgi:app", {}),
+            anchor: bench.launch(a.variant, anchor, "bench.anchor_app:app", anchor_env),
+            "service": bench.launch(a.variant, "service", "wsgi:app", {}),
         }
         cursor = dict.fromkeys(servers, 0)
         print(
@@ -114,7 +121,7 @@ def main() -> int:
                 stats = bench.load(server, "single", cursor[label], 2 if rnd == 0 else a.duration)
                 after = sample(server)
                 cursor[label] += stats["sent_max"]
-                result = wt.Result("PG", label, "single", rnd, stats, 0, 0, 0)
+                result = wt.Result(a.variant, label, "single", rnd, stats, 0, 0, 0)
                 if result.problems:
                     raise RuntimeError(f"{label}: " + "; ".join(result.problems))
                 if rnd:
