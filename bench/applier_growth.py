@@ -22,14 +22,13 @@ import argparse
 import collections
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from profile_service import BEARER, SECRET, call, deliveries  # noqa: E402
+from profile_service import call, deliveries, in_process_service  # noqa: E402
 from webhook_throughput import BATCH_SIZE  # noqa: E402
 
 
@@ -42,26 +41,11 @@ def main() -> int:
     p.add_argument("--writer-cache-kib", type=int, default=0, help="0: as configured")
     p.add_argument("--synchronous", default="NORMAL", choices=["FULL", "NORMAL"])
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="applier-growth-"))
-    (tmp / "metrics").mkdir()
-    os.environ.update(
-        SEGMENT_SHARED_SECRET=SECRET,
-        WEBHOOK_BEARER_TOKEN=BEARER,
-        SQLITE_SYNCHRONOUS=args.synchronous,
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-        ENGINE_BACKGROUND_TRAINING="false",
-        DATABASE_URL=f"sqlite:///{tmp}/service.db",
-    )
-    log_file = open(tmp / "stderr.log", "w")  # log lines go where gunicorn's stderr would
-    os.dup2(log_file.fileno(), 2)
-    sys.stderr = log_file
+    app, tmp = in_process_service("applier-growth-", args.synchronous)
     out = sys.__stdout__
 
-    from webhook import create_app
     from webhook.storage import database
 
-    app = create_app()
-    app.config["TESTING"] = True  # no background threads: the script applies
     parts = app.extensions["segment"]
     store = parts.store
 

@@ -100,6 +100,37 @@ def timed(app, items) -> float:
     return (time.thread_time() - started) / len(items) * 1e3
 
 
+def service_environment(tmp: Path, synchronous: str) -> None:
+    """The settings the service runs with in these in-process scripts: the throughput
+    benchmark's secrets (batches need the bearer token), its own prometheus folder in
+    ``tmp``, no background training."""
+    (tmp / "metrics").mkdir(exist_ok=True)
+    os.environ.update(
+        SEGMENT_SHARED_SECRET=SECRET,
+        WEBHOOK_BEARER_TOKEN=BEARER,
+        SQLITE_SYNCHRONOUS=synchronous,
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
+        ENGINE_BACKGROUND_TRAINING="false",
+    )
+
+
+def in_process_service(prefix: str, synchronous: str):
+    """The service on a fresh SQLite file in a temp folder, built in this process with no
+    background threads (``TESTING``: the caller applies the inbox), its log lines going to
+    a file there as they would to gunicorn's stderr. Returns (app, folder)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    service_environment(tmp, synchronous)
+    os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/service.db"
+    log_file = open(tmp / "stderr.log", "w")
+    os.dup2(log_file.fileno(), 2)
+    sys.stderr = log_file
+    from webhook import create_app
+
+    app = create_app()
+    app.config["TESTING"] = True
+    return app, tmp
+
+
 WALL: dict = {}  # app -> wall time per delivery of its last timed run, ms (PostgreSQL's
 # round trips are waits, not CPU)
 
@@ -133,14 +164,7 @@ def main() -> int:
         databases.append(database)
         return f"postgresql://postgres@127.0.0.1:5432/{database}"
 
-    (tmp / "metrics").mkdir()
-    os.environ.update(
-        SEGMENT_SHARED_SECRET=SECRET,
-        WEBHOOK_BEARER_TOKEN=BEARER,  # as the throughput benchmark: batches need it
-        SQLITE_SYNCHRONOUS=args.synchronous,
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-        ENGINE_BACKGROUND_TRAINING="false",
-    )
+    service_environment(tmp, args.synchronous)
     log_file = open(tmp / "stderr.log", "w")
     real_stderr, sys.stderr = sys.stderr, log_file
     saved_fd2 = os.dup(2)

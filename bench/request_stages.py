@@ -18,17 +18,15 @@ time a delivery, and what each stage adds to the one before.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from profile_service import BEARER, SECRET, call, deliveries  # noqa: E402
+from profile_service import call, deliveries, in_process_service  # noqa: E402
 
 STAGES = ("hooks", "read", "verify", "parse", "ingest", "answer")
 
@@ -39,23 +37,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--synchronous", default="NORMAL", choices=["FULL", "NORMAL"])
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="request-stages-"))
-    (tmp / "metrics").mkdir()
-    os.environ.update(
-        SEGMENT_SHARED_SECRET=SECRET,
-        WEBHOOK_BEARER_TOKEN=BEARER,
-        SQLITE_SYNCHRONOUS=args.synchronous,
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "metrics"),
-        ENGINE_BACKGROUND_TRAINING="false",
-        DATABASE_URL=f"sqlite:///{tmp}/service.db",
-    )
-    log_file = open(tmp / "stderr.log", "w")  # log lines go where gunicorn's stderr would
-    os.dup2(log_file.fileno(), 2)
-    sys.stderr = log_file
+    app, tmp = in_process_service("request-stages-", args.synchronous)
 
     from flask import current_app, request
 
-    from webhook import create_app
     from webhook.segment import decode_body, parse_body
     from webhook.settings import reveal
     from webhook.signature import verify_delivery
@@ -63,8 +48,6 @@ def main() -> int:
     from webhook.views.errors import json_response
     from webhook.views.segment import receive
 
-    app = create_app()
-    app.config["TESTING"] = True  # no background threads: the request path alone
     parts = app.extensions["segment"]
     with app.app_context():
         fixed = app.response_class(b'{"ok":true}\n', content_type="application/json")
