@@ -10,6 +10,7 @@ commit together or not at all.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import psutil
@@ -17,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 from tests import deliveries
-from tests.conftest import PG_URL, raw_client, store_of
-from webhook.storage.database import AUTOCOMMIT_IDLE_MAX
+from tests.conftest import PG_URL, applied, raw_client, store_of
+from webhook.storage import StoreUnavailable
+from webhook.storage.database import AUTOCOMMIT_IDLE_MAX, dbapi_connection
 
 pytestmark = pytest.mark.usefixtures("postgresql_url")
 
@@ -124,3 +126,33 @@ def test_a_deletion_and_its_tombstones_commit_together(make_app, postgresql_url)
     assert again.status_code == 200
     assert again.get_json()["duplicates"] == 1
     assert _inbox_ids(app) == {"t-1", "del-1"}
+
+
+def test_a_connection_dropped_while_the_worker_reads_a_batch_is_retried_without_a_traceback(
+    make_app, postgresql_url, caplog
+):
+    """The worker reads a batch of the inbox on the DBAPI's own cursor. A connection the
+    server drops right then (a restart) is "the store is unavailable, apply later" like
+    any other, and the pool does not log a traceback resetting the dead connection; the
+    delivery is applied on the next pass."""
+    app = make_app(database_url=postgresql_url)
+    assert raw_client(app).post("/segment", json=_track("read-drop")).status_code == 200
+    rows = app.extensions["segment"].inbox.rows  # the store the batches are read from
+    admin = sa.create_engine(PG_URL, poolclass=sa.pool.NullPool)
+    try:
+        with pytest.raises(StoreUnavailable), rows.read() as conn:
+            raw = dbapi_connection(conn)
+            with admin.connect() as other:
+                other.execute(
+                    sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": raw.info.backend_pid}
+                )
+            cursor = raw.cursor()
+            cursor.execute("SELECT message_id FROM inbox")
+    finally:
+        admin.dispose()
+    tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+    applied(app)
+    with store_of(app).read() as conn:
+        ids = conn.execute(sa.text("SELECT message_id FROM interactions")).scalars().all()
+    assert ids == ["read-drop"]

@@ -531,8 +531,15 @@ class Store:
     def read(self) -> Iterator[Connection]:
         try:
             with self.engine.connect() as conn:
-                yield conn
-        except UNAVAILABLE as exc:
+                try:
+                    yield conn
+                except self.dbapi_unavailable:
+                    # A raw cursor's error (the inbox reads its batches on one) that
+                    # SQLAlchemy never saw: without this it would hand a dead connection
+                    # back to the pool, whose reset then fails with a traceback.
+                    conn.invalidate()
+                    raise
+        except UNAVAILABLE + self.dbapi_unavailable as exc:
             raise StoreUnavailable(describe(exc)) from exc
 
     def ping(self) -> bool:
