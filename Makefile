@@ -8,6 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# pytest-xdist: test processes (auto: one a core); each test file runs whole in one of
+# them (its module fixtures, e.g. the demo's instance/demo/, are set up once).
+TEST_WORKERS ?= auto
 
 .PHONY: run demo test test-fast lint mutation install install-dev clean
 
@@ -18,7 +21,7 @@ demo: install
 	$(BIN)/python demo/run.py --port $(PORT)
 
 test: install-dev lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # ruff (lint and format check) over the repository, mypy over webhook/ (pyproject.toml).
 lint: install-dev
@@ -27,7 +30,7 @@ lint: install-dev
 	$(BIN)/mypy
 
 test-fast: install-dev
-	$(BIN)/python -m pytest -m "not slow and not chaos and not browser"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not chaos and not browser"
 
 # Mutation testing (mutmut; pyproject.toml's [tool.mutmut] says which files and tests):
 # signature, segment, routing and tokens whole, and recommend.py's consent and exclusion
