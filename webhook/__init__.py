@@ -3,30 +3,28 @@
 ``create_app`` is the application factory (``flask --app webhook ...``; ``wsgi.py`` for
 gunicorn): settings read once (``settings.py``), every part built by ``wiring.build``, one
 blueprint per concern (``views/``), CORS from flask-cors, a request id and an access line
-for every request.
+for every request (``views/edge.RequestLog``).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, request
 
 from .logs import configure_logging
 from .memory import tune_allocator
 from .settings import ConfigError, Settings
 from .storage import StoreUnavailable
+from .views.edge import RequestLog
 from .wiring import Parts, build, secret_values
 
 __all__ = ["create_app", "ConfigError", "Settings"]
 
 log = logging.getLogger("webhook")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -131,28 +129,21 @@ def _init_cors(app: Flask, settings: Settings) -> None:
 _NO_SCHEMA_NEEDED = frozenset(
     {"ops.healthz", "ops.prometheus_metrics", "page.index", "static", "openapi.openapi_document"}
 )
-# Deliveries answered 2xx are counted in /metrics and logged at DEBUG only: at thousands a
-# second a line each is noise. Refused deliveries and every other request are at INFO.
-_QUIET_WHEN_OK = frozenset({"segment.receive", "tracking_api.receive"})
+# Deliveries answered under 400 are counted in /metrics and logged at DEBUG only: at
+# thousands a second a line each is noise. Refused deliveries and every other request are
+# at INFO.
+_QUIET_WHEN_OK = ("/segment", "/v1/")
 
 
 def _init_request_context(app: Flask, parts: Parts) -> None:
-    access = logging.getLogger("webhook.access")
+    app.wsgi_app = RequestLog(app.wsgi_app, _QUIET_WHEN_OK)  # type: ignore[method-assign]
 
     @app.before_request
-    def _begin():
-        req = request
-        incoming = req.environ.get("HTTP_X_REQUEST_ID", "")
-        context = g
-        # Unique, not secret.
-        context.request_id = (
-            incoming if _REQUEST_ID.match(incoming) else f"{random.getrandbits(64):016x}"
-        )
-        context.started = time.perf_counter()
+    def _ready():
         if not app.testing:
             # Once a process (a WSGI host without gunicorn's post_worker_init).
             parts.start_web()
-        if not parts.store._schema_ready and req.endpoint not in _NO_SCHEMA_NEEDED:
+        if not parts.store._schema_ready and request.endpoint not in _NO_SCHEMA_NEEDED:
             try:
                 parts.ensure_schema()
             except StoreUnavailable:
@@ -165,28 +156,3 @@ def _init_request_context(app: Flask, parts: Parts) -> None:
                     retry_after=parts.settings.retry_after_seconds,
                 )
         return None
-
-    @app.after_request
-    def _finish(response):
-        context = g
-        response.headers["X-Request-Id"] = context.get("request_id", "")
-        req = request
-        status = response.status_code
-        level = logging.DEBUG if status < 400 and req.endpoint in _QUIET_WHEN_OK else logging.INFO
-        if access.isEnabledFor(level):
-            # The path only: a query string may name a visitor.
-            started = context.get("started")
-            access.log(
-                level,
-                "request",
-                extra={
-                    "method": req.method,
-                    "path": req.path,
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)
-                    if started is not None
-                    else None,
-                    **context.get("log_extra", {}),
-                },
-            )
-        return response

@@ -18,16 +18,24 @@ import sys
 import time
 from collections.abc import Iterable
 
-from flask import g, has_request_context
+from flask import has_request_context, request
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 _HANDLER_NAME = "segment-personalize"
 
 
+REQUEST_ID = "webhook.request_id"  # the WSGI environ key (views/edge.RequestLog sets it)
+
+
+def request_id() -> str | None:
+    """The id of the request being answered (None outside a request)."""
+    return request.environ.get(REQUEST_ID) if has_request_context() else None
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
-            record.request_id = g.get("request_id") if has_request_context() else None
+            record.request_id = request_id()
         return True
 
 

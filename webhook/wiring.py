@@ -125,6 +125,10 @@ class Parts:
         self.ensure_schema()
         for thread in self.worker_threads():
             thread.start()
+        # Deliveries this process accepts wake its runners at once (WORKER_IN_WEB); a web
+        # process without them has nothing to tell after each delivery.
+        if self.wake_appliers not in self.ingestor.listeners:
+            self.ingestor.listeners.append(self.wake_appliers)
 
     def start_web(self) -> None:
         """A web process's background work (once per process, after the server forked;
@@ -399,7 +403,6 @@ def build(settings: Settings, instance_path: str) -> Parts:
         parts.deletions = DeletionSync(store, settings)
         if not parts.deletions.configured:
             parts.warnings.append(DELETIONS_WARNING)
-    ingestor.listeners.append(parts.wake_appliers)
     if not settings.authentication_enforced:
         parts.warnings.append(UNSIGNED_WARNING)
     if not settings.secret_key:

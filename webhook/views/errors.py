@@ -6,8 +6,10 @@ import json
 import logging
 
 import orjson
-from flask import Flask, current_app, g
+from flask import Flask, current_app
 from werkzeug.exceptions import HTTPException
+
+from ..logs import request_id
 
 log = logging.getLogger("webhook.errors")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -42,8 +44,9 @@ def error_response(
     body: dict = {"error": {"code": code, "message": message}}
     if segment_style:
         body = {"success": False, "code": code, "message": message, **body}
-    if g.get("request_id"):
-        body["error"]["requestId"] = g.request_id
+    rid = request_id()
+    if rid:
+        body["error"]["requestId"] = rid
     if details is not None:
         body["details"] = details
     response = json_response(body, status)

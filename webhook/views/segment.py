@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import metrics
@@ -14,7 +14,7 @@ from ..segment import BodyError, decode_body, parse_body
 from ..settings import reveal
 from ..signature import SignatureError, verify_delivery
 from ..storage import StoreUnavailable
-from .edge import BadBody, TooLarge, read_body
+from .edge import BadBody, TooLarge, log_on_access_line, read_body
 from .errors import error_response, json_response
 
 bp = Blueprint("segment", __name__)
@@ -81,18 +81,18 @@ def _receive(outcomes: dict):
         )
 
     outcomes.update(summary.outcomes)
-    if _access.isEnabledFor(logging.DEBUG):  # a 2xx delivery's line is DEBUG (__init__.py)
+    if _access.isEnabledFor(logging.DEBUG):  # a 2xx delivery's line is DEBUG (edge.py)
         # Logged on the request's own line (one line a delivery): counts, never contents.
-        g.log_extra = {
-            "delivery": "stored",
-            "shape": body.shape,
-            "received": summary.received,
-            "accepted": summary.accepted,
-            "duplicates": summary.duplicates,
-            "skipped": len(summary.skipped),
-            "rejected": len(summary.rejected),
-            "interactions": summary.interactions,
-        }
+        log_on_access_line(
+            delivery="stored",
+            shape=body.shape,
+            received=summary.received,
+            accepted=summary.accepted,
+            duplicates=summary.duplicates,
+            skipped=len(summary.skipped),
+            rejected=len(summary.rejected),
+            interactions=summary.interactions,
+        )
     return json_response(summary.as_json())
 
 

@@ -48,14 +48,14 @@ import logging
 import uuid
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from .. import metrics
 from ..ingest import NoMessages
 from ..segment import BodyError, parse_body
 from ..settings import reveal
 from ..storage import StoreUnavailable
-from .edge import BadBody, TooLarge, read_body
+from .edge import BadBody, TooLarge, log_on_access_line, read_body
 from .errors import error_response
 
 bp = Blueprint("tracking_api", __name__, url_prefix="/v1")
@@ -239,16 +239,16 @@ def _receive(kind: str, services):
 
     metrics.record_outcomes(summary.outcomes)
     answer = _renumber(summary.as_json(), positions, refused, notes, len(messages))
-    g.log_extra = {
-        "delivery": "stored",
-        "shape": "tracking-api",
-        "received": len(messages),
-        "accepted": summary.accepted,
-        "duplicates": summary.duplicates,
-        "skipped": len(summary.skipped),
-        "rejected": len(answer["rejected"]),
-        "interactions": summary.interactions,
-    }
+    log_on_access_line(
+        delivery="stored",
+        shape="tracking-api",
+        received=len(messages),
+        accepted=summary.accepted,
+        duplicates=summary.duplicates,
+        skipped=len(summary.skipped),
+        rejected=len(answer["rejected"]),
+        interactions=summary.interactions,
+    )
     return jsonify({"success": True, **answer})
 
 
