@@ -690,6 +690,15 @@ def machine_busy() -> tuple[int, int]:
     return sum(vals) - idle, sum(vals)
 
 
+def machine_steal() -> float:
+    """CPU-seconds the hypervisor gave to other machines while this one had work ready
+    (/proc/stat's steal column; 0 on bare metal): a cell with much of it was measured
+    on slower cores than its neighbours."""
+    with open("/proc/stat") as f:
+        vals = f.readline().split()[1:]
+    return int(vals[7]) / CLK_TCK if len(vals) > 7 else 0.0
+
+
 # --------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------
@@ -704,7 +713,8 @@ class Result:
     stats: dict
     server_cpu: float  # CPU-seconds of the measured gunicorn (master + workers)
     loadgen_cpu: float  # CPU-seconds of the load generator
-    host_cpu: float  # busy CPU-seconds of the whole machine (all cores)
+    host_cpu: float  # busy CPU-seconds of the whole machine (all cores), steal included
+    steal_cpu: float = 0.0  # CPU-seconds stolen by the hypervisor meanwhile (all cores)
 
     @property
     def seconds(self) -> float:
@@ -856,14 +866,22 @@ class Bench:
     ) -> Result:
         cpu0 = server.cpu_seconds()
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        b0 = machine_busy()
+        b0, st0 = machine_busy(), machine_steal()
         stats = self.load(server, kind, start, duration)
-        b1 = machine_busy()
+        b1, st1 = machine_busy(), machine_steal()
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu1 = server.cpu_seconds()
         lg = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         res = Result(
-            variant, server.label, kind, rnd, stats, cpu1 - cpu0, lg, (b1[0] - b0[0]) / CLK_TCK
+            variant,
+            server.label,
+            kind,
+            rnd,
+            stats,
+            cpu1 - cpu0,
+            lg,
+            (b1[0] - b0[0]) / CLK_TCK,
+            st1 - st0,
         )
         name = f"{variant} {server.label} {kind} " + (f"round {rnd}" if rnd else "warm-up")
         log(
@@ -1112,20 +1130,24 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
     hdr = (
         f"{'sync':<8}{'app':<12}{'payload':<11}{'round':>6}{'req/s':>10}{'events/s':>11}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'srv ms/req':>12}"
-        f"{'srv%':>7}{'wrk%':>6}{'other%':>8}"
+        f"{'srv%':>7}{'wrk%':>6}{'other%':>8}{'steal%':>8}"
     )
     print(hdr)
     print("-" * len(hdr))
 
-    def row(v, label, kind, rnd, rps, eps, p50, p99, mx, cpu_req, srv, lg, oth):
+    def row(v, label, kind, rnd, rps, eps, p50, p99, mx, cpu_req, srv, lg, oth, stl):
         payload = f"batch x{BATCH_SIZE}" if kind == "batch" else "single"
         print(
             f"{v:<8}{label:<12}{payload:<11}{rnd:>6}{rps:>10.1f}{eps:>11.1f}{p50:>9.2f}"
-            f"{p99:>9.2f}{mx:>9.1f}{cpu_req:>12.3f}{srv:>7.0f}{lg:>6.0f}{oth:>8.0f}"
+            f"{p99:>9.2f}{mx:>9.1f}{cpu_req:>12.3f}{srv:>7.0f}{lg:>6.0f}{oth:>8.0f}{stl:>8.0f}"
         )
 
     def other(r: Result) -> float:
-        return 100 * max(0.0, r.host_cpu - r.server_cpu - r.loadgen_cpu) / r.seconds
+        rest = r.host_cpu - r.server_cpu - r.loadgen_cpu - r.steal_cpu
+        return 100 * max(0.0, rest) / r.seconds
+
+    def steal(r: Result) -> float:
+        return 100 * r.steal_cpu / r.seconds
 
     med: dict[tuple[str, str, str], float] = {}
     for v in variants:
@@ -1152,6 +1174,7 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
                     100 * r.server_cpu / r.seconds,
                     100 * r.loadgen_cpu / r.seconds,
                     other(r),
+                    steal(r),
                 )
             if len(rs) > 1:
                 m = lambda f, rs=rs: median([f(r) for r in rs])  # noqa: E731
@@ -1169,13 +1192,15 @@ def print_report(bench: Bench, variants: list[str]) -> bool:
                     m(lambda r: 100 * r.server_cpu / r.seconds),
                     m(lambda r: 100 * r.loadgen_cpu / r.seconds),
                     m(other),
+                    m(steal),
                 )
             med[(v, label, kind)] = median([r.rps for r in rs])
         print()
     print(
         "(srv% / wrk% = CPU of the measured gunicorn / load generator, 100 = one core; "
-        f"other% = rest of the machine, {100 * ncpu} = all cores busy; "
-        "srv ms/req = server CPU per request)"
+        f"other% = rest of the machine, {100 * ncpu} = all cores busy; steal% = CPU the "
+        "hypervisor gave to other machines meanwhile (/proc/stat): a cell with much of it ran "
+        "on slower cores than its neighbours; srv ms/req = server CPU per request)"
     )
     print()
 
