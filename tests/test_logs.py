@@ -211,3 +211,30 @@ def test_auto_format_is_text_on_a_terminal_and_json_otherwise(tmp_path, terminal
         )
         assert any(r["message"] == "request" and r["path"] == "/healthz" for r in records)
     assert SECRET not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "req-1\n",  # a trailing newline: a forged second log line in a text log
+        "req-1\r\nX-Injected: yes",
+        "a" * 65,
+        "not allowed/chars",
+        "",
+    ],
+)
+def test_a_request_id_that_is_not_a_plain_token_is_replaced_with_a_fresh_one(client, sent):
+    # Real HTTP clients refuse such header values; a proxy or a hand-made request need not,
+    # so the WSGI environ is where the attack arrives.
+    answer = client.get("/healthz", environ_overrides={"HTTP_X_REQUEST_ID": sent})
+    assert answer.status_code == 200
+    given = answer.headers["X-Request-Id"]
+    assert given != sent
+    assert re.fullmatch(r"[0-9a-f]{16}", given)
+
+
+def test_the_request_id_is_answered_on_errors_and_named_in_their_body(client):
+    answer = client.get("/recommendations", headers={"X-Request-Id": "req-err-7"})
+    assert answer.status_code == 400
+    assert answer.headers["X-Request-Id"] == "req-err-7"
+    assert answer.get_json()["error"]["requestId"] == "req-err-7"
