@@ -6,6 +6,7 @@ records in one batch, and 503 + Retry-After while the database is unreachable.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -134,6 +135,72 @@ def test_concurrent_redelivery_stores_one_copy(app):
     assert counts["interactions"] == rounds * size
     assert counts["inbox"] == rounds * (size + 1)
     assert counts["items"] == 7
+
+
+def test_concurrent_deliveries_at_normal_claim_each_message_once(make_app, sqlite_url):
+    # At SQLITE_SYNCHRONOUS=NORMAL each request thread commits on a connection of its own,
+    # SQLite's lock ordering them: every messageId is still accepted exactly once across
+    # threads that race with the same messages.
+    app = make_app(database_url=sqlite_url, sqlite_synchronous="NORMAL")
+    threads_count, messages = 6, 25
+    barrier = threading.Barrier(threads_count)
+    answers: list[list] = [[] for _ in range(threads_count)]
+
+    def deliver(slot):
+        client = raw_client(app)
+        barrier.wait()
+        for i in range(messages):
+            # Every thread sends every message, each starting at another one.
+            n = (i + slot * 4) % messages
+            response = client.post(
+                "/segment", data=json.dumps(track(f"race-{n}")), content_type="application/json"
+            )
+            answers[slot].append((response.status_code, response.get_json()))
+
+    threads = [threading.Thread(target=deliver, args=(slot,)) for slot in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    flat = [answer for per_thread in answers for answer in per_thread]
+    assert len(flat) == threads_count * messages
+    assert {status for status, _ in flat} == {200}
+    assert sum(body["accepted"] for _, body in flat) == messages
+    assert sum(body["duplicates"] for _, body in flat) == (threads_count - 1) * messages
+    assert store_of(app).counts()["inbox"] == messages
+    applied(app)
+    assert set(interactions(app)) == {f"race-{n}" for n in range(messages)}
+
+
+def _open_files(prefix: str) -> int:
+    """File descriptors of this process open on files whose path starts with ``prefix``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(prefix)
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
+def test_a_thread_per_request_server_leaves_no_connection_open(make_app, sqlite_url, tmp_path):
+    # A server that starts a thread for each request (``flask run``): at NORMAL each thread
+    # writes on a connection of its own, closed when the thread ends, not piling up.
+    app = make_app(database_url=sqlite_url, sqlite_synchronous="NORMAL")
+    post(raw_client(app), track("first"))
+    inbox_file = str(tmp_path / "segment.db-inbox")
+    before = _open_files(inbox_file)
+
+    def deliver(n):
+        post(raw_client(app), track(f"thread-{n}"))
+
+    for n in range(30):
+        thread = threading.Thread(target=deliver, args=(n,))
+        thread.start()
+        thread.join(timeout=30)
+    assert store_of(app).counts()["inbox"] == 31
+    # Two files a connection (the database and its WAL): at most the pool's one more.
+    assert _open_files(inbox_file) <= before + 2
 
 
 def test_same_message_twice_in_one_delivery_is_stored_once(app):

@@ -130,12 +130,11 @@ class Ingestor:
         self.consent_categories = tuple(consent_categories)
         self.tombstones = tombstones  # tombstones.Tombstones, or None: no check
         self.listeners: list[Callable[[], None]] = []  # told when new rows are committed
-        # SQLite takes one writer at a time and an fsync a commit: deliveries that arrive
-        # together share one transaction. PostgreSQL takes concurrent inserts and flushes
-        # their commits together itself; a delivery writes at once, on its own connection.
-        self._submit = (
-            _GroupCommit(self._write).submit if inbox.rows.dialect == "sqlite" else self._alone
-        )
+        # SQLite at FULL takes one writer at a time and an fsync a commit: deliveries that
+        # arrive together share one transaction. At NORMAL a commit is a write to the WAL,
+        # and PostgreSQL flushes concurrent commits together itself: a delivery writes at
+        # once, on its own thread's connection.
+        self._submit = _GroupCommit(self._write).submit if inbox.rows.commit_syncs else self._alone
 
     def ingest(self, raw_messages: Sequence[Any], *, live: bool = True) -> Summary:
         """Validate a delivery and write it into the inbox. Raises ``NoMessages`` (nothing

@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -105,6 +106,19 @@ def describe(exc: BaseException) -> str:
     return type(original).__name__ + (": " + lines[0][:200] if lines else "")
 
 
+class _ThreadConnection:
+    """A connection kept by one thread (``Store.raw_write`` on SQLite at NORMAL): closed
+    once the thread is gone and its thread-local value with it, without waiting for the
+    garbage collector (the pool's bookkeeping around a connection holds cycles)."""
+
+    __slots__ = ("conn", "pid", "closing", "__weakref__")
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.pid = os.getpid()
+        self.closing = weakref.finalize(self, conn.close)
+
+
 class _SqliteWriteLock:
     """One writer at a time, across threads and processes, handed over at once.
 
@@ -114,7 +128,8 @@ class _SqliteWriteLock:
     holder lets go. No timeout is needed on that wait: every holder runs one transaction,
     itself bounded by SQLite's busy timeout, and a holder that dies releases the lock with
     its file descriptor. Threads of one process queue on a thread lock first (the flock
-    belongs to the process)."""
+    belongs to the process). Every write takes it but the request path's at NORMAL
+    (``Store.raw_write``)."""
 
     def __init__(self, database_path: str, timeout: float = 2.0):
         self.path = database_path + ".lock"
@@ -373,6 +388,9 @@ class Store:
         )
         self._writer: Connection | None = None  # SQLite: this process's write connection
         self._writer_pid = 0
+        # SQLite at NORMAL: the request path's write connection of each thread (raw_write);
+        # closed when its thread ends (or by dispose(), for the calling thread).
+        self._thread_writers = threading.local()
         dbapi = self.engine.dialect.dbapi
         assert dbapi is not None
         self.dbapi_unavailable = (dbapi.OperationalError, dbapi.InterfaceError)
@@ -388,6 +406,12 @@ class Store:
             if self.dialect == "postgresql"
             else None
         )
+
+    @property
+    def commit_syncs(self) -> bool:
+        """Is a commit an fsync (SQLite at FULL)? Then deliveries that arrive together
+        share one (``ingest._GroupCommit``); otherwise each commits its own."""
+        return self._write_lock is not None and self.synchronous == "FULL"
 
     @property
     def in_memory(self) -> bool:
@@ -428,6 +452,7 @@ class Store:
         if self._write_lock is not None:
             with self._write_lock.held():
                 self._close_writer()
+        self._drop_thread_writer()
         self.engine.dispose()
 
     # -- transactions ----------------------------------------------------------------------
@@ -466,11 +491,20 @@ class Store:
 
     @contextmanager
     def raw_write(self) -> Iterator[Any]:
-        """The DBAPI connection for the request path's one write, in autocommit (SQLite:
-        this process's write connection, under the write lock; PostgreSQL: an idle one of
-        ``_AutocommitConnections``; several statements take ``transaction()``, psycopg's
-        block). Errors of an unavailable database become StoreUnavailable, and the
-        connection is dropped."""
+        """The DBAPI connection for the request path's one write, in autocommit.
+
+        * PostgreSQL: an idle one of ``_AutocommitConnections``; several statements take
+          ``transaction()``, psycopg's block.
+        * SQLite at FULL (``commit_syncs``): this process's write connection, under the
+          write lock; the caller groups deliveries into one commit (one fsync).
+        * SQLite at NORMAL: a connection of the calling thread's own, with no lock of
+          ours: a commit is a write to the WAL, and SQLite's own lock, taken and let go
+          inside the statement with the GIL released, orders the writers. Holding our
+          locks across the Python steps around the statement cost more than it saved
+          (bench/README.md).
+
+        Errors of an unavailable database become StoreUnavailable, and the connection is
+        dropped."""
         if self._autocommit is not None:
             try:
                 conn, born = self._autocommit.take()
@@ -498,6 +532,14 @@ class Store:
             finally:
                 raw.close()
             return
+        if not self.commit_syncs:
+            conn = self._thread_writer()
+            try:
+                yield conn
+            except UNAVAILABLE + self.dbapi_unavailable as exc:
+                self._drop_thread_writer()
+                raise StoreUnavailable(describe(exc)) from exc
+            return
         self._write_lock.acquire()
         try:
             try:
@@ -507,6 +549,30 @@ class Store:
                 raise StoreUnavailable(describe(exc)) from exc
         finally:
             self._write_lock.release()
+
+    def _thread_writer(self) -> Any:
+        """This thread's SQLite connection for ``raw_write``: opened by the engine (so with
+        its pragmas), then taken out of the pool, it stays with the thread and is closed
+        when the thread ends (gunicorn's threads live as long as their worker). A forked
+        process opens its own and leaves its parent's alone."""
+        held = getattr(self._thread_writers, "held", None)
+        if held is not None:
+            if held.pid == os.getpid():
+                return held.conn
+            held.closing.detach()  # the parent's: never used, never closed here
+        try:
+            pooled = self.engine.raw_connection()
+        except UNAVAILABLE + self.dbapi_unavailable as exc:
+            raise StoreUnavailable(describe(exc)) from exc
+        held = self._thread_writers.held = _ThreadConnection(pooled.dbapi_connection)
+        pooled.detach()
+        return held.conn
+
+    def _drop_thread_writer(self) -> None:
+        held = getattr(self._thread_writers, "held", None)
+        self._thread_writers.held = None
+        if held is not None and held.pid == os.getpid():
+            held.closing()
 
     def _writer_dbapi(self):
         """The DBAPI connection under this process's write connection (SQLite)."""
