@@ -569,10 +569,14 @@ class Store:
         return held.conn
 
     def _drop_thread_writer(self) -> None:
+        """Close this thread's connection (a parent's is let go, never closed here)."""
         held = getattr(self._thread_writers, "held", None)
         self._thread_writers.held = None
-        if held is not None and held.pid == os.getpid():
-            held.closing()
+        if held is not None:
+            if held.pid == os.getpid():
+                held.closing()
+            else:
+                held.closing.detach()
 
     def _writer_dbapi(self):
         """The DBAPI connection under this process's write connection (SQLite)."""
