@@ -21,7 +21,8 @@ bind = (
     or f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT', '8000')}"
 )
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+# gthread, except that closing a connection never blocks the worker (see the module).
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "webhook.gunicorn_worker.ThreadWorker")
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # Segment gives a webhook 5 seconds; a worker stuck far longer than that is replaced.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))

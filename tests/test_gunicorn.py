@@ -286,3 +286,93 @@ def test_a_worker_started_as_a_session_leader_lowers_its_sessions_priority(tmp_p
         assert niceness(worker.pid) == 7
     finally:
         stop(worker)
+
+
+def _hold_closed_connections(port, stop, held, every=0.2, keep=10):
+    """The attack: ask for `Connection: close`, read the answer, then never hang up."""
+    while not stop.is_set():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        held.append(sock)
+        while len(held) > keep:
+            held.pop(0).close()
+        stop.wait(every)
+
+
+def _connections(pid: int) -> int:
+    """How many connections the process holds open, in any TCP state (a socket the peer
+    has closed no longer shows in psutil's list, but still holds a descriptor)."""
+    sockets = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    listeners = psutil.Process(pid).net_connections("all")
+    return sockets - sum(1 for c in listeners if c.status in (psutil.CONN_LISTEN, psutil.CONN_NONE))
+
+
+def test_a_client_that_keeps_its_socket_after_connection_close_stalls_no_one(tmp_path):
+    """gunicorn 27's gthread worker lingers up to 2 s in its main thread after a
+    `Connection: close` answer, waiting for the client to hang up; meanwhile the worker
+    accepts nothing. One unauthenticated client holding its sockets open stalled every
+    other client of that worker by ~2 s. Our worker lingers without blocking."""
+    import threading
+
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=1, worker=False) as (base, process):
+        (worker_pid,) = wait_for_workers(process.pid, 1)
+        port = int(base.rsplit(":", 1)[1])
+        stop, held = threading.Event(), []
+        holder = threading.Thread(target=_hold_closed_connections, args=(port, stop, held))
+        holder.start()
+        try:
+            time.sleep(1)
+            timings = []
+            for _ in range(30):
+                started = time.monotonic()
+                with requests.Session() as fresh:  # a new connection each time
+                    assert fresh.get(base + "/healthz", timeout=10).status_code == 200
+                timings.append(time.monotonic() - started)
+                time.sleep(0.05)
+            stop.set()
+            holder.join()
+
+            # The lingering is bounded in time: the worker lets go of every connection
+            # although the client still holds its end.
+            wait_until(
+                lambda: _connections(worker_pid) == 0,
+                5,
+                "the worker closing the held connections",
+                detail=lambda: f"{_connections(worker_pid)} still open",
+            )
+
+            # A client that sends more after its request, then hangs up: its answer is
+            # whole, what it sent is drained, and the worker lets go as soon as it hangs up.
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + b"x" * 20000
+                )
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            assert head.startswith(b"HTTP/1.1 200") and len(body) == length
+            wait_until(
+                lambda: _connections(worker_pid) == 0, 1, "the worker closing a hung-up connection"
+            )
+        finally:
+            stop.set()
+            holder.join()
+            for sock in held:
+                sock.close()
+        assert len(held) > 0, "the holder never got an answer"
+        assert max(timings) < 1.0, f"slowest of 30 requests took {max(timings):.2f} s"
