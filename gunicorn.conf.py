@@ -20,12 +20,6 @@ bind = (
     os.environ.get("GUNICORN_BIND")
     or f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT', '8000')}"
 )
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# gthread, except that closing a connection never blocks the worker (see the module).
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "webhook.gunicorn_worker.ThreadWorker")
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# Segment gives a webhook 5 seconds; a worker stuck far longer than that is replaced.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 
 
 def _switch(name: str, default: str) -> bool:
@@ -38,13 +32,37 @@ def _switch(name: str, default: str) -> bool:
     raise SystemExit(3)
 
 
+def _whole(name: str, default: str, low: int, high: int) -> int:
+    value = os.environ.get(name, default).strip()
+    if value.isdigit() and low <= int(value) <= high:
+        return int(value)
+    sys.stderr.write(
+        f"configuration error: {name} must be a whole number from {low} to {high}, "
+        f"not {value[:20]!r}\n"
+    )
+    raise SystemExit(3)
+
+
+workers = _whole("WEB_CONCURRENCY", "2", 1, 256)
+# gthread, except that closing a connection never blocks the worker (see the module).
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "webhook.gunicorn_worker.ThreadWorker")
+threads = _whole("GUNICORN_THREADS", "4", 1, 256)
+# Segment gives a webhook 5 seconds; a worker stuck far longer than that is replaced.
+timeout = _whole("GUNICORN_TIMEOUT", "30", 1, 3600)
+# Seconds an idle keep-alive connection stays open. Behind a router or load balancer that
+# keeps its connections to the app alive, this must outlast the router's own idle timeout:
+# otherwise a worker can close a connection just as the router sends a request on it, and
+# that request fails. Heroku's router keeps them 90 s (and Heroku sets DYNO on every
+# dyno), hence 95 there; elsewhere gunicorn's 5, for clients that connect directly.
+keepalive = _whole("GUNICORN_KEEPALIVE", "95" if os.environ.get("DYNO") else "5", 0, 3600)
+
+
 # Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
 # connections across them. On one shared socket, whichever worker is idle takes every
 # connection of a burst: a client that keeps a few connections alive (Segment's webhook
 # deliveries, a load balancer) can end up on one worker while the other idles.
 reuse_port = _switch("GUNICORN_REUSE_PORT", "true")
 graceful_timeout = 20
-keepalive = 5
 # No access log from gunicorn: its lines would carry query strings (tokens); the service
 # logs each request itself, path only, as JSON.
 accesslog = None

@@ -167,6 +167,51 @@ def test_a_mistyped_reuse_port_stops_gunicorn_naming_the_variable(tmp_path):
     assert "GUNICORN_REUSE_PORT must be true or false" in str(stopped.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("GUNICORN_KEEPALIVE", "a minute"), ("GUNICORN_THREADS", "0"), ("GUNICORN_TIMEOUT", "-5")],
+)
+def test_a_mistyped_number_stops_gunicorn_naming_the_variable(tmp_path, name, value):
+    env = {name: value, "_LOG_DIR": str(tmp_path)}
+    with pytest.raises(RuntimeError, match="gunicorn exited") as stopped, gunicorn(env, workers=1):
+        pass
+    assert f"configuration error: {name} must be a whole number" in str(stopped.value)
+
+
+def _idle_connection_survives(base: str, seconds: float) -> bool:
+    """A request, then ``seconds`` idle: whether the server still holds the connection."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("GET", "/healthz")
+        answer = connection.getresponse()
+        answer.read()
+        assert answer.status == 200 and not answer.will_close
+        time.sleep(seconds)
+        sock = connection.sock
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) != b""  # EOF: the server hung up
+        except BlockingIOError:
+            return True  # nothing to read: still open
+    finally:
+        connection.close()
+
+
+def test_on_heroku_an_idle_connection_outlasts_the_routers_keep_alive(tmp_path):
+    """Heroku's router keeps its connections to a dyno alive 90 s. Were gunicorn to close
+    an idle one first (its default is 5 s), a request the router sends at that moment
+    fails; Heroku sets DYNO on every dyno."""
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
+    with gunicorn({**env, "DYNO": "web.1"}, workers=1, worker=False) as (base, _process):
+        assert _idle_connection_survives(base, 6.5)
+    # Elsewhere, clients connect directly: idle connections go after gunicorn's 5 s.
+    with gunicorn(env, workers=1, worker=False) as (base, _process):
+        assert not _idle_connection_survives(base, 6.5)
+
+
 def test_healthz_under_gunicorn_says_signatures_are_not_enforced(tmp_path):
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
     with gunicorn(env, workers=1) as (base, process):
