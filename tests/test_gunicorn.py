@@ -421,3 +421,140 @@ def test_a_client_that_keeps_its_socket_after_connection_close_stalls_no_one(tmp
                 sock.close()
         assert len(held) > 0, "the holder never got an answer"
         assert max(timings) < 1.0, f"slowest of 30 requests took {max(timings):.2f} s"
+
+
+def _drip(port, head, stop, sockets, every=0.5):
+    """The attack: a request sent a byte at a time, never finished."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sockets.append(sock)
+    sock.sendall(head)
+    while not stop.is_set():
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            return  # the server closed it
+        stop.wait(every)
+
+
+def _exchange(port, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (the requests say Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_clients_that_send_slowly_take_no_thread_and_are_cut_off(tmp_path):
+    """A thread used to wait for each request's bytes: a dozen connections dripping a byte
+    a second (a head never ended, a body never finished) held every thread of the two
+    workers, and every other request timed out. Now a request is read whole before a
+    thread takes it, and a client that takes more than READ_SECONDS is cut off."""
+    import threading
+
+    from webhook.gunicorn_worker import READ_SECONDS
+
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/g.db", "_LOG_DIR": str(tmp_path)}
+    with gunicorn(env, workers=2, worker=False) as (base, _process):
+        port = int(base.rsplit(":", 1)[1])
+        heads = [b"POST /segment HTTP/1.1\r\nHost: x\r\nX-Slow: "] * 10 + [
+            b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        ] * 10
+        stop, sockets = threading.Event(), []
+        drips = [threading.Thread(target=_drip, args=(port, head, stop, sockets)) for head in heads]
+        started = time.monotonic()
+        for drip in drips:
+            drip.start()
+        try:
+            time.sleep(1.5)
+            timings = []
+            for _ in range(20):
+                begun = time.monotonic()
+                with requests.Session() as fresh:
+                    assert fresh.get(base + "/healthz", timeout=10).status_code == 200
+                timings.append(time.monotonic() - begun)
+            assert max(timings) < 1.0, f"slowest of 20 requests took {max(timings):.2f} s"
+            # Every slow client is cut off once its time is up.
+            for drip in drips:
+                drip.join(timeout=READ_SECONDS + 5 - (time.monotonic() - started))
+            assert not any(drip.is_alive() for drip in drips), "a slow client was not cut off"
+        finally:
+            stop.set()
+            for sock in sockets:
+                sock.close()
+
+
+def test_requests_the_worker_reads_ahead_are_answered_as_before(tmp_path):
+    """What the worker must still get right while it reads requests whole: a body sent
+    after `Expect: 100-continue`, a chunked body, two requests in one packet, a head that
+    arrives in pieces, and a malformed length answered by gunicorn's parser."""
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+        "SEGMENT_SHARED_SECRET": SECRET,
+        "_LOG_DIR": str(tmp_path),
+    }
+    with gunicorn(env, workers=1, worker=False) as (base, _process):
+        port = int(base.rsplit(":", 1)[1])
+        body, headers = _signed(_message(1))
+        head = (
+            "POST /segment HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nX-Signature: {headers['X-Signature']}\r\n"
+        ).encode()
+
+        # Expect: 100-continue: the body is sent only after the interim answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                head + b"Expect: 100-continue\r\n" + b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        final = answer[answer.rindex(b"HTTP/1.1 ") :]
+        assert final.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert b'"accepted":1' in final
+
+        # A chunked body, in two chunks.
+        half = len(body) // 2
+        chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            half,
+            body[:half],
+            len(body) - half,
+            body[half:],
+        )
+        answer = _exchange(port, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert b'"duplicates":1' in answer  # the same message as above
+
+        # Two requests in one packet, the first kept alive: two answers, in order.
+        two = (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answer = _exchange(port, two)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 2
+        assert b"HTTP/1.1 404" in answer
+
+        # A head in pieces, a few milliseconds apart.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for piece in (
+                b"GET /hea",
+                b"lthz HTTP/1.1\r\nHo",
+                b"st: x\r\nConnection: close\r\n",
+                b"\r\n",
+            ):
+                sock.sendall(piece)
+                time.sleep(0.05)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+        # A malformed Content-Length: gunicorn's parser refuses it.
+        answer = _exchange(
+            port, b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n{}"
+        )
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
