@@ -51,7 +51,9 @@ def stop(process: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = True):
+def gunicorn(
+    env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = True, scheme: str = "http"
+):
     """The service as the Procfile runs it: `gunicorn wsgi:app` with ``env`` over the
     environment, and (``worker``) `flask --app webhook worker` beside it; yield
     (base_url, process) once GET /healthz answers; stop both afterwards. ``process`` is
@@ -99,7 +101,7 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
             return extra_workers[-1]
 
         process.add_worker = add_worker  # type: ignore[attr-defined]
-        base = f"http://127.0.0.1:{port}"
+        base = f"{scheme}://127.0.0.1:{port}"  # https: gunicorn's own TLS (a test's cert)
         try:
 
             def answers() -> bool:
@@ -108,7 +110,8 @@ def gunicorn(env: dict, workers: int = 2, timeout: float = 90.0, worker: bool = 
                         f"gunicorn exited with {process.returncode}:\n"
                         + log_path.read_text(errors="replace")
                     )
-                return requests.get(base + "/healthz", timeout=2).status_code in (200, 503)
+                answer = requests.get(base + "/healthz", timeout=2, verify=False)
+                return answer.status_code in (200, 503)
 
             wait_until(
                 answers,

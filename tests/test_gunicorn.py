@@ -558,3 +558,30 @@ def test_requests_the_worker_reads_ahead_are_answered_as_before(tmp_path):
             port, b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n{}"
         )
         assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+
+
+def test_with_tls_in_gunicorn_itself_requests_are_still_answered(tmp_path):
+    """With --certfile the socket is wrapped in the thread, after the worker would have
+    read ahead: there the worker leaves reading to the thread, as gthread does."""
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/g.db",
+        "_LOG_DIR": str(tmp_path),
+        "GUNICORN_CMD_ARGS": f"--certfile {cert} --keyfile {key}",
+    }
+    with gunicorn(env, workers=1, worker=False, scheme="https") as (base, _process):
+        assert base.startswith("https://")
+        for _ in range(3):  # a new connection each time, then one kept alive
+            answer = requests.get(base + "/healthz", timeout=5, verify=False)
+            assert answer.status_code == 200
+        with requests.Session() as session:
+            for _ in range(3):
+                assert session.get(base + "/healthz", timeout=5, verify=False).status_code == 200

@@ -80,6 +80,10 @@ class ThreadWorker(_GThreadWorker):
         # The longest head gunicorn's parser accepts: past it, it refuses the request
         # from what it was given, without reading from the socket.
         cfg = self.cfg
+        # Reading ahead needs a request's plain bytes: with TLS in gunicorn itself
+        # (--certfile) the socket is wrapped later, in the thread, and HTTP/2 reads its
+        # preface from the socket. There gthread's own way stays.
+        self._read_whole = not cfg.is_ssl and "h2" not in cfg.http_protocols
         self._head_bytes = (
             cfg.limit_request_line
             + cfg.limit_request_fields * (cfg.limit_request_field_size + 2)
@@ -92,6 +96,9 @@ class ThreadWorker(_GThreadWorker):
         # gunicorn calls this for a new connection, for a kept-alive one that became
         # readable, and for one whose client sent its next request along with the last
         # (those bytes are in the parser's buffer already).
+        if not self._read_whole:
+            super().enqueue_req(conn)
+            return
         conn.sock.setblocking(False)
         ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         reading = _Reading(conn, ahead, time.monotonic() + READ_SECONDS)
