@@ -2,6 +2,7 @@
 (LOG_FORMAT), and in either format never a secret or an email address."""
 
 import json
+import logging
 import os
 import pty
 import re
@@ -238,3 +239,44 @@ def test_the_request_id_is_answered_on_errors_and_named_in_their_body(client):
     assert answer.status_code == 400
     assert answer.headers["X-Request-Id"] == "req-err-7"
     assert answer.get_json()["error"]["requestId"] == "req-err-7"
+
+
+def _pool_log_after_the_server_drops_a_connection(postgresql_url, handler_filter) -> str:
+    """Check out a pooled PostgreSQL connection, have the server end it (as an outage or
+    a restart does), give it back: what the pool logged, through a handler with
+    ``handler_filter`` (or none)."""
+    import io
+
+    import sqlalchemy as sa
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    if handler_filter is not None:
+        handler.addFilter(handler_filter)
+    pool_logger = logging.getLogger("sqlalchemy.pool")
+    pool_logger.addHandler(handler)
+    engine = sa.create_engine(postgresql_url)
+    try:
+        pooled = engine.raw_connection()
+        cursor = pooled.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+        with engine.connect() as other:
+            other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        pooled.close()  # back to the pool, whose rollback now fails
+    finally:
+        pool_logger.removeHandler(handler)
+        engine.dispose()
+    return stream.getvalue()
+
+
+def test_a_connection_postgresql_dropped_is_one_warning_not_a_traceback(postgresql_url):
+    from webhook.logs import PoolResetFilter
+
+    plain = _pool_log_after_the_server_drops_a_connection(postgresql_url, None)
+    assert plain.startswith("ERROR") and "Traceback" in plain  # what SQLAlchemy logs
+    filtered = _pool_log_after_the_server_drops_a_connection(postgresql_url, PoolResetFilter())
+    assert filtered.startswith("WARNING sqlalchemy.pool")
+    assert "could not be reset and was dropped: terminating connection" in filtered
+    assert "Traceback" not in filtered and filtered.count("\n") == 1

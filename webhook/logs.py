@@ -196,6 +196,36 @@ def uses_json(log_format: str, stream=None) -> bool:
         return True
 
 
+class PoolResetFilter(logging.Filter):
+    """SQLAlchemy's pool logs a traceback at ERROR when it cannot roll back a connection
+    given back to it, and then discards that connection. When PostgreSQL has gone away
+    (an outage, a restart, a failover) that is expected and handled: the service already
+    answers 503 and retries, and one traceback per pooled connection would page someone.
+    Such a record becomes one WARNING line; any other failure to reset keeps its ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno >= logging.ERROR
+            and record.name.startswith("sqlalchemy.pool")
+            and record.exc_info
+            and _database_gone(record.exc_info[1])
+        ):
+            reason = str(record.exc_info[1]).strip().splitlines()[0][:200]
+            record.msg = "a pooled database connection could not be reset and was dropped: %s"
+            record.args = (reason,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _database_gone(exc: BaseException | None) -> bool:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
 def configure_logging(
     level: str, secrets: Iterable[str], log_format: str = "auto"
 ) -> RedactingFilter:
@@ -214,6 +244,7 @@ def configure_logging(
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(_formatter(log_format, handler))
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(PoolResetFilter())
     redactor = RedactingFilter(secrets)
     handler.addFilter(redactor)
     root.addHandler(handler)
