@@ -560,6 +560,7 @@ def test_requests_the_worker_reads_ahead_are_answered_as_before(tmp_path):
         assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # its own cert
 def test_with_tls_in_gunicorn_itself_requests_are_still_answered(tmp_path):
     """With --certfile the socket is wrapped in the thread, after the worker would have
     read ahead: there the worker leaves reading to the thread, as gthread does."""
