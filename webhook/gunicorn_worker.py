@@ -33,6 +33,7 @@ import selectors
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -77,13 +78,13 @@ class ThreadWorker(_GThreadWorker):
         self._lingering_open = 0
         self._reading: deque[_Reading] = deque()  # by deadline, as above
         self._buffered = 0  # bytes held by the requests being read
-        # The longest head gunicorn's parser accepts: past it, it refuses the request
-        # from what it was given, without reading from the socket.
         cfg = self.cfg
         # Reading ahead needs a request's plain bytes: with TLS in gunicorn itself
         # (--certfile) the socket is wrapped later, in the thread, and HTTP/2 reads its
         # preface from the socket. There gthread's own way stays.
         self._read_whole = not cfg.is_ssl and "h2" not in cfg.http_protocols
+        # The longest head gunicorn's parser accepts: past it, it refuses the request
+        # from what it was given, without reading from the socket.
         self._head_bytes = (
             cfg.limit_request_line
             + cfg.limit_request_fields * (cfg.limit_request_field_size + 2)
@@ -258,16 +259,17 @@ class ThreadWorker(_GThreadWorker):
         # when the worker stops: the place for the lingering connections' deadlines too.
         super().murder_keepalived(force)
         now = time.monotonic()
-        while self._lingering and (
-            force or not self._lingering[0].open or self._lingering[0].deadline <= now
-        ):
-            self._end(self._lingering.popleft())
-        while self._reading and (
-            force or not self._reading[0].open or self._reading[0].deadline <= now
-        ):
-            reading = self._reading.popleft()
-            if reading.open:
-                self._drop(reading)  # too slow: READ_SECONDS
+        _expire(self._lingering, now, force, self._end)
+        _expire(self._reading, now, force, self._drop)  # too slow: READ_SECONDS
+
+
+def _expire(entries: deque[Any], now: float, force: bool, end: Callable[[Any], None]) -> None:
+    """Pop the entries past their deadline (all, with ``force``) off a deque kept in
+    deadline order, calling ``end`` on those still open; finished ones just go."""
+    while entries and (force or not entries[0].open or entries[0].deadline <= now):
+        entry = entries.popleft()
+        if entry.open:
+            end(entry)
 
 
 def _close(sock: socket.socket) -> None:
